@@ -1,0 +1,169 @@
+"""The REST API (OpenAPI at /openapi.json), served by every node.
+
+Error codes map to HTTP statuses here and nowhere else. On TCP the API needs a bearer
+token; on the local unix socket, file permissions guard it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict
+
+from cargohold import __version__
+from cargohold.core.models import DataServer, Node, Volume
+from cargohold.errors import CargoholdError, Kind, Unauthorized
+from cargohold.services.agent import Agent
+from cargohold.services.volumes import VolumeService
+from cargohold.stores.catalog import Catalog
+
+HTTP_STATUS = {
+    Kind.INVALID: 400,
+    Kind.NOT_FOUND: 404,
+    Kind.CONFLICT: 409,
+    Kind.FENCED: 409,
+    Kind.NO_SPACE: 507,
+    Kind.UNAVAILABLE: 503,
+    Kind.INTERNAL: 500,
+}
+
+
+class CreateVolume(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    size: str | int
+    replicas: int | str = 2
+    fs: str = "ext4"
+    exist_ok: bool = False
+
+
+class Services:
+    """What the API serves from; built by the node."""
+
+    def __init__(self, catalog: Catalog, volumes: VolumeService, agent: Agent, node: str,
+                 stale_after: float) -> None:
+        self.catalog = catalog
+        self.volumes = volumes
+        self.agent = agent
+        self.node = node
+        self.stale_after = stale_after
+        self.ready = False
+
+
+def health(last_seen: float, stale_after: float) -> str:
+    age = time.time() - last_seen
+    if age <= stale_after:
+        return "up"
+    return "suspect" if age <= 3 * stale_after else "down"
+
+
+def volume_view(volume: Volume, servers: dict[str, DataServer],
+                usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    view = volume.model_dump(mode="json")
+    for replica in view["replicas"]:
+        server = servers.get(replica["server"])
+        replica["node"] = server.node if server else None
+        replica["address"] = server.address if server else None
+        replica["path"] = server.path if server else None
+        if usage is not None:
+            replica["used"] = usage.get(replica["server"])
+    view["in_sync"] = len(volume.in_sync())
+    if usage is not None:
+        view["used"] = max((u for u in usage.values() if u is not None), default=None)
+    return view
+
+
+def node_view(node: Node, servers: list[DataServer], stale_after: float) -> dict[str, Any]:
+    view = node.model_dump(mode="json")
+    view["health"] = health(node.last_seen, stale_after)
+    view["data_servers"] = [
+        {**s.model_dump(mode="json"),
+         "health": "up" if s.state.value == "up" and health(s.last_seen, stale_after) == "up"
+         else "down"}
+        for s in servers if s.node == node.name
+    ]
+    view["capacity"] = sum(s.capacity for s in servers if s.node == node.name)
+    view["free"] = sum(s.free for s in servers if s.node == node.name)
+    view["used"] = sum(s.used for s in servers if s.node == node.name)
+    view["provisioned"] = sum(s.provisioned for s in servers if s.node == node.name)
+    return view
+
+
+def create_app(services: Services, token: str = "") -> FastAPI:
+    app = FastAPI(title="cargohold", version=__version__,
+                  description="Replicated block volumes for containers.")
+
+    @app.exception_handler(CargoholdError)
+    async def _error(_request: Request, error: CargoholdError) -> JSONResponse:
+        return JSONResponse({"error": error.to_dict()}, status_code=HTTP_STATUS[error.kind])
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
+        details = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}"
+                            for e in error.errors())
+        body = {"code": "invalid_argument", "message": f"Invalid request: {details}"}
+        return JSONResponse({"error": body}, status_code=400)
+
+    if token:
+        @app.middleware("http")
+        async def _auth(request: Request, call_next: Any) -> Response:
+            given = request.headers.get("authorization", "")
+            if request.url.path not in ("/healthz",) and not hmac.compare_digest(
+                    given.encode(), f"Bearer {token}".encode()):
+                error = Unauthorized()
+                return JSONResponse({"error": error.to_dict()}, status_code=401)
+            response: Response = await call_next(request)
+            return response
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        return JSONResponse({"ready": services.ready, "node": services.node},
+                            status_code=200 if services.ready else 503)
+
+    async def servers() -> dict[str, DataServer]:
+        return {s.id: s for s in await services.catalog.servers()}
+
+    @app.get("/v1/volumes")
+    async def list_volumes() -> list[dict[str, Any]]:
+        known = await servers()
+        return [volume_view(v, known) for v in await services.catalog.volumes()]
+
+    @app.post("/v1/volumes", status_code=201)
+    async def create_volume(body: CreateVolume) -> dict[str, Any]:
+        volume = await services.volumes.create(body.name, body.size, body.replicas, body.fs,
+                                               exist_ok=body.exist_ok)
+        return volume_view(volume, await servers())
+
+    @app.get("/v1/volumes/{name}")
+    async def inspect_volume(name: str) -> dict[str, Any]:
+        volume = await services.catalog.volume(name)
+        return volume_view(volume, await servers(), await services.volumes.usage(volume))
+
+    @app.delete("/v1/volumes/{name}", status_code=204)
+    async def remove_volume(name: str) -> Response:
+        await services.volumes.remove(name)
+        return Response(status_code=204)
+
+    @app.post("/v1/volumes/{name}/attach")
+    async def attach_volume(name: str) -> dict[str, Any]:
+        return volume_view(await services.agent.attach(name), await servers())
+
+    @app.post("/v1/volumes/{name}/detach")
+    async def detach_volume(name: str) -> dict[str, Any]:
+        return volume_view(await services.agent.detach(name), await servers())
+
+    @app.get("/v1/nodes")
+    async def list_nodes() -> list[dict[str, Any]]:
+        known = list((await servers()).values())
+        return [node_view(n, known, services.stale_after) for n in await services.catalog.nodes()]
+
+    return app

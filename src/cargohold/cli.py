@@ -1,0 +1,206 @@
+"""The ``cargohold`` command line.
+
+Exit codes (borg's scheme): 0 success, 1 warning, 2 error (bad input or anything not
+below), 3 not found, 4 conflict with the current state, 5 a service is unavailable,
+6 out of space, 7 fenced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from cargohold import __version__
+from cargohold.config import Endpoint, NodeConfig, client_config
+from cargohold.core.sizes import format_size
+from cargohold.errors import CargoholdError, InvalidArgument, Kind
+
+EXIT_CODES = {
+    Kind.INVALID: 2,
+    Kind.INTERNAL: 2,
+    Kind.NOT_FOUND: 3,
+    Kind.CONFLICT: 4,
+    Kind.UNAVAILABLE: 5,
+    Kind.NO_SPACE: 6,
+    Kind.FENCED: 7,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cargohold", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
+    parser.add_argument("--host", help="node API: unix:///PATH or tcp://HOST:PORT "
+                        "(default $CARGOHOLD_HOST or unix:///run/cargohold/api.sock)")
+    parser.add_argument("--token", help="bearer token for a TCP API (default $CARGOHOLD_TOKEN)")
+    parser.add_argument("--version", action="version", version=f"cargohold {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def output(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
+    volume = commands.add_parser("volume", help="manage volumes").add_subparsers(
+        dest="action", required=True)
+    create = volume.add_parser("create", help="create a thin, replicated volume")
+    create.add_argument("name")
+    create.add_argument("--size", required=True, help="512M, 2G, 1T or bytes")
+    create.add_argument("--replicas", default="2")
+    create.add_argument("--fs", default="ext4", help="ext4 (default) or xfs")
+    output(create)
+    output(volume.add_parser("ls", help="list volumes"))
+    for action, text in (("inspect", "show a volume"), ("attach", "attach and mount here"),
+                         ("detach", "unmount and detach"), ("rm", "remove a volume")):
+        sub = volume.add_parser(action, help=text)
+        sub.add_argument("name")
+        output(sub)
+
+    node = commands.add_parser("node", help="run this host's node, or list nodes")
+    node.add_argument("--state-dir", type=Path, default=Path("/var/lib/cargohold"))
+    node.add_argument("--data-dir", type=Path, action="append", default=[],
+                      help="a directory (disk) to serve as a data server; repeatable")
+    node.add_argument("--metadata", default="",
+                      help="metadata store URL (default sqlite:///STATE_DIR/meta.db)")
+    node.add_argument("--api", action="append", default=[],
+                      help="unix:///PATH or tcp://HOST:PORT; repeatable")
+    node.add_argument("--name", help="node name (default: host name)")
+    node.add_argument("--data-host", default="127.0.0.1",
+                      help="address the data servers listen on")
+    node_actions = node.add_subparsers(dest="action")
+    output(node_actions.add_parser("ls", help="list nodes and their data servers"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "node" and args.action is None:
+            return _run_node(args)
+        return _run_client(args)
+    except CargoholdError as e:
+        print(f"Error: {e.message} [{e.code}]", file=sys.stderr)
+        return EXIT_CODES[e.kind]
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_node(args: argparse.Namespace) -> int:
+    from cargohold.daemons.node import NodeDaemon  # the server side loads only when run
+
+    import asyncio
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s node %(levelname)s %(name)s: %(message)s")
+    fields: dict[str, Any] = {"state_dir": args.state_dir, "data_dirs": args.data_dir,
+                              "metadata": args.metadata, "data_host": args.data_host}
+    if args.name:
+        fields["name"] = args.name
+    if args.api:
+        fields["api"] = [Endpoint(url=url) for url in args.api]
+    try:
+        fields["token"] = client_config(None, args.token).token
+        config = NodeConfig(**fields)
+    except (ValidationError, ValueError) as e:
+        raise InvalidArgument(what="node configuration", detail=str(e).splitlines()[-1]) \
+            from None
+    asyncio.run(NodeDaemon(config).run())
+    return 0
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    from cargohold.clients.api import ApiClient
+
+    with ApiClient(client_config(args.host, args.token)) as api:
+        as_json = getattr(args, "output", "table") == "json"
+        if args.command == "node":
+            _print_nodes(api.request("GET", "/v1/nodes"), as_json)
+            return 0
+        name = getattr(args, "name", None)
+        if args.action == "create":
+            body = {"name": args.name, "size": args.size, "replicas": args.replicas,
+                    "fs": args.fs}
+            volume = api.request("POST", "/v1/volumes", body)
+            _emit(volume, as_json, f"{volume['name']}")
+        elif args.action == "ls":
+            _print_volumes(api.request("GET", "/v1/volumes"), as_json)
+        elif args.action == "inspect":
+            _print_inspect(api.request("GET", f"/v1/volumes/{name}"), as_json)
+        elif args.action == "attach":
+            volume = api.request("POST", f"/v1/volumes/{name}/attach")
+            _emit(volume, as_json, volume["attachment"]["mountpoint"])
+        elif args.action == "detach":
+            _emit(api.request("POST", f"/v1/volumes/{name}/detach"), as_json, name)
+        elif args.action == "rm":
+            api.request("DELETE", f"/v1/volumes/{name}")
+            _emit({"name": name, "removed": True}, as_json, name)
+    return 0
+
+
+def _emit(value: Any, as_json: bool, text: str) -> None:
+    print(json.dumps(value, indent=2) if as_json else text)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["   ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _print_volumes(volumes: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(volumes, indent=2))
+        return
+    rows = [[v["name"], format_size(v["size"]), f"{v['in_sync']}/{v['replica_count']}",
+             v["fs"], v["state"], (v["attachment"] or {}).get("node", "")] for v in volumes]
+    print(_table(rows, ["NAME", "SIZE", "REPLICAS", "FS", "STATE", "NODE"]))
+
+
+def _print_inspect(volume: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(volume, indent=2))
+        return
+    att = volume["attachment"] or {}
+    used = volume.get("used")
+    lines = [f"Name:        {volume['name']}", f"ID:          {volume['id']}",
+             f"Size:        {format_size(volume['size'])} (thin; "
+             f"{format_size(used) if used is not None else '?'} written)",
+             f"Filesystem:  {volume['fs']}", f"State:       {volume['state']}",
+             f"Attached:    {att.get('node', '-')} {att.get('mountpoint', '')}".rstrip(),
+             f"Replicas:    {volume['in_sync']} of {volume['replica_count']} in sync"]
+    if volume.get("last_error"):
+        lines.append(f"Last error:  {volume['last_error']}")
+    print("\n".join(lines))
+    rows = [[r["server"][:12], r.get("node") or "?", r.get("path") or "?", r["state"],
+             format_size(r["used"]) if r.get("used") is not None else "?", r.get("reason", "")]
+            for r in volume["replicas"]]
+    print(_table(rows, ["SERVER", "NODE", "PATH", "STATE", "USED", "REASON"]))
+
+
+def _print_nodes(nodes: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(nodes, indent=2))
+        return
+    rows = []
+    for node in nodes:
+        seen = f"{max(0, time.time() - node['last_seen']):.0f}s ago"
+        rows.append([node["name"], node["health"], seen, "", format_size(node["capacity"]),
+                     format_size(node["free"]), format_size(node["used"]),
+                     format_size(node["provisioned"])])
+        for server in node["data_servers"]:
+            rows.append(["", server["health"], "", f"{server['id'][:12]} {server['path']}",
+                         format_size(server["capacity"]), format_size(server["free"]),
+                         format_size(server["used"]), format_size(server["provisioned"])])
+    print(_table(rows, ["NODE", "HEALTH", "LAST SEEN", "DATA SERVER", "CAPACITY", "FREE",
+                        "USED", "PROVISIONED"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The host kernel facilities the agent drives: loop devices, file systems and mounts.
+
+Thin wrappers over util-linux, e2fsprogs and xfsprogs; each raises :class:`HostCommandFailed`
+with the command's own message when it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+FILESYSTEMS = ("ext4", "xfs")
+MIN_XFS_SIZE = 300 << 20
+
+MKFS = {
+    # The volume reads zeros where nothing was written, so skipping discards and the
+    # zeroing of inode tables and journal is safe and keeps a fresh volume thin.
+    "ext4": ["mkfs.ext4", "-q", "-F", "-m", "1", "-E",
+             "nodiscard,lazy_itable_init=1,lazy_journal_init=1"],
+    "xfs": ["mkfs.xfs", "-q", "-f", "-K"],
+}
+MOUNT_OPTIONS = {"ext4": "noinit_itable", "xfs": "defaults"}
+
+
+class HostCommandFailed(Exception):
+    def __init__(self, argv: list[str], detail: str) -> None:
+        self.argv = argv
+        self.detail = detail
+        super().__init__(f"{' '.join(argv)}: {detail}")
+
+
+def run(argv: list[str], timeout: float = 120.0) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except FileNotFoundError as e:
+        raise HostCommandFailed(argv, f"{argv[0]} is not installed") from e
+    except subprocess.TimeoutExpired as e:
+        raise HostCommandFailed(argv, f"timed out after {timeout:.0f} s") from e
+    if done.returncode != 0:
+        raise HostCommandFailed(argv, (done.stderr or done.stdout).strip()
+                                or f"exit status {done.returncode}")
+    return done.stdout
+
+
+def attach_loop(backing_file: str) -> str:
+    """Put a loop device (4 KiB sectors, direct I/O) on ``backing_file``; return its path."""
+    return run(["losetup", "--find", "--show", "--direct-io=on", "--sector-size", "4096",
+                backing_file]).strip()
+
+
+def detach_loop(device: str) -> None:
+    run(["losetup", "--detach", device])
+
+
+def loops_backed_by(backing_file: str) -> list[str]:
+    """Loop devices whose backing file is ``backing_file`` (read from sysfs)."""
+    found = []
+    for entry in Path("/sys/block").glob("loop*"):
+        try:
+            backing = (entry / "loop" / "backing_file").read_text().strip()
+        except OSError:
+            continue
+        if backing == backing_file:
+            found.append(f"/dev/{entry.name}")
+    return sorted(found)
+
+
+def probe_filesystem(device: str) -> str:
+    """The file system type found on ``device``, or "" if it holds none."""
+    done = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device],
+                          capture_output=True, text=True, check=False)
+    if done.returncode == 2:  # nothing found
+        return ""
+    if done.returncode != 0:
+        raise HostCommandFailed(["blkid", "-p", device], done.stderr.strip())
+    return done.stdout.strip()
+
+
+def make_filesystem(device: str, fs: str, label: str) -> None:
+    label_flag = ["-L", label[:12]] if fs == "xfs" else ["-L", label[:16]]
+    run([*MKFS[fs], *label_flag, device], timeout=600)
+
+
+def mount(device: str, target: str, fs: str) -> None:
+    os.makedirs(target, exist_ok=True)
+    run(["mount", "-t", fs, "-o", MOUNT_OPTIONS[fs], device, target])
+
+
+def unmount(target: str, lazy: bool = False) -> None:
+    run(["umount", *(["--lazy"] if lazy else []), target])
+
+
+def is_mounted(target: str) -> bool:
+    target = os.path.realpath(target)
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 1 and fields[1].replace("\\040", " ") == target:
+                return True
+    return False

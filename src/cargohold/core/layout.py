@@ -1,0 +1,58 @@
+"""How a volume's bytes map onto chunks and checksum blocks.
+
+A volume is a sparse array of ``CHUNK_SIZE`` chunks. Each chunk copy on a data server carries
+a generation number (the newest write that touched it); each ``BLOCK_SIZE`` block inside it
+carries a CRC32 checksum. The loop device runs with 4 KiB sectors, so every I/O the engine
+sees is block aligned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+BLOCK_SIZE = 4096
+CHUNK_SIZE = 1 << 20
+BLOCKS_PER_CHUNK = CHUNK_SIZE // BLOCK_SIZE
+
+
+class Extent(NamedTuple):
+    """A piece of an I/O that lies inside one chunk."""
+
+    chunk: int  # chunk index in the volume
+    offset: int  # byte offset in the volume
+    length: int  # bytes
+    buffer_offset: int  # where this piece starts in the caller's buffer
+
+
+def split(offset: int, length: int) -> Iterator[Extent]:
+    """Split the byte range ``[offset, offset+length)`` at chunk boundaries."""
+    if offset < 0 or length < 0:
+        raise ValueError("offset and length must not be negative")
+    done = 0
+    while done < length:
+        pos = offset + done
+        chunk = pos // CHUNK_SIZE
+        piece = min(length - done, (chunk + 1) * CHUNK_SIZE - pos)
+        yield Extent(chunk, pos, piece, done)
+        done += piece
+
+
+def is_aligned(offset: int, length: int) -> bool:
+    return offset % BLOCK_SIZE == 0 and length % BLOCK_SIZE == 0
+
+
+def blocks(offset: int, length: int) -> range:
+    """Indexes of the checksum blocks covered by an aligned byte range."""
+    return range(offset // BLOCK_SIZE, (offset + length) // BLOCK_SIZE)
+
+
+def chunks(offset: int, length: int) -> range:
+    """Indexes of the chunks touched by a byte range."""
+    if length == 0:
+        return range(0)
+    return range(offset // CHUNK_SIZE, (offset + length - 1) // CHUNK_SIZE + 1)
+
+
+def chunk_count(size: int) -> int:
+    return -(-size // CHUNK_SIZE)

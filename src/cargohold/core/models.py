@@ -1,0 +1,111 @@
+"""The cluster's records as they are kept in the metadata store (pure data, no I/O)."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def dump(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def load(cls, raw: bytes) -> Record:
+        return cls.model_validate_json(raw)
+
+
+class ReplicaState(str, Enum):
+    IN_SYNC = "in_sync"
+    OUT_OF_SYNC = "out_of_sync"  # missed acknowledged writes: never read until repaired
+
+
+class Replica(Record):
+    server: str  # data server id
+    state: ReplicaState = ReplicaState.IN_SYNC
+    since: float = Field(default_factory=time.time)
+    reason: str = ""
+
+
+class VolumeState(str, Enum):
+    CREATING = "creating"
+    DETACHED = "detached"
+    ATTACHING = "attaching"
+    ATTACHED = "attached"
+    DETACHING = "detaching"
+    DELETING = "deleting"
+
+
+class Attachment(Record):
+    node: str
+    epoch: int  # fencing token: data servers refuse I/O with an older one
+    mountpoint: str = ""
+    device: str = ""
+    engine_pid: int = 0
+    since: float = Field(default_factory=time.time)
+
+
+class Volume(Record):
+    id: str
+    name: str
+    size: int
+    replica_count: int
+    fs: str
+    formatted: bool = False
+    state: VolumeState = VolumeState.CREATING
+    replicas: list[Replica] = []
+    attachment: Attachment | None = None
+    epoch: int = 0  # the last epoch issued for this volume
+    created: float = Field(default_factory=time.time)
+    last_error: str = ""
+
+    def in_sync(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state is ReplicaState.IN_SYNC]
+
+
+class ServerState(str, Enum):
+    UP = "up"
+    DOWN = "down"
+
+
+class DataServer(Record):
+    id: str
+    node: str
+    address: str  # host:port of the data protocol
+    path: str
+    capacity: int = 0  # bytes of the filesystem holding ``path``
+    free: int = 0  # bytes still free there
+    used: int = 0  # bytes taken by replicas (thin: written blocks only)
+    provisioned: int = 0  # sum of the sizes of the replicas it holds
+    state: ServerState = ServerState.UP
+    last_seen: float = Field(default_factory=time.time)
+
+
+class Node(Record):
+    name: str
+    api: str = ""
+    version: str = ""
+    data_servers: list[str] = []
+    started: float = Field(default_factory=time.time)
+    last_seen: float = Field(default_factory=time.time)
+
+
+def volume_key(name: str) -> str:
+    return f"volumes/{name}"
+
+
+def server_key(server_id: str) -> str:
+    return f"dataservers/{server_id}"
+
+
+def node_key(name: str) -> str:
+    return f"nodes/{name}"
+
+
+def garbage_key(server_id: str, volume_id: str) -> str:
+    """A replica to delete once its data server answers again."""
+    return f"garbage/{server_id}/{volume_id}"

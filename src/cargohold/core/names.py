@@ -1,0 +1,21 @@
+"""Validation of user-chosen names (volumes, nodes)."""
+
+from __future__ import annotations
+
+import re
+
+from cargohold.errors import InvalidName
+
+MAX_NAME = 63
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_name(name: object) -> str:
+    """Return ``name`` if it can name a volume; raise ``InvalidName`` otherwise."""
+    if not isinstance(name, str) or not name:
+        raise InvalidName(name=name, detail="it is empty")
+    if len(name) > MAX_NAME:
+        raise InvalidName(name=name, detail=f"it is longer than {MAX_NAME} characters")
+    if not _NAME_RE.match(name):
+        raise InvalidName(name=name, detail="it contains characters that are not allowed")
+    return name

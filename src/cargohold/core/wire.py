@@ -1,0 +1,338 @@
+"""The data server's binary protocol: frame layouts, encoding and decoding (no I/O).
+
+Every frame is a fixed header in network byte order followed by ``payload_length`` bytes of
+payload. docs/protocol.md describes the byte layout, the ops, the statuses and the epoch and
+durability rules; this module is their single implementation, used by the data server and
+by the data client.
+
+Requests::
+
+    magic "CH" | version u8 | op u8 | request id u32 | volume id 16 bytes | epoch u64 |
+    offset u64 | length u32 | generation u64 | payload length u32      (56 bytes)
+
+Responses::
+
+    magic "CH" | version u8 | status u8 | request id u32 | payload length u32    (12 bytes)
+
+``FrameReader`` reassembles frames from a byte stream for an ``asyncio.BufferedProtocol``:
+large payloads are received straight into a buffer of their own, so a 1 MiB write is never
+copied between the socket and ``pwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from enum import IntEnum
+from typing import Any, Generic, NamedTuple, TypeVar
+
+from cargohold.errors import InvalidArgument
+
+MAGIC = b"CH"
+VERSION = 1
+
+#: The largest payload either side accepts; a frame announcing more is a broken stream.
+MAX_PAYLOAD = 16 << 20
+
+#: A ``bytes``-like buffer accepted wherever data is sent.
+BytesLike = bytes | bytearray | memoryview
+
+REQUEST_HEADER = struct.Struct("!2sBBI16sQQIQI")
+RESPONSE_HEADER = struct.Struct("!2sBBII")
+U64 = struct.Struct("!Q")
+
+NO_VOLUME = bytes(16)
+
+
+class Op(IntEnum):
+    HELLO = 1  # server info (JSON)
+    CREATE = 2  # payload JSON {"size": int}
+    DELETE = 3
+    STAT = 4  # replica info (JSON)
+    READ = 5  # offset, length -> data
+    WRITE = 6  # offset, generation, payload = data
+    FLUSH = 7  # fdatasync the replica
+    TRIM = 8  # offset, length, generation: punch a hole
+    GENS = 9  # -> chunk generations, little-endian u64 each
+    FENCE = 10  # raise the replica's epoch to the request's epoch
+
+
+class Status(IntEnum):
+    OK = 0
+    NOT_FOUND = 1  # payload: utf-8 message
+    FENCED = 2  # payload: the replica's current epoch, u64
+    CHECKSUM = 3  # payload: byte offset of the first bad block, u64
+    NO_SPACE = 4  # payload: utf-8 message
+    INVALID = 5  # payload: utf-8 "what: detail"
+    IO_ERROR = 6  # payload: utf-8 message
+
+
+#: Ops that address no replica: their volume id is all zeros.
+SERVER_OPS = frozenset({Op.HELLO})
+#: Ops that may carry epoch 0; every other replica op needs an epoch of at least 1.
+EPOCHLESS_OPS = frozenset({Op.HELLO, Op.CREATE, Op.DELETE, Op.STAT, Op.GENS})
+
+
+class RequestHeader(NamedTuple):
+    op: int  # an ``Op`` value; unknown values are left for the server to refuse
+    request_id: int
+    volume_id: str  # 32 hex characters, "" for server-level ops
+    epoch: int
+    offset: int
+    length: int
+    generation: int
+    payload_length: int
+
+
+class ResponseHeader(NamedTuple):
+    status: int
+    request_id: int
+    payload_length: int
+
+
+def volume_bytes(volume_id: str) -> bytes:
+    """The 16 raw bytes of a 32-hex-character volume id ("" gives all zeros)."""
+    if not volume_id:
+        return NO_VOLUME
+    try:
+        raw = bytes.fromhex(volume_id)
+    except ValueError:
+        raw = b""
+    if len(raw) != 16:
+        raise InvalidArgument(what="volume id", detail=f"{volume_id!r} is not 32 hex characters")
+    return raw
+
+
+def encode_request_header(
+    op: Op,
+    request_id: int,
+    volume_id: str = "",
+    *,
+    epoch: int = 0,
+    offset: int = 0,
+    length: int = 0,
+    generation: int = 0,
+    payload_length: int = 0,
+) -> bytes:
+    if payload_length > MAX_PAYLOAD:
+        raise InvalidArgument(what="payload", detail=f"{payload_length} bytes > {MAX_PAYLOAD}")
+    try:
+        return REQUEST_HEADER.pack(
+            MAGIC,
+            VERSION,
+            op,
+            request_id,
+            volume_bytes(volume_id),
+            epoch,
+            offset,
+            length,
+            generation,
+            payload_length,
+        )
+    except struct.error as exc:
+        raise InvalidArgument(what="request", detail=str(exc)) from None
+
+
+def encode_request(
+    op: Op,
+    request_id: int,
+    volume_id: str = "",
+    *,
+    epoch: int = 0,
+    offset: int = 0,
+    length: int = 0,
+    generation: int = 0,
+    payload: BytesLike = b"",
+) -> bytes:
+    """A whole request frame (header and payload joined: for small frames and tests)."""
+    header = encode_request_header(
+        op,
+        request_id,
+        volume_id,
+        epoch=epoch,
+        offset=offset,
+        length=length,
+        generation=generation,
+        payload_length=len(payload),
+    )
+    return header + payload
+
+
+def decode_request_header(buffer: BytesLike, offset: int = 0) -> RequestHeader:
+    """Decode the request header at ``buffer[offset:]``; a bad magic or version raises."""
+    magic, version, op, rid, volume, epoch, pos, length, gen, plen = REQUEST_HEADER.unpack_from(
+        buffer, offset
+    )
+    _check_frame(magic, version, plen)
+    return RequestHeader(op, rid, "" if volume == NO_VOLUME else volume.hex(), epoch, pos, length,
+                         gen, plen)
+
+
+def decode_request(frame: BytesLike) -> tuple[RequestHeader, bytes]:
+    """Decode one whole request frame."""
+    header = decode_request_header(frame)
+    payload = bytes(frame[REQUEST_HEADER.size :])
+    if len(payload) != header.payload_length:
+        raise InvalidArgument(
+            what="frame",
+            detail=f"payload is {len(payload)} bytes, header says {header.payload_length}",
+        )
+    return header, payload
+
+
+def encode_response_header(status: Status, request_id: int, payload_length: int = 0) -> bytes:
+    return RESPONSE_HEADER.pack(MAGIC, VERSION, status, request_id, payload_length)
+
+
+def encode_response(status: Status, request_id: int, payload: BytesLike = b"") -> bytes:
+    """A whole response frame (header and payload joined)."""
+    return encode_response_header(status, request_id, len(payload)) + payload
+
+
+def decode_response_header(buffer: BytesLike, offset: int = 0) -> ResponseHeader:
+    magic, version, status, rid, plen = RESPONSE_HEADER.unpack_from(buffer, offset)
+    _check_frame(magic, version, plen)
+    return ResponseHeader(status, rid, plen)
+
+
+def decode_response(frame: BytesLike) -> tuple[ResponseHeader, bytes]:
+    """Decode one whole response frame."""
+    header = decode_response_header(frame)
+    payload = bytes(frame[RESPONSE_HEADER.size :])
+    if len(payload) != header.payload_length:
+        raise InvalidArgument(
+            what="frame",
+            detail=f"payload is {len(payload)} bytes, header says {header.payload_length}",
+        )
+    return header, payload
+
+
+def _check_frame(magic: bytes, version: int, payload_length: int) -> None:
+    if magic != MAGIC:
+        raise InvalidArgument(what="frame", detail=f"bad magic {magic!r}")
+    if version != VERSION:
+        raise InvalidArgument(what="frame", detail=f"unsupported protocol version {version}")
+    if payload_length > MAX_PAYLOAD:
+        raise InvalidArgument(what="frame", detail=f"payload of {payload_length} bytes is too big")
+
+
+# --- payloads --------------------------------------------------------------------------
+
+
+def encode_u64(value: int) -> bytes:
+    return U64.pack(value)
+
+
+def decode_u64(payload: BytesLike) -> int:
+    if len(payload) != U64.size:
+        raise InvalidArgument(what="payload", detail=f"expected 8 bytes, got {len(payload)}")
+    value: int = U64.unpack(payload)[0]
+    return value
+
+
+def encode_json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def decode_json(payload: BytesLike) -> Any:
+    try:
+        return json.loads(bytes(payload))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(what="payload", detail=f"not JSON: {exc}") from None
+
+
+def encode_text(text: str) -> bytes:
+    return text.encode("utf-8", "replace")[:4096]
+
+
+def decode_text(payload: BytesLike) -> str:
+    return bytes(payload).decode("utf-8", "replace")
+
+
+# --- stream reassembly -----------------------------------------------------------------
+
+H = TypeVar("H", RequestHeader, ResponseHeader)
+
+
+class FrameReader(Generic[H]):
+    """Cut a byte stream into ``(header, payload)`` frames without needless copies.
+
+    Use it from ``asyncio.BufferedProtocol``: ``get_buffer()`` returns where the transport
+    should receive next and ``feed(n)`` returns the frames completed by those ``n`` bytes.
+    Small frames are parsed in place from one reusable buffer: their payload views are valid
+    only until the next ``get_buffer()``. A payload larger than ``large`` bytes is received
+    into a ``bytearray`` of its own, which the caller may keep.
+    A malformed header raises ``InvalidArgument``: the stream cannot be trusted after that.
+    """
+
+    def __init__(
+        self,
+        decode: Callable[[BytesLike, int], H],
+        header_size: int,
+        *,
+        buffer_size: int = 256 << 10,
+        large: int = 64 << 10,
+    ) -> None:
+        if buffer_size < header_size + large:
+            raise ValueError("buffer_size must hold a header and a large payload")
+        self._decode = decode
+        self._header_size = header_size
+        self._large_threshold = large
+        self._buf = bytearray(buffer_size)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first byte not yet consumed
+        self._end = 0  # first byte not yet received
+        self._large: memoryview | None = None
+        self._large_filled = 0
+        self._large_header: H | None = None
+
+    def get_buffer(self) -> memoryview:
+        if self._large is not None:
+            return self._large[self._large_filled :]
+        if self._start:
+            left = self._end - self._start
+            if left:
+                self._buf[:left] = self._buf[self._start : self._end]
+            self._start, self._end = 0, left
+        return self._view[self._end :]
+
+    def feed(self, nbytes: int) -> list[tuple[H, memoryview]]:
+        frames: list[tuple[H, memoryview]] = []
+        if self._large is not None:
+            self._large_filled += nbytes
+            if self._large_filled == len(self._large):
+                assert self._large_header is not None
+                frames.append((self._large_header, self._large))
+                self._large, self._large_header, self._large_filled = None, None, 0
+            return frames
+        self._end += nbytes
+        view, pos, end, hsize = self._view, self._start, self._end, self._header_size
+        while end - pos >= hsize:
+            header = self._decode(view, pos)
+            plen = header.payload_length
+            body = pos + hsize
+            if end - body >= plen:
+                frames.append((header, view[body : body + plen]))
+                pos = body + plen
+                continue
+            if plen > self._large_threshold:
+                large = memoryview(bytearray(plen))
+                have = end - body
+                large[:have] = view[body:end]
+                self._large, self._large_filled, self._large_header = large, have, header
+                pos = end
+            break
+        if pos == end:
+            self._start = self._end = 0
+        else:
+            self._start = pos
+        return frames
+
+
+def request_reader() -> FrameReader[RequestHeader]:
+    return FrameReader(decode_request_header, REQUEST_HEADER.size)
+
+
+def response_reader() -> FrameReader[ResponseHeader]:
+    return FrameReader(decode_response_header, RESPONSE_HEADER.size)

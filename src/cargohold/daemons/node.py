@@ -1,0 +1,177 @@
+"""``cargohold node``: one host's long-running service.
+
+It runs a data server per data directory, registers them and itself in the metadata store,
+keeps a lease alive, recovers the agent's leftovers, serves the REST API, and on SIGTERM
+detaches what it attached and stops its data servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+
+import uvicorn
+
+from cargohold import __version__
+from cargohold.adapters.rest import Services, create_app
+from cargohold.clients.dataclient import DataClient
+from cargohold.config import Endpoint, NodeConfig
+from cargohold.core.models import DataServer, Node, ServerState
+from cargohold.daemons.dataservers import DataServerProcess
+from cargohold.errors import CargoholdError, LeaseExpired
+from cargohold.services.agent import Agent
+from cargohold.services.volumes import VolumeService
+from cargohold.stores.catalog import Catalog
+from cargohold.stores.metadata import MetadataStore, open_store
+
+log = logging.getLogger(__name__)
+
+
+class _ApiServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the node owns SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class NodeDaemon:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.processes = [
+            DataServerProcess(path, config.data_host,
+                              config.state_dir / "logs" / f"dataserver-{i}.log")
+            for i, path in enumerate(config.data_dirs)
+        ]
+        self.lease = 0
+        self.started = time.time()
+
+    async def run(self) -> None:
+        config = self.config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        store = open_store(config.metadata)
+        catalog = Catalog(store)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        servers: list[_ApiServer] = []
+        agent = Agent(catalog, config.name, config.state_dir, config.metadata)
+        try:
+            for process in self.processes:
+                await asyncio.to_thread(process.adopt_or_start)
+            await self.check_once(store, catalog)
+            await agent.recover()
+            volumes = VolumeService(catalog)
+            services = Services(catalog, volumes, agent, config.name,
+                                stale_after=max(config.lease_ttl, 3 * config.server_check_interval))
+            for endpoint in config.api:
+                servers.append(await self._serve_api(endpoint, services))
+            services.ready = True
+            log.info("node %s ready: %d data servers, API on %s", config.name,
+                     len(self.processes), ", ".join(e.url for e in config.api))
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), config.server_check_interval)
+                if stop.is_set():
+                    break
+                try:
+                    await self.check_once(store, catalog)
+                    await volumes.collect_garbage()
+                except CargoholdError as e:
+                    log.error("periodic check failed: %s", e)
+        finally:
+            log.info("node %s stopping", config.name)
+            for server in servers:
+                server.should_exit = True
+            for server in servers:
+                with contextlib.suppress(Exception):
+                    await server.shutdown()
+            for endpoint in config.api:
+                if endpoint.is_unix:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(endpoint.path)
+            await agent.detach_all()
+            for process in self.processes:
+                await asyncio.to_thread(process.stop)
+            await self._mark_stopped(catalog)
+            if self.lease:
+                with contextlib.suppress(CargoholdError):
+                    await store.revoke_lease(self.lease)
+            await store.close()
+
+    async def _serve_api(self, endpoint: Endpoint, services: Services) -> _ApiServer:
+        app = create_app(services, token="" if endpoint.is_unix else self.config.token)
+        if endpoint.is_unix:
+            os.makedirs(os.path.dirname(endpoint.path), exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(endpoint.path)  # a stale socket of a crashed node
+            uconfig = uvicorn.Config(app, uds=endpoint.path, log_level="warning",
+                                     lifespan="off")
+        else:
+            uconfig = uvicorn.Config(app, host=endpoint.host, port=endpoint.port,
+                                     log_level="warning", lifespan="off")
+        server = _ApiServer(uconfig)
+        await server.startup()
+        if server.should_exit:
+            raise CargoholdError(detail=f"cannot serve the API on {endpoint.url}")
+        if endpoint.is_unix:
+            os.chmod(endpoint.path, 0o660)
+        asyncio.ensure_future(server.main_loop())
+        return server
+
+    async def check_once(self, store: MetadataStore, catalog: Catalog) -> None:
+        """Restart dead data servers, refresh their records and the node's lease."""
+        ids = []
+        for process in self.processes:
+            if not process.alive():
+                log.error("data server at %s is not running; restarting it", process.path)
+                process.restarts += 1
+                await asyncio.to_thread(process.start)
+            record = await self._describe(process)
+            ids.append(record.id)
+            await catalog.put_server(record)
+        if self.lease:
+            try:
+                await store.keepalive(self.lease)
+            except LeaseExpired:
+                self.lease = 0
+        if not self.lease:
+            self.lease = await store.grant_lease(self.config.lease_ttl)
+            await store.put(f"leases/nodes/{self.config.name}", b"", lease=self.lease)
+        await catalog.put_node(Node(name=self.config.name, version=__version__,
+                                    api=",".join(e.url for e in self.config.api),
+                                    data_servers=ids, started=self.started))
+
+    async def _describe(self, process: DataServerProcess) -> DataServer:
+        usage = shutil.disk_usage(process.path)
+        record = DataServer(id=process.info["id"], node=self.config.name,
+                            address=process.info["address"], path=str(process.path),
+                            capacity=usage.total, free=usage.free)
+        client = DataClient(record.address, record.id)
+        try:
+            await client.connect(timeout=1.0)
+            hello = await client.hello()
+            record.used = int(hello.get("used", 0))
+            record.provisioned = int(hello.get("provisioned", 0))
+        except CargoholdError as e:
+            log.error("data server %s does not answer: %s", record.id, e)
+            record.state = ServerState.DOWN
+        finally:
+            await client.close()
+        return record
+
+    async def _mark_stopped(self, catalog: Catalog) -> None:
+        for process in self.processes:
+            if process.info:
+                with contextlib.suppress(CargoholdError):
+                    record = await catalog.server(process.info["id"])
+                    if record is not None:
+                        record.state = ServerState.DOWN
+                        await catalog.put_server(record)

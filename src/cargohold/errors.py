@@ -1,0 +1,255 @@
+"""The one error tree of cargohold.
+
+Each error's docstring is its message template (``str.format`` fields are the keyword
+arguments given to the constructor). ``code`` is stable and part of the API: REST bodies,
+CLI output and Docker ``Err`` strings carry it. ``kind`` groups codes for the adapters,
+which each map kinds to their own status space in one place (REST → HTTP status,
+CLI → exit code, CSI → gRPC code, Docker → ``Err``).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, ClassVar
+
+
+class Kind(str, Enum):
+    INVALID = "invalid"  # the request is wrong; retrying it unchanged cannot help
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"  # the request clashes with the current state
+    UNAVAILABLE = "unavailable"  # temporary: a peer or the metadata store is down
+    NO_SPACE = "no_space"
+    FENCED = "fenced"  # a newer attachment owns the volume
+    INTERNAL = "internal"
+
+
+class CargoholdError(Exception):
+    """cargohold failed: {detail}"""
+
+    code: ClassVar[str] = "internal"
+    kind: ClassVar[Kind] = Kind.INTERNAL
+    temporary: ClassVar[bool] = False
+
+    def __init__(self, **fields: Any) -> None:
+        self.fields = fields
+        template = (self.__doc__ or self.code).strip().splitlines()[0]
+        try:
+            message = template.format(**fields)
+        except (KeyError, IndexError):
+            message = f"{template} {fields}"
+        super().__init__(message)
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+# --- invalid input -------------------------------------------------------------------
+
+
+class InvalidArgument(CargoholdError):
+    """Invalid {what}: {detail}"""
+
+    code = "invalid_argument"
+    kind = Kind.INVALID
+
+
+class InvalidName(InvalidArgument):
+    """Invalid volume name {name!r}: {detail}. Use 1-63 characters: letters, digits, '.', '_' and '-', starting with a letter or digit."""  # noqa: E501
+
+    code = "invalid_name"
+
+
+class InvalidSize(InvalidArgument):
+    """Invalid size {size!r}: {detail}. Give bytes or a number with M, G or T (for example 512M, 2G, 1T)."""  # noqa: E501
+
+    code = "invalid_size"
+
+
+class InvalidReplicas(InvalidArgument):
+    """Invalid replica count {replicas!r}: {detail}"""
+
+    code = "invalid_replicas"
+
+
+class InvalidFilesystem(InvalidArgument):
+    """Invalid filesystem {fs!r}: {detail}"""
+
+    code = "invalid_filesystem"
+
+
+class InvalidOption(InvalidArgument):
+    """Unknown option {option!r}. Known options: {known}."""
+
+    code = "invalid_option"
+
+
+# --- not found -----------------------------------------------------------------------
+
+
+class VolumeNotFound(CargoholdError):
+    """Volume {name!r} does not exist. List volumes with 'cargohold volume ls'."""
+
+    code = "volume_not_found"
+    kind = Kind.NOT_FOUND
+
+
+class NodeNotFound(CargoholdError):
+    """Node {name!r} is not known to the cluster."""
+
+    code = "node_not_found"
+    kind = Kind.NOT_FOUND
+
+
+class ReplicaNotFound(CargoholdError):
+    """Data server {server} holds no replica of volume {volume_id}."""
+
+    code = "replica_not_found"
+    kind = Kind.NOT_FOUND
+
+
+class LeaseExpired(CargoholdError):
+    """Lease {lease} has expired or does not exist."""
+
+    code = "lease_expired"
+    kind = Kind.NOT_FOUND
+
+
+# --- conflicts -----------------------------------------------------------------------
+
+
+class VolumeExists(CargoholdError):
+    """Volume {name!r} already exists. Pick another name or remove it first."""
+
+    code = "volume_exists"
+    kind = Kind.CONFLICT
+
+
+class VolumeInUse(CargoholdError):
+    """Volume {name!r} is attached on node {node!r}. Detach it first ('cargohold volume detach {name}')."""  # noqa: E501
+
+    code = "volume_in_use"
+    kind = Kind.CONFLICT
+
+
+class VolumeBusy(CargoholdError):
+    """Volume {name!r} is {state}; try again when that operation has finished."""
+
+    code = "volume_busy"
+    kind = Kind.CONFLICT
+    temporary = True
+
+
+class NotEnoughDataServers(CargoholdError):
+    """Cannot place {replicas} replicas: only {available} usable data servers{where}. Add data servers or ask for fewer replicas."""  # noqa: E501
+
+    code = "not_enough_data_servers"
+    kind = Kind.CONFLICT
+
+
+class ConcurrentUpdate(CargoholdError):
+    """{what} was changed by someone else at the same time; try again."""
+
+    code = "concurrent_update"
+    kind = Kind.CONFLICT
+    temporary = True
+
+
+# --- runtime failures ----------------------------------------------------------------
+
+
+class DataServerUnavailable(CargoholdError):
+    """Data server {server} at {address} is unreachable: {detail}"""
+
+    code = "data_server_unavailable"
+    kind = Kind.UNAVAILABLE
+    temporary = True
+
+
+class MetadataUnavailable(CargoholdError):
+    """The metadata store {url} is unavailable: {detail}"""
+
+    code = "metadata_unavailable"
+    kind = Kind.UNAVAILABLE
+    temporary = True
+
+
+class NodeUnavailable(CargoholdError):
+    """Cannot reach the cargohold node at {url}: {detail}. Is 'cargohold node' running?"""
+
+    code = "node_unavailable"
+    kind = Kind.UNAVAILABLE
+    temporary = True
+
+
+class NoSpace(CargoholdError):
+    """Data server {server} is out of space: {detail}"""
+
+    code = "no_space"
+    kind = Kind.NO_SPACE
+
+
+class Fenced(CargoholdError):
+    """Fenced: volume {volume_id} is attached elsewhere (epoch {epoch} < {current})."""
+
+    code = "fenced"
+    kind = Kind.FENCED
+
+
+class ChecksumMismatch(CargoholdError):
+    """Checksum mismatch in volume {volume_id} at offset {offset} on data server {server}."""
+
+    code = "checksum_mismatch"
+    kind = Kind.INTERNAL
+
+
+class NoReplicaLeft(CargoholdError):
+    """Volume {name!r} has no in-sync replica left that answers; I/O is failing."""
+
+    code = "no_replica_left"
+    kind = Kind.UNAVAILABLE
+
+
+class AttachFailed(CargoholdError):
+    """Attaching volume {name!r} failed at step '{step}': {detail}. Nothing was left behind."""
+
+    code = "attach_failed"
+    kind = Kind.INTERNAL
+
+
+class DetachFailed(CargoholdError):
+    """Detaching volume {name!r} failed at step '{step}': {detail}"""
+
+    code = "detach_failed"
+    kind = Kind.INTERNAL
+
+
+class Unauthorized(CargoholdError):
+    """A valid bearer token is required on the TCP API."""
+
+    code = "unauthorized"
+    kind = Kind.INVALID
+
+
+_BY_CODE: dict[str, type[CargoholdError]] = {}
+
+
+def _register(cls: type[CargoholdError]) -> None:
+    _BY_CODE[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+_register(CargoholdError)
+
+
+def from_dict(body: dict[str, Any]) -> CargoholdError:
+    """Rebuild an error received over an API, keeping its code and message."""
+    cls = _BY_CODE.get(str(body.get("code")), CargoholdError)
+    err = cls.__new__(cls)
+    Exception.__init__(err, str(body.get("message", "")))
+    err.fields = {}
+    return err

@@ -1,0 +1,325 @@
+"""The agent: attaches volumes on this host and detaches them.
+
+attach = claim the volume with a new epoch → start its engine (FUSE) → loop device →
+mkfs on first use → mount. detach walks the same steps backwards. Every step leaves a trace
+on disk (the engine's directory, its pid file, the mount point), so an agent that crashed
+finds what it left when it starts again (:meth:`Agent.recover`) and either adopts a healthy
+attachment or removes every piece of a broken one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cargohold.clients import kernel
+from cargohold.core.models import Attachment, Volume, VolumeState
+from cargohold.errors import (
+    AttachFailed,
+    CargoholdError,
+    DetachFailed,
+    VolumeBusy,
+    VolumeInUse,
+)
+from cargohold.stores.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+ENGINE_START_TIMEOUT = 20.0
+ENGINE_STOP_TIMEOUT = 20.0
+
+
+class EngineDir:
+    """Where one volume's engine keeps its traces on this host."""
+
+    def __init__(self, state_dir: Path, name: str) -> None:
+        self.root = state_dir / "engines" / name
+        self.fuse = self.root / "fuse"
+        self.file = self.fuse / "volume"
+        self.pid_file = self.root / "engine.pid"
+        self.ready_file = self.root / "ready.json"
+        self.log_file = self.root / "engine.log"
+        self.mountpoint = state_dir / "mounts" / name
+
+    def pid(self) -> int:
+        try:
+            return int(self.pid_file.read_text())
+        except (OSError, ValueError):
+            return 0
+
+
+class Agent:
+    def __init__(self, catalog: Catalog, node: str, state_dir: Path, metadata_url: str) -> None:
+        self.catalog = catalog
+        self.node = node
+        self.state_dir = state_dir
+        self.metadata_url = metadata_url
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    # -- attach --------------------------------------------------------------------------
+
+    async def attach(self, name: str) -> Volume:
+        async with self._lock(name):
+            volume = await self.catalog.volume(name)
+            att = volume.attachment
+            if att is not None and att.node == self.node and volume.state is VolumeState.ATTACHED:
+                if await asyncio.to_thread(self._healthy, name, att):
+                    return volume  # attaching twice on one host gives the same mount
+            volume = await self.catalog.update_volume(name, self._claim)
+            assert volume.attachment is not None
+            step = "start engine"
+            try:
+                pid = await self._start_engine(volume)
+                step = "loop device"
+                paths = EngineDir(self.state_dir, name)
+                device = await asyncio.to_thread(kernel.attach_loop, str(paths.file))
+                step = "format"
+                if not volume.formatted:
+                    await self._format(volume, device)
+                step = "mount"
+                found = await asyncio.to_thread(kernel.probe_filesystem, device)
+                if found != volume.fs:
+                    raise AttachFailed(name=name, step=step,
+                                       detail=f"expected {volume.fs}, found {found or 'none'}")
+                await asyncio.to_thread(kernel.mount, device, str(paths.mountpoint), volume.fs)
+            except (CargoholdError, kernel.HostCommandFailed, OSError) as e:
+                detail = e.message if isinstance(e, CargoholdError) else str(e)
+                log.error("attach of %s failed at %s: %s", name, step, detail)
+                await self._teardown(name, lazy=True)
+                await self.catalog.update_volume(name, _released(f"attach failed at {step}: "
+                                                                 f"{detail}"))
+                if isinstance(e, AttachFailed):
+                    raise
+                raise AttachFailed(name=name, step=step, detail=detail) from e
+            epoch = volume.attachment.epoch
+
+            def attached(v: Volume) -> Volume:
+                if v.attachment is None or v.attachment.epoch != epoch:
+                    raise VolumeBusy(name=name, state="taken over")
+                v.state = VolumeState.ATTACHED
+                v.attachment.mountpoint = str(paths.mountpoint)
+                v.attachment.device = device
+                v.attachment.engine_pid = pid
+                return v
+
+            return await self.catalog.update_volume(name, attached)
+
+    def _claim(self, volume: Volume) -> Volume:
+        if volume.state in (VolumeState.CREATING, VolumeState.DELETING):
+            raise VolumeBusy(name=volume.name, state=volume.state.value)
+        if volume.attachment is not None:
+            if volume.attachment.node != self.node:
+                raise VolumeInUse(name=volume.name, node=volume.attachment.node)
+            if volume.state is not VolumeState.ATTACHED:
+                raise VolumeBusy(name=volume.name, state=volume.state.value)
+            # attached here but broken (engine gone): take it over with a fresh epoch
+        volume.epoch += 1
+        volume.state = VolumeState.ATTACHING
+        volume.attachment = Attachment(node=self.node, epoch=volume.epoch)
+        volume.last_error = ""
+        return volume
+
+    async def _start_engine(self, volume: Volume) -> int:
+        assert volume.attachment is not None
+        paths = EngineDir(self.state_dir, volume.name)
+        await self._teardown(volume.name, lazy=True)  # leftovers of a broken attachment
+        paths.fuse.mkdir(parents=True, exist_ok=True)
+        paths.ready_file.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "cargohold.services.engine",
+                "--metadata", self.metadata_url, "--volume", volume.name,
+                "--epoch", str(volume.attachment.epoch), "--node", self.node,
+                "--mountpoint", str(paths.fuse), "--ready-file", str(paths.ready_file)]
+        with open(paths.log_file, "ab") as log_out:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self._children[child.pid] = child
+        paths.pid_file.write_text(str(child.pid))
+        deadline = time.monotonic() + ENGINE_START_TIMEOUT
+        while not paths.ready_file.exists():
+            if child.poll() is not None:
+                raise AttachFailed(name=volume.name, step="start engine",
+                                   detail=f"engine exited: {_tail(paths.log_file)}")
+            if time.monotonic() > deadline:
+                raise AttachFailed(name=volume.name, step="start engine",
+                                   detail="engine did not become ready")
+            await asyncio.sleep(0.02)
+        return child.pid
+
+    async def _format(self, volume: Volume, device: str) -> None:
+        found = await asyncio.to_thread(kernel.probe_filesystem, device)
+        if found and found != volume.fs:
+            raise AttachFailed(name=volume.name, step="format",
+                               detail=f"device holds {found}, not {volume.fs}; refusing to "
+                                      f"overwrite it")
+        if not found:
+            await asyncio.to_thread(kernel.make_filesystem, device, volume.fs, volume.name)
+
+        def formatted(v: Volume) -> Volume:
+            v.formatted = True
+            return v
+
+        await self.catalog.update_volume(volume.name, formatted)
+
+    def _healthy(self, name: str, att: Attachment) -> bool:
+        paths = EngineDir(self.state_dir, name)
+        return (self._alive(att.engine_pid) and kernel.is_mounted(str(paths.mountpoint))
+                and kernel.is_mounted(str(paths.fuse)))
+
+    # -- detach --------------------------------------------------------------------------
+
+    async def detach(self, name: str) -> Volume:
+        async with self._lock(name):
+            volume = await self.catalog.volume(name)
+            if volume.attachment is None:
+                return volume
+            if volume.attachment.node != self.node:
+                raise VolumeInUse(name=name, node=volume.attachment.node)
+
+            def detaching(v: Volume) -> Volume:
+                if v.attachment is None or v.attachment.node != self.node:
+                    raise VolumeBusy(name=name, state=v.state.value)
+                v.state = VolumeState.DETACHING
+                return v
+
+            await self.catalog.update_volume(name, detaching)
+            try:
+                await self._teardown(name, lazy=False)
+            except (kernel.HostCommandFailed, OSError) as e:
+                log.error("detach of %s failed: %s", name, e)
+
+                def still_attached(v: Volume) -> Volume:
+                    v.state = VolumeState.ATTACHED
+                    v.last_error = f"detach failed: {e}"
+                    return v
+
+                await self.catalog.update_volume(name, still_attached)
+                raise DetachFailed(name=name, step="unmount", detail=str(e)) from e
+            return await self.catalog.update_volume(name, _released(""))
+
+    async def detach_all(self) -> None:
+        """Detach every volume attached on this host (the node is stopping)."""
+        for volume in await self.catalog.volumes():
+            if volume.attachment is not None and volume.attachment.node == self.node:
+                try:
+                    await self.detach(volume.name)
+                except CargoholdError as e:
+                    log.error("%s", e)
+
+    async def _teardown(self, name: str, lazy: bool) -> None:
+        """Remove every piece of an attachment on this host, in reverse order.
+
+        The mount is undone first (``lazy`` only when nothing can be using it, after a failed
+        attach); a busy mount raises and leaves the rest in place.
+        """
+        paths = EngineDir(self.state_dir, name)
+        if await asyncio.to_thread(kernel.is_mounted, str(paths.mountpoint)):
+            await asyncio.to_thread(kernel.unmount, str(paths.mountpoint), lazy)
+        if paths.mountpoint.exists():
+            paths.mountpoint.rmdir()
+        for device in await asyncio.to_thread(kernel.loops_backed_by, str(paths.file)):
+            await asyncio.to_thread(kernel.detach_loop, device)
+        await self._stop_engine(paths.pid())
+        if await asyncio.to_thread(kernel.is_mounted, str(paths.fuse)):
+            await asyncio.to_thread(kernel.unmount, str(paths.fuse), True)
+        if paths.root.exists():
+            shutil.rmtree(paths.fuse, ignore_errors=True)
+            paths.pid_file.unlink(missing_ok=True)
+            paths.ready_file.unlink(missing_ok=True)
+
+    async def _stop_engine(self, pid: int) -> None:
+        if not pid or not self._alive(pid):
+            return
+        os.kill(pid, signal.SIGTERM)  # the engine flushes every replica, then unmounts FUSE
+        deadline = time.monotonic() + ENGINE_STOP_TIMEOUT
+        while self._alive(pid):
+            if time.monotonic() > deadline:
+                log.error("engine %d did not stop; killing it", pid)
+                os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(0.02)
+        self._children.pop(pid, None)
+
+    def _alive(self, pid: int) -> bool:
+        if not pid:
+            return False
+        child = self._children.get(pid)
+        if child is not None:
+            return child.poll() is None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return b"cargohold.services.engine" in cmdline and state != "Z"
+
+    # -- recovery after a crash of the agent ----------------------------------------------
+
+    async def recover(self) -> list[str]:
+        """Adopt healthy attachments of this host, clean broken ones; return what was done."""
+        report = []
+        attached_here = set()
+        for volume in await self.catalog.volumes():
+            att = volume.attachment
+            if att is None or att.node != self.node:
+                continue
+            attached_here.add(volume.name)
+            if volume.state is VolumeState.ATTACHED and await asyncio.to_thread(
+                    self._healthy, volume.name, att):
+                report.append(f"adopted {volume.name} (engine {att.engine_pid})")
+                continue
+            try:
+                await self._teardown(volume.name, lazy=True)
+            except (kernel.HostCommandFailed, OSError) as e:
+                report.append(f"could not clean {volume.name}: {e}")
+                continue
+            await self.catalog.update_volume(volume.name, _released(
+                f"the node restarted while the volume was {volume.state.value}; "
+                f"the attachment was cleaned up"))
+            report.append(f"cleaned {volume.name} (was {volume.state.value})")
+        engines = self.state_dir / "engines"
+        for leftover in sorted(engines.iterdir()) if engines.exists() else []:
+            if leftover.name not in attached_here:
+                await self._teardown(leftover.name, lazy=True)
+                shutil.rmtree(leftover, ignore_errors=True)
+                report.append(f"removed leftovers of {leftover.name}")
+        for line in report:
+            log.info("recovery: %s", line)
+        return report
+
+    def engine_log(self, name: str) -> str:
+        return _tail(EngineDir(self.state_dir, name).log_file, 4000)
+
+
+def _released(error: str) -> Callable[[Volume], Volume]:
+    def release(volume: Volume) -> Volume:
+        volume.state = VolumeState.DETACHED
+        volume.attachment = None
+        volume.last_error = error
+        return volume
+
+    return release
+
+
+def _tail(path: Path, limit: int = 600) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return " | ".join(lines[-5:])[-limit:]
+
+
+def dump_ready(path: Path) -> dict[str, object]:
+    return dict(json.loads(path.read_text()))

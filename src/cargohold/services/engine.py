@@ -1,0 +1,281 @@
+"""The engine: one process per attached volume, serving it through FUSE to a loop device.
+
+:class:`ReplicaSet` is the data path. Writes go to every in-sync replica at once and are
+acknowledged when all of them answered; a replica that fails is recorded as out of sync in
+the metadata store *before* the write is acknowledged, and is never read again by this
+engine. Flushes (the file system's fsync, journal commits) reach every replica's
+``fdatasync``. Nothing on the I/O path touches the metadata store unless a replica fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cargohold.clients.dataclient import DataClient
+from cargohold.core.layout import BLOCK_SIZE
+from cargohold.core.models import DataServer, ReplicaState, Volume
+from cargohold.errors import (
+    CargoholdError,
+    ChecksumMismatch,
+    Fenced,
+    MetadataUnavailable,
+    NoReplicaLeft,
+    NoSpace,
+)
+from cargohold.services.fuse import FuseSession, unmount
+from cargohold.stores.catalog import Catalog
+from cargohold.stores.metadata import open_store
+
+log = logging.getLogger(__name__)
+
+MarkFailed = Callable[[str, str], Awaitable[None]]
+STOP_TIMEOUT = 10.0
+
+
+@dataclass
+class Member:
+    server: DataServer
+    client: DataClient
+
+
+class ReplicaSet:
+    """Fans one volume's I/O out to its in-sync replicas."""
+
+    def __init__(self, volume: Volume, servers: Mapping[str, DataServer], epoch: int,
+                 local_node: str, mark_failed: MarkFailed) -> None:
+        self.name = volume.name
+        self.volume_id = volume.id
+        self.size = volume.size
+        self.epoch = epoch
+        self._wanted = [servers[r.server] for r in volume.in_sync() if r.server in servers]
+        self._missing = [r.server for r in volume.in_sync() if r.server not in servers]
+        self._wanted.sort(key=lambda s: s.node != local_node)  # local replicas are read first
+        self._mark_failed = mark_failed
+        self._failing: dict[str, asyncio.Future[None]] = {}
+        self.members: list[Member] = []
+        self._generation = epoch << 32
+
+    async def open(self) -> None:
+        """Connect to every in-sync replica and claim it with this attachment's epoch."""
+        for server_id in self._missing:
+            await self._mark_failed(server_id, "data server is not registered")
+        for server in self._wanted:
+            client = DataClient(server.address, server.id)
+            try:
+                await client.connect()
+                await client.fence(self.volume_id, self.epoch)
+            except Fenced:
+                await client.close()
+                await self.close()
+                raise
+            except CargoholdError as e:
+                await client.close()
+                await self._mark_failed(server.id, f"unreachable at attach: {e}")
+                continue
+            self.members.append(Member(server, client))
+        if not self.members:
+            raise NoReplicaLeft(name=self.name)
+
+    async def close(self) -> None:
+        for member in self.members:
+            await member.client.close()
+        self.members = []
+
+    # -- the data path -------------------------------------------------------------------
+
+    def _next_generation(self) -> int:
+        self._generation += 1
+        return self._generation
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if offset % BLOCK_SIZE or length % BLOCK_SIZE:
+            start = offset - offset % BLOCK_SIZE
+            end = -(-(offset + length) // BLOCK_SIZE) * BLOCK_SIZE
+            data = await self.read(start, end - start)
+            return data[offset - start:offset - start + length]
+        for member in list(self.members):
+            try:
+                return await member.client.read(self.volume_id, self.epoch, offset, length)
+            except Fenced:
+                raise
+            except ChecksumMismatch as e:
+                log.error("%s; reading another replica", e)  # repair: self-healing issue
+            except CargoholdError as e:
+                await self._drop(member, f"read failed: {e}")
+        raise NoReplicaLeft(name=self.name)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        if offset % BLOCK_SIZE or len(data) % BLOCK_SIZE:
+            await self._write_unaligned(offset, data)
+            return
+        generation = self._next_generation()
+        members = list(self.members)
+        results = await asyncio.gather(
+            *(m.client.write(self.volume_id, self.epoch, offset, data, generation)
+              for m in members),
+            return_exceptions=True,
+        )
+        await self._settle(members, results, "write")
+
+    async def flush(self) -> None:
+        members = list(self.members)
+        results = await asyncio.gather(
+            *(m.client.flush(self.volume_id, self.epoch) for m in members),
+            return_exceptions=True,
+        )
+        await self._settle(members, results, "flush")
+
+    async def trim(self, offset: int, length: int) -> None:
+        start = -(-offset // BLOCK_SIZE) * BLOCK_SIZE  # only whole blocks become holes
+        end = (offset + length) // BLOCK_SIZE * BLOCK_SIZE
+        if end <= start:
+            return
+        members = list(self.members)
+        results = await asyncio.gather(
+            *(m.client.trim(self.volume_id, self.epoch, start, end - start) for m in members),
+            return_exceptions=True,
+        )
+        await self._settle(members, results, "trim")
+
+    async def _write_unaligned(self, offset: int, data: bytes) -> None:
+        start = offset - offset % BLOCK_SIZE
+        end = -(-(offset + len(data)) // BLOCK_SIZE) * BLOCK_SIZE
+        block = bytearray(await self.read(start, end - start))
+        block[offset - start:offset - start + len(data)] = data
+        await self.write(start, bytes(block))
+
+    async def _settle(self, members: list[Member], results: list[object], what: str) -> None:
+        """Drop the replicas that failed (recording it first); raise if the I/O failed."""
+        for member, result in zip(members, results, strict=True):
+            if isinstance(result, Fenced | NoSpace):
+                raise result
+            if isinstance(result, BaseException):
+                await self._drop(member, f"{what} failed: {result}")
+        if not self.members:
+            raise NoReplicaLeft(name=self.name)
+
+    async def _drop(self, member: Member, reason: str) -> None:
+        """Take a replica out of the set; returns once the metadata store knows."""
+        server_id = member.server.id
+        pending = self._failing.get(server_id)
+        if pending is None:
+            log.error("replica on data server %s leaves the in-sync set: %s", server_id, reason)
+            if member in self.members:
+                self.members.remove(member)
+            pending = asyncio.ensure_future(self._mark_failed(server_id, reason))
+            self._failing[server_id] = pending
+            pending.add_done_callback(lambda _: asyncio.ensure_future(member.client.close()))
+        await asyncio.shield(pending)
+
+
+def out_of_sync_marker(catalog: Catalog, name: str, epoch: int) -> MarkFailed:
+    """Build the callback that records a failed replica, refusing if we were fenced."""
+
+    async def mark(server_id: str, reason: str) -> None:
+        def change(volume: Volume) -> Volume | None:
+            if volume.attachment is None or volume.attachment.epoch != epoch:
+                raise Fenced(volume_id=volume.id, epoch=epoch, current=volume.epoch)
+            for replica in volume.replicas:
+                if replica.server == server_id and replica.state is ReplicaState.IN_SYNC:
+                    replica.state = ReplicaState.OUT_OF_SYNC
+                    replica.reason = reason
+                    return volume
+            return None
+
+        delay = 0.05
+        for _ in range(40):  # ~20 s of metadata outage before the I/O fails
+            try:
+                await catalog.update_volume(name, change)
+                return
+            except MetadataUnavailable as e:
+                log.warning("cannot record failed replica yet: %s", e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        raise MetadataUnavailable(url=catalog.store.url, detail="could not record a failed replica")
+
+    return mark
+
+
+async def serve(metadata_url: str, name: str, epoch: int, node: str, mountpoint: str,
+                ready_file: Path) -> int:
+    """Run the engine until it is unmounted or told to stop; return the exit status."""
+    store = open_store(metadata_url)
+    catalog = Catalog(store)
+    try:
+        volume = await catalog.volume(name)
+        if volume.attachment is None or volume.attachment.epoch != epoch:
+            raise Fenced(volume_id=volume.id, epoch=epoch, current=volume.epoch)
+        servers = {s.id: s for s in await catalog.servers()}
+        replicas = ReplicaSet(volume, servers, epoch, node,
+                              out_of_sync_marker(catalog, name, epoch))
+        await replicas.open()
+        session = FuseSession(replicas, mountpoint)
+        try:
+            session.start()
+        except OSError:
+            await replicas.close()
+            raise
+        tmp = ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": mountpoint}))
+        tmp.rename(ready_file)
+        log.info("engine for %s (epoch %d) serving on %s", name, epoch, mountpoint)
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([stopped, asyncio.ensure_future(session.wait_closed())],
+                           return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        await session.drain()
+        try:
+            await replicas.flush()
+        except CargoholdError as e:
+            log.error("final flush failed: %s", e)
+        if session.fd >= 0:
+            try:
+                unmount(mountpoint, lazy=True)
+            except OSError as e:
+                log.warning("%s", e)
+            try:
+                await asyncio.wait_for(session.wait_closed(), STOP_TIMEOUT)
+            except TimeoutError:
+                log.warning("the kernel kept the FUSE connection open; closing it")
+                session._finish()
+        await replicas.close()
+        return 0
+    finally:
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cargohold-engine")
+    parser.add_argument("--metadata", required=True)
+    parser.add_argument("--volume", required=True)
+    parser.add_argument("--epoch", type=int, required=True)
+    parser.add_argument("--node", required=True)
+    parser.add_argument("--mountpoint", required=True)
+    parser.add_argument("--ready-file", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s")
+    try:
+        return asyncio.run(serve(args.metadata, args.volume, args.epoch, args.node,
+                                 args.mountpoint, args.ready_file))
+    except CargoholdError as e:
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

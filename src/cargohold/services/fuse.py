@@ -1,0 +1,332 @@
+"""A FUSE session that exposes one volume as a single file, served from asyncio.
+
+cargohold talks the FUSE kernel protocol (``linux/fuse.h``, 7.x) on ``/dev/fuse`` directly
+instead of going through libfuse: the protocol for a one-file filesystem is small, and an
+asyncio loop keeps as many requests in flight as the kernel sends (``max_background``),
+which a synchronous libfuse loop cannot. The mount has a root directory holding one regular
+file, ``volume``; the agent puts a loop device on that file.
+
+The filesystem calls a :class:`BlockTarget` (the engine's replica set) for the data path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import stat
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from cargohold.errors import CargoholdError, NoSpace
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = b"volume"
+ROOT_INO = 1
+FILE_INO = 2
+
+MAX_WRITE = 1 << 20
+MAX_PAGES = MAX_WRITE // 4096
+MAX_BACKGROUND = 64
+READ_BUFFER = MAX_WRITE + 64 * 1024
+
+# opcodes (linux/fuse.h)
+LOOKUP, FORGET, GETATTR, SETATTR = 1, 2, 3, 4
+OPEN, READ, WRITE, STATFS, RELEASE = 14, 15, 16, 17, 18
+FSYNC, GETXATTR, LISTXATTR, FLUSH, INIT = 20, 22, 23, 25, 26
+OPENDIR, READDIR, RELEASEDIR, FSYNCDIR, ACCESS = 27, 28, 29, 30, 34
+INTERRUPT, DESTROY, BATCH_FORGET, FALLOCATE = 36, 38, 42, 43
+
+# INIT flags we ask for
+FUSE_ASYNC_READ = 1 << 0
+FUSE_BIG_WRITES = 1 << 5
+FUSE_ASYNC_DIO = 1 << 15
+FUSE_MAX_PAGES = 1 << 22
+WANTED_FLAGS = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_MAX_PAGES
+
+FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6
+FATTR_SIZE = 1 << 3
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen pad
+OUT_HEADER = struct.Struct("<IiQ")  # len error unique
+INIT_IN = struct.Struct("<IIIII")  # major minor max_readahead flags flags2
+INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")  # ... flags2 unused[7]
+ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # fuse_attr
+ENTRY_OUT_HEAD = struct.Struct("<QQQQII")  # nodeid generation entry_valid attr_valid nsec nsec
+ATTR_OUT_HEAD = struct.Struct("<QII")  # attr_valid attr_valid_nsec dummy
+OPEN_OUT = struct.Struct("<QII")  # fh open_flags padding
+READ_IN = struct.Struct("<QQII")  # fh offset size read_flags
+WRITE_IN = struct.Struct("<QQIIQII")  # fh offset size write_flags lock_owner flags padding
+WRITE_OUT = struct.Struct("<II")
+SETATTR_IN_VALID = struct.Struct("<IIQQ")  # valid padding fh size
+FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
+KSTATFS = struct.Struct("<QQQQQIIII24x")
+DIRENT = struct.Struct("<QQII")  # ino off namelen type
+
+ATTR_TTL = 3600  # the file's attributes change only on resize, which re-announces them
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+
+
+class BlockTarget(Protocol):
+    """What the FUSE file reads from and writes to: the engine's replica set."""
+
+    size: int
+
+    async def read(self, offset: int, length: int) -> bytes: ...
+    async def write(self, offset: int, data: bytes) -> None: ...
+    async def flush(self) -> None: ...
+    async def trim(self, offset: int, length: int) -> None: ...
+
+
+def mount(fd: int, mountpoint: str) -> None:
+    options = f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other".encode()
+    if _libc.mount(b"cargohold", mountpoint.encode(), b"fuse.cargohold",
+                   MS_NOSUID | MS_NODEV, options) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount of FUSE file system on {mountpoint}: {os.strerror(err)}")
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    if _libc.umount2(mountpoint.encode(), MNT_DETACH if lazy else 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {mountpoint}: {os.strerror(err)}")
+
+
+class FuseSession:
+    """Serves one mounted FUSE connection until it is unmounted."""
+
+    def __init__(self, target: BlockTarget, mountpoint: str) -> None:
+        self.target = target
+        self.mountpoint = mountpoint
+        self.fd = -1
+        self.finished: asyncio.Future[None] | None = None
+        self._buffer = bytearray(READ_BUFFER)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = time.time()
+        self.on_error: Callable[[BaseException], Awaitable[None]] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Mount and begin answering the kernel (the INIT handshake arrives first)."""
+        loop = asyncio.get_running_loop()
+        self.finished = loop.create_future()
+        self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            mount(self.fd, self.mountpoint)
+        except OSError:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+        loop.add_reader(self.fd, self._on_readable)
+
+    async def wait_closed(self) -> None:
+        assert self.finished is not None
+        await self.finished
+
+    async def drain(self) -> None:
+        """Wait until every request already received has been answered."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _finish(self) -> None:
+        if self.fd >= 0:
+            asyncio.get_running_loop().remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+        if self.finished is not None and not self.finished.done():
+            self.finished.set_result(None)
+
+    # -- request loop --------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        view = memoryview(self._buffer)
+        for _ in range(64):  # take what is queued, then let replies and replicas run
+            try:
+                n = os.readv(self.fd, [self._buffer])
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.ENOENT):  # ENOENT: request was interrupted
+                    continue
+                if e.errno != errno.ENODEV:
+                    log.error("reading /dev/fuse failed: %s", e)
+                self._finish()  # ENODEV: the file system was unmounted
+                return
+            if n < IN_HEADER.size:
+                continue
+            length, opcode, unique, nodeid = IN_HEADER.unpack_from(view)[:4]
+            body = view[IN_HEADER.size:length]
+            self._dispatch(opcode, unique, nodeid, body)
+
+    def _dispatch(self, opcode: int, unique: int, nodeid: int, body: memoryview) -> None:
+        if opcode == READ:
+            _fh, offset, size, _flags = READ_IN.unpack_from(body)
+            self._spawn(unique, self._read(unique, offset, size))
+        elif opcode == WRITE:
+            _fh, offset, size = WRITE_IN.unpack_from(body)[:3]
+            data = bytes(body[WRITE_IN.size:WRITE_IN.size + size])
+            self._spawn(unique, self._write(unique, offset, data))
+        elif opcode in (FSYNC, FLUSH, FSYNCDIR):
+            self._spawn(unique, self._flush(unique))
+        elif opcode == FALLOCATE:
+            self._spawn(unique, self._fallocate(unique, *FALLOCATE_IN.unpack_from(body)[1:4]))
+        elif opcode in (FORGET, BATCH_FORGET, INTERRUPT):
+            return  # no reply; requests finish fast, so interrupts are not worth honouring
+        elif opcode == INIT:
+            self._init(unique, body)
+        elif opcode == LOOKUP:
+            name = bytes(body).rstrip(b"\0")
+            if nodeid == ROOT_INO and name == FILE_NAME:
+                self._reply(unique, ENTRY_OUT_HEAD.pack(FILE_INO, 1, ATTR_TTL, ATTR_TTL, 0, 0)
+                            + self._attr(FILE_INO))
+            else:
+                self._error(unique, errno.ENOENT)
+        elif opcode in (GETATTR, SETATTR):
+            if opcode == SETATTR:
+                valid, _pad, _fh, size = SETATTR_IN_VALID.unpack_from(body)
+                if valid & FATTR_SIZE and size != self.target.size:
+                    self._error(unique, errno.EPERM)  # resizing goes through cargohold
+                    return
+            self._reply(unique, ATTR_OUT_HEAD.pack(ATTR_TTL, 0, 0) + self._attr(nodeid))
+        elif opcode in (OPEN, OPENDIR):
+            self._reply(unique, OPEN_OUT.pack(0, FOPEN_PARALLEL_DIRECT_WRITES, 0))
+        elif opcode == READDIR:
+            self._readdir(unique, body)
+        elif opcode == STATFS:
+            blocks = self.target.size // 4096
+            self._reply(unique, KSTATFS.pack(blocks, 0, 0, 2, 0, 4096, 255, 4096, 0))
+        elif opcode in (RELEASE, RELEASEDIR, ACCESS):
+            self._reply(unique, b"")
+        elif opcode == DESTROY:
+            self._reply(unique, b"")
+        else:
+            self._error(unique, errno.ENOSYS)
+
+    def _spawn(self, unique: int, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- replies -------------------------------------------------------------------------
+
+    def _reply(self, unique: int, payload: bytes | memoryview) -> None:
+        header = OUT_HEADER.pack(OUT_HEADER.size + len(payload), 0, unique)
+        self._send([header, payload])
+
+    def _error(self, unique: int, err: int) -> None:
+        self._send([OUT_HEADER.pack(OUT_HEADER.size, -err, unique)])
+
+    def _send(self, parts: list[bytes | memoryview]) -> None:
+        if self.fd < 0:
+            return
+        try:
+            os.writev(self.fd, parts)
+        except OSError as e:
+            # ENOENT: the request was interrupted and the kernel no longer waits for it.
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.error("replying to FUSE failed: %s", e)
+
+    def _attr(self, ino: int) -> bytes:
+        now = int(self._started)
+        if ino == ROOT_INO:
+            mode, size, nlink = stat.S_IFDIR | 0o755, 0, 2
+        else:
+            mode, size, nlink = stat.S_IFREG | 0o600, self.target.size, 1
+        return ATTR.pack(ino, size, size // 512, now, now, now, 0, 0, 0,
+                         mode, nlink, 0, 0, 0, 4096, 0)
+
+    def _init(self, unique: int, body: memoryview) -> None:
+        major, minor, max_readahead, flags = INIT_IN.unpack_from(body)[:4]
+        if major != 7:
+            log.error("kernel speaks FUSE %d.%d, this engine needs 7.x", major, minor)
+            self._error(unique, errno.EPROTO)
+            return
+        self._reply(unique, INIT_OUT.pack(
+            7, min(minor, 38), max_readahead, flags & WANTED_FLAGS,
+            MAX_BACKGROUND, MAX_BACKGROUND * 3 // 4, MAX_WRITE, 1, MAX_PAGES, 0, 0))
+
+    def _readdir(self, unique: int, body: memoryview) -> None:
+        _fh, offset, size, _flags = READ_IN.unpack_from(body)
+        entries = [(ROOT_INO, b".", 4), (ROOT_INO, b"..", 4), (FILE_INO, FILE_NAME, 8)]
+        out = bytearray()
+        for index, (ino, name, kind) in enumerate(entries[offset:], start=offset + 1):
+            record = DIRENT.pack(ino, index, len(name), kind) + name
+            record += b"\0" * (-len(record) % 8)
+            if len(out) + len(record) > size:
+                break
+            out += record
+        self._reply(unique, bytes(out))
+
+    # -- data path -----------------------------------------------------------------------
+
+    async def _read(self, unique: int, offset: int, size: int) -> None:
+        size = max(0, min(size, self.target.size - offset))
+        if size == 0:
+            self._reply(unique, b"")
+            return
+        try:
+            data = await self.target.read(offset, size)
+        except Exception as e:  # noqa: BLE001 - every failure must become an errno
+            self._fail(unique, e)
+            return
+        self._reply(unique, data)
+
+    async def _write(self, unique: int, offset: int, data: bytes) -> None:
+        if offset + len(data) > self.target.size:
+            self._error(unique, errno.ENOSPC)
+            return
+        try:
+            await self.target.write(offset, data)
+        except Exception as e:  # noqa: BLE001
+            self._fail(unique, e)
+            return
+        self._reply(unique, WRITE_OUT.pack(len(data), 0))
+
+    async def _flush(self, unique: int) -> None:
+        try:
+            await self.target.flush()
+        except Exception as e:  # noqa: BLE001
+            self._fail(unique, e)
+            return
+        self._reply(unique, b"")
+
+    async def _fallocate(self, unique: int, offset: int, length: int, mode: int) -> None:
+        if mode == 0 or mode == FALLOC_FL_KEEP_SIZE:
+            self._reply(unique, b"")  # thin volumes allocate on write
+            return
+        if not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            self._error(unique, errno.EOPNOTSUPP)
+            return
+        length = max(0, min(length, self.target.size - offset))
+        try:
+            await self.target.trim(offset, length)
+        except Exception as e:  # noqa: BLE001
+            self._fail(unique, e)
+            return
+        self._reply(unique, b"")
+
+    def _fail(self, unique: int, error: BaseException) -> None:
+        code = errno.ENOSPC if isinstance(error, NoSpace) else errno.EIO
+        if isinstance(error, CargoholdError):
+            log.error("I/O failed: %s", error)
+        else:
+            log.exception("I/O failed", exc_info=error)
+        self._error(unique, code)
+        if self.on_error is not None:
+            self._spawn(0, self.on_error(error))

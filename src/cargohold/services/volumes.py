@@ -1,0 +1,186 @@
+"""Volume lifecycle: create (placement + replicas), remove, list, inspect.
+
+A create either finishes with every replica made, or leaves nothing: replicas already made
+are deleted again and the record is removed. A replica that cannot be deleted because its
+data server is unreachable is written down as garbage and deleted by
+:meth:`VolumeService.collect_garbage` once the server answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+from cargohold.clients import kernel
+from cargohold.clients.dataclient import DataClient
+from cargohold.core import placement
+from cargohold.core.models import DataServer, Replica, Volume, VolumeState
+from cargohold.core.names import check_name
+from cargohold.core.sizes import format_size, volume_size
+from cargohold.errors import (
+    CargoholdError,
+    DataServerUnavailable,
+    InvalidFilesystem,
+    InvalidReplicas,
+    VolumeBusy,
+    VolumeExists,
+    VolumeInUse,
+)
+from cargohold.stores.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+MAX_REPLICAS = 5
+CREATE_WAIT = 30.0
+
+
+class VolumeService:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    async def create(self, name: str, size: str | int, replicas: int | str = 2,
+                     fs: str = "ext4", exist_ok: bool = False) -> Volume:
+        """Create a thin volume; with ``exist_ok`` an identical existing volume is returned."""
+        check_name(name)
+        size_bytes = volume_size(size)
+        count = _replica_count(replicas)
+        if fs not in kernel.FILESYSTEMS:
+            raise InvalidFilesystem(fs=fs, detail=f"choose one of {', '.join(kernel.FILESYSTEMS)}")
+        if fs == "xfs" and size_bytes < kernel.MIN_XFS_SIZE:
+            raise InvalidFilesystem(fs=fs, detail=f"xfs needs at least "
+                                    f"{format_size(kernel.MIN_XFS_SIZE)}")
+        existing = await self.catalog.find_volume(name)
+        if existing is not None:
+            return await self._existing(existing, size_bytes, count, fs, exist_ok)
+        chosen = placement.place(await self.catalog.servers(), count, size_bytes)
+        volume = Volume(id=uuid.uuid4().hex, name=name, size=size_bytes, replica_count=count,
+                        fs=fs, replicas=[Replica(server=s.id) for s in chosen])
+        try:
+            await self.catalog.add_volume(volume)
+        except VolumeExists:
+            if not exist_ok:
+                raise
+            return await self._existing(await self.catalog.volume(name), size_bytes, count, fs,
+                                        exist_ok)
+        made: list[DataServer] = []
+        try:
+            for server in chosen:
+                async with _client(server) as client:
+                    await client.create(volume.id, size_bytes)
+                made.append(server)
+        except CargoholdError as e:
+            log.error("create of %s failed, rolling back: %s", name, e)
+            await self._delete_replicas(volume.id, made)
+            await self.catalog.remove_volume(name)
+            raise
+
+        def ready(v: Volume) -> Volume:
+            v.state = VolumeState.DETACHED
+            return v
+
+        return await self.catalog.update_volume(name, ready)
+
+    async def _existing(self, volume: Volume, size: int, count: int, fs: str,
+                        exist_ok: bool) -> Volume:
+        if not exist_ok or (volume.size, volume.replica_count, volume.fs) != (size, count, fs):
+            raise VolumeExists(name=volume.name)
+        waited = 0.0
+        while volume.state is VolumeState.CREATING and waited < CREATE_WAIT:
+            await asyncio.sleep(0.05)  # a concurrent create of the same volume is finishing
+            waited += 0.05
+            found = await self.catalog.find_volume(volume.name)
+            if found is None:
+                raise VolumeBusy(name=volume.name, state="being created and failed")
+            volume = found
+        return volume
+
+    async def remove(self, name: str) -> None:
+        def deleting(v: Volume) -> Volume:
+            if v.attachment is not None:
+                raise VolumeInUse(name=name, node=v.attachment.node)
+            if v.state is VolumeState.CREATING:
+                raise VolumeBusy(name=name, state=v.state.value)
+            v.state = VolumeState.DELETING
+            return v
+
+        volume = await self.catalog.update_volume(name, deleting)
+        servers = {s.id: s for s in await self.catalog.servers()}
+        holders = [servers[r.server] for r in volume.replicas if r.server in servers]
+        await self._delete_replicas(volume.id, holders)
+        for replica in volume.replicas:
+            if replica.server not in servers:
+                await self.catalog.add_garbage(replica.server, volume.id)
+        await self.catalog.remove_volume(name)
+
+    async def _delete_replicas(self, volume_id: str, servers: list[DataServer]) -> None:
+        for server in servers:
+            try:
+                async with _client(server) as client:
+                    await client.delete(volume_id)
+            except CargoholdError as e:
+                log.warning("replica %s on %s left for later deletion: %s", volume_id,
+                            server.id, e)
+                await self.catalog.add_garbage(server.id, volume_id)
+
+    async def collect_garbage(self) -> int:
+        """Delete replicas left behind by removals; return how many were deleted."""
+        servers = {s.id: s for s in await self.catalog.servers()}
+        deleted = 0
+        for server_id, volume_id in await self.catalog.garbage():
+            server = servers.get(server_id)
+            if server is None:
+                continue
+            try:
+                async with _client(server) as client:
+                    await client.delete(volume_id)
+            except CargoholdError:
+                continue
+            await self.catalog.drop_garbage(server_id, volume_id)
+            deleted += 1
+        return deleted
+
+    async def usage(self, volume: Volume) -> dict[str, Any]:
+        """Bytes each replica really takes on disk (thin: written blocks only)."""
+        servers = {s.id: s for s in await self.catalog.servers()}
+        used: dict[str, Any] = {}
+        for replica in volume.replicas:
+            server = servers.get(replica.server)
+            if server is None:
+                used[replica.server] = None
+                continue
+            try:
+                async with _client(server) as client:
+                    used[replica.server] = int((await client.stat(volume.id))["used"])
+            except CargoholdError:
+                used[replica.server] = None
+        return used
+
+
+def _replica_count(replicas: int | str) -> int:
+    try:
+        count = int(replicas)
+    except (TypeError, ValueError):
+        raise InvalidReplicas(replicas=replicas, detail="not a whole number") from None
+    if not 1 <= count <= MAX_REPLICAS:
+        raise InvalidReplicas(replicas=replicas, detail=f"choose 1 to {MAX_REPLICAS}")
+    return count
+
+
+class _client:
+    """A short-lived connection to one data server, for control operations."""
+
+    def __init__(self, server: DataServer) -> None:
+        self.client = DataClient(server.address, server.id)
+
+    async def __aenter__(self) -> DataClient:
+        try:
+            await self.client.connect()
+        except DataServerUnavailable:
+            await self.client.close()
+            raise
+        return self.client
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.close()

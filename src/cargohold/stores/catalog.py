@@ -1,0 +1,108 @@
+"""The cluster's typed records (volumes, data servers, nodes) on top of a metadata store.
+
+Every change of a volume record is a compare-and-swap on its revision, retried on conflict,
+so several nodes, agents and engines can update one volume without losing changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cargohold.core.models import (
+    DataServer,
+    Node,
+    Volume,
+    garbage_key,
+    node_key,
+    server_key,
+    volume_key,
+)
+from cargohold.errors import ConcurrentUpdate, VolumeExists, VolumeNotFound
+from cargohold.stores.metadata import Compare, Delete, MetadataStore, Put
+
+CAS_ATTEMPTS = 50
+
+
+class Catalog:
+    def __init__(self, store: MetadataStore) -> None:
+        self.store = store
+
+    # -- volumes -------------------------------------------------------------------------
+
+    async def volume(self, name: str) -> Volume:
+        kv = await self.store.get(volume_key(name))
+        if kv is None:
+            raise VolumeNotFound(name=name)
+        return Volume.model_validate_json(kv.value)
+
+    async def find_volume(self, name: str) -> Volume | None:
+        kv = await self.store.get(volume_key(name))
+        return None if kv is None else Volume.model_validate_json(kv.value)
+
+    async def volumes(self) -> list[Volume]:
+        return [Volume.model_validate_json(kv.value) for kv in await self.store.range("volumes/")]
+
+    async def add_volume(self, volume: Volume) -> None:
+        key = volume_key(volume.name)
+        result = await self.store.txn([Compare.absent(key)], [Put(key, volume.dump())])
+        if not result.succeeded:
+            raise VolumeExists(name=volume.name)
+
+    async def update_volume(self, name: str, change: Callable[[Volume], Volume | None]) -> Volume:
+        """Apply ``change`` to the current record and store it atomically.
+
+        ``change`` may raise to refuse the update, or return None to leave the record as it
+        is. It is called again with fresh data when another writer got there first.
+        """
+        key = volume_key(name)
+        for _ in range(CAS_ATTEMPTS):
+            kv = await self.store.get(key)
+            if kv is None:
+                raise VolumeNotFound(name=name)
+            current = Volume.model_validate_json(kv.value)
+            updated = change(current.model_copy(deep=True))
+            if updated is None:
+                return current
+            result = await self.store.txn(
+                [Compare.revision(key, kv.mod_revision)], [Put(key, updated.dump())]
+            )
+            if result.succeeded:
+                return updated
+        raise ConcurrentUpdate(what=f"volume {name!r}")
+
+    async def remove_volume(self, name: str) -> None:
+        await self.store.delete(volume_key(name))
+
+    # -- data servers and nodes ----------------------------------------------------------
+
+    async def put_server(self, server: DataServer, lease: int = 0) -> None:
+        await self.store.put(server_key(server.id), server.dump(), lease=lease)
+
+    async def servers(self) -> list[DataServer]:
+        return [DataServer.model_validate_json(kv.value)
+                for kv in await self.store.range("dataservers/")]
+
+    async def server(self, server_id: str) -> DataServer | None:
+        kv = await self.store.get(server_key(server_id))
+        return None if kv is None else DataServer.model_validate_json(kv.value)
+
+    async def put_node(self, node: Node, lease: int = 0) -> None:
+        await self.store.put(node_key(node.name), node.dump(), lease=lease)
+
+    async def nodes(self) -> list[Node]:
+        return [Node.model_validate_json(kv.value) for kv in await self.store.range("nodes/")]
+
+    # -- garbage: replicas whose data server was unreachable when their volume went -------
+
+    async def add_garbage(self, server_id: str, volume_id: str) -> None:
+        await self.store.put(garbage_key(server_id, volume_id), b"")
+
+    async def garbage(self) -> list[tuple[str, str]]:
+        pairs = []
+        for kv in await self.store.range("garbage/"):
+            _, server_id, volume_id = kv.key.split("/", 2)
+            pairs.append((server_id, volume_id))
+        return pairs
+
+    async def drop_garbage(self, server_id: str, volume_id: str) -> None:
+        await self.store.txn([], [Delete(garbage_key(server_id, volume_id))])
