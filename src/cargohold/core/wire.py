@@ -165,8 +165,9 @@ def decode_request_header(buffer: BytesLike, offset: int = 0) -> RequestHeader:
         buffer, offset
     )
     _check_frame(magic, version, plen)
-    return RequestHeader(op, rid, "" if volume == NO_VOLUME else volume.hex(), epoch, pos, length,
-                         gen, plen)
+    return RequestHeader(
+        op, rid, "" if volume == NO_VOLUME else volume.hex(), epoch, pos, length, gen, plen
+    )
 
 
 def decode_request(frame: BytesLike) -> tuple[RequestHeader, bytes]:
@@ -276,7 +277,7 @@ class FrameReader(Generic[H]):
     ) -> None:
         if buffer_size < header_size + large:
             raise ValueError("buffer_size must hold a header and a large payload")
-        self._decode = decode
+        self._decode: Callable[[BytesLike, int], H] = decode
         self._header_size = header_size
         self._large_threshold = large
         self._buf = bytearray(buffer_size)

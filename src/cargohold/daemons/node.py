@@ -61,7 +61,7 @@ class NodeDaemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        servers: list[_ApiServer] = []
+        servers: list[tuple[_ApiServer, asyncio.Task[None]]] = []
         agent = Agent(catalog, config.name, config.state_dir, config.metadata)
         try:
             for process in self.processes:
@@ -88,11 +88,11 @@ class NodeDaemon:
                     log.error("periodic check failed: %s", e)
         finally:
             log.info("node %s stopping", config.name)
-            for server in servers:
+            for server, _ in servers:
                 server.should_exit = True
-            for server in servers:
+            for _, task in servers:
                 with contextlib.suppress(Exception):
-                    await server.shutdown()
+                    await task
             for endpoint in config.api:
                 if endpoint.is_unix:
                     with contextlib.suppress(FileNotFoundError):
@@ -106,7 +106,8 @@ class NodeDaemon:
                     await store.revoke_lease(self.lease)
             await store.close()
 
-    async def _serve_api(self, endpoint: Endpoint, services: Services) -> _ApiServer:
+    async def _serve_api(self, endpoint: Endpoint,
+                         services: Services) -> tuple[_ApiServer, asyncio.Task[None]]:
         app = create_app(services, token="" if endpoint.is_unix else self.config.token)
         if endpoint.is_unix:
             os.makedirs(os.path.dirname(endpoint.path), exist_ok=True)
@@ -118,13 +119,14 @@ class NodeDaemon:
             uconfig = uvicorn.Config(app, host=endpoint.host, port=endpoint.port,
                                      log_level="warning", lifespan="off")
         server = _ApiServer(uconfig)
-        await server.startup()
-        if server.should_exit:
-            raise CargoholdError(detail=f"cannot serve the API on {endpoint.url}")
+        task = asyncio.ensure_future(server.serve())
+        while not server.started:
+            if task.done():
+                raise CargoholdError(detail=f"cannot serve the API on {endpoint.url}")
+            await asyncio.sleep(0.01)
         if endpoint.is_unix:
             os.chmod(endpoint.path, 0o660)
-        asyncio.ensure_future(server.main_loop())
-        return server
+        return server, task
 
     async def check_once(self, store: MetadataStore, catalog: Catalog) -> None:
         """Restart dead data servers, refresh their records and the node's lease."""

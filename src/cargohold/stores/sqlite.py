@@ -73,6 +73,13 @@ def _kv(row: Sequence[Any]) -> KeyValue:
     return KeyValue(bytes(row[0]).decode("utf-8"), bytes(row[1]), *row[2:6])
 
 
+def _is_busy(e: sqlite3.OperationalError) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(e) or "busy" in str(e)
+
+
 def _meta(conn: sqlite3.Connection, name: str) -> int:
     return int(conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()[0])
 
@@ -179,14 +186,27 @@ class SqliteStore(MetadataStore):
         return conn
 
     def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return fn(self._connect(), *args)
-        except sqlite3.OperationalError as e:
-            raise errors.MetadataUnavailable(url=self.url, detail=str(e)) from e
-        except sqlite3.DatabaseError as e:  # e.g. "file is not a database"
-            if isinstance(e, sqlite3.IntegrityError | sqlite3.ProgrammingError):
-                raise
-            raise errors.MetadataUnavailable(url=self.url, detail=str(e)) from e
+        """Run ``fn(conn, *args)``; retry it while SQLite reports busy, for up to busy_timeout.
+
+        Some lock conflicts (switching a new file to WAL, WAL recovery) fail at once instead
+        of waiting in SQLite's busy handler. A failed job has rolled back, so rerunning it
+        is safe.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        delay = 0.001
+        while True:
+            try:
+                return fn(self._connect(), *args)
+            except sqlite3.OperationalError as e:
+                if _is_busy(e) and time.monotonic() + delay < deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+                    continue
+                raise errors.MetadataUnavailable(url=self.url, detail=str(e)) from e
+            except sqlite3.DatabaseError as e:  # e.g. "file is not a database"
+                if isinstance(e, sqlite3.IntegrityError | sqlite3.ProgrammingError):
+                    raise
+                raise errors.MetadataUnavailable(url=self.url, detail=str(e)) from e
 
     def _write(self, conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in a write transaction, after applying lease expiry.

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what cargohold needs on a fresh Debian machine (as root), then cargohold itself.
+#   scripts/install-deps.sh          runtime: FUSE, loop/mount tools, file systems
+#   scripts/install-deps.sh --test   plus what the test suite and benchmarks need
+set -euo pipefail
+cd "$(dirname "$0")/.."
+packages=(fuse3 util-linux mount e2fsprogs xfsprogs)
+if [[ "${1:-}" == "--test" ]]; then
+  packages+=(fio docker.io etcd-server busybox-static iproute2)
+fi
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+extras=""
+[[ "${1:-}" == "--test" ]] && extras="[test]"
+python3 -m pip install -q --disable-pip-version-check -e ".${extras}"

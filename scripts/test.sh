@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs everything the tests need on a fresh machine, then runs the whole suite
+# (unit, integration, and system tests, which need root, /dev/fuse and loop devices).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh --test
+exec python3 -m pytest "$@"

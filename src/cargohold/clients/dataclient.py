@@ -1,0 +1,394 @@
+"""Asyncio client of one data server, with pipelining.
+
+Any number of coroutines may call one ``DataClient`` at the same time: each request gets an
+id, requests queued during one event loop turn go out in one write, and a single protocol
+callback resolves the responses in whatever order the server sends them.
+
+Statuses become the ``cargohold.errors`` classes (``_status_error``). A lost or refused
+connection makes every pending and later call raise ``DataServerUnavailable`` at once; the
+client never retries by itself. ``connect()`` may be called again to open a new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+from typing import Any
+
+from cargohold.core.wire import (
+    BytesLike,
+    Op,
+    ResponseHeader,
+    Status,
+    decode_json,
+    decode_text,
+    decode_u64,
+    encode_json,
+    encode_request_header,
+    response_reader,
+)
+from cargohold.errors import (
+    CargoholdError,
+    ChecksumMismatch,
+    DataServerUnavailable,
+    Fenced,
+    InvalidArgument,
+    NoSpace,
+    ReplicaNotFound,
+)
+
+log = logging.getLogger(__name__)
+
+#: Payloads at least this big are handed to the transport on their own, never joined.
+_LARGE = 64 << 10
+_CLOSE_GRACE = 1.0
+
+
+class _Protocol(asyncio.BufferedProtocol):
+    """One connection; reports to its client through the client's futures."""
+
+    def __init__(self, client: DataClient) -> None:
+        self._client = client
+        self._reader = response_reader()
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            frames = self._reader.feed(nbytes)
+        except InvalidArgument as exc:
+            log.error("data server %s sent a bad frame: %s", self._client.address, exc)
+            self._client._fail(self, f"bad response frame: {exc}")
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        pending = self._client._pending
+        for header, payload in frames:
+            future = pending.pop(header.request_id, None)
+            if future is not None and not future.done():
+                future.set_result((header, bytes(payload)))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._client._fail(self, f"connection lost: {exc}" if exc else "connection closed")
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._client._paused = True
+
+    def resume_writing(self) -> None:
+        self._client._resume()
+
+
+class DataClient:
+    """A pipelined connection to the data server at ``address`` ("host:port")."""
+
+    def __init__(self, address: str, server_id: str = "") -> None:
+        host, sep, port = address.rpartition(":")
+        if not sep or not port.isdigit():
+            raise InvalidArgument(what="data server address", detail=f"{address!r}")
+        self.address = address
+        self.server_id = server_id
+        self._host, self._port = host.strip("[]"), int(port)
+        self._protocol: _Protocol | None = None
+        self._pending: dict[int, asyncio.Future[tuple[ResponseHeader, bytes]]] = {}
+        self._next_id = 1
+        self._problem = "not connected; call connect() first"
+        self._out: list[BytesLike] = []
+        self._out_scheduled = False
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+
+    # --- connection ---------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._protocol is not None and self._protocol.transport is not None
+
+    async def connect(self, timeout: float = 2.0) -> None:
+        """Open the connection; ``DataServerUnavailable`` if that fails within ``timeout``."""
+        if self.connected:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(lambda: _Protocol(self), self._host, self._port),
+                timeout,
+            )
+        except TimeoutError:
+            raise self._unavailable(f"no connection within {timeout} s") from None
+        except OSError as exc:
+            raise self._unavailable(f"cannot connect: {exc.strerror or exc}") from None
+        self._protocol = protocol
+        self._paused = False
+        self._problem = ""
+
+    async def close(self) -> None:
+        """Close the connection; calls still pending raise ``DataServerUnavailable``."""
+        protocol, self._protocol = self._protocol, None
+        self._problem = "the client was closed"
+        self._fail_pending()
+        if protocol is None or protocol.transport is None:
+            return
+        protocol.transport.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(protocol.lost), _CLOSE_GRACE)
+        except TimeoutError:
+            if protocol.transport is not None:
+                protocol.transport.abort()
+            await protocol.lost
+
+    async def __aenter__(self) -> DataClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- ops --------------------------------------------------------------------------------
+
+    async def hello(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Server info: id, version, address, capacity, free, used, provisioned, replicas."""
+        info: dict[str, Any] = decode_json(await self._call(Op.HELLO, "", timeout=timeout))
+        if not self.server_id:
+            self.server_id = str(info.get("id", ""))
+        return info
+
+    async def create(self, volume_id: str, size: int, *, timeout: float | None = None) -> None:
+        """Create an empty replica (idempotent for the same size)."""
+        await self._call(Op.CREATE, volume_id, payload=encode_json({"size": size}), timeout=timeout)
+
+    async def delete(self, volume_id: str, *, timeout: float | None = None) -> None:
+        """Delete a replica (idempotent)."""
+        await self._call(Op.DELETE, volume_id, timeout=timeout)
+
+    async def stat(self, volume_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Replica info: volume_id, size, used, epoch, chunks_written."""
+        info: dict[str, Any] = decode_json(await self._call(Op.STAT, volume_id, timeout=timeout))
+        return info
+
+    async def read(
+        self,
+        volume_id: str,
+        epoch: int,
+        offset: int,
+        length: int,
+        *,
+        timeout: float | None = None,
+    ) -> bytes:
+        return await self._call(
+            Op.READ, volume_id, epoch=epoch, offset=offset, length=length, timeout=timeout
+        )
+
+    async def write(
+        self,
+        volume_id: str,
+        epoch: int,
+        offset: int,
+        data: BytesLike,
+        generation: int,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Write ``data``; acknowledged once in the server's page cache (``flush`` to persist).
+
+        ``data`` must stay unchanged until the call returns.
+        """
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        await self._call(
+            Op.WRITE,
+            volume_id,
+            epoch=epoch,
+            offset=offset,
+            length=len(view),
+            generation=generation,
+            payload=view,
+            timeout=timeout,
+        )
+
+    async def flush(self, volume_id: str, epoch: int, *, timeout: float | None = None) -> None:
+        """Make every write acknowledged so far durable on this server."""
+        await self._call(Op.FLUSH, volume_id, epoch=epoch, timeout=timeout)
+
+    async def trim(
+        self,
+        volume_id: str,
+        epoch: int,
+        offset: int,
+        length: int,
+        generation: int = 0,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Deallocate a range (reads return zeros); ``generation`` is recorded like a write's."""
+        await self._call(
+            Op.TRIM,
+            volume_id,
+            epoch=epoch,
+            offset=offset,
+            length=length,
+            generation=generation,
+            timeout=timeout,
+        )
+
+    async def generations(self, volume_id: str, *, timeout: float | None = None) -> bytes:
+        """Every chunk's generation as little-endian u64s."""
+        return await self._call(Op.GENS, volume_id, timeout=timeout)
+
+    async def fence(self, volume_id: str, epoch: int, *, timeout: float | None = None) -> None:
+        """Raise the replica's epoch: I/O with a lower epoch is refused from now on."""
+        await self._call(Op.FENCE, volume_id, epoch=epoch, timeout=timeout)
+
+    # --- machinery ------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        op: Op,
+        volume_id: str,
+        *,
+        epoch: int = 0,
+        offset: int = 0,
+        length: int = 0,
+        generation: int = 0,
+        payload: BytesLike = b"",
+        timeout: float | None = None,
+    ) -> bytes:
+        if self._paused and self.connected:
+            await self._wait_writable()
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None:
+            raise self._unavailable()
+        request_id = self._take_id()
+        header = encode_request_header(
+            op,
+            request_id,
+            volume_id,
+            epoch=epoch,
+            offset=offset,
+            length=length,
+            generation=generation,
+            payload_length=len(payload),
+        )
+        future: asyncio.Future[tuple[ResponseHeader, bytes]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending[request_id] = future
+        try:
+            self._send(protocol.transport, header, payload)
+            if timeout is None:
+                response, body = await future
+            else:
+                response, body = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise self._unavailable(f"no answer to {op.name} within {timeout} s") from None
+        finally:
+            self._pending.pop(request_id, None)
+        if response.status == Status.OK:
+            return body
+        raise self._status_error(response.status, body, volume_id, epoch)
+
+    def _take_id(self) -> int:
+        request_id = self._next_id
+        while request_id in self._pending:
+            request_id = (request_id + 1) & 0xFFFFFFFF
+        self._next_id = (request_id + 1) & 0xFFFFFFFF
+        return request_id
+
+    def _send(self, transport: asyncio.Transport, header: bytes, payload: BytesLike) -> None:
+        if len(payload) >= _LARGE:
+            self._write_out()
+            transport.write(header)
+            transport.write(payload)
+            return
+        self._out.append(header)
+        if payload:
+            self._out.append(payload)
+        if not self._out_scheduled:
+            self._out_scheduled = True
+            asyncio.get_running_loop().call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        """Send the requests queued in this loop turn with one write."""
+        self._out_scheduled = False
+        out, self._out = self._out, []
+        protocol = self._protocol
+        if not out or protocol is None or protocol.transport is None:
+            return
+        protocol.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    async def _wait_writable(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def _resume(self) -> None:
+        self._paused = False
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _fail(self, protocol: _Protocol, problem: str) -> None:
+        """``protocol``'s connection is gone: fail everything waiting on it."""
+        if protocol is not self._protocol:
+            return
+        self._protocol = None
+        self._problem = problem
+        log.warning("data server %s at %s: %s", self.server_id or "?", self.address, problem)
+        self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        pending = list(self._pending.values())
+        self._pending.clear()
+        self._out = []
+        for future in pending:
+            if not future.done():
+                future.set_exception(self._unavailable())
+        self._resume()
+
+    def _unavailable(self, problem: str = "") -> DataServerUnavailable:
+        return DataServerUnavailable(
+            server=self.server_id or "?", address=self.address, detail=problem or self._problem
+        )
+
+    def _status_error(self, status: int, body: bytes, volume_id: str, epoch: int) -> CargoholdError:
+        """The one place where wire statuses become errors."""
+        server = self.server_id or self.address
+        if status == Status.NOT_FOUND:
+            return ReplicaNotFound(server=server, volume_id=volume_id)
+        if status == Status.FENCED:
+            return Fenced(volume_id=volume_id, epoch=epoch, current=decode_u64(body))
+        if status == Status.CHECKSUM:
+            return ChecksumMismatch(volume_id=volume_id, offset=decode_u64(body), server=server)
+        text = decode_text(body)
+        if status == Status.NO_SPACE:
+            return NoSpace(server=server, detail=text)
+        if status == Status.INVALID:
+            what, sep, detail = text.partition(": ")
+            return (
+                InvalidArgument(what=what, detail=detail)
+                if sep
+                else InvalidArgument(what="request", detail=text)
+            )
+        if status == Status.IO_ERROR:
+            return CargoholdError(detail=f"I/O error on data server {server}: {text}")
+        return CargoholdError(detail=f"data server {server} answered unknown status {status}")

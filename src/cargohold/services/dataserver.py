@@ -1,0 +1,423 @@
+"""The data server: one process per disk, serving its replicas over the wire protocol.
+
+Requests are answered in the event loop thread as they arrive (a connection may pipeline
+many), except FLUSH, whose fdatasync runs in a worker thread so that it stalls neither the
+other requests of its connection nor other connections. Responses produced by one batch of
+received bytes go out in one write. Store errors map to statuses in ``_error_response``.
+
+Run it as ``python -m cargohold.services.dataserver --dir DIR --listen HOST:PORT
+--ready-file FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import json
+import logging
+import os
+import signal
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from cargohold.core.wire import (
+    MAX_PAYLOAD,
+    VERSION,
+    BytesLike,
+    Op,
+    RequestHeader,
+    Status,
+    decode_json,
+    encode_json,
+    encode_response_header,
+    encode_text,
+    encode_u64,
+    request_reader,
+)
+from cargohold.errors import (
+    CargoholdError,
+    ChecksumMismatch,
+    Fenced,
+    InvalidArgument,
+    NoSpace,
+    ReplicaNotFound,
+)
+from cargohold.stores.chunkstore import ChunkStore, DiskChunkStore, Replica
+
+log = logging.getLogger(__name__)
+
+#: Payloads at least this big are written to the socket on their own instead of joined.
+_LARGE = 64 << 10
+#: How long a stopping server waits for its connections to drain their responses.
+_CLOSE_GRACE = 2.0
+_LATER = object()  # a handler's result: the response is sent when the work completes
+
+Handler = Callable[["_Connection", RequestHeader, memoryview], object]
+
+
+class _Connection(asyncio.BufferedProtocol):
+    def __init__(self, server: DataServer) -> None:
+        self._server = server
+        self._store = server.store
+        self._reader = request_reader()
+        self._transport: asyncio.Transport | None = None
+        self._out: list[BytesLike] = []
+        self.peer = "?"
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # --- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self._server.connections.add(self)
+        log.debug("connection from %s", self.peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        self._transport = None
+        if not self.lost.done():
+            self.lost.set_result(None)
+        log.debug("connection from %s closed (%s)", self.peer, exc or "eof")
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            frames = self._reader.feed(nbytes)
+        except InvalidArgument as exc:
+            log.warning("closing connection from %s: %s", self.peer, exc)
+            self.close()
+            return
+        for header, payload in frames:
+            self._handle(header, payload)
+        self._send()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:  # the peer does not read its responses: stop reading
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # --- requests ------------------------------------------------------------------------
+
+    def _handle(self, header: RequestHeader, payload: memoryview) -> None:
+        handler = _HANDLERS.get(header.op)
+        try:
+            if handler is None:
+                raise InvalidArgument(what="op", detail=f"unknown op {header.op}")
+            result = handler(self, header, payload)
+        except Exception as exc:  # every failure becomes a status; the server goes on
+            status, body = _error_response(exc, header)
+            self._queue(status, header.request_id, body)
+            return
+        if result is not _LATER:
+            assert isinstance(result, bytes)
+            self._queue(Status.OK, header.request_id, result)
+
+    def _queue(self, status: Status, request_id: int, body: bytes) -> None:
+        self._out.append(encode_response_header(status, request_id, len(body)))
+        if body:
+            self._out.append(body)
+
+    def _send(self) -> None:
+        out, self._out = self._out, []
+        transport = self._transport
+        if not out or transport is None or transport.is_closing():
+            return
+        small: list[BytesLike] = []
+        for item in out:
+            if len(item) < _LARGE:
+                small.append(item)
+                continue
+            if small:
+                transport.write(b"".join(small))
+                small = []
+            transport.write(item)
+        if small:
+            transport.write(small[0] if len(small) == 1 else b"".join(small))
+
+    def _io_replica(self, header: RequestHeader) -> Replica:
+        """The replica of an I/O request, fenced with the request's epoch."""
+        if header.epoch == 0:
+            raise InvalidArgument(
+                what="epoch", detail=f"{Op(header.op).name} needs an epoch of at least 1"
+            )
+        replica = self._store.replica(header.volume_id)
+        if header.epoch != replica.epoch:
+            replica.fence(header.epoch)
+        return replica
+
+    def _hello(self, header: RequestHeader, payload: memoryview) -> bytes:
+        store = self._store
+        return encode_json(
+            {
+                "id": store.server_id,
+                "version": VERSION,
+                "address": self._server.address,
+                "capacity": store.capacity(),
+                "free": store.free(),
+                "used": store.used(),
+                "provisioned": store.provisioned(),
+                "replicas": store.replica_ids(),
+            }
+        )
+
+    def _create(self, header: RequestHeader, payload: memoryview) -> bytes:
+        body = decode_json(payload)
+        if not isinstance(body, dict) or "size" not in body:
+            raise InvalidArgument(what="payload", detail='CREATE needs {"size": bytes}')
+        self._store.create(header.volume_id, body["size"])
+        return b""
+
+    def _delete(self, header: RequestHeader, payload: memoryview) -> bytes:
+        self._store.delete(header.volume_id)
+        return b""
+
+    def _stat(self, header: RequestHeader, payload: memoryview) -> bytes:
+        return encode_json(self._store.replica(header.volume_id).info().to_dict())
+
+    def _read(self, header: RequestHeader, payload: memoryview) -> bytes:
+        replica = self._io_replica(header)
+        if header.length > MAX_PAYLOAD:
+            raise InvalidArgument(what="length", detail=f"reads are limited to {MAX_PAYLOAD}")
+        return replica.read(header.offset, header.length)
+
+    def _write(self, header: RequestHeader, payload: memoryview) -> bytes:
+        replica = self._io_replica(header)
+        if header.length != len(payload):
+            raise InvalidArgument(
+                what="length", detail=f"header says {header.length}, payload is {len(payload)}"
+            )
+        replica.write(header.offset, payload, header.generation)
+        return b""
+
+    def _trim(self, header: RequestHeader, payload: memoryview) -> bytes:
+        self._io_replica(header).trim(header.offset, header.length, header.generation)
+        return b""
+
+    def _generations(self, header: RequestHeader, payload: memoryview) -> bytes:
+        return self._store.replica(header.volume_id).generations()
+
+    def _fence(self, header: RequestHeader, payload: memoryview) -> bytes:
+        if header.epoch == 0:
+            raise InvalidArgument(what="epoch", detail="FENCE needs an epoch of at least 1")
+        self._store.replica(header.volume_id).fence(header.epoch)
+        return b""
+
+    def _flush(self, header: RequestHeader, payload: memoryview) -> object:
+        replica = self._io_replica(header)
+        done = asyncio.get_running_loop().run_in_executor(None, replica.flush)
+        self._server.flushes.add(done)
+        done.add_done_callback(partial(self._flushed, header))
+        return _LATER
+
+    def _flushed(self, header: RequestHeader, done: asyncio.Future[None]) -> None:
+        self._server.flushes.discard(done)
+        exc = done.exception() if not done.cancelled() else CargoholdError(detail="cancelled")
+        if exc is None:
+            self._queue(Status.OK, header.request_id, b"")
+        else:
+            status, body = _error_response(exc, header)
+            self._queue(status, header.request_id, body)
+        self._send()
+
+
+_HANDLERS: dict[int, Handler] = {
+    Op.HELLO: _Connection._hello,
+    Op.CREATE: _Connection._create,
+    Op.DELETE: _Connection._delete,
+    Op.STAT: _Connection._stat,
+    Op.READ: _Connection._read,
+    Op.WRITE: _Connection._write,
+    Op.FLUSH: _Connection._flush,
+    Op.TRIM: _Connection._trim,
+    Op.GENS: _Connection._generations,
+    Op.FENCE: _Connection._fence,
+}
+
+
+def _error_response(exc: BaseException, header: RequestHeader) -> tuple[Status, bytes]:
+    """The one place where errors become wire statuses."""
+    if isinstance(exc, Fenced):
+        return Status.FENCED, encode_u64(int(exc.fields["current"]))
+    if isinstance(exc, ChecksumMismatch):
+        log.warning("%s", exc)
+        return Status.CHECKSUM, encode_u64(int(exc.fields["offset"]))
+    if isinstance(exc, ReplicaNotFound):
+        return Status.NOT_FOUND, encode_text(str(exc))
+    if isinstance(exc, NoSpace):
+        log.warning("%s", exc)
+        return Status.NO_SPACE, encode_text(str(exc.fields.get("detail", exc)))
+    if isinstance(exc, InvalidArgument):
+        what, detail = exc.fields.get("what"), exc.fields.get("detail")
+        text = f"{what}: {detail}" if what is not None and detail is not None else str(exc)
+        return Status.INVALID, encode_text(text)
+    if isinstance(exc, CargoholdError | OSError):
+        log.error("%s on volume %s failed: %s", _op_name(header.op), header.volume_id, exc)
+    else:
+        log.error("%s on volume %s failed", _op_name(header.op), header.volume_id, exc_info=exc)
+    return Status.IO_ERROR, encode_text(str(exc) or type(exc).__name__)
+
+
+def _op_name(op: int) -> str:
+    try:
+        return Op(op).name
+    except ValueError:
+        return f"op {op}"
+
+
+class DataServer:
+    """A listening data server over a ``ChunkStore`` (see ``serve``)."""
+
+    def __init__(self, store: ChunkStore) -> None:
+        self.store = store
+        self.connections: set[_Connection] = set()
+        self.flushes: set[asyncio.Future[None]] = set()
+        self.host = ""
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), host, port)
+        self.host = host
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        log.info("data server %s listening on %s", self.store.server_id, self.address)
+
+    async def close(self) -> None:
+        """Stop listening, let connections send their responses, wait for running flushes."""
+        if self._server is not None:
+            self._server.close()
+        connections = list(self.connections)
+        for connection in connections:
+            connection.close()
+        if connections:
+            await asyncio.wait([c.lost for c in connections], timeout=_CLOSE_GRACE)
+            for connection in connections:
+                if not connection.lost.done():
+                    connection.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self.flushes:
+            await asyncio.gather(*self.flushes, return_exceptions=True)
+
+
+async def serve(store: ChunkStore, host: str, port: int) -> DataServer:
+    """Serve ``store`` on ``host:port`` (0 picks a free port); close with ``close()``."""
+    server = DataServer(store)
+    await server.start(host, port)
+    return server
+
+
+def run(root: Path, host: str, port: int, ready_file: Path | None = None) -> None:
+    """Serve the disk store in ``root`` until SIGTERM or SIGINT.
+
+    Port 0 reuses the port of the previous run (kept in server.json) when it is free, so that
+    the server's address survives restarts. ``ready_file`` is written (atomically) once the
+    server listens: ``{"id": ..., "address": "host:port", "pid": ...}``.
+    """
+    asyncio.run(_run(Path(root), host, port, ready_file))
+
+
+async def _run(root: Path, host: str, port: int, ready_file: Path | None) -> None:
+    if ready_file is not None:
+        ready_file.unlink(missing_ok=True)  # never let a waiter see the previous run's file
+    store = DiskChunkStore(root)
+    try:
+        server = DataServer(store)
+        await _listen(server, host, port, int(store.server_record().get("port", 0)))
+        if server.port != store.server_record().get("port"):
+            store.update_server_record(port=server.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready_file is not None:
+            _write_ready(ready_file, store.server_id, server.address)
+        await stop.wait()
+        log.info("stopping data server %s", store.server_id)
+        await server.close()
+        for replica in store.open_replicas():
+            try:
+                replica.flush()
+            except Exception:
+                log.exception("flushing replica %s at shutdown failed", replica.volume_id)
+    finally:
+        store.close()
+    log.info("data server %s stopped", store.server_id)
+
+
+async def _listen(server: DataServer, host: str, port: int, previous: int) -> None:
+    if port or not previous:
+        await server.start(host, port)
+        return
+    try:
+        await server.start(host, previous)
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+            raise
+        log.warning("port %d of the previous run is taken; picking a new one", previous)
+        await server.start(host, 0)
+
+
+def _write_ready(path: Path, server_id: str, address: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"id": server_id, "address": address, "pid": os.getpid()}))
+    os.replace(tmp, path)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as a host and a port."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise InvalidArgument(what="listen address", detail=f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="cargohold data server: one per disk")
+    parser.add_argument("--dir", type=Path, required=True, help="directory holding the replicas")
+    parser.add_argument(
+        "--listen",
+        default="127.0.0.1:0",
+        help="HOST:PORT (port 0: stable free port, kept across restarts)",
+    )
+    parser.add_argument("--ready-file", type=Path, help="written once the server listens")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        host, port = parse_listen(args.listen)
+    except InvalidArgument as exc:
+        parser.error(str(exc))
+    run(args.dir, host, port, args.ready_file)
+
+
+if __name__ == "__main__":
+    main()

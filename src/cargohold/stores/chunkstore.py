@@ -1,0 +1,775 @@
+"""Replica storage on a data server: the interface, a memory reference and the disk store.
+
+A *replica* is one server's copy of a whole volume. Its bytes are addressed like a block
+device: every offset and length is a multiple of ``BLOCK_SIZE`` and lies inside the volume.
+Each block carries a CRC32 (``0`` = never written: the block reads as zeros) and each
+``CHUNK_SIZE`` chunk carries the highest generation of the writes that touched it, so that
+replicas can be compared chunk by chunk after a failure.
+
+Durability: ``write`` and ``trim`` return once the data is in the page cache; ``flush`` makes
+everything written before it durable. A crash before a flush may leave a block whose data and
+checksum disagree: reading it raises ``ChecksumMismatch`` and the engine repairs it from
+another replica, exactly as for a corrupted block.
+
+Fencing: a replica remembers the highest epoch it has seen (durably). ``fence`` with a lower
+epoch raises ``Fenced``; the data server fences every I/O request with its epoch first.
+
+Replica objects are cached by the store and must not be used after ``delete`` or ``close``.
+``flush`` may run in a worker thread while the event loop thread keeps reading and writing
+the same replica; every other method belongs to one thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import mmap
+import os
+import re
+import secrets
+import shutil
+import sys
+import threading
+import uuid
+import zlib
+from abc import ABC, abstractmethod
+from array import array
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, chunk_count, chunks
+from cargohold.errors import (
+    CargoholdError,
+    ChecksumMismatch,
+    Fenced,
+    InvalidArgument,
+    NoSpace,
+    ReplicaNotFound,
+)
+
+log = logging.getLogger(__name__)
+
+BytesLike = bytes | bytearray | memoryview
+
+_VOLUME_ID = re.compile(r"^[0-9a-f]{32}$")
+_ZERO_BLOCK = bytes(BLOCK_SIZE)
+_MAX_U64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    volume_id: str
+    size: int  # bytes
+    used: int  # bytes of storage the data takes (thin: never-written blocks cost nothing)
+    epoch: int
+    chunks_written: int  # chunks with a generation above 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_volume_id(volume_id: str) -> None:
+    if not _VOLUME_ID.match(volume_id) or volume_id == "0" * 32:
+        raise InvalidArgument(what="volume id", detail=f"{volume_id!r} is not 32 hex characters")
+
+
+def _crc(block: BytesLike) -> int:
+    """A block's stored checksum: its CRC32, with 0 kept free to mean 'never written'."""
+    return zlib.crc32(block) or 1
+
+
+# --- the interface ---------------------------------------------------------------------
+
+
+class Replica(ABC):
+    """One volume's copy on this server. Offsets and lengths are in bytes."""
+
+    def __init__(self, volume_id: str, size: int, server: str) -> None:
+        self.volume_id = volume_id
+        self.size = size
+        self.server = server
+
+    @property
+    @abstractmethod
+    def epoch(self) -> int:
+        """The highest epoch this replica has seen (0 before the first fence)."""
+
+    def fence(self, epoch: int) -> None:
+        """Raise the stored epoch to ``epoch`` durably; a lower epoch raises ``Fenced``."""
+        current = self.epoch
+        if epoch < current:
+            raise Fenced(volume_id=self.volume_id, epoch=epoch, current=current)
+        if epoch > current:
+            if epoch > _MAX_U64:
+                raise InvalidArgument(what="epoch", detail=f"{epoch} does not fit in 64 bits")
+            self._store_epoch(epoch)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The bytes at ``[offset, offset+length)``, every block verified.
+
+        Never-written and trimmed blocks read as zeros; the first block whose checksum does not
+        match raises ``ChecksumMismatch`` carrying its byte offset.
+        """
+        self._check_range(offset, length)
+        if not length:
+            return b""
+        return self._read(offset, length)
+
+    def write(self, offset: int, data: BytesLike, generation: int) -> None:
+        """Store ``data`` at ``offset`` and record ``generation`` on every chunk it touches.
+
+        A chunk keeps the highest generation ever written to it. Out of space raises
+        ``NoSpace``; the blocks of a failed write then hold either old or new data, each with
+        a matching checksum.
+        """
+        view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
+        self._check_range(offset, len(view))
+        self._check_generation(generation)
+        if len(view):
+            self._write(offset, view, generation)
+
+    def trim(self, offset: int, length: int, generation: int = 0) -> None:
+        """Deallocate ``[offset, offset+length)``: it reads as zeros and costs no space."""
+        self._check_range(offset, length)
+        self._check_generation(generation)
+        if length:
+            self._trim(offset, length, generation)
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make every write and trim done before this call durable (thread safe)."""
+
+    @abstractmethod
+    def generations(self) -> bytes:
+        """The generation of every chunk, as little-endian u64s (8 bytes per chunk)."""
+
+    @abstractmethod
+    def info(self) -> ReplicaInfo:
+        """Size, used space, epoch and written chunks."""
+
+    @abstractmethod
+    def _store_epoch(self, epoch: int) -> None: ...
+
+    @abstractmethod
+    def _read(self, offset: int, length: int) -> bytes: ...
+
+    @abstractmethod
+    def _write(self, offset: int, data: memoryview, generation: int) -> None: ...
+
+    @abstractmethod
+    def _trim(self, offset: int, length: int, generation: int) -> None: ...
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise InvalidArgument(what="range", detail=f"offset {offset} length {length}")
+        if offset % BLOCK_SIZE or length % BLOCK_SIZE:
+            raise InvalidArgument(
+                what="range",
+                detail=f"offset {offset} and length {length} must be multiples of {BLOCK_SIZE}",
+            )
+        if offset + length > self.size:
+            raise InvalidArgument(
+                what="range",
+                detail=f"[{offset}, {offset + length}) ends beyond the volume size {self.size}",
+            )
+
+    @staticmethod
+    def _check_generation(generation: int) -> None:
+        if not 0 <= generation <= _MAX_U64:
+            raise InvalidArgument(what="generation", detail=f"{generation} is not a u64")
+
+
+class ChunkStore(ABC):
+    """All replicas held by one data server (one disk or directory)."""
+
+    @property
+    @abstractmethod
+    def server_id(self) -> str:
+        """A stable id for this data server (32 hex characters)."""
+
+    @abstractmethod
+    def create(self, volume_id: str, size: int) -> Replica:
+        """Create an empty (all zeros, thin) replica; the same call again is a no-op.
+
+        A replica of another size already there raises ``InvalidArgument``.
+        """
+
+    @abstractmethod
+    def delete(self, volume_id: str) -> None:
+        """Remove a replica and its space; deleting a missing replica is a no-op."""
+
+    @abstractmethod
+    def replica(self, volume_id: str) -> Replica:
+        """The replica of ``volume_id``, or ``ReplicaNotFound``."""
+
+    @abstractmethod
+    def replica_ids(self) -> list[str]: ...
+
+    @abstractmethod
+    def capacity(self) -> int:
+        """Total bytes of the underlying storage."""
+
+    @abstractmethod
+    def free(self) -> int:
+        """Bytes still available for data."""
+
+    @abstractmethod
+    def used(self) -> int:
+        """Bytes taken by all replicas' data."""
+
+    @abstractmethod
+    def provisioned(self) -> int:
+        """Sum of all replicas' sizes."""
+
+    @abstractmethod
+    def open_replicas(self) -> list[Replica]:
+        """Replicas currently open (the ones a shutdown flush must cover)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release every open replica; the store must not be used afterwards."""
+
+    @staticmethod
+    def _check_size(size: int) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise InvalidArgument(what="size", detail=f"{size!r} is not a positive integer")
+        if size % BLOCK_SIZE:
+            raise InvalidArgument(what="size", detail=f"{size} is not a multiple of {BLOCK_SIZE}")
+
+
+def _existing_size(volume_id: str, existing: int, size: int) -> None:
+    if existing != size:
+        raise InvalidArgument(
+            what="size",
+            detail=f"a replica of {volume_id} exists with size {existing}, not {size}",
+        )
+
+
+# --- memory reference ------------------------------------------------------------------
+
+
+class MemoryReplica(Replica):
+    def __init__(self, volume_id: str, size: int, server: str, store: MemoryChunkStore) -> None:
+        super().__init__(volume_id, size, server)
+        self._store = store
+        self._blocks: dict[int, bytes] = {}  # block index -> data (absent: zeros)
+        self._sums: dict[int, int] = {}  # block index -> crc
+        self._gens = [0] * chunk_count(size)
+        self._epoch = 0
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def _store_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def _read(self, offset: int, length: int) -> bytes:
+        first = offset // BLOCK_SIZE
+        out = []
+        for index in range(first, first + length // BLOCK_SIZE):
+            block = self._blocks.get(index)
+            if block is None:
+                out.append(_ZERO_BLOCK)
+                continue
+            if _crc(block) != self._sums[index]:
+                raise ChecksumMismatch(
+                    volume_id=self.volume_id, offset=index * BLOCK_SIZE, server=self.server
+                )
+            out.append(block)
+        return b"".join(out)
+
+    def _write(self, offset: int, data: memoryview, generation: int) -> None:
+        first = offset // BLOCK_SIZE
+        count = len(data) // BLOCK_SIZE
+        new = sum(1 for i in range(first, first + count) if i not in self._blocks)
+        if new and self._store.free() < new * BLOCK_SIZE:
+            raise NoSpace(server=self.server, detail="memory store capacity reached")
+        for k in range(count):
+            block = bytes(data[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE])
+            self._blocks[first + k] = block
+            self._sums[first + k] = _crc(block)
+        self._store._used += new * BLOCK_SIZE
+        self._record(offset, len(data), generation)
+
+    def _trim(self, offset: int, length: int, generation: int) -> None:
+        first, end = offset // BLOCK_SIZE, (offset + length) // BLOCK_SIZE
+        if end - first > len(self._blocks):  # a big trim: visit only the stored blocks
+            doomed = [i for i in self._blocks if first <= i < end]
+        else:
+            doomed = [i for i in range(first, end) if i in self._blocks]
+        for index in doomed:
+            del self._blocks[index]
+            self._sums.pop(index, None)
+        self._store._used -= len(doomed) * BLOCK_SIZE
+        self._record(offset, length, generation)
+
+    def _record(self, offset: int, length: int, generation: int) -> None:
+        for chunk in chunks(offset, length):
+            if generation > self._gens[chunk]:
+                self._gens[chunk] = generation
+
+    def flush(self) -> None:
+        pass
+
+    def generations(self) -> bytes:
+        return _le_u64(self._gens)
+
+    def info(self) -> ReplicaInfo:
+        return ReplicaInfo(
+            volume_id=self.volume_id,
+            size=self.size,
+            used=len(self._blocks) * BLOCK_SIZE,
+            epoch=self._epoch,
+            chunks_written=sum(1 for g in self._gens if g),
+        )
+
+    def corrupt(self, offset: int) -> None:
+        """Flip a bit in the block at ``offset`` (tests: what a bad disk does)."""
+        index = offset // BLOCK_SIZE
+        if index not in self._blocks:
+            self._store._used += BLOCK_SIZE
+        block = bytearray(self._blocks.get(index, _ZERO_BLOCK))
+        block[0] ^= 1
+        self._blocks[index] = bytes(block)
+        self._sums.setdefault(index, _crc(_ZERO_BLOCK))
+
+
+class MemoryChunkStore(ChunkStore):
+    """The reference implementation, kept in memory (unit tests, engine tests)."""
+
+    def __init__(self, capacity: int = 1 << 40, server_id: str = "") -> None:
+        self._server_id = server_id or uuid.uuid4().hex
+        self._capacity = capacity
+        self._used = 0
+        self._replicas: dict[str, MemoryReplica] = {}
+
+    @property
+    def server_id(self) -> str:
+        return self._server_id
+
+    def create(self, volume_id: str, size: int) -> Replica:
+        check_volume_id(volume_id)
+        self._check_size(size)
+        existing = self._replicas.get(volume_id)
+        if existing is not None:
+            _existing_size(volume_id, existing.size, size)
+            return existing
+        replica = MemoryReplica(volume_id, size, self._server_id, self)
+        self._replicas[volume_id] = replica
+        return replica
+
+    def delete(self, volume_id: str) -> None:
+        check_volume_id(volume_id)
+        replica = self._replicas.pop(volume_id, None)
+        if replica is not None:
+            self._used -= replica.info().used
+
+    def replica(self, volume_id: str) -> Replica:
+        replica = self._replicas.get(volume_id)
+        if replica is None:
+            raise ReplicaNotFound(server=self._server_id, volume_id=volume_id)
+        return replica
+
+    def replica_ids(self) -> list[str]:
+        return sorted(self._replicas)
+
+    def capacity(self) -> int:
+        return self._capacity
+
+    def free(self) -> int:
+        return self._capacity - self._used
+
+    def used(self) -> int:
+        return self._used
+
+    def provisioned(self) -> int:
+        return sum(r.size for r in self._replicas.values())
+
+    def open_replicas(self) -> list[Replica]:
+        return list(self._replicas.values())
+
+    def close(self) -> None:
+        pass
+
+
+# --- disk ------------------------------------------------------------------------------
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a byte range of a file, keeping its size (reads then return zeros)."""
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _le_u64(values: Any) -> bytes:
+    out = array("Q", values)
+    if sys.byteorder != "little":
+        out.byteswap()
+    return out.tobytes()
+
+
+def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
+    """Replace ``path`` with ``value`` so that a crash leaves the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(value, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _reraise(exc: OSError, server: str) -> NoReturn:
+    """Raise ``NoSpace`` for a full disk, else ``exc`` itself."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise NoSpace(server=server, detail=exc.strerror or str(exc)) from exc
+    raise exc
+
+
+class DiskReplica(Replica):
+    """A replica in a directory: sparse ``data``, ``sums`` and ``gens`` (mmap), meta.json."""
+
+    def __init__(self, path: Path, volume_id: str, server: str) -> None:
+        meta = json.loads((path / "meta.json").read_text())
+        super().__init__(volume_id, int(meta["size"]), server)
+        self._path = path
+        self._epoch = int(meta.get("epoch", 0))
+        self._lock = threading.Lock()  # flush (worker thread) against close
+        self._closed = False
+        self._blocks = self.size // BLOCK_SIZE
+        self._data_fd = os.open(path / "data", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self._sums_fd, self._sums_map = self._map(path / "sums", self._blocks * 4)
+            self._gens_fd, self._gens_map = self._map(path / "gens", chunk_count(self.size) * 8)
+        except BaseException:
+            os.close(self._data_fd)
+            raise
+        self._sums = memoryview(self._sums_map).cast("I")  # host order (little-endian)
+        self._gens = memoryview(self._gens_map).cast("Q")
+
+    def _map(self, path: Path, size: int) -> tuple[int, mmap.mmap]:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                raise CargoholdError(
+                    detail=f"replica {self.volume_id}: {path.name} is {actual} bytes, "
+                    f"expected {size}; the replica is damaged and must be rebuilt"
+                )
+            return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def _store_epoch(self, epoch: int) -> None:
+        meta = {"volume_id": self.volume_id, "size": self.size, "epoch": epoch}
+        try:
+            _write_json_atomic(self._path / "meta.json", meta)
+        except OSError as exc:
+            _reraise(exc, self.server)
+        self._epoch = epoch
+
+    def _read(self, offset: int, length: int) -> bytes:
+        first = offset // BLOCK_SIZE
+        stored = self._sums[first : first + length // BLOCK_SIZE].tolist()
+        if not any(stored):
+            return bytes(length)
+        data = os.pread(self._data_fd, length, offset)
+        if len(data) < length:  # the file was cut short behind our back: checksums decide
+            data += bytes(length - len(data))
+        view = memoryview(data)
+        crcs = [zlib.crc32(view[i : i + BLOCK_SIZE]) or 1 for i in range(0, length, BLOCK_SIZE)]
+        if crcs == stored:
+            return data
+        fixed: bytearray | None = None
+        for k, want in enumerate(stored):
+            if want == crcs[k]:
+                continue
+            pos = k * BLOCK_SIZE
+            if want:
+                raise ChecksumMismatch(
+                    volume_id=self.volume_id, offset=offset + pos, server=self.server
+                )
+            if not data.startswith(_ZERO_BLOCK, pos):
+                # data written but its checksum lost in a crash: the write was never flushed
+                # (so never acknowledged as durable); the block is still 'never written'.
+                if fixed is None:
+                    fixed = bytearray(data)
+                fixed[pos : pos + BLOCK_SIZE] = _ZERO_BLOCK
+        return data if fixed is None else bytes(fixed)
+
+    def _write(self, offset: int, data: memoryview, generation: int) -> None:
+        length = len(data)
+        crcs = array(
+            "I", [zlib.crc32(data[i : i + BLOCK_SIZE]) or 1 for i in range(0, length, BLOCK_SIZE)]
+        )
+        done = 0
+        try:
+            while done < length:
+                done += os.pwrite(self._data_fd, data[done:], offset + done)
+        except OSError as exc:
+            self._resync_sums(offset, length)
+            _reraise(exc, self.server)
+        first = offset // BLOCK_SIZE
+        self._sums[first : first + len(crcs)] = crcs
+        self._record(offset, length, generation)
+
+    def _resync_sums(self, offset: int, length: int) -> None:
+        """After a failed write, make the range's checksums match what the file holds."""
+        try:
+            data = os.pread(self._data_fd, length, offset).ljust(length, b"\0")
+        except OSError:
+            log.exception("replica %s: cannot re-read after a failed write", self.volume_id)
+            return
+        first = offset // BLOCK_SIZE
+        for k in range(length // BLOCK_SIZE):
+            block = data[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE]
+            if self._sums[first + k] or block != _ZERO_BLOCK:
+                self._sums[first + k] = _crc(block)
+
+    def _trim(self, offset: int, length: int, generation: int) -> None:
+        try:
+            punch_hole(self._data_fd, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                _reraise(exc, self.server)
+            self._write_zeros(offset, length)
+        self._clear_sums(offset // BLOCK_SIZE, length // BLOCK_SIZE)
+        self._record(offset, length, generation)
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        zeros = bytes(min(length, CHUNK_SIZE))
+        end = offset + length
+        while offset < end:
+            offset += os.pwrite(self._data_fd, zeros[: end - offset], offset)
+
+    def _clear_sums(self, first: int, count: int) -> None:
+        """Zero ``count`` checksums; whole pages are punched so that the file stays thin."""
+        start, end = first * 4, (first + count) * 4
+        page = mmap.PAGESIZE
+        inner_start, inner_end = -(-start // page) * page, end // page * page
+        if inner_end - inner_start >= page:
+            try:
+                punch_hole(self._sums_fd, inner_start, inner_end - inner_start)
+            except OSError:
+                inner_start = inner_end = start
+            self._sums_map[start:inner_start] = bytes(inner_start - start)
+            self._sums_map[inner_end:end] = bytes(end - inner_end)
+        else:
+            self._sums_map[start:end] = bytes(end - start)
+
+    def _record(self, offset: int, length: int, generation: int) -> None:
+        if not generation:
+            return
+        gens = self._gens
+        for chunk in chunks(offset, length):
+            if generation > gens[chunk]:
+                gens[chunk] = generation
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise ReplicaNotFound(server=self.server, volume_id=self.volume_id)
+            os.fdatasync(self._data_fd)
+            self._sums_map.flush()
+            self._gens_map.flush()
+
+    def generations(self) -> bytes:
+        if sys.byteorder == "little":
+            return bytes(self._gens_map)
+        return _le_u64(self._gens)
+
+    def info(self) -> ReplicaInfo:
+        gens = array("Q")
+        gens.frombytes(self._gens_map)
+        return ReplicaInfo(
+            volume_id=self.volume_id,
+            size=self.size,
+            used=os.fstat(self._data_fd).st_blocks * 512,
+            epoch=self._epoch,
+            chunks_written=len(gens) - gens.count(0),
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._sums.release()
+            self._gens.release()
+            for mapped in (self._sums_map, self._gens_map):
+                try:
+                    mapped.close()
+                except BufferError:  # a view still exported: the GC unmaps it later
+                    log.warning("replica %s: mmap still in use at close", self.volume_id)
+            for fd in (self._data_fd, self._sums_fd, self._gens_fd):
+                os.close(fd)
+
+
+class DiskChunkStore(ChunkStore):
+    """Replicas under ``root``: ``server.json`` and ``replicas/<volume id>/``.
+
+    Each replica directory holds a sparse ``data`` file, ``sums`` (u32 CRC32 per block,
+    host byte order), ``gens`` (u64 generation per chunk, host byte order) and ``meta.json``
+    (size, epoch). Creating and deleting go through a hidden temporary directory and a
+    rename, so a crash never leaves a half-made replica under its real name.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._replicas_dir = self.root / "replicas"
+        self._replicas_dir.mkdir(parents=True, exist_ok=True)
+        self._server_file = self.root / "server.json"
+        if self._server_file.exists():
+            self._server: dict[str, Any] = json.loads(self._server_file.read_text())
+        else:
+            self._server = {"id": uuid.uuid4().hex}
+            _write_json_atomic(self._server_file, self._server)
+        self._sizes: dict[str, int] = {}
+        for entry in self._replicas_dir.iterdir():
+            if entry.name.startswith("."):
+                log.info("removing leftover %s", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
+            try:
+                meta = json.loads((entry / "meta.json").read_text())
+                self._sizes[entry.name] = int(meta["size"])
+            except (OSError, ValueError, KeyError):
+                log.error("ignoring damaged replica directory %s", entry)
+        self._open: dict[str, DiskReplica] = {}
+
+    @property
+    def server_id(self) -> str:
+        return str(self._server["id"])
+
+    def server_record(self) -> dict[str, Any]:
+        """The contents of server.json (the id, plus what the data server keeps there)."""
+        return dict(self._server)
+
+    def update_server_record(self, **fields: Any) -> None:
+        record = {**self._server, **fields, "id": self.server_id}
+        _write_json_atomic(self._server_file, record)
+        self._server = record
+
+    def create(self, volume_id: str, size: int) -> Replica:
+        check_volume_id(volume_id)
+        self._check_size(size)
+        if volume_id in self._sizes:
+            _existing_size(volume_id, self._sizes[volume_id], size)
+            return self.replica(volume_id)
+        tmp = self._replicas_dir / f".create-{volume_id}-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            self._make_file(tmp / "data", size)
+            self._make_file(tmp / "sums", size // BLOCK_SIZE * 4)
+            self._make_file(tmp / "gens", chunk_count(size) * 8)
+            _write_json_atomic(
+                tmp / "meta.json", {"volume_id": volume_id, "size": size, "epoch": 0}
+            )
+            os.rename(tmp, self._replicas_dir / volume_id)
+            _fsync_dir(self._replicas_dir)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno == errno.EFBIG:
+                raise InvalidArgument(
+                    what="size", detail=f"{size} is too big for this filesystem"
+                ) from exc
+            _reraise(exc, self.server_id)
+        self._sizes[volume_id] = size
+        log.info("created replica %s (%d bytes)", volume_id, size)
+        return self.replica(volume_id)
+
+    @staticmethod
+    def _make_file(path: Path, size: int) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def delete(self, volume_id: str) -> None:
+        check_volume_id(volume_id)
+        replica = self._open.pop(volume_id, None)
+        if replica is not None:
+            replica.close()
+        path = self._replicas_dir / volume_id
+        if not path.exists():
+            self._sizes.pop(volume_id, None)
+            return
+        trash = self._replicas_dir / f".delete-{volume_id}-{secrets.token_hex(4)}"
+        os.rename(path, trash)
+        _fsync_dir(self._replicas_dir)
+        self._sizes.pop(volume_id, None)
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("deleted replica %s", volume_id)
+
+    def replica(self, volume_id: str) -> Replica:
+        replica = self._open.get(volume_id)
+        if replica is not None:
+            return replica
+        check_volume_id(volume_id)
+        if volume_id not in self._sizes:
+            raise ReplicaNotFound(server=self.server_id, volume_id=volume_id)
+        replica = DiskReplica(self._replicas_dir / volume_id, volume_id, self.server_id)
+        self._open[volume_id] = replica
+        return replica
+
+    def replica_ids(self) -> list[str]:
+        return sorted(self._sizes)
+
+    def capacity(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_blocks * st.f_frsize
+
+    def free(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def used(self) -> int:
+        total = 0
+        for volume_id in self._sizes:
+            try:
+                total += (self._replicas_dir / volume_id / "data").stat().st_blocks * 512
+            except OSError:
+                pass
+        return total
+
+    def provisioned(self) -> int:
+        return sum(self._sizes.values())
+
+    def open_replicas(self) -> list[Replica]:
+        return list(self._open.values())
+
+    def close(self) -> None:
+        while self._open:
+            _, replica = self._open.popitem()
+            replica.close()

@@ -1,0 +1,181 @@
+"""Shared fixtures: a real cargohold node on this machine, driven through its CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("CARGOHOLD_HOST", None)
+    env.pop("CARGOHOLD_TOKEN", None)
+    return env
+
+
+class Node:
+    """One ``cargohold node`` process with its own state, data dirs and API socket."""
+
+    def __init__(self, base: Path, data_servers: int = 3, name: str = "node1") -> None:
+        self.base = base
+        self.name = name
+        self.state = base / "state"
+        self.socket = base / "api.sock"
+        self.data_dirs = [base / f"disk{i}" for i in range(1, data_servers + 1)]
+        self.log = base / "node.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        argv = [sys.executable, "-m", "cargohold.cli", "node", "--name", self.name,
+                "--state-dir", str(self.state), "--api", self.host]
+        for d in self.data_dirs:
+            argv += ["--data-dir", str(d)]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_env())
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited early:\n{self.logs()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node not ready in {timeout}s:\n{self.logs()}")
+            if self.socket.exists():  # httpx leaks the socket of a refused unix connect
+                try:
+                    with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket))) as c:
+                        if c.get("http://n/readyz").status_code == 200:
+                            return
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the node process only (its data servers and engines keep running)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([sys.executable, "-m", "cargohold.cli", "--host", self.host,
+                               *args], capture_output=True, text=True, env=_env(), timeout=300)
+        if check and done.returncode != 0:
+            raise AssertionError(f"cargohold {' '.join(args)} failed ({done.returncode}):\n"
+                                 f"{done.stdout}{done.stderr}\n--- node log ---\n"
+                                 f"{self.logs()}")
+        return done
+
+    def json(self, *args: str) -> object:
+        return json.loads(self.cli(*args, "-o", "json").stdout)
+
+    def logs(self) -> str:
+        parts = []
+        for path in [self.log, *sorted(self.state.glob("logs/*.log")),
+                     *sorted(self.state.glob("engines/*/engine.log"))]:
+            try:
+                parts.append(f"== {path.name}\n{path.read_text(errors='replace')[-4000:]}")
+            except OSError:
+                pass
+        return "\n".join(parts)
+
+    def dataserver_pids(self) -> list[int]:
+        pids = []
+        for d in self.data_dirs:
+            try:
+                pids.append(int(json.loads((d / "process.json").read_text())["pid"]))
+            except (OSError, ValueError, KeyError):
+                pass
+        return pids
+
+    def cleanup(self) -> None:
+        """Stop everything this node started, even after a failed test."""
+        self.stop()
+        for pid in self.dataserver_pids() + self.engine_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+                  if line.split()[1].startswith(str(self.base))]
+        for target in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+        for loop in Path("/sys/block").glob("loop*"):
+            try:
+                backing = (loop / "loop" / "backing_file").read_text().strip()
+            except OSError:
+                continue
+            if backing.startswith(str(self.base)):
+                subprocess.run(["losetup", "-d", f"/dev/{loop.name}"], capture_output=True,
+                               check=False)
+
+    def engine_pids(self) -> list[int]:
+        pids = []
+        for pid_file in self.state.glob("engines/*/engine.pid"):
+            try:
+                pids.append(int(pid_file.read_text()))
+            except (OSError, ValueError):
+                pass
+        return [p for p in pids if Path(f"/proc/{p}").exists()]
+
+
+def leftovers(base: Path) -> dict[str, list[str]]:
+    """Mounts, loop devices and processes under ``base`` that are still there."""
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+              if line.split()[1].startswith(str(base))]
+    loops = []
+    for loop in Path("/sys/block").glob("loop*"):
+        try:
+            backing = (loop / "loop" / "backing_file").read_text().strip()
+        except OSError:
+            continue
+        if backing.startswith(str(base)):
+            loops.append(loop.name)
+    procs = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(base).encode() in cmdline and b"cargohold" in cmdline:
+            procs.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return {"mounts": mounts, "loops": loops, "processes": procs}
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = Node(tmp_path)
+    try:
+        n.start()
+        yield n
+    finally:
+        n.cleanup()
+
+
+def needs_root() -> pytest.MarkDecorator:
+    return pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+                              reason="needs root and /dev/fuse")

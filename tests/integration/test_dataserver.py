@@ -1,0 +1,399 @@
+"""The data server as a real process on 127.0.0.1, driven through DataClient."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from cargohold.clients.dataclient import DataClient
+from cargohold.core import wire
+from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
+from cargohold.errors import (
+    CargoholdError,
+    ChecksumMismatch,
+    DataServerUnavailable,
+    Fenced,
+    InvalidArgument,
+    ReplicaNotFound,
+)
+from cargohold.services.dataserver import serve
+from cargohold.stores.chunkstore import MemoryChunkStore
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+MIB = 1 << 20
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def main() -> T:
+        return await coro
+
+    return asyncio.run(main())
+
+
+class ServerProcess:
+    """``python -m cargohold.services.dataserver`` in a directory, restartable."""
+
+    def __init__(self, base: Path) -> None:
+        self.root = base / "disk"
+        self.ready_file = base / "ready.json"
+        self.log = base / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.info: dict[str, Any] = {}
+
+    @property
+    def address(self) -> str:
+        return str(self.info["address"])
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 15.0) -> dict[str, Any]:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p
+            ),
+        }
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "cargohold.services.dataserver",
+                    "--dir",
+                    str(self.root),
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--ready-file",
+                    str(self.ready_file),
+                    "--log-level",
+                    "DEBUG",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"data server exited with {self.proc.returncode}")
+            try:
+                info = json.loads(self.ready_file.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                info = {}
+            if info.get("pid") == self.proc.pid:
+                self.info = info
+                return info
+            time.sleep(0.02)
+        raise AssertionError(f"data server not ready within {timeout} s")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=15)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    process = ServerProcess(tmp_path)
+    try:
+        process.start()
+        yield process
+    finally:
+        if process.proc is not None and process.proc.poll() is None:
+            process.signal(signal.SIGCONT)
+        process.kill()
+        if process.log.exists():  # shown by pytest when the test fails
+            print(process.log.read_text(errors="replace")[-20_000:])
+
+
+def with_client(server: ServerProcess, body: Callable[[DataClient], Awaitable[T]]) -> T:
+    async def main() -> T:
+        client = DataClient(server.address)
+        await client.connect()
+        try:
+            return await body(client)
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def vid() -> str:
+    return uuid.uuid4().hex
+
+
+def test_hello_create_stat_delete(server: ServerProcess) -> None:
+    async def body(c: DataClient) -> None:
+        info = await c.hello()
+        assert info["id"] == server.info["id"] == c.server_id
+        assert info["version"] == wire.VERSION
+        v = vid()
+        await c.create(v, 64 * MIB)
+        await c.create(v, 64 * MIB)  # idempotent
+        with pytest.raises(InvalidArgument, match="size"):
+            await c.create(v, 32 * MIB)
+        stat = await c.stat(v)
+        assert stat == {
+            "volume_id": v,
+            "size": 64 * MIB,
+            "used": 0,
+            "epoch": 0,
+            "chunks_written": 0,
+        }
+        assert v in (await c.hello())["replicas"]
+        await c.delete(v)
+        await c.delete(v)
+        with pytest.raises(ReplicaNotFound):
+            await c.stat(v)
+        with pytest.raises(ReplicaNotFound):
+            await c.read(v, 1, 0, BLOCK_SIZE)
+
+    with_client(server, body)
+
+
+def test_pipelined_small_writes_then_reads(server: ServerProcess) -> None:
+    async def body(c: DataClient) -> None:
+        v = vid()
+        await c.create(v, 64 * MIB)
+        rng = random.Random(7)
+        offsets = rng.sample(range(64 * MIB // BLOCK_SIZE), 200)
+        blocks = {o * BLOCK_SIZE: rng.randbytes(BLOCK_SIZE) for o in offsets}
+        await asyncio.gather(*(c.write(v, 1, o, d, 1) for o, d in blocks.items()))
+        got = await asyncio.gather(*(c.read(v, 1, o, BLOCK_SIZE) for o in blocks))
+        assert got == list(blocks.values())
+        assert (await c.stat(v))["used"] >= 200 * BLOCK_SIZE
+
+    with_client(server, body)
+
+
+def test_large_writes_across_chunks_and_flush(server: ServerProcess) -> None:
+    async def body(c: DataClient) -> None:
+        v = vid()
+        await c.create(v, 16 * MIB)
+        data = {k * MIB + MIB // 2: os.urandom(MIB) for k in range(8)}
+        await asyncio.gather(
+            *(c.write(v, 2, o, d, 10 + i) for i, (o, d) in enumerate(data.items()))
+        )
+        await c.flush(v, 2)
+        got = await asyncio.gather(*(c.read(v, 2, o, MIB) for o in data))
+        assert got == list(data.values())
+        gens = struct.unpack("<16Q", await c.generations(v))
+        assert gens[:10] == (10, 11, 12, 13, 14, 15, 16, 17, 17, 0)
+        await c.trim(v, 2, MIB, MIB, generation=20)
+        assert await c.read(v, 2, MIB, MIB) == bytes(MIB)
+        assert struct.unpack("<16Q", await c.generations(v))[1] == 20
+
+    with_client(server, body)
+
+
+def test_fencing(server: ServerProcess) -> None:
+    async def body(c: DataClient) -> None:
+        v = vid()
+        await c.create(v, 4 * MIB)
+        await c.fence(v, 5)
+        with pytest.raises(Fenced) as caught:
+            await c.write(v, 3, 0, b"x" * BLOCK_SIZE, 1)
+        assert caught.value.fields == {"volume_id": v, "epoch": 3, "current": 5}
+        with pytest.raises(Fenced):
+            await c.read(v, 4, 0, BLOCK_SIZE)
+        with pytest.raises(Fenced):
+            await c.fence(v, 4)
+        await c.write(v, 7, 0, b"y" * BLOCK_SIZE, 1)  # a newer epoch is taken on the way
+        assert (await c.stat(v))["epoch"] == 7
+        with pytest.raises(Fenced):
+            await c.flush(v, 5)
+        with pytest.raises(InvalidArgument, match="epoch"):
+            await c.write(v, 0, 0, b"z" * BLOCK_SIZE, 1)
+        assert await c.read(v, 7, 0, BLOCK_SIZE) == b"y" * BLOCK_SIZE
+
+    with_client(server, body)
+
+
+def test_errors_come_back_as_error_classes(server: ServerProcess) -> None:
+    v = vid()
+
+    async def body(c: DataClient) -> None:
+        await c.create(v, 4 * MIB)
+        with pytest.raises(InvalidArgument, match="multiples"):
+            await c.read(v, 1, 100, BLOCK_SIZE)
+        with pytest.raises(InvalidArgument, match="beyond"):
+            await c.write(v, 1, 4 * MIB, b"x" * BLOCK_SIZE, 1)
+        await c.write(v, 1, CHUNK_SIZE, os.urandom(8 * BLOCK_SIZE), 1)
+        with open(server.root / "replicas" / v / "data", "r+b") as f:
+            f.seek(CHUNK_SIZE + 3 * BLOCK_SIZE + 1)
+            f.write(b"\xff\x00")
+        with pytest.raises(ChecksumMismatch) as caught:
+            await c.read(v, 1, CHUNK_SIZE, 8 * BLOCK_SIZE)
+        assert caught.value.fields["offset"] == CHUNK_SIZE + 3 * BLOCK_SIZE
+        assert len(await c.read(v, 1, CHUNK_SIZE, 3 * BLOCK_SIZE)) == 3 * BLOCK_SIZE
+
+    with_client(server, body)
+
+
+def test_kill_9_fails_pending_and_later_calls_and_restart_keeps_the_port(
+    server: ServerProcess,
+) -> None:
+    v = vid()
+    data = os.urandom(MIB)
+
+    async def before(c: DataClient) -> None:
+        await c.create(v, 8 * MIB)
+        await c.write(v, 3, 0, data, 1)
+        await c.flush(v, 3)
+        server.signal(signal.SIGSTOP)  # requests now stay pending
+        pending = [asyncio.ensure_future(c.read(v, 3, 0, BLOCK_SIZE)) for _ in range(50)]
+        await asyncio.sleep(0.2)
+        assert not any(p.done() for p in pending)
+        server.kill()
+        started = time.monotonic()
+        results = await asyncio.wait_for(
+            asyncio.gather(*pending, return_exceptions=True), timeout=5
+        )
+        assert time.monotonic() - started < 2
+        assert all(isinstance(r, DataServerUnavailable) for r in results), results
+        with pytest.raises(DataServerUnavailable):
+            await c.read(v, 3, 0, BLOCK_SIZE)
+        assert not c.connected
+
+    with_client(server, before)
+    address = server.address
+    server.start()
+    assert server.address == address
+
+    async def after(c: DataClient) -> None:
+        assert await c.read(v, 3, 0, MIB) == data
+        assert (await c.stat(v))["epoch"] == 3
+
+    with_client(server, after)
+
+
+def test_call_timeout(server: ServerProcess) -> None:
+    async def body(c: DataClient) -> None:
+        await c.hello()
+        server.signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(DataServerUnavailable, match="within"):
+                await c.hello(timeout=0.3)
+            assert time.monotonic() - started < 2
+        finally:
+            server.signal(signal.SIGCONT)
+        assert (await c.hello(timeout=5))["id"] == server.info["id"]  # the late answer is ignored
+
+    with_client(server, body)
+
+
+def test_graceful_stop_keeps_data(server: ServerProcess) -> None:
+    v = vid()
+
+    async def before(c: DataClient) -> None:
+        await c.create(v, 4 * MIB)
+        await c.write(v, 1, 0, b"k" * BLOCK_SIZE, 1)
+
+    with_client(server, before)
+    assert server.stop() == 0
+    server.start()
+
+    async def after(c: DataClient) -> None:
+        assert await c.read(v, 1, 0, BLOCK_SIZE) == b"k" * BLOCK_SIZE
+
+    with_client(server, after)
+
+
+def test_connect_failure_is_unavailable() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def body() -> None:
+        client = DataClient(f"127.0.0.1:{port}")
+        with pytest.raises(DataServerUnavailable):
+            await client.hello()
+        with pytest.raises(DataServerUnavailable, match="connect"):
+            await client.connect(timeout=1)
+        await client.close()
+
+    run(body())
+
+
+def test_bad_frame_closes_only_that_connection() -> None:
+    async def body() -> None:
+        store = MemoryChunkStore()
+        server = await serve(store, "127.0.0.1", 0)
+        client = DataClient(server.address)
+        try:
+            await client.connect()
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+            writer.close()
+            await writer.wait_closed()
+            assert (await client.hello())["id"] == store.server_id
+        finally:
+            await client.close()
+            await server.close()
+
+    run(body())
+
+
+def test_protocol_level_refusals() -> None:
+    async def body() -> None:
+        store = MemoryChunkStore()
+        server = await serve(store, "127.0.0.1", 0)
+        client = DataClient(server.address)
+        try:
+            await client.connect()
+            v = vid()
+            await client.create(v, MIB)
+            for op in (
+                client.read(v, 0, 0, BLOCK_SIZE),
+                client.flush(v, 0),
+                client.trim(v, 0, 0, BLOCK_SIZE),
+                client.fence(v, 0),
+            ):
+                with pytest.raises(InvalidArgument, match="epoch"):
+                    await op
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(wire.REQUEST_HEADER.pack(b"CH", 1, 99, 5, bytes(16), 0, 0, 0, 0, 0))
+            header, payload = wire.decode_response(
+                await asyncio.wait_for(reader.readexactly(wire.RESPONSE_HEADER.size + 17), 5)
+            )
+            assert (header.status, header.request_id) == (wire.Status.INVALID, 5)
+            assert payload == b"op: unknown op 99"
+            writer.close()
+            await writer.wait_closed()
+            with pytest.raises(CargoholdError):
+                await client.create(v, 2 * MIB)
+        finally:
+            await client.close()
+            await server.close()
+
+    run(body())

@@ -1,0 +1,107 @@
+"""A real node process on this machine, driven through the CLI as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import Node, _env
+
+
+@pytest.fixture(scope="module")
+def shared_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    n = Node(tmp_path_factory.mktemp("shared"))
+    try:
+        n.start()
+        yield n
+    finally:
+        n.cleanup()
+
+
+def test_create_ls_inspect_rm(node: Node) -> None:
+    assert node.cli("volume", "create", "pgdata", "--size", "2G", "--replicas", "2").stdout \
+        .strip() == "pgdata"
+    listing = node.cli("volume", "ls").stdout
+    assert "pgdata" in listing and "2G" in listing and "2/2" in listing
+    [volume] = node.json("volume", "ls")
+    assert volume["name"] == "pgdata" and volume["state"] == "detached"
+    inspected = node.json("volume", "inspect", "pgdata")
+    assert inspected["size"] == 2 << 30 and inspected["replica_count"] == 2
+    replicas = inspected["replicas"]
+    assert len({r["server"] for r in replicas}) == 2  # distinct data servers
+    assert all(r["state"] == "in_sync" and r["path"] for r in replicas)
+    assert inspected["used"] == 0  # thin: nothing written yet
+    # the replica files exist on the chosen disks, and nowhere else
+    holders = {r["path"] for r in replicas}
+    for d in node.data_dirs:
+        has = any((d / "replicas").glob(f"{inspected['id']}*"))
+        assert has == (str(d) in holders)
+    node.cli("volume", "rm", "pgdata")
+    assert node.json("volume", "ls") == []
+    for d in node.data_dirs:
+        assert not any((d / "replicas").glob(f"{inspected['id']}*"))
+
+
+def test_node_ls_shows_data_servers_and_capacity(node: Node) -> None:
+    [info] = node.json("node", "ls")
+    assert info["name"] == "node1" and info["health"] == "up"
+    assert len(info["data_servers"]) == 3
+    assert all(s["health"] == "up" and s["capacity"] > 0 for s in info["data_servers"])
+    table = node.cli("node", "ls").stdout
+    assert "node1" in table and "CAPACITY" in table
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["volume", "create", "", "--size", "1G"], 2, "empty"),
+    (["volume", "create", "x" * 64, "--size", "1G"], 2, "longer than 63"),
+    (["volume", "create", "../x", "--size", "1G"], 2, "not allowed"),
+    (["volume", "create", "has space", "--size", "1G"], 2, "not allowed"),
+    (["volume", "create", "v", "--size", "0"], 2, "greater than zero"),
+    (["volume", "create", "v", "--size=-1G"], 2, "Invalid size"),
+    (["volume", "create", "v", "--size", "abc"], 2, "Invalid size"),
+    (["volume", "create", "v", "--size", "1E"], 2, "unknown unit"),
+    (["volume", "create", "v", "--size", "1G", "--replicas", "4"], 4, "only 3 usable"),
+    (["volume", "create", "v", "--size", "1G", "--replicas", "two"], 2, "whole number"),
+    (["volume", "create", "v", "--size", "100M", "--fs", "xfs"], 2, "xfs needs"),
+    (["volume", "create", "v", "--size", "1G", "--fs", "ntfs"], 2, "ext4, xfs"),
+    (["volume", "attach", "nosuch"], 3, "does not exist"),
+    (["volume", "rm", "nosuch"], 3, "does not exist"),
+    (["volume", "inspect", "nosuch"], 3, "does not exist"),
+])
+def test_bad_input_is_refused_and_changes_nothing(shared_node: Node, args: list[str],
+                                                  code: int, message: str) -> None:
+    node = shared_node
+    before = sorted(p.name for d in node.data_dirs for p in (d / "replicas").glob("*"))
+    done = node.cli(*args, check=False)
+    assert done.returncode == code, done.stderr
+    assert message in done.stderr
+    assert node.json("volume", "ls") == []
+    after = sorted(p.name for d in node.data_dirs for p in (d / "replicas").glob("*"))
+    assert after == before
+
+
+def test_duplicate_create_is_refused(node: Node) -> None:
+    node.cli("volume", "create", "dup", "--size", "64M")
+    done = node.cli("volume", "create", "dup", "--size", "64M", check=False)
+    assert done.returncode == 4 and "already exists" in done.stderr
+    assert len(node.json("volume", "ls")) == 1  # type: ignore[arg-type]
+
+
+def test_cli_without_a_node_says_so(tmp_path: object) -> None:
+    done = subprocess.run([sys.executable, "-m", "cargohold.cli", "--host",
+                           "unix:///nonexistent/api.sock", "volume", "ls"],
+                          capture_output=True, text=True, env=_env())
+    assert done.returncode == 5 and "Is 'cargohold node' running?" in done.stderr
+
+
+def test_openapi_is_published(node: Node) -> None:
+    import httpx
+
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(node.socket))) as client:
+        spec = client.get("http://n/openapi.json").json()
+    assert "/v1/volumes" in spec["paths"] and "/v1/volumes/{name}/attach" in spec["paths"]
+    assert json.dumps(spec)  # serialisable

@@ -1,0 +1,196 @@
+"""Volumes attached as real file systems: FUSE, loop devices, mkfs and mounts (root)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cargohold.core.models import Volume
+from cargohold.stores.catalog import Catalog
+from cargohold.stores.metadata import open_store
+from tests.conftest import Node, leftovers, needs_root
+
+pytestmark = [needs_root(), pytest.mark.system]
+
+MIB = 1 << 20
+
+
+def _mounted(path: str) -> str:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == path:
+            return fields[2]
+    return ""
+
+
+def _write_random(path: Path, total: int, piece: int = 4 * MIB) -> str:
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(total // piece):
+            data = os.urandom(piece)
+            f.write(data)
+            digest.update(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _engine_and_loops(node: Node) -> tuple[list[int], list[str]]:
+    return node.engine_pids(), leftovers(node.base)["loops"]
+
+
+def _edit_volume(node: Node, name: str, **changes: object) -> None:
+    async def edit() -> None:
+        store = open_store(f"sqlite://{node.state / 'meta.db'}")
+        try:
+            def change(v: Volume) -> Volume:
+                return v.model_copy(update=changes)
+
+            await Catalog(store).update_volume(name, change)
+        finally:
+            await store.close()
+
+    asyncio.run(edit())
+
+
+def test_attach_write_detach_reattach_verify(node: Node) -> None:
+    node.cli("volume", "create", "pgdata", "--size", "1G", "--replicas", "2")
+    mountpoint = node.cli("volume", "attach", "pgdata").stdout.strip()
+    assert _mounted(mountpoint) == "ext4"
+    assert node.cli("volume", "attach", "pgdata").stdout.strip() == mountpoint  # same mount
+    digest = _write_random(Path(mountpoint) / "random.bin", 200 * MIB)
+    inspected = node.json("volume", "inspect", "pgdata")
+    assert inspected["state"] == "attached" and inspected["attachment"]["node"] == "node1"
+    assert all(r["used"] >= 200 * MIB for r in inspected["replicas"])  # both replicas have it
+    assert inspected["used"] < 400 * MIB  # thin: a 1G volume holding 200M
+    node.cli("volume", "detach", "pgdata")
+    assert not _mounted(mountpoint)
+    assert _engine_and_loops(node) == ([], [])
+    assert node.json("volume", "inspect", "pgdata")["state"] == "detached"
+    mountpoint = node.cli("volume", "attach", "pgdata").stdout.strip()
+    assert _sha256(Path(mountpoint) / "random.bin") == digest
+    node.cli("volume", "detach", "pgdata")
+    done = node.cli("volume", "rm", "pgdata")
+    assert done.returncode == 0
+    node.stop()
+    assert leftovers(node.base) == {"mounts": [], "loops": [], "processes": []}
+
+
+def test_xfs_volume(node: Node) -> None:
+    node.cli("volume", "create", "logs", "--size", "512M", "--fs", "xfs", "--replicas", "3")
+    mountpoint = node.cli("volume", "attach", "logs").stdout.strip()
+    assert _mounted(mountpoint) == "xfs"
+    (Path(mountpoint) / "f").write_text("hello")
+    node.cli("volume", "detach", "logs")
+    mountpoint = node.cli("volume", "attach", "logs").stdout.strip()
+    assert (Path(mountpoint) / "f").read_text() == "hello"
+    node.stop()  # SIGTERM detaches what is attached, stops data servers
+    assert leftovers(node.base) == {"mounts": [], "loops": [], "processes": []}
+
+
+def test_rm_of_an_attached_volume_is_refused(node: Node) -> None:
+    node.cli("volume", "create", "busy", "--size", "64M")
+    node.cli("volume", "attach", "busy")
+    done = node.cli("volume", "rm", "busy", check=False)
+    assert done.returncode == 4 and "is attached on node 'node1'" in done.stderr
+    assert node.json("volume", "inspect", "busy")["state"] == "attached"
+    node.cli("volume", "detach", "busy")
+    node.cli("volume", "rm", "busy")
+
+
+def test_failed_attach_leaves_nothing_behind(node: Node) -> None:
+    node.cli("volume", "create", "odd", "--size", "512M")
+    node.cli("volume", "attach", "odd")
+    node.cli("volume", "detach", "odd")
+    _edit_volume(node, "odd", fs="xfs")  # the record no longer matches what is on disk
+    done = node.cli("volume", "attach", "odd", check=False)
+    assert done.returncode == 2 and "failed at step 'mount'" in done.stderr
+    assert "found ext4" in done.stderr
+    assert _engine_and_loops(node) == ([], [])
+    assert leftovers(node.base)["mounts"] == []
+    inspected = node.json("volume", "inspect", "odd")
+    assert inspected["state"] == "detached" and inspected["attachment"] is None
+    assert "attach failed at mount" in inspected["last_error"]
+
+
+def test_killed_data_server_loses_no_fsynced_write(node: Node) -> None:
+    node.cli("volume", "create", "ha", "--size", "256M", "--replicas", "2")
+    mountpoint = Path(node.cli("volume", "attach", "ha").stdout.strip())
+    volume = node.json("volume", "inspect", "ha")
+    victim_path = volume["replicas"][1]["path"]
+    victim = json.loads((Path(victim_path) / "process.json").read_text())["pid"]
+    acked: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        try:
+            with open(mountpoint / "log.bin", "wb") as f:
+                i = 0
+                while not stop.is_set() and i < 400:
+                    record = os.urandom(64 * 1024)
+                    f.write(record)
+                    f.flush()
+                    os.fsync(f.fileno())
+                    acked[i] = record  # fsync returned: this must survive
+                    i += 1
+        except BaseException as e:  # noqa: BLE001 - reported by the test below
+            errors.append(e)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while len(acked) < 50 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(victim, signal.SIGKILL)  # one replica dies in the middle of the writes
+    after_kill = len(acked)
+    while len(acked) < after_kill + 100 and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    thread.join(30)
+    assert not errors, f"writes failed on the survivor: {errors}\n{node.logs()}"
+    assert len(acked) >= after_kill + 100, "writes did not continue on the surviving replica"
+    inspected = node.json("volume", "inspect", "ha")
+    states = {r["path"]: r["state"] for r in inspected["replicas"]}
+    assert states[victim_path] == "out_of_sync"
+    assert list(states.values()).count("in_sync") == 1
+    node.cli("volume", "detach", "ha")
+    mountpoint = Path(node.cli("volume", "attach", "ha").stdout.strip())
+    data = (mountpoint / "log.bin").read_bytes()
+    for i, record in acked.items():
+        assert data[i * 64 * 1024:(i + 1) * 64 * 1024] == record, f"record {i} lost"
+    node.cli("volume", "detach", "ha")
+
+
+def test_node_crash_while_attached_is_recovered(node: Node) -> None:
+    node.cli("volume", "create", "keep", "--size", "64M")
+    mountpoint = Path(node.cli("volume", "attach", "keep").stdout.strip())
+    (mountpoint / "a").write_text("before")
+    node.kill()  # the control plane dies; engine and data servers keep serving the mount
+    (mountpoint / "b").write_text("during")
+    os.sync()
+    node.start()
+    assert node.json("volume", "inspect", "keep")["state"] == "attached"
+    assert "adopted keep" in node.logs()
+    node.cli("volume", "detach", "keep")
+    mountpoint = Path(node.cli("volume", "attach", "keep").stdout.strip())
+    assert (mountpoint / "a").read_text() == "before"
+    assert (mountpoint / "b").read_text() == "during"
+    node.stop()
+    assert leftovers(node.base) == {"mounts": [], "loops": [], "processes": []}

@@ -1,0 +1,334 @@
+"""One contract suite for every ChunkStore implementation (memory and disk)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
+from cargohold.errors import ChecksumMismatch, Fenced, InvalidArgument, NoSpace, ReplicaNotFound
+from cargohold.stores.chunkstore import ChunkStore, DiskChunkStore, MemoryChunkStore
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+@pytest.fixture(params=["memory", "disk"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ChunkStore]:
+    made: ChunkStore = MemoryChunkStore() if request.param == "memory" else DiskChunkStore(tmp_path)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def make_disk(tmp_path: Path) -> Iterator[Callable[[], DiskChunkStore]]:
+    """Opens (and reopens) a disk store in one directory."""
+    opened: list[DiskChunkStore] = []
+
+    def make() -> DiskChunkStore:
+        opened.append(DiskChunkStore(tmp_path))
+        return opened[-1]
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def disk(make_disk: Callable[[], DiskChunkStore]) -> DiskChunkStore:
+    return make_disk()
+
+
+def vid() -> str:
+    return uuid.uuid4().hex
+
+
+def gens(raw: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(raw) // 8}Q", raw))
+
+
+def test_create_is_idempotent_for_the_same_size(store: ChunkStore) -> None:
+    v = vid()
+    store.create(v, 16 * MIB)
+    store.create(v, 16 * MIB)
+    assert store.replica_ids() == [v]
+    with pytest.raises(InvalidArgument, match="size"):
+        store.create(v, 32 * MIB)
+    assert store.provisioned() == 16 * MIB
+
+
+@pytest.mark.parametrize("size", [0, -4096, 4095, 5000])
+def test_create_refuses_bad_sizes(store: ChunkStore, size: int) -> None:
+    with pytest.raises(InvalidArgument):
+        store.create(vid(), size)
+    assert store.replica_ids() == []
+
+
+@pytest.mark.parametrize("bad", ["", "../etc", "A" * 32, "0" * 32, "abc"])
+def test_create_refuses_bad_volume_ids(store: ChunkStore, bad: str) -> None:
+    with pytest.raises(InvalidArgument):
+        store.create(bad, MIB)
+
+
+def test_delete_is_idempotent(store: ChunkStore) -> None:
+    v = vid()
+    store.create(v, MIB).write(0, b"x" * BLOCK_SIZE, 1)
+    store.delete(v)
+    store.delete(v)
+    assert store.replica_ids() == []
+    with pytest.raises(ReplicaNotFound):
+        store.replica(v)
+    assert store.used() == 0
+
+
+def test_unknown_replica_is_not_found(store: ChunkStore) -> None:
+    with pytest.raises(ReplicaNotFound):
+        store.replica(vid())
+
+
+def test_thin_reads_are_zeros(store: ChunkStore) -> None:
+    replica = store.create(vid(), 8 * MIB)
+    assert replica.read(0, 2 * MIB) == bytes(2 * MIB)
+    assert replica.read(8 * MIB - BLOCK_SIZE, BLOCK_SIZE) == bytes(BLOCK_SIZE)
+    assert replica.read(0, 0) == b""
+    assert replica.info().used == 0
+
+
+def test_write_read_round_trip_across_a_chunk_boundary(store: ChunkStore) -> None:
+    replica = store.create(vid(), 8 * MIB)
+    data = os.urandom(MIB)
+    start = CHUNK_SIZE - 256 * 1024  # straddles chunks 0 and 1
+    replica.write(start, data, 1)
+    assert replica.read(start, MIB) == data
+    # partly written ranges: zeros around the data
+    around = replica.read(start - BLOCK_SIZE, MIB + 2 * BLOCK_SIZE)
+    assert around == bytes(BLOCK_SIZE) + data + bytes(BLOCK_SIZE)
+    replica.write(start + BLOCK_SIZE, b"y" * BLOCK_SIZE, 2)
+    assert replica.read(start, 2 * BLOCK_SIZE) == data[:BLOCK_SIZE] + b"y" * BLOCK_SIZE
+
+
+def test_writes_accept_any_buffer(store: ChunkStore) -> None:
+    replica = store.create(vid(), MIB)
+    replica.write(0, bytearray(b"a" * BLOCK_SIZE), 1)
+    replica.write(BLOCK_SIZE, memoryview(b"b" * 2 * BLOCK_SIZE)[BLOCK_SIZE:], 1)
+    assert replica.read(0, 2 * BLOCK_SIZE) == b"a" * BLOCK_SIZE + b"b" * BLOCK_SIZE
+
+
+def test_generations_keep_the_highest_per_chunk(store: ChunkStore) -> None:
+    replica = store.create(vid(), 4 * MIB)
+    assert gens(replica.generations()) == [0, 0, 0, 0]
+    replica.write(CHUNK_SIZE - BLOCK_SIZE, b"a" * 2 * BLOCK_SIZE, 5)
+    assert gens(replica.generations()) == [5, 5, 0, 0]
+    replica.write(0, b"b" * BLOCK_SIZE, 3)  # older generation: no going back
+    replica.write(3 * CHUNK_SIZE, b"c" * BLOCK_SIZE, 7)
+    assert gens(replica.generations()) == [5, 5, 0, 7]
+    assert replica.info().chunks_written == 3
+
+
+def test_generations_cover_a_partial_last_chunk(store: ChunkStore) -> None:
+    replica = store.create(vid(), CHUNK_SIZE + BLOCK_SIZE)
+    replica.write(CHUNK_SIZE, b"z" * BLOCK_SIZE, 2)
+    assert gens(replica.generations()) == [0, 2]
+
+
+def test_fencing(store: ChunkStore) -> None:
+    v = vid()
+    replica = store.create(v, MIB)
+    assert replica.epoch == 0
+    replica.fence(3)
+    replica.fence(3)  # equal is fine
+    assert replica.epoch == 3
+    with pytest.raises(Fenced) as caught:
+        replica.fence(2)
+    assert caught.value.fields == {"volume_id": v, "epoch": 2, "current": 3}
+    replica.fence(4)
+    assert store.replica(v).info().epoch == 4
+
+
+def test_trim_reads_zeros_and_frees_space(store: ChunkStore) -> None:
+    replica = store.create(vid(), 4 * MIB)
+    replica.write(0, os.urandom(2 * MIB), 1)
+    used = replica.info().used
+    assert used >= 2 * MIB
+    replica.trim(BLOCK_SIZE, CHUNK_SIZE, 4)
+    assert replica.read(BLOCK_SIZE, CHUNK_SIZE) == bytes(CHUNK_SIZE)
+    assert replica.read(0, BLOCK_SIZE) != bytes(BLOCK_SIZE)
+    assert replica.info().used <= used - CHUNK_SIZE
+    assert gens(replica.generations()) == [4, 4, 0, 0]
+    replica.write(2 * BLOCK_SIZE, b"n" * BLOCK_SIZE, 5)  # written again after the trim
+    assert replica.read(2 * BLOCK_SIZE, BLOCK_SIZE) == b"n" * BLOCK_SIZE
+
+
+def test_trim_of_a_whole_big_volume_stays_thin(store: ChunkStore) -> None:
+    replica = store.create(vid(), 64 * GIB)  # what mkfs does: discard everything
+    replica.write(GIB, b"q" * BLOCK_SIZE, 1)
+    replica.trim(0, 64 * GIB)
+    assert replica.read(GIB, BLOCK_SIZE) == bytes(BLOCK_SIZE)
+    assert replica.info().used == 0
+    if isinstance(store, DiskChunkStore):
+        sums = store.root / "replicas" / replica.volume_id / "sums"
+        assert sums.stat().st_blocks * 512 <= 64 * 1024
+
+
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [
+        (1, BLOCK_SIZE),
+        (0, 100),
+        (BLOCK_SIZE + 512, BLOCK_SIZE),
+        (-BLOCK_SIZE, BLOCK_SIZE),
+        (MIB, BLOCK_SIZE),
+        (MIB - BLOCK_SIZE, 2 * BLOCK_SIZE),
+    ],
+)
+def test_alignment_and_bounds(store: ChunkStore, offset: int, length: int) -> None:
+    replica = store.create(vid(), MIB)
+    with pytest.raises(InvalidArgument):
+        replica.read(offset, length)
+    with pytest.raises(InvalidArgument):
+        replica.write(offset, b"w" * length if length > 0 else b"", 1)
+    with pytest.raises(InvalidArgument):
+        replica.trim(offset, length)
+
+
+def test_bad_generation_is_refused(store: ChunkStore) -> None:
+    replica = store.create(vid(), MIB)
+    with pytest.raises(InvalidArgument):
+        replica.write(0, b"g" * BLOCK_SIZE, -1)
+    with pytest.raises(InvalidArgument):
+        replica.write(0, b"g" * BLOCK_SIZE, 1 << 64)
+
+
+def test_used_stays_small_for_a_big_sparse_volume(store: ChunkStore) -> None:
+    replica = store.create(vid(), 256 * GIB)
+    for i in range(8):
+        replica.write(i * 31 * GIB, b"s" * BLOCK_SIZE, i + 1)
+    assert replica.info().used <= 8 * 64 * 1024
+    assert store.used() == replica.info().used
+    assert store.provisioned() == 256 * GIB
+    assert replica.read(31 * GIB, BLOCK_SIZE) == b"s" * BLOCK_SIZE
+    assert replica.info().chunks_written == 8
+
+
+def test_server_level_figures(store: ChunkStore) -> None:
+    assert len(store.server_id) == 32
+    assert 0 <= store.free() <= store.capacity()
+    a, b = vid(), vid()
+    store.create(a, MIB)
+    store.create(b, 2 * MIB)
+    assert store.replica_ids() == sorted([a, b])
+    assert store.provisioned() == 3 * MIB
+    assert {r.volume_id for r in store.open_replicas()} <= {a, b}
+
+
+def test_flush_is_callable_any_time(store: ChunkStore) -> None:
+    replica = store.create(vid(), MIB)
+    replica.flush()
+    replica.write(0, b"f" * BLOCK_SIZE, 1)
+    replica.flush()
+
+
+def test_memory_store_runs_out_of_space() -> None:
+    store = MemoryChunkStore(capacity=2 * BLOCK_SIZE)
+    replica = store.create(vid(), MIB)
+    replica.write(0, b"a" * 2 * BLOCK_SIZE, 1)
+    with pytest.raises(NoSpace):
+        replica.write(2 * BLOCK_SIZE, b"b" * BLOCK_SIZE, 1)
+    replica.write(0, b"c" * BLOCK_SIZE, 2)  # overwriting needs no new space
+
+
+def test_memory_store_detects_corruption() -> None:
+    replica = MemoryChunkStore().create(vid(), MIB)
+    replica.write(0, b"a" * 2 * BLOCK_SIZE, 1)
+    replica.corrupt(BLOCK_SIZE)  # type: ignore[attr-defined]
+    with pytest.raises(ChecksumMismatch) as caught:
+        replica.read(0, 2 * BLOCK_SIZE)
+    assert caught.value.fields["offset"] == BLOCK_SIZE
+
+
+# --- disk only -------------------------------------------------------------------------
+
+
+def test_corrupt_byte_on_disk_is_caught(disk: DiskChunkStore) -> None:
+    v = vid()
+    replica = disk.create(v, 4 * MIB)
+    replica.write(0, os.urandom(2 * MIB), 1)
+    replica.flush()
+    bad = CHUNK_SIZE + 5 * BLOCK_SIZE + 17
+    with open(disk.root / "replicas" / v / "data", "r+b") as f:
+        f.seek(bad)
+        byte = f.read(1)
+        f.seek(bad)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ChecksumMismatch) as caught:
+        replica.read(0, 2 * MIB)
+    assert caught.value.fields["offset"] == CHUNK_SIZE + 5 * BLOCK_SIZE
+    assert replica.read(0, CHUNK_SIZE) is not None  # the good part still reads
+
+
+def test_unflushed_data_without_checksum_reads_as_zeros(disk: DiskChunkStore) -> None:
+    v = vid()
+    replica = disk.create(v, MIB)
+    # a crash kept the data page but not the checksum page: the block was never acknowledged
+    with open(disk.root / "replicas" / v / "data", "r+b") as f:
+        f.write(b"stale" * 1000)
+    assert replica.read(0, 2 * BLOCK_SIZE) == bytes(2 * BLOCK_SIZE)
+
+
+def test_persistence_across_reopen(make_disk: Callable[[], DiskChunkStore]) -> None:
+    store = make_disk()
+    v = vid()
+    replica = store.create(v, 4 * MIB)
+    data = os.urandom(MIB + BLOCK_SIZE)
+    replica.write(CHUNK_SIZE, data, 6)
+    replica.fence(9)
+    replica.flush()
+    server_id = store.server_id
+    store.close()
+
+    again = make_disk()
+    assert again.server_id == server_id
+    assert again.replica_ids() == [v]
+    reopened = again.replica(v)
+    assert reopened.read(CHUNK_SIZE, len(data)) == data
+    assert reopened.epoch == 9
+    assert gens(reopened.generations()) == [0, 6, 6, 0]
+    assert again.provisioned() == 4 * MIB
+    with pytest.raises(Fenced):
+        reopened.fence(8)
+
+
+def test_reopen_removes_half_made_replicas(make_disk: Callable[[], DiskChunkStore]) -> None:
+    store = make_disk()
+    leftover = store.root / "replicas" / f".create-{vid()}-0000"
+    leftover.mkdir()
+    (leftover / "data").write_bytes(b"x")
+    store.close()
+    again = make_disk()
+    assert again.replica_ids() == []
+    assert not leftover.exists()
+
+
+def test_server_record_keeps_extra_fields(make_disk: Callable[[], DiskChunkStore]) -> None:
+    store = make_disk()
+    store.update_server_record(port=12345)
+    server_id = store.server_id
+    store.close()
+    again = make_disk()
+    assert again.server_record() == {"id": server_id, "port": 12345}
+
+
+def test_disk_layout(disk: DiskChunkStore) -> None:
+    v = vid()
+    disk.create(v, 3 * MIB).write(0, b"l" * BLOCK_SIZE, 1)
+    path = disk.root / "replicas" / v
+    assert sorted(p.name for p in path.iterdir()) == ["data", "gens", "meta.json", "sums"]
+    assert (path / "data").stat().st_size == 3 * MIB
+    assert (path / "sums").stat().st_size == 3 * MIB // BLOCK_SIZE * 4
+    assert (path / "gens").stat().st_size == 3 * 8
+    assert (disk.root / "server.json").exists()

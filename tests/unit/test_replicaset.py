@@ -1,0 +1,117 @@
+"""The engine's replica set with fake data clients: fan-out and failure ordering."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from cargohold.core.models import DataServer, Replica, Volume
+from cargohold.errors import DataServerUnavailable, Fenced, NoReplicaLeft
+from cargohold.services.engine import Member, ReplicaSet
+
+
+class FakeClient:
+    def __init__(self, name: str, log: list[str], fail: bool = False) -> None:
+        self.name = name
+        self.log = log
+        self.fail = fail
+        self.blocks: dict[int, bytes] = {}
+        self.closed = False
+
+    async def write(self, _vid: str, _epoch: int, offset: int, data: bytes, gen: int) -> None:
+        await asyncio.sleep(0)
+        if self.fail:
+            raise DataServerUnavailable(server=self.name, address="-", detail="gone")
+        self.blocks[offset] = data
+        self.log.append(f"write {self.name} gen={gen}")
+
+    async def read(self, _vid: str, _epoch: int, offset: int, length: int) -> bytes:
+        if self.fail:
+            raise DataServerUnavailable(server=self.name, address="-", detail="gone")
+        return self.blocks.get(offset, bytes(length))[:length]
+
+    async def flush(self, _vid: str, _epoch: int) -> None:
+        if self.fail:
+            raise DataServerUnavailable(server=self.name, address="-", detail="gone")
+        self.log.append(f"flush {self.name}")
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def _set(fail: tuple[bool, ...]) -> tuple[ReplicaSet, list[str], list[FakeClient]]:
+    log: list[str] = []
+    servers = {f"s{i}": DataServer(id=f"s{i}", node="n", address="-", path="-")
+               for i in range(len(fail))}
+    volume = Volume(id="v" * 32, name="vol", size=1 << 24, replica_count=len(fail), fs="ext4",
+                    replicas=[Replica(server=s) for s in servers])
+
+    async def mark(server_id: str, reason: str) -> None:
+        await asyncio.sleep(0.01)
+        log.append(f"marked {server_id}")
+
+    rs = ReplicaSet(volume, servers, epoch=3, local_node="n", mark_failed=mark)
+    clients = [FakeClient(f"s{i}", log, f) for i, f in enumerate(fail)]
+    rs.members = [Member(servers[c.name], c) for c in clients]  # type: ignore[arg-type]
+    return rs, log, clients
+
+
+def test_write_reaches_every_replica_with_one_generation() -> None:
+    rs, log, clients = _set((False, False))
+    asyncio.run(rs.write(4096, b"x" * 4096))
+    assert sorted(log) == [f"write s0 gen={(3 << 32) + 1}", f"write s1 gen={(3 << 32) + 1}"]
+    assert all(c.blocks[4096] == b"x" * 4096 for c in clients)
+
+
+def test_failed_replica_is_marked_before_the_write_returns() -> None:
+    rs, log, clients = _set((False, True))
+
+    async def run() -> list[str]:
+        await rs.write(0, b"y" * 4096)
+        return list(log)  # what had happened when the write was acknowledged
+
+    seen = asyncio.run(run())
+    assert "marked s1" in seen
+    assert [m.server.id for m in rs.members] == ["s0"]
+    asyncio.run(rs.flush())
+    assert log[-1] == "flush s0"  # the dropped replica gets no more I/O
+
+
+def test_concurrent_failures_mark_a_replica_once() -> None:
+    rs, log, _ = _set((False, True))
+
+    async def run() -> None:
+        await asyncio.gather(*(rs.write(i * 4096, b"z" * 4096) for i in range(20)))
+
+    asyncio.run(run())
+    assert log.count("marked s1") == 1
+
+
+def test_all_replicas_failing_fails_the_io() -> None:
+    rs, _, _ = _set((True, True))
+    with pytest.raises(NoReplicaLeft):
+        asyncio.run(rs.write(0, b"a" * 4096))
+
+
+def test_fenced_is_raised_not_hidden() -> None:
+    rs, log, clients = _set((False, False))
+
+    async def fenced(*_a: Any) -> None:
+        raise Fenced(volume_id="v", epoch=3, current=4)
+
+    clients[0].write = fenced  # type: ignore[method-assign]
+    with pytest.raises(Fenced):
+        asyncio.run(rs.write(0, b"a" * 4096))
+    assert not any(line.startswith("marked") for line in log)
+
+
+def test_read_falls_over_to_the_next_replica_and_handles_unaligned_io() -> None:
+    rs, log, clients = _set((False, False))
+    asyncio.run(rs.write(0, bytes(range(256)) * 16))
+    clients[0].fail = True
+    assert asyncio.run(rs.read(10, 20)) == (bytes(range(256)) * 16)[10:30]
+    assert "marked s0" in log
+    asyncio.run(rs.write(100, b"Q" * 10))  # read-modify-write of one block
+    assert clients[1].blocks[0][100:110] == b"Q" * 10
