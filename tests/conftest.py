@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,7 +55,7 @@ class Node:
                 raise RuntimeError(f"node exited early:\n{self.logs()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"node not ready in {timeout}s:\n{self.logs()}")
-            if self.socket.exists():  # httpx leaks the socket of a refused unix connect
+            if self._accepting():  # httpx leaks the socket of a refused unix connect
                 try:
                     with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket))) as c:
                         if c.get("http://n/readyz").status_code == 200:
@@ -62,6 +63,14 @@ class Node:
                 except httpx.TransportError:
                     pass
             time.sleep(0.05)
+
+    def _accepting(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
 
     def stop(self, timeout: float = 60.0) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 #: Payloads at least this big are handed to the transport on their own, never joined.
 _LARGE = 64 << 10
+#: Queued requests go out once this many frame pieces are waiting, not only at the end of the
+#: loop turn, so that the server works on the first ones while the next ones are made.
+_BATCH = 32
 _CLOSE_GRACE = 1.0
 
 
@@ -108,6 +111,7 @@ class DataClient:
         self._problem = "not connected; call connect() first"
         self._out: list[BytesLike] = []
         self._out_scheduled = False
+        self._out_bytes = 0
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
 
@@ -319,17 +323,21 @@ class DataClient:
             transport.write(header)
             transport.write(payload)
             return
-        self._out.append(header)
+        out = self._out
+        out.append(header)
         if payload:
-            self._out.append(payload)
-        if not self._out_scheduled:
+            out.append(payload)
+            self._out_bytes += len(payload)
+        if len(out) >= _BATCH or self._out_bytes >= _LARGE:
+            self._write_out()  # let the server start on these while more are queued
+        elif not self._out_scheduled:
             self._out_scheduled = True
             asyncio.get_running_loop().call_soon(self._write_out)
 
     def _write_out(self) -> None:
         """Send the requests queued in this loop turn with one write."""
         self._out_scheduled = False
-        out, self._out = self._out, []
+        out, self._out, self._out_bytes = self._out, [], 0
         protocol = self._protocol
         if not out or protocol is None or protocol.transport is None:
             return
@@ -359,7 +367,7 @@ class DataClient:
     def _fail_pending(self) -> None:
         pending = list(self._pending.values())
         self._pending.clear()
-        self._out = []
+        self._out, self._out_bytes = [], 0
         for future in pending:
             if not future.done():
                 future.set_exception(self._unavailable())
