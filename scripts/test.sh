@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh --test
+python3 -m ruff check src tests benchmarks
+python3 -m mypy src
 exec python3 -m pytest "$@"

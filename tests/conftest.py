@@ -29,8 +29,11 @@ def _env() -> dict[str, str]:
 class Node:
     """One ``cargohold node`` process with its own state, data dirs and API socket."""
 
-    def __init__(self, base: Path, data_servers: int = 3, name: str = "node1") -> None:
+    def __init__(self, base: Path, data_servers: int = 3, name: str = "node1",
+                 extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.base = base
+        self.extra = list(extra)
+        self.env = env or {}
         self.name = name
         self.state = base / "state"
         self.socket = base / "api.sock"
@@ -48,7 +51,8 @@ class Node:
         for d in self.data_dirs:
             argv += ["--data-dir", str(d)]
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_env())
+            self.proc = subprocess.Popen(argv + self.extra, stdout=out, stderr=subprocess.STDOUT,
+                                         env={**_env(), **self.env})
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:

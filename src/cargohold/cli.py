@@ -92,9 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_node(args: argparse.Namespace) -> int:
-    from cargohold.daemons.node import NodeDaemon  # the server side loads only when run
-
     import asyncio
+
+    from cargohold.daemons.node import NodeDaemon  # the server side loads only when run
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s node %(levelname)s %(name)s: %(message)s")
@@ -122,7 +122,7 @@ def _run_client(args: argparse.Namespace) -> int:
         if args.command == "node":
             _print_nodes(api.request("GET", "/v1/nodes"), as_json)
             return 0
-        name = getattr(args, "name", None)
+        name: str = getattr(args, "name", "")
         if args.action == "create":
             body = {"name": args.name, "size": args.size, "replicas": args.replicas,
                     "fs": args.fs}

@@ -9,11 +9,11 @@ CLI → exit code, CSI → gRPC code, Docker → ``Err``).
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Any, ClassVar
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     INVALID = "invalid"  # the request is wrong; retrying it unchanged cannot help
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"  # the request clashes with the current state

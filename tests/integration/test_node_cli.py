@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +107,32 @@ def test_openapi_is_published(node: Node) -> None:
         spec = client.get("http://n/openapi.json").json()
     assert "/v1/volumes" in spec["paths"] and "/v1/volumes/{name}/attach" in spec["paths"]
     assert json.dumps(spec)  # serialisable
+
+
+def test_tcp_api_needs_the_bearer_token(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    n = Node(tmp_path, data_servers=1, extra=("--api", f"tcp://127.0.0.1:{port}"),
+             env={"CARGOHOLD_TOKEN": "s3cret"})
+    try:
+        n.start()
+        tcp = ["--host", f"tcp://127.0.0.1:{port}"]
+        base = [sys.executable, "-m", "cargohold.cli"]
+        refused = subprocess.run([*base, *tcp, "--token", "wrong", "volume", "ls"],
+                                 capture_output=True, text=True, env=_env())
+        assert refused.returncode == 2 and "[unauthorized]" in refused.stderr
+        ok = subprocess.run([*base, *tcp, "--token", "s3cret", "volume", "create", "t",
+                             "--size", "64M", "--replicas", "1"],
+                            capture_output=True, text=True, env=_env())
+        assert ok.returncode == 0, ok.stderr
+        assert [v["name"] for v in n.json("volume", "ls")] == ["t"]  # type: ignore[index]
+    finally:
+        n.cleanup()
+
+
+def test_node_refuses_a_tcp_api_without_token(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "cargohold.cli", "node", "--state-dir",
+                           str(tmp_path), "--api", "tcp://127.0.0.1:1"],
+                          capture_output=True, text=True, env=_env(), timeout=60)
+    assert done.returncode == 2 and "needs a bearer token" in done.stderr

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,7 +19,7 @@ class Record(BaseModel):
         return cls.model_validate_json(raw)
 
 
-class ReplicaState(str, Enum):
+class ReplicaState(StrEnum):
     IN_SYNC = "in_sync"
     OUT_OF_SYNC = "out_of_sync"  # missed acknowledged writes: never read until repaired
 
@@ -31,7 +31,7 @@ class Replica(Record):
     reason: str = ""
 
 
-class VolumeState(str, Enum):
+class VolumeState(StrEnum):
     CREATING = "creating"
     DETACHED = "detached"
     ATTACHING = "attaching"
@@ -67,7 +67,7 @@ class Volume(Record):
         return [r for r in self.replicas if r.state is ReplicaState.IN_SYNC]
 
 
-class ServerState(str, Enum):
+class ServerState(StrEnum):
     UP = "up"
     DOWN = "down"
 

@@ -48,7 +48,8 @@ def volume_size(text: str | int) -> int:
     size = parse_size(text)
     size = -(-size // SIZE_ALIGN) * SIZE_ALIGN
     if size < MIN_VOLUME_SIZE:
-        raise InvalidSize(size=text, detail=f"the smallest volume is {format_size(MIN_VOLUME_SIZE)}")
+        raise InvalidSize(size=text,
+                          detail=f"the smallest volume is {format_size(MIN_VOLUME_SIZE)}")
     if size > MAX_VOLUME_SIZE:
         raise InvalidSize(size=text, detail=f"the largest volume is {format_size(MAX_VOLUME_SIZE)}")
     return size

@@ -21,6 +21,7 @@ copied between the socket and ``pwrite``.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from collections.abc import Callable
@@ -91,6 +92,7 @@ class ResponseHeader(NamedTuple):
     payload_length: int
 
 
+@functools.lru_cache(maxsize=4096)
 def volume_bytes(volume_id: str) -> bytes:
     """The 16 raw bytes of a 32-hex-character volume id ("" gives all zeros)."""
     if not volume_id:

@@ -10,7 +10,6 @@ attachment or removes every piece of a broken one.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -199,10 +198,11 @@ class Agent:
                 await self._teardown(name, lazy=False)
             except (kernel.HostCommandFailed, OSError) as e:
                 log.error("detach of %s failed: %s", name, e)
+                failure = f"detach failed: {e}"
 
                 def still_attached(v: Volume) -> Volume:
                     v.state = VolumeState.ATTACHED
-                    v.last_error = f"detach failed: {e}"
+                    v.last_error = failure
                     return v
 
                 await self.catalog.update_volume(name, still_attached)
@@ -320,6 +320,3 @@ def _tail(path: Path, limit: int = 600) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     return " | ".join(lines[-5:])[-limit:]
 
-
-def dump_ready(path: Path) -> dict[str, object]:
-    return dict(json.loads(path.read_text()))

@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +153,7 @@ class ReplicaSet:
         block[offset - start:offset - start + len(data)] = data
         await self.write(start, bytes(block))
 
-    async def _settle(self, members: list[Member], results: list[object], what: str) -> None:
+    async def _settle(self, members: list[Member], results: Sequence[object], what: str) -> None:
         """Drop the replicas that failed (recording it first); raise if the I/O failed."""
         for member, result in zip(members, results, strict=True):
             if isinstance(result, Fenced | NoSpace):

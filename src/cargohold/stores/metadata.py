@@ -191,27 +191,27 @@ def deleted(key: str, revision: int) -> KeyValue:
     return KeyValue(key, b"", 0, revision, 0, 0)
 
 
-def check_ops(ops: Sequence[Op]) -> None:
-    """Reject what etcd rejects in one transaction branch: non-operations, a key put twice,
-    a key both put and deleted."""
-    puts: set[str] = set()
-    deletes: list[Delete] = []
-    for op in ops:
-        if isinstance(op, Put):
-            if op.key in puts:
+def check_txn(compares: Sequence[Compare], *branches: Sequence[Op]) -> None:
+    """Reject what etcd rejects: wrong types, and in one branch a key put twice or a key
+    both put and deleted."""
+    for c in compares:
+        if not isinstance(c, Compare):
+            raise errors.InvalidArgument(what="transaction compare", detail=repr(c))
+    for ops in branches:
+        puts: set[str] = set()
+        for op in ops:
+            if not isinstance(op, Put | Delete):
+                raise errors.InvalidArgument(what="transaction operation", detail=repr(op))
+            if isinstance(op, Put):
+                if op.key in puts:
+                    raise errors.InvalidArgument(
+                        what="transaction", detail=f"key {op.key!r} is put twice"
+                    )
+                puts.add(op.key)
+        for op in ops:
+            if isinstance(op, Delete) and any(op.covers(key) for key in puts):
                 raise errors.InvalidArgument(
-                    what="transaction", detail=f"key {op.key!r} is put twice"
-                )
-            puts.add(op.key)
-        elif isinstance(op, Delete):
-            deletes.append(op)
-        else:
-            raise errors.InvalidArgument(what="transaction operation", detail=repr(op))
-    for d in deletes:
-        for key in puts:
-            if d.covers(key):
-                raise errors.InvalidArgument(
-                    what="transaction", detail=f"key {key!r} is both put and deleted"
+                    what="transaction", detail=f"a key under {op.key!r} is put and deleted"
                 )
 
 
@@ -477,11 +477,7 @@ class MemoryStore(MetadataStore):
         success: Sequence[Op],
         failure: Sequence[Op] = (),
     ) -> TxnResult:
-        for c in compares:
-            if not isinstance(c, Compare):
-                raise errors.InvalidArgument(what="transaction compare", detail=repr(c))
-        check_ops(success)
-        check_ops(failure)
+        check_txn(compares, success, failure)
         self._begin()
         ok = all(c.holds(self._kv.get(c.key)) for c in compares)
         self._apply(success if ok else failure)

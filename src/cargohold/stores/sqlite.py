@@ -30,10 +30,10 @@ from cargohold.stores.metadata import (
     TxnResult,
     WatchEvent,
     check_key,
-    check_ops,
     check_prefix,
     check_revision,
     check_ttl,
+    check_txn,
     compacted,
 )
 
@@ -438,11 +438,7 @@ class SqliteStore(MetadataStore):
         success: Sequence[Op],
         failure: Sequence[Op] = (),
     ) -> TxnResult:
-        for c in compares:
-            if not isinstance(c, Compare):
-                raise errors.InvalidArgument(what="transaction compare", detail=repr(c))
-        check_ops(success)
-        check_ops(failure)
+        check_txn(compares, success, failure)
         ok, revision = await self._call_write(
             self._txn_job, list(compares), list(success), list(failure)
         )
