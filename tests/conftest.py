@@ -48,6 +48,8 @@ class Node:
     def start(self, timeout: float = 30.0) -> None:
         argv = [sys.executable, "-m", "cargohold.cli", "node", "--name", self.name,
                 "--state-dir", str(self.state), "--api", self.host]
+        if "--docker-socket" not in self.extra:
+            argv += ["--docker-socket", "none"]
         for d in self.data_dirs:
             argv += ["--data-dir", str(d)]
         with open(self.log, "ab") as out:

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cargohold import __version__
-from cargohold.config import Endpoint, NodeConfig, client_config
+from cargohold.config import DEFAULT_DOCKER_SOCKET, Endpoint, NodeConfig, client_config
 from cargohold.core.sizes import format_size
 from cargohold.errors import CargoholdError, InvalidArgument, Kind
 
@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--name", help="node name (default: host name)")
     node.add_argument("--data-host", default="127.0.0.1",
                       help="address the data servers listen on")
+    node.add_argument("--docker-socket", default=str(DEFAULT_DOCKER_SOCKET),
+                      help="where to serve the Docker volume plugin ('none' to disable)")
     node_actions = node.add_subparsers(dest="action")
     output(node_actions.add_parser("ls", help="list nodes and their data servers"))
     return parser
@@ -102,6 +104,7 @@ def _run_node(args: argparse.Namespace) -> int:
                               "metadata": args.metadata, "data_host": args.data_host}
     if args.name:
         fields["name"] = args.name
+    fields["docker_socket"] = None if args.docker_socket == "none" else Path(args.docker_socket)
     if args.api:
         fields["api"] = [Endpoint(url=url) for url in args.api]
     try:

@@ -13,6 +13,7 @@ from cargohold.errors import InvalidArgument
 
 DEFAULT_STATE_DIR = Path("/var/lib/cargohold")
 DEFAULT_API = "unix:///run/cargohold/api.sock"
+DEFAULT_DOCKER_SOCKET = Path("/run/docker/plugins/cargohold.sock")
 HOST_ENV = "CARGOHOLD_HOST"
 TOKEN_ENV = "CARGOHOLD_TOKEN"
 
@@ -59,6 +60,7 @@ class NodeConfig(BaseModel):
     metadata: str = ""
     api: list[Endpoint] = [Endpoint(url=DEFAULT_API)]
     token: str = ""  # required on TCP endpoints
+    docker_socket: Path | None = DEFAULT_DOCKER_SOCKET  # None: no Docker volume plugin
     data_host: str = "127.0.0.1"  # address the data servers listen on and advertise
     lease_ttl: float = 10.0
     server_check_interval: float = 1.0

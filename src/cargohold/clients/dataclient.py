@@ -45,6 +45,7 @@ _LARGE = 64 << 10
 #: Queued requests go out once this many frame pieces are waiting, not only at the end of the
 #: loop turn, so that the server works on the first ones while the next ones are made.
 _BATCH = 32
+_BATCH_BYTES = 128 << 10
 _CLOSE_GRACE = 1.0
 
 
@@ -328,7 +329,7 @@ class DataClient:
         if payload:
             out.append(payload)
             self._out_bytes += len(payload)
-        if len(out) >= _BATCH or self._out_bytes >= _LARGE:
+        if len(out) >= _BATCH or self._out_bytes >= _BATCH_BYTES:
             self._write_out()  # let the server start on these while more are queued
         elif not self._out_scheduled:
             self._out_scheduled = True

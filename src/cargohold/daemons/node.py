@@ -17,8 +17,11 @@ import time
 from collections.abc import Iterator
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from cargohold import __version__
+from cargohold.adapters.dockerplugin import DockerPlugin
+from cargohold.adapters.dockerplugin import create_app as create_plugin_app
 from cargohold.adapters.rest import Services, create_app
 from cargohold.clients.dataclient import DataClient
 from cargohold.config import Endpoint, NodeConfig
@@ -39,6 +42,27 @@ class _ApiServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+async def _serve(app: ASGIApp, endpoint: Endpoint) -> tuple[_ApiServer, asyncio.Task[None]]:
+    """Serve ``app`` on ``endpoint`` inside this event loop; return once it listens."""
+    if endpoint.is_unix:
+        os.makedirs(os.path.dirname(endpoint.path), exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(endpoint.path)  # a stale socket of a crashed node
+        uconfig = uvicorn.Config(app, uds=endpoint.path, log_level="warning", lifespan="off")
+    else:
+        uconfig = uvicorn.Config(app, host=endpoint.host, port=endpoint.port,
+                                 log_level="warning", lifespan="off")
+    server = _ApiServer(uconfig)
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        if task.done():
+            raise CargoholdError(detail=f"cannot serve on {endpoint.url}")
+        await asyncio.sleep(0.01)
+    if endpoint.is_unix:
+        os.chmod(endpoint.path, 0o660)
+    return server, task
 
 
 class NodeDaemon:
@@ -72,7 +96,13 @@ class NodeDaemon:
             services = Services(catalog, volumes, agent, config.name,
                                 stale_after=max(config.lease_ttl, 3 * config.server_check_interval))
             for endpoint in config.api:
-                servers.append(await self._serve_api(endpoint, services))
+                token = "" if endpoint.is_unix else config.token
+                servers.append(await _serve(create_app(services, token), endpoint))
+            if config.docker_socket is not None:
+                plugin = DockerPlugin(catalog, volumes, agent,
+                                      config.state_dir / "docker-mounts.json")
+                docker = Endpoint(url=f"unix://{config.docker_socket}")
+                servers.append(await _serve(create_plugin_app(plugin), docker))
             services.ready = True
             log.info("node %s ready: %d data servers, API on %s", config.name,
                      len(self.processes), ", ".join(e.url for e in config.api))
@@ -93,10 +123,13 @@ class NodeDaemon:
             for _, task in servers:
                 with contextlib.suppress(Exception):
                     await task
-            for endpoint in config.api:
-                if endpoint.is_unix:
+            sockets = [e.path for e in config.api if e.is_unix]
+            if config.docker_socket is not None:
+                sockets.append(str(config.docker_socket))
+            for path in sockets:
+                if path:
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(endpoint.path)
+                        os.unlink(path)
             await agent.detach_all()
             for process in self.processes:
                 await asyncio.to_thread(process.stop)
@@ -105,28 +138,6 @@ class NodeDaemon:
                 with contextlib.suppress(CargoholdError):
                     await store.revoke_lease(self.lease)
             await store.close()
-
-    async def _serve_api(self, endpoint: Endpoint,
-                         services: Services) -> tuple[_ApiServer, asyncio.Task[None]]:
-        app = create_app(services, token="" if endpoint.is_unix else self.config.token)
-        if endpoint.is_unix:
-            os.makedirs(os.path.dirname(endpoint.path), exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(endpoint.path)  # a stale socket of a crashed node
-            uconfig = uvicorn.Config(app, uds=endpoint.path, log_level="warning",
-                                     lifespan="off")
-        else:
-            uconfig = uvicorn.Config(app, host=endpoint.host, port=endpoint.port,
-                                     log_level="warning", lifespan="off")
-        server = _ApiServer(uconfig)
-        task = asyncio.ensure_future(server.serve())
-        while not server.started:
-            if task.done():
-                raise CargoholdError(detail=f"cannot serve the API on {endpoint.url}")
-            await asyncio.sleep(0.01)
-        if endpoint.is_unix:
-            os.chmod(endpoint.path, 0o660)
-        return server, task
 
     async def check_once(self, store: MetadataStore, catalog: Catalog) -> None:
         """Restart dead data servers, refresh their records and the node's lease."""

@@ -125,10 +125,13 @@ class Replica(ABC):
         ``NoSpace``; the blocks of a failed write then hold either old or new data, each with
         a matching checksum.
         """
-        view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
-        self._check_range(offset, len(view))
+        view = memoryview(data)
+        if view.itemsize != 1 or view.ndim != 1:
+            view = view.cast("B")
+        length = len(view)
+        self._check_range(offset, length)
         self._check_generation(generation)
-        if len(view):
+        if length:
             self._write(offset, view, generation)
 
     def trim(self, offset: int, length: int, generation: int = 0) -> None:
@@ -499,6 +502,13 @@ class DiskReplica(Replica):
 
     def _read(self, offset: int, length: int) -> bytes:
         first = offset // BLOCK_SIZE
+        if length == BLOCK_SIZE:  # the common small read, without lists
+            want = self._sums[first]
+            if not want:
+                return _ZERO_BLOCK
+            data = os.pread(self._data_fd, length, offset)
+            if (zlib.crc32(data) or 1) == want:
+                return data
         stored = self._sums[first : first + length // BLOCK_SIZE].tolist()
         if not any(stored):
             return bytes(length)
@@ -528,19 +538,22 @@ class DiskReplica(Replica):
 
     def _write(self, offset: int, data: memoryview, generation: int) -> None:
         length = len(data)
-        crcs = array(
-            "I", [zlib.crc32(data[i : i + BLOCK_SIZE]) or 1 for i in range(0, length, BLOCK_SIZE)]
-        )
-        done = 0
         try:
+            done = os.pwrite(self._data_fd, data, offset)
             while done < length:
                 done += os.pwrite(self._data_fd, data[done:], offset + done)
         except OSError as exc:
             self._resync_sums(offset, length)
             _reraise(exc, self.server)
         first = offset // BLOCK_SIZE
-        self._sums[first : first + len(crcs)] = crcs
-        self._record(offset, length, generation)
+        if length == BLOCK_SIZE:  # the common small write, without the list
+            self._sums[first] = zlib.crc32(data) or 1
+        else:
+            step = BLOCK_SIZE
+            crcs = [zlib.crc32(data[i : i + step]) or 1 for i in range(0, length, step)]
+            self._sums[first : first + len(crcs)] = array("I", crcs)
+        if generation:
+            self._record(offset, length, generation)
 
     def _resync_sums(self, offset: int, length: int) -> None:
         """After a failed write, make the range's checksums match what the file holds."""
@@ -563,7 +576,8 @@ class DiskReplica(Replica):
                 _reraise(exc, self.server)
             self._write_zeros(offset, length)
         self._clear_sums(offset // BLOCK_SIZE, length // BLOCK_SIZE)
-        self._record(offset, length, generation)
+        if generation:
+            self._record(offset, length, generation)
 
     def _write_zeros(self, offset: int, length: int) -> None:
         zeros = bytes(min(length, CHUNK_SIZE))
@@ -587,10 +601,8 @@ class DiskReplica(Replica):
             self._sums_map[start:end] = bytes(end - start)
 
     def _record(self, offset: int, length: int, generation: int) -> None:
-        if not generation:
-            return
         gens = self._gens
-        for chunk in chunks(offset, length):
+        for chunk in range(offset // CHUNK_SIZE, (offset + length - 1) // CHUNK_SIZE + 1):
             if generation > gens[chunk]:
                 gens[chunk] = generation
 

@@ -1,0 +1,911 @@
+#!/usr/bin/env python3
+"""fio benchmark of cargohold's data path against the local limit.
+
+Run as root from the repository:  ``python3 benchmarks/fio_bench.py [--quick] [--runs N]``
+
+On one disk (a temporary directory under /var/tmp or /tmp, on the same filesystem as the
+repository) it measures, with fio (direct=1, ioengine=libaio):
+
+* ``raw``: a loop device (``--direct-io=on --sector-size 4096``) over a sparse file, with
+  ext4 made and mounted exactly as cargohold does it (the local limit);
+* ``1 replica`` and ``2 replicas``: a real ``cargohold node`` with two data dirs, a volume
+  created, attached (FUSE engine + loop + ext4) and benchmarked through its mountpoint.
+
+Jobs, in this order on one test file: sequential write (lays the file out) and read
+(bs=1M, iodepth=16), 4 KiB random write and read (iodepth=32, time based), 4 KiB random
+write at iodepth=1 (latency). For cargohold it also measures the engine's and the data
+servers' CPU time (user+sys from /proc/PID/stat, delta over each job) and peak RSS (VmHWM).
+
+With ``--runs N`` every configuration is set up from scratch N times (fresh image or fresh
+volume) and the median of the N runs is reported. The table goes to stdout, everything to
+``benchmarks/results/<timestamp>.json``. ``--profile`` adds one unmeasured 2-replica random
+write job during which py-spy records the engine and the data servers.
+
+Whatever happens (errors, Ctrl-C, SIGTERM, SIGHUP) the script detaches its volumes, stops its
+node (which stops its data servers), unmounts and detaches its loop devices, removes its
+temporary directory, and then checks that nothing of it is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+FIO = shutil.which("fio") or "/usr/bin/fio"
+MKFS_EXT4 = ["mkfs.ext4", "-q", "-F", "-m", "1", "-E",
+             "nodiscard,lazy_itable_init=1,lazy_journal_init=1"]
+MOUNT_OPTIONS = "noinit_itable"
+VOLUME_SIZE = "3G"
+IMAGE_SIZE = 3 << 30
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+GIB = 1 << 30
+MIB = 1 << 20
+
+CONFIGS = [("raw", "raw", 0), ("r1", "1 replica", 1), ("r2", "2 replicas", 2)]
+PROFILE_SECONDS = 10
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    rw: str
+    bs: str
+    iodepth: int
+    direction: str  # the fio result section: "read" or "write"
+    timed: bool  # time_based (random jobs) or one pass over the file (sequential jobs)
+
+
+JOBS = [
+    Job("seqwrite", "write", "1M", 16, "write", False),
+    Job("seqread", "read", "1M", 16, "read", False),
+    Job("randwrite", "randwrite", "4k", 32, "write", True),
+    Job("randread", "randread", "4k", 32, "read", True),
+    Job("randwrite_qd1", "randwrite", "4k", 1, "write", True),
+]
+METRICS = [("mbps", "MB/s"), ("iops", "IOPS"), ("p50_us", "p50 us"), ("p99_us", "p99 us")]
+# issue 6: ratios to raw with 2 replicas
+TARGETS = [
+    ("seq write MB/s", "seqwrite", "mbps", 0.70),
+    ("seq read MB/s", "seqread", "mbps", 0.80),
+    ("4K rand write IOPS", "randwrite", "iops", 0.30),
+    ("4K rand read IOPS", "randread", "iops", 0.50),
+]
+ENGINE_MEMORY_TARGET_MIB = 256
+
+
+class Interrupted(BaseException):
+    """A termination signal arrived: unwind through every ``finally`` and clean up."""
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run(argv: list[str], timeout: float = 120.0, check: bool = True,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
+                          check=False, stdin=subprocess.DEVNULL)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): "
+                           f"{(done.stderr or done.stdout).strip()}")
+    return done
+
+
+# --- /proc -----------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float | None:
+    """user+sys CPU time of a process (all its threads), or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+
+
+def proc_status_kib(pid: int, key: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def mounts_under(base: str) -> list[str]:
+    out = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        target = line.split()[1].replace("\\040", " ")
+        if target == base or target.startswith(base + "/"):
+            out.append(target)
+    return out
+
+
+def loops_under(base: str) -> list[str]:
+    out = []
+    for loop in Path("/sys/block").glob("loop*"):
+        try:
+            backing = (loop / "loop" / "backing_file").read_text().strip()
+        except OSError:
+            continue
+        if backing.startswith(base + "/"):
+            out.append(f"/dev/{loop.name}")
+    return sorted(out)
+
+
+def processes_under(base: str) -> dict[int, str]:
+    """Processes (other than this one) with ``base`` in their command line."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if base.encode() in cmdline and state != "Z":
+            found[int(proc.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+    return found
+
+
+def leftovers(base: str) -> dict[str, Any]:
+    return {"mounts": mounts_under(base), "loops": loops_under(base),
+            "processes": [f"{pid} {cmd}" for pid, cmd in processes_under(base).items()],
+            "dir_exists": os.path.exists(base)}
+
+
+# --- fio -------------------------------------------------------------------------------
+
+def fio_argv(job: Job, filename: str, size: str, runtime: int, ramp: int,
+             output: str) -> list[str]:
+    argv = [FIO, f"--name={job.name}", f"--filename={filename}", f"--rw={job.rw}",
+            f"--bs={job.bs}", f"--iodepth={job.iodepth}", f"--size={size}", "--direct=1",
+            "--ioengine=libaio", "--numjobs=1", "--output-format=json", f"--output={output}"]
+    if job.timed:
+        argv += ["--time_based", f"--runtime={runtime}", "--norandommap", "--randrepeat=0"]
+        if ramp:
+            argv.append(f"--ramp_time={ramp}")
+    return argv
+
+
+def parse_fio(path: str, job: Job) -> dict[str, Any]:
+    text = Path(path).read_text()
+    data = json.loads(text[text.index("{"):])  # fio may print notes before the JSON
+    result = data["jobs"][0]
+    if result.get("error"):
+        raise RuntimeError(f"fio job {job.name} failed with error {result['error']}")
+    side = result[job.direction]
+    percentiles = side.get("clat_ns", {}).get("percentile", {})
+    return {
+        "mbps": side["bw_bytes"] / 1e6,
+        "iops": side["iops"],
+        "p50_us": percentiles.get("50.000000", 0) / 1000,
+        "p99_us": percentiles.get("99.000000", 0) / 1000,
+        "io_bytes": side["io_bytes"],
+        "total_ios": side["total_ios"],
+        "runtime_s": side["runtime"] / 1000,
+        "fio_usr_cpu": result.get("usr_cpu"),
+        "fio_sys_cpu": result.get("sys_cpu"),
+    }
+
+
+# --- the node --------------------------------------------------------------------------
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("CARGOHOLD_HOST", None)
+    env.pop("CARGOHOLD_TOKEN", None)
+    return env
+
+
+class Node:
+    """One ``cargohold node`` with two data dirs, all under ``base``."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.state = base / "state"
+        self.socket = base / "api.sock"
+        self.data_dirs = [base / "disk1", base / "disk2"]
+        self.log = base / "node.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.attached: set[str] = set()
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        argv = [sys.executable, "-m", "cargohold.cli", "node", "--name", "bench",
+                "--state-dir", str(self.state), "--api", self.host]
+        for d in self.data_dirs:
+            argv += ["--data-dir", str(d)]
+        node_help = run([sys.executable, "-m", "cargohold.cli", "node", "--help"],
+                        env=_env(), check=False).stdout
+        if "--docker-socket" in node_help:  # never touch the host's Docker plugin socket
+            argv += ["--docker-socket", "none"]
+        with open(self.log, "ab") as out:
+            # its own session: a Ctrl-C in the terminal reaches us, and we stop the node
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=_env(),
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not self._ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited early:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node not ready in {timeout}s:\n{self.tail()}")
+            time.sleep(0.05)
+
+    def _ready(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(2)
+            try:
+                probe.connect(str(self.socket))
+                probe.sendall(b"GET /readyz HTTP/1.1\r\nHost: n\r\nConnection: close\r\n\r\n")
+                reply = probe.recv(64)
+            except OSError:
+                return False
+        return reply.startswith(b"HTTP/1.1 200")
+
+    def cli(self, *args: str, timeout: float = 300.0) -> str:
+        done = run([sys.executable, "-m", "cargohold.cli", "--host", self.host, *args],
+                   timeout=timeout, env=_env(), check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"cargohold {' '.join(args)} failed ({done.returncode}): "
+                               f"{done.stdout}{done.stderr}\n--- logs ---\n{self.tail()}")
+        return done.stdout.strip()
+
+    def create(self, name: str, replicas: int) -> None:
+        self.cli("volume", "create", name, "--size", VOLUME_SIZE, "--replicas", str(replicas))
+
+    def attach(self, name: str) -> str:
+        self.attached.add(name)
+        return self.cli("volume", "attach", name).splitlines()[-1]
+
+    def detach(self, name: str) -> None:
+        self.cli("volume", "detach", name)
+        self.attached.discard(name)
+
+    def remove(self, name: str) -> None:
+        self.cli("volume", "rm", name)
+
+    def engine_pid(self, name: str) -> int:
+        return int((self.state / "engines" / name / "engine.pid").read_text())
+
+    def dataserver_pids(self) -> dict[str, int]:
+        pids = {}
+        for d in self.data_dirs:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                pids[d.name] = int(json.loads((d / "process.json").read_text())["pid"])
+        return pids
+
+    def replica_servers(self, name: str) -> list[str]:
+        """The data dirs (disk1, disk2) holding the volume's replicas."""
+        info = json.loads(self.cli("volume", "inspect", name, "-o", "json"))
+        paths = {str(r.get("path") or "") for r in info.get("replicas", [])}
+        return [d.name for d in self.data_dirs if str(d) in paths or str(d.absolute()) in paths]
+
+    def tail(self, limit: int = 3000) -> str:
+        parts = []
+        for path in [self.log, *sorted(self.state.glob("logs/*.log")),
+                     *sorted(self.state.glob("engines/*/engine.log"))]:
+            with contextlib.suppress(OSError):
+                parts.append(f"== {path}\n{path.read_text(errors='replace')[-limit:]}")
+        return "\n".join(parts)
+
+    def stop(self, timeout: float = 90.0) -> None:
+        """Detach what we attached, then SIGTERM the node (it stops its data servers)."""
+        for name in sorted(self.attached):
+            try:
+                self.detach(name)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                log(f"cleanup: detach of {name} failed: {str(e)[:300]}")
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log(f"cleanup: node {self.proc.pid} did not stop in {timeout}s; killing it")
+            self.proc.kill()
+            self.proc.wait()
+
+
+# --- the benchmark ---------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.quick = args.quick
+        self.size = "256M" if args.quick else "1G"
+        self.runtime = 5 if args.quick else 20
+        self.ramp = 0 if args.quick else 2
+        self.runs = args.runs or (1 if args.quick else 3)
+        self.tmp = Path(tempfile.mkdtemp(prefix="cargohold-bench-", dir=args.tmp_parent))
+        self.node: Node | None = None
+        self.raw_mount: Path | None = None
+        self.raw_loop: str | None = None
+        self.stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.profile: dict[str, Any] = {}
+
+    # -- one configuration ----------------------------------------------------------------
+
+    def run_jobs(self, directory: Path, engine: int | None,
+                 servers: dict[str, int]) -> dict[str, Any]:
+        filename = str(directory / "fio.dat")
+        jobs: dict[str, Any] = {}
+        for job in JOBS:
+            if job.direction == "read" and self.args.drop_caches:
+                os.sync()
+                Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            output = str(self.tmp / f"fio-{job.name}.json")
+            before_engine = cpu_seconds(engine) if engine else None
+            before_servers = {k: cpu_seconds(p) for k, p in servers.items()}
+            started = time.monotonic()
+            timeout = 900 if not job.timed else self.runtime + self.ramp + 120
+            run(fio_argv(job, filename, self.size, self.runtime, self.ramp, output),
+                timeout=timeout)
+            wall = time.monotonic() - started
+            result = parse_fio(output, job)
+            result["wall_s"] = wall
+            if engine:
+                after = cpu_seconds(engine)
+                if before_engine is None or after is None:
+                    raise RuntimeError(f"engine {engine} died during {job.name}")
+                result["engine_cpu_s"] = after - before_engine
+            if servers:
+                per = {}
+                for key, pid in servers.items():
+                    after = cpu_seconds(pid)
+                    start = before_servers.get(key)
+                    per[key] = (after - start) if after is not None and start is not None \
+                        else None
+                result["dataserver_cpu_s"] = per
+                result["dataservers_cpu_s"] = sum(v for v in per.values() if v is not None)
+            jobs[job.name] = result
+            log(f"  {job.name:14s} {result['mbps']:9.1f} MB/s {result['iops']:10.0f} IOPS "
+                f"p50 {result['p50_us']:9.0f} us p99 {result['p99_us']:9.0f} us"
+                + (f"  engine {result['engine_cpu_s']:.2f} s CPU" if engine else ""))
+        return jobs
+
+    def run_raw(self, index: int) -> dict[str, Any]:
+        base = self.tmp / "raw"
+        base.mkdir(exist_ok=True)
+        image = base / "disk.img"
+        mnt = base / "mnt"
+        with open(image, "wb") as f:
+            f.truncate(IMAGE_SIZE)
+        try:
+            self.raw_loop = run(["losetup", "--find", "--show", "--direct-io=on",
+                                 "--sector-size", "4096", str(image)]).stdout.strip()
+            run([*MKFS_EXT4, "-L", "bench-raw", self.raw_loop], timeout=600)
+            mnt.mkdir(exist_ok=True)
+            run(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, self.raw_loop, str(mnt)])
+            self.raw_mount = mnt
+            jobs = self.run_jobs(mnt, None, {})
+        finally:
+            self.teardown_raw()
+            image.unlink(missing_ok=True)
+        return {"jobs": jobs}
+
+    def teardown_raw(self) -> None:
+        if self.raw_mount is not None:
+            if str(self.raw_mount) in mounts_under(str(self.tmp)):
+                run(["umount", str(self.raw_mount)], check=False)
+            self.raw_mount = None
+        if self.raw_loop is not None:
+            run(["losetup", "-d", self.raw_loop], check=False)
+            self.raw_loop = None
+
+    def run_cargohold(self, index: int, replicas: int, profile: bool) -> dict[str, Any]:
+        assert self.node is not None
+        name = f"bench-r{replicas}-run{index}"
+        self.node.create(name, replicas)
+        try:
+            t0 = time.monotonic()
+            mountpoint = Path(self.node.attach(name))
+            attach_s = time.monotonic() - t0
+            engine = self.node.engine_pid(name)
+            servers = self.node.dataserver_pids()
+            holders = self.node.replica_servers(name)
+            ds_before = {k: proc_status_kib(p, "VmHWM") for k, p in servers.items()}
+            jobs = self.run_jobs(mountpoint, engine, servers)
+            result: dict[str, Any] = {"jobs": jobs, "attach_s": attach_s,
+                                      "engine_pid": engine, "replica_servers": holders}
+            result["engine"] = self.engine_summary(engine, jobs)
+            result["dataservers"] = {
+                "cpu_s": sum(j["dataservers_cpu_s"] for j in jobs.values()),
+                "cpu_s_per_server": {k: sum((j["dataserver_cpu_s"].get(k) or 0)
+                                            for j in jobs.values()) for k in servers},
+                "vmhwm_mib": {k: (proc_status_kib(p, "VmHWM") or 0) / 1024
+                              for k, p in servers.items()},
+                "vmhwm_mib_before": {k: (v or 0) / 1024 for k, v in ds_before.items()},
+            }
+            moved = sum(j["io_bytes"] for j in jobs.values()) / GIB
+            result["dataservers"]["cpu_s_per_gib"] = \
+                result["dataservers"]["cpu_s"] / moved if moved else None
+            if profile:
+                self.profile = self.take_profile(mountpoint, engine, servers, holders)
+            t0 = time.monotonic()
+            self.node.detach(name)
+            result["detach_s"] = time.monotonic() - t0
+        finally:
+            if name in self.node.attached:
+                with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                    self.node.detach(name)
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                self.node.remove(name)
+        return result
+
+    @staticmethod
+    def engine_summary(pid: int, jobs: dict[str, Any]) -> dict[str, Any]:
+        cpu = sum(j["engine_cpu_s"] for j in jobs.values())
+        moved = sum(j["io_bytes"] for j in jobs.values()) / GIB
+        per_job = {}
+        for name, j in jobs.items():
+            gib = j["io_bytes"] / GIB
+            per_job[name] = {
+                "cpu_s": j["engine_cpu_s"],
+                "cpu_s_per_gib": j["engine_cpu_s"] / gib if gib else None,
+                "cpu_us_per_io": j["engine_cpu_s"] / j["total_ios"] * 1e6
+                if j["total_ios"] else None,
+                "cpu_util": j["engine_cpu_s"] / j["runtime_s"] if j["runtime_s"] else None,
+            }
+        return {
+            "cpu_s": cpu,
+            "gib_moved": moved,
+            "cpu_s_per_gib": cpu / moved if moved else None,
+            "vmhwm_mib": (proc_status_kib(pid, "VmHWM") or 0) / 1024,
+            "vmrss_mib": (proc_status_kib(pid, "VmRSS") or 0) / 1024,
+            "threads": proc_status_kib(pid, "Threads"),
+            "per_job": per_job,
+        }
+
+    # -- profiling --------------------------------------------------------------------
+
+    def take_profile(self, mountpoint: Path, engine: int, servers: dict[str, int],
+                     holders: list[str]) -> dict[str, Any]:
+        """One extra, unmeasured random-write job with py-spy on the engine and servers."""
+        pyspy = shutil.which("py-spy")
+        if pyspy is None:
+            log("profile: py-spy is not installed (pip install py-spy); skipped")
+            return {"error": "py-spy not installed"}
+        job = next(j for j in JOBS if j.name == "randwrite")
+        seconds = self.args.profile_seconds
+        targets = {"engine": engine, **{f"dataserver-{k}": p for k, p in servers.items()
+                                        if k in holders}}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        outputs = {k: RESULTS / f"{self.stamp}-{k}.speedscope.json" for k in targets}
+        output = str(self.tmp / "fio-profile.json")
+        log(f"profile: randwrite iodepth 32 for {seconds + 6}s, py-spy {seconds}s on "
+            f"{', '.join(f'{k} ({p})' for k, p in targets.items())}")
+        fio = subprocess.Popen(fio_argv(job, str(mountpoint / "fio.dat"), self.size,
+                                        seconds + 6, 0, output),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        spies: dict[str, subprocess.Popen[bytes]] = {}
+        try:
+            time.sleep(2)
+            for key, pid in targets.items():
+                argv = [pyspy, "record", "-p", str(pid), "-d", str(seconds), "-r",
+                        str(self.args.profile_rate), "-f", "speedscope", "-o",
+                        str(outputs[key])]
+                if self.args.profile_native:
+                    argv.append("--native")
+                spies[key] = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.PIPE)
+            for spy in spies.values():
+                spy.wait(seconds + 60)
+            fio.wait(seconds + 120)
+        finally:
+            for proc in [*spies.values(), fio]:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        summary: dict[str, Any] = {"seconds": seconds, "rate": self.args.profile_rate,
+                                   "native": self.args.profile_native}
+        with contextlib.suppress(Exception):
+            summary["fio_during_profile"] = parse_fio(output, job)
+        for key, spy in spies.items():
+            if spy.returncode != 0 or not outputs[key].exists():
+                err = spy.stderr.read().decode(errors="replace") if spy.stderr else ""
+                summary[key] = {"error": f"py-spy exited {spy.returncode}: {err[-500:]}"}
+                continue
+            summary[key] = summarise_speedscope(outputs[key], seconds, self.args.profile_rate)
+            summary[key]["file"] = str(outputs[key])
+        return summary
+
+    # -- the whole benchmark ----------------------------------------------------------
+
+    def main(self) -> dict[str, Any]:
+        log(f"temporary directory {self.tmp} ({describe_fs(self.tmp)}); repository on "
+            f"{describe_fs(ROOT)}")
+        runs: list[dict[str, Any]] = []
+        configs = [c for c in CONFIGS if c[0] in self.args.configs]
+        for index in range(1, self.runs + 1):
+            results: dict[str, Any] = {}
+            for key, label, replicas in configs:
+                log(f"run {index}/{self.runs}: {label}")
+                if key == "raw":
+                    results[key] = self.run_raw(index)
+                    continue
+                if self.node is None:
+                    self.node = Node(self.tmp / "node")
+                    self.node.base.mkdir()
+                    self.node.start()
+                profile = self.args.profile and replicas == 2 and index == self.runs
+                results[key] = self.run_cargohold(index, replicas, profile)
+                e = results[key]["engine"]
+                log(f"  engine: {e['cpu_s']:.1f} s CPU, {e['cpu_s_per_gib']:.2f} s/GiB, "
+                    f"VmHWM {e['vmhwm_mib']:.0f} MiB; data servers "
+                    f"{results[key]['dataservers']['cpu_s']:.1f} s CPU")
+            runs.append(results)
+        return {"runs": runs, "median": median_of(runs), "profile": self.profile}
+
+    def cleanup(self) -> dict[str, Any]:
+        """Undo everything; return what (if anything) is left."""
+        base = str(self.tmp)
+        steps: list[str] = []
+        if self.node is not None:
+            try:
+                self.node.stop()
+            except Exception as e:  # noqa: BLE001 - keep cleaning
+                steps.append(f"node stop: {e}")
+            for key, pid in self.node.dataserver_pids().items():
+                if cpu_seconds(pid) is not None and base.encode() in _cmdline(pid):
+                    steps.append(f"killed data server {key} ({pid})")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        try:
+            self.teardown_raw()
+        except Exception as e:  # noqa: BLE001
+            steps.append(f"raw teardown: {e}")
+        for pid, cmd in processes_under(base).items():  # engines, fio, anything of ours
+            steps.append(f"killed {pid}: {cmd[:120]}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for target in sorted(mounts_under(base), key=len, reverse=True):
+            steps.append(f"unmounted {target}")
+            if run(["umount", target], check=False).returncode != 0:
+                run(["umount", "-l", target], check=False)
+        for device in loops_under(base):
+            steps.append(f"detached {device}")
+            run(["losetup", "-d", device], check=False)
+        deadline = time.monotonic() + 10
+        while True:
+            left = leftovers(base)
+            if not (left["mounts"] or left["loops"] or left["processes"]) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if not (left["mounts"] or left["loops"]):
+            shutil.rmtree(base, ignore_errors=True)
+        left = leftovers(base)
+        left["steps"] = steps
+        left["clean"] = not (left["mounts"] or left["loops"] or left["processes"]
+                             or left["dir_exists"])
+        return left
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def describe_fs(path: Path) -> str:
+    done = run(["df", "--output=source,target", str(path)], check=False)
+    lines = done.stdout.split("\n")
+    return " ".join(lines[1].split()) if len(lines) > 1 else "?"
+
+
+def summarise_speedscope(path: Path, seconds: int, rate: int, top: int = 15) -> dict[str, Any]:
+    """Own ('self') and total time per function from a py-spy speedscope file."""
+    data = json.loads(path.read_text())
+    frames = data["shared"]["frames"]
+    own: dict[int, float] = {}
+    total: dict[int, float] = {}
+    samples = 0.0
+    threads = []
+    for profile in data["profiles"]:
+        weights = profile.get("weights") or [1] * len(profile["samples"])
+        thread_samples = 0.0
+        for stack, weight in zip(profile["samples"], weights, strict=True):
+            if not stack:
+                continue
+            thread_samples += weight
+            own[stack[-1]] = own.get(stack[-1], 0) + weight
+            for index in set(stack):
+                total[index] = total.get(index, 0) + weight
+        samples += thread_samples
+        threads.append({"name": profile.get("name"), "samples": thread_samples})
+
+    def label(index: int) -> str:
+        frame = frames[index]
+        file = str(frame.get("file") or "")
+        for marker in ("site-packages/", "/src/", "lib/python3"):
+            if marker in file:
+                file = file.split(marker, 1)[1]
+                break
+        line = frame.get("line")
+        return f"{frame['name']} ({file}{':' + str(line) if line else ''})"
+
+    def ranked(table: dict[int, float]) -> list[dict[str, Any]]:
+        best = sorted(table.items(), key=lambda kv: kv[1], reverse=True)[:top]
+        return [{"function": label(i), "samples": w,
+                 "pct": 100 * w / samples if samples else 0} for i, w in best]
+
+    return {"samples": samples, "busy_pct_est": 100 * samples / (seconds * rate),
+            "threads": threads, "own": ranked(own), "total": ranked(total)}
+
+
+# --- aggregation and report ------------------------------------------------------------
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every number found at the same place in every run."""
+    def merge(values: list[Any]) -> Any:
+        first = values[0]
+        if isinstance(first, dict):
+            keys = [k for k in first if all(isinstance(v, dict) and k in v for v in values)]
+            return {k: merge([v[k] for v in values]) for k in keys}
+        if isinstance(first, bool) or not isinstance(first, int | float):
+            return first
+        numbers = [v for v in values if isinstance(v, int | float)]
+        return statistics.median(numbers) if numbers else None
+    return merge(runs)
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"
+
+
+def report(result: dict[str, Any], runs: int) -> str:
+    med = result["median"]
+    configs = [c for c in CONFIGS if c[0] in med]
+    cargo = [c for c in configs if c[0] != "raw"]
+    lines = [f"fio results, median of {runs} run(s); ratios = cargohold / raw "
+             f"(for latency, above 1 is slower)", ""]
+    header = ["job", "metric", *[c[1] for c in configs]]
+    if "raw" in med:
+        header += [f"{c[0]}/raw" for c in cargo]
+    rows = []
+    for job in JOBS:
+        for metric, title in METRICS:
+            row = [job.name, title]
+            for key, _, _ in configs:
+                row.append(fmt(med[key]["jobs"][job.name][metric]))
+            if "raw" in med:
+                raw = med["raw"]["jobs"][job.name][metric]
+                for key, _, _ in cargo:
+                    value = med[key]["jobs"][job.name][metric]
+                    row.append(f"{value / raw:.2f}" if raw else "-")
+            rows.append(row)
+        rows.append([])
+    lines += table(rows, header)
+    if cargo:
+        lines += ["", "engine and data servers (CPU = user+sys over the five jobs)", ""]
+        rows = []
+        for key, label, _ in cargo:
+            e, d = med[key]["engine"], med[key]["dataservers"]
+            rows.append([label, fmt(e["cpu_s"], 2), fmt(e["gib_moved"], 2),
+                         fmt(e["cpu_s_per_gib"], 2), fmt(e["vmhwm_mib"]), fmt(d["cpu_s"], 2),
+                         fmt(d["cpu_s_per_gib"], 2),
+                         " ".join(f"{k}={fmt(v)}" for k, v in d["vmhwm_mib"].items())])
+        lines += table(rows, ["config", "engine CPU s", "GiB moved", "engine s/GiB",
+                              "engine VmHWM MiB", "servers CPU s", "servers s/GiB",
+                              "servers VmHWM MiB"])
+        lines += ["", "engine CPU per job", ""]
+        rows = []
+        for job in JOBS:
+            row = [job.name]
+            for key, _, _ in cargo:
+                pj = med[key]["engine"]["per_job"][job.name]
+                sv = med[key]["jobs"][job.name]
+                ios = sv["total_ios"]
+                row += [fmt(pj["cpu_s_per_gib"], 2), fmt(pj["cpu_us_per_io"], 1),
+                        f"{100 * (pj['cpu_util'] or 0):.0f}%",
+                        fmt(sv["dataservers_cpu_s"] / ios * 1e6 if ios else None, 1)]
+            rows.append(row)
+        head = ["job"]
+        for _, label, _ in cargo:
+            short = label.split()[0] + "r"
+            head += [f"{short} eng s/GiB", f"{short} eng us/IO", f"{short} eng util",
+                     f"{short} srv us/IO"]
+        lines += table(rows, head)
+    if "raw" in med and "r2" in med:
+        lines += ["", "targets (issue 6: 2 replicas against raw)", ""]
+        rows = []
+        for title, job, metric, goal in TARGETS:
+            raw = med["raw"]["jobs"][job][metric]
+            ratio = med["r2"]["jobs"][job][metric] / raw if raw else 0
+            rows.append([title, f"{ratio:.2f}", f">= {goal:.2f}",
+                         "PASS" if ratio >= goal else "MISS"])
+        hwm = max(r["r2"]["engine"]["vmhwm_mib"] for r in result["runs"])
+        rows.append(["engine peak RSS (max of runs)", f"{hwm:.0f} MiB",
+                     f"<= {ENGINE_MEMORY_TARGET_MIB} MiB",
+                     "PASS" if hwm <= ENGINE_MEMORY_TARGET_MIB else "MISS"])
+        lines += table(rows, ["target", "measured", "goal", ""])
+    profile = result.get("profile") or {}
+    for key, summary in profile.items():
+        if not isinstance(summary, dict) or "own" not in summary:
+            if isinstance(summary, dict) and "error" in summary:
+                lines += ["", f"profile {key}: {summary['error']}"]
+            continue
+        lines += ["", f"py-spy {key}: {summary['samples']:.0f} samples, busy ~"
+                  f"{summary['busy_pct_est']:.0f}% of one core; top by own time "
+                  f"(file {summary.get('file')})"]
+        lines += [f"  {s['pct']:5.1f}%  {s['function']}" for s in summary["own"][:12]]
+    if "fio_during_profile" in profile:
+        f = profile["fio_during_profile"]
+        lines += ["", f"(fio during profiling, not counted: {f['iops']:.0f} IOPS)"]
+    return "\n".join(lines)
+
+
+def table(rows: list[list[str]], header: list[str]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows] if len(r) > i)
+              for i in range(len(header))]
+    out = []
+    for n, row in enumerate([header, [], *rows]):
+        if not row:
+            out.append("-" * (sum(widths) + 2 * (len(widths) - 1)) if n == 1 else "")
+            continue
+        cells = [str(c).rjust(w) if i >= 2 or (i == 1 and c[:1].isdigit()) else
+                 str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False))]
+        out.append("  ".join(cells).rstrip())
+    while out and not out[-1]:
+        out.pop()
+    return out
+
+
+# --- entry point -----------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--quick", action="store_true", help="5 s random jobs, 256M file, 1 run")
+    p.add_argument("--runs", type=int, default=0,
+                   help="repeat everything N times, report the median (default 3; 1 if --quick)")
+    p.add_argument("--configs", default="raw,r1,r2",
+                   help="comma-separated subset of raw,r1,r2 (default all)")
+    p.add_argument("--drop-caches", action="store_true",
+                   help="sync and drop the page cache before every read job (the data "
+                        "servers read through the page cache; the raw loop does not)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the last 2-replica run's jobs, run one more randwrite job "
+                        "(not counted) and py-spy the engine and data servers during it")
+    p.add_argument("--profile-seconds", type=int, default=PROFILE_SECONDS)
+    p.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second")
+    p.add_argument("--profile-native", action="store_true", help="py-spy --native")
+    p.add_argument("--tmp-parent", default="",
+                   help="where the temporary directory goes (default: /var/tmp or /tmp, "
+                        "whichever is on the repository's filesystem)")
+    p.add_argument("--no-save", action="store_true", help="do not write results/*.json")
+    args = p.parse_args(argv)
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = set(args.configs) - {c[0] for c in CONFIGS}
+    if unknown or not args.configs:
+        p.error(f"--configs: unknown {', '.join(sorted(unknown)) or '(empty)'}")
+    if args.runs < 0:
+        p.error("--runs must be at least 1")
+    if not args.tmp_parent:
+        repo_dev = os.stat(ROOT).st_dev
+        same = [d for d in ("/var/tmp", "/tmp") if os.path.isdir(d)
+                and os.stat(d).st_dev == repo_dev]
+        args.tmp_parent = same[0] if same else "/var/tmp"
+        if not same:
+            log("warning: neither /var/tmp nor /tmp is on the repository's filesystem")
+    return args
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[dict[str, bool]]:
+    """SIGTERM/SIGHUP/SIGINT raise ``Interrupted`` once; during cleanup they are noted only."""
+    state = {"cleaning": False, "got": False}
+
+    def handler(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if state["cleaning"] or state["got"]:
+            log(f"{name} received; still cleaning up")
+            return
+        state["got"] = True
+        raise Interrupted(name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP,
+                                                        signal.SIGINT)}
+    try:
+        yield state
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("fio_bench.py needs root (loop devices, mounts, FUSE)", file=sys.stderr)
+        return 2
+    for tool in (FIO, "losetup", "mkfs.ext4"):
+        if not shutil.which(tool):
+            print(f"{tool} is not installed", file=sys.stderr)
+            return 2
+    with signals_raise() as state:
+        bench = Bench(args)
+        result: dict[str, Any] | None = None
+        status = 0
+        error = ""
+        try:
+            result = bench.main()
+        except Interrupted as e:
+            error = f"interrupted by {e}"
+            status = 130
+        except Exception as e:  # noqa: BLE001 - report, then clean up
+            error = f"{type(e).__name__}: {e}"
+            status = 1
+            if bench.node is not None and "--- logs ---" not in error:
+                error += f"\n--- logs (before cleanup) ---\n{bench.node.tail(1500)}"
+        finally:
+            state["cleaning"] = True
+            log("cleaning up")
+            left = bench.cleanup()
+        if error:
+            log(f"benchmark failed: {error}")
+    for step in left["steps"]:
+        log(f"cleanup: {step}")
+    if left["clean"]:
+        log(f"cleanup: OK, nothing left (no mounts, loop devices or processes under "
+            f"{bench.tmp}; directory removed)")
+    else:
+        log(f"cleanup: LEFT OVER: {json.dumps(left, indent=2)}")
+        status = status or 3
+    if result is None:
+        return status
+    meta = {
+        "timestamp": bench.stamp,
+        "args": {k: v for k, v in vars(args).items()},
+        "runs": bench.runs, "file_size": bench.size, "runtime_s": bench.runtime,
+        "ramp_s": bench.ramp, "volume_size": VOLUME_SIZE,
+        "kernel": platform.release(), "cpus": os.cpu_count(),
+        "fio": run([FIO, "--version"], check=False).stdout.strip(),
+        "python": platform.python_version(), "tmp_dir": str(bench.tmp),
+        "tmp_fs": describe_fs(Path(args.tmp_parent)), "repo_fs": describe_fs(ROOT),
+        "jobs": [vars(j) for j in JOBS], "cleanup": left,
+    }
+    result = {"meta": meta, **result}
+    text = report(result, bench.runs)
+    print(text)
+    if not args.no_save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"{bench.stamp}.json"
+        result["report"] = text
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nresults written to {path}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The Docker volume plugin (legacy v1 protocol), served by the node on a unix socket.
+
+Docker discovers it at ``/run/docker/plugins/cargohold.sock``. ``Mount``/``Unmount`` carry a
+random ID per mount and one volume can be mounted by several containers of a host at once:
+the first Mount attaches, the last Unmount detaches. Those references are kept in a file, so
+a restarted node (plugin) still knows which containers use which volume. Create may arrive
+twice at the same moment (from two Swarm nodes) and must succeed both times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from cargohold.core.sizes import parse_size
+from cargohold.errors import CargoholdError, InvalidArgument, InvalidOption, VolumeExists
+from cargohold.services.agent import Agent
+from cargohold.services.volumes import VolumeService
+from cargohold.stores.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
+OPTIONS = {"size": "1G", "replicas": "2", "fs": "ext4"}
+
+
+class MountRefs:
+    """Which Docker mount IDs hold each volume on this host, kept in a JSON file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._refs: dict[str, list[str]] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self._refs = {}
+
+    def holders(self, name: str) -> list[str]:
+        return list(self._refs.get(name, []))
+
+    def set(self, name: str, ids: list[str]) -> None:
+        if ids:
+            self._refs[name] = ids
+        else:
+            self._refs.pop(name, None)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._refs))
+        os.replace(tmp, self.path)
+
+
+class DockerPlugin:
+    def __init__(self, catalog: Catalog, volumes: VolumeService, agent: Agent,
+                 refs_file: Path) -> None:
+        self.catalog = catalog
+        self.volumes = volumes
+        self.agent = agent
+        self.refs = MountRefs(refs_file)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def activate(self, _body: dict[str, Any]) -> dict[str, Any]:
+        return {"Implements": ["VolumeDriver"]}
+
+    async def capabilities(self, _body: dict[str, Any]) -> dict[str, Any]:
+        return {"Capabilities": {"Scope": "global"}}
+
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = _name(body)
+        given = body.get("Opts") or {}
+        unknown = sorted(set(given) - set(OPTIONS))
+        if unknown:
+            raise InvalidOption(option=unknown[0], known=", ".join(sorted(OPTIONS)))
+        opts = {**OPTIONS, **given}
+        existing = await self.catalog.find_volume(name)
+        if existing is not None and not given:
+            return {"Err": ""}  # `docker run -v NAME:/x` of an existing volume
+        try:
+            await self.volumes.create(name, opts["size"], opts["replicas"], opts["fs"],
+                                      exist_ok=True)
+        except VolumeExists:
+            if existing is not None:
+                size = parse_size(opts["size"])
+                raise InvalidArgument(
+                    what="options", detail=f"volume {name!r} exists with size "
+                    f"{existing.size}, {existing.replica_count} replicas and {existing.fs}; "
+                    f"asked for {size}, {opts['replicas']} and {opts['fs']}") from None
+            raise
+        return {"Err": ""}
+
+    async def remove(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = _name(body)
+        if self.refs.holders(name):
+            raise InvalidArgument(what="remove", detail=f"volume {name!r} is mounted by "
+                                  f"{len(self.refs.holders(name))} container(s) on this host")
+        await self.volumes.remove(name)
+        return {"Err": ""}
+
+    async def mount(self, body: dict[str, Any]) -> dict[str, Any]:
+        name, mount_id = _name(body), str(body.get("ID", ""))
+        async with self._lock(name):
+            holders = self.refs.holders(name)
+            volume = await self.agent.attach(name)  # same mount when already attached here
+            if mount_id not in holders:
+                self.refs.set(name, [*holders, mount_id])
+        assert volume.attachment is not None
+        return {"Mountpoint": volume.attachment.mountpoint, "Err": ""}
+
+    async def unmount(self, body: dict[str, Any]) -> dict[str, Any]:
+        name, mount_id = _name(body), str(body.get("ID", ""))
+        async with self._lock(name):
+            holders = [h for h in self.refs.holders(name) if h != mount_id]
+            if not holders:
+                await self.agent.detach(name)
+            self.refs.set(name, holders)
+        return {"Err": ""}
+
+    async def path(self, body: dict[str, Any]) -> dict[str, Any]:
+        volume = await self.catalog.volume(_name(body))
+        return {"Mountpoint": self._mountpoint(volume.attachment), "Err": ""}
+
+    async def get(self, body: dict[str, Any]) -> dict[str, Any]:
+        volume = await self.catalog.volume(_name(body))
+        status = {"size": volume.size, "replicas": volume.replica_count,
+                  "in_sync": len(volume.in_sync()), "fs": volume.fs,
+                  "state": volume.state.value, "id": volume.id,
+                  "node": volume.attachment.node if volume.attachment else ""}
+        return {"Volume": {"Name": volume.name, "Mountpoint": self._mountpoint(volume.attachment),
+                           "Status": status}, "Err": ""}
+
+    async def list(self, _body: dict[str, Any]) -> dict[str, Any]:
+        return {"Volumes": [{"Name": v.name, "Mountpoint": self._mountpoint(v.attachment)}
+                            for v in await self.catalog.volumes()], "Err": ""}
+
+    def _mountpoint(self, attachment: Any) -> str:
+        if attachment is None or attachment.node != self.agent.node:
+            return ""
+        return str(attachment.mountpoint)
+
+
+def _name(body: dict[str, Any]) -> str:
+    name = body.get("Name")
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(what="request", detail="Name is missing")
+    return name
+
+
+def create_app(plugin: DockerPlugin) -> Starlette:
+    handlers = {
+        "/Plugin.Activate": plugin.activate,
+        "/VolumeDriver.Capabilities": plugin.capabilities,
+        "/VolumeDriver.Create": plugin.create,
+        "/VolumeDriver.Remove": plugin.remove,
+        "/VolumeDriver.Mount": plugin.mount,
+        "/VolumeDriver.Unmount": plugin.unmount,
+        "/VolumeDriver.Path": plugin.path,
+        "/VolumeDriver.Get": plugin.get,
+        "/VolumeDriver.List": plugin.list,
+    }
+
+    def endpoint(path: str) -> Any:
+        handler = handlers[path]
+
+        async def serve(request: Request) -> JSONResponse:
+            raw = await request.body()
+            try:
+                body = json.loads(raw) if raw.strip() else {}
+                result = await handler(body if isinstance(body, dict) else {})
+            except CargoholdError as e:  # Docker shows Err to the user as it is
+                log.info("%s refused: %s", path, e.message)
+                result = {"Err": f"{e.message} [{e.code}]"}
+            except ValueError as e:
+                result = {"Err": f"malformed request: {e}"}
+            return JSONResponse(result, media_type=CONTENT_TYPE)
+
+        return serve
+
+    return Starlette(routes=[Route(p, endpoint(p), methods=["POST"]) for p in handlers])
