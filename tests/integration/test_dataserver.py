@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from cargohold.clients import dataclient
 from cargohold.clients.dataclient import DataClient
 from cargohold.core import wire
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
@@ -357,6 +358,29 @@ def test_bad_frame_closes_only_that_connection() -> None:
             writer.close()
             await writer.wait_closed()
             assert (await client.hello())["id"] == store.server_id
+        finally:
+            await client.close()
+            await server.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize("chunks", [7, 6, 2])
+def test_generations_come_in_pages(monkeypatch: pytest.MonkeyPatch, chunks: int) -> None:
+    monkeypatch.setattr(dataclient, "_GENS_PAGE", 3)
+
+    async def body() -> None:
+        store = MemoryChunkStore()
+        server = await serve(store, "127.0.0.1", 0)
+        client = DataClient(server.address)
+        try:
+            await client.connect()
+            v = vid()
+            await client.create(v, chunks * CHUNK_SIZE)
+            for chunk in range(chunks):
+                await client.write(v, 1, chunk * CHUNK_SIZE, b"p" * BLOCK_SIZE, chunk + 1)
+            raw = await client.generations(v)
+            assert struct.unpack(f"<{chunks}Q", raw) == tuple(range(1, chunks + 1))
         finally:
             await client.close()
             await server.close()

@@ -130,6 +130,19 @@ def test_generations_keep_the_highest_per_chunk(store: ChunkStore) -> None:
     assert replica.info().chunks_written == 3
 
 
+def test_generations_by_range(store: ChunkStore) -> None:
+    replica = store.create(vid(), 5 * MIB)
+    for chunk in range(5):
+        replica.write(chunk * CHUNK_SIZE, b"r" * BLOCK_SIZE, 10 + chunk)
+    assert gens(replica.generations(1, 2)) == [11, 12]
+    assert gens(replica.generations(3)) == [13, 14]
+    assert gens(replica.generations(4, 100)) == [14]
+    assert replica.generations(5) == b""
+    for first, count in ((6, None), (-1, 1), (0, -1)):
+        with pytest.raises(InvalidArgument):
+            replica.generations(first, count)
+
+
 def test_generations_cover_a_partial_last_chunk(store: ChunkStore) -> None:
     replica = store.create(vid(), CHUNK_SIZE + BLOCK_SIZE)
     replica.write(CHUNK_SIZE, b"z" * BLOCK_SIZE, 2)
@@ -298,9 +311,19 @@ def test_persistence_across_reopen(make_disk: Callable[[], DiskChunkStore]) -> N
     assert reopened.read(CHUNK_SIZE, len(data)) == data
     assert reopened.epoch == 9
     assert gens(reopened.generations()) == [0, 6, 6, 0]
+    assert reopened.info().chunks_written == 2
     assert again.provisioned() == 4 * MIB
     with pytest.raises(Fenced):
         reopened.fence(8)
+
+
+def test_delete_removes_the_directory(make_disk: Callable[[], DiskChunkStore]) -> None:
+    store = make_disk()
+    v = vid()
+    store.create(v, 4 * MIB).write(0, os.urandom(MIB), 1)
+    store.delete(v)
+    store.close()  # waits for the background removal
+    assert list((store.root / "replicas").iterdir()) == []
 
 
 def test_reopen_removes_half_made_replicas(make_disk: Callable[[], DiskChunkStore]) -> None:

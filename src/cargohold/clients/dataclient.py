@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from types import TracebackType
 from typing import Any
 
+from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.wire import (
+    MAX_GENS_CHUNKS,
     BytesLike,
     Op,
     ResponseHeader,
@@ -47,6 +50,22 @@ _LARGE = 64 << 10
 _BATCH = 32
 _BATCH_BYTES = 128 << 10
 _CLOSE_GRACE = 1.0
+_GENS_PAGE = MAX_GENS_CHUNKS
+#: A server host that vanishes without a reset (power loss, partition) is declared lost
+#: after about this long: unacknowledged requests or unanswered keepalive probes.
+_DEAD_PEER_SECONDS = 10
+
+
+def _detect_dead_peers(transport: asyncio.Transport | None) -> None:
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 5)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _DEAD_PEER_SECONDS * 1000)
 
 
 class _Protocol(asyncio.BufferedProtocol):
@@ -136,6 +155,7 @@ class DataClient:
             raise self._unavailable(f"no connection within {timeout} s") from None
         except OSError as exc:
             raise self._unavailable(f"cannot connect: {exc.strerror or exc}") from None
+        _detect_dead_peers(protocol.transport)
         self._protocol = protocol
         self._paused = False
         self._problem = ""
@@ -256,8 +276,20 @@ class DataClient:
         )
 
     async def generations(self, volume_id: str, *, timeout: float | None = None) -> bytes:
-        """Every chunk's generation as little-endian u64s."""
-        return await self._call(Op.GENS, volume_id, timeout=timeout)
+        """Every chunk's generation as little-endian u64s (fetched in pages if big).
+
+        ``timeout`` applies to each page.
+        """
+        pages: list[bytes] = []
+        offset = 0
+        while True:
+            page = await self._call(
+                Op.GENS, volume_id, offset=offset, length=_GENS_PAGE, timeout=timeout
+            )
+            pages.append(page)
+            if len(page) < _GENS_PAGE * 8:
+                return page if len(pages) == 1 else b"".join(pages)
+            offset += _GENS_PAGE * CHUNK_SIZE
 
     async def fence(self, volume_id: str, epoch: int, *, timeout: float | None = None) -> None:
         """Raise the replica's epoch: I/O with a lower epoch is refused from now on."""

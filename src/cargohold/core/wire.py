@@ -36,6 +36,9 @@ VERSION = 1
 #: The largest payload either side accepts; a frame announcing more is a broken stream.
 MAX_PAYLOAD = 16 << 20
 
+#: The most chunk generations one GENS answer carries (8 MiB: volumes up to 1 TiB at once).
+MAX_GENS_CHUNKS = 1 << 20
+
 #: A ``bytes``-like buffer accepted wherever data is sent.
 BytesLike = bytes | bytearray | memoryview
 
@@ -55,7 +58,7 @@ class Op(IntEnum):
     WRITE = 6  # offset, generation, payload = data
     FLUSH = 7  # fdatasync the replica
     TRIM = 8  # offset, length, generation: punch a hole
-    GENS = 9  # -> chunk generations, little-endian u64 each
+    GENS = 9  # offset (chunk aligned), length = chunk count (0: up to MAX_GENS_CHUNKS) -> u64s
     FENCE = 10  # raise the replica's epoch to the request's epoch
 
 
@@ -67,12 +70,6 @@ class Status(IntEnum):
     NO_SPACE = 4  # payload: utf-8 message
     INVALID = 5  # payload: utf-8 "what: detail"
     IO_ERROR = 6  # payload: utf-8 message
-
-
-#: Ops that address no replica: their volume id is all zeros.
-SERVER_OPS = frozenset({Op.HELLO})
-#: Ops that may carry epoch 0; every other replica op needs an epoch of at least 1.
-EPOCHLESS_OPS = frozenset({Op.HELLO, Op.CREATE, Op.DELETE, Op.STAT, Op.GENS})
 
 
 class RequestHeader(NamedTuple):

@@ -22,7 +22,9 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.wire import (
+    MAX_GENS_CHUNKS,
     MAX_PAYLOAD,
     VERSION,
     BytesLike,
@@ -215,7 +217,13 @@ class _Connection(asyncio.BufferedProtocol):
         return b""
 
     def _generations(self, header: RequestHeader, payload: memoryview) -> bytes:
-        return self._store.replica(header.volume_id).generations()
+        replica = self._store.replica(header.volume_id)
+        if header.offset % CHUNK_SIZE:
+            raise InvalidArgument(
+                what="offset", detail=f"GENS offsets are multiples of the chunk size {CHUNK_SIZE}"
+            )
+        count = header.length or MAX_GENS_CHUNKS  # GENS counts chunks, not bytes
+        return replica.generations(header.offset // CHUNK_SIZE, min(count, MAX_GENS_CHUNKS))
 
     def _fence(self, header: RequestHeader, payload: memoryview) -> bytes:
         if header.epoch == 0:
