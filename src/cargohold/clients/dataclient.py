@@ -15,7 +15,7 @@ import asyncio
 import logging
 import socket
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.wire import (
@@ -78,8 +78,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._reader.get_buffer()

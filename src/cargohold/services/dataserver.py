@@ -21,6 +21,9 @@ import signal
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import cast
+
+import uvloop
 
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.wire import (
@@ -72,8 +75,7 @@ class _Connection(asyncio.BufferedProtocol):
     # --- asyncio callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._server.connections.add(self)
@@ -347,7 +349,7 @@ def run(root: Path, host: str, port: int, ready_file: Path | None = None) -> Non
     the server's address survives restarts. ``ready_file`` is written (atomically) once the
     server listens: ``{"id": ..., "address": "host:port", "pid": ...}``.
     """
-    asyncio.run(_run(Path(root), host, port, ready_file))
+    uvloop.run(_run(Path(root), host, port, ready_file))  # ~2x less loop overhead per request
 
 
 async def _run(root: Path, host: str, port: int, ready_file: Path | None) -> None:

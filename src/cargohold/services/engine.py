@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import uvloop
+
 from cargohold.clients.dataclient import DataClient
 from cargohold.core.layout import BLOCK_SIZE
 from cargohold.core.models import DataServer, ReplicaState, Volume
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s")
     try:
-        return asyncio.run(serve(args.metadata, args.volume, args.epoch, args.node,
+        return uvloop.run(serve(args.metadata, args.volume, args.epoch, args.node,
                                  args.mountpoint, args.ready_file))
     except CargoholdError as e:
         log.error("%s", e)
