@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from array import array
 from typing import Any
 
 import pytest
 
+from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.models import DataServer, Replica, Volume
 from cargohold.errors import DataServerUnavailable, Fenced, NoReplicaLeft
 from cargohold.services.engine import Member, ReplicaSet
@@ -19,12 +21,14 @@ class FakeClient:
         self.fail = fail
         self.blocks: dict[int, bytes] = {}
         self.closed = False
+        self.gens = [0] * 16
 
     async def write(self, _vid: str, _epoch: int, offset: int, data: bytes, gen: int) -> None:
         await asyncio.sleep(0)
         if self.fail:
             raise DataServerUnavailable(server=self.name, address="-", detail="gone")
         self.blocks[offset] = data
+        self.gens[offset // CHUNK_SIZE] = max(self.gens[offset // CHUNK_SIZE], gen)
         self.log.append(f"write {self.name} gen={gen}")
 
     async def read(self, _vid: str, _epoch: int, offset: int, length: int) -> bytes:
@@ -39,6 +43,9 @@ class FakeClient:
 
     async def close(self) -> None:
         self.closed = True
+
+    async def generations(self, _vid: str) -> bytes:
+        return array("Q", self.gens).tobytes()
 
 
 def _set(fail: tuple[bool, ...]) -> tuple[ReplicaSet, list[str], list[FakeClient]]:
@@ -115,3 +122,33 @@ def test_read_falls_over_to_the_next_replica_and_handles_unaligned_io() -> None:
     assert "marked s0" in log
     asyncio.run(rs.write(100, b"Q" * 10))  # read-modify-write of one block
     assert clients[1].blocks[0][100:110] == b"Q" * 10
+
+
+def test_reconcile_copies_only_chunks_whose_generations_differ() -> None:
+    rs, log, clients = _set((False, False, False))
+    newest = b"N" * CHUNK_SIZE
+    clients[0].blocks[3 * CHUNK_SIZE] = newest  # the writer died after one replica got it
+    clients[0].gens[3] = 9
+    for c in clients:
+        c.gens[5] = 4  # agreeing chunks are left alone
+    assert asyncio.run(rs.reconcile()) == 1
+    assert all(c.blocks[3 * CHUNK_SIZE] == newest and c.gens[3] == 9 for c in clients)
+    assert sorted(line for line in log if line.startswith("write")) == [
+        "write s1 gen=9", "write s2 gen=9"]
+    assert asyncio.run(rs.reconcile()) == 0
+
+
+def test_once_fenced_every_io_fails_at_once() -> None:
+    rs, log, clients = _set((False, False))
+
+    async def fenced(*_a: Any) -> None:
+        raise Fenced(volume_id="v", epoch=3, current=4)
+
+    clients[0].write = fenced  # type: ignore[method-assign]
+    with pytest.raises(Fenced):
+        asyncio.run(rs.write(0, b"a" * 4096))
+    count = len(log)
+    for io in (rs.read(0, 4096), rs.flush(), rs.write(4096, b"b" * 4096)):
+        with pytest.raises(Fenced):
+            asyncio.run(io)
+    assert len(log) == count  # nothing more reached any replica

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from array import array
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import uvloop
 
 from cargohold.clients.dataclient import DataClient
-from cargohold.core.layout import BLOCK_SIZE
+from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
 from cargohold.core.models import DataServer, ReplicaState, Volume
 from cargohold.errors import (
     CargoholdError,
@@ -65,6 +66,7 @@ class ReplicaSet:
         self._failing: dict[str, asyncio.Future[None]] = {}
         self.members: list[Member] = []
         self._generation = epoch << 32
+        self.fenced: Fenced | None = None  # once fenced, every later I/O fails at once
 
     async def open(self) -> None:
         """Connect to every in-sync replica and claim it with this attachment's epoch."""
@@ -86,6 +88,52 @@ class ReplicaSet:
             self.members.append(Member(server, client))
         if not self.members:
             raise NoReplicaLeft(name=self.name)
+        copied = await self.reconcile()
+        if copied:
+            log.warning("%s: %d chunks differed among the in-sync replicas and were copied "
+                        "from the newest", self.name, copied)
+
+    async def reconcile(self) -> int:
+        """Make the in-sync replicas agree before the volume is used; return chunks copied.
+
+        A writer that died with writes in flight can leave replicas that differ; those writes
+        were never acknowledged, so any one version is right, but all replicas must hold the
+        same one. Chunks whose generations differ are copied from the replica holding the
+        newest generation, with that generation.
+        """
+        if len(self.members) < 2:
+            return 0
+        members = list(self.members)
+        results = await asyncio.gather(*(m.client.generations(self.volume_id) for m in members),
+                                       return_exceptions=True)
+        tables: list[tuple[Member, array[int]]] = []
+        for member, result in zip(members, results, strict=True):
+            if isinstance(result, Fenced):
+                raise result
+            if isinstance(result, BaseException):
+                await self._drop(member, f"reading generations failed: {result}")
+            else:
+                tables.append((member, _as_le_u64(bytes(result))))
+        if len(tables) < 2 or all(t.tobytes() == tables[0][1].tobytes() for _, t in tables):
+            return 0
+        count = min(len(t) for _, t in tables)
+        copied = 0
+        for chunk in range(count):
+            gens = [t[chunk] for _, t in tables]
+            newest = max(gens)
+            if min(gens) == newest:
+                continue
+            source = tables[gens.index(newest)][0]
+            offset = chunk * CHUNK_SIZE
+            length = min(CHUNK_SIZE, self.size - offset)
+            data = await source.client.read(self.volume_id, self.epoch, offset, length)
+            stale = [m for (m, _), g in zip(tables, gens, strict=True) if g != newest]
+            written = await asyncio.gather(
+                *(m.client.write(self.volume_id, self.epoch, offset, data, newest)
+                  for m in stale), return_exceptions=True)
+            await self._settle(stale, written, "reconcile")
+            copied += 1
+        return copied
 
     async def close(self) -> None:
         for member in self.members:
@@ -94,11 +142,16 @@ class ReplicaSet:
 
     # -- the data path -------------------------------------------------------------------
 
+    def _check_fenced(self) -> None:
+        if self.fenced is not None:
+            raise self.fenced
+
     def _next_generation(self) -> int:
         self._generation += 1
         return self._generation
 
     async def read(self, offset: int, length: int) -> bytes:
+        self._check_fenced()
         if offset % BLOCK_SIZE or length % BLOCK_SIZE:
             start = offset - offset % BLOCK_SIZE
             end = -(-(offset + length) // BLOCK_SIZE) * BLOCK_SIZE
@@ -107,7 +160,8 @@ class ReplicaSet:
         for member in list(self.members):
             try:
                 return await member.client.read(self.volume_id, self.epoch, offset, length)
-            except Fenced:
+            except Fenced as e:
+                self._fence(e)
                 raise
             except ChecksumMismatch as e:
                 log.error("%s; reading another replica", e)  # repair: self-healing issue
@@ -116,6 +170,7 @@ class ReplicaSet:
         raise NoReplicaLeft(name=self.name)
 
     async def write(self, offset: int, data: bytes) -> None:
+        self._check_fenced()
         if offset % BLOCK_SIZE or len(data) % BLOCK_SIZE:
             await self._write_unaligned(offset, data)
             return
@@ -129,6 +184,7 @@ class ReplicaSet:
         await self._settle(members, results, "write")
 
     async def flush(self) -> None:
+        self._check_fenced()
         members = list(self.members)
         results = await asyncio.gather(
             *(m.client.flush(self.volume_id, self.epoch) for m in members),
@@ -137,6 +193,7 @@ class ReplicaSet:
         await self._settle(members, results, "flush")
 
     async def trim(self, offset: int, length: int) -> None:
+        self._check_fenced()
         start = -(-offset // BLOCK_SIZE) * BLOCK_SIZE  # only whole blocks become holes
         end = (offset + length) // BLOCK_SIZE * BLOCK_SIZE
         if end <= start:
@@ -158,12 +215,21 @@ class ReplicaSet:
     async def _settle(self, members: list[Member], results: Sequence[object], what: str) -> None:
         """Drop the replicas that failed (recording it first); raise if the I/O failed."""
         for member, result in zip(members, results, strict=True):
-            if isinstance(result, Fenced | NoSpace):
+            if isinstance(result, Fenced):
+                self._fence(result)
+                raise result
+            if isinstance(result, NoSpace):
                 raise result
             if isinstance(result, BaseException):
                 await self._drop(member, f"{what} failed: {result}")
         if not self.members:
             raise NoReplicaLeft(name=self.name)
+
+    def _fence(self, error: Fenced) -> None:
+        if self.fenced is None:
+            log.error("fenced: volume %s is attached elsewhere now (%s); refusing all I/O",
+                      self.name, error)
+            self.fenced = error
 
     async def _drop(self, member: Member, reason: str) -> None:
         """Take a replica out of the set; returns once the metadata store knows."""
@@ -177,6 +243,13 @@ class ReplicaSet:
             self._failing[server_id] = pending
             pending.add_done_callback(lambda _: asyncio.ensure_future(member.client.close()))
         await asyncio.shield(pending)
+
+
+def _as_le_u64(raw: bytes) -> array[int]:
+    table = array("Q", raw)  # the data servers answer GENS little-endian
+    if sys.byteorder == "big":
+        table.byteswap()
+    return table
 
 
 def out_of_sync_marker(catalog: Catalog, name: str, epoch: int) -> MarkFailed:
