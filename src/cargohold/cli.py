@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
                          ("detach", "unmount and detach"), ("rm", "remove a volume")):
         sub = volume.add_parser(action, help=text)
         sub.add_argument("name")
+        if action == "detach":
+            sub.add_argument("--force", action="store_true",
+                             help="release a volume attached on a node that is down (refused "
+                                  "while that node's lease is alive)")
         output(sub)
 
     node = commands.add_parser("node", help="run this host's node, or list nodes")
@@ -75,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="address the data servers listen on")
     node.add_argument("--docker-socket", default=str(DEFAULT_DOCKER_SOCKET),
                       help="where to serve the Docker volume plugin ('none' to disable)")
+    node.add_argument("--lease-ttl", type=float, default=10.0,
+                      help="seconds without renewal after which this node counts as down "
+                           "and its volumes may be taken over (default 10)")
+    node.add_argument("--csi-endpoint", default="none",
+                      help="serve the Kubernetes CSI driver on unix:///PATH (default: none)")
     node_actions = node.add_subparsers(dest="action")
     output(node_actions.add_parser("ls", help="list nodes and their data servers"))
     return parser
@@ -101,13 +110,16 @@ def _run_node(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s node %(levelname)s %(name)s: %(message)s")
     fields: dict[str, Any] = {"state_dir": args.state_dir, "data_dirs": args.data_dir,
-                              "metadata": args.metadata, "data_host": args.data_host}
+                              "metadata": args.metadata, "data_host": args.data_host,
+                              "lease_ttl": args.lease_ttl}
     if args.name:
         fields["name"] = args.name
     fields["docker_socket"] = None if args.docker_socket == "none" else Path(args.docker_socket)
     if args.api:
         fields["api"] = [Endpoint(url=url) for url in args.api]
     try:
+        if args.csi_endpoint != "none":
+            fields["csi_endpoint"] = Endpoint(url=args.csi_endpoint)
         fields["token"] = client_config(None, args.token).token
         config = NodeConfig(**fields)
     except (ValidationError, ValueError) as e:
@@ -139,7 +151,8 @@ def _run_client(args: argparse.Namespace) -> int:
             volume = api.request("POST", f"/v1/volumes/{name}/attach")
             _emit(volume, as_json, volume["attachment"]["mountpoint"])
         elif args.action == "detach":
-            _emit(api.request("POST", f"/v1/volumes/{name}/detach"), as_json, name)
+            force = "?force=true" if args.force else ""
+            _emit(api.request("POST", f"/v1/volumes/{name}/detach{force}"), as_json, name)
         elif args.action == "rm":
             api.request("DELETE", f"/v1/volumes/{name}")
             _emit({"name": name, "removed": True}, as_json, name)

@@ -61,8 +61,9 @@ class NodeConfig(BaseModel):
     api: list[Endpoint] = [Endpoint(url=DEFAULT_API)]
     token: str = ""  # required on TCP endpoints
     docker_socket: Path | None = DEFAULT_DOCKER_SOCKET  # None: no Docker volume plugin
+    csi_endpoint: Endpoint | None = None  # unix:///PATH of the CSI driver; None: no CSI
     data_host: str = "127.0.0.1"  # address the data servers listen on and advertise
-    lease_ttl: float = 10.0
+    lease_ttl: float = Field(default=10.0, ge=2.0)  # seconds; keepalive every second
     server_check_interval: float = 1.0
 
     def model_post_init(self, _context: object) -> None:
@@ -72,6 +73,9 @@ class NodeConfig(BaseModel):
             raise InvalidArgument(what="API endpoint",
                                   detail="a TCP API needs a bearer token (--token or "
                                          f"{TOKEN_ENV})")
+        if self.csi_endpoint is not None and not self.csi_endpoint.is_unix:
+            raise InvalidArgument(what="CSI endpoint",
+                                  detail="the CSI driver serves a unix socket: unix:///PATH")
 
 
 class ClientConfig(BaseModel):

@@ -135,6 +135,13 @@ class VolumeInUse(CargoholdError):
     kind = Kind.CONFLICT
 
 
+class OwnerAlive(CargoholdError):
+    """Volume {name!r} is attached on node {node!r}, whose lease is alive: it is up, so --force is refused. Detach it there."""  # noqa: E501
+
+    code = "owner_alive"
+    kind = Kind.CONFLICT
+
+
 class VolumeBusy(CargoholdError):
     """Volume {name!r} is {state}; try again when that operation has finished."""
 

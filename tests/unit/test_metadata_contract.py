@@ -496,7 +496,7 @@ def test_open_store(tmp_path: Path) -> None:
         assert (tmp_path / "m.db").exists()
 
     asyncio.run(body())
-    for bad in ["", "memory:", "sqlite://relative.db", "sqlite:///", "etcd://h:2379", "x"]:
+    for bad in ["", "memory:", "sqlite://relative.db", "sqlite:///", "etcd://", "etcd://h", "x"]:
         with pytest.raises(errors.InvalidArgument):
             open_store(bad)
 

@@ -55,11 +55,12 @@ class Services:
         self.ready = False
 
 
-def health(last_seen: float, stale_after: float) -> str:
-    age = time.time() - last_seen
-    if age <= stale_after:
+def health(last_seen: float, stale_after: float, alive: bool = True) -> str:
+    """up: lease alive and seen lately; suspect: one of the two; down: neither."""
+    recent = time.time() - last_seen <= stale_after
+    if alive and recent:
         return "up"
-    return "suspect" if age <= 3 * stale_after else "down"
+    return "suspect" if alive or recent else "down"
 
 
 def volume_view(volume: Volume, servers: dict[str, DataServer],
@@ -78,9 +79,11 @@ def volume_view(volume: Volume, servers: dict[str, DataServer],
     return view
 
 
-def node_view(node: Node, servers: list[DataServer], stale_after: float) -> dict[str, Any]:
+def node_view(node: Node, servers: list[DataServer], stale_after: float,
+              alive: bool) -> dict[str, Any]:
     view = node.model_dump(mode="json")
-    view["health"] = health(node.last_seen, stale_after)
+    view["health"] = health(node.last_seen, stale_after, alive)
+    view["lease"] = "alive" if alive else "expired"
     view["data_servers"] = [
         {**s.model_dump(mode="json"),
          "health": "up" if s.state.value == "up" and health(s.last_seen, stale_after) == "up"
@@ -158,12 +161,17 @@ def create_app(services: Services, token: str = "") -> FastAPI:
         return volume_view(await services.agent.attach(name), await servers())
 
     @app.post("/v1/volumes/{name}/detach")
-    async def detach_volume(name: str) -> dict[str, Any]:
+    async def detach_volume(name: str, force: bool = False) -> dict[str, Any]:
+        volume = await services.catalog.volume(name)
+        if force and volume.attachment is not None and volume.attachment.node != services.node:
+            return volume_view(await services.volumes.release(name), await servers())
         return volume_view(await services.agent.detach(name), await servers())
 
     @app.get("/v1/nodes")
     async def list_nodes() -> list[dict[str, Any]]:
         known = list((await servers()).values())
-        return [node_view(n, known, services.stale_after) for n in await services.catalog.nodes()]
+        alive = await services.catalog.live_nodes()
+        return [node_view(n, known, services.stale_after, n.name in alive)
+                for n in await services.catalog.nodes()]
 
     return app

@@ -106,6 +106,14 @@ def node_key(name: str) -> str:
     return f"nodes/{name}"
 
 
+LIVENESS_PREFIX = "leases/nodes/"
+
+
+def liveness_key(name: str) -> str:
+    """Exists while the node's lease is alive."""
+    return f"{LIVENESS_PREFIX}{name}"
+
+
 def garbage_key(server_id: str, volume_id: str) -> str:
     """A replica to delete once its data server answers again."""
     return f"garbage/{server_id}/{volume_id}"

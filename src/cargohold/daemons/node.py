@@ -1,8 +1,9 @@
 """``cargohold node``: one host's long-running service.
 
 It runs a data server per data directory, registers them and itself in the metadata store,
-keeps a lease alive, recovers the agent's leftovers, serves the REST API, and on SIGTERM
-detaches what it attached and stops its data servers.
+keeps a lease alive, recovers the agent's leftovers, serves the REST API (and the Docker
+plugin and the CSI driver when configured), and on SIGTERM detaches what it attached and
+stops its data servers.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from cargohold import __version__
+from cargohold.adapters import csi
 from cargohold.adapters.dockerplugin import DockerPlugin
 from cargohold.adapters.dockerplugin import create_app as create_plugin_app
 from cargohold.adapters.rest import Services, create_app
 from cargohold.clients.dataclient import DataClient
 from cargohold.config import Endpoint, NodeConfig
-from cargohold.core.models import DataServer, Node, ServerState
+from cargohold.core.models import DataServer, Node, ServerState, liveness_key
 from cargohold.daemons.dataservers import DataServerProcess
 from cargohold.errors import CargoholdError, LeaseExpired
 from cargohold.services.agent import Agent
@@ -86,6 +88,7 @@ class NodeDaemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         servers: list[tuple[_ApiServer, asyncio.Task[None]]] = []
+        csi_server = None
         agent = Agent(catalog, config.name, config.state_dir, config.metadata)
         try:
             for process in self.processes:
@@ -103,6 +106,9 @@ class NodeDaemon:
                                       config.state_dir / "docker-mounts.json")
                 docker = Endpoint(url=f"unix://{config.docker_socket}")
                 servers.append(await _serve(create_plugin_app(plugin), docker))
+            if config.csi_endpoint is not None:
+                csi_server = await csi.serve(config.csi_endpoint.path, catalog, volumes, agent,
+                                             lambda: services.ready)
             services.ready = True
             log.info("node %s ready: %d data servers, API on %s", config.name,
                      len(self.processes), ", ".join(e.url for e in config.api))
@@ -118,6 +124,8 @@ class NodeDaemon:
                     log.error("periodic check failed: %s", e)
         finally:
             log.info("node %s stopping", config.name)
+            if csi_server is not None:
+                await csi_server.stop(5)
             for server, _ in servers:
                 server.should_exit = True
             for _, task in servers:
@@ -126,6 +134,8 @@ class NodeDaemon:
             sockets = [e.path for e in config.api if e.is_unix]
             if config.docker_socket is not None:
                 sockets.append(str(config.docker_socket))
+            if config.csi_endpoint is not None:
+                sockets.append(config.csi_endpoint.path)
             for path in sockets:
                 if path:
                     with contextlib.suppress(FileNotFoundError):
@@ -157,7 +167,7 @@ class NodeDaemon:
                 self.lease = 0
         if not self.lease:
             self.lease = await store.grant_lease(self.config.lease_ttl)
-            await store.put(f"leases/nodes/{self.config.name}", b"", lease=self.lease)
+            await store.put(liveness_key(self.config.name), b"", lease=self.lease)
         await catalog.put_node(Node(name=self.config.name, version=__version__,
                                     api=",".join(e.url for e in self.config.api),
                                     data_servers=ids, started=self.started))

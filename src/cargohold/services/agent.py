@@ -1,7 +1,9 @@
 """The agent: attaches volumes on this host and detaches them.
 
 attach = claim the volume with a new epoch → start its engine (FUSE) → loop device →
-mkfs on first use → mount. detach walks the same steps backwards. Every step leaves a trace
+mkfs on first use → mount. ``attach(name, filesystem=False)`` stops at the loop device (raw
+block access: no mkfs, no mount; the attachment has no mount point). detach walks the same
+steps backwards. Every step leaves a trace
 on disk (the engine's directory, its pid file, the mount point), so an agent that crashed
 finds what it left when it starts again (:meth:`Agent.recover`) and either adopts a healthy
 attachment or removes every piece of a broken one.
@@ -70,14 +72,23 @@ class Agent:
 
     # -- attach --------------------------------------------------------------------------
 
-    async def attach(self, name: str) -> Volume:
+    async def attach(self, name: str, filesystem: bool = True) -> Volume:
+        """Attach ``name`` here; mount its file system unless ``filesystem`` is False.
+
+        Without the file system the attachment ends at the loop device
+        (``attachment.device``), which is never formatted. A volume attached here the other
+        way is refused (detach it first).
+        """
         async with self._lock(name):
             volume = await self.catalog.volume(name)
             att = volume.attachment
             if att is not None and att.node == self.node and volume.state is VolumeState.ATTACHED:
                 if await asyncio.to_thread(self._healthy, name, att):
-                    return volume  # attaching twice on one host gives the same mount
-            volume = await self.catalog.update_volume(name, self._claim)
+                    if filesystem != bool(att.mountpoint):
+                        raise VolumeInUse(name=name, node=self.node)  # the other way
+                    return volume  # attaching twice on one host gives the same attachment
+            down = await self._owner_down(volume)
+            volume = await self.catalog.update_volume(name, lambda v: self._claim(v, down))
             assert volume.attachment is not None
             step = "start engine"
             try:
@@ -85,15 +96,17 @@ class Agent:
                 step = "loop device"
                 paths = EngineDir(self.state_dir, name)
                 device = await asyncio.to_thread(kernel.attach_loop, str(paths.file))
-                step = "format"
-                if not volume.formatted:
-                    await self._format(volume, device)
-                step = "mount"
-                found = await asyncio.to_thread(kernel.probe_filesystem, device)
-                if found != volume.fs:
-                    raise AttachFailed(name=name, step=step,
-                                       detail=f"expected {volume.fs}, found {found or 'none'}")
-                await asyncio.to_thread(kernel.mount, device, str(paths.mountpoint), volume.fs)
+                if filesystem:
+                    step = "format"
+                    if not volume.formatted:
+                        await self._format(volume, device)
+                    step = "mount"
+                    found = await asyncio.to_thread(kernel.probe_filesystem, device)
+                    if found != volume.fs:
+                        raise AttachFailed(name=name, step=step, detail=f"expected {volume.fs}, "
+                                           f"found {found or 'none'}")
+                    await asyncio.to_thread(kernel.mount, device, str(paths.mountpoint),
+                                            volume.fs)
             except (CargoholdError, kernel.HostCommandFailed, OSError) as e:
                 detail = e.message if isinstance(e, CargoholdError) else str(e)
                 log.error("attach of %s failed at %s: %s", name, step, detail)
@@ -109,20 +122,36 @@ class Agent:
                 if v.attachment is None or v.attachment.epoch != epoch:
                     raise VolumeBusy(name=name, state="taken over")
                 v.state = VolumeState.ATTACHED
-                v.attachment.mountpoint = str(paths.mountpoint)
+                v.attachment.mountpoint = str(paths.mountpoint) if filesystem else ""
                 v.attachment.device = device
                 v.attachment.engine_pid = pid
                 return v
 
             return await self.catalog.update_volume(name, attached)
 
-    def _claim(self, volume: Volume) -> Volume:
+    async def _owner_down(self, volume: Volume) -> str:
+        """The other node holding ``volume`` if its lease has expired (it is down), else ''."""
+        att = volume.attachment
+        if att is None or att.node == self.node or await self.catalog.node_alive(att.node):
+            return ""
+        return att.node
+
+    def _claim(self, volume: Volume, down: str) -> Volume:
+        """Claim ``volume`` for this node with a new epoch (a metadata CAS step).
+
+        A volume attached on another node is taken over only when that node is ``down``
+        (its lease expired): its engine, if it still runs somewhere, is fenced off by the
+        data servers as soon as our engine presents the new epoch.
+        """
         if volume.state in (VolumeState.CREATING, VolumeState.DELETING):
             raise VolumeBusy(name=volume.name, state=volume.state.value)
         if volume.attachment is not None:
             if volume.attachment.node != self.node:
-                raise VolumeInUse(name=volume.name, node=volume.attachment.node)
-            if volume.state is not VolumeState.ATTACHED:
+                if volume.attachment.node != down:
+                    raise VolumeInUse(name=volume.name, node=volume.attachment.node)
+                log.warning("taking over %s from node %s (its lease expired), epoch %d",
+                            volume.name, down, volume.epoch + 1)
+            elif volume.state is not VolumeState.ATTACHED:
                 raise VolumeBusy(name=volume.name, state=volume.state.value)
             # attached here but broken (engine gone): take it over with a fresh epoch
         volume.epoch += 1
@@ -174,8 +203,11 @@ class Agent:
 
     def _healthy(self, name: str, att: Attachment) -> bool:
         paths = EngineDir(self.state_dir, name)
-        return (self._alive(att.engine_pid) and kernel.is_mounted(str(paths.mountpoint))
-                and kernel.is_mounted(str(paths.fuse)))
+        if not (self._alive(att.engine_pid) and kernel.is_mounted(str(paths.fuse))):
+            return False
+        if att.mountpoint:
+            return kernel.is_mounted(str(paths.mountpoint))
+        return att.device in kernel.loops_backed_by(str(paths.file))  # raw block attachment
 
     # -- detach --------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from cargohold.errors import (
     DataServerUnavailable,
     InvalidFilesystem,
     InvalidReplicas,
+    OwnerAlive,
     VolumeBusy,
     VolumeExists,
     VolumeInUse,
@@ -113,6 +114,43 @@ class VolumeService:
             if replica.server not in servers:
                 await self.catalog.add_garbage(replica.server, volume.id)
         await self.catalog.remove_volume(name)
+
+    async def release(self, name: str) -> Volume:
+        """Force-detach ``name`` from a node that is down (an operator's ``detach --force``).
+
+        Refused while the owner's lease is alive. The release issues a new epoch and fences
+        every reachable replica with it, so an engine the dead node may still run somewhere
+        cannot write any more, even before the volume is attached again.
+        """
+        volume = await self.catalog.volume(name)
+        if volume.attachment is None:
+            return volume
+        owner = volume.attachment.node
+        if await self.catalog.node_alive(owner):
+            raise OwnerAlive(name=name, node=owner)
+
+        def released(v: Volume) -> Volume:
+            if v.attachment is None or v.attachment.node != owner:
+                raise VolumeBusy(name=name, state=v.state.value)
+            v.epoch += 1
+            v.state = VolumeState.DETACHED
+            v.attachment = None
+            v.last_error = f"force-detached from node {owner}, which was down"
+            return v
+
+        volume = await self.catalog.update_volume(name, released)
+        log.warning("volume %s force-detached from node %s; replicas fenced at epoch %d",
+                    name, owner, volume.epoch)
+        servers = {s.id: s for s in await self.catalog.servers()}
+        for replica in volume.replicas:
+            if replica.server not in servers:
+                continue
+            try:
+                async with _client(servers[replica.server]) as client:
+                    await client.fence(volume.id, volume.epoch)
+            except CargoholdError as e:  # it learns the epoch from the next engine instead
+                log.warning("could not fence %s on %s: %s", name, replica.server, e)
+        return volume
 
     async def _delete_replicas(self, volume_id: str, servers: list[DataServer]) -> None:
         for server in servers:

@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from cargohold.core.models import (
+    LIVENESS_PREFIX,
     DataServer,
     Node,
     Volume,
     garbage_key,
+    liveness_key,
     node_key,
     server_key,
     volume_key,
@@ -91,6 +93,13 @@ class Catalog:
 
     async def nodes(self) -> list[Node]:
         return [Node.model_validate_json(kv.value) for kv in await self.store.range("nodes/")]
+
+    async def live_nodes(self) -> set[str]:
+        """Nodes whose lease is alive: a node without one is down (or never started)."""
+        return {kv.key.rsplit("/", 1)[1] for kv in await self.store.range(LIVENESS_PREFIX)}
+
+    async def node_alive(self, name: str) -> bool:
+        return await self.store.get(liveness_key(name)) is not None
 
     # -- garbage: replicas whose data server was unreachable when their volume went -------
 

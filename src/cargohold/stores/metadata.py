@@ -304,9 +304,21 @@ class MetadataStore(abc.ABC):
 
 
 def open_store(url: str) -> MetadataStore:
-    """Open the store named by ``url``: ``memory://`` or ``sqlite:///absolute/path.db``."""
+    """Open the store named by ``url``: ``memory://``, ``sqlite:///absolute/path.db`` or
+    ``etcd://host:port[,host:port...]`` (the members of one etcd cluster)."""
     if url == "memory://":
         return MemoryStore()
+    if url.startswith("etcd://"):
+        endpoints = url[len("etcd://") :].split(",")
+        if not all(endpoints) or any("/" in e for e in endpoints):
+            raise errors.InvalidArgument(
+                what="metadata URL",
+                detail=f"{url!r} does not list etcd members; "
+                "write it like etcd://10.0.0.1:2379,10.0.0.2:2379",
+            )
+        from cargohold.stores.etcd import EtcdStore
+
+        return EtcdStore(endpoints)
     if url.startswith("sqlite://"):
         path = url[len("sqlite://") :]
         if not path.startswith("/") or path.endswith("/"):
@@ -320,7 +332,8 @@ def open_store(url: str) -> MetadataStore:
         return SqliteStore(path)
     raise errors.InvalidArgument(
         what="metadata URL",
-        detail=f"{url!r} is not supported; use memory:// or sqlite:///absolute/path.db",
+        detail=f"{url!r} is not supported; use memory://, sqlite:///absolute/path.db "
+        "or etcd://host:port[,host:port...]",
     )
 
 

@@ -1,0 +1,41 @@
+"""Build hook: generate the CSI gRPC modules from ``src/cargohold/adapters/csi.proto``.
+
+Everything else about the package is in pyproject.toml. ``build_py`` runs ``grpc_tools.protoc``
+(a build requirement, pinned in pyproject.toml) and writes ``csi_pb2.py``, ``csi_pb2.pyi`` and
+``csi_pb2_grpc.py`` next to the proto: into the build directory for a wheel, into ``src/``
+for an editable install (``pip install -e .``), which imports from the source tree. The
+generated files are never committed (.gitignore) nor edited.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+SRC = Path(__file__).resolve().parent / "src"
+PROTOS = ["cargohold/adapters/csi.proto"]
+
+
+def generate(out: Path) -> None:
+    import grpc_tools
+    from grpc_tools import protoc
+
+    well_known = Path(grpc_tools.__file__).parent / "_proto"  # google/protobuf/*.proto
+    for proto in PROTOS:
+        (out / proto).parent.mkdir(parents=True, exist_ok=True)
+        argv = ["grpc_tools.protoc", f"--proto_path={SRC}", f"--proto_path={well_known}",
+                f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}",
+                str(SRC / proto)]
+        if protoc.main(argv) != 0:
+            raise SystemExit(f"protoc failed on {proto}")
+
+
+class BuildPyWithProtos(build_py):
+    def run(self) -> None:
+        super().run()  # copies the sources; does nothing in editable mode
+        generate(SRC if self.editable_mode else Path(self.build_lib))
+
+
+setup(cmdclass={"build_py": BuildPyWithProtos})

@@ -1,0 +1,638 @@
+"""The CSI driver against a real node, through the generated gRPC stubs (root: mounts, loop).
+
+Every staging and target path lives under the test's tmp_path, which is the node's base
+directory: the Node fixture's cleanup unmounts and detaches everything there, also after a
+failed test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from cargohold import __version__
+from cargohold.adapters import csi_pb2 as pb
+from cargohold.adapters import csi_pb2_grpc as stubs
+from cargohold.core.models import Attachment, Volume
+from cargohold.core.models import Node as NodeRecord
+from cargohold.stores.catalog import Catalog
+from cargohold.stores.metadata import open_store
+from tests.conftest import Node, leftovers, needs_root
+
+pytestmark = [needs_root(), pytest.mark.system]
+
+MIB = 1 << 20
+Code = grpc.StatusCode
+Mode = pb.VolumeCapability.AccessMode
+TIMEOUT = 120
+
+
+def mount_cap(fs: str = "", mode: int = Mode.SINGLE_NODE_WRITER,
+              flags: tuple[str, ...] = ()) -> pb.VolumeCapability:
+    return pb.VolumeCapability(
+        mount=pb.VolumeCapability.MountVolume(fs_type=fs, mount_flags=list(flags)),
+        access_mode=Mode(mode=mode))
+
+
+def block_cap(mode: int = Mode.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
+    return pb.VolumeCapability(block=pb.VolumeCapability.BlockVolume(), access_mode=Mode(mode=mode))
+
+
+class Csi:
+    """Stubs of the three services on one node's CSI socket, with call helpers."""
+
+    def __init__(self, node: Node, socket: Path) -> None:
+        self.node = node
+        self.channel = grpc.insecure_channel(f"unix://{socket}")
+        self.identity = stubs.IdentityStub(self.channel)
+        self.controller = stubs.ControllerStub(self.channel)
+        self.nodes = stubs.NodeStub(self.channel)
+
+    def call(self, method: Callable[..., Any], request: Any) -> Any:
+        return method(request, timeout=TIMEOUT)
+
+    def fails(self, code: grpc.StatusCode, method: Callable[..., Any], request: Any) -> str:
+        with pytest.raises(grpc.RpcError) as raised:
+            method(request, timeout=TIMEOUT)
+        error: Any = raised.value
+        assert error.code() == code, f"{error.code()}: {error.details()}"
+        return str(error.details())
+
+    def create(self, name: str, size: int = 64 * MIB, caps: tuple[pb.VolumeCapability, ...]
+               = (mount_cap(),), **parameters: str) -> pb.Volume:
+        return self.call(self.controller.CreateVolume, pb.CreateVolumeRequest(
+            name=name, capacity_range=pb.CapacityRange(required_bytes=size),
+            volume_capabilities=list(caps), parameters=parameters)).volume
+
+    def stage(self, volume_id: str, staging: Path, cap: pb.VolumeCapability) -> None:
+        staging.mkdir(parents=True, exist_ok=True)  # the CO makes the staging directory
+        self.call(self.nodes.NodeStageVolume, pb.NodeStageVolumeRequest(
+            volume_id=volume_id, staging_target_path=str(staging), volume_capability=cap))
+
+    def unstage(self, volume_id: str, staging: Path) -> None:
+        self.call(self.nodes.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(
+            volume_id=volume_id, staging_target_path=str(staging)))
+
+    def publish_request(self, volume_id: str, staging: Path, target: Path,
+                        cap: pb.VolumeCapability, readonly: bool = False
+                        ) -> pb.NodePublishVolumeRequest:
+        return pb.NodePublishVolumeRequest(volume_id=volume_id, staging_target_path=str(staging),
+                                           target_path=str(target), volume_capability=cap,
+                                           readonly=readonly)
+
+    def publish(self, volume_id: str, staging: Path, target: Path, cap: pb.VolumeCapability,
+                readonly: bool = False) -> None:
+        self.call(self.nodes.NodePublishVolume,
+                  self.publish_request(volume_id, staging, target, cap, readonly))
+
+    def unpublish(self, volume_id: str, target: Path) -> None:
+        self.call(self.nodes.NodeUnpublishVolume,
+                  pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target)))
+
+    def stats(self, volume_id: str, path: Path) -> dict[str, pb.VolumeUsage]:
+        usage = self.call(self.nodes.NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(
+            volume_id=volume_id, volume_path=str(path))).usage
+        return {pb.VolumeUsage.Unit.Name(u.unit): u for u in usage}
+
+
+@pytest.fixture
+def csi(tmp_path: Path) -> Iterator[Csi]:
+    socket = tmp_path / "csi.sock"
+    node = Node(tmp_path, extra=("--csi-endpoint", f"unix://{socket}"))
+    client = None
+    try:
+        node.start()
+        client = Csi(node, socket)
+        yield client
+    finally:
+        if client is not None:
+            client.channel.close()
+        print(node.logs())  # pytest shows it when the test failed
+        node.cleanup()
+
+
+def _catalog_change(node: Node, change: Callable[[Catalog], Any]) -> None:
+    async def run() -> None:
+        store = open_store(f"sqlite://{node.state / 'meta.db'}")
+        try:
+            await change(Catalog(store))
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def _add_node(node: Node, name: str) -> None:
+    _catalog_change(node, lambda catalog: catalog.put_node(NodeRecord(name=name)))
+
+
+def _set_attachment(node: Node, volume: str, attachment: Attachment | None) -> None:
+    def change(v: Volume) -> Volume:
+        v.attachment = attachment
+        return v
+
+    _catalog_change(node, lambda catalog: catalog.update_volume(volume, change))
+
+
+def _mounts_under(base: Path) -> list[str]:
+    return leftovers(base)["mounts"]
+
+
+def _inspect(node: Node, name: str) -> dict[str, Any]:
+    volume = node.json("volume", "inspect", name)
+    assert isinstance(volume, dict)
+    return volume
+
+
+# --- Identity and capabilities ---------------------------------------------------------
+
+
+def test_identity_and_capabilities(csi: Csi) -> None:
+    info = csi.call(csi.identity.GetPluginInfo, pb.GetPluginInfoRequest())
+    assert (info.name, info.vendor_version) == ("cargohold.io", __version__)
+    caps = csi.call(csi.identity.GetPluginCapabilities, pb.GetPluginCapabilitiesRequest())
+    service = pb.PluginCapability.Service
+    assert sorted(c.service.type for c in caps.capabilities) == [
+        service.CONTROLLER_SERVICE, service.VOLUME_ACCESSIBILITY_CONSTRAINTS]
+    probe = csi.call(csi.identity.Probe, pb.ProbeRequest())
+    assert probe.HasField("ready") and probe.ready.value
+
+    rpc = pb.ControllerServiceCapability.RPC
+    caps = csi.call(csi.controller.ControllerGetCapabilities,
+                    pb.ControllerGetCapabilitiesRequest())
+    assert sorted(c.rpc.type for c in caps.capabilities) == sorted([
+        rpc.CREATE_DELETE_VOLUME, rpc.PUBLISH_UNPUBLISH_VOLUME, rpc.LIST_VOLUMES,
+        rpc.GET_CAPACITY, rpc.LIST_VOLUMES_PUBLISHED_NODES])
+    node_rpc = pb.NodeServiceCapability.RPC
+    caps = csi.call(csi.nodes.NodeGetCapabilities, pb.NodeGetCapabilitiesRequest())
+    assert sorted(c.rpc.type for c in caps.capabilities) == [
+        node_rpc.STAGE_UNSTAGE_VOLUME, node_rpc.GET_VOLUME_STATS]
+    info = csi.call(csi.nodes.NodeGetInfo, pb.NodeGetInfoRequest())
+    assert info.node_id == "node1" and info.max_volumes_per_node > 0
+    assert dict(info.accessible_topology.segments) == {"cargohold.io/node": "node1"}
+
+
+def test_snapshots_expansion_and_other_services_are_unimplemented(csi: Csi) -> None:
+    c, n = csi.controller, csi.nodes
+    for method, request in [
+        (c.CreateSnapshot, pb.CreateSnapshotRequest(name="s", source_volume_id="v")),
+        (c.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id="s")),
+        (c.ListSnapshots, pb.ListSnapshotsRequest()),
+        (c.GetSnapshot, pb.GetSnapshotRequest(snapshot_id="s")),
+        (c.ControllerExpandVolume, pb.ControllerExpandVolumeRequest(volume_id="v")),
+        (c.ControllerGetVolume, pb.ControllerGetVolumeRequest(volume_id="v")),
+        (c.ControllerModifyVolume, pb.ControllerModifyVolumeRequest(volume_id="v")),
+        (n.NodeExpandVolume, pb.NodeExpandVolumeRequest(volume_id="v", volume_path="/x")),
+    ]:
+        csi.fails(Code.UNIMPLEMENTED, method, request)
+    group = csi.channel.unary_unary("/csi.v1.GroupController/GroupControllerGetCapabilities",
+                                    request_serializer=bytes, response_deserializer=bytes)
+    csi.fails(Code.UNIMPLEMENTED, group, b"")
+
+
+# --- Controller ------------------------------------------------------------------------
+
+
+def test_create_volume_is_idempotent_and_refuses_what_it_cannot_do(csi: Csi) -> None:
+    create = csi.controller.CreateVolume
+    volume = csi.create("pvc-1", 100 * MIB, replicas="3")
+    assert (volume.volume_id, volume.capacity_bytes) == ("pvc-1", 100 * MIB)
+    assert [dict(t.segments) for t in volume.accessible_topology] == [
+        {"cargohold.io/node": "node1"}]
+    assert csi.create("pvc-1", 100 * MIB, replicas="3") == volume  # same request, same volume
+    again = csi.call(create, pb.CreateVolumeRequest(  # a compatible range finds it too
+        name="pvc-1", volume_capabilities=[mount_cap()], parameters={"replicas": "3"},
+        capacity_range=pb.CapacityRange(required_bytes=50 * MIB, limit_bytes=200 * MIB)))
+    assert again.volume == volume
+    inspected = _inspect(csi.node, "pvc-1")
+    assert (inspected["size"], inspected["replica_count"], inspected["fs"]) == (
+        100 * MIB, 3, "ext4")
+
+    csi.fails(Code.ALREADY_EXISTS, create, pb.CreateVolumeRequest(  # incompatible size
+        name="pvc-1", volume_capabilities=[mount_cap()], parameters={"replicas": "3"},
+        capacity_range=pb.CapacityRange(required_bytes=200 * MIB)))
+    csi.fails(Code.ALREADY_EXISTS, create, pb.CreateVolumeRequest(  # incompatible replicas
+        name="pvc-1", volume_capabilities=[mount_cap()],
+        capacity_range=pb.CapacityRange(required_bytes=100 * MIB)))
+    csi.fails(Code.ALREADY_EXISTS, create, pb.CreateVolumeRequest(  # incompatible access
+        name="pvc-1", volume_capabilities=[block_cap()], parameters={"replicas": "3"},
+        capacity_range=pb.CapacityRange(required_bytes=100 * MIB)))
+
+    csi.node.cli("volume", "create", "by-cli", "--size", "64M")
+    assert "not created through CSI" in csi.fails(Code.ALREADY_EXISTS, create,
+                                                    pb.CreateVolumeRequest(
+        name="by-cli", volume_capabilities=[mount_cap()]))
+
+    details = csi.fails(Code.INVALID_ARGUMENT, create, pb.CreateVolumeRequest(
+        name="pvc-2", volume_capabilities=[mount_cap()], parameters={"color": "red"}))
+    assert "color" in details
+    csi.fails(Code.INVALID_ARGUMENT, create, pb.CreateVolumeRequest(
+        volume_capabilities=[mount_cap()]))  # no name
+    csi.fails(Code.INVALID_ARGUMENT, create, pb.CreateVolumeRequest(name="pvc-2"))  # no caps
+    csi.fails(Code.INVALID_ARGUMENT, create, pb.CreateVolumeRequest(
+        name="pvc-2", volume_capabilities=[mount_cap(mode=Mode.MULTI_NODE_MULTI_WRITER)]))
+    csi.fails(Code.INVALID_ARGUMENT, create, pb.CreateVolumeRequest(
+        name="pvc-2", volume_capabilities=[mount_cap(fs="btrfs")]))
+    csi.fails(Code.INVALID_ARGUMENT, create, pb.CreateVolumeRequest(
+        name="pvc-2", volume_capabilities=[mount_cap()], parameters={"replicas": "two"}))
+    csi.fails(Code.INVALID_ARGUMENT, create, pb.CreateVolumeRequest(
+        name="pvc-2", volume_capabilities=[mount_cap()],
+        volume_content_source=pb.VolumeContentSource(
+            snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id="s"))))
+    csi.fails(Code.OUT_OF_RANGE, create, pb.CreateVolumeRequest(
+        name="pvc-2", volume_capabilities=[mount_cap()],
+        capacity_range=pb.CapacityRange(limit_bytes=8 * MIB)))  # below the 16 MiB minimum
+    csi.fails(Code.OUT_OF_RANGE, create, pb.CreateVolumeRequest(
+        name="pvc-2", volume_capabilities=[mount_cap()],
+        capacity_range=pb.CapacityRange(required_bytes=65 << 40)))  # above 64 TiB
+    csi.fails(Code.OUT_OF_RANGE, create, pb.CreateVolumeRequest(
+        name="pvc-2", volume_capabilities=[mount_cap()], parameters={"fs": "xfs"},
+        capacity_range=pb.CapacityRange(limit_bytes=100 * MIB)))  # xfs needs 300 MiB
+    csi.fails(Code.RESOURCE_EXHAUSTED, create, pb.CreateVolumeRequest(
+        name="pvc-2", volume_capabilities=[mount_cap()], parameters={"replicas": "4"}))
+    csi.fails(Code.RESOURCE_EXHAUSTED, create, pb.CreateVolumeRequest(
+        name="pvc-2", volume_capabilities=[mount_cap()],
+        accessibility_requirements=pb.TopologyRequirement(requisite=[
+            pb.Topology(segments={"cargohold.io/node": "elsewhere"})])))
+    listed = csi.call(csi.controller.ListVolumes, pb.ListVolumesRequest())
+    assert sorted(e.volume.volume_id for e in listed.entries) == ["by-cli", "pvc-1"]
+
+    # defaults (1 GiB, 2 replicas, ext4), xfs from the capability's fs_type
+    volume = csi.call(create, pb.CreateVolumeRequest(name="pvc-3", volume_capabilities=[
+        mount_cap(fs="xfs")])).volume
+    assert volume.capacity_bytes == 1 << 30
+    inspected = _inspect(csi.node, "pvc-3")
+    assert (inspected["replica_count"], inspected["fs"]) == (2, "xfs")
+    csi.fails(Code.INVALID_ARGUMENT, create, pb.CreateVolumeRequest(  # fs and fs_type clash
+        name="pvc-4", volume_capabilities=[mount_cap(fs="xfs")], parameters={"fs": "ext4"}))
+
+    # a CSI name cargohold cannot use as it is maps to a stable, valid volume ID
+    long_name = "pvc-" + "x" * 80 + " with spaces/and slashes"
+    first = csi.create(long_name)
+    assert first.volume_id != long_name and len(first.volume_id) <= 63
+    assert first.volume_id.startswith("pvc-xxx")
+    assert csi.create(long_name) == first
+    assert _inspect(csi.node, first.volume_id)["size"] == 64 * MIB
+
+
+def test_delete_volume(csi: Csi) -> None:
+    delete = csi.controller.DeleteVolume
+    volume = csi.create("pvc-del")
+    csi.call(delete, pb.DeleteVolumeRequest(volume_id=volume.volume_id))
+    assert "pvc-del" not in csi.node.cli("volume", "ls").stdout
+    csi.call(delete, pb.DeleteVolumeRequest(volume_id=volume.volume_id))  # again: fine
+    csi.call(delete, pb.DeleteVolumeRequest(volume_id="never-existed"))
+    csi.fails(Code.INVALID_ARGUMENT, delete, pb.DeleteVolumeRequest())
+    assert csi.create("pvc-del") == volume  # the name is free again
+
+
+def test_controller_publish_unpublish(csi: Csi) -> None:
+    publish, unpublish = csi.controller.ControllerPublishVolume, \
+        csi.controller.ControllerUnpublishVolume
+    csi.create("pvc-pub")
+    _add_node(csi.node, "node2")
+
+    def request(node: str = "node1", readonly: bool = False, volume: str = "pvc-pub",
+                cap: pb.VolumeCapability | None = None) -> pb.ControllerPublishVolumeRequest:
+        return pb.ControllerPublishVolumeRequest(volume_id=volume, node_id=node,
+                                                 volume_capability=cap or mount_cap(),
+                                                 readonly=readonly)
+
+    def published() -> list[str]:
+        listed = csi.call(csi.controller.ListVolumes, pb.ListVolumesRequest())
+        return [node for e in listed.entries if e.volume.volume_id == "pvc-pub"
+                for node in e.status.published_node_ids]
+
+    csi.call(publish, request())
+    csi.call(publish, request())  # idempotent
+    assert published() == ["node1"]
+    csi.fails(Code.ALREADY_EXISTS, publish, request(readonly=True))
+    assert "node1" in csi.fails(Code.FAILED_PRECONDITION, publish, request(node="node2"))
+    csi.fails(Code.NOT_FOUND, publish, request(volume="no-such-volume"))
+    csi.fails(Code.NOT_FOUND, publish, request(node="no-such-node"))
+    csi.fails(Code.INVALID_ARGUMENT, publish, pb.ControllerPublishVolumeRequest(
+        volume_id="pvc-pub", node_id="node1"))
+    csi.fails(Code.INVALID_ARGUMENT, publish, request(cap=mount_cap(
+        mode=Mode.MULTI_NODE_READER_ONLY)))
+
+    # published to node2: node1 may not stage it
+    csi.call(unpublish, pb.ControllerUnpublishVolumeRequest(volume_id="pvc-pub",
+                                                            node_id="node2"))  # not there: ok
+    assert published() == ["node1"]
+    csi.call(unpublish, pb.ControllerUnpublishVolumeRequest(volume_id="pvc-pub",
+                                                            node_id="node1"))
+    csi.call(unpublish, pb.ControllerUnpublishVolumeRequest(volume_id="pvc-pub",
+                                                            node_id="node1"))  # again: ok
+    assert published() == []
+    csi.call(publish, request(node="node2"))
+    assert published() == ["node2"]
+    staging = csi.node.base / "staging"
+    assert "node2" in csi.fails(Code.FAILED_PRECONDITION, csi.nodes.NodeStageVolume,
+                                pb.NodeStageVolumeRequest(volume_id="pvc-pub",
+                                                          staging_target_path=str(staging),
+                                                          volume_capability=mount_cap()))
+    csi.call(unpublish, pb.ControllerUnpublishVolumeRequest(volume_id="pvc-pub"))  # any node
+    assert published() == []
+    csi.call(unpublish, pb.ControllerUnpublishVolumeRequest(volume_id="no-such-volume",
+                                                            node_id="node1"))
+
+    # attached on another node: publishing it here is refused
+    _set_attachment(csi.node, "pvc-pub", Attachment(node="node2", epoch=7))
+    assert "node2" in csi.fails(Code.FAILED_PRECONDITION, publish, request())
+    _set_attachment(csi.node, "pvc-pub", None)
+    csi.call(publish, request())
+
+
+def test_validate_volume_capabilities(csi: Csi) -> None:
+    validate = csi.controller.ValidateVolumeCapabilities
+    csi.create("pvc-val", replicas="2")
+    for caps in ([mount_cap()], [mount_cap(fs="ext4", flags=("noatime",))],
+                 [mount_cap(mode=Mode.SINGLE_NODE_READER_ONLY)]):
+        answer = csi.call(validate, pb.ValidateVolumeCapabilitiesRequest(
+            volume_id="pvc-val", volume_capabilities=caps, parameters={"replicas": "2"}))
+        assert list(answer.confirmed.volume_capabilities) == caps, answer.message
+    for caps, params in (([mount_cap(mode=Mode.MULTI_NODE_MULTI_WRITER)], {}),
+                         ([mount_cap(fs="xfs")], {}), ([block_cap()], {}),
+                         ([mount_cap(flags=("data=journal",))], {}),
+                         ([mount_cap()], {"replicas": "3"})):
+        answer = csi.call(validate, pb.ValidateVolumeCapabilitiesRequest(
+            volume_id="pvc-val", volume_capabilities=caps, parameters=params))
+        assert not answer.HasField("confirmed") and answer.message
+    csi.fails(Code.NOT_FOUND, validate, pb.ValidateVolumeCapabilitiesRequest(
+        volume_id="no-such-volume", volume_capabilities=[mount_cap()]))
+    csi.fails(Code.INVALID_ARGUMENT, validate, pb.ValidateVolumeCapabilitiesRequest(
+        volume_id="pvc-val"))
+    csi.fails(Code.INVALID_ARGUMENT, validate, pb.ValidateVolumeCapabilitiesRequest(
+        volume_capabilities=[mount_cap()]))
+
+
+def test_list_volumes_pages_through_everything(csi: Csi) -> None:
+    names = [f"pvc-list-{i}" for i in range(7)]
+    for name in names:
+        csi.create(name, 16 * MIB, replicas="1")
+    seen: list[str] = []
+    token, pages = "", 0
+    while True:
+        page = csi.call(csi.controller.ListVolumes,
+                        pb.ListVolumesRequest(max_entries=3, starting_token=token))
+        assert len(page.entries) <= 3
+        seen += [e.volume.volume_id for e in page.entries]
+        assert all(e.volume.capacity_bytes == 16 * MIB for e in page.entries)
+        pages += 1
+        token = page.next_token
+        if not token:
+            break
+    assert (seen, pages) == (names, 3)
+    everything = csi.call(csi.controller.ListVolumes, pb.ListVolumesRequest())
+    assert [e.volume.volume_id for e in everything.entries] == names
+    assert not everything.next_token
+    csi.fails(Code.ABORTED, csi.controller.ListVolumes,
+              pb.ListVolumesRequest(starting_token="not-a-token"))
+    csi.fails(Code.INVALID_ARGUMENT, csi.controller.ListVolumes,
+              pb.ListVolumesRequest(max_entries=-1))
+    # a volume removed between two pages does not break the listing
+    first = csi.call(csi.controller.ListVolumes, pb.ListVolumesRequest(max_entries=2))
+    csi.call(csi.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=names[1]))
+    rest = csi.call(csi.controller.ListVolumes, pb.ListVolumesRequest(
+        starting_token=first.next_token))
+    assert [e.volume.volume_id for e in rest.entries] == names[2:]
+
+
+def test_get_capacity(csi: Csi) -> None:
+    get = csi.controller.GetCapacity
+    two = csi.call(get, pb.GetCapacityRequest())
+    assert two.available_capacity > 0 and two.maximum_volume_size.value == 64 << 40
+    one = csi.call(get, pb.GetCapacityRequest(parameters={"replicas": "1"}))
+    assert one.available_capacity > two.available_capacity  # free space / replicas
+    here = csi.call(get, pb.GetCapacityRequest(accessible_topology=pb.Topology(
+        segments={"cargohold.io/node": "node1"}), volume_capabilities=[mount_cap()]))
+    assert here.available_capacity > 0
+    for request in (pb.GetCapacityRequest(parameters={"replicas": "4"}),
+                    pb.GetCapacityRequest(volume_capabilities=[
+                        mount_cap(mode=Mode.MULTI_NODE_MULTI_WRITER)]),
+                    pb.GetCapacityRequest(accessible_topology=pb.Topology(
+                        segments={"cargohold.io/node": "elsewhere"}))):
+        assert csi.call(get, request).available_capacity == 0
+    csi.fails(Code.INVALID_ARGUMENT, get, pb.GetCapacityRequest(parameters={"color": "red"}))
+
+
+# --- Node: mount access ----------------------------------------------------------------
+
+
+def test_mount_stage_publish_write_and_read_back_elsewhere(csi: Csi, tmp_path: Path) -> None:
+    n = csi.nodes
+    cap = mount_cap()
+    volume_id = csi.create("pvc-data", 256 * MIB).volume_id
+    csi.call(csi.controller.ControllerPublishVolume, pb.ControllerPublishVolumeRequest(
+        volume_id=volume_id, node_id="node1", volume_capability=cap))
+    staging, target = tmp_path / "staging", tmp_path / "pods" / "a" / "mount"
+    target.parent.mkdir(parents=True)  # the CO makes the parent, the driver the target
+
+    csi.fails(Code.FAILED_PRECONDITION, n.NodePublishVolume,  # not staged yet
+              csi.publish_request(volume_id, staging, target, cap))
+    csi.fails(Code.FAILED_PRECONDITION, n.NodePublishVolume,
+              pb.NodePublishVolumeRequest(volume_id=volume_id, target_path=str(target),
+                                          volume_capability=cap))  # no staging path
+    csi.stage(volume_id, staging, cap)
+    csi.stage(volume_id, staging, cap)  # idempotent
+    assert _inspect(csi.node, volume_id)["state"] == "attached"
+    csi.fails(Code.ALREADY_EXISTS, n.NodeStageVolume, pb.NodeStageVolumeRequest(
+        volume_id=volume_id, staging_target_path=str(staging), volume_capability=block_cap()))
+    csi.fails(Code.FAILED_PRECONDITION, n.NodeStageVolume, pb.NodeStageVolumeRequest(
+        volume_id=volume_id, staging_target_path=str(staging),
+        volume_capability=mount_cap(fs="xfs")))
+    csi.fails(Code.NOT_FOUND, n.NodeStageVolume, pb.NodeStageVolumeRequest(
+        volume_id="no-such-volume", staging_target_path=str(staging), volume_capability=cap))
+    csi.fails(Code.INVALID_ARGUMENT, n.NodeStageVolume, pb.NodeStageVolumeRequest(
+        volume_id=volume_id, volume_capability=cap))
+    csi.fails(Code.INVALID_ARGUMENT, n.NodeStageVolume, pb.NodeStageVolumeRequest(
+        volume_id=volume_id, staging_target_path=str(staging)))
+
+    csi.publish(volume_id, staging, target, cap)
+    csi.publish(volume_id, staging, target, cap)  # idempotent
+    csi.fails(Code.ALREADY_EXISTS, n.NodePublishVolume,
+              csi.publish_request(volume_id, staging, target, cap, readonly=True))
+    data = os.urandom(8 * MIB)
+    with open(target / "data.bin", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    (target / "dir").mkdir()
+
+    usage = csi.stats(volume_id, target)
+    assert set(usage) == {"BYTES", "INODES"}
+    assert 200 * MIB < usage["BYTES"].total <= 256 * MIB
+    assert usage["BYTES"].used >= 8 * MIB
+    assert usage["BYTES"].available + usage["BYTES"].used <= usage["BYTES"].total
+    assert usage["INODES"].total > usage["INODES"].used >= 2  # at least data.bin and dir
+    assert csi.stats(volume_id, staging)["BYTES"].total == usage["BYTES"].total
+    csi.fails(Code.NOT_FOUND, n.NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(
+        volume_id=volume_id, volume_path=str(tmp_path / "nowhere")))
+    csi.fails(Code.NOT_FOUND, n.NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(
+        volume_id="no-such-volume", volume_path=str(target)))
+    csi.fails(Code.INVALID_ARGUMENT, n.NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(
+        volume_id=volume_id))
+
+    # a staged volume cannot be deleted; a published one cannot be unstaged
+    csi.fails(Code.FAILED_PRECONDITION, csi.controller.DeleteVolume,
+              pb.DeleteVolumeRequest(volume_id=volume_id))
+    csi.fails(Code.FAILED_PRECONDITION, n.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(
+        volume_id=volume_id, staging_target_path=str(staging)))
+
+    csi.unpublish(volume_id, target)
+    csi.unpublish(volume_id, target)  # idempotent
+    assert not target.exists()  # the driver removes what it made
+    csi.unstage(volume_id, staging)
+    csi.unstage(volume_id, staging)  # idempotent
+    assert _inspect(csi.node, volume_id)["state"] == "detached"
+    assert _mounts_under(tmp_path) == [] and leftovers(tmp_path)["loops"] == []
+    csi.fails(Code.NOT_FOUND, n.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(
+        volume_id="no-such-volume", staging_target_path=str(staging)))
+    csi.fails(Code.NOT_FOUND, n.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(
+        volume_id="no-such-volume", target_path=str(target)))
+    csi.fails(Code.INVALID_ARGUMENT, n.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(
+        volume_id=volume_id))
+
+    # staged and published again elsewhere: the data is there
+    staging2, target2 = tmp_path / "staging2", tmp_path / "pods" / "b" / "mount"
+    target2.parent.mkdir(parents=True)
+    csi.stage(volume_id, staging2, cap)
+    csi.publish(volume_id, staging2, target2, cap)
+    assert (target2 / "data.bin").read_bytes() == data and (target2 / "dir").is_dir()
+
+    # read-only publish beside it: reads work, writes are refused
+    readonly = tmp_path / "pods" / "c" / "mount"
+    readonly.parent.mkdir(parents=True)
+    csi.publish(volume_id, staging2, readonly, cap, readonly=True)
+    csi.publish(volume_id, staging2, readonly, cap, readonly=True)  # idempotent
+    assert hashlib.sha256((readonly / "data.bin").read_bytes()).digest() == \
+        hashlib.sha256(data).digest()
+    with pytest.raises(OSError) as refused:
+        (readonly / "new").write_text("no")
+    assert refused.value.errno == errno.EROFS
+    (target2 / "still-writable").write_text("yes")
+
+    for path in (target2, readonly):
+        csi.unpublish(volume_id, path)
+    csi.unstage(volume_id, staging2)
+    csi.call(csi.controller.ControllerUnpublishVolume, pb.ControllerUnpublishVolumeRequest(
+        volume_id=volume_id, node_id="node1"))
+    csi.call(csi.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=volume_id))
+    csi.node.stop()
+    assert leftovers(tmp_path) == {"mounts": [], "loops": [], "processes": []}
+
+
+# --- Node: raw block access ------------------------------------------------------------
+
+
+def _blkid(device: str) -> str:
+    done = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device],
+                          capture_output=True, text=True, check=False)
+    return done.stdout.strip()
+
+
+def test_block_stage_publish_write_and_read_back(csi: Csi, tmp_path: Path) -> None:
+    cap = block_cap()
+    volume_id = csi.create("pvc-raw", 64 * MIB, caps=(cap,)).volume_id
+    staging = tmp_path / "staging"
+    csi.stage(volume_id, staging, cap)
+    csi.stage(volume_id, staging, cap)  # idempotent
+    inspected = _inspect(csi.node, volume_id)
+    device = inspected["attachment"]["device"]
+    assert inspected["state"] == "attached" and inspected["attachment"]["mountpoint"] == ""
+    assert not inspected["formatted"] and _blkid(device) == ""  # never formatted
+    assert _mounts_under(tmp_path) == [  # only the engine's FUSE file: no file system
+        str(tmp_path / "state" / "engines" / volume_id / "fuse")]
+    csi.fails(Code.ALREADY_EXISTS, csi.nodes.NodeStageVolume, pb.NodeStageVolumeRequest(
+        volume_id=volume_id, staging_target_path=str(staging), volume_capability=mount_cap()))
+
+    target = tmp_path / "pods" / "a" / "dev"
+    target.parent.mkdir(parents=True)
+    csi.publish(volume_id, staging, target, cap)
+    csi.publish(volume_id, staging, target, cap)  # idempotent
+    assert stat.S_ISBLK(target.stat().st_mode)
+    data = os.urandom(4 * MIB)
+    with open(target, "r+b", buffering=0) as f:
+        f.seek(8 * MIB)
+        f.write(data)
+        os.fsync(f.fileno())
+    assert csi.stats(volume_id, target) == {"BYTES": pb.VolumeUsage(
+        unit=pb.VolumeUsage.BYTES, total=64 * MIB)}
+
+    readonly = tmp_path / "pods" / "b" / "dev"
+    readonly.parent.mkdir(parents=True)
+    csi.publish(volume_id, staging, readonly, cap, readonly=True)
+    with open(readonly, "rb") as f:
+        f.seek(8 * MIB)
+        assert f.read(len(data)) == data
+    with pytest.raises(OSError):
+        with open(readonly, "r+b", buffering=0) as f:
+            f.write(b"x" * 4096)
+            os.fsync(f.fileno())
+
+    for path in (target, readonly):
+        csi.unpublish(volume_id, path)
+        assert not path.exists()
+    csi.unstage(volume_id, staging)
+    assert _inspect(csi.node, volume_id)["state"] == "detached"
+    assert leftovers(tmp_path)["loops"] == [] and _mounts_under(tmp_path) == []
+
+    # staged again: the bytes are still there, and it still holds no file system
+    csi.stage(volume_id, tmp_path / "staging2", cap)
+    target2 = tmp_path / "pods" / "c" / "dev"
+    target2.parent.mkdir(parents=True)
+    csi.publish(volume_id, tmp_path / "staging2", target2, cap)
+    with open(target2, "rb") as f:
+        f.seek(8 * MIB)
+        assert f.read(len(data)) == data
+    csi.unpublish(volume_id, target2)
+    csi.unstage(volume_id, tmp_path / "staging2")
+    assert not _inspect(csi.node, volume_id)["formatted"]
+
+    # created for block access only: mounting it (which would format it) is refused
+    details = csi.fails(Code.FAILED_PRECONDITION, csi.nodes.NodeStageVolume,
+                        pb.NodeStageVolumeRequest(volume_id=volume_id,
+                                                  staging_target_path=str(staging),
+                                                  volume_capability=mount_cap()))
+    assert "format" in details
+    csi.node.stop()
+    assert leftovers(tmp_path) == {"mounts": [], "loops": [], "processes": []}
+
+
+def test_node_restart_keeps_staged_and_published_volumes(csi: Csi, tmp_path: Path) -> None:
+    mount, block = mount_cap(), block_cap()
+    csi.create("pvc-fs", caps=(mount,))
+    csi.create("pvc-dev", caps=(block,))
+    (tmp_path / "pods").mkdir()
+    csi.stage("pvc-fs", tmp_path / "st-fs", mount)
+    csi.publish("pvc-fs", tmp_path / "st-fs", tmp_path / "pods" / "fs", mount)
+    csi.stage("pvc-dev", tmp_path / "st-dev", block)
+    csi.publish("pvc-dev", tmp_path / "st-dev", tmp_path / "pods" / "dev", block)
+    (tmp_path / "pods" / "fs" / "f").write_text("before")
+
+    csi.node.kill()  # the node dies; engines, mounts and loop devices stay
+    csi.node.start()
+    logs = csi.node.logs()
+    assert "adopted pvc-fs" in logs and "adopted pvc-dev" in logs
+    csi.publish("pvc-fs", tmp_path / "st-fs", tmp_path / "pods" / "fs", mount)  # still there
+    csi.publish("pvc-dev", tmp_path / "st-dev", tmp_path / "pods" / "dev", block)
+    assert (tmp_path / "pods" / "fs" / "f").read_text() == "before"
+    assert stat.S_ISBLK((tmp_path / "pods" / "dev").stat().st_mode)
+
+    csi.unpublish("pvc-fs", tmp_path / "pods" / "fs")
+    csi.unstage("pvc-fs", tmp_path / "st-fs")
+    csi.unpublish("pvc-dev", tmp_path / "pods" / "dev")
+    csi.unstage("pvc-dev", tmp_path / "st-dev")
+    assert [_inspect(csi.node, v)["state"] for v in ("pvc-fs", "pvc-dev")] == ["detached"] * 2
+    csi.node.stop()
+    assert leftovers(tmp_path) == {"mounts": [], "loops": [], "processes": []}
