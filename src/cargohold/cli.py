@@ -207,15 +207,16 @@ def _print_nodes(nodes: list[dict[str, Any]], as_json: bool) -> None:
     rows = []
     for node in nodes:
         seen = f"{max(0, time.time() - node['last_seen']):.0f}s ago"
-        rows.append([node["name"], node["health"], seen, "", format_size(node["capacity"]),
+        role = "controller" if node.get("controller") else ""
+        rows.append([node["name"], node["health"], seen, role, "", format_size(node["capacity"]),
                      format_size(node["free"]), format_size(node["used"]),
                      format_size(node["provisioned"])])
         for server in node["data_servers"]:
-            rows.append(["", server["health"], "", f"{server['id'][:12]} {server['path']}",
+            rows.append(["", server["health"], "", "", f"{server['id'][:12]} {server['path']}",
                          format_size(server["capacity"]), format_size(server["free"]),
                          format_size(server["used"]), format_size(server["provisioned"])])
-    print(_table(rows, ["NODE", "HEALTH", "LAST SEEN", "DATA SERVER", "CAPACITY", "FREE",
-                        "USED", "PROVISIONED"]))
+    print(_table(rows, ["NODE", "HEALTH", "LAST SEEN", "ROLE", "DATA SERVER", "CAPACITY",
+                        "FREE", "USED", "PROVISIONED"]))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ pytestmark = [needs_etcd, pytest.mark.timeout(60)]
 
 # --- the contract suite on etcd ----------------------------------------------------------
 
-_REPLACED = {"test_expired_lease_never_read", "test_keepalive_extends_lease"}  # see below
+_REPLACED = {"test_expired_lease_never_read", "test_keepalive_extends_lease",
+             "test_lease_past_its_deadline_is_never_revived"}  # see below
 
 
 def _contract_tests() -> dict[str, Callable[..., None]]:
@@ -95,6 +96,22 @@ def test_keepalive_extends_lease(make_store: Factory) -> None:
             assert await s.keepalive(lease) == pytest.approx(1)
         assert await s.lease_alive(lease)
         assert await s.get("k") is not None
+
+    run(make_store, body)
+
+
+def test_lease_past_its_deadline_is_never_revived(make_store: Factory) -> None:
+    """etcd version (whole-second TTL): no keepalive or put revives an expired lease."""
+
+    async def body(s: MetadataStore) -> None:
+        lease = await s.grant_lease(1)
+        await s.put("k", b"v", lease=lease)
+        await asyncio.sleep(2.5)
+        with pytest.raises(errors.LeaseExpired):
+            await s.keepalive(lease)
+        with pytest.raises(errors.LeaseExpired):
+            await s.put("k2", b"v", lease=lease)
+        assert await s.get("k") is None
 
     run(make_store, body)
 

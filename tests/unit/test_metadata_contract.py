@@ -377,6 +377,23 @@ def test_keepalive_extends_lease(make_store: Factory) -> None:
     run(make_store, body)
 
 
+def test_lease_past_its_deadline_is_never_revived(make_store: Factory) -> None:
+    """A keepalive or a put that comes after the TTL ran out fails, even when nothing has
+    looked at the store in between (a node that was frozen must learn it lost its lease)."""
+
+    async def body(s: MetadataStore) -> None:
+        lease = await s.grant_lease(0.3)
+        await s.put("k", b"v", lease=lease)
+        await asyncio.sleep(0.75)
+        with pytest.raises(errors.LeaseExpired):
+            await s.keepalive(lease)
+        with pytest.raises(errors.LeaseExpired):
+            await s.put("k2", b"v", lease=lease)
+        assert await s.get("k") is None
+
+    run(make_store, body)
+
+
 async def _is_none(aw: Awaitable[KeyValue | None]) -> bool:
     return await aw is None
 

@@ -19,6 +19,7 @@ from cargohold import __version__
 from cargohold.core.models import DataServer, Node, Volume
 from cargohold.errors import CargoholdError, Kind, Unauthorized
 from cargohold.services.agent import Agent
+from cargohold.services.controller import Controller
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.catalog import Catalog
 
@@ -52,6 +53,7 @@ class Services:
         self.agent = agent
         self.node = node
         self.stale_after = stale_after
+        self.controller: Controller | None = None  # set by the node
         self.ready = False
 
 
@@ -171,7 +173,9 @@ def create_app(services: Services, token: str = "") -> FastAPI:
     async def list_nodes() -> list[dict[str, Any]]:
         known = list((await servers()).values())
         alive = await services.catalog.live_nodes()
-        return [node_view(n, known, services.stale_after, n.name in alive)
+        leader = await services.controller.leader() if services.controller else ""
+        return [{**node_view(n, known, services.stale_after, n.name in alive),
+                 "controller": n.name == leader}
                 for n in await services.catalog.nodes()]
 
     return app

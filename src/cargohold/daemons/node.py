@@ -31,6 +31,7 @@ from cargohold.core.models import DataServer, Node, ServerState, liveness_key
 from cargohold.daemons.dataservers import DataServerProcess
 from cargohold.errors import CargoholdError, LeaseExpired
 from cargohold.services.agent import Agent
+from cargohold.services.controller import Controller
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import MetadataStore, open_store
@@ -77,6 +78,7 @@ class NodeDaemon:
         ]
         self.lease = 0
         self.started = time.time()
+        self.controller: Controller  # made in run(), with the store
 
     async def run(self) -> None:
         config = self.config
@@ -90,14 +92,16 @@ class NodeDaemon:
         servers: list[tuple[_ApiServer, asyncio.Task[None]]] = []
         csi_server = None
         agent = Agent(catalog, config.name, config.state_dir, config.metadata)
+        volumes = VolumeService(catalog)
+        self.controller = Controller(store, catalog, volumes, config.name)
         try:
             for process in self.processes:
                 await asyncio.to_thread(process.adopt_or_start)
             await self.check_once(store, catalog)
             await agent.recover()
-            volumes = VolumeService(catalog)
             services = Services(catalog, volumes, agent, config.name,
                                 stale_after=max(config.lease_ttl, 3 * config.server_check_interval))
+            services.controller = self.controller
             for endpoint in config.api:
                 token = "" if endpoint.is_unix else config.token
                 servers.append(await _serve(create_app(services, token), endpoint))
@@ -119,11 +123,12 @@ class NodeDaemon:
                     break
                 try:
                     await self.check_once(store, catalog)
-                    await volumes.collect_garbage()
+                    await self.controller.run_once()
                 except CargoholdError as e:
                     log.error("periodic check failed: %s", e)
         finally:
             log.info("node %s stopping", config.name)
+            self.controller.resign()
             if csi_server is not None:
                 await csi_server.stop(5)
             for server, _ in servers:
@@ -160,14 +165,20 @@ class NodeDaemon:
             record = await self._describe(process)
             ids.append(record.id)
             await catalog.put_server(record)
+        started = time.monotonic()
+        ttl = self.config.lease_ttl
         if self.lease:
             try:
-                await store.keepalive(self.lease)
+                ttl = await store.keepalive(self.lease)
             except LeaseExpired:
+                log.error("node %s lost its lease: it counts as down until it has a new one",
+                          self.config.name)
+                self.controller.resign()
                 self.lease = 0
         if not self.lease:
             self.lease = await store.grant_lease(self.config.lease_ttl)
             await store.put(liveness_key(self.config.name), b"", lease=self.lease)
+        self.controller.renewed(self.lease, ttl, started)
         await catalog.put_node(Node(name=self.config.name, version=__version__,
                                     api=",".join(e.url for e in self.config.api),
                                     data_servers=ids, started=self.started))

@@ -284,7 +284,8 @@ class SqliteStore(MetadataStore):
         after)."""
         for op in ops:
             if isinstance(op, Put) and op.lease:
-                if not conn.execute("SELECT 1 FROM leases WHERE id = ?", (op.lease,)).fetchone():
+                if not conn.execute("SELECT 1 FROM leases WHERE id = ? AND expiry > ?",
+                                    (op.lease, time.time())).fetchone():
                     raise errors.LeaseExpired(lease=op.lease)
         batch = _Batch(conn)
         count = 0
@@ -344,8 +345,9 @@ class SqliteStore(MetadataStore):
         return cur.lastrowid
 
     def _keepalive_job(self, conn: sqlite3.Connection, lease: int) -> float:
-        row = conn.execute("SELECT ttl FROM leases WHERE id = ?", (lease,)).fetchone()
-        if row is None:
+        row = conn.execute("SELECT ttl FROM leases WHERE id = ? AND expiry > ?",
+                           (lease, time.time())).fetchone()
+        if row is None:  # gone, or past its deadline and not yet swept: never revived
             raise errors.LeaseExpired(lease=lease)
         ttl = float(row[0])
         conn.execute("UPDATE leases SET expiry = ? WHERE id = ?", (time.time() + ttl, lease))

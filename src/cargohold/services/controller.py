@@ -1,0 +1,110 @@
+"""The controller: cluster-wide housekeeping, done by exactly one node at a time.
+
+Leadership is one key, ``controller/leader``, bound to the holder's node lease: a node that
+creates it while it is absent leads until that lease ends, and the others keep trying each
+period. The leader acts only while its lease is known to be valid: ``renewed`` records each
+successful keepalive, and once the lease's time-to-live has passed without one the controller
+stops acting at once, before its next write (another node may already lead).
+
+Duties (each pass is :meth:`Controller.run_once`, so tests converge without sleeping):
+- data servers whose node's lease has expired are marked down, so placement avoids them and
+  ``volume inspect`` shows which replicas are out of reach; the node marks them up again
+  when it returns;
+- replicas left behind by removals are deleted once their data server answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from cargohold.core.models import ServerState
+from cargohold.errors import LeaseExpired
+from cargohold.services.volumes import VolumeService
+from cargohold.stores.catalog import Catalog
+from cargohold.stores.metadata import Compare, MetadataStore, Put
+
+log = logging.getLogger(__name__)
+
+LEADER_KEY = "controller/leader"
+
+
+class Controller:
+    def __init__(self, store: MetadataStore, catalog: Catalog, volumes: VolumeService,
+                 node: str) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.volumes = volumes
+        self.node = node
+        self.lease = 0
+        self._valid_until = 0.0  # monotonic time until which our lease surely holds
+        self._elected = False
+
+    @property
+    def leading(self) -> bool:
+        return self._elected and time.monotonic() < self._valid_until
+
+    def renewed(self, lease: int, ttl: float, at: float) -> None:
+        """The node's lease ``lease`` was granted or kept alive at ``at`` (monotonic) for
+        ``ttl`` seconds."""
+        if lease != self.lease:
+            self.lease, self._elected = lease, False
+        self._valid_until = at + ttl
+
+    def resign(self) -> None:
+        """The lease is lost (or the node stops): act no more."""
+        if self._elected:
+            log.warning("node %s is no longer the controller", self.node)
+        self._elected = False
+        self._valid_until = 0.0
+
+    async def campaign(self) -> bool:
+        """Become the controller if nobody is; return whether this node leads."""
+        if not self.lease or time.monotonic() >= self._valid_until:
+            self.resign()
+            return False
+        try:
+            result = await self.store.txn([Compare.absent(LEADER_KEY)],
+                                          [Put(LEADER_KEY, self.node.encode(), lease=self.lease)])
+        except LeaseExpired:  # the node finds out on its next keepalive
+            self.resign()
+            return False
+        if result.succeeded:
+            log.info("node %s is now the controller", self.node)
+            self._elected = True
+        else:
+            holder = await self.store.get(LEADER_KEY)
+            elected = holder is not None and holder.lease == self.lease
+            if self._elected and not elected:
+                self.resign()
+            self._elected = elected
+        return self.leading
+
+    async def leader(self) -> str:
+        """The node that holds the controller lease ('' when none does)."""
+        holder = await self.store.get(LEADER_KEY)
+        return holder.value.decode() if holder is not None else ""
+
+    async def run_once(self) -> None:
+        """One pass of every duty, if this node leads."""
+        if not await self.campaign():
+            return
+        await self.mark_down_servers()
+        if self.leading:
+            await self.volumes.collect_garbage()
+
+    async def mark_down_servers(self) -> list[str]:
+        """Mark down the data servers of nodes whose lease has expired; return their ids."""
+        alive = await self.catalog.live_nodes()
+        marked = []
+        for server in await self.catalog.servers():
+            if server.node in alive or server.state is ServerState.DOWN:
+                continue
+            if not self.leading:
+                break
+            server.state = ServerState.DOWN
+            await self.catalog.put_server(server)
+            log.warning("data server %s of node %s marked down: the node's lease expired",
+                        server.id, server.node)
+            marked.append(server.id)
+        return marked
