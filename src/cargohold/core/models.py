@@ -22,6 +22,7 @@ class Record(BaseModel):
 class ReplicaState(StrEnum):
     IN_SYNC = "in_sync"
     OUT_OF_SYNC = "out_of_sync"  # missed acknowledged writes: never read until repaired
+    RESYNCING = "resyncing"  # being brought up to date: still never read
 
 
 class Replica(Record):
@@ -29,6 +30,7 @@ class Replica(Record):
     state: ReplicaState = ReplicaState.IN_SYNC
     since: float = Field(default_factory=time.time)
     reason: str = ""
+    progress: float = 0.0  # fraction done while resyncing
 
 
 class VolumeState(StrEnum):

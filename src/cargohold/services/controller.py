@@ -10,6 +10,8 @@ Duties (each pass is :meth:`Controller.run_once`, so tests converge without slee
 - data servers whose node's lease has expired are marked down, so placement avoids them and
   ``volume inspect`` shows which replicas are out of reach; the node marks them up again
   when it returns;
+- out-of-sync replicas of detached volumes whose data server is up again are resynced
+  (only the chunks they missed are copied, see :mod:`cargohold.services.resync`);
 - replicas left behind by removals are deleted once their data server answers.
 """
 
@@ -20,6 +22,7 @@ import time
 
 from cargohold.core.models import ServerState
 from cargohold.errors import LeaseExpired
+from cargohold.services.resync import Resync
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import Compare, MetadataStore, Put
@@ -35,6 +38,7 @@ class Controller:
         self.store = store
         self.catalog = catalog
         self.volumes = volumes
+        self.resync = Resync(catalog)
         self.node = node
         self.lease = 0
         self._valid_until = 0.0  # monotonic time until which our lease surely holds
@@ -90,6 +94,8 @@ class Controller:
         if not await self.campaign():
             return
         await self.mark_down_servers()
+        if self.leading:
+            await self.resync.run_once()
         if self.leading:
             await self.volumes.collect_garbage()
 

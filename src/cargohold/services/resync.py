@@ -1,0 +1,207 @@
+"""Resync: bring the out-of-sync replicas of a detached volume up to date.
+
+A replica that missed writes (its data server was down or unreachable) is marked out of
+sync and never read. When its data server answers again, only the chunks that changed
+while it was away are copied to it: the chunks whose generation is lower than the newest
+among the in-sync replicas, read from the replica that holds the newest one and written
+with that generation. Then a metadata CAS puts it back in the in-sync set.
+
+A resync takes a new epoch, like an attach, so the data servers refuse whatever an older
+writer might still send; an attach that comes during a resync takes a newer one and wins:
+the resync's next request is refused as fenced, it stops, and its replicas stay out of
+sync (what was copied is kept, so the next pass copies less). A resync never runs while
+the volume is attached: the engine is the only writer then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cargohold.clients.dataclient import DataClient
+from cargohold.core.layout import CHUNK_SIZE
+from cargohold.core.models import DataServer, ReplicaState, ServerState, Volume, VolumeState
+from cargohold.errors import CargoholdError, VolumeBusy
+from cargohold.stores.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 1.0  # seconds between progress records in the metadata store
+
+
+@dataclass
+class ResyncResult:
+    volume: str
+    replicas: list[str]  # data server ids brought back in sync
+    chunks_copied: int
+    bytes_copied: int
+    chunks_total: int
+    seconds: float
+
+
+class Resync:
+    def __init__(self, catalog: Catalog, rate: float = 0.0) -> None:
+        """``rate``: bytes per second the copy may use (0: no limit)."""
+        self.catalog = catalog
+        self.rate = rate
+
+    async def run_once(self) -> list[ResyncResult]:
+        """Resync every detached volume that has an out-of-sync replica on a data server
+        that is up again; a failure is logged and left for the next pass."""
+        servers = {s.id: s for s in await self.catalog.servers()}
+        done = []
+        for volume in await self.catalog.volumes():
+            if _due(volume, servers):
+                try:
+                    done.append(await self.resync(volume.name))
+                except CargoholdError as e:
+                    log.warning("resync of %s stopped: %s", volume.name, e)
+        return done
+
+    async def resync(self, name: str) -> ResyncResult:
+        started = time.monotonic()
+        servers = {s.id: s for s in await self.catalog.servers()}
+
+        def claim(v: Volume) -> Volume:
+            if v.attachment is not None or v.state is not VolumeState.DETACHED:
+                raise VolumeBusy(name=name, state=f"{v.state.value} (resync needs it detached)")
+            if not v.in_sync():
+                raise VolumeBusy(name=name, state="without an in-sync replica")
+            v.epoch += 1
+            for r in v.replicas:
+                if r.state is ReplicaState.OUT_OF_SYNC and _up(servers.get(r.server)):
+                    r.state, r.progress, r.since = ReplicaState.RESYNCING, 0.0, time.time()
+            return v
+
+        volume = await self.catalog.update_volume(name, claim)
+        epoch = volume.epoch
+        targets = [r.server for r in volume.replicas if r.state is ReplicaState.RESYNCING]
+        sources = [r.server for r in volume.in_sync()]
+        log.info("resync of %s (epoch %d): %s from %s", name, epoch, targets, sources)
+        clients = {sid: DataClient(servers[sid].address, sid) for sid in sources + targets
+                   if sid in servers}
+        copied = total = 0
+        try:
+            await asyncio.gather(*(c.connect() for c in clients.values()))
+            tables = {sid: _gens(await client.generations(volume.id))
+                      for sid, client in clients.items()}
+            if any(t not in tables for t in targets):
+                raise VolumeBusy(name=name, state="resyncing to an unknown data server")
+            total = -(-volume.size // CHUNK_SIZE)
+            plan = _plan(volume.size, {s: tables[s] for s in sources if s in tables},
+                         {t: tables[t] for t in targets})
+            budget = _Budget(self.rate)
+            last_report = time.monotonic()
+            for index, (chunk, source, gen, stale) in enumerate(plan):
+                offset = chunk * CHUNK_SIZE
+                length = min(CHUNK_SIZE, volume.size - offset)
+                data = await clients[source].read(volume.id, epoch, offset, length)
+                await asyncio.gather(*(clients[t].write(volume.id, epoch, offset, data, gen)
+                                       for t in stale))
+                copied += 1
+                await budget.spend(length)
+                if time.monotonic() - last_report >= PROGRESS_EVERY:
+                    last_report = time.monotonic()
+                    await self._progress(name, epoch, targets, (index + 1) / len(plan))
+            await asyncio.gather(*(clients[t].flush(volume.id, epoch) for t in targets))
+        except CargoholdError as e:
+            await self._finish(name, epoch, targets, in_sync=False, reason=f"resync: {e}")
+            raise
+        finally:
+            await asyncio.gather(*(c.close() for c in clients.values()))
+        await self._finish(name, epoch, targets, in_sync=True, reason="")
+        result = ResyncResult(name, targets, copied, copied * CHUNK_SIZE, total,
+                              time.monotonic() - started)
+        log.info("resync of %s done: %d of %d chunks copied in %.1f s", name, copied, total,
+                 result.seconds)
+        return result
+
+    async def _progress(self, name: str, epoch: int, targets: list[str], done: float) -> None:
+        def record(v: Volume) -> Volume | None:
+            if v.epoch != epoch:
+                return None  # taken over: nothing to record
+            for r in v.replicas:
+                if r.server in targets and r.state is ReplicaState.RESYNCING:
+                    r.progress = round(done, 3)
+            return v
+
+        await self.catalog.update_volume(name, record)
+
+    async def _finish(self, name: str, epoch: int, targets: list[str], in_sync: bool,
+                      reason: str) -> None:
+        def finish(v: Volume) -> Volume | None:
+            ok = in_sync and v.epoch == epoch and v.attachment is None
+            changed = False
+            for r in v.replicas:
+                if r.server in targets and r.state is ReplicaState.RESYNCING:
+                    r.state = ReplicaState.IN_SYNC if ok else ReplicaState.OUT_OF_SYNC
+                    r.progress, r.since, changed = 0.0, time.time(), True
+                    r.reason = "" if ok else reason or "resync interrupted (volume attached)"
+            return v if changed else None
+
+        try:
+            await self.catalog.update_volume(name, finish)
+        except CargoholdError as e:  # removed meanwhile: nothing left to record
+            log.warning("resync of %s: cannot record the outcome: %s", name, e)
+
+
+def _up(server: DataServer | None) -> bool:
+    return server is not None and server.state is ServerState.UP
+
+
+def _due(volume: Volume, servers: dict[str, DataServer]) -> bool:
+    return (volume.attachment is None and volume.state is VolumeState.DETACHED
+            and bool(volume.in_sync())
+            and any(r.state in (ReplicaState.OUT_OF_SYNC, ReplicaState.RESYNCING)
+                    and _up(servers.get(r.server)) for r in volume.replicas))
+
+
+def _gens(raw: bytes) -> array[int]:
+    table = array("Q", raw)  # the data servers answer GENS little-endian
+    if sys.byteorder == "big":
+        table.byteswap()
+    return table
+
+
+def _plan(size: int, sources: dict[str, array[int]], targets: dict[str, array[int]],
+          ) -> list[tuple[int, str, int, list[str]]]:
+    """(chunk, source holding its newest generation, that generation, targets behind it)
+    for every chunk some target lacks."""
+    chunks = -(-size // CHUNK_SIZE)
+    plan = []
+    for chunk in range(chunks):
+        newest, source = 0, ""
+        for sid, table in sources.items():
+            gen = table[chunk] if chunk < len(table) else 0
+            if gen > newest:
+                newest, source = gen, sid
+        if not source:
+            continue  # never written anywhere: thin, nothing to copy
+        stale = [t for t, table in targets.items()
+                 if (table[chunk] if chunk < len(table) else 0) != newest]
+        if stale:
+            plan.append((chunk, source, newest, stale))
+    return plan
+
+
+class _Budget:
+    """A byte-rate limit: spend() sleeps when the copy runs ahead of ``rate``."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.clock = clock
+        self.start = clock()
+        self.spent = 0
+
+    async def spend(self, nbytes: int) -> None:
+        if self.rate <= 0:
+            return
+        self.spent += nbytes
+        ahead = self.spent / self.rate - (self.clock() - self.start)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
