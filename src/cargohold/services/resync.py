@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from cargohold.clients.dataclient import DataClient
@@ -32,6 +32,7 @@ from cargohold.stores.catalog import Catalog
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 1.0  # seconds between progress records in the metadata store
+WINDOW = 8  # chunks copied at once (the data client pipelines requests)
 
 
 @dataclass
@@ -97,17 +98,29 @@ class Resync:
                          {t: tables[t] for t in targets})
             budget = _Budget(self.rate)
             last_report = time.monotonic()
-            for index, (chunk, source, gen, stale) in enumerate(plan):
-                offset = chunk * CHUNK_SIZE
-                length = min(CHUNK_SIZE, volume.size - offset)
-                data = await clients[source].read(volume.id, epoch, offset, length)
-                await asyncio.gather(*(clients[t].write(volume.id, epoch, offset, data, gen)
-                                       for t in stale))
-                copied += 1
-                await budget.spend(length)
-                if time.monotonic() - last_report >= PROGRESS_EVERY:
-                    last_report = time.monotonic()
-                    await self._progress(name, epoch, targets, (index + 1) / len(plan))
+            pending = iter(plan)
+
+            async def copier() -> None:  # WINDOW of these keep chunks in flight
+                nonlocal copied, last_report
+                for chunk, source, gen, stale in pending:
+                    offset = chunk * CHUNK_SIZE
+                    length = min(CHUNK_SIZE, volume.size - offset)
+                    data = await clients[source].read(volume.id, epoch, offset, length)
+                    await asyncio.gather(*(clients[t].write(volume.id, epoch, offset, data, gen)
+                                           for t in stale))
+                    copied += 1
+                    await budget.spend(length)
+                    if time.monotonic() - last_report >= PROGRESS_EVERY:
+                        last_report = time.monotonic()
+                        await self._progress(name, epoch, targets, copied / len(plan))
+
+            workers = [asyncio.ensure_future(copier()) for _ in range(WINDOW)]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for worker in workers:
+                    worker.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
             await asyncio.gather(*(clients[t].flush(volume.id, epoch) for t in targets))
         except CargoholdError as e:
             await self._finish(name, epoch, targets, in_sync=False, reason=f"resync: {e}")
@@ -192,9 +205,11 @@ def _plan(size: int, sources: dict[str, array[int]], targets: dict[str, array[in
 class _Budget:
     """A byte-rate limit: spend() sleeps when the copy runs ahead of ``rate``."""
 
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.rate = rate
         self.clock = clock
+        self.sleep = sleep
         self.start = clock()
         self.spent = 0
 
@@ -204,4 +219,4 @@ class _Budget:
         self.spent += nbytes
         ahead = self.spent / self.rate - (self.clock() - self.start)
         if ahead > 0:
-            await asyncio.sleep(ahead)
+            await self.sleep(ahead)
