@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -22,6 +22,9 @@ from cargohold import __version__
 from cargohold.config import DEFAULT_DOCKER_SOCKET, Endpoint, NodeConfig, client_config
 from cargohold.core.sizes import format_size
 from cargohold.errors import CargoholdError, InvalidArgument, Kind
+
+if TYPE_CHECKING:
+    from cargohold.clients.api import ApiClient
 
 EXIT_CODES = {
     Kind.INVALID: 2,
@@ -79,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="address the data servers listen on")
     node.add_argument("--docker-socket", default=str(DEFAULT_DOCKER_SOCKET),
                       help="where to serve the Docker volume plugin ('none' to disable)")
+    node.add_argument("--rebuild-after", type=float, default=600.0,
+                      help="seconds a data server may be down before its replicas are "
+                           "rebuilt elsewhere (default 600)")
     node.add_argument("--lease-ttl", type=float, default=10.0,
                       help="seconds without renewal after which this node counts as down "
                            "and its volumes may be taken over (default 10)")
@@ -86,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="serve the Kubernetes CSI driver on unix:///PATH (default: none)")
     node_actions = node.add_subparsers(dest="action")
     output(node_actions.add_parser("ls", help="list nodes and their data servers"))
+    drain = node_actions.add_parser(
+        "drain", help="move every replica off a node (then it can be removed)")
+    drain.add_argument("target", metavar="NODE")
+    drain.add_argument("--cancel", action="store_true", help="stop draining the node")
+    drain.add_argument("--wait", action="store_true",
+                       help="show progress until no replica is left on the node")
+    output(drain)
     return parser
 
 
@@ -111,7 +124,8 @@ def _run_node(args: argparse.Namespace) -> int:
                         format="%(asctime)s node %(levelname)s %(name)s: %(message)s")
     fields: dict[str, Any] = {"state_dir": args.state_dir, "data_dirs": args.data_dir,
                               "metadata": args.metadata, "data_host": args.data_host,
-                              "lease_ttl": args.lease_ttl}
+                              "lease_ttl": args.lease_ttl,
+                              "rebuild_after": args.rebuild_after}
     if args.name:
         fields["name"] = args.name
     fields["docker_socket"] = None if args.docker_socket == "none" else Path(args.docker_socket)
@@ -134,6 +148,8 @@ def _run_client(args: argparse.Namespace) -> int:
 
     with ApiClient(client_config(args.host, args.token)) as api:
         as_json = getattr(args, "output", "table") == "json"
+        if args.command == "node" and args.action == "drain":
+            return _drain(api, args.target, args.cancel, args.wait, as_json)
         if args.command == "node":
             _print_nodes(api.request("GET", "/v1/nodes"), as_json)
             return 0
@@ -156,6 +172,24 @@ def _run_client(args: argparse.Namespace) -> int:
         elif args.action == "rm":
             api.request("DELETE", f"/v1/volumes/{name}")
             _emit({"name": name, "removed": True}, as_json, name)
+    return 0
+
+
+def _drain(api: ApiClient, node: str, cancel: bool, wait: bool, as_json: bool) -> int:
+    method = "DELETE" if cancel else "POST"
+    view = api.request(method, f"/v1/nodes/{node}/drain")
+    if wait and not cancel:
+        first = max(view["replicas"], 1)
+        while view["replicas"]:
+            done = 1 - view["replicas"] / first
+            bar = "#" * int(30 * done)
+            print(f"\rdraining {node} [{bar:<30}] {view['replicas']} replicas left",
+                  end="", file=sys.stderr, flush=True)
+            time.sleep(1)
+            view = api.request("GET", f"/v1/nodes/{node}")
+        print(f"\rdraining {node} [{'#' * 30}] done{' ' * 20}", file=sys.stderr)
+    _emit(view, as_json, f"{node}: {'draining' if view['draining'] else 'not draining'}, "
+                         f"{view['replicas']} replicas on it")
     return 0
 
 
@@ -207,7 +241,7 @@ def _print_nodes(nodes: list[dict[str, Any]], as_json: bool) -> None:
     rows = []
     for node in nodes:
         seen = f"{max(0, time.time() - node['last_seen']):.0f}s ago"
-        role = "controller" if node.get("controller") else ""
+        role = ",".join(r for r in ("controller", "draining") if node.get(r))
         rows.append([node["name"], node["health"], seen, role, "", format_size(node["capacity"]),
                      format_size(node["free"]), format_size(node["used"]),
                      format_size(node["provisioned"])])

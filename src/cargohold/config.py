@@ -65,6 +65,7 @@ class NodeConfig(BaseModel):
     data_host: str = "127.0.0.1"  # address the data servers listen on and advertise
     lease_ttl: float = Field(default=10.0, ge=2.0)  # seconds; keepalive every second
     server_check_interval: float = 1.0
+    rebuild_after: float = Field(default=600.0, ge=0.0)  # seconds down before a rebuild
 
     def model_post_init(self, _context: object) -> None:
         if not self.metadata:

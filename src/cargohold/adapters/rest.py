@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from cargohold import __version__
 from cargohold.core.models import DataServer, Node, Volume
-from cargohold.errors import CargoholdError, Kind, Unauthorized
+from cargohold.errors import CargoholdError, Kind, NodeNotFound, Unauthorized
 from cargohold.services.agent import Agent
 from cargohold.services.controller import Controller
 from cargohold.services.volumes import VolumeService
@@ -169,13 +169,46 @@ def create_app(services: Services, token: str = "") -> FastAPI:
             return volume_view(await services.volumes.release(name), await servers())
         return volume_view(await services.agent.detach(name), await servers())
 
-    @app.get("/v1/nodes")
-    async def list_nodes() -> list[dict[str, Any]]:
+    async def nodes_view(only: str = "") -> list[dict[str, Any]]:
         known = list((await servers()).values())
         alive = await services.catalog.live_nodes()
+        draining = await services.catalog.draining()
         leader = await services.controller.leader() if services.controller else ""
-        return [{**node_view(n, known, services.stale_after, n.name in alive),
-                 "controller": n.name == leader}
-                for n in await services.catalog.nodes()]
+        replicas: dict[str, int] = {}  # replicas per data server
+        for volume in await services.catalog.volumes():
+            for replica in volume.replicas:
+                replicas[replica.server] = replicas.get(replica.server, 0) + 1
+        views = []
+        for n in await services.catalog.nodes():
+            if only and n.name != only:
+                continue
+            view = node_view(n, known, services.stale_after, n.name in alive)
+            view["controller"] = n.name == leader
+            view["draining"] = n.name in draining
+            view["replicas"] = sum(replicas.get(s["id"], 0) for s in view["data_servers"])
+            views.append(view)
+        if only and not views:
+            raise NodeNotFound(name=only)
+        return views
+
+    @app.get("/v1/nodes")
+    async def list_nodes() -> list[dict[str, Any]]:
+        return await nodes_view()
+
+    @app.get("/v1/nodes/{name}")
+    async def inspect_node(name: str) -> dict[str, Any]:
+        return (await nodes_view(name))[0]
+
+    @app.post("/v1/nodes/{name}/drain")
+    async def drain_node(name: str) -> dict[str, Any]:
+        await nodes_view(name)  # NodeNotFound for a node that never joined
+        await services.catalog.set_draining(name, True)
+        return (await nodes_view(name))[0]
+
+    @app.delete("/v1/nodes/{name}/drain")
+    async def undrain_node(name: str) -> dict[str, Any]:
+        await nodes_view(name)
+        await services.catalog.set_draining(name, False)
+        return (await nodes_view(name))[0]
 
     return app

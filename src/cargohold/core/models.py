@@ -31,6 +31,7 @@ class Replica(Record):
     since: float = Field(default_factory=time.time)
     reason: str = ""
     progress: float = 0.0  # fraction done while resyncing
+    replaces: str = ""  # a rebuild: the data server whose replica this one replaces
 
 
 class VolumeState(StrEnum):
@@ -114,6 +115,14 @@ LIVENESS_PREFIX = "leases/nodes/"
 def liveness_key(name: str) -> str:
     """Exists while the node's lease is alive."""
     return f"{LIVENESS_PREFIX}{name}"
+
+
+DRAIN_PREFIX = "drain/"
+
+
+def drain_key(node: str) -> str:
+    """Present while ``node`` is being drained: no new replicas go there."""
+    return f"{DRAIN_PREFIX}{node}"
 
 
 def garbage_key(server_id: str, volume_id: str) -> str:

@@ -93,7 +93,8 @@ class NodeDaemon:
         csi_server = None
         agent = Agent(catalog, config.name, config.state_dir, config.metadata)
         volumes = VolumeService(catalog)
-        self.controller = Controller(store, catalog, volumes, config.name)
+        self.controller = Controller(store, catalog, volumes, config.name,
+                                     config.rebuild_after)
         try:
             for process in self.processes:
                 await asyncio.to_thread(process.adopt_or_start)

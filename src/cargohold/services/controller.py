@@ -10,6 +10,9 @@ Duties (each pass is :meth:`Controller.run_once`, so tests converge without slee
 - data servers whose node's lease has expired are marked down, so placement avoids them and
   ``volume inspect`` shows which replicas are out of reach; the node marks them up again
   when it returns;
+- replicas whose data server has been down longer than ``rebuild_after`` seconds, or
+  was removed, or whose node is draining, get a replacement on another data server
+  (:mod:`cargohold.services.rebuild`), dropped only once the replacement is in sync;
 - out-of-sync replicas of detached volumes whose data server is up again are resynced
   (only the chunks they missed are copied, see :mod:`cargohold.services.resync`);
 - replicas left behind by removals are deleted once their data server answers.
@@ -22,6 +25,7 @@ import time
 
 from cargohold.core.models import ServerState
 from cargohold.errors import LeaseExpired
+from cargohold.services.rebuild import Rebuild
 from cargohold.services.resync import Resync
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.catalog import Catalog
@@ -34,11 +38,12 @@ LEADER_KEY = "controller/leader"
 
 class Controller:
     def __init__(self, store: MetadataStore, catalog: Catalog, volumes: VolumeService,
-                 node: str) -> None:
+                 node: str, rebuild_after: float = 600.0) -> None:
         self.store = store
         self.catalog = catalog
         self.volumes = volumes
         self.resync = Resync(catalog)
+        self.rebuild = Rebuild(catalog, rebuild_after)
         self.node = node
         self.lease = 0
         self._valid_until = 0.0  # monotonic time until which our lease surely holds
@@ -94,6 +99,8 @@ class Controller:
         if not await self.campaign():
             return
         await self.mark_down_servers()
+        if self.leading:
+            await self.rebuild.run_once()
         if self.leading:
             await self.resync.run_once()
         if self.leading:

@@ -82,13 +82,23 @@ class Resync:
         volume = await self.catalog.update_volume(name, claim)
         epoch = volume.epoch
         targets = [r.server for r in volume.replicas if r.state is ReplicaState.RESYNCING]
-        sources = [r.server for r in volume.in_sync()]
+        sources = [r.server for r in volume.in_sync() if _up(servers.get(r.server))]
         log.info("resync of %s (epoch %d): %s from %s", name, epoch, targets, sources)
-        clients = {sid: DataClient(servers[sid].address, sid) for sid in sources + targets
-                   if sid in servers}
+        clients = {sid: DataClient(servers[sid].address, sid) for sid in sources + targets}
         copied = total = 0
         try:
-            await asyncio.gather(*(c.connect() for c in clients.values()))
+            await asyncio.gather(*(clients[t].connect() for t in targets))
+            # in-sync replicas hold the same data: any that answer will do as sources
+            answers = await asyncio.gather(*(clients[s].connect() for s in sources),
+                                           return_exceptions=True)
+            for sid, answer in zip(sources, answers, strict=True):
+                if isinstance(answer, CargoholdError):
+                    log.warning("resync of %s: source %s unreachable: %s", name, sid, answer)
+                    await clients.pop(sid).close()
+                elif isinstance(answer, BaseException):
+                    raise answer
+            if not set(clients) - set(targets):
+                raise VolumeBusy(name=name, state="without a reachable in-sync replica")
             tables = {sid: _gens(await client.generations(volume.id))
                       for sid, client in clients.items()}
             if any(t not in tables for t in targets):
@@ -169,7 +179,7 @@ def _up(server: DataServer | None) -> bool:
 
 def _due(volume: Volume, servers: dict[str, DataServer]) -> bool:
     return (volume.attachment is None and volume.state is VolumeState.DETACHED
-            and bool(volume.in_sync())
+            and any(_up(servers.get(r.server)) for r in volume.in_sync())
             and any(r.state in (ReplicaState.OUT_OF_SYNC, ReplicaState.RESYNCING)
                     and _up(servers.get(r.server)) for r in volume.replicas))
 

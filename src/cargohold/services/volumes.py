@@ -55,7 +55,8 @@ class VolumeService:
         existing = await self.catalog.find_volume(name)
         if existing is not None:
             return await self._existing(existing, size_bytes, count, fs, exist_ok)
-        chosen = placement.place(await self.catalog.servers(), count, size_bytes)
+        chosen = placement.place(await self.catalog.servers(), count, size_bytes,
+                                 exclude=await self.catalog.draining_servers())
         volume = Volume(id=uuid.uuid4().hex, name=name, size=size_bytes, replica_count=count,
                         fs=fs, replicas=[Replica(server=s.id) for s in chosen])
         try:

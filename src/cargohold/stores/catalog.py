@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from cargohold.core.models import (
+    DRAIN_PREFIX,
     LIVENESS_PREFIX,
     DataServer,
     Node,
     Volume,
+    drain_key,
     garbage_key,
     liveness_key,
     node_key,
@@ -100,6 +102,22 @@ class Catalog:
 
     async def node_alive(self, name: str) -> bool:
         return await self.store.get(liveness_key(name)) is not None
+
+    # -- draining: nodes whose replicas move away ------------------------------------------
+
+    async def set_draining(self, node: str, draining: bool) -> None:
+        if draining:
+            await self.store.put(drain_key(node), b"")
+        else:
+            await self.store.delete(drain_key(node))
+
+    async def draining(self) -> set[str]:
+        return {kv.key[len(DRAIN_PREFIX):] for kv in await self.store.range(DRAIN_PREFIX)}
+
+    async def draining_servers(self) -> set[str]:
+        """Ids of the data servers of draining nodes: no new replica goes there."""
+        draining = await self.draining()
+        return {s.id for s in await self.servers() if s.node in draining}
 
     # -- garbage: replicas whose data server was unreachable when their volume went -------
 

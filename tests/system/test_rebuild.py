@@ -1,0 +1,121 @@
+"""Rebuild and drain across three nodes sharing one metadata store (real processes)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Node, needs_root
+
+pytestmark = [needs_root(), pytest.mark.system]
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def three_nodes(tmp_path: Path) -> Iterator[dict[str, Node]]:
+    meta = f"sqlite://{tmp_path / 'meta.db'}"
+    nodes: dict[str, Node] = {}
+    try:
+        for name in ("h1", "h2", "h3"):
+            (tmp_path / name).mkdir()
+            node = Node(tmp_path / name, data_servers=1, name=name,
+                        extra=("--metadata", meta, "--lease-ttl", "2", "--rebuild-after", "2"))
+            nodes[name] = node
+            node.start()
+        yield nodes
+    finally:
+        for node in nodes.values():
+            node.cleanup()
+
+
+def _kill_host(node: Node) -> None:
+    """The node and its data servers die at once (a host lost for good)."""
+    node.kill()
+    for pid in node.dataserver_pids():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _holders(node: Node, name: str) -> dict[str, str]:
+    """node name -> replica state."""
+    return {r["node"]: r["state"] for r in node.json("volume", "inspect", name)["replicas"]}
+
+
+def _until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting: {what}"
+        time.sleep(0.2)
+
+
+def _fill(node: Node, name: str) -> str:
+    mountpoint = Path(node.cli("volume", "attach", name).stdout.strip())
+    data = os.urandom(16 * MIB)
+    with open(mountpoint / "data.bin", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    node.cli("volume", "detach", name)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _verify(node: Node, name: str, digest: str) -> None:
+    mountpoint = Path(node.cli("volume", "attach", name).stdout.strip())
+    assert hashlib.sha256((mountpoint / "data.bin").read_bytes()).hexdigest() == digest
+    node.cli("volume", "detach", name)
+
+
+def test_a_lost_host_is_rebuilt_elsewhere_and_survives_losing_the_other(
+        three_nodes: dict[str, Node]) -> None:
+    any_node = three_nodes["h1"]
+    any_node.cli("volume", "create", "rb", "--size", "128M", "--replicas", "2")
+    digest = _fill(any_node, "rb")
+    lost, kept = sorted(_holders(any_node, "rb"))
+    spare = ({"h1", "h2", "h3"} - {lost, kept}).pop()
+    _kill_host(three_nodes[lost])
+
+    watcher = three_nodes[spare]
+    _until(lambda: _holders(watcher, "rb") == {kept: "in_sync", spare: "in_sync"},
+           "the replica on the lost host rebuilt on the spare one and the old one dropped")
+    log = "\n".join(n.logs() for n in three_nodes.values())
+    assert "rebuilding the replica of rb" in log and "resync of rb done" in log
+
+    _kill_host(three_nodes[kept])  # the other original replica is lost too
+    _verify(watcher, "rb", digest)  # the rebuilt replica alone has every byte
+
+
+def test_drain_moves_every_replica_without_lowering_redundancy(
+        three_nodes: dict[str, Node]) -> None:
+    h1 = three_nodes["h1"]
+    h1.cli("volume", "create", "dr", "--size", "128M", "--replicas", "2")
+    digest = _fill(h1, "dr")
+    victim = sorted(_holders(h1, "dr"))[0]
+    h1.cli("node", "drain", victim, "--wait")  # returns once no replica is left there
+    holders = _holders(h1, "dr")
+    assert victim not in holders and set(holders.values()) == {"in_sync"} and len(holders) == 2
+    [view] = [n for n in h1.json("node", "ls") if n["name"] == victim]
+    assert view["draining"] and view["replicas"] == 0
+    assert "draining" in h1.cli("node", "ls").stdout
+
+    h1.cli("volume", "create", "fresh", "--size", "64M", "--replicas", "2")
+    assert victim not in _holders(h1, "fresh")  # nothing new goes to a draining node
+    refused = h1.cli("volume", "create", "three", "--size", "64M", "--replicas", "3",
+                     check=False)
+    assert refused.returncode == 4
+
+    other = next(n for n in three_nodes.values() if n.name != victim)
+    _verify(other, "dr", digest)
+    undone: dict[str, Any] = h1.json("node", "drain", victim, "--cancel")  # type: ignore[assignment]
+    assert undone["draining"] is False
+    missing = h1.cli("node", "drain", "nosuch", check=False)
+    assert missing.returncode == 3 and "nosuch" in missing.stderr
