@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from cargohold import __version__
 from cargohold.config import DEFAULT_DOCKER_SOCKET, Endpoint, NodeConfig, client_config
-from cargohold.core.sizes import format_size
+from cargohold.core.sizes import format_size, parse_size
 from cargohold.errors import CargoholdError, InvalidArgument, Kind
 
 if TYPE_CHECKING:
@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     output(create)
     output(volume.add_parser("ls", help="list volumes"))
     for action, text in (("inspect", "show a volume"), ("attach", "attach and mount here"),
-                         ("detach", "unmount and detach"), ("rm", "remove a volume")):
+                         ("detach", "unmount and detach"), ("rm", "remove a volume"),
+                         ("scrub", "read every copy of a detached volume, repair bad ones")):
         sub = volume.add_parser(action, help=text)
         sub.add_argument("name")
         if action == "detach":
@@ -85,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--rebuild-after", type=float, default=600.0,
                       help="seconds a data server may be down before its replicas are "
                            "rebuilt elsewhere (default 600)")
+    node.add_argument("--scrub-every", type=float, default=7 * 86400.0,
+                      help="seconds between background scrubs of a detached volume "
+                           "(default a week; 0 turns them off)")
+    node.add_argument("--scrub-rate", default="50M",
+                      help="read rate of background scrubs per second, e.g. 50M (default)")
     node.add_argument("--lease-ttl", type=float, default=10.0,
                       help="seconds without renewal after which this node counts as down "
                            "and its volumes may be taken over (default 10)")
@@ -125,7 +131,9 @@ def _run_node(args: argparse.Namespace) -> int:
     fields: dict[str, Any] = {"state_dir": args.state_dir, "data_dirs": args.data_dir,
                               "metadata": args.metadata, "data_host": args.data_host,
                               "lease_ttl": args.lease_ttl,
-                              "rebuild_after": args.rebuild_after}
+                              "rebuild_after": args.rebuild_after,
+                              "scrub_every": args.scrub_every,
+                              "scrub_rate": parse_size(args.scrub_rate)}
     if args.name:
         fields["name"] = args.name
     fields["docker_socket"] = None if args.docker_socket == "none" else Path(args.docker_socket)
@@ -169,6 +177,9 @@ def _run_client(args: argparse.Namespace) -> int:
         elif args.action == "detach":
             force = "?force=true" if args.force else ""
             _emit(api.request("POST", f"/v1/volumes/{name}/detach{force}"), as_json, name)
+        elif args.action == "scrub":
+            report = api.request("POST", f"/v1/volumes/{name}/scrub")
+            _emit(report, as_json, _scrub_text(report))
         elif args.action == "rm":
             api.request("DELETE", f"/v1/volumes/{name}")
             _emit({"name": name, "removed": True}, as_json, name)
@@ -191,6 +202,19 @@ def _drain(api: ApiClient, node: str, cancel: bool, wait: bool, as_json: bool) -
     _emit(view, as_json, f"{node}: {'draining' if view['draining'] else 'not draining'}, "
                          f"{view['replicas']} replicas on it")
     return 0
+
+
+def _scrub_text(report: dict[str, Any]) -> str:
+    lines = [f"{report['volume']}: {report['chunks']} chunks read from every in-sync copy "
+             f"({format_size(report['bytes_read'])}) in {report['seconds']:.1f} s",
+             f"repaired: {len(report['repaired'])} copies",
+             f"lost: {len(report['lost'])} chunks without a clean copy"]
+    lines += [f"  chunk {r['chunk']} on data server {r['server']}" for r in report["repaired"]]
+    if report["lost"]:
+        lines.append(f"  lost chunks: {', '.join(str(c) for c in report['lost'])}")
+    if report["skipped"]:
+        lines.append(f"not checked (unreachable): {', '.join(report['skipped'])}")
+    return "\n".join(lines)
 
 
 def _emit(value: Any, as_json: bool, text: str) -> None:

@@ -66,6 +66,8 @@ class NodeConfig(BaseModel):
     lease_ttl: float = Field(default=10.0, ge=2.0)  # seconds; keepalive every second
     server_check_interval: float = 1.0
     rebuild_after: float = Field(default=600.0, ge=0.0)  # seconds down before a rebuild
+    scrub_every: float = Field(default=7 * 86400.0, ge=0.0)  # 0: no background scrub
+    scrub_rate: float = Field(default=50 << 20, ge=0.0)  # bytes/s of a background scrub; 0: any
 
     def model_post_init(self, _context: object) -> None:
         if not self.metadata:

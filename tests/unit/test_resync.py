@@ -6,7 +6,7 @@ import asyncio
 from array import array
 
 from cargohold.core.layout import CHUNK_SIZE
-from cargohold.services.resync import _Budget, _plan
+from cargohold.services.resync import Budget, _plan
 
 
 def _table(*gens: int) -> array[int]:
@@ -34,11 +34,11 @@ def test_budget_sleeps_when_ahead_of_the_rate() -> None:
         slept.append(seconds)
 
     async def body() -> None:
-        budget = _Budget(100.0, clock=lambda: now[0], sleep=sleep)
+        budget = Budget(100.0, clock=lambda: now[0], sleep=sleep)
         await budget.spend(50)  # 0.5 s worth at t=0
         now[0] = 1.0
         await budget.spend(50)  # 1.0 s worth at t=1: on time
-        await _Budget(0, sleep=sleep).spend(10**9)  # no limit
+        await Budget(0, sleep=sleep).spend(10**9)  # no limit
 
     asyncio.run(body())
     assert slept == [0.5]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,6 +21,7 @@ from cargohold.core.models import DataServer, Node, Volume
 from cargohold.errors import CargoholdError, Kind, NodeNotFound, Unauthorized
 from cargohold.services.agent import Agent
 from cargohold.services.controller import Controller
+from cargohold.services.scrub import Scrub
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.catalog import Catalog
 
@@ -161,6 +163,10 @@ def create_app(services: Services, token: str = "") -> FastAPI:
     @app.post("/v1/volumes/{name}/attach")
     async def attach_volume(name: str) -> dict[str, Any]:
         return volume_view(await services.agent.attach(name), await servers())
+
+    @app.post("/v1/volumes/{name}/scrub")
+    async def scrub_volume(name: str) -> dict[str, Any]:
+        return asdict(await Scrub(services.catalog).scrub(name))
 
     @app.post("/v1/volumes/{name}/detach")
     async def detach_volume(name: str, force: bool = False) -> dict[str, Any]:

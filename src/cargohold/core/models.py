@@ -63,6 +63,7 @@ class Volume(Record):
     replicas: list[Replica] = []
     attachment: Attachment | None = None
     epoch: int = 0  # the last epoch issued for this volume
+    scrubbed: float = 0.0  # when the last scrub finished (0: never)
     created: float = Field(default_factory=time.time)
     last_error: str = ""
 

@@ -94,7 +94,8 @@ class NodeDaemon:
         agent = Agent(catalog, config.name, config.state_dir, config.metadata)
         volumes = VolumeService(catalog)
         self.controller = Controller(store, catalog, volumes, config.name,
-                                     config.rebuild_after)
+                                     config.rebuild_after, config.scrub_every,
+                                     config.scrub_rate)
         try:
             for process in self.processes:
                 await asyncio.to_thread(process.adopt_or_start)

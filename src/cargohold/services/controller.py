@@ -15,7 +15,9 @@ Duties (each pass is :meth:`Controller.run_once`, so tests converge without slee
   (:mod:`cargohold.services.rebuild`), dropped only once the replacement is in sync;
 - out-of-sync replicas of detached volumes whose data server is up again are resynced
   (only the chunks they missed are copied, see :mod:`cargohold.services.resync`);
-- replicas left behind by removals are deleted once their data server answers.
+- replicas left behind by removals are deleted once their data server answers;
+- with ``scrub_every`` set, a detached volume not scrubbed for that long is scrubbed
+  (:mod:`cargohold.services.scrub`), one a pass, at most ``scrub_rate`` bytes per second.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from cargohold.core.models import ServerState
 from cargohold.errors import LeaseExpired
 from cargohold.services.rebuild import Rebuild
 from cargohold.services.resync import Resync
+from cargohold.services.scrub import Scrub
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import Compare, MetadataStore, Put
@@ -38,12 +41,15 @@ LEADER_KEY = "controller/leader"
 
 class Controller:
     def __init__(self, store: MetadataStore, catalog: Catalog, volumes: VolumeService,
-                 node: str, rebuild_after: float = 600.0) -> None:
+                 node: str, rebuild_after: float = 600.0, scrub_every: float = 0.0,
+                 scrub_rate: float = 0.0) -> None:
         self.store = store
         self.catalog = catalog
         self.volumes = volumes
         self.resync = Resync(catalog)
         self.rebuild = Rebuild(catalog, rebuild_after)
+        self.scrub = Scrub(catalog, scrub_rate)
+        self.scrub_every = scrub_every
         self.node = node
         self.lease = 0
         self._valid_until = 0.0  # monotonic time until which our lease surely holds
@@ -105,6 +111,8 @@ class Controller:
             await self.resync.run_once()
         if self.leading:
             await self.volumes.collect_garbage()
+        if self.leading and self.scrub_every > 0:
+            await self.scrub.run_once(self.scrub_every)
 
     async def mark_down_servers(self) -> list[str]:
         """Mark down the data servers of nodes whose lease has expired; return their ids."""

@@ -75,14 +75,14 @@ class Resync:
                 raise VolumeBusy(name=name, state="without an in-sync replica")
             v.epoch += 1
             for r in v.replicas:
-                if r.state is ReplicaState.OUT_OF_SYNC and _up(servers.get(r.server)):
+                if r.state is ReplicaState.OUT_OF_SYNC and server_up(servers.get(r.server)):
                     r.state, r.progress, r.since = ReplicaState.RESYNCING, 0.0, time.time()
             return v
 
         volume = await self.catalog.update_volume(name, claim)
         epoch = volume.epoch
         targets = [r.server for r in volume.replicas if r.state is ReplicaState.RESYNCING]
-        sources = [r.server for r in volume.in_sync() if _up(servers.get(r.server))]
+        sources = [r.server for r in volume.in_sync() if server_up(servers.get(r.server))]
         log.info("resync of %s (epoch %d): %s from %s", name, epoch, targets, sources)
         clients = {sid: DataClient(servers[sid].address, sid) for sid in sources + targets}
         copied = total = 0
@@ -99,14 +99,14 @@ class Resync:
                     raise answer
             if not set(clients) - set(targets):
                 raise VolumeBusy(name=name, state="without a reachable in-sync replica")
-            tables = {sid: _gens(await client.generations(volume.id))
+            tables = {sid: generation_table(await client.generations(volume.id))
                       for sid, client in clients.items()}
             if any(t not in tables for t in targets):
                 raise VolumeBusy(name=name, state="resyncing to an unknown data server")
             total = -(-volume.size // CHUNK_SIZE)
             plan = _plan(volume.size, {s: tables[s] for s in sources if s in tables},
                          {t: tables[t] for t in targets})
-            budget = _Budget(self.rate)
+            budget = Budget(self.rate)
             last_report = time.monotonic()
             pending = iter(plan)
 
@@ -173,18 +173,18 @@ class Resync:
             log.warning("resync of %s: cannot record the outcome: %s", name, e)
 
 
-def _up(server: DataServer | None) -> bool:
+def server_up(server: DataServer | None) -> bool:
     return server is not None and server.state is ServerState.UP
 
 
 def _due(volume: Volume, servers: dict[str, DataServer]) -> bool:
     return (volume.attachment is None and volume.state is VolumeState.DETACHED
-            and any(_up(servers.get(r.server)) for r in volume.in_sync())
+            and any(server_up(servers.get(r.server)) for r in volume.in_sync())
             and any(r.state in (ReplicaState.OUT_OF_SYNC, ReplicaState.RESYNCING)
-                    and _up(servers.get(r.server)) for r in volume.replicas))
+                    and server_up(servers.get(r.server)) for r in volume.replicas))
 
 
-def _gens(raw: bytes) -> array[int]:
+def generation_table(raw: bytes) -> array[int]:
     table = array("Q", raw)  # the data servers answer GENS little-endian
     if sys.byteorder == "big":
         table.byteswap()
@@ -212,7 +212,7 @@ def _plan(size: int, sources: dict[str, array[int]], targets: dict[str, array[in
     return plan
 
 
-class _Budget:
+class Budget:
     """A byte-rate limit: spend() sleeps when the copy runs ahead of ``rate``."""
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,

@@ -1,0 +1,133 @@
+"""Scrub: read every copy of every written chunk, repair the bad ones, report the rest.
+
+Data servers verify each block's CRC32 on every read, so reading a copy is checking it. A
+copy that fails is rewritten, whole chunk, from an in-sync copy that reads clean (with the
+chunk's newest generation); a chunk with no clean copy left is reported as lost and left
+alone. Like the resync, a scrub takes a new epoch and runs only while the volume is detached
+(the engine is the only writer of an attached one); an attach during a scrub fences it and
+it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from cargohold.clients.dataclient import DataClient
+from cargohold.core.layout import CHUNK_SIZE
+from cargohold.core.models import Volume, VolumeState
+from cargohold.errors import CargoholdError, ChecksumMismatch, VolumeBusy
+from cargohold.services.resync import Budget, generation_table, server_up
+from cargohold.stores.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScrubReport:
+    volume: str
+    chunks: int = 0  # chunks written on some replica, each read from every in-sync copy
+    bytes_read: int = 0
+    repaired: list[dict[str, object]] = field(default_factory=list)  # {chunk, server}
+    lost: list[int] = field(default_factory=list)  # chunks without a single clean copy
+    skipped: list[str] = field(default_factory=list)  # in-sync replicas out of reach
+    seconds: float = 0.0
+
+
+class Scrub:
+    def __init__(self, catalog: Catalog, rate: float = 0.0) -> None:
+        """``rate``: bytes per second the reads may use (0: no limit)."""
+        self.catalog = catalog
+        self.rate = rate
+
+    async def run_once(self, every: float) -> ScrubReport | None:
+        """Scrub the detached volume whose last scrub is oldest, if that is ``every`` seconds
+        ago or more (one volume a pass, so that other duties keep their turn)."""
+        now = time.time()
+        due = [v for v in await self.catalog.volumes()
+               if v.attachment is None and v.state is VolumeState.DETACHED
+               and now - v.scrubbed >= every]
+        if not due:
+            return None
+        oldest = min(due, key=lambda v: v.scrubbed)
+        try:
+            return await self.scrub(oldest.name)
+        except CargoholdError as e:
+            log.warning("background scrub of %s stopped: %s", oldest.name, e)
+            return None
+
+    async def scrub(self, name: str) -> ScrubReport:
+        started = time.monotonic()
+        servers = {s.id: s for s in await self.catalog.servers()}
+
+        def claim(v: Volume) -> Volume:
+            if v.attachment is not None or v.state is not VolumeState.DETACHED:
+                raise VolumeBusy(name=name, state=f"{v.state.value} (scrub needs it detached)")
+            v.epoch += 1
+            return v
+
+        volume = await self.catalog.update_volume(name, claim)
+        epoch, report = volume.epoch, ScrubReport(name)
+        clients: dict[str, DataClient] = {}
+        try:
+            for replica in volume.in_sync():
+                server = servers.get(replica.server)
+                client = (DataClient(server.address, server.id)
+                          if server is not None and server_up(server) else None)
+                try:
+                    if client is None:
+                        raise VolumeBusy(name=name, state="with a replica on a down server")
+                    await client.connect()
+                    clients[replica.server] = client
+                except CargoholdError as e:
+                    if client is not None:
+                        await client.close()
+                    log.warning("scrub of %s skips %s: %s", name, replica.server, e)
+                    report.skipped.append(replica.server)
+            tables = {sid: generation_table(await c.generations(volume.id))
+                      for sid, c in clients.items()}
+            budget = Budget(self.rate)
+            for chunk in range(-(-volume.size // CHUNK_SIZE)):
+                gens = {sid: t[chunk] if chunk < len(t) else 0 for sid, t in tables.items()}
+                newest = max(gens.values(), default=0)
+                if not newest:
+                    continue  # never written: thin, nothing to read
+                report.chunks += 1
+                offset = chunk * CHUNK_SIZE
+                length = min(CHUNK_SIZE, volume.size - offset)
+                good: bytes | None = None
+                bad = []
+                for sid, client in clients.items():
+                    try:
+                        data = await client.read(volume.id, epoch, offset, length)
+                    except ChecksumMismatch as e:
+                        log.error("scrub of %s: %s", name, e)
+                        bad.append(sid)
+                        continue
+                    report.bytes_read += length
+                    if good is None or gens[sid] == newest:
+                        good = data
+                    await budget.spend(length)
+                if bad and good is None:
+                    report.lost.append(chunk)
+                    continue
+                for sid in bad:
+                    assert good is not None
+                    await clients[sid].write(volume.id, epoch, offset, good, newest)
+                    report.repaired.append({"chunk": chunk, "server": sid})
+            await asyncio.gather(*(c.flush(volume.id, epoch) for c in clients.values()))
+        finally:
+            await asyncio.gather(*(c.close() for c in clients.values()))
+        report.seconds = round(time.monotonic() - started, 3)
+
+        def scrubbed(v: Volume) -> Volume:
+            v.scrubbed = time.time()
+            return v
+
+        await self.catalog.update_volume(name, scrubbed)
+        log.info("scrub of %s: %d chunks, %d copies repaired, %d chunks lost, %d replicas "
+                 "skipped, %.1f s", name, report.chunks, len(report.repaired), len(report.lost),
+                 len(report.skipped), report.seconds)
+        return report

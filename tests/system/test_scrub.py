@@ -1,0 +1,67 @@
+"""Scrub: flipped bytes in a chunk file on disk are found, repaired and reported."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Node, needs_root
+
+pytestmark = [needs_root(), pytest.mark.system]
+
+MIB = 1 << 20
+
+
+def _scrub(node: Node, name: str) -> dict[str, Any]:
+    report: dict[str, Any] = node.json("volume", "scrub", name)  # type: ignore[assignment]
+    return report
+
+
+def test_scrub_repairs_a_corrupted_copy_and_reports_it(tmp_path: Path) -> None:
+    node = Node(tmp_path, data_servers=2)
+    try:
+        node.start()
+        node.cli("volume", "create", "sc", "--size", "64M", "--replicas", "2")
+        mountpoint = Path(node.cli("volume", "attach", "sc").stdout.strip())
+        data = os.urandom(8 * MIB)
+        (mountpoint / "f").write_bytes(data)
+        node.cli("volume", "detach", "sc")  # flushes every copy
+
+        clean = _scrub(node, "sc")
+        assert clean["chunks"] >= 8 and clean["repaired"] == [] and clean["lost"] == []
+        volume = node.json("volume", "inspect", "sc")
+        victim = volume["replicas"][0]
+        [image] = Path(victim["path"]).rglob(f"{volume['id']}/data")
+        with open(image, "r+b") as f:  # flip bytes inside a written block of one copy
+            size = f.seek(0, os.SEEK_END)
+            for offset in range(0, size, MIB):
+                f.seek(offset)
+                block = f.read(64)
+                if block.strip(b"\0"):
+                    f.seek(offset)
+                    f.write(bytes(b ^ 0xFF for b in block))
+                    flipped = offset
+                    break
+            else:
+                pytest.fail("no written block found in the replica's data file")
+
+        found = _scrub(node, "sc")
+        assert found["repaired"] == [{"chunk": flipped // MIB, "server": victim["server"]}]
+        assert found["lost"] == []
+        text = node.cli("volume", "scrub", "sc").stdout  # and now it is clean again
+        assert "repaired: 0 copies" in text and "lost: 0 chunks" in text
+
+        mountpoint = Path(node.cli("volume", "attach", "sc").stdout.strip())
+        busy = node.cli("volume", "scrub", "sc", check=False)
+        assert busy.returncode == 4 and "detached" in busy.stderr
+        assert hashlib.sha256((mountpoint / "f").read_bytes()).digest() == \
+            hashlib.sha256(data).digest()
+        node.cli("volume", "detach", "sc")
+        missing = node.cli("volume", "scrub", "nosuch", check=False)
+        assert missing.returncode == 3
+    finally:
+        node.cleanup()
