@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--replicas", default="2")
     create.add_argument("--fs", default="ext4", help="ext4 (default) or xfs")
     output(create)
+    resize = volume.add_parser("resize", help="grow a volume (online when attached)")
+    resize.add_argument("name")
+    resize.add_argument("--size", required=True, help="the new size: 4G, 1T or bytes; "
+                        "volumes only grow")
+    output(resize)
     output(volume.add_parser("ls", help="list volumes"))
     for action, text in (("inspect", "show a volume"), ("attach", "attach and mount here"),
                          ("detach", "unmount and detach"), ("rm", "remove a volume"),
@@ -86,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--rebuild-after", type=float, default=600.0,
                       help="seconds a data server may be down before its replicas are "
                            "rebuilt elsewhere (default 600)")
+    node.add_argument("--overprovision", type=float, default=2.0,
+                      help="thin volumes may provision this many times a data server's "
+                           "capacity (default 2; 0: no limit)")
     node.add_argument("--scrub-every", type=float, default=7 * 86400.0,
                       help="seconds between background scrubs of a detached volume "
                            "(default a week; 0 turns them off)")
@@ -133,6 +141,7 @@ def _run_node(args: argparse.Namespace) -> int:
                               "lease_ttl": args.lease_ttl,
                               "rebuild_after": args.rebuild_after,
                               "scrub_every": args.scrub_every,
+                              "overprovision": args.overprovision,
                               "scrub_rate": parse_size(args.scrub_rate)}
     if args.name:
         fields["name"] = args.name
@@ -167,6 +176,9 @@ def _run_client(args: argparse.Namespace) -> int:
                     "fs": args.fs}
             volume = api.request("POST", "/v1/volumes", body)
             _emit(volume, as_json, f"{volume['name']}")
+        elif args.action == "resize":
+            volume = api.request("POST", f"/v1/volumes/{name}/resize", {"size": args.size})
+            _emit(volume, as_json, f"{volume['name']} {format_size(volume['size'])}")
         elif args.action == "ls":
             _print_volumes(api.request("GET", "/v1/volumes"), as_json)
         elif args.action == "inspect":
@@ -252,10 +264,16 @@ def _print_inspect(volume: dict[str, Any], as_json: bool) -> None:
     if volume.get("last_error"):
         lines.append(f"Last error:  {volume['last_error']}")
     print("\n".join(lines))
-    rows = [[r["server"][:12], r.get("node") or "?", r.get("path") or "?", r["state"],
+    rows = [[r["server"][:12], r.get("node") or "?", r.get("path") or "?", _replica_state(r),
              format_size(r["used"]) if r.get("used") is not None else "?", r.get("reason", "")]
             for r in volume["replicas"]]
     print(_table(rows, ["SERVER", "NODE", "PATH", "STATE", "USED", "REASON"]))
+
+
+def _replica_state(replica: dict[str, Any]) -> str:
+    if replica["state"] == "resyncing":
+        return f"resyncing {replica.get('progress', 0) * 100:.0f}%"
+    return str(replica["state"])
 
 
 def _print_nodes(nodes: list[dict[str, Any]], as_json: bool) -> None:

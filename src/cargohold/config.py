@@ -65,6 +65,7 @@ class NodeConfig(BaseModel):
     data_host: str = "127.0.0.1"  # address the data servers listen on and advertise
     lease_ttl: float = Field(default=10.0, ge=2.0)  # seconds; keepalive every second
     server_check_interval: float = 1.0
+    overprovision: float = Field(default=2.0, ge=0.0)  # provisioned/capacity; 0: no limit
     rebuild_after: float = Field(default=600.0, ge=0.0)  # seconds down before a rebuild
     scrub_every: float = Field(default=7 * 86400.0, ge=0.0)  # 0: no background scrub
     scrub_rate: float = Field(default=50 << 20, ge=0.0)  # bytes/s of a background scrub; 0: any

@@ -81,6 +81,12 @@ class InvalidFilesystem(InvalidArgument):
     code = "invalid_filesystem"
 
 
+class ShrinkRefused(InvalidArgument):
+    """Volume {name!r} is {current}; it cannot shrink to {size}. Volumes only grow: give a size larger than {current}."""  # noqa: E501
+
+    code = "shrink_refused"
+
+
 class InvalidOption(InvalidArgument):
     """Unknown option {option!r}. Known options: {known}."""
 
@@ -157,6 +163,13 @@ class NotEnoughDataServers(CargoholdError):
     kind = Kind.CONFLICT
 
 
+class OverProvisioned(CargoholdError):
+    """Cannot place {replicas} replicas of {size}: {available} data servers{where} have room under their over-provisioning limit ({limits}). Free space, add data servers, or raise the limit (cargohold node --overprovision)."""  # noqa: E501
+
+    code = "over_provisioned"
+    kind = Kind.NO_SPACE
+
+
 class ConcurrentUpdate(CargoholdError):
     """{what} was changed by someone else at the same time; try again."""
 
@@ -231,6 +244,13 @@ class DetachFailed(CargoholdError):
     """Detaching volume {name!r} failed at step '{step}': {detail}"""
 
     code = "detach_failed"
+    kind = Kind.INTERNAL
+
+
+class ExpandFailed(CargoholdError):
+    """Growing attached volume {name!r} failed at step '{step}': {detail}. Its data is intact and its new size is recorded; run 'cargohold volume resize {name} --size SIZE' again on node {node!r} to finish."""  # noqa: E501
+
+    code = "expand_failed"
     kind = Kind.INTERNAL
 
 

@@ -32,6 +32,7 @@ from tests.conftest import Node, leftovers, needs_root
 pytestmark = [needs_root(), pytest.mark.system]
 
 MIB = 1 << 20
+GIB = 1 << 30
 Code = grpc.StatusCode
 Mode = pb.VolumeCapability.AccessMode
 TIMEOUT = 120
@@ -162,8 +163,11 @@ def test_identity_and_capabilities(csi: Csi) -> None:
     assert (info.name, info.vendor_version) == ("cargohold.io", __version__)
     caps = csi.call(csi.identity.GetPluginCapabilities, pb.GetPluginCapabilitiesRequest())
     service = pb.PluginCapability.Service
-    assert sorted(c.service.type for c in caps.capabilities) == [
+    assert sorted(c.service.type for c in caps.capabilities if c.HasField("service")) == [
         service.CONTROLLER_SERVICE, service.VOLUME_ACCESSIBILITY_CONSTRAINTS]
+    expansion = pb.PluginCapability.VolumeExpansion
+    assert [c.volume_expansion.type for c in caps.capabilities
+            if c.HasField("volume_expansion")] == [expansion.ONLINE]
     probe = csi.call(csi.identity.Probe, pb.ProbeRequest())
     assert probe.HasField("ready") and probe.ready.value
 
@@ -172,27 +176,25 @@ def test_identity_and_capabilities(csi: Csi) -> None:
                     pb.ControllerGetCapabilitiesRequest())
     assert sorted(c.rpc.type for c in caps.capabilities) == sorted([
         rpc.CREATE_DELETE_VOLUME, rpc.PUBLISH_UNPUBLISH_VOLUME, rpc.LIST_VOLUMES,
-        rpc.GET_CAPACITY, rpc.LIST_VOLUMES_PUBLISHED_NODES])
+        rpc.GET_CAPACITY, rpc.LIST_VOLUMES_PUBLISHED_NODES, rpc.EXPAND_VOLUME])
     node_rpc = pb.NodeServiceCapability.RPC
     caps = csi.call(csi.nodes.NodeGetCapabilities, pb.NodeGetCapabilitiesRequest())
     assert sorted(c.rpc.type for c in caps.capabilities) == [
-        node_rpc.STAGE_UNSTAGE_VOLUME, node_rpc.GET_VOLUME_STATS]
+        node_rpc.STAGE_UNSTAGE_VOLUME, node_rpc.GET_VOLUME_STATS, node_rpc.EXPAND_VOLUME]
     info = csi.call(csi.nodes.NodeGetInfo, pb.NodeGetInfoRequest())
     assert info.node_id == "node1" and info.max_volumes_per_node > 0
     assert dict(info.accessible_topology.segments) == {"cargohold.io/node": "node1"}
 
 
-def test_snapshots_expansion_and_other_services_are_unimplemented(csi: Csi) -> None:
-    c, n = csi.controller, csi.nodes
+def test_snapshots_and_other_services_are_unimplemented(csi: Csi) -> None:
+    c = csi.controller
     for method, request in [
         (c.CreateSnapshot, pb.CreateSnapshotRequest(name="s", source_volume_id="v")),
         (c.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id="s")),
         (c.ListSnapshots, pb.ListSnapshotsRequest()),
         (c.GetSnapshot, pb.GetSnapshotRequest(snapshot_id="s")),
-        (c.ControllerExpandVolume, pb.ControllerExpandVolumeRequest(volume_id="v")),
         (c.ControllerGetVolume, pb.ControllerGetVolumeRequest(volume_id="v")),
         (c.ControllerModifyVolume, pb.ControllerModifyVolumeRequest(volume_id="v")),
-        (n.NodeExpandVolume, pb.NodeExpandVolumeRequest(volume_id="v", volume_path="/x")),
     ]:
         csi.fails(Code.UNIMPLEMENTED, method, request)
     group = csi.channel.unary_unary("/csi.v1.GroupController/GroupControllerGetCapabilities",
@@ -634,5 +636,150 @@ def test_node_restart_keeps_staged_and_published_volumes(csi: Csi, tmp_path: Pat
     csi.unpublish("pvc-dev", tmp_path / "pods" / "dev")
     csi.unstage("pvc-dev", tmp_path / "st-dev")
     assert [_inspect(csi.node, v)["state"] for v in ("pvc-fs", "pvc-dev")] == ["detached"] * 2
+    csi.node.stop()
+    assert leftovers(tmp_path) == {"mounts": [], "loops": [], "processes": []}
+
+
+# --- Expansion -------------------------------------------------------------------------
+
+
+def _expand(csi: Csi, volume_id: str, required: int, limit: int = 0,
+            cap: pb.VolumeCapability | None = None) -> pb.ControllerExpandVolumeResponse:
+    request = pb.ControllerExpandVolumeRequest(
+        volume_id=volume_id, capacity_range=pb.CapacityRange(required_bytes=required,
+                                                             limit_bytes=limit))
+    if cap is not None:
+        request.volume_capability.CopyFrom(cap)
+    return csi.call(csi.controller.ControllerExpandVolume, request)
+
+
+def test_controller_expand_volume(csi: Csi) -> None:
+    c = csi.controller
+    volume_id = csi.create("pvc-grow", 64 * MIB).volume_id
+    csi.fails(Code.INVALID_ARGUMENT, c.ControllerExpandVolume, pb.ControllerExpandVolumeRequest(
+        capacity_range=pb.CapacityRange(required_bytes=128 * MIB)))
+    csi.fails(Code.INVALID_ARGUMENT, c.ControllerExpandVolume,
+              pb.ControllerExpandVolumeRequest(volume_id=volume_id))  # no capacity_range
+    csi.fails(Code.NOT_FOUND, c.ControllerExpandVolume, pb.ControllerExpandVolumeRequest(
+        volume_id="no-such-volume", capacity_range=pb.CapacityRange(required_bytes=MIB)))
+    for required, limit in [(64 * MIB, 32 * MIB),  # a limit below the size: it cannot shrink
+                            (200 * MIB, 100 * MIB),  # nothing in the range
+                            (128 * MIB + 1, 128 * MIB + 4096),  # no whole MiB in the range
+                            (65 << 40, 0)]:  # above the largest volume
+        details = csi.fails(Code.OUT_OF_RANGE, c.ControllerExpandVolume,
+                            pb.ControllerExpandVolumeRequest(
+                                volume_id=volume_id, capacity_range=pb.CapacityRange(
+                                    required_bytes=required, limit_bytes=limit)))
+        assert "pvc-grow" in details
+    assert _inspect(csi.node, volume_id)["size"] == 64 * MIB  # refusals changed nothing
+
+    grown = _expand(csi, volume_id, 100 * MIB + 1)  # rounded up to whole MiB
+    assert (grown.capacity_bytes, grown.node_expansion_required) == (101 * MIB, True)
+    assert _expand(csi, volume_id, 101 * MIB).capacity_bytes == 101 * MIB  # idempotent
+    assert _expand(csi, volume_id, 32 * MIB).capacity_bytes == 101 * MIB  # never shrinks
+    assert _inspect(csi.node, volume_id)["size"] == 101 * MIB
+    raw = csi.create("pvc-grow-raw", 64 * MIB, caps=(block_cap(),)).volume_id
+    grown = _expand(csi, raw, 128 * MIB)
+    assert (grown.capacity_bytes, grown.node_expansion_required) == (128 * MIB, False)
+    grown = _expand(csi, volume_id, 128 * MIB, cap=mount_cap())
+    assert (grown.capacity_bytes, grown.node_expansion_required) == (128 * MIB, True)
+    listed = csi.call(c.ListVolumes, pb.ListVolumesRequest())
+    assert {e.volume.volume_id: e.volume.capacity_bytes for e in listed.entries} == {
+        volume_id: 128 * MIB, raw: 128 * MIB}
+
+
+def test_online_expand_of_a_published_mount_volume(csi: Csi, tmp_path: Path) -> None:
+    n = csi.nodes
+    cap = mount_cap(fs="xfs")  # ext4 grows online only with CAP_SYS_RESOURCE
+    volume_id = csi.create("pvc-xfs", 320 * MIB, caps=(cap,), fs="xfs").volume_id
+    staging, target = tmp_path / "staging", tmp_path / "pods" / "a" / "mount"
+    target.parent.mkdir(parents=True)
+    csi.stage(volume_id, staging, cap)
+    csi.publish(volume_id, staging, target, cap)
+    data = os.urandom(16 * MIB)
+    with open(target / "data.bin", "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    before = csi.stats(volume_id, target)["BYTES"].total
+    assert before <= 320 * MIB
+
+    grown = _expand(csi, volume_id, GIB)
+    assert (grown.capacity_bytes, grown.node_expansion_required) == (GIB, True)
+    expand = pb.NodeExpandVolumeRequest
+    csi.fails(Code.INVALID_ARGUMENT, n.NodeExpandVolume, expand(volume_id=volume_id))
+    csi.fails(Code.INVALID_ARGUMENT, n.NodeExpandVolume, expand(volume_path=str(target)))
+    csi.fails(Code.NOT_FOUND, n.NodeExpandVolume,
+              expand(volume_id="no-such-volume", volume_path=str(target)))
+    csi.fails(Code.NOT_FOUND, n.NodeExpandVolume,
+              expand(volume_id=volume_id, volume_path=str(tmp_path / "nowhere")))
+    csi.fails(Code.OUT_OF_RANGE, n.NodeExpandVolume, expand(  # the controller did not grow it
+        volume_id=volume_id, volume_path=str(target),
+        capacity_range=pb.CapacityRange(required_bytes=2 * GIB)))
+    assert csi.stats(volume_id, target)["BYTES"].total == before  # the refusals did nothing
+
+    request = expand(volume_id=volume_id, volume_path=str(target), volume_capability=cap,
+                     staging_target_path=str(staging),
+                     capacity_range=pb.CapacityRange(required_bytes=GIB))
+    assert csi.call(n.NodeExpandVolume, request).capacity_bytes == GIB
+    assert csi.call(n.NodeExpandVolume, request).capacity_bytes == GIB  # idempotent
+    total = csi.stats(volume_id, target)["BYTES"].total
+    assert 3 * before < total <= GIB
+    assert csi.stats(volume_id, staging)["BYTES"].total == total
+    assert (target / "data.bin").read_bytes() == data
+    big = os.urandom(4 * MIB)
+    with open(target / "big.bin", "wb") as f:  # more than the volume held before
+        for _ in range(100):
+            f.write(big)
+        os.fsync(f.fileno())
+    assert (target / "big.bin").stat().st_size == 400 * MIB
+
+    csi.unpublish(volume_id, target)
+    csi.unstage(volume_id, staging)
+    csi.stage(volume_id, staging, cap)  # staged again: still 1G, data intact
+    csi.publish(volume_id, staging, target, cap)
+    assert csi.stats(volume_id, target)["BYTES"].total == total
+    assert (target / "data.bin").read_bytes() == data
+    csi.unpublish(volume_id, target)
+    csi.unstage(volume_id, staging)
+    csi.node.stop()
+    assert leftovers(tmp_path) == {"mounts": [], "loops": [], "processes": []}
+
+
+def test_online_expand_of_a_published_block_volume(csi: Csi, tmp_path: Path) -> None:
+    cap = block_cap()
+    volume_id = csi.create("pvc-dev-grow", 64 * MIB, caps=(cap,)).volume_id
+    staging, target = tmp_path / "staging", tmp_path / "pods" / "a" / "dev"
+    target.parent.mkdir(parents=True)
+    csi.stage(volume_id, staging, cap)
+    csi.publish(volume_id, staging, target, cap)
+    data = os.urandom(MIB)
+    with open(target, "r+b", buffering=0) as f:
+        f.seek(63 * MIB)
+        f.write(data)
+        os.fsync(f.fileno())
+
+    grown = _expand(csi, volume_id, 256 * MIB)
+    assert (grown.capacity_bytes, grown.node_expansion_required) == (256 * MIB, False)
+    # attached here: the loop device grew already, before any NodeExpandVolume
+    assert csi.stats(volume_id, target)["BYTES"].total == 256 * MIB
+    response = csi.call(csi.nodes.NodeExpandVolume, pb.NodeExpandVolumeRequest(
+        volume_id=volume_id, volume_path=str(target), volume_capability=cap))
+    assert response.capacity_bytes == 256 * MIB
+    with open(target, "r+b", buffering=0) as f:
+        f.seek(63 * MIB)
+        assert f.read(MIB) == data
+        f.seek(200 * MIB)  # beyond the old end
+        f.write(data)
+        os.fsync(f.fileno())
+    csi.unpublish(volume_id, target)
+    csi.unstage(volume_id, staging)
+    csi.stage(volume_id, staging, cap)
+    csi.publish(volume_id, staging, target, cap)
+    with open(target, "rb") as f:
+        assert os.lseek(f.fileno(), 0, os.SEEK_END) == 256 * MIB
+        f.seek(200 * MIB)
+        assert f.read(MIB) == data
+    csi.unpublish(volume_id, target)
+    csi.unstage(volume_id, staging)
     csi.node.stop()
     assert leftovers(tmp_path) == {"mounts": [], "loops": [], "processes": []}

@@ -8,7 +8,7 @@ from cargohold.core import layout, placement
 from cargohold.core.models import DataServer, ServerState
 from cargohold.core.names import check_name
 from cargohold.core.sizes import GIB, MIB, TIB, format_size, parse_size, volume_size
-from cargohold.errors import InvalidName, InvalidSize, NotEnoughDataServers
+from cargohold.errors import InvalidName, InvalidSize, Kind, NotEnoughDataServers, OverProvisioned
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -87,3 +87,18 @@ def test_placement_skips_down_and_excluded_servers() -> None:
         placement.place(servers, 3, GIB)
     assert "only 2 usable" in info.value.message
     assert [s.id for s in placement.place(servers, 1, GIB, exclude=["s2"])] == ["s3"]
+
+
+def test_over_provisioning_limit_is_respected_and_named() -> None:
+    servers = [_server(1, "a", 90 * GIB), _server(2, "a", 80 * GIB)]
+    servers[0].provisioned, servers[0].max_provisioned = 150 * GIB, 200 * GIB
+    servers[1].provisioned, servers[1].max_provisioned = 10 * GIB, 200 * GIB
+    assert [s.id for s in placement.place(servers, 2, 50 * GIB)] == ["s2", "s1"]
+    with pytest.raises(OverProvisioned, match=r"s1: 150G of 200G provisioned") as caught:
+        placement.place(servers, 2, 51 * GIB)
+    assert caught.value.kind is Kind.NO_SPACE
+    assert [s.id for s in placement.place(servers, 1, 51 * GIB)] == ["s2"]
+    servers[0].max_provisioned = servers[1].max_provisioned = 0  # no limit
+    assert len(placement.place(servers, 2, 500 * GIB)) == 2
+    with pytest.raises(NotEnoughDataServers):  # too few servers at all: not a space problem
+        placement.place(servers, 3, GIB)

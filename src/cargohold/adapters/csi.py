@@ -17,6 +17,10 @@ its Python modules are generated when cargohold is built.
   bind-mounts the staging path (mount) or the loop device (block, onto a file) at the
   target path. What is staged and published on this host is kept in
   ``STATE_DIR/csi-node.json``.
+- Expansion is online: ControllerExpandVolume grows the replicas and the record (whole MiB,
+  never shrinking) and, for a block volume attached on this node, its loop device;
+  NodeExpandVolume grows the engine's file, the loop device and the file system of a
+  volume staged here (``Agent.expand``).
 - Every call is idempotent. Errors map to gRPC status codes in one place:
   :func:`grpc_status`.
 """
@@ -209,6 +213,28 @@ def volume_size(capacity: pb.CapacityRange, fs: str) -> int:
     return size
 
 
+def expanded_size(volume: Volume, capacity: pb.CapacityRange) -> int:
+    """The size ``volume`` grows to for ``capacity`` (its own size if it already fits).
+
+    A volume never shrinks: a limit below its size, or a range cargohold cannot give (above
+    the largest volume, or no whole MiB inside it), is OUT_OF_RANGE.
+    """
+    required, limit = capacity.required_bytes, capacity.limit_bytes
+    if required < 0 or limit < 0:
+        raise InvalidArgument(what="capacity_range", detail="sizes must not be negative")
+    if limit and limit < volume.size:
+        raise CsiError(Code.OUT_OF_RANGE, f"volume {volume.name!r} is "
+                       f"{format_size(volume.size)} ({volume.size} bytes), above limit_bytes "
+                       f"{limit}: volumes only grow")
+    size = max(-(-required // MIB) * MIB, volume.size)
+    ceiling = min(limit // MIB * MIB, MAX_VOLUME_SIZE) if limit else MAX_VOLUME_SIZE
+    if size > ceiling:
+        raise CsiError(Code.OUT_OF_RANGE, f"volume {volume.name!r} cannot grow to capacity_range "
+                       f"[{required}, {limit or 'no limit'}]: cargohold volumes are whole MiB "
+                       f"up to {format_size(MAX_VOLUME_SIZE)}")
+    return size
+
+
 def _fits(size: int, capacity: pb.CapacityRange) -> bool:
     return capacity.required_bytes <= size and (not capacity.limit_bytes
                                                 or size <= capacity.limit_bytes)
@@ -308,9 +334,11 @@ class Identity(pb_grpc.IdentityServicer):
     @_rpc
     async def GetPluginCapabilities(self, request: pb.GetPluginCapabilitiesRequest) -> Any:
         service = pb.PluginCapability.Service
+        expansion = pb.PluginCapability.VolumeExpansion
         return pb.GetPluginCapabilitiesResponse(capabilities=[
-            pb.PluginCapability(service=service(type=kind))
-            for kind in (service.CONTROLLER_SERVICE, service.VOLUME_ACCESSIBILITY_CONSTRAINTS)])
+            *(pb.PluginCapability(service=service(type=kind))
+              for kind in (service.CONTROLLER_SERVICE, service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
+            pb.PluginCapability(volume_expansion=expansion(type=expansion.ONLINE))])
 
     @_rpc
     async def Probe(self, request: pb.ProbeRequest) -> Any:
@@ -325,9 +353,11 @@ class Identity(pb_grpc.IdentityServicer):
 
 
 class Controller(pb_grpc.ControllerServicer):
-    def __init__(self, catalog: Catalog, volumes: VolumeService, locks: Locks) -> None:
+    def __init__(self, catalog: Catalog, volumes: VolumeService, agent: Agent,
+                 locks: Locks) -> None:
         self.catalog = catalog
         self.volumes = volumes
+        self.agent = agent
         self.records = CsiRecords(catalog.store)
         self.lock = locks
 
@@ -522,7 +552,7 @@ class Controller(pb_grpc.ControllerServicer):
                                         ) -> Any:
         rpc = pb.ControllerServiceCapability.RPC
         kinds = (rpc.CREATE_DELETE_VOLUME, rpc.PUBLISH_UNPUBLISH_VOLUME, rpc.LIST_VOLUMES,
-                 rpc.GET_CAPACITY, rpc.LIST_VOLUMES_PUBLISHED_NODES)
+                 rpc.GET_CAPACITY, rpc.LIST_VOLUMES_PUBLISHED_NODES, rpc.EXPAND_VOLUME)
         return pb.ControllerGetCapabilitiesResponse(capabilities=[
             pb.ControllerServiceCapability(rpc=rpc(type=kind)) for kind in kinds])
 
@@ -530,7 +560,35 @@ class Controller(pb_grpc.ControllerServicer):
     DeleteSnapshot = _unimplemented("snapshots")
     ListSnapshots = _unimplemented("snapshots")
     GetSnapshot = _unimplemented("snapshots")
-    ControllerExpandVolume = _unimplemented("volume expansion")
+    @_rpc
+    async def ControllerExpandVolume(self, request: pb.ControllerExpandVolumeRequest) -> Any:
+        """Grow the volume (replicas and record). A mount volume's file system grows in
+        NodeExpandVolume; a block volume attached on this node gets its loop device grown
+        here, since no NodeExpandVolume follows for it."""
+        name = _required(request.volume_id, "volume_id")
+        if not request.HasField("capacity_range"):
+            raise InvalidArgument(what="request", detail="capacity_range is missing")
+        async with self.lock(name):
+            volume = await self.catalog.volume(name)
+            size = expanded_size(volume, request.capacity_range)
+            if request.HasField("volume_capability"):
+                access = _access(_required_capability(request.volume_capability, True))
+            else:
+                access = await self._recorded_access(volume)
+            volume = await self.volumes.resize(name, size)
+            att = volume.attachment
+            if access == "block" and att is not None and att.node == self.agent.node:
+                volume = await self.agent.expand(name)
+        return pb.ControllerExpandVolumeResponse(capacity_bytes=volume.size,
+                                                 node_expansion_required=access == "mount")
+
+    async def _recorded_access(self, volume: Volume) -> str:
+        """How ``volume`` is used: as created through CSI, else as it is attached."""
+        record = await self.records.get("volumes", volume.name)
+        if record is not None:
+            return "mount" if "mount" in record["access"] else "block"
+        att = volume.attachment
+        return "block" if att is not None and att.device and not att.mountpoint else "mount"
     ControllerGetVolume = _unimplemented("ControllerGetVolume")
     ControllerModifyVolume = _unimplemented("volume modification")
 
@@ -780,14 +838,44 @@ class NodeService(pb_grpc.NodeServicer):
         rpc = pb.NodeServiceCapability.RPC
         return pb.NodeGetCapabilitiesResponse(capabilities=[
             pb.NodeServiceCapability(rpc=rpc(type=kind))
-            for kind in (rpc.STAGE_UNSTAGE_VOLUME, rpc.GET_VOLUME_STATS)])
+            for kind in (rpc.STAGE_UNSTAGE_VOLUME, rpc.GET_VOLUME_STATS, rpc.EXPAND_VOLUME)])
 
     @_rpc
     async def NodeGetInfo(self, request: pb.NodeGetInfoRequest) -> Any:
         return pb.NodeGetInfoResponse(node_id=self.node, max_volumes_per_node=MAX_VOLUMES_PER_NODE,
                                       accessible_topology=_topology(self.node))
 
-    NodeExpandVolume = _unimplemented("volume expansion")
+    @_rpc
+    async def NodeExpandVolume(self, request: pb.NodeExpandVolumeRequest) -> Any:
+        """Make this node's attachment follow the grown volume: engine and loop device, then
+        (mount access) the file system, online. The file system at ``volume_path`` is the
+        agent's mount (bind-mounted there), so growing that mount grows it."""
+        name = _required(request.volume_id, "volume_id")
+        path = _required(request.volume_path, "volume_path")
+        async with self.lock(name):
+            volume = await self.catalog.volume(name)
+            if not os.path.exists(path) or not await _mounted(path):
+                raise CsiError(Code.NOT_FOUND, f"volume {name!r} is not at {path}")
+            capacity = request.capacity_range
+            if capacity.required_bytes > volume.size or (
+                    capacity.limit_bytes and capacity.limit_bytes < volume.size):
+                raise CsiError(Code.OUT_OF_RANGE, f"volume {name!r} is "
+                               f"{format_size(volume.size)} ({volume.size} bytes), outside "
+                               f"capacity_range [{capacity.required_bytes}, "
+                               f"{capacity.limit_bytes or 'no limit'}]; ControllerExpandVolume "
+                               f"grows it")
+            if request.HasField("volume_capability"):
+                access = _access(_required_capability(request.volume_capability, True))
+            else:
+                access = "block" if stat.S_ISBLK(os.stat(path).st_mode) else "mount"
+            att = volume.attachment
+            if att is None or att.node != self.node:
+                if access == "block":
+                    return pb.NodeExpandVolumeResponse(capacity_bytes=volume.size)
+                raise CsiError(Code.FAILED_PRECONDITION, f"volume {name!r} is not staged on "
+                               f"node {self.node!r}")
+            volume = await self.agent.expand(name)  # block: stops at the loop device
+        return pb.NodeExpandVolumeResponse(capacity_bytes=volume.size)
 
 
 # --- serving -------------------------------------------------------------------------------
@@ -802,7 +890,7 @@ async def serve(path: str, catalog: Catalog, volumes: VolumeService, agent: Agen
     server = grpc.aio.server()
     locks = Locks()
     pb_grpc.add_IdentityServicer_to_server(Identity(catalog, ready), server)
-    pb_grpc.add_ControllerServicer_to_server(Controller(catalog, volumes, locks), server)
+    pb_grpc.add_ControllerServicer_to_server(Controller(catalog, volumes, agent, locks), server)
     pb_grpc.add_NodeServicer_to_server(NodeService(catalog, agent, locks), server)
     try:
         bound = server.add_insecure_port(f"unix://{path}")

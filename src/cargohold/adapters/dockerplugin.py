@@ -107,6 +107,7 @@ class DockerPlugin:
 
     async def mount(self, body: dict[str, Any]) -> dict[str, Any]:
         name, mount_id = _name(body), str(body.get("ID", ""))
+        log.info("docker Mount %s (mount %s)", name, mount_id[:12])
         async with self._lock(name):
             holders = self.refs.holders(name)
             volume = await self.agent.attach(name)  # same mount when already attached here
@@ -117,6 +118,7 @@ class DockerPlugin:
 
     async def unmount(self, body: dict[str, Any]) -> dict[str, Any]:
         name, mount_id = _name(body), str(body.get("ID", ""))
+        log.info("docker Unmount %s (mount %s)", name, mount_id[:12])
         async with self._lock(name):
             holders = [h for h in self.refs.holders(name) if h != mount_id]
             if not holders:

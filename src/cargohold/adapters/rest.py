@@ -45,6 +45,11 @@ class CreateVolume(BaseModel):
     exist_ok: bool = False
 
 
+class ResizeVolume(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: str | int
+
+
 class Services:
     """What the API serves from; built by the node."""
 
@@ -163,6 +168,15 @@ def create_app(services: Services, token: str = "") -> FastAPI:
     @app.post("/v1/volumes/{name}/attach")
     async def attach_volume(name: str) -> dict[str, Any]:
         return volume_view(await services.agent.attach(name), await servers())
+
+    @app.post("/v1/volumes/{name}/resize")
+    async def resize_volume(name: str, body: ResizeVolume) -> dict[str, Any]:
+        """Grow a volume (never shrinks); attached here, online: engine, loop device and
+        file system follow. Attached on another node, run it again there to finish."""
+        volume = await services.volumes.resize(name, body.size)
+        if volume.attachment is not None and volume.attachment.node == services.node:
+            volume = await services.agent.expand(name)
+        return volume_view(volume, await servers())
 
     @app.post("/v1/volumes/{name}/scrub")
     async def scrub_volume(name: str) -> dict[str, Any]:

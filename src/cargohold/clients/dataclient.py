@@ -199,6 +199,17 @@ class DataClient:
         """Create an empty replica (idempotent for the same size)."""
         await self._call(Op.CREATE, volume_id, payload=encode_json({"size": size}), timeout=timeout)
 
+    async def resize(self, volume_id: str, size: int, *, timeout: float | None = None) -> int:
+        """Grow a replica to at least ``size`` bytes (never shrinks); return its size now."""
+        body = decode_json(
+            await self._call(
+                Op.RESIZE, volume_id, payload=encode_json({"size": size}), timeout=timeout
+            )
+        )
+        if not isinstance(body, dict) or not isinstance(body.get("size"), int):
+            raise CargoholdError(detail=f"data server {self.address} answered RESIZE with {body}")
+        return int(body["size"])
+
     async def delete(self, volume_id: str, *, timeout: float | None = None) -> None:
         """Delete a replica (idempotent)."""
         await self._call(Op.DELETE, volume_id, timeout=timeout)

@@ -1,6 +1,7 @@
 """The host kernel facilities the agent drives: loop devices, file systems and mounts.
 
-Thin wrappers over util-linux, e2fsprogs and xfsprogs; each raises :class:`HostCommandFailed`
+Thin wrappers over util-linux, e2fsprogs and xfsprogs (including the online growth of a
+loop device and of the file system on it); each raises :class:`HostCommandFailed`
 with the command's own message when it fails.
 """
 
@@ -21,6 +22,8 @@ MKFS = {
     "xfs": ["mkfs.xfs", "-q", "-f", "-K"],
 }
 MOUNT_OPTIONS = {"ext4": "noinit_itable", "xfs": "defaults"}
+CAP_SYS_RESOURCE = 24
+GROW_SLACK = 4 << 20  # less room than this left on a device is not worth growing into
 
 
 class HostCommandFailed(Exception):
@@ -54,6 +57,25 @@ def detach_loop(device: str) -> None:
     run(["losetup", "--detach", device])
 
 
+def refresh_loop(device: str) -> int:
+    """Make ``device`` take the current size of its backing file; return its size in bytes.
+
+    The loop driver reads the size the kernel holds for the backing file's inode; for a
+    FUSE file, ``stat`` it first so that the kernel has asked the file system again.
+    """
+    run(["losetup", "--set-capacity", device])
+    return device_size(device)
+
+
+def device_size(device: str) -> int:
+    """Bytes of the block device ``device``."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
 def loops_backed_by(backing_file: str) -> list[str]:
     """Loop devices whose backing file is ``backing_file`` (read from sysfs)."""
     found = []
@@ -81,6 +103,53 @@ def probe_filesystem(device: str) -> str:
 def make_filesystem(device: str, fs: str, label: str) -> None:
     label_flag = ["-L", label[:12]] if fs == "xfs" else ["-L", label[:16]]
     run([*MKFS[fs], *label_flag, device], timeout=600)
+
+
+def grow_filesystem(fs: str, device: str, mountpoint: str) -> None:
+    """Grow the file system mounted at ``mountpoint`` (from ``device``) to fill the device.
+
+    Online: ext4 with resize2fs on the device, xfs with xfs_growfs on the mount point. A
+    file system that already fills its device is left as it is.
+    """
+    if fs == "ext4":
+        if device_size(device) - ext4_size(device) < GROW_SLACK:
+            return  # already fills the device (resize2fs leaves a too small last group off)
+        if not has_capability(CAP_SYS_RESOURCE):  # ext4's online resize ioctls demand it
+            raise HostCommandFailed(["resize2fs", device], "growing a mounted ext4 file system "
+                                    "needs the CAP_SYS_RESOURCE capability, which this node "
+                                    "runs without; the volume and its loop device did grow. "
+                                    "Give the node CAP_SYS_RESOURCE")
+        run(["resize2fs", device], timeout=600)
+    elif fs == "xfs":
+        run(["xfs_growfs", mountpoint], timeout=600)
+    else:
+        raise HostCommandFailed(["grow", fs], f"cannot grow a {fs} file system")
+
+
+def ext4_size(device: str) -> int:
+    """Bytes the ext4 file system on ``device`` spans (block count × block size)."""
+    fields = {}
+    for line in run(["dumpe2fs", "-h", device]).splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    try:
+        return int(fields["Block count"]) * int(fields["Block size"])
+    except (KeyError, ValueError):
+        raise HostCommandFailed(["dumpe2fs", "-h", device], "no block count in its output") \
+            from None
+
+
+def has_capability(bit: int) -> bool:
+    """Whether this process holds the capability ``bit`` (linux/capability.h) effectively."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True  # cannot tell: let the command itself say
 
 
 def mount(device: str, target: str, fs: str) -> None:

@@ -85,6 +85,7 @@ class DataServer(Record):
     free: int = 0  # bytes still free there
     used: int = 0  # bytes taken by replicas (thin: written blocks only)
     provisioned: int = 0  # sum of the sizes of the replicas it holds
+    max_provisioned: int = 0  # over-provisioning limit for ``provisioned`` (0: none)
     state: ServerState = ServerState.UP
     last_seen: float = Field(default_factory=time.time)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from cargohold.core.models import DataServer, ServerState
-from cargohold.errors import NotEnoughDataServers
+from cargohold.core.sizes import format_size
+from cargohold.errors import NotEnoughDataServers, OverProvisioned
 
 
 def place(
@@ -19,26 +20,42 @@ def place(
     With several nodes in the cluster the replicas go to distinct nodes; on a single node
     they go to distinct data servers. Servers with the most free space come first, so the
     pool fills evenly. ``exclude`` names servers (and their nodes) that already hold a replica.
+    A server whose thin-provisioned total would pass its over-provisioning limit
+    (``max_provisioned``) is left out; when that is why placement fails, the error says so.
     """
     excluded = set(exclude)
     taken_nodes = {s.node for s in servers if s.id in excluded}
-    usable = [
+    candidates = [
         s
         for s in servers
         if s.state is ServerState.UP and s.id not in excluded and s.free > 0
     ]
+    usable = [s for s in candidates
+              if not s.max_provisioned or s.provisioned + size <= s.max_provisioned]
     usable.sort(key=lambda s: (-(s.free - s.provisioned), s.id))
-    nodes = {s.node for s in servers}
-    chosen: list[DataServer] = []
-    if len(nodes) > 1:
-        for server in usable:
-            if server.node not in taken_nodes:
-                chosen.append(server)
-                taken_nodes.add(server.node)
-        where = " on distinct nodes"
-    else:
-        chosen = list(usable)
-        where = ""
+    distinct_nodes = len({s.node for s in servers}) > 1
+    where = " on distinct nodes" if distinct_nodes else ""
+    chosen = _spread(usable, taken_nodes, distinct_nodes)
     if len(chosen) < count:
+        if len(_spread(candidates, taken_nodes, distinct_nodes)) >= count:
+            full = [s for s in candidates if s not in usable]
+            limits = ", ".join(f"{s.id[:12]}: {format_size(s.provisioned)} of "
+                               f"{format_size(s.max_provisioned)} provisioned" for s in full)
+            raise OverProvisioned(replicas=count, size=format_size(size),
+                                  available=len(chosen), where=where, limits=limits)
         raise NotEnoughDataServers(replicas=count, available=len(chosen), where=where)
     return chosen[:count]
+
+
+def _spread(servers: list[DataServer], taken: set[str], distinct_nodes: bool
+            ) -> list[DataServer]:
+    """The servers that could take a replica each, one per node when ``distinct_nodes``."""
+    if not distinct_nodes:
+        return servers
+    nodes = set(taken)
+    chosen = []
+    for server in servers:
+        if server.node not in nodes:
+            chosen.append(server)
+            nodes.add(server.node)
+    return chosen

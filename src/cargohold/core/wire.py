@@ -60,6 +60,7 @@ class Op(IntEnum):
     TRIM = 8  # offset, length, generation: punch a hole
     GENS = 9  # offset (chunk aligned), length = chunk count (0: up to MAX_GENS_CHUNKS) -> u64s
     FENCE = 10  # raise the replica's epoch to the request's epoch
+    RESIZE = 11  # payload JSON {"size": int}: grow the replica to at least size -> JSON
 
 
 class Status(IntEnum):

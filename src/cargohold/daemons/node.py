@@ -189,7 +189,8 @@ class NodeDaemon:
         usage = shutil.disk_usage(process.path)
         record = DataServer(id=process.info["id"], node=self.config.name,
                             address=process.info["address"], path=str(process.path),
-                            capacity=usage.total, free=usage.free)
+                            capacity=usage.total, free=usage.free,
+                            max_provisioned=int(usage.total * self.config.overprovision))
         client = DataClient(record.address, record.id)
         try:
             await client.connect(timeout=1.0)

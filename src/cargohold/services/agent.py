@@ -3,7 +3,8 @@
 attach = claim the volume with a new epoch → start its engine (FUSE) → loop device →
 mkfs on first use → mount. ``attach(name, filesystem=False)`` stops at the loop device (raw
 block access: no mkfs, no mount; the attachment has no mount point). detach walks the same
-steps backwards. Every step leaves a trace
+steps backwards. ``expand`` makes an attachment follow a volume that grew (engine → loop
+device → file system, online). Every step leaves a trace
 on disk (the engine's directory, its pid file, the mount point), so an agent that crashed
 finds what it left when it starts again (:meth:`Agent.recover`) and either adopts a healthy
 attachment or removes every piece of a broken one.
@@ -28,15 +29,18 @@ from cargohold.errors import (
     AttachFailed,
     CargoholdError,
     DetachFailed,
+    ExpandFailed,
     VolumeBusy,
     VolumeInUse,
 )
+from cargohold.services.engine import RESIZE_SIGNAL
 from cargohold.stores.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
 ENGINE_START_TIMEOUT = 20.0
 ENGINE_STOP_TIMEOUT = 20.0
+ENGINE_RESIZE_TIMEOUT = 20.0
 
 
 class EngineDir:
@@ -107,6 +111,8 @@ class Agent:
                                            f"found {found or 'none'}")
                     await asyncio.to_thread(kernel.mount, device, str(paths.mountpoint),
                                             volume.fs)
+                    if volume.formatted:  # it may have grown while detached: catch up
+                        await self._grow_filesystem(volume, device, str(paths.mountpoint))
             except (CargoholdError, kernel.HostCommandFailed, OSError) as e:
                 detail = e.message if isinstance(e, CargoholdError) else str(e)
                 log.error("attach of %s failed at %s: %s", name, step, detail)
@@ -127,7 +133,11 @@ class Agent:
                 v.attachment.engine_pid = pid
                 return v
 
-            return await self.catalog.update_volume(name, attached)
+            volume = await self.catalog.update_volume(name, attached)
+            log.info("attached %s at epoch %d (%s)", name, epoch,
+                     volume.attachment.mountpoint or volume.attachment.device
+                     if volume.attachment else "?")
+            return volume
 
     async def _owner_down(self, volume: Volume) -> str:
         """The other node holding ``volume`` if its lease has expired (it is down), else ''."""
@@ -209,6 +219,79 @@ class Agent:
             return kernel.is_mounted(str(paths.mountpoint))
         return att.device in kernel.loops_backed_by(str(paths.file))  # raw block attachment
 
+    # -- expand (after the volume grew) ---------------------------------------------------
+
+    async def _grow_filesystem(self, volume: Volume, device: str, mountpoint: str) -> None:
+        """Grow the file system to fill the device; a failure is logged, not raised (the
+        volume is usable, and 'cargohold volume resize' again finishes the grow)."""
+        try:
+            await asyncio.to_thread(kernel.grow_filesystem, volume.fs, device, mountpoint)
+        except (kernel.HostCommandFailed, OSError) as e:
+            log.warning("volume %s is attached, but its file system did not grow to %d bytes: "
+                        "%s", volume.name, volume.size, e)
+
+    async def expand(self, name: str) -> Volume:
+        """Make the attachment of ``name`` here use the volume's recorded size.
+
+        After ``VolumeService.resize``: the engine is told (``RESIZE_SIGNAL``; it re-reads
+        the record and drops the kernel's cached attributes of its FUSE file) and the agent
+        waits until ``stat`` of that file shows the new size → ``losetup --set-capacity`` on
+        the loop device → the file system is grown online (resize2fs for ext4, xfs_growfs
+        for xfs; a raw block attachment stops at the loop device). Every step is a no-op
+        when already done, so a failed expand is finished by calling it again. A volume that
+        is not attached returns unchanged (the next attach uses the new size).
+        """
+        async with self._lock(name):
+            volume = await self.catalog.volume(name)
+            att = volume.attachment
+            if att is None:
+                return volume
+            if att.node != self.node:
+                raise ExpandFailed(name=name, step="attachment", node=att.node,
+                                   detail=f"it is attached on node {att.node!r}, not here")
+            if volume.state is not VolumeState.ATTACHED:
+                raise VolumeBusy(name=name, state=volume.state.value)
+            paths = EngineDir(self.state_dir, name)
+            step = "engine"
+            try:
+                await self._resize_engine(volume, att, paths)
+                step = "loop device"
+                size = await asyncio.to_thread(kernel.refresh_loop, att.device)
+                if size != volume.size:
+                    raise ExpandFailed(name=name, step=step, node=self.node,
+                                       detail=f"{att.device} is {size} bytes, not {volume.size}")
+                if att.mountpoint:
+                    step = "grow file system"
+                    await asyncio.to_thread(kernel.grow_filesystem, volume.fs, att.device,
+                                            att.mountpoint)
+            except (kernel.HostCommandFailed, OSError) as e:
+                log.error("expand of %s failed at %s: %s", name, step, e)
+                raise ExpandFailed(name=name, step=step, node=self.node, detail=str(e)) from e
+            log.info("volume %s attached here now has %d bytes", name, volume.size)
+            return volume
+
+    async def _resize_engine(self, volume: Volume, att: Attachment, paths: EngineDir) -> None:
+        """Signal the engine and wait until its FUSE file has the volume's size."""
+        size = (await asyncio.to_thread(os.stat, paths.file)).st_size
+        if size == volume.size:
+            return
+        if size > volume.size:
+            raise ExpandFailed(name=volume.name, step="engine", node=self.node,
+                               detail=f"the engine serves {size} bytes, more than the "
+                                      f"{volume.size} recorded")
+        if not self._alive(att.engine_pid):
+            raise ExpandFailed(name=volume.name, step="engine", node=self.node,
+                               detail="the engine is not running")
+        os.kill(att.engine_pid, RESIZE_SIGNAL)
+        deadline = time.monotonic() + ENGINE_RESIZE_TIMEOUT
+        while size < volume.size:
+            if not self._alive(att.engine_pid) or time.monotonic() > deadline:
+                raise ExpandFailed(name=volume.name, step="engine", node=self.node,
+                                   detail=f"the engine did not take the new size: "
+                                          f"{_tail(paths.log_file)}")
+            await asyncio.sleep(0.02)
+            size = (await asyncio.to_thread(os.stat, paths.file)).st_size
+
     # -- detach --------------------------------------------------------------------------
 
     async def detach(self, name: str) -> Volume:
@@ -239,6 +322,7 @@ class Agent:
 
                 await self.catalog.update_volume(name, still_attached)
                 raise DetachFailed(name=name, step="unmount", detail=str(e)) from e
+            log.info("detached %s", name)
             return await self.catalog.update_volume(name, _released(""))
 
     async def detach_all(self) -> None:

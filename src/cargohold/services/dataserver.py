@@ -192,6 +192,12 @@ class _Connection(asyncio.BufferedProtocol):
         self._store.create(header.volume_id, body["size"])
         return b""
 
+    def _resize(self, header: RequestHeader, payload: memoryview) -> bytes:
+        body = decode_json(payload)
+        if not isinstance(body, dict) or "size" not in body:
+            raise InvalidArgument(what="payload", detail='RESIZE needs {"size": bytes}')
+        return encode_json({"size": self._store.grow(header.volume_id, body["size"])})
+
     def _delete(self, header: RequestHeader, payload: memoryview) -> bytes:
         self._store.delete(header.volume_id)
         return b""
@@ -262,6 +268,7 @@ _HANDLERS: dict[int, Handler] = {
     Op.TRIM: _Connection._trim,
     Op.GENS: _Connection._generations,
     Op.FENCE: _Connection._fence,
+    Op.RESIZE: _Connection._resize,
 }
 
 

@@ -25,7 +25,7 @@ import uvloop
 
 from cargohold.clients.dataclient import DataClient
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
-from cargohold.core.models import DataServer, ReplicaState, Volume
+from cargohold.core.models import DataServer, ReplicaState, ServerState, Volume
 from cargohold.errors import (
     CargoholdError,
     ChecksumMismatch,
@@ -42,6 +42,12 @@ log = logging.getLogger(__name__)
 
 MarkFailed = Callable[[str, str], Awaitable[None]]
 STOP_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 2.0  # to a data server at attach
+DOWN_CONNECT_TIMEOUT = 0.3  # to one the controller has marked down
+STAT_TIMEOUT = 10.0
+#: The agent sends this signal after the volume grew: the engine reads the new size from the
+#: metadata store, checks its replicas and makes the FUSE file grow (``resize_on_signal``).
+RESIZE_SIGNAL = signal.SIGUSR1
 
 
 @dataclass
@@ -72,26 +78,37 @@ class ReplicaSet:
         """Connect to every in-sync replica and claim it with this attachment's epoch."""
         for server_id in self._missing:
             await self._mark_failed(server_id, "data server is not registered")
-        for server in self._wanted:
-            client = DataClient(server.address, server.id)
-            try:
-                await client.connect()
-                await client.fence(self.volume_id, self.epoch)
-            except Fenced:
-                await client.close()
-                await self.close()
-                raise
-            except CargoholdError as e:
-                await client.close()
-                await self._mark_failed(server.id, f"unreachable at attach: {e}")
+        # All at once; a server the controller has marked down gets a short connect timeout
+        # (a dead host does not refuse, it just never answers: no need to wait long for it).
+        clients = [DataClient(server.address, server.id) for server in self._wanted]
+        results = await asyncio.gather(
+            *(self._claim(client, DOWN_CONNECT_TIMEOUT if server.state is ServerState.DOWN
+                          else CONNECT_TIMEOUT)
+              for server, client in zip(self._wanted, clients, strict=True)),
+            return_exceptions=True)
+        fenced = next((r for r in results if isinstance(r, Fenced)), None)
+        for server, client, result in zip(self._wanted, clients, results, strict=True):
+            if result is None and fenced is None:
+                self.members.append(Member(server, client))
                 continue
-            self.members.append(Member(server, client))
+            await client.close()
+            if isinstance(result, CargoholdError) and not isinstance(result, Fenced):
+                await self._mark_failed(server.id, f"unreachable at attach: {result}")
+            elif isinstance(result, BaseException) and not isinstance(result, Fenced):
+                raise result
+        if fenced is not None:
+            await self.close()
+            raise fenced
         if not self.members:
             raise NoReplicaLeft(name=self.name)
         copied = await self.reconcile()
         if copied:
             log.warning("%s: %d chunks differed among the in-sync replicas and were copied "
                         "from the newest", self.name, copied)
+
+    async def _claim(self, client: DataClient, timeout: float) -> None:
+        await client.connect(timeout=timeout)
+        await client.fence(self.volume_id, self.epoch)
 
     async def reconcile(self) -> int:
         """Make the in-sync replicas agree before the volume is used; return chunks copied.
@@ -139,6 +156,31 @@ class ReplicaSet:
         for member in self.members:
             await member.client.close()
         self.members = []
+
+    async def grow(self, size: int) -> bool:
+        """Address ``size`` bytes from now on, once every replica is known to be that big.
+
+        The volume service grows the replicas before it records a new size, so this only
+        checks (STAT); a replica that is smaller, or does not answer, leaves the size as it
+        is (returns False) rather than making later writes beyond its end fail.
+        """
+        if size <= self.size:
+            return size == self.size
+        members = list(self.members)
+        results = await asyncio.gather(*(m.client.stat(self.volume_id, timeout=STAT_TIMEOUT)
+                                         for m in members), return_exceptions=True)
+        for member, result in zip(members, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("%s: not growing to %d bytes: replica on %s did not answer: %s",
+                          self.name, size, member.server.id, result)
+                return False
+            if int(result.get("size", 0)) < size:
+                log.error("%s: not growing to %d bytes: replica on %s is %s bytes", self.name,
+                          size, member.server.id, result.get("size"))
+                return False
+        log.info("%s: grew from %d to %d bytes", self.name, self.size, size)
+        self.size = size
+        return True
 
     # -- the data path -------------------------------------------------------------------
 
@@ -280,6 +322,44 @@ def out_of_sync_marker(catalog: Catalog, name: str, epoch: int) -> MarkFailed:
     return mark
 
 
+def resize_on_signal(catalog: Catalog, name: str, epoch: int, replicas: ReplicaSet,
+                     session: FuseSession) -> Callable[[], None]:
+    """The ``RESIZE_SIGNAL`` handler: take the volume's recorded size if it grew.
+
+    The new size is read from the volume record (only while this attachment's epoch still
+    holds it), checked against every replica (``ReplicaSet.grow``), and announced to the
+    kernel (``FuseSession.resized``). The agent waits until ``stat`` of the FUSE file shows
+    it. Signals that arrive during a refresh are folded into one more refresh.
+    """
+    running: asyncio.Task[None] | None = None
+    again = False
+
+    async def refresh() -> None:
+        nonlocal again
+        while True:
+            again = False
+            try:
+                volume = await catalog.volume(name)
+                if volume.attachment is None or volume.attachment.epoch != epoch:
+                    log.warning("%s: not resizing: the volume is no longer attached with epoch "
+                                "%d", name, epoch)
+                elif await replicas.grow(volume.size):
+                    session.resized()
+            except (CargoholdError, OSError) as e:
+                log.error("%s: resize failed: %s", name, e)
+            if not again:
+                return
+
+    def on_signal() -> None:
+        nonlocal running, again
+        if running is not None and not running.done():
+            again = True
+            return
+        running = asyncio.ensure_future(refresh())
+
+    return on_signal
+
+
 async def serve(metadata_url: str, name: str, epoch: int, node: str, mountpoint: str,
                 ready_file: Path) -> int:
     """Run the engine until it is unmounted or told to stop; return the exit status."""
@@ -299,13 +379,15 @@ async def serve(metadata_url: str, name: str, epoch: int, node: str, mountpoint:
         except OSError:
             await replicas.close()
             raise
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(RESIZE_SIGNAL,
+                                resize_on_signal(catalog, name, epoch, replicas, session))
         tmp = ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": mountpoint}))
         tmp.rename(ready_file)
         log.info("engine for %s (epoch %d) serving on %s", name, epoch, mountpoint)
 
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         stopped = asyncio.ensure_future(stop.wait())

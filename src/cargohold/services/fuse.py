@@ -50,6 +50,9 @@ FUSE_ASYNC_DIO = 1 << 15
 FUSE_MAX_PAGES = 1 << 22
 WANTED_FLAGS = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_MAX_PAGES
 
+# notifications the file system sends the kernel unasked (linux/fuse.h, fuse_notify_code)
+NOTIFY_INVAL_INODE = 2
+
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6
 FATTR_SIZE = 1 << 3
@@ -71,6 +74,7 @@ WRITE_IN = struct.Struct("<QQIIQII")  # fh offset size write_flags lock_owner fl
 WRITE_OUT = struct.Struct("<II")
 SETATTR_IN_VALID = struct.Struct("<IIQQ")  # valid padding fh size
 FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
+NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len (off < 0: attributes only)
 KSTATFS = struct.Struct("<QQQQQIIII24x")
 DIRENT = struct.Struct("<QQII")  # ino off namelen type
 
@@ -151,6 +155,24 @@ class FuseSession:
             self.fd = -1
         if self.finished is not None and not self.finished.done():
             self.finished.set_result(None)
+
+    def resized(self) -> None:
+        """Make the kernel forget the file's cached attributes after ``target.size`` grew.
+
+        The attributes are cached for ``ATTR_TTL``; FUSE_NOTIFY_INVAL_INODE drops them, so
+        the next ``stat`` asks again (GETATTR) and the kernel's idea of the file size, which
+        ``losetup --set-capacity`` reads, becomes the new size. A kernel that has not looked
+        the file up yet has nothing cached (ENOENT): fine.
+        """
+        if self.fd < 0:
+            return
+        body = NOTIFY_INVAL_INODE_OUT.pack(FILE_INO, -1, 0)
+        header = OUT_HEADER.pack(OUT_HEADER.size + len(body), NOTIFY_INVAL_INODE, 0)
+        try:
+            os.writev(self.fd, [header, body])
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
 
     # -- request loop --------------------------------------------------------------------
 

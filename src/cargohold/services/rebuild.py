@@ -77,7 +77,7 @@ class Rebuild:
         volume = await self.catalog.volume(name)
         if any(r.replaces == old for r in volume.replicas):
             return ""
-        servers = await self.catalog.servers()
+        servers = await self.catalog.servers_for_placement()
         exclude = {r.server for r in volume.replicas} | await self.catalog.draining_servers()
         [target] = placement.place(servers, 1, volume.size, exclude=exclude)
         async with connect_to(target) as client:

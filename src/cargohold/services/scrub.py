@@ -43,15 +43,15 @@ class Scrub:
         self.rate = rate
 
     async def run_once(self, every: float) -> ScrubReport | None:
-        """Scrub the detached volume whose last scrub is oldest, if that is ``every`` seconds
-        ago or more (one volume a pass, so that other duties keep their turn)."""
+        """Scrub the detached volume whose last scrub (or creation) is oldest, if that is
+        ``every`` seconds ago or more (one volume a pass, so that other duties keep their turn)."""
         now = time.time()
         due = [v for v in await self.catalog.volumes()
                if v.attachment is None and v.state is VolumeState.DETACHED
-               and now - v.scrubbed >= every]
+               and now - max(v.scrubbed, v.created) >= every]
         if not due:
             return None
-        oldest = min(due, key=lambda v: v.scrubbed)
+        oldest = min(due, key=lambda v: max(v.scrubbed, v.created))
         try:
             return await self.scrub(oldest.name)
         except CargoholdError as e:

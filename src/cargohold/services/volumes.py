@@ -1,4 +1,4 @@
-"""Volume lifecycle: create (placement + replicas), remove, list, inspect.
+"""Volume lifecycle: create (placement + replicas), resize, remove, list, inspect.
 
 A create either finishes with every replica made, or leaves nothing: replicas already made
 are deleted again and the record is removed. A replica that cannot be deleted because its
@@ -21,10 +21,12 @@ from cargohold.core.names import check_name
 from cargohold.core.sizes import format_size, volume_size
 from cargohold.errors import (
     CargoholdError,
+    ConcurrentUpdate,
     DataServerUnavailable,
     InvalidFilesystem,
     InvalidReplicas,
     OwnerAlive,
+    ShrinkRefused,
     VolumeBusy,
     VolumeExists,
     VolumeInUse,
@@ -55,7 +57,7 @@ class VolumeService:
         existing = await self.catalog.find_volume(name)
         if existing is not None:
             return await self._existing(existing, size_bytes, count, fs, exist_ok)
-        chosen = placement.place(await self.catalog.servers(), count, size_bytes,
+        chosen = placement.place(await self.catalog.servers_for_placement(), count, size_bytes,
                                  exclude=await self.catalog.draining_servers())
         volume = Volume(id=uuid.uuid4().hex, name=name, size=size_bytes, replica_count=count,
                         fs=fs, replicas=[Replica(server=s.id) for s in chosen])
@@ -153,6 +155,54 @@ class VolumeService:
                 log.warning("could not fence %s on %s: %s", name, replica.server, e)
         return volume
 
+    async def resize(self, name: str, size: str | int) -> Volume:
+        """Grow ``name`` to ``size`` (rounded up to whole MiB); return the updated record.
+
+        Volumes only grow: a smaller size raises ``ShrinkRefused`` and the same size changes
+        nothing. Every replica (in sync or not) is grown on its data server first; only when
+        all of them grew is the new size written to the record (a CAS that also re-checks
+        the size), so a failure half way leaves the record at the old size and replicas that
+        may be larger than it, which is harmless (engines address only the recorded size).
+        Like create, nothing is reserved on the data servers: volumes are thin.
+
+        An attached volume's engine, loop device and file system learn the new size from
+        the agent of the node it is attached on (``Agent.expand``); this only grows the
+        replicas and the record.
+        """
+        size_bytes = volume_size(size)
+        volume = await self.catalog.volume(name)
+        _check_growth(volume, size_bytes)
+        if size_bytes == volume.size:
+            return volume
+        servers = {s.id: s for s in await self.catalog.servers()}
+        for replica in volume.replicas:
+            server = servers.get(replica.server)
+            if server is None:
+                raise DataServerUnavailable(server=replica.server, address="?",
+                                            detail="it is not registered; the volume cannot "
+                                                   "grow until every replica can")
+            async with _client(server) as client:
+                grown = await client.resize(volume.id, size_bytes)
+            if grown < size_bytes:
+                raise CargoholdError(detail=f"data server {server.id} grew replica {volume.id} "
+                                            f"to {grown} bytes, not {size_bytes}")
+
+        def grown_record(v: Volume) -> Volume | None:
+            if v.id != volume.id:
+                raise VolumeBusy(name=name, state="replaced while it was resized")
+            _check_growth(v, size_bytes)
+            if {r.server for r in v.replicas} - {r.server for r in volume.replicas}:
+                raise ConcurrentUpdate(what=f"the replicas of volume {name!r}")
+            if v.size == size_bytes:
+                return None
+            v.size = size_bytes
+            return v
+
+        updated = await self.catalog.update_volume(name, grown_record)
+        log.info("volume %s grew from %s to %s", name, format_size(volume.size),
+                 format_size(size_bytes))
+        return updated
+
     async def _delete_replicas(self, volume_id: str, servers: list[DataServer]) -> None:
         for server in servers:
             try:
@@ -195,6 +245,15 @@ class VolumeService:
             except CargoholdError:
                 used[replica.server] = None
         return used
+
+
+def _check_growth(volume: Volume, size: int) -> None:
+    """Refuse a resize of ``volume`` to ``size`` bytes that is not a growth (or a no-op)."""
+    if volume.state in (VolumeState.CREATING, VolumeState.DELETING):
+        raise VolumeBusy(name=volume.name, state=volume.state.value)
+    if size < volume.size:
+        raise ShrinkRefused(name=volume.name, current=format_size(volume.size),
+                            size=format_size(size))
 
 
 def _replica_count(replicas: int | str) -> int:

@@ -86,6 +86,19 @@ class Catalog:
         return [DataServer.model_validate_json(kv.value)
                 for kv in await self.store.range("dataservers/")]
 
+    async def servers_for_placement(self) -> list[DataServer]:
+        """The data servers, each with ``provisioned`` counted from the volume records too:
+        a server reports its own total only once a second, so a replica created a moment
+        ago would not count yet."""
+        recorded: dict[str, int] = {}
+        for volume in await self.volumes():
+            for replica in volume.replicas:
+                recorded[replica.server] = recorded.get(replica.server, 0) + volume.size
+        servers = await self.servers()
+        for server in servers:
+            server.provisioned = max(server.provisioned, recorded.get(server.id, 0))
+        return servers
+
     async def server(self, server_id: str) -> DataServer | None:
         kv = await self.store.get(server_key(server_id))
         return None if kv is None else DataServer.model_validate_json(kv.value)

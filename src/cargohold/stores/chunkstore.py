@@ -21,6 +21,7 @@ the same replica; every other method belongs to one thread.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -145,6 +146,22 @@ class Replica(ABC):
     def flush(self) -> None:
         """Make every write and trim done before this call durable (thread safe)."""
 
+    def grow(self, size: int) -> int:
+        """Make the replica at least ``size`` bytes long; return its size afterwards.
+
+        Growing never touches existing data: the new range reads as zeros and costs no
+        space (thin). A replica already that big (or bigger) is left as it is, so growing is
+        idempotent and never shrinks. The new size is durable before this returns.
+        """
+        ChunkStore._check_size(size)
+        if size > self.size:
+            self._grow(size)
+            self.size = size
+        return self.size
+
+    @abstractmethod
+    def _grow(self, size: int) -> None: ...
+
     def generations(self, first: int = 0, count: int | None = None) -> bytes:
         """Chunk generations as little-endian u64s (8 bytes per chunk).
 
@@ -220,6 +237,13 @@ class ChunkStore(ABC):
     @abstractmethod
     def replica(self, volume_id: str) -> Replica:
         """The replica of ``volume_id``, or ``ReplicaNotFound``."""
+
+    @abstractmethod
+    def grow(self, volume_id: str, size: int) -> int:
+        """Grow the replica of ``volume_id`` to at least ``size`` bytes; return its size.
+
+        Never shrinks (see ``Replica.grow``); a missing replica raises ``ReplicaNotFound``.
+        """
 
     @abstractmethod
     def replica_ids(self) -> list[str]: ...
@@ -331,6 +355,9 @@ class MemoryReplica(Replica):
     def flush(self) -> None:
         pass
 
+    def _grow(self, size: int) -> None:
+        self._gens.extend([0] * (chunk_count(size) - len(self._gens)))
+
     def _generations(self, first: int, end: int) -> bytes:
         return _le_u64(self._gens[first:end])
 
@@ -389,6 +416,11 @@ class MemoryChunkStore(ChunkStore):
         if replica is None:
             raise ReplicaNotFound(server=self._server_id, volume_id=volume_id)
         return replica
+
+    def grow(self, volume_id: str, size: int) -> int:
+        check_volume_id(volume_id)
+        self._check_size(size)
+        return self.replica(volume_id).grow(size)
 
     def replica_ids(self) -> list[str]:
         return sorted(self._replicas)
@@ -499,6 +531,14 @@ class DiskReplica(Replica):
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             actual = os.fstat(fd).st_size
+            if actual > size:
+                # a grow that crashed before meta.json recorded the new size: the extra
+                # range was never used (I/O beyond the recorded size is refused)
+                log.warning("replica %s: %s is %d bytes, expected %d; cutting back the "
+                            "leftover of an unfinished grow", self.volume_id, path.name,
+                            actual, size)
+                os.ftruncate(fd, size)
+                actual = size
             if actual != size:
                 raise CargoholdError(
                     detail=f"replica {self.volume_id}: {path.name} is {actual} bytes, "
@@ -637,6 +677,49 @@ class DiskReplica(Replica):
             os.fdatasync(self._data_fd)
             self._sums_map.flush()
             self._gens_map.flush()
+
+    def _grow(self, size: int) -> None:
+        """Lengthen data, sums and gens (sparse), then record the size in meta.json.
+
+        The files are lengthened and fsynced first and meta.json is replaced last, so a
+        crash leaves either the old size (files longer than needed, cut back at the next
+        open) or the new one. The maps are swapped under the flush lock.
+        """
+        blocks, chunk_total = size // BLOCK_SIZE, chunk_count(size)
+        old = (self.size, self._blocks * 4, chunk_count(self.size) * 8)
+        fds = (self._data_fd, self._sums_fd, self._gens_fd)
+        try:
+            for fd, length in zip(fds, (size, blocks * 4, chunk_total * 8), strict=True):
+                os.ftruncate(fd, length)
+                os.fsync(fd)
+            meta = {"volume_id": self.volume_id, "size": size, "epoch": self._epoch}
+            _write_json_atomic(self._path / "meta.json", meta)
+        except OSError as exc:
+            for fd, length in zip(fds, old, strict=True):
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, length)
+            if exc.errno == errno.EFBIG:
+                raise InvalidArgument(
+                    what="size", detail=f"{size} is too big for this filesystem"
+                ) from exc
+            _reraise(exc, self.server)
+        with self._lock:
+            sums_map = mmap.mmap(self._sums_fd, blocks * 4, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+            gens_map = mmap.mmap(self._gens_fd, chunk_total * 8, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+            self._sums.release()
+            self._gens.release()
+            for mapped in (self._sums_map, self._gens_map):
+                try:
+                    mapped.close()
+                except BufferError:  # a view still exported: the GC unmaps it later
+                    log.warning("replica %s: mmap still in use at grow", self.volume_id)
+            self._sums_map, self._gens_map = sums_map, gens_map
+            self._sums = memoryview(sums_map).cast("I")
+            self._gens = memoryview(gens_map).cast("Q")
+            self._blocks = blocks
+        log.info("grew replica %s to %d bytes", self.volume_id, size)
 
     def _generations(self, first: int, end: int) -> bytes:
         if sys.byteorder == "little":
@@ -783,6 +866,13 @@ class DiskChunkStore(ChunkStore):
         replica = DiskReplica(self._replicas_dir / volume_id, volume_id, self.server_id)
         self._open[volume_id] = replica
         return replica
+
+    def grow(self, volume_id: str, size: int) -> int:
+        check_volume_id(volume_id)
+        self._check_size(size)
+        grown = self.replica(volume_id).grow(size)
+        self._sizes[volume_id] = grown
+        return grown
 
     def replica_ids(self) -> list[str]:
         return sorted(self._sizes)

@@ -1,0 +1,70 @@
+"""The event stream over the in-memory store: each state change becomes one event."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from cargohold.core.models import (
+    Attachment,
+    DataServer,
+    Replica,
+    ReplicaState,
+    ServerState,
+    Volume,
+    VolumeState,
+    liveness_key,
+)
+from cargohold.services.events import EventFeed
+from cargohold.stores.catalog import Catalog
+from cargohold.stores.metadata import MemoryStore
+
+
+def test_state_changes_become_events() -> None:
+    async def body() -> list[dict[str, Any]]:
+        store = MemoryStore()
+        catalog = Catalog(store)
+        await catalog.put_server(DataServer(id="s1", node="a", address="x:1", path="/d"))
+        feed = EventFeed(store).stream()
+        first = asyncio.ensure_future(anext(feed))
+        await asyncio.sleep(0.05)  # the feed is watching now
+        await catalog.add_volume(Volume(id="0" * 32, name="v", size=1 << 30, replica_count=2,
+                                        fs="ext4", replicas=[Replica(server="s1"),
+                                                             Replica(server="s2")]))
+
+        def attach(v: Volume) -> Volume:
+            v.state, v.epoch = VolumeState.ATTACHED, 3
+            v.attachment = Attachment(node="a", epoch=3)
+            return v
+
+        def lose(v: Volume) -> Volume:
+            v.replicas[1].state, v.replicas[1].reason = ReplicaState.OUT_OF_SYNC, "gone"
+            return v
+
+        await catalog.update_volume("v", attach)
+        await catalog.update_volume("v", lose)
+        await catalog.put_server(DataServer(id="s1", node="a", address="x:1", path="/d",
+                                            state=ServerState.DOWN))
+        lease = await store.grant_lease(5)
+        await store.put(liveness_key("b"), b"", lease=lease)
+        await store.revoke_lease(lease)
+        await catalog.remove_volume("v")
+        events = [await first]
+        for _ in range(6):
+            events.append(await asyncio.wait_for(anext(feed), 2))
+        await feed.aclose()
+        return events
+
+    events = asyncio.run(body())
+    assert [(e["kind"], e["name"], e["event"]) for e in events] == [
+        ("volume", "v", "created"),
+        ("volume", "v", "attached"),
+        ("replica", "v", "out_of_sync"),
+        ("server", "s1", "down"),
+        ("node", "b", "up"),
+        ("node", "b", "down"),
+        ("volume", "v", "removed"),
+    ]
+    assert events[1]["message"] == "volume v is attached on node a (epoch 3)"
+    assert events[2]["message"] == "replica of v on s2 is out of sync (gone)"
+    assert [e["revision"] for e in events] == sorted(e["revision"] for e in events)
