@@ -75,6 +75,14 @@ def _parser() -> argparse.ArgumentParser:
                                   "while that node's lease is alive)")
         output(sub)
 
+    rebalance = commands.add_parser(
+        "rebalance", help="spread replicas evenly over the data servers (e.g. after adding one)")
+    rebalance.add_argument("--dry-run", action="store_true", help="only show the plan")
+    rebalance.add_argument("--wait", action="store_true",
+                           help="show progress until every move is done")
+    output(rebalance)
+    output(commands.add_parser("events", help="follow the cluster's state changes"))
+
     node = commands.add_parser("node", help="run this host's node, or list nodes")
     node.add_argument("--state-dir", type=Path, default=Path("/var/lib/cargohold"))
     node.add_argument("--data-dir", type=Path, action="append", default=[],
@@ -165,6 +173,16 @@ def _run_client(args: argparse.Namespace) -> int:
 
     with ApiClient(client_config(args.host, args.token)) as api:
         as_json = getattr(args, "output", "table") == "json"
+        if args.command == "rebalance":
+            return _rebalance(api, args.dry_run, args.wait, as_json)
+        if args.command == "events":
+            for event in api.lines("/v1/events"):
+                if event["kind"] == "stream" and not as_json:
+                    continue
+                print(json.dumps(event) if as_json else
+                      f"{time.strftime('%H:%M:%S', time.localtime(event['time']))}  "
+                      f"{event['kind']:<10} {event['message']}", flush=True)
+            return 0
         if args.command == "node" and args.action == "drain":
             return _drain(api, args.target, args.cancel, args.wait, as_json)
         if args.command == "node":
@@ -195,6 +213,34 @@ def _run_client(args: argparse.Namespace) -> int:
         elif args.action == "rm":
             api.request("DELETE", f"/v1/volumes/{name}")
             _emit({"name": name, "removed": True}, as_json, name)
+    return 0
+
+
+def _rebalance(api: ApiClient, dry_run: bool, wait: bool, as_json: bool) -> int:
+    if dry_run:
+        view = api.request("GET", "/v1/rebalance")
+        moves = view["plan"]
+    else:
+        view = api.request("POST", "/v1/rebalance")
+        moves = view["started"]
+    if wait and not dry_run:
+        first = max(view["pending"], 1)
+        while view["pending"]:
+            bar = "#" * int(30 * (1 - view["pending"] / first))
+            print(f"\rrebalancing [{bar:<30}] {view['pending']} replicas moving",
+                  end="", file=sys.stderr, flush=True)
+            time.sleep(1)
+            view = api.request("GET", "/v1/rebalance")
+        print(f"\rrebalancing [{'#' * 30}] done{' ' * 20}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"moves": moves, "pending": view["pending"]}, indent=2))
+    elif moves:
+        verb = "would move" if dry_run else "moving"
+        print(_table([[m["volume"], m["source"][:12], m["target"][:12]] for m in moves],
+                     ["VOLUME", "FROM", "TO"]))
+        print(f"{len(moves)} replicas {verb}")
+    else:
+        print("balanced: nothing to move")
     return 0
 
 

@@ -174,3 +174,33 @@ def test_etcd_one_member_down_works_two_down_fails_clearly(hosts: Hosts) -> None
     mount = via.cli("volume", "attach", "one", timeout=60).stdout.strip()
     assert via.read(f"{mount}/f").strip() == "kept"
     via.cli("volume", "detach", "one", timeout=60)
+
+
+def _controller(host: Host, not_: str = "") -> str | None:
+    return next((n["name"] for n in host.json("node", "ls", timeout=60)
+                 if n["controller"] and n["name"] != not_), None)
+
+
+def test_controller_moves_when_its_host_dies(hosts: Hosts) -> None:
+    first = wait_for(lambda: _controller(hosts[0]), 20, "a controller")
+    victim = next(h for h in hosts if h.name == first)
+    survivor = next(h for h in hosts if h is not victim)
+    killed_at = victim.kill()
+    second = wait_for(lambda: _controller(survivor, not_=first), 30, "a new controller")
+    took = time.monotonic() - killed_at
+    print(f"\ncontroller: host {first} killed -> {second} took over in {took:.1f} s "
+          f"(lease {LEASE_TTL_DEFAULT} s)")
+    # the lease time, one check period, and etcd's own re-election when the killed host held
+    # the etcd leader (etcd then renews every lease once)
+    assert took <= 2 * LEASE_TTL_DEFAULT + 3
+
+    # operations keep working, and the new controller marks the dead host's server down
+    wait_for(lambda: all(s["state"] == "down" for n in survivor.json("node", "ls", timeout=60)
+                         if n["name"] == first for s in n["data_servers"]), 20,
+             "the dead host's data server marked down")
+    survivor.cli("volume", "create", "after", "--size", "32M", "--replicas", "2", timeout=60)
+    holders = {r["node"] for r in survivor.json("volume", "inspect", "after")["replicas"]}
+    assert first not in holders and len(holders) == 2
+    mount = survivor.cli("volume", "attach", "after", timeout=60).stdout.strip()
+    survivor.run("sh", "-c", f"echo ok > {mount}/f && sync {mount}/f")
+    survivor.cli("volume", "detach", "after", timeout=60)

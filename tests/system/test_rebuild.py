@@ -88,7 +88,7 @@ def test_a_lost_host_is_rebuilt_elsewhere_and_survives_losing_the_other(
     _until(lambda: _holders(watcher, "rb") == {kept: "in_sync", spare: "in_sync"},
            "the replica on the lost host rebuilt on the spare one and the old one dropped")
     log = "\n".join(n.logs() for n in three_nodes.values())
-    assert "rebuilding the replica of rb" in log and "resync of rb done" in log
+    assert "replacing the replica of rb" in log and "resync of rb done" in log
 
     _kill_host(three_nodes[kept])  # the other original replica is lost too
     _verify(watcher, "rb", digest)  # the rebuilt replica alone has every byte

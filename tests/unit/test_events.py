@@ -26,6 +26,7 @@ def test_state_changes_become_events() -> None:
         catalog = Catalog(store)
         await catalog.put_server(DataServer(id="s1", node="a", address="x:1", path="/d"))
         feed = EventFeed(store).stream()
+        assert (await anext(feed))["kind"] == "stream"
         first = asyncio.ensure_future(anext(feed))
         await asyncio.sleep(0.05)  # the feed is watching now
         await catalog.add_volume(Volume(id="0" * 32, name="v", size=1 << 30, replica_count=2,

@@ -7,13 +7,15 @@ token; on the local unix socket, file permissions guard it.
 from __future__ import annotations
 
 import hmac
+import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from cargohold import __version__
@@ -21,6 +23,9 @@ from cargohold.core.models import DataServer, Node, Volume
 from cargohold.errors import CargoholdError, Kind, NodeNotFound, Unauthorized
 from cargohold.services.agent import Agent
 from cargohold.services.controller import Controller
+from cargohold.services.events import EventFeed
+from cargohold.services.rebalance import Rebalance
+from cargohold.services.rebuild import Rebuild
 from cargohold.services.scrub import Scrub
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.catalog import Catalog
@@ -210,6 +215,32 @@ def create_app(services: Services, token: str = "") -> FastAPI:
         if only and not views:
             raise NodeNotFound(name=only)
         return views
+
+    @app.get("/v1/events")
+    async def events() -> StreamingResponse:
+        """Every state change from now on, one JSON object per line (see services/events)."""
+        async def lines() -> AsyncIterator[bytes]:
+            async for event in EventFeed(services.catalog.store).stream():
+                yield json.dumps(event).encode() + b"\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.get("/v1/rebalance")
+    async def rebalance_plan() -> dict[str, Any]:
+        rebalance = _rebalance()
+        return {"plan": [asdict(m) for m in await rebalance.plan()],
+                "pending": await rebalance.pending()}
+
+    @app.post("/v1/rebalance")
+    async def rebalance_now() -> dict[str, Any]:
+        rebalance = _rebalance()
+        started = await rebalance.run_once()
+        return {"started": [asdict(m) for m in started], "pending": await rebalance.pending()}
+
+    def _rebalance() -> Rebalance:
+        if services.controller is not None:
+            return services.controller.rebalance
+        return Rebalance(services.catalog, Rebuild(services.catalog, down_after=600.0))
 
     @app.get("/v1/nodes")
     async def list_nodes() -> list[dict[str, Any]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -24,6 +26,20 @@ class ApiClient:
             base = f"http://{config.host.host}:{config.host.port}"
         self._http = httpx.Client(transport=transport, base_url=base, headers=headers,
                                   timeout=TIMEOUT)
+
+    def lines(self, path: str) -> Iterator[Any]:
+        """Follow a stream of JSON lines (the event stream) until the node closes it."""
+        try:
+            with self._http.stream("GET", path, timeout=httpx.Timeout(10.0, read=None)) \
+                    as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise from_dict(response.json().get("error", {}))
+                for line in response.iter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except httpx.TransportError as e:
+            raise NodeUnavailable(url=self.url, detail=str(e) or type(e).__name__) from None
 
     def close(self) -> None:
         self._http.close()

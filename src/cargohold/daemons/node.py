@@ -95,7 +95,7 @@ class NodeDaemon:
         volumes = VolumeService(catalog)
         self.controller = Controller(store, catalog, volumes, config.name,
                                      config.rebuild_after, config.scrub_every,
-                                     config.scrub_rate)
+                                     config.scrub_rate, config.auto_rebalance)
         try:
             for process in self.processes:
                 await asyncio.to_thread(process.adopt_or_start)

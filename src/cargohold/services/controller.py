@@ -13,6 +13,8 @@ Duties (each pass is :meth:`Controller.run_once`, so tests converge without slee
 - replicas whose data server has been down longer than ``rebuild_after`` seconds, or
   was removed, or whose node is draining, get a replacement on another data server
   (:mod:`cargohold.services.rebuild`), dropped only once the replacement is in sync;
+- with ``auto_rebalance``, replicas move (the same way) until every data server holds
+  about as many (:mod:`cargohold.services.rebalance`);
 - out-of-sync replicas of detached volumes whose data server is up again are resynced
   (only the chunks they missed are copied, see :mod:`cargohold.services.resync`);
 - replicas left behind by removals are deleted once their data server answers;
@@ -27,6 +29,7 @@ import time
 
 from cargohold.core.models import ServerState
 from cargohold.errors import LeaseExpired
+from cargohold.services.rebalance import Rebalance
 from cargohold.services.rebuild import Rebuild
 from cargohold.services.resync import Resync
 from cargohold.services.scrub import Scrub
@@ -42,13 +45,15 @@ LEADER_KEY = "controller/leader"
 class Controller:
     def __init__(self, store: MetadataStore, catalog: Catalog, volumes: VolumeService,
                  node: str, rebuild_after: float = 600.0, scrub_every: float = 0.0,
-                 scrub_rate: float = 0.0) -> None:
+                 scrub_rate: float = 0.0, auto_rebalance: bool = False) -> None:
         self.store = store
         self.catalog = catalog
         self.volumes = volumes
         self.resync = Resync(catalog)
         self.rebuild = Rebuild(catalog, rebuild_after)
         self.scrub = Scrub(catalog, scrub_rate)
+        self.rebalance = Rebalance(catalog, self.rebuild)
+        self.auto_rebalance = auto_rebalance
         self.scrub_every = scrub_every
         self.node = node
         self.lease = 0
@@ -107,6 +112,8 @@ class Controller:
         await self.mark_down_servers()
         if self.leading:
             await self.rebuild.run_once()
+        if self.leading and self.auto_rebalance:
+            await self.rebalance.run_once()
         if self.leading:
             await self.resync.run_once()
         if self.leading:

@@ -35,9 +35,12 @@ class EventFeed:
         self.store = store
 
     async def stream(self) -> AsyncIterator[Event]:
-        """Events from now on, in store order, until the caller stops iterating."""
+        """Events from now on, in store order, until the caller stops iterating. The first
+        one (kind ``stream``) says from which store revision on."""
         revision = await self.store.revision()
         known = {kv.key: kv.value for kv in await self.store.range("") if _watched(kv.key)}
+        yield {"time": round(time.time(), 3), "revision": revision,
+               **_event("stream", "", "started", f"following changes after revision {revision}")}
         # one watch over every key keeps the store's order across kinds of record
         async for change in self.store.watch("", revision):
             key = change.kv.key

@@ -64,21 +64,27 @@ class Rebuild:
             return ""  # it is a replacement, or one is already on its way
         server = servers.get(replica.server)
         if server is None:
-            return "its data server was removed"
+            return "rebuilding: its data server was removed"
         if server.node in draining:
-            return f"node {server.node} is draining"
+            return f"rebuilding: node {server.node} is draining"
         if server.state is ServerState.DOWN and time.time() - server.last_seen > self.down_after:
-            return f"its data server has been down for more than {self.down_after:g} s"
+            return (f"rebuilding: its data server has been down for more than "
+                    f"{self.down_after:g} s")
         return ""
 
-    async def replace(self, name: str, old: str, why: str) -> str:
-        """Add a replacement for the replica of ``name`` on data server ``old``; return the
-        new data server's id ('' when a replacement already exists)."""
+    async def replace(self, name: str, old: str, why: str, to: str = "") -> str:
+        """Add a replacement for the replica of ``name`` on data server ``old`` (on data
+        server ``to``, or where placement says); return the new data server's id ('' when a
+        replacement already exists)."""
         volume = await self.catalog.volume(name)
         if any(r.replaces == old for r in volume.replicas):
             return ""
         servers = await self.catalog.servers_for_placement()
         exclude = {r.server for r in volume.replicas} | await self.catalog.draining_servers()
+        if to:
+            servers = [s for s in servers if s.id == to and s.id not in exclude]
+            if not servers:
+                raise VolumeBusy(name=name, state=f"not movable to data server {to}")
         [target] = placement.place(servers, 1, volume.size, exclude=exclude)
         async with connect_to(target) as client:
             await client.create(volume.id, volume.size)
@@ -89,7 +95,7 @@ class Rebuild:
             if any(r.replaces == old for r in v.replicas):
                 raise VolumeBusy(name=name, state="already rebuilding that replica")
             v.replicas.append(Replica(server=target.id, state=ReplicaState.OUT_OF_SYNC,
-                                      reason=f"rebuilding: {why}", replaces=old))
+                                      reason=why, replaces=old))
             return v
 
         try:
@@ -97,8 +103,8 @@ class Rebuild:
         except CargoholdError:
             await self.catalog.add_garbage(target.id, volume.id)  # the empty copy goes
             raise
-        log.warning("rebuilding the replica of %s on %s onto %s: %s", name, old, target.id,
-                    why)
+        log.warning("replacing the replica of %s on %s with one on %s (%s)", name, old,
+                    target.id, why)
         return target.id
 
     async def _drop_replaced(self, volume: Volume, servers: dict[str, DataServer]) -> None:
