@@ -71,8 +71,8 @@ def fill(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
-def resync_run(base: Path, size: int) -> dict[str, float]:
-    node = Node(base / "node", data_servers=2)
+def resync_run(base: Path, size: int, rate: str) -> dict[str, float]:
+    node = Node(base / "node", data_servers=2, extra=("--rebuild-rate", rate))
     (base / "node").mkdir()
     try:
         node.start()
@@ -103,6 +103,8 @@ def resync_run(base: Path, size: int) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="1G", help="data written while away (default 1G)")
+    parser.add_argument("--rate", default="0",
+                        help="the node's --rebuild-rate, e.g. 100M (default 0: no limit)")
     args = parser.parse_args()
     if os.geteuid() != 0 or not shutil.which("fio"):
         print("needs root and fio (scripts/install-deps.sh --test installs fio)",
@@ -112,11 +114,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cargohold-resync-", dir="/var/tmp") as tmp:
         base = Path(tmp)
         raw = raw_seq_write(base, size)
-        run = resync_run(base, size)
+        run = resync_run(base, size, args.rate)
     ratio = run["mbps"] / raw
     verdict = "PASS" if ratio >= TARGET else "MISS"
     print(f"{'':24}{'MB/s':>10}{'ratio':>8}")
     print(f"{'raw sequential write':24}{raw:>10.0f}{1.0:>8.2f}")
+    if args.rate != "0":
+        print(f"(resync limited to {args.rate}/s by --rebuild-rate)")
     print(f"{'resync (copy)':24}{run['mbps']:>10.0f}{ratio:>8.2f}   target >= {TARGET} "
           f"{verdict}")
     print(f"copied {run['chunks_copied']} of {run['chunks_total']} chunks "

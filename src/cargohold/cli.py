@@ -102,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--overprovision", type=float, default=2.0,
                       help="thin volumes may provision this many times a data server's "
                            "capacity (default 2; 0: no limit)")
+    node.add_argument("--auto-rebalance", action="store_true",
+                      help="move replicas onto new data servers without being asked")
+    node.add_argument("--rebuild-rate", default="0",
+                      help="bytes per second resync and rebuild copies may use, e.g. 200M "
+                           "(default 0: no limit)")
     node.add_argument("--scrub-every", type=float, default=7 * 86400.0,
                       help="seconds between background scrubs of a detached volume "
                            "(default a week; 0 turns them off)")
@@ -150,6 +155,9 @@ def _run_node(args: argparse.Namespace) -> int:
                               "rebuild_after": args.rebuild_after,
                               "scrub_every": args.scrub_every,
                               "overprovision": args.overprovision,
+                              "auto_rebalance": args.auto_rebalance,
+                              "rebuild_rate": (0 if args.rebuild_rate == "0"
+                                               else parse_size(args.rebuild_rate)),
                               "scrub_rate": parse_size(args.scrub_rate)}
     if args.name:
         fields["name"] = args.name

@@ -67,6 +67,7 @@ class NodeConfig(BaseModel):
     server_check_interval: float = 1.0
     overprovision: float = Field(default=2.0, ge=0.0)  # provisioned/capacity; 0: no limit
     rebuild_after: float = Field(default=600.0, ge=0.0)  # seconds down before a rebuild
+    rebuild_rate: float = Field(default=0.0, ge=0.0)  # bytes/s of resync copies; 0: any
     auto_rebalance: bool = False  # move replicas onto new data servers by themselves
     scrub_every: float = Field(default=7 * 86400.0, ge=0.0)  # 0: no background scrub
     scrub_rate: float = Field(default=50 << 20, ge=0.0)  # bytes/s of a background scrub; 0: any

@@ -95,7 +95,8 @@ class NodeDaemon:
         volumes = VolumeService(catalog)
         self.controller = Controller(store, catalog, volumes, config.name,
                                      config.rebuild_after, config.scrub_every,
-                                     config.scrub_rate, config.auto_rebalance)
+                                     config.scrub_rate, config.auto_rebalance,
+                                     config.rebuild_rate)
         try:
             for process in self.processes:
                 await asyncio.to_thread(process.adopt_or_start)

@@ -272,7 +272,7 @@ class Agent:
 
     async def _resize_engine(self, volume: Volume, att: Attachment, paths: EngineDir) -> None:
         """Signal the engine and wait until its FUSE file has the volume's size."""
-        size = (await asyncio.to_thread(os.stat, paths.file)).st_size
+        size = await self._file_size(volume, paths)
         if size == volume.size:
             return
         if size > volume.size:
@@ -290,7 +290,20 @@ class Agent:
                                    detail=f"the engine did not take the new size: "
                                           f"{_tail(paths.log_file)}")
             await asyncio.sleep(0.02)
-            size = (await asyncio.to_thread(os.stat, paths.file)).st_size
+            size = await self._file_size(volume, paths)
+
+    async def _file_size(self, volume: Volume, paths: EngineDir) -> int:
+        """Size of the engine's FUSE file. A stat the engine does not answer (it is stuck or
+        stopped) blocks in the kernel: give up on it after a while (the thread stays parked
+        until the engine answers or goes)."""
+        try:
+            stat = await asyncio.wait_for(asyncio.to_thread(os.stat, paths.file),
+                                          ENGINE_RESIZE_TIMEOUT)
+        except TimeoutError:
+            raise ExpandFailed(name=volume.name, step="engine", node=self.node,
+                               detail=f"the engine did not answer within "
+                                      f"{ENGINE_RESIZE_TIMEOUT:g} s") from None
+        return stat.st_size
 
     # -- detach --------------------------------------------------------------------------
 

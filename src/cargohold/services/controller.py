@@ -45,11 +45,12 @@ LEADER_KEY = "controller/leader"
 class Controller:
     def __init__(self, store: MetadataStore, catalog: Catalog, volumes: VolumeService,
                  node: str, rebuild_after: float = 600.0, scrub_every: float = 0.0,
-                 scrub_rate: float = 0.0, auto_rebalance: bool = False) -> None:
+                 scrub_rate: float = 0.0, auto_rebalance: bool = False,
+                 rebuild_rate: float = 0.0) -> None:
         self.store = store
         self.catalog = catalog
         self.volumes = volumes
-        self.resync = Resync(catalog)
+        self.resync = Resync(catalog, rebuild_rate)
         self.rebuild = Rebuild(catalog, rebuild_after)
         self.scrub = Scrub(catalog, scrub_rate)
         self.rebalance = Rebalance(catalog, self.rebuild)

@@ -68,18 +68,14 @@ class Resync:
         started = time.monotonic()
         servers = {s.id: s for s in await self.catalog.servers()}
 
-        def claim(v: Volume) -> Volume:
-            if v.attachment is not None or v.state is not VolumeState.DETACHED:
-                raise VolumeBusy(name=name, state=f"{v.state.value} (resync needs it detached)")
+        def begin(v: Volume) -> None:
             if not v.in_sync():
                 raise VolumeBusy(name=name, state="without an in-sync replica")
-            v.epoch += 1
             for r in v.replicas:
                 if r.state is ReplicaState.OUT_OF_SYNC and server_up(servers.get(r.server)):
                     r.state, r.progress, r.since = ReplicaState.RESYNCING, 0.0, time.time()
-            return v
 
-        volume = await self.catalog.update_volume(name, claim)
+        volume = await claim_detached(self.catalog, name, "resync", begin)
         epoch = volume.epoch
         targets = [r.server for r in volume.replicas if r.state is ReplicaState.RESYNCING]
         sources = [r.server for r in volume.in_sync() if server_up(servers.get(r.server))]
@@ -171,6 +167,23 @@ class Resync:
             await self.catalog.update_volume(name, finish)
         except CargoholdError as e:  # removed meanwhile: nothing left to record
             log.warning("resync of %s: cannot record the outcome: %s", name, e)
+
+
+async def claim_detached(catalog: Catalog, name: str, what: str,
+                         change: Callable[[Volume], None] | None = None) -> Volume:
+    """Take a new epoch on detached volume ``name`` for ``what`` (a resync, a scrub), with
+    ``change`` made in the same CAS: the data servers then refuse any older writer, and an
+    attach that comes later takes a newer epoch and stops ``what`` (fenced)."""
+
+    def claim(v: Volume) -> Volume:
+        if v.attachment is not None or v.state is not VolumeState.DETACHED:
+            raise VolumeBusy(name=name, state=f"{v.state.value} ({what} needs it detached)")
+        if change is not None:
+            change(v)
+        v.epoch += 1
+        return v
+
+    return await catalog.update_volume(name, claim)
 
 
 def server_up(server: DataServer | None) -> bool:

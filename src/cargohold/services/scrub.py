@@ -19,7 +19,7 @@ from cargohold.clients.dataclient import DataClient
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.models import Volume, VolumeState
 from cargohold.errors import CargoholdError, ChecksumMismatch, VolumeBusy
-from cargohold.services.resync import Budget, generation_table, server_up
+from cargohold.services.resync import Budget, claim_detached, generation_table, server_up
 from cargohold.stores.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,7 @@ class Scrub:
         started = time.monotonic()
         servers = {s.id: s for s in await self.catalog.servers()}
 
-        def claim(v: Volume) -> Volume:
-            if v.attachment is not None or v.state is not VolumeState.DETACHED:
-                raise VolumeBusy(name=name, state=f"{v.state.value} (scrub needs it detached)")
-            v.epoch += 1
-            return v
-
-        volume = await self.catalog.update_volume(name, claim)
+        volume = await claim_detached(self.catalog, name, "scrub")
         epoch, report = volume.epoch, ScrubReport(name)
         clients: dict[str, DataClient] = {}
         try:
