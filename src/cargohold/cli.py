@@ -66,9 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     output(volume.add_parser("ls", help="list volumes"))
     for action, text in (("inspect", "show a volume"), ("attach", "attach and mount here"),
                          ("detach", "unmount and detach"), ("rm", "remove a volume"),
-                         ("scrub", "read every copy of a detached volume, repair bad ones")):
+                         ("scrub", "read every copy of a detached volume, repair bad ones"),
+                         ("rebuild", "show (or --wait for) the resync/rebuild of its replicas")):
         sub = volume.add_parser(action, help=text)
         sub.add_argument("name")
+        if action == "rebuild":
+            sub.add_argument("--wait", action="store_true",
+                             help="show progress until every replica is in sync")
         if action == "detach":
             sub.add_argument("--force", action="store_true",
                              help="release a volume attached on a node that is down (refused "
@@ -215,6 +219,8 @@ def _run_client(args: argparse.Namespace) -> int:
         elif args.action == "detach":
             force = "?force=true" if args.force else ""
             _emit(api.request("POST", f"/v1/volumes/{name}/detach{force}"), as_json, name)
+        elif args.action == "rebuild":
+            return _rebuild(api, name, args.wait, as_json)
         elif args.action == "scrub":
             report = api.request("POST", f"/v1/volumes/{name}/scrub")
             _emit(report, as_json, _scrub_text(report))
@@ -222,6 +228,36 @@ def _run_client(args: argparse.Namespace) -> int:
             api.request("DELETE", f"/v1/volumes/{name}")
             _emit({"name": name, "removed": True}, as_json, name)
     return 0
+
+
+def _rebuild(api: ApiClient, name: str, wait: bool, as_json: bool) -> int:
+    """Replicas are resynced and rebuilt by the controller on its own; this shows it."""
+    volume = api.request("GET", f"/v1/volumes/{name}")
+    while wait and _healing(volume):
+        if volume["attachment"]:
+            print(f"\r{name} is attached on {volume['attachment']['node']}: its replicas are "
+                  "healed once it is detached", end="", file=sys.stderr, flush=True)
+        else:
+            moving = [r for r in volume["replicas"] if r["state"] != "in_sync"]
+            done = min((r.get("progress", 0.0) if r["state"] == "resyncing" else 0.0)
+                       for r in moving)
+            bar = "#" * int(30 * done)
+            print(f"\rrebuilding {name} [{bar:<30}] {done * 100:3.0f}%  "
+                  f"{len(moving)} replica(s) to bring in sync", end="", file=sys.stderr,
+                  flush=True)
+        time.sleep(1)
+        volume = api.request("GET", f"/v1/volumes/{name}")
+    if wait:
+        print(f"\rrebuilding {name} [{'#' * 30}] done{' ' * 40}", file=sys.stderr)
+    if as_json:
+        print(json.dumps(volume, indent=2))
+    else:
+        _print_inspect(volume, False)
+    return 0
+
+
+def _healing(volume: dict[str, Any]) -> bool:
+    return any(r["state"] != "in_sync" or r.get("replaces") for r in volume["replicas"])
 
 
 def _rebalance(api: ApiClient, dry_run: bool, wait: bool, as_json: bool) -> int:
