@@ -65,3 +65,42 @@ def test_scrub_repairs_a_corrupted_copy_and_reports_it(tmp_path: Path) -> None:
         assert missing.returncode == 3
     finally:
         node.cleanup()
+
+
+def test_a_read_that_hits_a_bad_copy_is_answered_and_repairs_it(tmp_path: Path) -> None:
+    node = Node(tmp_path, data_servers=2)
+    try:
+        node.start()
+        node.cli("volume", "create", "rr", "--size", "64M", "--replicas", "2")
+        mountpoint = Path(node.cli("volume", "attach", "rr").stdout.strip())
+        data = os.urandom(4 * MIB)
+        with open(mountpoint / "f", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        volume = node.json("volume", "inspect", "rr")
+        first = volume["replicas"][0]  # the engine reads this copy first
+        [image] = Path(first["path"]).rglob(f"{volume['id']}/data")
+        with open(image, "r+b") as f:  # every written 4 KiB block of this copy goes bad
+            size = f.seek(0, os.SEEK_END)
+            for offset in range(0, size, 4096):
+                f.seek(offset)
+                block = f.read(4096)
+                if block.strip(b"\0"):
+                    f.seek(offset)
+                    f.write(bytes(b ^ 0x5A for b in block))
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")  # the next read reaches the engine
+        assert (mountpoint / "f").read_bytes() == data  # answered from the good copy
+        log = (node.state / "engines" / "rr" / "engine.log").read_text()
+        assert "Checksum mismatch" in log and "repaired" in log
+        assert {r["state"] for r in node.json("volume", "inspect", "rr")["replicas"]} == \
+            {"in_sync"}  # a bad block is repaired, the replica stays in the in-sync set
+        node.cli("volume", "detach", "rr")
+        report = _scrub(node, "rr")
+        assert report["lost"] == []
+        print(f"after read repair the scrub still rewrote {len(report['repaired'])} chunks")
+        mountpoint = Path(node.cli("volume", "attach", "rr").stdout.strip())
+        assert (mountpoint / "f").read_bytes() == data
+        node.cli("volume", "detach", "rr")
+    finally:
+        node.cleanup()

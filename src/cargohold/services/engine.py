@@ -72,6 +72,7 @@ class ReplicaSet:
         self._failing: dict[str, asyncio.Future[None]] = {}
         self.members: list[Member] = []
         self._generation = epoch << 32
+        self._trims = 0  # trims so far (read repair checks nothing changed under it)
         self.fenced: Fenced | None = None  # once fenced, every later I/O fails at once
 
     async def open(self) -> None:
@@ -199,17 +200,44 @@ class ReplicaSet:
             end = -(-(offset + length) // BLOCK_SIZE) * BLOCK_SIZE
             data = await self.read(start, end - start)
             return data[offset - start:offset - start + length]
+        changes = (self._generation, self._trims)  # to tell whether anything wrote since
+        bad: list[Member] = []
         for member in list(self.members):
             try:
-                return await member.client.read(self.volume_id, self.epoch, offset, length)
+                data = await member.client.read(self.volume_id, self.epoch, offset, length)
             except Fenced as e:
                 self._fence(e)
                 raise
             except ChecksumMismatch as e:
-                log.error("%s; reading another replica", e)  # repair: self-healing issue
+                log.error("%s; reading another replica", e)
+                bad.append(member)
+                continue
             except CargoholdError as e:
                 await self._drop(member, f"read failed: {e}")
+                continue
+            if bad:
+                await self._repair(bad, offset, data, changes)
+            return data
         raise NoReplicaLeft(name=self.name)
+
+    async def _repair(self, bad: list[Member], offset: int, data: bytes,
+                      changes: tuple[int, int]) -> None:
+        """Rewrite copies whose checksum failed with ``data`` read from a good one, unless a
+        write or trim came since the read began (it might touch the same blocks: then the
+        scrub repairs the copy later, and the read has its answer anyway)."""
+        if (self._generation, self._trims) != changes:
+            log.warning("not repairing %d bytes at %d now: the volume was written meanwhile",
+                        len(data), offset)
+            return
+        generation = self._next_generation()
+        members = [m for m in bad if m in self.members]
+        results = await asyncio.gather(
+            *(m.client.write(self.volume_id, self.epoch, offset, data, generation)
+              for m in members), return_exceptions=True)
+        await self._settle(members, results, "repair")
+        for member in members:
+            log.warning("repaired %d bytes at offset %d on data server %s from a good copy",
+                        len(data), offset, member.server.id)
 
     async def write(self, offset: int, data: bytes) -> None:
         self._check_fenced()
@@ -236,6 +264,7 @@ class ReplicaSet:
 
     async def trim(self, offset: int, length: int) -> None:
         self._check_fenced()
+        self._trims += 1
         start = -(-offset // BLOCK_SIZE) * BLOCK_SIZE  # only whole blocks become holes
         end = (offset + length) // BLOCK_SIZE * BLOCK_SIZE
         if end <= start:
