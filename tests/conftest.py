@@ -133,18 +133,22 @@ class Node:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
-                  if line.split()[1].startswith(str(self.base))]
-        for target in sorted(mounts, key=len, reverse=True):
-            subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+        # find the loop devices first: once the FUSE mount under them is gone, their backing
+        # file no longer reads as a path under base
+        loops = []
         for loop in Path("/sys/block").glob("loop*"):
             try:
                 backing = (loop / "loop" / "backing_file").read_text().strip()
             except OSError:
                 continue
             if backing.startswith(str(self.base)):
-                subprocess.run(["losetup", "-d", f"/dev/{loop.name}"], capture_output=True,
-                               check=False)
+                loops.append(f"/dev/{loop.name}")
+        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+                  if line.split()[1].startswith(str(self.base))]
+        for target in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+        for device in loops:
+            subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
 
     def engine_pids(self) -> list[int]:
         pids = []
