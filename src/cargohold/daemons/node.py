@@ -91,6 +91,7 @@ class NodeDaemon:
             loop.add_signal_handler(sig, stop.set)
         servers: list[tuple[_ApiServer, asyncio.Task[None]]] = []
         csi_server = None
+        controlling: asyncio.Future[None] | None = None
         agent = Agent(catalog, config.name, config.state_dir, config.metadata)
         volumes = VolumeService(catalog)
         self.controller = Controller(store, catalog, volumes, config.name,
@@ -119,6 +120,9 @@ class NodeDaemon:
             services.ready = True
             log.info("node %s ready: %d data servers, API on %s", config.name,
                      len(self.processes), ", ".join(e.url for e in config.api))
+            # the controller's duties (a resync may copy for minutes) run beside the lease
+            # keepalive, never in its way
+            controlling = asyncio.ensure_future(self._control(stop))
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), config.server_check_interval)
@@ -126,12 +130,15 @@ class NodeDaemon:
                     break
                 try:
                     await self.check_once(store, catalog)
-                    await self.controller.run_once()
                 except CargoholdError as e:
                     log.error("periodic check failed: %s", e)
         finally:
             log.info("node %s stopping", config.name)
             self.controller.resign()
+            if controlling is not None:
+                controlling.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await controlling
             if csi_server is not None:
                 await csi_server.stop(5)
             for server, _ in servers:
@@ -156,6 +163,20 @@ class NodeDaemon:
                 with contextlib.suppress(CargoholdError):
                     await store.revoke_lease(self.lease)
             await store.close()
+
+    async def _control(self, stop: asyncio.Event) -> None:
+        """Run the controller's duties every check period while this node leads."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.server_check_interval)
+            if stop.is_set():
+                return
+            try:
+                await self.controller.run_once()
+            except CargoholdError as e:
+                log.error("controller pass failed: %s", e)
+            except Exception:  # noqa: BLE001 - a bug must not end the duties for good
+                log.exception("controller pass failed")
 
     async def check_once(self, store: MetadataStore, catalog: Catalog) -> None:
         """Restart dead data servers, refresh their records and the node's lease."""
