@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 packages=(fuse3 util-linux mount e2fsprogs xfsprogs)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(fio docker.io etcd-server busybox-static iproute2)
+  packages+=(fio docker.io etcd-server busybox-static iproute2 curl)
 fi
 missing=()
 for p in "${packages[@]}"; do
