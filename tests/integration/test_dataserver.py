@@ -215,6 +215,42 @@ def test_large_writes_across_chunks_and_flush(server: ServerProcess) -> None:
     with_client(server, body)
 
 
+def test_local_unix_socket_and_future_api(server: ServerProcess) -> None:
+    """Same frames over the server's unix socket; start_read/start_write are plain futures."""
+    sock = server.root / wire.LOCAL_SOCKET
+    assert sock.is_socket()
+
+    async def main() -> None:
+        c = DataClient(server.address, local_socket=str(sock))
+        await c.connect()
+        try:
+            assert c._protocol is not None and c._protocol.transport is not None
+            assert c._protocol.transport.get_extra_info("peername") == str(sock)
+            v = vid()
+            await c.create(v, 16 * MIB)
+            big, small = os.urandom(MIB), os.urandom(BLOCK_SIZE)
+            writes = [c.start_write(v, 1, 0, big, 1), c.start_write(v, 1, 2 * MIB, small, 2)]
+            assert all(isinstance(w, asyncio.Future) for w in writes)
+            await asyncio.gather(*writes)
+            got_big, got_small = await asyncio.gather(c.start_read(v, 1, 0, MIB),
+                                                      c.start_read(v, 1, 2 * MIB, BLOCK_SIZE))
+            assert bytes(got_big) == big and got_small == small
+            assert isinstance(got_small, bytes)  # copied out of the reader's buffer
+            await c.fence(v, 5)
+            with pytest.raises(Fenced):
+                await c.start_write(v, 1, 0, small, 3)
+        finally:
+            await c.close()
+        missing = DataClient(server.address, local_socket=str(server.root / "nope.sock"))
+        await missing.connect()  # no such socket: TCP
+        assert (await missing.hello())["id"] == server.info["id"]
+        await missing.close()
+
+    asyncio.run(main())
+    assert server.stop() == 0
+    assert not sock.exists()  # a stopping server removes its socket
+
+
 def test_fencing(server: ServerProcess) -> None:
     async def body(c: DataClient) -> None:
         v = vid()

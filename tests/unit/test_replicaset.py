@@ -36,6 +36,12 @@ class FakeClient:
             raise DataServerUnavailable(server=self.name, address="-", detail="gone")
         return self.blocks.get(offset, bytes(length))[:length]
 
+    def start_write(self, *args: Any) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self.write(*args))
+
+    def start_read(self, *args: Any) -> asyncio.Future[bytes]:
+        return asyncio.ensure_future(self.read(*args))
+
     async def flush(self, _vid: str, _epoch: int) -> None:
         if self.fail:
             raise DataServerUnavailable(server=self.name, address="-", detail="gone")
@@ -152,3 +158,19 @@ def test_once_fenced_every_io_fails_at_once() -> None:
         with pytest.raises(Fenced):
             asyncio.run(io)
     assert len(log) == count  # nothing more reached any replica
+
+
+def test_write_waits_for_a_replica_another_write_is_marking() -> None:
+    """A write that skipped a replica being dropped completes only once it is recorded."""
+    rs, log, clients = _set((False, True))
+
+    async def run() -> list[str]:
+        first = rs.start_write(0, b"a" * 4096)  # s1 fails: marked out of sync (takes 10 ms)
+        await asyncio.sleep(0.001)  # s1 has left the set, its marking is under way
+        assert [m.server.id for m in rs.members] == ["s0"]
+        await rs.start_write(4096, b"b" * 4096)  # reaches s0 only
+        seen = list(log)
+        await first
+        return seen
+
+    assert "marked s1" in asyncio.run(run())

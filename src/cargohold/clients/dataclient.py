@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from types import TracebackType
 from typing import Any, cast
@@ -22,7 +23,6 @@ from cargohold.core.wire import (
     MAX_GENS_CHUNKS,
     BytesLike,
     Op,
-    ResponseHeader,
     Status,
     decode_json,
     decode_text,
@@ -54,6 +54,11 @@ _GENS_PAGE = MAX_GENS_CHUNKS
 #: A server host that vanishes without a reset (power loss, partition) is declared lost
 #: after about this long: unacknowledged requests or unanswered keepalive probes.
 _DEAD_PEER_SECONDS = 10
+#: What a response resolves: the OK payload (``bytes``, or a ``memoryview`` of a buffer of its
+#: own for large reads), or the status as a ``cargohold.errors`` exception.
+Reply = asyncio.Future["bytes | memoryview"]
+#: A request waiting for its response: its future, and the volume id and epoch for errors.
+_Request = tuple[Reply, str, int]
 
 
 def _detect_dead_peers(transport: asyncio.Transport | None) -> None:
@@ -92,11 +97,21 @@ class _Protocol(asyncio.BufferedProtocol):
             if self.transport is not None:
                 self.transport.abort()
             return
-        pending = self._client._pending
+        pending, reader = self._client._pending, self._reader
         for header, payload in frames:
-            future = pending.pop(header.request_id, None)
-            if future is not None and not future.done():
-                future.set_result((header, bytes(payload)))
+            request = pending.pop(header.request_id, None)
+            if request is None:
+                continue
+            future, volume_id, epoch = request
+            if future.done():
+                continue
+            if header.status == Status.OK:
+                # A large payload was received into a buffer of its own: hand it over as it
+                # is. A small one is a view into the reader's buffer, reused after this call.
+                future.set_result(bytes(payload) if reader.owns(payload) else payload)
+            else:
+                future.set_exception(self._client._status_error(
+                    header.status, bytes(payload), volume_id, epoch))
 
     def eof_received(self) -> bool:
         return False
@@ -115,17 +130,23 @@ class _Protocol(asyncio.BufferedProtocol):
 
 
 class DataClient:
-    """A pipelined connection to the data server at ``address`` ("host:port")."""
+    """A pipelined connection to the data server at ``address`` ("host:port").
 
-    def __init__(self, address: str, server_id: str = "") -> None:
+    ``local_socket``: the server's unix socket (``LOCAL_SOCKET`` in its directory) when it
+    runs on this host; ``connect`` uses it if it exists, TCP otherwise.
+    """
+
+    def __init__(self, address: str, server_id: str = "", local_socket: str | None = None
+                 ) -> None:
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
             raise InvalidArgument(what="data server address", detail=f"{address!r}")
         self.address = address
         self.server_id = server_id
         self._host, self._port = host.strip("[]"), int(port)
+        self._local_socket = local_socket
         self._protocol: _Protocol | None = None
-        self._pending: dict[int, asyncio.Future[tuple[ResponseHeader, bytes]]] = {}
+        self._pending: dict[int, _Request] = {}
         self._next_id = 1
         self._problem = "not connected; call connect() first"
         self._out: list[BytesLike] = []
@@ -145,8 +166,23 @@ class DataClient:
         if self.connected:
             return
         loop = asyncio.get_running_loop()
+        protocol: _Protocol | None = None
+        if self._local_socket is not None and os.path.exists(self._local_socket):
+            try:
+                _, protocol = await asyncio.wait_for(
+                    loop.create_unix_connection(lambda: _Protocol(self), self._local_socket),
+                    timeout,
+                )
+            except (TimeoutError, OSError) as exc:  # a stale socket file: TCP decides
+                log.info("data server %s: unix socket %s: %s; using TCP", self.address,
+                         self._local_socket, exc or "timeout")
+        if protocol is not None:
+            self._protocol = protocol
+            self._paused = False
+            self._problem = ""
+            return
         try:
-            _, protocol = await asyncio.wait_for(
+            _, tcp = await asyncio.wait_for(
                 loop.create_connection(lambda: _Protocol(self), self._host, self._port),
                 timeout,
             )
@@ -154,8 +190,8 @@ class DataClient:
             raise self._unavailable(f"no connection within {timeout} s") from None
         except OSError as exc:
             raise self._unavailable(f"cannot connect: {exc.strerror or exc}") from None
-        _detect_dead_peers(protocol.transport)
-        self._protocol = protocol
+        _detect_dead_peers(tcp.transport)
+        self._protocol = tcp
         self._paused = False
         self._problem = ""
 
@@ -260,6 +296,21 @@ class DataClient:
             timeout=timeout,
         )
 
+    def start_read(self, volume_id: str, epoch: int, offset: int, length: int) -> Reply:
+        """Send a READ now; the future gives the data (a ``memoryview`` if large) or raises.
+
+        The engine's data path uses this instead of ``read``: no coroutine or task per request.
+        """
+        return self._submit_soon(Op.READ, volume_id, epoch, offset, length, 0, b"")
+
+    def start_write(self, volume_id: str, epoch: int, offset: int, data: BytesLike,
+                    generation: int) -> Reply:
+        """Send a WRITE now (``write`` without a coroutine); the future resolves or raises.
+
+        ``data`` must stay unchanged until the future is done.
+        """
+        return self._submit_soon(Op.WRITE, volume_id, epoch, offset, len(data), generation, data)
+
     async def flush(self, volume_id: str, epoch: int, *, timeout: float | None = None) -> None:
         """Make every write acknowledged so far durable on this server."""
         await self._call(Op.FLUSH, volume_id, epoch=epoch, timeout=timeout)
@@ -321,6 +372,22 @@ class DataClient:
     ) -> bytes:
         if self._paused and self.connected:
             await self._wait_writable()
+        future = self._submit(op, volume_id, epoch, offset, length, generation, payload)
+        try:
+            if timeout is None:
+                body = await future
+            else:
+                body = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise self._unavailable(f"no answer to {op.name} within {timeout} s") from None
+        finally:
+            if not future.done():  # cancelled or timed out: forget the request
+                self._pending = {k: v for k, v in self._pending.items() if v[0] is not future}
+        return body if isinstance(body, bytes) else bytes(body)
+
+    def _submit(self, op: Op, volume_id: str, epoch: int, offset: int, length: int,
+                generation: int, payload: BytesLike) -> Reply:
+        """Queue one request now; its future resolves when the response arrives."""
         protocol = self._protocol
         if protocol is None or protocol.transport is None:
             raise self._unavailable()
@@ -335,23 +402,28 @@ class DataClient:
             generation=generation,
             payload_length=len(payload),
         )
-        future: asyncio.Future[tuple[ResponseHeader, bytes]] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self._pending[request_id] = future
+        future: Reply = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = (future, volume_id, epoch)
+        self._send(protocol.transport, header, payload)
+        return future
+
+    def _submit_soon(self, op: Op, volume_id: str, epoch: int, offset: int, length: int,
+                     generation: int, payload: BytesLike) -> Reply:
+        """``_submit``, but as a future that never raises at once (for ``start_*``).
+
+        While the connection is paused (the server does not keep up) the request waits for
+        it to drain first, as ``_call`` does, so that the transport's buffer stays bounded.
+        """
         try:
-            self._send(protocol.transport, header, payload)
-            if timeout is None:
-                response, body = await future
-            else:
-                response, body = await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            raise self._unavailable(f"no answer to {op.name} within {timeout} s") from None
-        finally:
-            self._pending.pop(request_id, None)
-        if response.status == Status.OK:
-            return body
-        raise self._status_error(response.status, body, volume_id, epoch)
+            if not (self._paused and self.connected):
+                return self._submit(op, volume_id, epoch, offset, length, generation, payload)
+        except CargoholdError as exc:
+            failed: Reply = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
+        return asyncio.ensure_future(self._call(op, volume_id, epoch=epoch, offset=offset,
+                                                length=length, generation=generation,
+                                                payload=payload))
 
     def _take_id(self) -> int:
         request_id = self._next_id
@@ -411,7 +483,7 @@ class DataClient:
         pending = list(self._pending.values())
         self._pending.clear()
         self._out, self._out_bytes = [], 0
-        for future in pending:
+        for future, _volume_id, _epoch in pending:
             if not future.done():
                 future.set_exception(self._unavailable())
         self._resume()

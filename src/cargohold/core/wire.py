@@ -48,6 +48,10 @@ U64 = struct.Struct("!Q")
 
 NO_VOLUME = bytes(16)
 
+#: A data server also serves the protocol on this unix socket in its directory; engines on
+#: the same host use it instead of TCP (same frames, less work per request).
+LOCAL_SOCKET = "data.sock"
+
 
 class Op(IntEnum):
     HELLO = 1  # server info (JSON)
@@ -287,6 +291,14 @@ class FrameReader(Generic[H]):
         self._large: memoryview | None = None
         self._large_filled = 0
         self._large_header: H | None = None
+
+    def owns(self, payload: memoryview) -> bool:
+        """Whether ``payload`` (from ``feed``) is a view of the reader's reusable buffer.
+
+        Such a view must be copied before the next ``get_buffer()``; any other payload was
+        received into a buffer of its own and may be kept as it is.
+        """
+        return payload.obj is self._buf
 
     def get_buffer(self) -> memoryview:
         if self._large is not None:

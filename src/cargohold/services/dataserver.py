@@ -27,6 +27,7 @@ import uvloop
 
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.wire import (
+    LOCAL_SOCKET,
     MAX_GENS_CHUNKS,
     MAX_PAYLOAD,
     VERSION,
@@ -77,7 +78,7 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
         self._server.connections.add(self)
         log.debug("connection from %s", self.peer)
 
@@ -311,7 +312,9 @@ class DataServer:
         self.flushes: set[asyncio.Future[None]] = set()
         self.host = ""
         self.port = 0
+        self.socket_path: Path | None = None
         self._server: asyncio.Server | None = None
+        self._unix_server: asyncio.Server | None = None
 
     @property
     def address(self) -> str:
@@ -324,10 +327,27 @@ class DataServer:
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("data server %s listening on %s", self.store.server_id, self.address)
 
+    async def listen_unix(self, path: Path) -> None:
+        """Also serve on the unix socket ``path`` (for engines on this host).
+
+        A path too long for a unix socket is skipped (clients then use TCP).
+        """
+        if len(os.fsencode(path)) >= 108:
+            log.warning("not serving on %s: the path is too long for a unix socket", path)
+            return
+        path.unlink(missing_ok=True)  # left by a server that was killed
+        loop = asyncio.get_running_loop()
+        self._unix_server = await loop.create_unix_server(lambda: _Connection(self), str(path))
+        self.socket_path = path
+
     async def close(self) -> None:
         """Stop listening, let connections send their responses, wait for running flushes."""
         if self._server is not None:
             self._server.close()
+        if self._unix_server is not None:
+            self._unix_server.close()
+            if self.socket_path is not None:
+                self.socket_path.unlink(missing_ok=True)
         connections = list(self.connections)
         for connection in connections:
             connection.close()
@@ -338,6 +358,8 @@ class DataServer:
                     connection.abort()
         if self._server is not None:
             await self._server.wait_closed()
+        if self._unix_server is not None:
+            await self._unix_server.wait_closed()
         if self.flushes:
             await asyncio.gather(*self.flushes, return_exceptions=True)
 
@@ -368,6 +390,7 @@ async def _run(root: Path, host: str, port: int, ready_file: Path | None) -> Non
         await _listen(server, host, port, int(store.server_record().get("port", 0)))
         if server.port != store.server_record().get("port"):
             store.update_server_record(port=server.port)
+        await server.listen_unix(root / LOCAL_SOCKET)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

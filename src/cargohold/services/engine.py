@@ -19,13 +19,16 @@ import sys
 from array import array
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import uvloop
 
 from cargohold.clients.dataclient import DataClient
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
 from cargohold.core.models import DataServer, ReplicaState, ServerState, Volume
+from cargohold.core.wire import LOCAL_SOCKET, BytesLike
 from cargohold.errors import (
     CargoholdError,
     ChecksumMismatch,
@@ -41,6 +44,7 @@ from cargohold.stores.metadata import open_store
 log = logging.getLogger(__name__)
 
 MarkFailed = Callable[[str, str], Awaitable[None]]
+T = TypeVar("T")
 STOP_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 2.0  # to a data server at attach
 DOWN_CONNECT_TIMEOUT = 0.3  # to one the controller has marked down
@@ -68,6 +72,7 @@ class ReplicaSet:
         self._wanted = [servers[r.server] for r in volume.in_sync() if r.server in servers]
         self._missing = [r.server for r in volume.in_sync() if r.server not in servers]
         self._wanted.sort(key=lambda s: s.node != local_node)  # local replicas are read first
+        self._local_node = local_node
         self._mark_failed = mark_failed
         self._failing: dict[str, asyncio.Future[None]] = {}
         self.members: list[Member] = []
@@ -81,7 +86,8 @@ class ReplicaSet:
             await self._mark_failed(server_id, "data server is not registered")
         # All at once; a server the controller has marked down gets a short connect timeout
         # (a dead host does not refuse, it just never answers: no need to wait long for it).
-        clients = [DataClient(server.address, server.id) for server in self._wanted]
+        clients = [DataClient(server.address, server.id, self._local_socket(server))
+                   for server in self._wanted]
         results = await asyncio.gather(
             *(self._claim(client, DOWN_CONNECT_TIMEOUT if server.state is ServerState.DOWN
                           else CONNECT_TIMEOUT)
@@ -106,6 +112,12 @@ class ReplicaSet:
         if copied:
             log.warning("%s: %d chunks differed among the in-sync replicas and were copied "
                         "from the newest", self.name, copied)
+
+    def _local_socket(self, server: DataServer) -> str | None:
+        """The unix socket of a data server on this host (see ``LOCAL_SOCKET``)."""
+        if server.node != self._local_node or not server.path:
+            return None
+        return os.path.join(server.path, LOCAL_SOCKET)
 
     async def _claim(self, client: DataClient, timeout: float) -> None:
         await client.connect(timeout=timeout)
@@ -193,17 +205,51 @@ class ReplicaSet:
         self._generation += 1
         return self._generation
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> BytesLike:
+        return await self.start_read(offset, length)
+
+    def start_read(self, offset: int, length: int) -> asyncio.Future[BytesLike]:
+        """Read from the first replica that answers (local ones first), as a future.
+
+        The common case (aligned, the first replica answers) runs on the data client's
+        response future alone: no coroutine or task per request. Anything else (unaligned I/O,
+        a failing replica) continues in a task (``_read_slowly``).
+        """
+        members = self.members
+        if (self.fenced is None and members and not offset % BLOCK_SIZE
+                and not length % BLOCK_SIZE):
+            member = members[0]
+            reply = member.client.start_read(self.volume_id, self.epoch, offset, length)
+            done: asyncio.Future[BytesLike] = reply.get_loop().create_future()
+            reply.add_done_callback(partial(self._read_answered, done, member, offset, length))
+            return done
+        return asyncio.ensure_future(self._read_slowly(offset, length, None, None))
+
+    def _read_answered(self, done: asyncio.Future[BytesLike], member: Member, offset: int,
+                       length: int, reply: asyncio.Future[bytes | memoryview]) -> None:
+        if done.cancelled():
+            return
+        error = reply.exception() if not reply.cancelled() else asyncio.CancelledError()
+        if error is None:
+            done.set_result(reply.result())
+            return
+        _chain(asyncio.ensure_future(self._read_slowly(offset, length, member, error)), done)
+
+    async def _read_slowly(self, offset: int, length: int, tried: Member | None,
+                           error: BaseException | None) -> BytesLike:
+        """Read, going over to the next replica on failure; ``tried`` already gave ``error``."""
         self._check_fenced()
         if offset % BLOCK_SIZE or length % BLOCK_SIZE:
             start = offset - offset % BLOCK_SIZE
             end = -(-(offset + length) // BLOCK_SIZE) * BLOCK_SIZE
-            data = await self.read(start, end - start)
+            data = await self._read_slowly(start, end - start, None, None)
             return data[offset - start:offset - start + length]
         changes = (self._generation, self._trims)  # to tell whether anything wrote since
         bad: list[Member] = []
         for member in list(self.members):
             try:
+                if member is tried and error is not None:
+                    raise error
                 data = await member.client.read(self.volume_id, self.epoch, offset, length)
             except Fenced as e:
                 self._fence(e)
@@ -239,19 +285,35 @@ class ReplicaSet:
             log.warning("repaired %d bytes at offset %d on data server %s from a good copy",
                         len(data), offset, member.server.id)
 
-    async def write(self, offset: int, data: bytes) -> None:
+    async def write(self, offset: int, data: BytesLike) -> None:
+        await self.start_write(offset, data)
+
+    def start_write(self, offset: int, data: BytesLike) -> asyncio.Future[None]:
+        """Write to every in-sync replica; the future resolves once all acknowledged.
+
+        The common case (aligned, every replica answers OK, no replica being marked out of
+        sync) sends to every replica at once and completes from their response futures: no
+        coroutine or task per request. A failure continues in a task (``_settle``) that
+        records the failed replica in the metadata store before the write completes.
+        """
+        if self.fenced is not None or offset % BLOCK_SIZE or len(data) % BLOCK_SIZE:
+            return asyncio.ensure_future(self._write_slowly(offset, data))
+        generation = self._next_generation()
+        members = list(self.members)
+        replies = [m.client.start_write(self.volume_id, self.epoch, offset, data, generation)
+                   for m in members]
+        if not replies:
+            return asyncio.ensure_future(self._settle([], [], "write"))
+        done: asyncio.Future[None] = replies[0].get_loop().create_future()
+        _FanIn(self, done, members, replies, "write")
+        return done
+
+    async def _write_slowly(self, offset: int, data: BytesLike) -> None:
         self._check_fenced()
         if offset % BLOCK_SIZE or len(data) % BLOCK_SIZE:
             await self._write_unaligned(offset, data)
             return
-        generation = self._next_generation()
-        members = list(self.members)
-        results = await asyncio.gather(
-            *(m.client.write(self.volume_id, self.epoch, offset, data, generation)
-              for m in members),
-            return_exceptions=True,
-        )
-        await self._settle(members, results, "write")
+        await self.start_write(offset, data)
 
     async def flush(self) -> None:
         self._check_fenced()
@@ -276,12 +338,16 @@ class ReplicaSet:
         )
         await self._settle(members, results, "trim")
 
-    async def _write_unaligned(self, offset: int, data: bytes) -> None:
+    async def _write_unaligned(self, offset: int, data: BytesLike) -> None:
         start = offset - offset % BLOCK_SIZE
         end = -(-(offset + len(data)) // BLOCK_SIZE) * BLOCK_SIZE
         block = bytearray(await self.read(start, end - start))
         block[offset - start:offset - start + len(data)] = data
         await self.write(start, bytes(block))
+
+    def _marking(self) -> bool:
+        """Whether a failed replica is still being recorded in the metadata store."""
+        return any(not pending.done() for pending in self._failing.values())
 
     async def _settle(self, members: list[Member], results: Sequence[object], what: str) -> None:
         """Drop the replicas that failed (recording it first); raise if the I/O failed."""
@@ -295,6 +361,10 @@ class ReplicaSet:
                 await self._drop(member, f"{what} failed: {result}")
         if not self.members:
             raise NoReplicaLeft(name=self.name)
+        # A replica dropped by another request may have missed this one too: it must be
+        # recorded as out of sync before this I/O is acknowledged.
+        for pending in [p for p in self._failing.values() if not p.done()]:
+            await asyncio.shield(pending)
 
     def _fence(self, error: Fenced) -> None:
         if self.fenced is None:
@@ -314,6 +384,59 @@ class ReplicaSet:
             self._failing[server_id] = pending
             pending.add_done_callback(lambda _: asyncio.ensure_future(member.client.close()))
         await asyncio.shield(pending)
+
+
+class _FanIn:
+    """Completes ``done`` once every replica answered one fanned-out request.
+
+    All OK (and no replica being marked out of sync meanwhile): ``done`` resolves from the
+    last response callback. Otherwise the results go through ``ReplicaSet._settle`` in a task,
+    which records failed replicas before ``done`` completes.
+    """
+
+    __slots__ = ("_replicas", "_done", "_members", "_replies", "_what", "_left")
+
+    def __init__(self, replicas: ReplicaSet, done: asyncio.Future[None], members: list[Member],
+                 replies: list[asyncio.Future[bytes | memoryview]], what: str) -> None:
+        self._replicas = replicas
+        self._done = done
+        self._members = members
+        self._replies = replies
+        self._what = what
+        self._left = len(replies)
+        for reply in replies:
+            reply.add_done_callback(self._answered)
+
+    def _answered(self, _reply: asyncio.Future[bytes | memoryview]) -> None:
+        self._left -= 1
+        if self._left:
+            return
+        done, replicas = self._done, self._replicas
+        if done.cancelled():
+            return
+        if (all(not r.cancelled() and r.exception() is None for r in self._replies)
+                and replicas.members and not replicas._marking()):
+            done.set_result(None)
+            return
+        results = [r.exception() if not r.cancelled() else asyncio.CancelledError()
+                   for r in self._replies]
+        _chain(asyncio.ensure_future(replicas._settle(self._members, results, self._what)), done)
+
+
+def _chain(source: asyncio.Future[T], target: asyncio.Future[T]) -> None:
+    """Complete ``target`` like ``source`` once it is done."""
+
+    def copy(_: asyncio.Future[T]) -> None:
+        if target.done():
+            return
+        if source.cancelled():
+            target.cancel()
+        elif (error := source.exception()) is not None:
+            target.set_exception(error)
+        else:
+            target.set_result(source.result())
+
+    source.add_done_callback(copy)
 
 
 def _as_le_u64(raw: bytes) -> array[int]:

@@ -21,8 +21,10 @@ import stat
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol
 
+from cargohold.core.wire import BytesLike
 from cargohold.errors import CargoholdError, NoSpace
 
 log = logging.getLogger(__name__)
@@ -87,12 +89,16 @@ MNT_DETACH = 2
 
 
 class BlockTarget(Protocol):
-    """What the FUSE file reads from and writes to: the engine's replica set."""
+    """What the FUSE file reads from and writes to: the engine's replica set.
+
+    Reads and writes return futures (no coroutine per request: the replies are sent from
+    their done callbacks); flushes and trims are rare and may be coroutines.
+    """
 
     size: int
 
-    async def read(self, offset: int, length: int) -> bytes: ...
-    async def write(self, offset: int, data: bytes) -> None: ...
+    def start_read(self, offset: int, length: int) -> asyncio.Future[BytesLike]: ...
+    def start_write(self, offset: int, data: BytesLike) -> asyncio.Future[None]: ...
     async def flush(self) -> None: ...
     async def trim(self, offset: int, length: int) -> None: ...
 
@@ -120,7 +126,8 @@ class FuseSession:
         self.fd = -1
         self.finished: asyncio.Future[None] | None = None
         self._buffer = bytearray(READ_BUFFER)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._io: set[asyncio.Future[Any]] = set()  # reads and writes being served
         self._started = time.time()
         self.on_error: Callable[[BaseException], Awaitable[None]] | None = None
 
@@ -145,8 +152,8 @@ class FuseSession:
 
     async def drain(self) -> None:
         """Wait until every request already received has been answered."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        while self._tasks or self._io:
+            await asyncio.gather(*self._tasks, *self._io, return_exceptions=True)
 
     def _finish(self) -> None:
         if self.fd >= 0:
@@ -199,11 +206,10 @@ class FuseSession:
     def _dispatch(self, opcode: int, unique: int, nodeid: int, body: memoryview) -> None:
         if opcode == READ:
             _fh, offset, size, _flags = READ_IN.unpack_from(body)
-            self._spawn(unique, self._read(unique, offset, size))
+            self._read(unique, offset, size)
         elif opcode == WRITE:
             _fh, offset, size = WRITE_IN.unpack_from(body)[:3]
-            data = bytes(body[WRITE_IN.size:WRITE_IN.size + size])
-            self._spawn(unique, self._write(unique, offset, data))
+            self._write(unique, offset, bytes(body[WRITE_IN.size:WRITE_IN.size + size]))
         elif opcode in (FSYNC, FLUSH, FSYNCDIR):
             self._spawn(unique, self._flush(unique))
         elif opcode == FALLOCATE:
@@ -254,7 +260,7 @@ class FuseSession:
     def _error(self, unique: int, err: int) -> None:
         self._send([OUT_HEADER.pack(OUT_HEADER.size, -err, unique)])
 
-    def _send(self, parts: list[bytes | memoryview]) -> None:
+    def _send(self, parts: list[BytesLike]) -> None:
         if self.fd < 0:
             return
         try:
@@ -297,28 +303,48 @@ class FuseSession:
 
     # -- data path -----------------------------------------------------------------------
 
-    async def _read(self, unique: int, offset: int, size: int) -> None:
+    def _read(self, unique: int, offset: int, size: int) -> None:
         size = max(0, min(size, self.target.size - offset))
         if size == 0:
             self._reply(unique, b"")
             return
         try:
-            data = await self.target.read(offset, size)
+            future = self.target.start_read(offset, size)
         except Exception as e:  # noqa: BLE001 - every failure must become an errno
             self._fail(unique, e)
             return
-        self._reply(unique, data)
+        self._io.add(future)
+        future.add_done_callback(partial(self._read_done, unique))
 
-    async def _write(self, unique: int, offset: int, data: bytes) -> None:
+    def _read_done(self, unique: int, future: asyncio.Future[BytesLike]) -> None:
+        self._io.discard(future)
+        error = future.exception() if not future.cancelled() else asyncio.CancelledError()
+        if error is not None:
+            self._fail(unique, error)
+            return
+        data = future.result()
+        self._send([OUT_HEADER.pack(OUT_HEADER.size + len(data), 0, unique), data])
+
+    def _write(self, unique: int, offset: int, data: bytes) -> None:
         if offset + len(data) > self.target.size:
             self._error(unique, errno.ENOSPC)
             return
         try:
-            await self.target.write(offset, data)
+            future = self.target.start_write(offset, data)
         except Exception as e:  # noqa: BLE001
             self._fail(unique, e)
             return
-        self._reply(unique, WRITE_OUT.pack(len(data), 0))
+        self._io.add(future)
+        future.add_done_callback(partial(self._write_done, unique, len(data)))
+
+    def _write_done(self, unique: int, size: int, future: asyncio.Future[None]) -> None:
+        self._io.discard(future)
+        error = future.exception() if not future.cancelled() else asyncio.CancelledError()
+        if error is not None:
+            self._fail(unique, error)
+            return
+        self._send([OUT_HEADER.pack(OUT_HEADER.size + WRITE_OUT.size, 0, unique),
+                    WRITE_OUT.pack(size, 0)])
 
     async def _flush(self, unique: int) -> None:
         try:

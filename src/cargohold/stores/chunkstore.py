@@ -34,7 +34,6 @@ import shutil
 import sys
 import threading
 import uuid
-import zlib
 from abc import ABC, abstractmethod
 from array import array
 from dataclasses import asdict, dataclass
@@ -50,6 +49,11 @@ from cargohold.errors import (
     NoSpace,
     ReplicaNotFound,
 )
+
+try:  # the same CRC-32 as zlib's, computed with SIMD instructions: ~3x faster per block
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - isal is optional
+    from zlib import crc32
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +83,7 @@ def check_volume_id(volume_id: str) -> None:
 
 def _crc(block: BytesLike) -> int:
     """A block's stored checksum: its CRC32, with 0 kept free to mean 'never written'."""
-    return zlib.crc32(block) or 1
+    return crc32(block) or 1
 
 
 # --- the interface ---------------------------------------------------------------------
@@ -568,7 +572,7 @@ class DiskReplica(Replica):
             if not want:
                 return _ZERO_BLOCK
             data = os.pread(self._data_fd, length, offset)
-            if (zlib.crc32(data) or 1) == want:
+            if (crc32(data) or 1) == want:
                 return data
         stored = self._sums[first : first + length // BLOCK_SIZE].tolist()
         if not any(stored):
@@ -577,7 +581,7 @@ class DiskReplica(Replica):
         if len(data) < length:  # the file was cut short behind our back: checksums decide
             data += bytes(length - len(data))
         view = memoryview(data)
-        crcs = [zlib.crc32(view[i : i + BLOCK_SIZE]) or 1 for i in range(0, length, BLOCK_SIZE)]
+        crcs = [crc32(view[i : i + BLOCK_SIZE]) or 1 for i in range(0, length, BLOCK_SIZE)]
         if crcs == stored:
             return data
         fixed: bytearray | None = None
@@ -608,10 +612,10 @@ class DiskReplica(Replica):
             _reraise(exc, self.server)
         first = offset // BLOCK_SIZE
         if length == BLOCK_SIZE:  # the common small write, without the list
-            self._sums[first] = zlib.crc32(data) or 1
+            self._sums[first] = crc32(data) or 1
         else:
             step = BLOCK_SIZE
-            crcs = [zlib.crc32(data[i : i + step]) or 1 for i in range(0, length, step)]
+            crcs = [crc32(data[i : i + step]) or 1 for i in range(0, length, step)]
             self._sums[first : first + len(crcs)] = array("I", crcs)
         if generation:
             self._record(offset, length, generation)
