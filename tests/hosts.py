@@ -262,6 +262,7 @@ class Host:
         self.etcd: subprocess.Popen[bytes] | None = None
         self.node: subprocess.Popen[bytes] | None = None
         self.dockerd: subprocess.Popen[bytes] | None = None
+        self.started: list[subprocess.Popen[bytes]] = []  # every popen, reaped at destroy
         self.killed = False
 
     # -- entering the host
@@ -286,8 +287,10 @@ class Host:
               **kwargs: Any) -> subprocess.Popen[bytes]:
         """Start a long-running command in the host, its output appended to ``log``."""
         with open(log, "ab") as out:
-            return subprocess.Popen(self.argv(argv), stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(self.argv(argv), stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env or _env(), **kwargs)
+        self.started.append(proc)
+        return proc
 
     # -- building
 
@@ -351,7 +354,7 @@ class Host:
 
     def start_node(self) -> None:
         argv = [sys.executable, "-m", "cargohold.cli", "node", "--name", self.name,
-                "--state-dir", str(self.state), "--metadata", self.hosts.metadata_url,
+                "--state-dir", str(self.state), "--metadata", self.hosts.metadata_url_from(self),
                 "--api", f"unix://{self.api_socket}", "--data-host", self.ip,
                 "--docker-socket", str(self.plugins / "cargohold.sock"),
                 "--lease-ttl", str(self.hosts.lease_ttl)]
@@ -551,6 +554,13 @@ class Host:
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, timeout=30,
                        check=False)
         _rmtree_cgroup(self.cgroup.rel)
+        for proc in self.started:  # killed above: reap them (no zombies, no warnings)
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                problems.append(f"{self.name}: pid {proc.pid} did not exit")
         return problems
 
 
@@ -588,6 +598,12 @@ class Hosts:
     @property
     def metadata_url(self) -> str:
         return "etcd://" + ",".join(f"{h.ip}:2379" for h in self.hosts)
+
+    def metadata_url_from(self, host: Host) -> str:
+        """The etcd endpoints with ``host``'s own member first: a node talks to its local
+        member, as deployed, so one host cut off does not stall every node's requests."""
+        others = [h for h in self.hosts if h is not host]
+        return "etcd://" + ",".join(f"{h.ip}:2379" for h in [host, *others])
 
     def start(self, timeout: float = 60) -> None:
         ns_dir = self.base / "ns"
