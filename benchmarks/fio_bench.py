@@ -1149,7 +1149,7 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"{bench.stamp}.json"
         result["report"] = text
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"\nresults written to {path}")
     return status
 

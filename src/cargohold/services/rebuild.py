@@ -24,7 +24,7 @@ import time
 from cargohold.core import placement
 from cargohold.core.models import DataServer, Replica, ReplicaState, ServerState, Volume
 from cargohold.errors import CargoholdError, VolumeBusy
-from cargohold.services.volumes import _client as connect_to
+from cargohold.services.volumes import ServerSession
 from cargohold.stores.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Rebuild:
             if not servers:
                 raise VolumeBusy(name=name, state=f"not movable to data server {to}")
         [target] = placement.place(servers, 1, volume.size, exclude=exclude)
-        async with connect_to(target) as client:
+        async with ServerSession(target) as client:
             await client.create(volume.id, volume.size)
 
         def add(v: Volume) -> Volume:
@@ -129,7 +129,7 @@ class Rebuild:
             if server is None:
                 continue  # its data server was removed: nothing to delete
             try:
-                async with connect_to(server) as client:
+                async with ServerSession(server) as client:
                     await client.delete(volume.id)
             except CargoholdError:
                 await self.catalog.add_garbage(old, volume.id)

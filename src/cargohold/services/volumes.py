@@ -71,7 +71,7 @@ class VolumeService:
         made: list[DataServer] = []
         try:
             for server in chosen:
-                async with _client(server) as client:
+                async with ServerSession(server) as client:
                     await client.create(volume.id, size_bytes)
                 made.append(server)
         except CargoholdError as e:
@@ -149,7 +149,7 @@ class VolumeService:
             if replica.server not in servers:
                 continue
             try:
-                async with _client(servers[replica.server]) as client:
+                async with ServerSession(servers[replica.server]) as client:
                     await client.fence(volume.id, volume.epoch)
             except CargoholdError as e:  # it learns the epoch from the next engine instead
                 log.warning("could not fence %s on %s: %s", name, replica.server, e)
@@ -181,7 +181,7 @@ class VolumeService:
                 raise DataServerUnavailable(server=replica.server, address="?",
                                             detail="it is not registered; the volume cannot "
                                                    "grow until every replica can")
-            async with _client(server) as client:
+            async with ServerSession(server) as client:
                 grown = await client.resize(volume.id, size_bytes)
             if grown < size_bytes:
                 raise CargoholdError(detail=f"data server {server.id} grew replica {volume.id} "
@@ -206,7 +206,7 @@ class VolumeService:
     async def _delete_replicas(self, volume_id: str, servers: list[DataServer]) -> None:
         for server in servers:
             try:
-                async with _client(server) as client:
+                async with ServerSession(server) as client:
                     await client.delete(volume_id)
             except CargoholdError as e:
                 log.warning("replica %s on %s left for later deletion: %s", volume_id,
@@ -222,7 +222,7 @@ class VolumeService:
             if server is None:
                 continue
             try:
-                async with _client(server) as client:
+                async with ServerSession(server) as client:
                     await client.delete(volume_id)
             except CargoholdError:
                 continue
@@ -240,7 +240,7 @@ class VolumeService:
                 used[replica.server] = None
                 continue
             try:
-                async with _client(server) as client:
+                async with ServerSession(server) as client:
                     used[replica.server] = int((await client.stat(volume.id))["used"])
             except CargoholdError:
                 used[replica.server] = None
@@ -266,7 +266,7 @@ def _replica_count(replicas: int | str) -> int:
     return count
 
 
-class _client:
+class ServerSession:
     """A short-lived connection to one data server, for control operations."""
 
     def __init__(self, server: DataServer) -> None:
