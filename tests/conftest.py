@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -158,6 +159,27 @@ class Node:
             except (OSError, ValueError):
                 pass
         return [p for p in pids if Path(f"/proc/{p}").exists()]
+
+
+def write_random(path: Path, total: int, piece: int = 4 << 20) -> str:
+    """Write ``total`` random bytes to ``path`` with fsync; return their sha256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(total // piece):
+            data = os.urandom(piece)
+            f.write(data)
+            digest.update(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def leftovers(base: Path) -> dict[str, list[str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import signal
@@ -17,6 +16,8 @@ from cargohold.core.models import Volume
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import open_store
 from tests.conftest import Node, leftovers, needs_root
+from tests.conftest import sha256_of as _sha256
+from tests.conftest import write_random as _write_random
 
 pytestmark = [needs_root(), pytest.mark.system]
 
@@ -29,26 +30,6 @@ def _mounted(path: str) -> str:
         if fields[1] == path:
             return fields[2]
     return ""
-
-
-def _write_random(path: Path, total: int, piece: int = 4 * MIB) -> str:
-    digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        for _ in range(total // piece):
-            data = os.urandom(piece)
-            f.write(data)
-            digest.update(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MIB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _engine_and_loops(node: Node) -> tuple[list[int], list[str]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import threading
@@ -12,6 +11,8 @@ import pytest
 
 from cargohold.clients import kernel
 from tests.conftest import Node, leftovers, needs_root
+from tests.conftest import sha256_of as _sha256
+from tests.conftest import write_random as _write_random
 
 pytestmark = [needs_root(), pytest.mark.system]
 
@@ -24,26 +25,6 @@ NO_ONLINE_EXT4 = "this host runs without CAP_SYS_RESOURCE: ext4 cannot grow onli
 
 def _fs_grows(fs: str) -> bool:
     return fs == "xfs" or ONLINE_EXT4
-
-
-def _write_random(path: Path, total: int, piece: int = 4 * MIB) -> str:
-    digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        for _ in range(total // piece):
-            data = os.urandom(piece)
-            f.write(data)
-            digest.update(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MIB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _df_total(mountpoint: str) -> int:
