@@ -41,7 +41,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -51,13 +50,12 @@ from typing import Any
 
 import httpx
 
+from tests.system.dockerhost import BUSYBOX, busybox_rootfs
+
 ROOT = Path(__file__).resolve().parent.parent
 ETCD = os.environ.get("CARGOHOLD_ETCD", "/usr/bin/etcd")
 SUBNET = "10.77.0"
-BUSYBOX = "/bin/busybox"
 IMAGE = "cargohold-hosts/busybox:1"
-APPLETS = ["sh", "cat", "echo", "sleep", "ls", "date", "sync", "wc", "seq", "dd", "test",
-           "true", "tail", "head", "hostname", "grep", "mkdir", "rm", "touch"]
 CGROUP = Path("/sys/fs/cgroup")
 CGROUP_V2 = (CGROUP / "cgroup.controllers").exists()
 #: The nodes' --lease-ttl (seconds) unless a test asks for another.
@@ -417,20 +415,7 @@ class Host:
         return done
 
     def import_busybox(self) -> None:
-        rootfs = self.hosts.base / "rootfs.tar"
-        if not rootfs.exists():
-            with tarfile.open(rootfs, "w") as tar:
-                tar.add(BUSYBOX, arcname="bin/busybox")
-                for applet in APPLETS:
-                    info = tarfile.TarInfo(f"bin/{applet}")
-                    info.type = tarfile.SYMTYPE
-                    info.linkname = "busybox"
-                    tar.addfile(info)
-                for name in ("data", "tmp", "proc", "sys", "dev", "etc"):
-                    info = tarfile.TarInfo(name)
-                    info.type = tarfile.DIRTYPE
-                    info.mode = 0o755
-                    tar.addfile(info)
+        rootfs = busybox_rootfs(self.hosts.base / "rootfs.tar")
         self.docker("import", "--change", 'CMD ["/bin/sh"]', str(rootfs), IMAGE)
 
     def mountpoint(self, volume: str) -> str:

@@ -13,7 +13,26 @@ from pathlib import Path
 BUSYBOX = "/bin/busybox"
 IMAGE = "cargohold-test/busybox"
 APPLETS = ["sh", "cat", "echo", "sleep", "ls", "date", "sync", "wc", "seq", "dd", "test",
-           "true", "tail"]
+           "true", "tail", "head", "hostname", "grep", "mkdir", "rm", "touch"]
+
+
+def busybox_rootfs(rootfs: Path) -> Path:
+    """A tarball of a static busybox with its applets: what ``docker import`` makes an image
+    of (no registry here). Made once per path."""
+    if not rootfs.exists():
+        with tarfile.open(rootfs, "w") as tar:
+            tar.add(BUSYBOX, arcname="bin/busybox")
+            for applet in APPLETS:
+                info = tarfile.TarInfo(f"bin/{applet}")
+                info.type = tarfile.SYMTYPE
+                info.linkname = "busybox"
+                tar.addfile(info)
+            for d in ("data", "tmp", "proc", "sys", "dev", "etc"):
+                info = tarfile.TarInfo(d)
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+                tar.addfile(info)
+    return rootfs
 
 
 class DockerHost:
@@ -60,20 +79,7 @@ class DockerHost:
         return done
 
     def import_busybox(self, tag: str = "1") -> str:
-        rootfs = self.base / "rootfs.tar"
-        if not rootfs.exists():
-            with tarfile.open(rootfs, "w") as tar:
-                tar.add(BUSYBOX, arcname="bin/busybox")
-                for applet in APPLETS:
-                    info = tarfile.TarInfo(f"bin/{applet}")
-                    info.type = tarfile.SYMTYPE
-                    info.linkname = "busybox"
-                    tar.addfile(info)
-                for d in ("data", "tmp", "proc", "sys", "dev", "etc"):
-                    info = tarfile.TarInfo(d)
-                    info.type = tarfile.DIRTYPE
-                    info.mode = 0o755
-                    tar.addfile(info)
+        rootfs = busybox_rootfs(self.base / "rootfs.tar")
         image = f"{IMAGE}:{tag}"
         self.docker("import", "--change", 'CMD ["/bin/sh"]', str(rootfs), image)
         return image

@@ -712,18 +712,22 @@ class DiskReplica(Replica):
                                  mmap.PROT_READ | mmap.PROT_WRITE)
             gens_map = mmap.mmap(self._gens_fd, chunk_total * 8, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
-            self._sums.release()
-            self._gens.release()
-            for mapped in (self._sums_map, self._gens_map):
-                try:
-                    mapped.close()
-                except BufferError:  # a view still exported: the GC unmaps it later
-                    log.warning("replica %s: mmap still in use at grow", self.volume_id)
+            self._unmap("grow")
             self._sums_map, self._gens_map = sums_map, gens_map
             self._sums = memoryview(sums_map).cast("I")
             self._gens = memoryview(gens_map).cast("Q")
             self._blocks = blocks
         log.info("grew replica %s to %d bytes", self.volume_id, size)
+
+    def _unmap(self, when: str) -> None:
+        """Drop the checksum and generation maps (their views first)."""
+        self._sums.release()
+        self._gens.release()
+        for mapped in (self._sums_map, self._gens_map):
+            try:
+                mapped.close()
+            except BufferError:  # a view still exported: the GC unmaps it later
+                log.warning("replica %s: mmap still in use at %s", self.volume_id, when)
 
     def _generations(self, first: int, end: int) -> bytes:
         if sys.byteorder == "little":
@@ -744,13 +748,7 @@ class DiskReplica(Replica):
             if self._closed:
                 return
             self._closed = True
-            self._sums.release()
-            self._gens.release()
-            for mapped in (self._sums_map, self._gens_map):
-                try:
-                    mapped.close()
-                except BufferError:  # a view still exported: the GC unmaps it later
-                    log.warning("replica %s: mmap still in use at close", self.volume_id)
+            self._unmap("close")
             for fd in (self._data_fd, self._sums_fd, self._gens_fd):
                 os.close(fd)
 
