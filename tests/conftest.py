@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,6 +181,61 @@ def sha256_of(path: Path) -> str:
         while chunk := f.read(4 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class LiveWriter:
+    """An application that keeps writing 4 KiB blocks into one file with fsync after each,
+    in a thread, and remembers every block whose fsync returned (acknowledged)."""
+
+    BLOCKS = 1024  # a 4 MiB file
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.acked: dict[int, bytes] = {}
+        self.writes = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LiveWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                while not self._stop.is_set():
+                    block = (self.writes * 37) % self.BLOCKS
+                    data = os.urandom(16) * 256
+                    os.pwrite(fd, data, block * 4096)
+                    os.fsync(fd)
+                    self.acked[block] = data
+                    self.writes += 1
+            finally:
+                os.close(fd)
+        except BaseException as e:  # the test checks it
+            self.error = e
+
+    def verify(self) -> None:
+        """Every acknowledged block reads back (through whatever mount ``path`` is on)."""
+        self.verify_against(self)
+
+    def verify_against(self, writer: LiveWriter) -> None:
+        """Every block ``writer`` got acknowledged reads back from this writer's path (the
+        same file, attached again, maybe elsewhere)."""
+        assert writer.error is None, f"the writer failed: {writer.error!r}"
+        with open(self.path, "rb") as f:
+            content = f.read()
+        for block, data in writer.acked.items():
+            assert content[block * 4096:(block + 1) * 4096] == data, f"block {block}"
 
 
 def leftovers(base: Path) -> dict[str, list[str]]:

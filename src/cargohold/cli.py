@@ -231,20 +231,17 @@ def _run_client(args: argparse.Namespace) -> int:
 
 
 def _rebuild(api: ApiClient, name: str, wait: bool, as_json: bool) -> int:
-    """Replicas are resynced and rebuilt by the controller on its own; this shows it."""
+    """Replicas are resynced and rebuilt on their own (by the controller while the volume is
+    detached, by its engine while attached); this shows it."""
     volume = api.request("GET", f"/v1/volumes/{name}")
     while wait and _healing(volume):
-        if volume["attachment"]:
-            print(f"\r{name} is attached on {volume['attachment']['node']}: its replicas are "
-                  "healed once it is detached", end="", file=sys.stderr, flush=True)
-        else:
-            moving = [r for r in volume["replicas"] if r["state"] != "in_sync"]
-            done = min((r.get("progress", 0.0) if r["state"] == "resyncing" else 0.0)
-                       for r in moving)
-            bar = "#" * int(30 * done)
-            print(f"\rrebuilding {name} [{bar:<30}] {done * 100:3.0f}%  "
-                  f"{len(moving)} replica(s) to bring in sync", end="", file=sys.stderr,
-                  flush=True)
+        moving = [r for r in volume["replicas"] if r["state"] != "in_sync"]
+        done = min((r.get("progress", 0.0) if r["state"] == "resyncing" else 0.0)
+                   for r in moving) if moving else 1.0
+        bar = "#" * int(30 * done)
+        left = f"{len(moving)} replica(s) to bring in sync" if moving else "dropping replaced"
+        print(f"\rrebuilding {name} [{bar:<30}] {done * 100:3.0f}%  {left}", end="",
+              file=sys.stderr, flush=True)
         time.sleep(1)
         volume = api.request("GET", f"/v1/volumes/{name}")
     if wait:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Node, needs_root
+from tests.conftest import LiveWriter, Node, needs_root
 
 pytestmark = [needs_root(), pytest.mark.system]
 
@@ -119,3 +119,33 @@ def test_drain_moves_every_replica_without_lowering_redundancy(
     assert undone["draining"] is False
     missing = h1.cli("node", "drain", "nosuch", check=False)
     assert missing.returncode == 3 and "nosuch" in missing.stderr
+
+
+def test_drain_of_an_attached_volume_rebuilds_while_it_is_in_use(
+        three_nodes: dict[str, Node]) -> None:
+    h1 = three_nodes["h1"]
+    h1.cli("volume", "create", "busy", "--size", "128M", "--replicas", "2")
+    digest = _fill(h1, "busy")
+    victim = sorted(_holders(h1, "busy"))[0]
+    mountpoint = Path(h1.cli("volume", "attach", "busy").stdout.strip())
+    with LiveWriter(mountpoint / "live.bin") as writer:
+        while writer.writes < 50:
+            time.sleep(0.05)
+        h1.cli("node", "drain", victim, "--wait")  # the engine fills the new replica
+        holders = _holders(h1, "busy")
+        assert victim not in holders and set(holders.values()) == {"in_sync"}
+        assert len(holders) == 2
+        writes_then = writer.writes
+        while writer.writes < writes_then + 50:
+            assert writer.error is None, writer.error
+            time.sleep(0.05)
+    writer.verify()
+    volume = h1.json("volume", "inspect", "busy")
+    assert volume["attachment"]["node"] == "h1"  # attached all along
+    assert "back in sync while in use" in h1.logs()
+    h1.cli("volume", "detach", "busy")
+    other = next(n for n in three_nodes.values() if n.name != victim)
+    _verify(other, "busy", digest)
+    mountpoint = Path(other.cli("volume", "attach", "busy").stdout.strip())
+    LiveWriter(mountpoint / "live.bin").verify_against(writer)
+    other.cli("volume", "detach", "busy")

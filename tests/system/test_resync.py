@@ -7,12 +7,14 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cargohold.stores.chunkstore import DiskChunkStore
-from tests.conftest import Node, needs_root
+from tests.conftest import LiveWriter, Node, needs_root
 
 pytestmark = [needs_root(), pytest.mark.system]
 
@@ -32,46 +34,115 @@ def _states(node: Node, name: str) -> dict[str, str]:
     return {r["path"]: r["state"] for r in node.json("volume", "inspect", name)["replicas"]}
 
 
-def test_a_returning_data_server_gets_only_what_it_missed(tmp_path: Path) -> None:
-    node = Node(tmp_path, data_servers=2)
+def _compare_on_disk(volume: dict[str, Any]) -> None:
+    """The replicas' chunk files hold the same generations and the same bytes (chunk by
+    chunk, read while the node is stopped)."""
+    stores = [DiskChunkStore(Path(r["path"])) for r in volume["replicas"]]
     try:
-        node.start()
-        node.cli("volume", "create", "rs", "--size", "256M", "--replicas", "2")
-        mountpoint = Path(node.cli("volume", "attach", "rs").stdout.strip())
-        before = _write(mountpoint / "before.bin", 64 * MIB)
-        volume = node.json("volume", "inspect", "rs")
-        victim = volume["replicas"][1]["path"]
-        os.kill(json.loads((Path(victim) / "process.json").read_text())["pid"], signal.SIGKILL)
-        after = _write(mountpoint / "after.bin", 8 * MIB)  # the victim misses these writes
-        assert _states(node, "rs")[victim] == "out_of_sync"
+        first, second = (s.replica(volume["id"]) for s in stores)
+        assert first.generations() == second.generations()
+        for offset in range(0, volume["size"], 16 * MIB):
+            assert first.read(offset, 16 * MIB) == second.read(offset, 16 * MIB), offset
+    finally:
+        for store in stores:
+            store.close()
 
-        node.cli("volume", "detach", "rs")  # the node has restarted the victim meanwhile
-        done = node.cli("volume", "rebuild", "rs", "--wait")  # the controller resyncs
+
+def test_a_host_back_after_the_detach_gets_only_what_it_missed(tmp_path: Path) -> None:
+    """The controller's resync of a detached volume (the engine heals attached ones): the
+    host of one replica is down while the volume is written and detached, then returns."""
+    meta = f"sqlite://{tmp_path / 'meta.db'}"
+    nodes = []
+    try:
+        for name in ("h1", "h2"):
+            (tmp_path / name).mkdir()
+            nodes.append(Node(tmp_path / name, data_servers=1, name=name,
+                              extra=("--metadata", meta, "--lease-ttl", "2")))
+            nodes[-1].start()
+        h1, h2 = nodes
+        h1.cli("volume", "create", "rs", "--size", "256M", "--replicas", "2")
+        mountpoint = Path(h1.cli("volume", "attach", "rs").stdout.strip())
+        before = _write(mountpoint / "before.bin", 64 * MIB)
+        victim = str(h2.data_dirs[0])
+        h2.kill()  # the host goes down: its node and its data server
+        os.kill(h2.dataserver_pids()[0], signal.SIGKILL)
+        after = _write(mountpoint / "after.bin", 8 * MIB)  # the victim misses these
+        assert _states(h1, "rs")[victim] == "out_of_sync"
+        h1.cli("volume", "detach", "rs")
+        h2.start()  # back, with its data server
+        done = h1.cli("volume", "rebuild", "rs", "--wait")  # the controller resyncs
         assert "done" in done.stderr and "in sync" in done.stdout
-        assert set(_states(node, "rs").values()) == {"in_sync"}
-        [done] = re.findall(r"resync of rs done: (\d+) of (\d+) chunks copied", node.logs())
+        assert set(_states(h1, "rs").values()) == {"in_sync"}
+        [done] = re.findall(r"resync of rs done: (\d+) of (\d+) chunks copied",
+                            h1.logs() + h2.logs())
         copied, total = int(done[0]), int(done[1])
         print(f"resync copied {copied} of {total} chunks (8 MiB written while away)")
         assert 8 <= copied < 32, "only the chunks written while it was away are copied"
-        inspected = node.json("volume", "inspect", "rs")
+        inspected = h1.json("volume", "inspect", "rs")
         assert inspected["in_sync"] == 2
 
-        node.stop()  # compare the two copies on disk, chunk by chunk
-        stores = [DiskChunkStore(Path(r["path"])) for r in inspected["replicas"]]
-        try:
-            first, second = (s.replica(inspected["id"]) for s in stores)
-            assert first.generations() == second.generations()
-            for offset in range(0, inspected["size"], 16 * MIB):
-                assert first.read(offset, 16 * MIB) == second.read(offset, 16 * MIB), offset
-        finally:
-            for store in stores:
-                store.close()
+        h1.stop()
+        h2.stop()
+        _compare_on_disk(inspected)
 
-        node.start()
-        mountpoint = Path(node.cli("volume", "attach", "rs").stdout.strip())
+        h2.start()
+        mountpoint = Path(h2.cli("volume", "attach", "rs").stdout.strip())
         for name, digest in (("before.bin", before), ("after.bin", after)):
             assert hashlib.sha256((mountpoint / name).read_bytes()).hexdigest() == digest
-        node.cli("volume", "detach", "rs")
-        node.cli("volume", "rm", "rs")
+        h2.cli("volume", "detach", "rs")
+    finally:
+        for node in nodes:
+            node.cleanup()
+
+
+def test_a_returning_data_server_catches_up_while_the_volume_is_in_use(
+        tmp_path: Path) -> None:
+    node = Node(tmp_path, data_servers=2)
+    try:
+        node.start()
+        node.cli("volume", "create", "live", "--size", "256M", "--replicas", "2")
+        mountpoint = Path(node.cli("volume", "attach", "live").stdout.strip())
+        before = _write(mountpoint / "before.bin", 64 * MIB)  # 64 chunks it must not copy
+        victim = node.json("volume", "inspect", "live")["replicas"][1]["path"]
+        with LiveWriter(mountpoint / "live.bin") as writer:
+            while writer.writes < 50:
+                time.sleep(0.05)
+            os.kill(json.loads((Path(victim) / "process.json").read_text())["pid"],
+                    signal.SIGKILL)
+            after = _write(mountpoint / "after.bin", 8 * MIB)  # the victim misses these
+            # The node restarts the data server; the engine finds it up and catches it up
+            # while the writer goes on (no detach).
+            deadline = time.monotonic() + 60
+            seen = set()
+            while _states(node, "live")[victim] != "in_sync":
+                seen.add(_states(node, "live")[victim])
+                assert time.monotonic() < deadline, node.logs()
+                assert writer.error is None, writer.error
+                time.sleep(0.1)
+            writes_at_rejoin = writer.writes
+            while writer.writes < writes_at_rejoin + 50:  # and goes on after it rejoined
+                assert writer.error is None, writer.error
+                time.sleep(0.05)
+        writer.verify()
+        assert "out_of_sync" in seen or "resyncing" in seen
+        inspected = node.json("volume", "inspect", "live")
+        assert inspected["attachment"] is not None and inspected["in_sync"] == 2
+        [done] = re.findall(r"back in sync while in use: (\d+) of (\d+) chunks copied",
+                            node.logs())
+        copied, total = int(done[0]), int(done[1])
+        print(f"caught up while in use: {copied} of {total} chunks copied; "
+              f"{writer.writes} acknowledged writes by the application meanwhile")
+        assert 8 <= copied < 64, "only the chunks written while it was away are copied"
+
+        node.cli("volume", "detach", "live")
+        node.stop()
+        _compare_on_disk(inspected)
+        node.start()
+        mountpoint = Path(node.cli("volume", "attach", "live").stdout.strip())
+        for name, digest in (("before.bin", before), ("after.bin", after)):
+            assert hashlib.sha256((mountpoint / name).read_bytes()).hexdigest() == digest
+        writer.verify()  # on the re-attached volume
+        node.cli("volume", "detach", "live")
+        node.cli("volume", "rm", "live")
     finally:
         node.cleanup()

@@ -50,7 +50,7 @@ class FakeClient:
     async def close(self) -> None:
         self.closed = True
 
-    async def generations(self, _vid: str) -> bytes:
+    async def generations(self, _vid: str, timeout: float = 0.0) -> bytes:
         return array("Q", self.gens).tobytes()
 
 
@@ -174,3 +174,141 @@ def test_write_waits_for_a_replica_another_write_is_marking() -> None:
         return seen
 
     assert "marked s1" in asyncio.run(run())
+
+
+# -- catching up while in use -------------------------------------------------------------
+
+SIZE = 1 << 24  # the volume of _set: 16 chunks
+
+
+class DiskClient(FakeClient):
+    """A fake data server holding a whole volume, for catch-up: bytes, generations, fence."""
+
+    def __init__(self, name: str, log: list[str], fail: bool = False) -> None:
+        super().__init__(name, log, fail)
+        self.data = bytearray(SIZE)
+        self.read_gate: asyncio.Event | None = None  # reads wait for it when set
+
+    async def connect(self, timeout: float = 0.0) -> None:
+        pass
+
+    async def fence(self, _vid: str, _epoch: int, timeout: float = 0.0) -> None:
+        pass
+
+    async def stat(self, _vid: str, timeout: float = 0.0) -> dict[str, int]:
+        return {"size": SIZE}
+
+    async def write(self, _vid: str, _epoch: int, offset: int, data: bytes, gen: int) -> None:
+        await asyncio.sleep(0)
+        if self.fail:
+            raise DataServerUnavailable(server=self.name, address="-", detail="gone")
+        self.data[offset:offset + len(data)] = data
+        for chunk in range(offset // CHUNK_SIZE, (offset + len(data) - 1) // CHUNK_SIZE + 1):
+            self.gens[chunk] = max(self.gens[chunk], gen)
+        self.log.append(f"write {self.name} {offset // CHUNK_SIZE} gen={gen}")
+
+    async def read(self, _vid: str, _epoch: int, offset: int, length: int) -> bytes:
+        if self.read_gate is not None:
+            await self.read_gate.wait()
+        return bytes(self.data[offset:offset + length])
+
+    async def trim(self, _vid: str, _epoch: int, offset: int, length: int) -> None:
+        self.data[offset:offset + length] = bytes(length)
+
+
+def _disk_set() -> tuple[ReplicaSet, list[str], list[DiskClient], DiskClient, list[str]]:
+    """Two members with data in chunks 0-5; a joining replica on s2 that has chunks 0-3 and
+    missed 4-5."""
+    rs, log, _ = _set((False, False))
+    clients = [DiskClient(f"s{i}", log) for i in range(2)]
+    for member, client in zip(rs.members, clients, strict=True):
+        member.client = client  # type: ignore[assignment]
+
+    async def fill() -> None:
+        for chunk in range(4):
+            await rs.write(chunk * CHUNK_SIZE, bytes([chunk + 1]) * CHUNK_SIZE)
+
+    asyncio.run(fill())
+    target = DiskClient("s2", log)
+    target.data[:] = clients[0].data
+    target.gens = list(clients[0].gens)
+
+    async def missed() -> None:
+        for chunk in (4, 5):
+            await rs.write(chunk * CHUNK_SIZE + 8192, b"m" * 4096)
+
+    asyncio.run(missed())
+    promoted: list[str] = []
+    return rs, log, clients, target, promoted
+
+
+async def _catch_up(rs: ReplicaSet, target: DiskClient, promoted: list[str]) -> tuple[int, int]:
+    async def promote() -> None:
+        promoted.append("s2")
+
+    async def progress(_done: float) -> None:
+        pass
+
+    rs.client_for = lambda _server: target  # type: ignore[method-assign,assignment,return-value]
+    server = DataServer(id="s2", node="n", address="-", path="-")
+    return await rs.catch_up(server, promote, progress)
+
+
+def test_catch_up_copies_only_missed_chunks_while_writes_go_on() -> None:
+    rs, log, clients, target, promoted = _disk_set()
+
+    async def run() -> tuple[int, int]:
+        catching = asyncio.ensure_future(_catch_up(rs, target, promoted))
+        for i in range(50):  # the application keeps writing, also into chunk 4
+            await rs.write((4 + i % 6) * CHUNK_SIZE + (i % 64) * 4096, bytes([i]) * 4096)
+        return await catching
+
+    copied, total = asyncio.run(run())
+    assert (copied, total) == (2, 16)  # chunks 4 and 5 only
+    assert promoted == ["s2"]
+    assert [m.server.id for m in rs.members] == ["s0", "s1", "s2"] and not rs.joining
+    assert target.data == clients[0].data == clients[1].data
+    assert target.gens == clients[0].gens
+    asyncio.run(rs.flush())
+    assert log[-1] == "flush s2"  # a member now: flushed like the others
+
+
+def test_a_write_to_a_chunk_being_copied_lands_after_the_copy() -> None:
+    rs, log, clients, target, promoted = _disk_set()
+    for client in clients:
+        client.read_gate = asyncio.Event()  # the copy's read of chunk 4 waits
+
+    async def run() -> None:
+        catching = asyncio.ensure_future(_catch_up(rs, target, promoted))
+        while 4 not in rs._locked:
+            await asyncio.sleep(0)
+        write = asyncio.ensure_future(rs.write(4 * CHUNK_SIZE, b"W" * 4096))
+        await asyncio.sleep(0.01)
+        assert not write.done(), "a write to a chunk being copied waits for the copy"
+        for client in clients:
+            assert client.read_gate is not None
+            client.read_gate.set()
+        await write
+        await catching
+
+    asyncio.run(run())
+    assert target.data[4 * CHUNK_SIZE:4 * CHUNK_SIZE + 4096] == b"W" * 4096
+    assert target.data == clients[0].data
+
+
+def test_a_replica_that_fails_while_catching_up_costs_no_io() -> None:
+    rs, log, clients, target, promoted = _disk_set()
+    target.fail = True  # it takes no write
+
+    async def run() -> None:
+        with pytest.raises(DataServerUnavailable):
+            await asyncio.gather(_catch_up(rs, target, promoted),
+                                 rs.write(7 * CHUNK_SIZE, b"k" * 4096))
+
+    asyncio.run(run())
+    assert not promoted and not rs.joining
+    assert [m.server.id for m in rs.members] == ["s0", "s1"]
+    assert not any(line.startswith("marked") for line in log)
+    assert clients[0].data[7 * CHUNK_SIZE:7 * CHUNK_SIZE + 4096] == b"k" * 4096
+    asyncio.run(rs.write(0, b"z" * 4096))  # the fast path is back
+    assert not rs._careful

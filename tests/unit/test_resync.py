@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from array import array
 
-from cargohold.core.layout import CHUNK_SIZE
-from cargohold.services.resync import Budget, _plan
+from cargohold.core.layout import CHUNK_SIZE, copy_plan
+from cargohold.services.resync import Budget
 
 
 def _table(*gens: int) -> array[int]:
@@ -17,13 +17,13 @@ def test_plan_copies_only_chunks_a_target_lacks_from_the_newest_source() -> None
     size = 5 * CHUNK_SIZE
     sources = {"a": _table(3, 0, 7, 2, 0), "b": _table(3, 0, 9, 2, 0)}
     targets = {"t": _table(3, 0, 1, 0, 0), "u": _table(3, 0, 9, 2, 0)}
-    assert _plan(size, sources, targets) == [(2, "b", 9, ["t"]), (3, "a", 2, ["t"])]
+    assert copy_plan(size, sources, targets) == [(2, "b", 9, ["t"]), (3, "a", 2, ["t"])]
 
 
 def test_plan_handles_short_tables_and_thin_chunks() -> None:
     size = 3 * CHUNK_SIZE  # a table may be shorter than the volume: missing chunks are 0
-    assert _plan(size, {"a": _table(1)}, {"t": _table()}) == [(0, "a", 1, ["t"])]
-    assert _plan(size, {"a": _table(0, 0, 0)}, {"t": _table(0)}) == []
+    assert copy_plan(size, {"a": _table(1)}, {"t": _table()}) == [(0, "a", 1, ["t"])]
+    assert copy_plan(size, {"a": _table(0, 0, 0)}, {"t": _table(0)}) == []
 
 
 def test_budget_sleeps_when_ahead_of_the_rate() -> None:

@@ -8,7 +8,9 @@ sees is block aligned.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from array import array
+from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
 BLOCK_SIZE = 4096
@@ -56,3 +58,33 @@ def chunks(offset: int, length: int) -> range:
 
 def chunk_count(size: int) -> int:
     return -(-size // CHUNK_SIZE)
+
+
+def generation_table(raw: bytes) -> array[int]:
+    """A data server's GENS answer (little-endian u64 per chunk) as an array."""
+    table = array("Q", raw)
+    if sys.byteorder == "big":
+        table.byteswap()
+    return table
+
+
+def copy_plan(size: int, sources: Mapping[str, array[int]], targets: Mapping[str, array[int]],
+              ) -> list[tuple[int, str, int, list[str]]]:
+    """What a copy must do to bring ``targets`` level with ``sources`` (generation tables by
+    data server id): (chunk, the source holding its newest generation, that generation, the
+    targets whose generation differs) for every chunk some target lacks. Chunks no source
+    ever wrote are thin: nothing to copy."""
+    plan = []
+    for chunk in range(chunk_count(size)):
+        newest, source = 0, ""
+        for sid, table in sources.items():
+            gen = table[chunk] if chunk < len(table) else 0
+            if gen > newest:
+                newest, source = gen, sid
+        if not source:
+            continue
+        stale = [t for t, table in targets.items()
+                 if (table[chunk] if chunk < len(table) else 0) != newest]
+        if stale:
+            plan.append((chunk, source, newest, stale))
+    return plan

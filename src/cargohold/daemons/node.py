@@ -92,7 +92,8 @@ class NodeDaemon:
         servers: list[tuple[_ApiServer, asyncio.Task[None]]] = []
         csi_server = None
         controlling: asyncio.Future[None] | None = None
-        agent = Agent(catalog, config.name, config.state_dir, config.metadata)
+        agent = Agent(catalog, config.name, config.state_dir, config.metadata,
+                      config.rebuild_rate)
         volumes = VolumeService(catalog)
         self.controller = Controller(store, catalog, volumes, config.name,
                                      config.rebuild_after, config.scrub_every,

@@ -16,7 +16,8 @@ Duties (each pass is :meth:`Controller.run_once`, so tests converge without slee
 - with ``auto_rebalance``, replicas move (the same way) until every data server holds
   about as many (:mod:`cargohold.services.rebalance`);
 - out-of-sync replicas of detached volumes whose data server is up again are resynced
-  (only the chunks they missed are copied, see :mod:`cargohold.services.resync`);
+  (only the chunks they missed are copied, see :mod:`cargohold.services.resync`; an
+  attached volume's engine does this itself, see :mod:`cargohold.services.healer`);
 - replicas left behind by removals are deleted once their data server answers;
 - with ``scrub_every`` set, a detached volume not scrubbed for that long is scrubbed
   (:mod:`cargohold.services.scrub`), one a pass, at most ``scrub_rate`` bytes per second.

@@ -5,6 +5,12 @@ acknowledged when all of them answered; a replica that fails is recorded as out 
 the metadata store *before* the write is acknowledged, and is never read again by this
 engine. Flushes (the file system's fsync, journal commits) reach every replica's
 ``fdatasync``. Nothing on the I/O path touches the metadata store unless a replica fails.
+
+A replica that is out of sync catches up while the volume is in use (``catch_up``): it
+joins as a *joining* member, which receives every new write, trim and flush but is never
+read; the chunks it missed are copied to it one at a time, each under a chunk lock (writes
+to that chunk wait, and the copy waits for the writes already in flight to it); then, with
+writes paused for a moment, it is flushed, recorded in sync, and becomes a member.
 """
 
 from __future__ import annotations
@@ -26,29 +32,34 @@ from typing import TypeVar
 import uvloop
 
 from cargohold.clients.dataclient import DataClient
-from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
+from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, chunks, copy_plan, generation_table
 from cargohold.core.models import DataServer, ReplicaState, ServerState, Volume
 from cargohold.core.wire import LOCAL_SOCKET, BytesLike
 from cargohold.errors import (
     CargoholdError,
     ChecksumMismatch,
+    DataServerUnavailable,
     Fenced,
     MetadataUnavailable,
     NoReplicaLeft,
     NoSpace,
 )
 from cargohold.services.fuse import FuseSession, unmount
+from cargohold.services.healer import Healer
+from cargohold.services.resync import Budget
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import open_store
 
 log = logging.getLogger(__name__)
 
 MarkFailed = Callable[[str, str], Awaitable[None]]
+Progress = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
 STOP_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 2.0  # to a data server at attach
 DOWN_CONNECT_TIMEOUT = 0.3  # to one the controller has marked down
 STAT_TIMEOUT = 10.0
+COPY_WINDOW = 8  # chunks copied at once to a joining member
 #: The agent sends this signal after the volume grew: the engine reads the new size from the
 #: metadata store, checks its replicas and makes the FUSE file grow (``resize_on_signal``).
 RESIZE_SIGNAL = signal.SIGUSR1
@@ -79,6 +90,18 @@ class ReplicaSet:
         self._generation = epoch << 32
         self._trims = 0  # trims so far (read repair checks nothing changed under it)
         self.fenced: Fenced | None = None  # once fenced, every later I/O fails at once
+        # Catching up (see ``catch_up``). While a member joins, or writes are paused, every
+        # write takes the careful path, which waits for the pause and for locked chunks and
+        # counts its writes per chunk; the fast path only counts writes in flight.
+        self.joining: list[Member] = []
+        self._left_out: dict[str, str] = {}  # joining members that failed: server id → why
+        self._careful = False
+        self._inflight = 0
+        self._idle: asyncio.Future[None] | None = None  # set when _inflight drops to 0
+        self._paused: asyncio.Future[None] | None = None
+        self._locked: dict[int, asyncio.Future[None]] = {}  # chunk → its copy is done
+        self._chunk_inflight: dict[int, int] = {}
+        self._chunk_idle: dict[int, asyncio.Future[None]] = {}
 
     async def open(self) -> None:
         """Connect to every in-sync replica and claim it with this attachment's epoch."""
@@ -86,8 +109,7 @@ class ReplicaSet:
             await self._mark_failed(server_id, "data server is not registered")
         # All at once; a server the controller has marked down gets a short connect timeout
         # (a dead host does not refuse, it just never answers: no need to wait long for it).
-        clients = [DataClient(server.address, server.id, self._local_socket(server))
-                   for server in self._wanted]
+        clients = [self.client_for(server) for server in self._wanted]
         results = await asyncio.gather(
             *(self._claim(client, DOWN_CONNECT_TIMEOUT if server.state is ServerState.DOWN
                           else CONNECT_TIMEOUT)
@@ -113,11 +135,13 @@ class ReplicaSet:
             log.warning("%s: %d chunks differed among the in-sync replicas and were copied "
                         "from the newest", self.name, copied)
 
-    def _local_socket(self, server: DataServer) -> str | None:
-        """The unix socket of a data server on this host (see ``LOCAL_SOCKET``)."""
-        if server.node != self._local_node or not server.path:
-            return None
-        return os.path.join(server.path, LOCAL_SOCKET)
+    def client_for(self, server: DataServer) -> DataClient:
+        """A client for ``server``: over its unix socket (``LOCAL_SOCKET``) when it is on
+        this host, else TCP."""
+        local = None
+        if server.node == self._local_node and server.path:
+            local = os.path.join(server.path, LOCAL_SOCKET)
+        return DataClient(server.address, server.id, local)
 
     async def _claim(self, client: DataClient, timeout: float) -> None:
         await client.connect(timeout=timeout)
@@ -143,7 +167,7 @@ class ReplicaSet:
             if isinstance(result, BaseException):
                 await self._drop(member, f"reading generations failed: {result}")
             else:
-                tables.append((member, _as_le_u64(bytes(result))))
+                tables.append((member, generation_table(bytes(result))))
         if len(tables) < 2 or all(t.tobytes() == tables[0][1].tobytes() for _, t in tables):
             return 0
         count = min(len(t) for _, t in tables)
@@ -166,9 +190,10 @@ class ReplicaSet:
         return copied
 
     async def close(self) -> None:
-        for member in self.members:
+        for member in self.members + self.joining:
             await member.client.close()
         self.members = []
+        self.joining = []
 
     async def grow(self, size: int) -> bool:
         """Address ``size`` bytes from now on, once every replica is known to be that big.
@@ -194,6 +219,164 @@ class ReplicaSet:
         log.info("%s: grew from %d to %d bytes", self.name, self.size, size)
         self.size = size
         return True
+
+    # -- catching up ---------------------------------------------------------------------
+
+    def holds(self, server_id: str) -> bool:
+        """Whether a member or a joining member lives on data server ``server_id``."""
+        return any(m.server.id == server_id for m in self.members + self.joining)
+
+    async def retire(self, in_sync: set[str]) -> None:
+        """Stop using members the volume record no longer lists as in sync (the controller
+        dropped a replica that was replaced, after its replacement caught up)."""
+        for member in [m for m in self.members if m.server.id not in in_sync]:
+            if len(self.members) < 2:
+                return
+            log.info("%s: replica on data server %s is no longer in the volume's in-sync set; "
+                     "leaving it", self.name, member.server.id)
+            self.members.remove(member)
+            await member.client.close()
+
+    async def catch_up(self, server: DataServer, promote: Callable[[], Awaitable[None]],
+                       progress: Progress, rate: float = 0.0) -> tuple[int, int]:
+        """Bring the replica on ``server`` level with the members while the volume is in use,
+        then make it a member; return (chunks copied, chunks in the volume).
+
+        ``promote`` records it in sync in the metadata store; it runs while writes are
+        paused, after the replica has flushed. ``progress`` gets the fraction copied about
+        once a second. Sources are the members, taken in turn. On failure the replica is
+        left out (never read, no I/O fails) and the error is raised.
+        """
+        self._check_fenced()
+        member = Member(server, self.client_for(server))
+        client = member.client
+        try:
+            await client.connect(timeout=CONNECT_TIMEOUT)
+            await client.fence(self.volume_id, self.epoch, timeout=STAT_TIMEOUT)
+            size = int((await client.stat(self.volume_id, timeout=STAT_TIMEOUT)).get("size", 0))
+            if size < self.size:
+                await client.resize(self.volume_id, self.size, timeout=STAT_TIMEOUT)
+            # Its generations before it gets any write: a chunk that differs from the
+            # members' then is copied whole, even if new writes touch part of it meanwhile.
+            before = generation_table(await client.generations(self.volume_id,
+                                                               timeout=STAT_TIMEOUT))
+            await self._pause()
+            try:
+                self._left_out.pop(server.id, None)
+                self.joining.append(member)
+            finally:
+                self._resume()
+            sources = list(self.members)
+            if not sources:
+                raise NoReplicaLeft(name=self.name)
+            now = generation_table(await sources[0].client.generations(self.volume_id,
+                                                                       timeout=STAT_TIMEOUT))
+            plan = copy_plan(self.size, {"members": now}, {"joining": before})
+            budget = Budget(rate)
+            copied = 0
+            reported = asyncio.get_running_loop().time()
+            pending = iter(plan)
+
+            async def copier(turn: int) -> None:
+                nonlocal copied, reported
+                for chunk, _, generation, _ in pending:
+                    self._still_joining(member)
+                    source = sources[(turn + chunk) % len(sources)]
+                    length = await self._copy_chunk(chunk, source, member, generation)
+                    copied += 1
+                    await budget.spend(length)
+                    now = asyncio.get_running_loop().time()
+                    if now - reported >= 1.0:
+                        reported = now
+                        await progress(copied / len(plan))
+
+            workers = [asyncio.ensure_future(copier(turn)) for turn in range(COPY_WINDOW)]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for worker in workers:
+                    worker.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+            await self._pause()
+            try:
+                self._still_joining(member)
+                await client.flush(self.volume_id, self.epoch)
+                await promote()
+                self.joining.remove(member)
+                self.members.append(member)
+                self._failing.pop(server.id, None)  # it may fail (and be dropped) again
+            finally:
+                self._resume()
+            log.info("%s: replica on data server %s caught up: %d of %d chunks copied",
+                     self.name, server.id, copied, -(-self.size // CHUNK_SIZE))
+            return copied, -(-self.size // CHUNK_SIZE)
+        except BaseException as e:
+            if member in self.joining:
+                self._leave_out(member, f"catching up failed: {e}")
+            await client.close()
+            raise
+
+    def _still_joining(self, member: Member) -> None:
+        if self.fenced is not None:
+            raise self.fenced
+        if member not in self.joining:
+            raise DataServerUnavailable(
+                server=member.server.id, address=member.server.address,
+                detail=self._left_out.get(member.server.id, "left out while catching up"))
+
+    def _leave_out(self, member: Member, reason: str) -> None:
+        if member in self.joining:
+            log.error("%s: replica on data server %s stops catching up: %s", self.name,
+                      member.server.id, reason)
+            self.joining.remove(member)
+            self._left_out[member.server.id] = reason
+            self._careful = bool(self.joining) or self._paused is not None
+
+    async def _copy_chunk(self, chunk: int, source: Member, member: Member,
+                          generation: int) -> int:
+        """Copy one chunk from ``source`` (another member if it fails) to a joining member,
+        with writes to that chunk held back meanwhile; return the bytes copied."""
+        loop = asyncio.get_running_loop()
+        offset = chunk * CHUNK_SIZE
+        length = min(CHUNK_SIZE, self.size - offset)
+        lock: asyncio.Future[None] = loop.create_future()
+        self._locked[chunk] = lock
+        try:
+            while self._chunk_inflight.get(chunk):  # writes sent before the lock: let them land
+                waiter = self._chunk_idle.get(chunk)
+                if waiter is None:
+                    waiter = self._chunk_idle[chunk] = loop.create_future()
+                await asyncio.shield(waiter)
+            data: BytesLike
+            try:
+                data = await source.client.read(self.volume_id, self.epoch, offset, length)
+            except CargoholdError as e:
+                if isinstance(e, Fenced):
+                    self._fence(e)
+                    raise
+                data = await self._read_slowly(offset, length, source, e)
+            await member.client.write(self.volume_id, self.epoch, offset, data, generation)
+        finally:
+            del self._locked[chunk]
+            lock.set_result(None)
+        return length
+
+    async def _pause(self) -> None:
+        """Hold back new writes and trims, and wait for those in flight to land."""
+        while self._paused is not None:  # one pause at a time
+            await asyncio.shield(self._paused)
+        self._paused = asyncio.get_running_loop().create_future()
+        self._careful = True
+        while self._inflight:
+            self._idle = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._idle)
+        self._idle = None
+
+    def _resume(self) -> None:
+        paused, self._paused = self._paused, None
+        self._careful = bool(self.joining)
+        if paused is not None and not paused.done():
+            paused.set_result(None)
 
     # -- the data path -------------------------------------------------------------------
 
@@ -296,7 +479,8 @@ class ReplicaSet:
         coroutine or task per request. A failure continues in a task (``_settle``) that
         records the failed replica in the metadata store before the write completes.
         """
-        if self.fenced is not None or offset % BLOCK_SIZE or len(data) % BLOCK_SIZE:
+        if (self._careful or self.fenced is not None or offset % BLOCK_SIZE
+                or len(data) % BLOCK_SIZE):
             return asyncio.ensure_future(self._write_slowly(offset, data))
         generation = self._next_generation()
         members = list(self.members)
@@ -305,7 +489,8 @@ class ReplicaSet:
         if not replies:
             return asyncio.ensure_future(self._settle([], [], "write"))
         done: asyncio.Future[None] = replies[0].get_loop().create_future()
-        _FanIn(self, done, members, replies, "write")
+        self._inflight += 1
+        _FanIn(self, done, members, replies, "write", None)
         return done
 
     async def _write_slowly(self, offset: int, data: BytesLike) -> None:
@@ -313,11 +498,61 @@ class ReplicaSet:
         if offset % BLOCK_SIZE or len(data) % BLOCK_SIZE:
             await self._write_unaligned(offset, data)
             return
-        await self.start_write(offset, data)
+        if not self._careful:
+            await self.start_write(offset, data)
+            return
+        counted = await self._enter(chunks(offset, len(data)))
+        generation = self._next_generation()
+        members = self.members + self.joining
+        replies = [m.client.start_write(self.volume_id, self.epoch, offset, data, generation)
+                   for m in members]
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not replies:
+            self._landed(counted)
+            await self._settle([], [], "write")
+        _FanIn(self, done, members, replies, "write", counted)
+        await done
+
+    async def _enter(self, touched: range) -> range | None:
+        """Wait until writes may go to ``touched`` chunks (no pause, none being copied), then
+        count one more write in flight; returns the chunks counted (None: not counted per
+        chunk, nobody is joining). ``_landed`` undoes it."""
+        while True:
+            if self._paused is not None:
+                await asyncio.shield(self._paused)
+                continue
+            lock = next((self._locked[c] for c in touched if c in self._locked), None)
+            if lock is None:
+                break
+            await asyncio.shield(lock)
+        self._check_fenced()
+        self._inflight += 1
+        if not self.joining:
+            return None
+        for chunk in touched:
+            self._chunk_inflight[chunk] = self._chunk_inflight.get(chunk, 0) + 1
+        return touched
+
+    def _landed(self, counted: range | None) -> None:
+        """Every replica answered a write or trim (counted by ``_enter`` or the fast path)."""
+        self._inflight -= 1
+        if not self._inflight and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+        if counted is None:
+            return
+        for chunk in counted:
+            left = self._chunk_inflight[chunk] - 1
+            if left:
+                self._chunk_inflight[chunk] = left
+                continue
+            del self._chunk_inflight[chunk]
+            waiter = self._chunk_idle.pop(chunk, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     async def flush(self) -> None:
         self._check_fenced()
-        members = list(self.members)
+        members = self.members + self.joining
         results = await asyncio.gather(
             *(m.client.flush(self.volume_id, self.epoch) for m in members),
             return_exceptions=True,
@@ -331,11 +566,16 @@ class ReplicaSet:
         end = (offset + length) // BLOCK_SIZE * BLOCK_SIZE
         if end <= start:
             return
-        members = list(self.members)
-        results = await asyncio.gather(
-            *(m.client.trim(self.volume_id, self.epoch, start, end - start) for m in members),
-            return_exceptions=True,
-        )
+        counted = await self._enter(chunks(start, end - start))
+        try:
+            members = self.members + self.joining
+            results = await asyncio.gather(
+                *(m.client.trim(self.volume_id, self.epoch, start, end - start)
+                  for m in members),
+                return_exceptions=True,
+            )
+        finally:
+            self._landed(counted)
         await self._settle(members, results, "trim")
 
     async def _write_unaligned(self, offset: int, data: BytesLike) -> None:
@@ -355,6 +595,10 @@ class ReplicaSet:
             if isinstance(result, Fenced):
                 self._fence(result)
                 raise result
+            if member in self.joining:  # not in sync yet: its failure fails no I/O
+                if isinstance(result, BaseException):
+                    self._leave_out(member, f"{what} failed: {result}")
+                continue
             if isinstance(result, NoSpace):
                 raise result
             if isinstance(result, BaseException):
@@ -394,16 +638,18 @@ class _FanIn:
     which records failed replicas before ``done`` completes.
     """
 
-    __slots__ = ("_replicas", "_done", "_members", "_replies", "_what", "_left")
+    __slots__ = ("_replicas", "_done", "_members", "_replies", "_what", "_left", "_counted")
 
     def __init__(self, replicas: ReplicaSet, done: asyncio.Future[None], members: list[Member],
-                 replies: list[asyncio.Future[bytes | memoryview]], what: str) -> None:
+                 replies: list[asyncio.Future[bytes | memoryview]], what: str,
+                 counted: range | None) -> None:
         self._replicas = replicas
         self._done = done
         self._members = members
         self._replies = replies
         self._what = what
         self._left = len(replies)
+        self._counted = counted
         for reply in replies:
             reply.add_done_callback(self._answered)
 
@@ -412,6 +658,7 @@ class _FanIn:
         if self._left:
             return
         done, replicas = self._done, self._replicas
+        replicas._landed(self._counted)
         if done.cancelled():
             return
         if (all(not r.cancelled() and r.exception() is None for r in self._replies)
@@ -437,13 +684,6 @@ def _chain(source: asyncio.Future[T], target: asyncio.Future[T]) -> None:
             target.set_result(source.result())
 
     source.add_done_callback(copy)
-
-
-def _as_le_u64(raw: bytes) -> array[int]:
-    table = array("Q", raw)  # the data servers answer GENS little-endian
-    if sys.byteorder == "big":
-        table.byteswap()
-    return table
 
 
 def out_of_sync_marker(catalog: Catalog, name: str, epoch: int) -> MarkFailed:
@@ -513,7 +753,7 @@ def resize_on_signal(catalog: Catalog, name: str, epoch: int, replicas: ReplicaS
 
 
 async def serve(metadata_url: str, name: str, epoch: int, node: str, mountpoint: str,
-                ready_file: Path) -> int:
+                ready_file: Path, heal_rate: float = 0.0) -> int:
     """Run the engine until it is unmounted or told to stop; return the exit status."""
     store = open_store(metadata_url)
     catalog = Catalog(store)
@@ -538,6 +778,7 @@ async def serve(metadata_url: str, name: str, epoch: int, node: str, mountpoint:
         tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": mountpoint}))
         tmp.rename(ready_file)
         log.info("engine for %s (epoch %d) serving on %s", name, epoch, mountpoint)
+        healing = asyncio.ensure_future(Healer(catalog, name, epoch, replicas, heal_rate).run())
 
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -546,6 +787,8 @@ async def serve(metadata_url: str, name: str, epoch: int, node: str, mountpoint:
         await asyncio.wait([stopped, asyncio.ensure_future(session.wait_closed())],
                            return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
+        healing.cancel()
+        await asyncio.gather(healing, return_exceptions=True)
         await session.drain()
         try:
             await replicas.flush()
@@ -575,12 +818,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node", required=True)
     parser.add_argument("--mountpoint", required=True)
     parser.add_argument("--ready-file", type=Path, required=True)
+    parser.add_argument("--heal-rate", type=float, default=0.0,
+                        help="bytes per second catching up a replica may use (0: no limit)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s")
     try:
         return uvloop.run(serve(args.metadata, args.volume, args.epoch, args.node,
-                                 args.mountpoint, args.ready_file))
+                                 args.mountpoint, args.ready_file, args.heal_rate))
     except CargoholdError as e:
         log.error("%s", e)
         return 2

@@ -12,8 +12,10 @@ drained. The replacement never lowers redundancy:
 3. only then is the replaced replica dropped from the record and deleted from its data server
    (or written down as garbage while that server is unreachable).
 
-Like the resync, steps 2 and 3 run while the volume is detached; a replacement added to an
-attached volume waits for the detach.
+Step 2 runs in the engine when the volume is attached (:mod:`cargohold.services.healer`): the
+new replica receives every write while it catches up. An engine lets go of a replica the
+record no longer lists (``ReplicaSet.retire``); until it does, its writes to the deleted copy
+fail and it leaves that copy, which costs no I/O.
 """
 
 from __future__ import annotations
@@ -110,12 +112,10 @@ class Rebuild:
     async def _drop_replaced(self, volume: Volume, servers: dict[str, DataServer]) -> None:
         done = {r.replaces for r in volume.replicas
                 if r.replaces and r.state is ReplicaState.IN_SYNC}
-        if not done or volume.attachment is not None:
-            return  # an engine writes to the replicas it opened: change them when detached
+        if not done:
+            return
 
-        def drop(v: Volume) -> Volume | None:
-            if v.attachment is not None:
-                return None
+        def drop(v: Volume) -> Volume:
             v.replicas = [r for r in v.replicas if r.server not in done]
             for r in v.replicas:
                 if r.replaces in done:

@@ -10,21 +10,20 @@ A resync takes a new epoch, like an attach, so the data servers refuse whatever 
 writer might still send; an attach that comes during a resync takes a newer one and wins:
 the resync's next request is refused as fenced, it stops, and its replicas stay out of
 sync (what was copied is kept, so the next pass copies less). A resync never runs while
-the volume is attached: the engine is the only writer then.
+the volume is attached: the engine is the only writer then, and brings its replicas back
+itself (:mod:`cargohold.services.healer`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
-from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from cargohold.clients.dataclient import DataClient
-from cargohold.core.layout import CHUNK_SIZE
+from cargohold.core.layout import CHUNK_SIZE, copy_plan, generation_table
 from cargohold.core.models import DataServer, ReplicaState, ServerState, Volume, VolumeState
 from cargohold.errors import CargoholdError, VolumeBusy
 from cargohold.stores.catalog import Catalog
@@ -100,7 +99,7 @@ class Resync:
             if any(t not in tables for t in targets):
                 raise VolumeBusy(name=name, state="resyncing to an unknown data server")
             total = -(-volume.size // CHUNK_SIZE)
-            plan = _plan(volume.size, {s: tables[s] for s in sources if s in tables},
+            plan = copy_plan(volume.size, {s: tables[s] for s in sources if s in tables},
                          {t: tables[t] for t in targets})
             budget = Budget(self.rate)
             last_report = time.monotonic()
@@ -195,34 +194,6 @@ def _due(volume: Volume, servers: dict[str, DataServer]) -> bool:
             and any(server_up(servers.get(r.server)) for r in volume.in_sync())
             and any(r.state in (ReplicaState.OUT_OF_SYNC, ReplicaState.RESYNCING)
                     and server_up(servers.get(r.server)) for r in volume.replicas))
-
-
-def generation_table(raw: bytes) -> array[int]:
-    table = array("Q", raw)  # the data servers answer GENS little-endian
-    if sys.byteorder == "big":
-        table.byteswap()
-    return table
-
-
-def _plan(size: int, sources: dict[str, array[int]], targets: dict[str, array[int]],
-          ) -> list[tuple[int, str, int, list[str]]]:
-    """(chunk, source holding its newest generation, that generation, targets behind it)
-    for every chunk some target lacks."""
-    chunks = -(-size // CHUNK_SIZE)
-    plan = []
-    for chunk in range(chunks):
-        newest, source = 0, ""
-        for sid, table in sources.items():
-            gen = table[chunk] if chunk < len(table) else 0
-            if gen > newest:
-                newest, source = gen, sid
-        if not source:
-            continue  # never written anywhere: thin, nothing to copy
-        stale = [t for t, table in targets.items()
-                 if (table[chunk] if chunk < len(table) else 0) != newest]
-        if stale:
-            plan.append((chunk, source, newest, stale))
-    return plan
 
 
 class Budget:

@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 
 from cargohold.clients.dataclient import DataClient
-from cargohold.core.layout import CHUNK_SIZE
+from cargohold.core.layout import CHUNK_SIZE, generation_table
 from cargohold.core.models import Volume, VolumeState
 from cargohold.errors import CargoholdError, ChecksumMismatch, VolumeBusy
-from cargohold.services.resync import Budget, claim_detached, generation_table, server_up
+from cargohold.services.resync import Budget, claim_detached, server_up
 from cargohold.stores.catalog import Catalog
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,172 @@
+"""The healer: an attached volume's engine brings its out-of-sync replicas back while the
+volume is in use.
+
+The engine is the only writer of an attached volume, so it is also the one that heals it:
+the controller's resync (:mod:`cargohold.services.resync`) only takes detached volumes.
+Every ``interval`` seconds the healer reads the volume record. Each replica that is not in
+sync and whose data server is up again (a transient outage) or new (a rebuild's
+replacement) catches up through ``ReplicaSet.catch_up``: the record says *resyncing* with
+its progress, and the replica becomes in sync with a metadata CAS that holds only while this
+attachment's epoch does. A replica that fails to catch up goes back to *out of sync* and is
+tried again after ``RETRY_AFTER`` seconds. Members the record no longer lists as in sync (the
+controller dropped a replaced replica) are let go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cargohold.core.models import DataServer, Replica, ReplicaState, Volume
+from cargohold.errors import CargoholdError, Fenced, VolumeBusy
+from cargohold.services.resync import server_up
+from cargohold.stores.catalog import Catalog
+
+if TYPE_CHECKING:  # the engine runs the healer
+    from cargohold.services.engine import ReplicaSet
+
+log = logging.getLogger(__name__)
+
+INTERVAL = 2.0
+RETRY_AFTER = 10.0
+
+
+@dataclass
+class Healed:
+    server: str
+    chunks_copied: int
+    chunks_total: int
+    seconds: float
+
+
+class Healer:
+    def __init__(self, catalog: Catalog, name: str, epoch: int, replicas: ReplicaSet,
+                 rate: float = 0.0, interval: float = INTERVAL) -> None:
+        """``rate``: bytes per second a catch-up copy may use (0: no limit)."""
+        self.catalog = catalog
+        self.name = name
+        self.epoch = epoch
+        self.replicas = replicas
+        self.rate = rate
+        self.interval = interval
+        self._retry_at: dict[str, float] = {}
+
+    async def run(self) -> None:
+        """Heal until the attachment ends (fenced) or the task is cancelled."""
+        while True:
+            try:
+                await self.run_once()
+            except Fenced as e:
+                log.warning("%s: not healing any more: %s", self.name, e)
+                return
+            except CargoholdError as e:
+                log.warning("%s: healing pass failed: %s", self.name, e)
+            await asyncio.sleep(self.interval)
+
+    async def run_once(self) -> list[Healed]:
+        """One pass: let go of dropped members, bring back what can come back."""
+        volume = await self.catalog.volume(self.name)
+        self._check_epoch(volume)
+        servers = {s.id: s for s in await self.catalog.servers()}
+        await self.replicas.retire({r.server for r in volume.in_sync()})
+        healed = []
+        for replica in volume.replicas:
+            server = servers.get(replica.server)
+            if (replica.state is ReplicaState.IN_SYNC or server is None or not server_up(server)
+                    or self.replicas.holds(replica.server)
+                    or time.monotonic() < self._retry_at.get(replica.server, 0.0)):
+                continue
+            try:
+                healed.append(await self.heal(server))
+            except Fenced:
+                raise
+            except CargoholdError as e:
+                self._retry_at[replica.server] = time.monotonic() + RETRY_AFTER
+                log.warning("%s: replica on data server %s did not catch up (next try in "
+                            "%.0f s): %s", self.name, replica.server, RETRY_AFTER, e)
+        return healed
+
+    async def heal(self, server: DataServer) -> Healed:
+        started = time.monotonic()
+        await self._record(server.id, _begin)
+        try:
+            copied, total = await self.replicas.catch_up(
+                server, lambda: self._record(server.id, _promote),
+                lambda done: self._record(server.id, _progress(done)), self.rate)
+        except BaseException as e:
+            await self._give_up(server.id, f"catching up stopped: {e!r}"
+                                if isinstance(e, asyncio.CancelledError)
+                                else f"catching up failed: {e}")
+            raise
+        healed = Healed(server.id, copied, total, time.monotonic() - started)
+        log.info("%s: replica on data server %s back in sync while in use: %d of %d chunks "
+                 "copied in %.1f s", self.name, server.id, copied, total, healed.seconds)
+        return healed
+
+    async def _give_up(self, server_id: str, reason: str) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(self._record(server_id, _out_of_sync(reason))),
+                                   5.0)
+        except (CargoholdError, TimeoutError) as e:
+            log.warning("%s: cannot record that %s is out of sync again: %s", self.name,
+                        server_id, e)
+
+    async def _record(self, server_id: str, change: Callable[[Replica], bool]) -> None:
+        """Apply ``change`` to this volume's replica on ``server_id`` (it returns whether it
+        changed anything), while our epoch holds."""
+
+        def update(volume: Volume) -> Volume | None:
+            self._check_epoch(volume)
+            for replica in volume.replicas:
+                if replica.server == server_id:
+                    return volume if change(replica) else None
+            raise VolumeBusy(name=self.name, state=f"without a replica on {server_id}")
+
+        await self.catalog.update_volume(self.name, update)
+
+    def _check_epoch(self, volume: Volume) -> None:
+        if volume.attachment is None or volume.attachment.epoch != self.epoch:
+            raise Fenced(volume_id=volume.id, epoch=self.epoch, current=volume.epoch)
+
+
+def _begin(replica: Replica) -> bool:
+    if replica.state is ReplicaState.IN_SYNC:
+        raise VolumeBusy(name="", state=f"in sync on {replica.server} already")
+    if replica.state is not ReplicaState.RESYNCING:
+        replica.since = time.time()
+    replica.state, replica.progress = ReplicaState.RESYNCING, 0.0
+    replica.reason = "catching up while in use"
+    return True
+
+
+def _progress(done: float) -> Callable[[Replica], bool]:
+    def record(replica: Replica) -> bool:
+        if replica.state is not ReplicaState.RESYNCING:
+            return False
+        replica.progress = round(done, 3)
+        return True
+
+    return record
+
+
+def _promote(replica: Replica) -> bool:
+    if replica.state is not ReplicaState.RESYNCING:
+        raise VolumeBusy(name="", state=f"{replica.state.value} on {replica.server} meanwhile")
+    replica.state, replica.reason, replica.progress = ReplicaState.IN_SYNC, "", 0.0
+    replica.since = time.time()
+    return True
+
+
+def _out_of_sync(reason: str) -> Callable[[Replica], bool]:
+    def back(replica: Replica) -> bool:
+        if replica.state is not ReplicaState.RESYNCING:
+            return False
+        replica.state, replica.reason, replica.progress = ReplicaState.OUT_OF_SYNC, reason, 0.0
+        replica.since = time.time()
+        return True
+
+    return back
