@@ -104,8 +104,13 @@ def test_a_full_data_server_recovers_after_delete_and_fstrim(small_disk_node: No
     assert full > 90 * MIB
 
     (mountpoint / "filler").unlink()
-    # ext4 frees a deleted file's blocks at its journal commit; fstrim sees them then
-    subprocess.run(["sync", "--file-system", str(mountpoint)], check=True)
+    # ext4 frees a deleted file's blocks at the journal commit of the unlink (fsync of the
+    # directory forces it); fstrim sees them only then
+    directory = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
     trimmed = subprocess.run(["fstrim", "-v", str(mountpoint)], capture_output=True, text=True)
     assert trimmed.returncode == 0, trimmed.stderr + node.logs()
     freed = full - _data_dir_used(node)
