@@ -5,12 +5,13 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Node, needs_root
+from tests.conftest import ROOT, Node, needs_root, sha256_of, write_random
 
 pytestmark = [needs_root(), pytest.mark.system]
 
@@ -70,3 +71,131 @@ def test_a_full_data_server_gives_enospc_and_keeps_what_was_written(
     assert (mountpoint / "kept").read_bytes() == kept
     node.cli("volume", "detach", "full")
     assert node.json("volume", "inspect", "full")["state"] == "detached"
+
+
+def _fill(path: Path, limit: int = 200) -> OSError | None:
+    """Write 1 MiB pieces with fsync until the volume's data server refuses."""
+    with open(path, "wb") as f:
+        try:
+            for _ in range(limit):
+                f.write(os.urandom(MIB))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            return e
+    return None
+
+
+def _data_dir_used(node: Node) -> int:
+    st = os.statvfs(node.data_dirs[0])
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def test_a_full_data_server_recovers_after_delete_and_fstrim(small_disk_node: Node) -> None:
+    """Full server → ENOSPC; delete + fstrim frees its space; the volume works and
+    re-attaches with its in-sync replica and its data intact."""
+    node = small_disk_node
+    node.cli("volume", "create", "full", "--size", "256M", "--replicas", "1")
+    mountpoint = Path(node.cli("volume", "attach", "full").stdout.strip())
+    kept = write_random(mountpoint / "kept", 16 * MIB)
+    failure = _fill(mountpoint / "filler")
+    assert failure is not None and failure.errno == errno.ENOSPC, f"{failure!r}\n{node.logs()}"
+    full = _data_dir_used(node)
+    assert full > 90 * MIB
+
+    (mountpoint / "filler").unlink()
+    # ext4 frees a deleted file's blocks at the journal commit of the unlink (fsync of the
+    # directory forces it); fstrim sees them only then
+    directory = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    trimmed = subprocess.run(["fstrim", "-v", str(mountpoint)], capture_output=True, text=True)
+    assert trimmed.returncode == 0, trimmed.stderr + node.logs()
+    freed = full - _data_dir_used(node)
+    print(f"{trimmed.stdout.strip()}; data server freed {freed / MIB:.1f} MiB")
+    assert freed > 48 * MIB, node.logs()
+
+    again = write_random(mountpoint / "again", 32 * MIB)  # writes succeed again
+    assert sha256_of(mountpoint / "kept") == kept
+    node.cli("volume", "detach", "full")
+    volume = node.json("volume", "inspect", "full")
+    assert volume["state"] == "detached" and volume["in_sync"] == 1, volume
+
+    mountpoint = Path(node.cli("volume", "attach", "full").stdout.strip())
+    assert sha256_of(mountpoint / "kept") == kept
+    assert sha256_of(mountpoint / "again") == again
+    node.cli("volume", "detach", "full")
+
+
+def test_a_full_data_server_keeps_the_replica_in_sync_and_attachable(
+        small_disk_node: Node) -> None:
+    """Detach while the server is full, attach again: fencing needs no free space, so the
+    replica stays in sync (nothing was lost) and the volume attaches."""
+    node = small_disk_node
+    node.cli("volume", "create", "full", "--size", "256M", "--replicas", "1")
+    mountpoint = Path(node.cli("volume", "attach", "full").stdout.strip())
+    kept = write_random(mountpoint / "kept", 16 * MIB)
+    assert _fill(mountpoint / "filler") is not None
+    node.cli("volume", "detach", "full")
+    assert os.statvfs(node.data_dirs[0]).f_bavail * 4096 < MIB  # still full
+
+    attached = node.cli("volume", "attach", "full", check=False)
+    volume = node.json("volume", "inspect", "full")
+    assert volume["in_sync"] == 1, (volume, attached.stderr)
+    assert attached.returncode == 0, attached.stderr + node.logs()
+    mountpoint = Path(attached.stdout.strip())
+    assert sha256_of(mountpoint / "kept") == kept
+    node.cli("volume", "detach", "full")
+
+
+_STORE_ON_A_FULL_DISK = """
+import os, sys
+from pathlib import Path
+from cargohold.errors import NoSpace
+from cargohold.stores.chunkstore import DiskChunkStore
+store = DiskChunkStore(Path(sys.argv[1]))
+replica = store.create("ab" * 16, 64 << 20)
+replica.write(0, b"a" * 4096, 1)
+fd = os.open(Path(sys.argv[1]) / "filler", os.O_WRONLY | os.O_CREAT)
+try:  # take every page that is left
+    while True:
+        os.write(fd, b"f" * 4096)
+except OSError:
+    os.close(fd)
+(Path(sys.argv[1]) / "filler").unlink() if sys.argv[2] == "free" else None
+for offset in (32 << 20, 48 << 20):  # checksum and generation pages never touched before
+    try:
+        replica.write(offset, b"b" * 4096, 2)
+        print("written")
+    except NoSpace as e:
+        print("nospace", e)
+replica.fence(3)
+assert replica.read(0, 4096) == b"a" * 4096
+store.close()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("free", ["full", "free"])
+def test_the_chunk_store_on_a_full_disk_says_no_space_instead_of_dying(
+        tmp_path: Path, free: str) -> None:
+    """Checksums and generations are stored through mmap: a store into a hole on a full
+    tmpfs is a SIGBUS. The store gives those pages their space first (NoSpace instead)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    try:
+        done = subprocess.run([sys.executable, "-c", _STORE_ON_A_FULL_DISK, str(disk), free],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, check=False)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stdout}{done.stderr}"
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "ok"
+    if free == "full":
+        assert all(line.startswith("nospace") for line in lines[:-1]), lines
+    else:
+        assert lines[:-1] == ["written", "written"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import struct
 import uuid
@@ -12,6 +14,7 @@ import pytest
 
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
 from cargohold.errors import ChecksumMismatch, Fenced, InvalidArgument, NoSpace, ReplicaNotFound
+from cargohold.stores import chunkstore
 from cargohold.stores.chunkstore import ChunkStore, DiskChunkStore, MemoryChunkStore
 
 MIB = 1 << 20
@@ -317,6 +320,66 @@ def test_persistence_across_reopen(make_disk: Callable[[], DiskChunkStore]) -> N
         reopened.fence(8)
 
 
+def test_fencing_needs_no_free_space(make_disk: Callable[[], DiskChunkStore],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk still takes a new epoch: it overwrites the epoch file in place."""
+    store = make_disk()
+    v = vid()
+    store.create(v, MIB).fence(2)
+    store.close()
+
+    def full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(chunkstore, "_write_json_atomic", full)
+    monkeypatch.setattr(chunkstore, "_make_epoch_file", full)
+    replica = make_disk().replica(v)
+    for epoch in (3, 4, 7):
+        replica.fence(epoch)
+    monkeypatch.undo()
+    again = make_disk()  # the first store is never closed: like a crash
+    assert again.replica(v).epoch == 7
+    with pytest.raises(Fenced):
+        again.replica(v).fence(6)
+
+
+def test_a_torn_epoch_slot_keeps_the_previous_epoch(
+        make_disk: Callable[[], DiskChunkStore]) -> None:
+    store = make_disk()
+    v = vid()
+    replica = store.create(v, MIB)
+    replica.fence(5)
+    replica.fence(6)
+    store.close()
+    path = store.root / "replicas" / v / "epoch"
+    raw = bytearray(path.read_bytes())
+    newest = 0 if struct.unpack_from("<Q", raw, 0)[0] == 6 else 512
+    raw[newest + 3] ^= 0xFF  # a crash in the middle of writing epoch 6
+    path.write_bytes(bytes(raw))
+    reopened = make_disk().replica(v)
+    assert reopened.epoch == 5
+    reopened.fence(8)  # overwrites the torn slot, keeps 5
+    assert sorted(e or 0 for e in chunkstore._read_epoch_slots(path.read_bytes())) == [5, 8]
+
+
+def test_a_replica_without_an_epoch_file_gets_one(
+        make_disk: Callable[[], DiskChunkStore]) -> None:
+    """Replicas made before the epoch file keep their epoch (from meta.json) and gain it."""
+    store = make_disk()
+    v = vid()
+    store.create(v, MIB).fence(4)
+    store.close()
+    path = store.root / "replicas" / v
+    (path / "epoch").unlink()
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, "epoch": 4}))
+    reopened = make_disk().replica(v)
+    assert reopened.epoch == 4
+    assert (path / "epoch").exists()
+    reopened.fence(5)
+    assert make_disk().replica(v).epoch == 5
+
+
 def test_delete_removes_the_directory(make_disk: Callable[[], DiskChunkStore]) -> None:
     store = make_disk()
     v = vid()
@@ -350,7 +413,9 @@ def test_disk_layout(disk: DiskChunkStore) -> None:
     v = vid()
     disk.create(v, 3 * MIB).write(0, b"l" * BLOCK_SIZE, 1)
     path = disk.root / "replicas" / v
-    assert sorted(p.name for p in path.iterdir()) == ["data", "gens", "meta.json", "sums"]
+    assert sorted(p.name for p in path.iterdir()) == ["data", "epoch", "gens", "meta.json",
+                                                       "sums"]
+    assert (path / "epoch").stat().st_blocks * 512 >= BLOCK_SIZE  # allocated, not a hole
     assert (path / "data").stat().st_size == 3 * MIB
     assert (path / "sums").stat().st_size == 3 * MIB // BLOCK_SIZE * 4
     assert (path / "gens").stat().st_size == 3 * 8

@@ -26,6 +26,7 @@ from typing import cast
 import uvloop
 
 from cargohold.core.layout import CHUNK_SIZE
+from cargohold.core.sizes import format_size
 from cargohold.core.wire import (
     LOCAL_SOCKET,
     MAX_GENS_CHUNKS,
@@ -131,7 +132,7 @@ class _Connection(asyncio.BufferedProtocol):
                 raise InvalidArgument(what="op", detail=f"unknown op {header.op}")
             result = handler(self, header, payload)
         except Exception as exc:  # every failure becomes a status; the server goes on
-            status, body = _error_response(exc, header)
+            status, body = _error_response(exc, header, self._store)
             self._queue(status, header.request_id, body)
             return
         if result is not _LATER:
@@ -253,7 +254,7 @@ class _Connection(asyncio.BufferedProtocol):
         if exc is None:
             self._queue(Status.OK, header.request_id, b"")
         else:
-            status, body = _error_response(exc, header)
+            status, body = _error_response(exc, header, self._store)
             self._queue(status, header.request_id, body)
         self._send()
 
@@ -273,7 +274,8 @@ _HANDLERS: dict[int, Handler] = {
 }
 
 
-def _error_response(exc: BaseException, header: RequestHeader) -> tuple[Status, bytes]:
+def _error_response(exc: BaseException, header: RequestHeader,
+                    store: ChunkStore) -> tuple[Status, bytes]:
     """The one place where errors become wire statuses."""
     if isinstance(exc, Fenced):
         return Status.FENCED, encode_u64(int(exc.fields["current"]))
@@ -283,8 +285,9 @@ def _error_response(exc: BaseException, header: RequestHeader) -> tuple[Status, 
     if isinstance(exc, ReplicaNotFound):
         return Status.NOT_FOUND, encode_text(str(exc))
     if isinstance(exc, NoSpace):
-        log.warning("%s", exc)
-        return Status.NO_SPACE, encode_text(str(exc.fields.get("detail", exc)))
+        text = f"{exc.fields.get('detail', exc)} ({_space(store)})"
+        log.warning("%s on volume %s: %s", _op_name(header.op), header.volume_id, text)
+        return Status.NO_SPACE, encode_text(text)
     if isinstance(exc, InvalidArgument):
         what, detail = exc.fields.get("what"), exc.fields.get("detail")
         text = f"{what}: {detail}" if what is not None and detail is not None else str(exc)
@@ -294,6 +297,17 @@ def _error_response(exc: BaseException, header: RequestHeader) -> tuple[Status, 
     else:
         log.error("%s on volume %s failed", _op_name(header.op), header.volume_id, exc_info=exc)
     return Status.IO_ERROR, encode_text(str(exc) or type(exc).__name__)
+
+
+def _space(store: ChunkStore) -> str:
+    """How full the store is, for a NO_SPACE answer (the caller shows it to the user)."""
+    try:
+        free, capacity, used = store.free(), store.capacity(), store.used()
+    except OSError as exc:
+        return f"free space unknown: {exc}"
+    return (f"{format_size(free)} free of {format_size(capacity)}; replicas use "
+            f"{format_size(used)} of {format_size(store.provisioned())} provisioned. Free space "
+            f"(delete data in its volumes and run fstrim) or move replicas off it")
 
 
 def _op_name(op: int) -> str:

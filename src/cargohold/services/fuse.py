@@ -35,6 +35,7 @@ FILE_INO = 2
 
 MAX_WRITE = 1 << 20
 MAX_PAGES = MAX_WRITE // 4096
+ZERO_WINDOW = 8  # writes of zeros in flight for one FALLOC_FL_ZERO_RANGE
 MAX_BACKGROUND = 64
 READ_BUFFER = MAX_WRITE + 64 * 1024
 
@@ -363,11 +364,37 @@ class FuseSession:
             return
         length = max(0, min(length, self.target.size - offset))
         try:
-            await self.target.trim(offset, length)
+            if mode & FALLOC_FL_PUNCH_HOLE:
+                await self.target.trim(offset, length)
+            else:
+                await self._write_zeros(offset, length)
         except Exception as e:  # noqa: BLE001
             self._fail(unique, e)
             return
         self._reply(unique, b"")
+
+    async def _write_zeros(self, offset: int, length: int) -> None:
+        """Zero a range and keep it allocated (``FALLOC_FL_ZERO_RANGE``).
+
+        Unlike a punched hole, the caller wants the space to stay there: the loop device
+        sends this for a zero-out that must not unmap (``REQ_NOUNMAP``, e.g. mkfs zeroing
+        the ext4 journal), so that later writes into the range cannot run out of space on a
+        full data server. The zeros are written, ``ZERO_WINDOW`` pieces at a time.
+        """
+        zeros = bytes(min(length, MAX_WRITE))
+        end = offset + length
+        pending: list[asyncio.Future[None]] = []
+        while offset < end:
+            piece = min(len(zeros), end - offset)
+            pending.append(self.target.start_write(offset, zeros[:piece] if piece < len(zeros)
+                                                   else zeros))
+            offset += piece
+            if len(pending) >= ZERO_WINDOW or offset >= end:
+                results = await asyncio.gather(*pending, return_exceptions=True)
+                pending = []
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
 
     def _fail(self, unique: int, error: BaseException) -> None:
         code = errno.ENOSPC if isinstance(error, NoSpace) else errno.EIO

@@ -1,7 +1,8 @@
 """Rebalance: spread replicas evenly over the data servers (after one joins, say).
 
 The plan moves one replica at a time from the data server holding the most replicas to the
-one holding the fewest, while they differ by more than one. A move is a replacement (see
+one holding the fewest, while they differ by more than one (a server none of whose replicas
+can move leaves its turn to the next most loaded one). A move is a replacement (see
 :mod:`cargohold.services.rebuild`): the new copy is added out of sync, filled by the resync,
 and the old one dropped only once the new one is in sync, so redundancy never goes down.
 Only detached volumes move (their resync needs them detached); a target never already holds
@@ -58,46 +59,66 @@ class Rebalance:
 
 
 def plan(servers: list[DataServer], volumes: list[Volume]) -> list[Move]:
-    """Moves (at most one per volume) that even out replica counts over ``servers``."""
+    """Moves (at most one per volume) that even out replica counts over ``servers``.
+
+    Each step takes the first possible move from the most loaded server to the least
+    loaded one; when no replica can leave the most loaded server (each of its volumes
+    already has a replica on every lighter server or its node, or would not fit there), the
+    next most loaded server gets its turn, so one stuck server does not stop the rest.
+    A target takes a volume only within its over-provisioning limit (``max_provisioned``,
+    counting the moves planned before) and while it has free space. Each move lowers the
+    spread of the counts (source and target differ by two or more), so the plan ends.
+    """
     usable = {s.id: s for s in servers}
     load = {sid: 0 for sid in usable}
     for volume in volumes:
         for replica in volume.replicas:
             if replica.server in load:
                 load[replica.server] += 1
+    provisioned = {s.id: s.provisioned for s in servers}
     distinct_nodes = len({s.node for s in servers}) > 1
     moving = {v.name for v in volumes if any(r.replaces for r in v.replicas)}
     movable = [v for v in volumes if v.state is VolumeState.DETACHED and v.attachment is None
                and v.name not in moving]
     moves: list[Move] = []
-    while True:
-        source = max(load, key=lambda sid: (load[sid], sid), default=None)
-        if source is None:
-            return moves
-        best = None
-        for target in sorted(load, key=lambda sid: (load[sid], sid)):
+    while (move := _next_move(load, movable, usable, provisioned, distinct_nodes)) is not None:
+        moves.append(move)
+        volume = next(v for v in movable if v.name == move.volume)
+        movable.remove(volume)
+        load[move.source] -= 1
+        load[move.target] += 1
+        provisioned[move.target] += volume.size  # the source frees its share only once done
+    return moves
+
+
+def _next_move(load: dict[str, int], movable: list[Volume], servers: dict[str, DataServer],
+               provisioned: dict[str, int], distinct_nodes: bool) -> Move | None:
+    """The first possible move, trying sources from the most loaded down."""
+    lightest = sorted(load, key=lambda sid: (load[sid], sid))
+    for source in sorted(load, key=lambda sid: (load[sid], sid), reverse=True):
+        for target in lightest:
             if load[source] - load[target] <= 1:
-                break
-            best = _pick(movable, source, target, usable, distinct_nodes)
-            if best is not None:
-                moves.append(Move(best.name, source, target))
-                movable.remove(best)
-                load[source] -= 1
-                load[target] += 1
-                break
-        if best is None:
-            return moves
+                break  # the targets after this one are no lighter
+            volume = _pick(movable, source, target, servers, provisioned, distinct_nodes)
+            if volume is not None:
+                return Move(volume.name, source, target)
+    return None
 
 
 def _pick(volumes: list[Volume], source: str, target: str, servers: dict[str, DataServer],
-          distinct_nodes: bool) -> Volume | None:
+          provisioned: dict[str, int], distinct_nodes: bool) -> Volume | None:
+    server = servers[target]
+    if server.capacity and server.free <= 0:  # full (capacity 0: not reported yet)
+        return None
     for volume in volumes:
         holders = {r.server for r in volume.replicas}
         if source not in holders or target in holders:
             continue
+        if server.max_provisioned and provisioned[target] + volume.size > server.max_provisioned:
+            continue
         if distinct_nodes:
             nodes = {servers[h].node for h in holders if h in servers and h != source}
-            if servers[target].node in nodes:
+            if server.node in nodes:
                 continue
         return volume
     return None

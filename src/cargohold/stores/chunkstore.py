@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import shutil
+import struct
 import sys
 import threading
 import uuid
@@ -61,6 +62,7 @@ BytesLike = bytes | bytearray | memoryview
 
 _VOLUME_ID = re.compile(r"^[0-9a-f]{32}$")
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
+_ZERO_PAGE = bytes(mmap.PAGESIZE)
 _MAX_U64 = (1 << 64) - 1
 
 
@@ -465,6 +467,17 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
+def _fallocate_keep_size(fd: int, offset: int, length: int) -> None:
+    """Allocate a byte range of a file without changing its size."""
+    if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _pages(size: int) -> int:
+    return -(-size // mmap.PAGESIZE)
+
+
 def _le_u64(values: Any) -> bytes:
     out = array("Q", values)
     if sys.byteorder != "little":
@@ -502,8 +515,47 @@ def _reraise(exc: OSError, server: str) -> NoReturn:
     raise exc
 
 
+#: The epoch file: two slots of (epoch u64, crc32 u32) in sectors of their own, in one
+#: block that is written whole when the replica is made, so that fencing later overwrites
+#: allocated space only and works on a full disk. ``fence`` overwrites the older slot: a
+#: crash in the middle leaves the newer one intact (that fence never returned).
+_EPOCH_FILE = "epoch"
+_EPOCH_SLOT = struct.Struct("<QI")
+_EPOCH_SLOTS = (0, 512)
+
+
+def _epoch_record(epoch: int) -> bytes:
+    return _EPOCH_SLOT.pack(epoch, crc32(epoch.to_bytes(8, "little")))
+
+
+def _make_epoch_file(path: Path, epoch: int) -> None:
+    """Write ``path`` whole (every byte allocated), both slots holding ``epoch``."""
+    block = bytearray(BLOCK_SIZE)
+    for at in _EPOCH_SLOTS:
+        _EPOCH_SLOT.pack_into(block, at, *_EPOCH_SLOT.unpack(_epoch_record(epoch)))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.pwrite(fd, block, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_epoch_slots(data: bytes) -> list[int | None]:
+    """Each slot's epoch, or None where its checksum fails (a torn write)."""
+    found: list[int | None] = []
+    for at in _EPOCH_SLOTS:
+        if len(data) < at + _EPOCH_SLOT.size:
+            found.append(None)
+            continue
+        epoch, crc = _EPOCH_SLOT.unpack_from(data, at)
+        found.append(epoch if crc == crc32(epoch.to_bytes(8, "little")) else None)
+    return found
+
+
 class DiskReplica(Replica):
-    """A replica in a directory: sparse ``data``, ``sums`` and ``gens`` (mmap), meta.json."""
+    """A replica in a directory: sparse ``data``, ``sums`` and ``gens`` (mmap), ``epoch``
+    and meta.json."""
 
     def __init__(self, path: Path, volume_id: str, server: str) -> None:
         meta = json.loads((path / "meta.json").read_text())
@@ -513,15 +565,21 @@ class DiskReplica(Replica):
         self._lock = threading.Lock()  # flush (worker thread) against close
         self._closed = False
         self._blocks = self.size // BLOCK_SIZE
+        self._epoch_fd = self._open_epoch_file()
         self._data_fd = os.open(path / "data", os.O_RDWR | os.O_CLOEXEC)
         try:
             self._sums_fd, self._sums_map = self._map(path / "sums", self._blocks * 4)
             self._gens_fd, self._gens_map = self._map(path / "gens", chunk_count(self.size) * 8)
         except BaseException:
             os.close(self._data_fd)
+            if self._epoch_fd >= 0:
+                os.close(self._epoch_fd)
             raise
         self._sums = memoryview(self._sums_map).cast("I")  # host order (little-endian)
         self._gens = memoryview(self._gens_map).cast("Q")
+        # pages of sums and gens known to have space under them (see ``_back``)
+        self._sums_backed = bytearray(_pages(self._blocks * 4))
+        self._gens_backed = bytearray(_pages(chunk_count(self.size) * 8))
         self._chunks_written = self._count_written()
 
     def _count_written(self) -> int:
@@ -553,14 +611,47 @@ class DiskReplica(Replica):
             os.close(fd)
             raise
 
+    def _open_epoch_file(self) -> int:
+        """Open the epoch file (made for replicas older than it), taking the highest epoch
+        of it and meta.json; -1 when it cannot be made (the disk is full): fences then
+        replace meta.json, which needs free space."""
+        path = self._path / _EPOCH_FILE
+        if not path.exists():
+            tmp = path.with_name(f".{_EPOCH_FILE}.{secrets.token_hex(4)}.tmp")
+            try:
+                _make_epoch_file(tmp, self._epoch)
+                os.rename(tmp, path)
+                _fsync_dir(self._path)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                log.warning("replica %s: cannot make its epoch file (%s); fencing needs free "
+                            "space until it exists", self.volume_id, exc)
+                return -1
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        slots = _read_epoch_slots(os.pread(fd, BLOCK_SIZE, 0))
+        self._epoch = max([self._epoch, *(e for e in slots if e is not None)])
+        return fd
+
     @property
     def epoch(self) -> int:
         return self._epoch
 
     def _store_epoch(self, epoch: int) -> None:
-        meta = {"volume_id": self.volume_id, "size": self.size, "epoch": epoch}
+        if self._epoch_fd < 0:
+            meta = {"volume_id": self.volume_id, "size": self.size, "epoch": epoch}
+            try:
+                _write_json_atomic(self._path / "meta.json", meta)
+            except OSError as exc:
+                _reraise(exc, self.server)
+            self._epoch = epoch
+            return
         try:
-            _write_json_atomic(self._path / "meta.json", meta)
+            slots = _read_epoch_slots(os.pread(self._epoch_fd, BLOCK_SIZE, 0))
+            # overwrite a torn slot, else the older one: the newest stays whole
+            ranks = [-1 if e is None else e for e in slots]
+            older = ranks.index(min(ranks))
+            os.pwrite(self._epoch_fd, _epoch_record(epoch), _EPOCH_SLOTS[older])
+            os.fdatasync(self._epoch_fd)
         except OSError as exc:
             _reraise(exc, self.server)
         self._epoch = epoch
@@ -601,8 +692,36 @@ class DiskReplica(Replica):
                 fixed[pos : pos + BLOCK_SIZE] = _ZERO_BLOCK
         return data if fixed is None else bytes(fixed)
 
+    def _back(self, fd: int, backed: bytearray, start: int, end: int) -> None:
+        """Make sure the pages of bytes ``[start, end)`` of a mapped file have space.
+
+        Sums and gens are sparse files written through their maps, and a store into a hole
+        on a full file system is a SIGBUS that kills the data server. So each page gets its
+        space (fallocate) before its first store, and a full disk becomes ``NoSpace``.
+        """
+        page = mmap.PAGESIZE
+        first, last = start // page, (end - 1) // page + 1
+        if backed.find(0, first, last) < 0:
+            return
+        try:
+            _fallocate_keep_size(fd, first * page, (last - first) * page)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                _reraise(exc, self.server)
+        backed[first:last] = b"\1" * (last - first)
+
+    def _back_range(self, offset: int, length: int, generation: int) -> None:
+        """Give space to the checksums and generations an I/O on this range stores."""
+        first = offset // BLOCK_SIZE
+        self._back(self._sums_fd, self._sums_backed, first * 4,
+                   (first + length // BLOCK_SIZE) * 4)
+        if generation:
+            self._back(self._gens_fd, self._gens_backed, offset // CHUNK_SIZE * 8,
+                       ((offset + length - 1) // CHUNK_SIZE + 1) * 8)
+
     def _write(self, offset: int, data: memoryview, generation: int) -> None:
         length = len(data)
+        self._back_range(offset, length, generation)
         try:
             done = os.pwrite(self._data_fd, data, offset)
             while done < length:
@@ -634,6 +753,9 @@ class DiskReplica(Replica):
                 self._sums[first + k] = _crc(block)
 
     def _trim(self, offset: int, length: int, generation: int) -> None:
+        if generation:
+            self._back(self._gens_fd, self._gens_backed, offset // CHUNK_SIZE * 8,
+                       ((offset + length - 1) // CHUNK_SIZE + 1) * 8)
         try:
             punch_hole(self._data_fd, offset, length)
         except OSError as exc:
@@ -651,19 +773,33 @@ class DiskReplica(Replica):
             offset += os.pwrite(self._data_fd, zeros[: end - offset], offset)
 
     def _clear_sums(self, first: int, count: int) -> None:
-        """Zero ``count`` checksums; whole pages are punched so that the file stays thin."""
+        """Zero ``count`` checksums; whole pages are punched so that the file stays thin.
+
+        Only checksums that are not zero already are stored to: a page that is a hole
+        stays one (a store there would need space, which a full disk does not have).
+        """
         start, end = first * 4, (first + count) * 4
         page = mmap.PAGESIZE
         inner_start, inner_end = -(-start // page) * page, end // page * page
         if inner_end - inner_start >= page:
             try:
                 punch_hole(self._sums_fd, inner_start, inner_end - inner_start)
+                self._sums_backed[inner_start // page : inner_end // page] = bytes(
+                    (inner_end - inner_start) // page)
             except OSError:
                 inner_start = inner_end = start
-            self._sums_map[start:inner_start] = bytes(inner_start - start)
-            self._sums_map[inner_end:end] = bytes(end - inner_end)
+            self._zero_sums(start, inner_start)
+            self._zero_sums(inner_end, end)
         else:
-            self._sums_map[start:end] = bytes(end - start)
+            self._zero_sums(start, end)
+
+    def _zero_sums(self, start: int, end: int) -> None:
+        page = mmap.PAGESIZE
+        for at in range(start, end, page):  # page by page: a big trim maps no big copy
+            stop = min(end, (at // page + 1) * page)
+            zeros = _ZERO_PAGE[: stop - at]
+            if self._sums_map[at:stop] != zeros:
+                self._sums_map[at:stop] = zeros
 
     def _record(self, offset: int, length: int, generation: int) -> None:
         gens = self._gens
@@ -717,6 +853,8 @@ class DiskReplica(Replica):
             self._sums = memoryview(sums_map).cast("I")
             self._gens = memoryview(gens_map).cast("Q")
             self._blocks = blocks
+            self._sums_backed.extend(bytes(_pages(blocks * 4) - len(self._sums_backed)))
+            self._gens_backed.extend(bytes(_pages(chunk_total * 8) - len(self._gens_backed)))
         log.info("grew replica %s to %d bytes", self.volume_id, size)
 
     def _unmap(self, when: str) -> None:
@@ -749,16 +887,18 @@ class DiskReplica(Replica):
                 return
             self._closed = True
             self._unmap("close")
-            for fd in (self._data_fd, self._sums_fd, self._gens_fd):
-                os.close(fd)
+            for fd in (self._data_fd, self._sums_fd, self._gens_fd, self._epoch_fd):
+                if fd >= 0:
+                    os.close(fd)
 
 
 class DiskChunkStore(ChunkStore):
     """Replicas under ``root``: ``server.json`` and ``replicas/<volume id>/``.
 
     Each replica directory holds a sparse ``data`` file, ``sums`` (u32 CRC32 per block,
-    host byte order), ``gens`` (u64 generation per chunk, host byte order) and ``meta.json``
-    (size, epoch). Creating and deleting go through a hidden temporary directory and a
+    host byte order), ``gens`` (u64 generation per chunk, host byte order), ``epoch`` (the
+    fencing epoch, overwritten in place: see ``_EPOCH_FILE``) and ``meta.json`` (size; the
+    epoch as of the last grow). Creating and deleting go through a hidden temporary directory and a
     rename, so a crash never leaves a half-made replica under its real name.
     """
 
@@ -811,6 +951,7 @@ class DiskChunkStore(ChunkStore):
             self._make_file(tmp / "data", size)
             self._make_file(tmp / "sums", size // BLOCK_SIZE * 4)
             self._make_file(tmp / "gens", chunk_count(size) * 8)
+            _make_epoch_file(tmp / _EPOCH_FILE, 0)
             _write_json_atomic(
                 tmp / "meta.json", {"volume_id": volume_id, "size": size, "epoch": 0}
             )
