@@ -123,6 +123,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="serve the Kubernetes CSI driver on unix:///PATH (default: none)")
     node_actions = node.add_subparsers(dest="action")
     output(node_actions.add_parser("ls", help="list nodes and their data servers"))
+    remove = node_actions.add_parser(
+        "rm", help="remove a node that is down, with its data servers, for good")
+    remove.add_argument("target", metavar="NODE")
+    remove.add_argument("--force", action="store_true",
+                        help="also when it still holds replicas: they are rebuilt elsewhere "
+                             "at once from their other copies")
+    output(remove)
     drain = node_actions.add_parser(
         "drain", help="move every replica off a node (then it can be removed)")
     drain.add_argument("target", metavar="NODE")
@@ -194,6 +201,12 @@ def _run_client(args: argparse.Namespace) -> int:
                 print(json.dumps(event) if as_json else
                       f"{time.strftime('%H:%M:%S', time.localtime(event['time']))}  "
                       f"{event['kind']:<10} {event['message']}", flush=True)
+            return 0
+        if args.command == "node" and args.action == "rm":
+            query = "?force=true" if args.force else ""
+            removed = api.request("DELETE", f"/v1/nodes/{args.target}{query}")
+            _emit(removed, as_json, f"{args.target} removed; "
+                  f"{removed['replicas_to_rebuild']} replica(s) to rebuild elsewhere")
             return 0
         if args.command == "node" and args.action == "drain":
             return _drain(api, args.target, args.cancel, args.wait, as_json)

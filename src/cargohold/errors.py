@@ -141,6 +141,27 @@ class VolumeInUse(CargoholdError):
     kind = Kind.CONFLICT
 
 
+class NodeAlive(CargoholdError):
+    """Node {name!r} is up (its lease is alive): stop it before removing it."""
+
+    code = "node_alive"
+    kind = Kind.CONFLICT
+
+
+class NodeHoldsReplicas(CargoholdError):
+    """Node {name!r} still holds {count} replica(s) ({volumes}): drain it first (cargohold node drain {name} --wait), or remove it with --force to rebuild them elsewhere from their other copies."""  # noqa: E501
+
+    code = "node_holds_replicas"
+    kind = Kind.CONFLICT
+
+
+class LastCopy(CargoholdError):
+    """Refused: the only in-sync copy of volume(s) {volumes} is on node {name!r}; removing it would lose their data. Bring the node back, or remove the volumes."""  # noqa: E501
+
+    code = "last_copy"
+    kind = Kind.CONFLICT
+
+
 class OwnerAlive(CargoholdError):
     """Volume {name!r} is attached on node {node!r}, whose lease is alive: it is up, so --force is refused. Detach it there."""  # noqa: E501
 

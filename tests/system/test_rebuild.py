@@ -19,21 +19,32 @@ pytestmark = [needs_root(), pytest.mark.system]
 MIB = 1 << 20
 
 
-@pytest.fixture
-def three_nodes(tmp_path: Path) -> Iterator[dict[str, Node]]:
-    meta = f"sqlite://{tmp_path / 'meta.db'}"
+def _three_nodes(base: Path, rebuild_after: str) -> Iterator[dict[str, Node]]:
+    meta = f"sqlite://{base / 'meta.db'}"
     nodes: dict[str, Node] = {}
     try:
         for name in ("h1", "h2", "h3"):
-            (tmp_path / name).mkdir()
-            node = Node(tmp_path / name, data_servers=1, name=name,
-                        extra=("--metadata", meta, "--lease-ttl", "2", "--rebuild-after", "2"))
+            (base / name).mkdir()
+            node = Node(base / name, data_servers=1, name=name,
+                        extra=("--metadata", meta, "--lease-ttl", "2",
+                               "--rebuild-after", rebuild_after))
             nodes[name] = node
             node.start()
         yield nodes
     finally:
         for node in nodes.values():
             node.cleanup()
+
+
+@pytest.fixture
+def three_nodes(tmp_path: Path) -> Iterator[dict[str, Node]]:
+    yield from _three_nodes(tmp_path, rebuild_after="2")
+
+
+@pytest.fixture
+def patient_nodes(tmp_path: Path) -> Iterator[dict[str, Node]]:
+    """Three nodes that wait 10 minutes before rebuilding around a data server that is down."""
+    yield from _three_nodes(tmp_path, rebuild_after="600")
 
 
 def _kill_host(node: Node) -> None:
@@ -149,3 +160,37 @@ def test_drain_of_an_attached_volume_rebuilds_while_it_is_in_use(
     mountpoint = Path(other.cli("volume", "attach", "busy").stdout.strip())
     LiveWriter(mountpoint / "live.bin").verify_against(writer)
     other.cli("volume", "detach", "busy")
+
+
+def test_a_node_removed_for_good_is_rebuilt_around_at_once(
+        patient_nodes: dict[str, Node]) -> None:
+    h1 = patient_nodes["h1"]
+    h1.cli("volume", "create", "gone", "--size", "128M", "--replicas", "2")
+    digest = _fill(h1, "gone")
+    holders = sorted(_holders(h1, "gone"))
+    lost = next(n for n in holders if n != "h1")  # h1 drives the test
+    kept = next(n for n in holders if n != lost)
+    spare = ({"h1", "h2", "h3"} - {lost, kept}).pop()
+    alive = h1.cli("node", "rm", lost, check=False)
+    assert alive.returncode == 4 and "[node_alive]" in alive.stderr
+
+    _kill_host(patient_nodes[lost])
+    _until(lambda: any(n["name"] == lost and n["health"] == "down"
+                       for n in h1.json("node", "ls")), f"{lost}'s lease expired")
+    refused = h1.cli("node", "rm", lost, check=False)
+    assert refused.returncode == 4 and "drain it first" in refused.stderr
+    assert _holders(h1, "gone")[lost] == "in_sync"  # nothing changed
+
+    removed = h1.json("node", "rm", lost, "--force")
+    assert removed["replicas_to_rebuild"] == 1 and len(removed["data_servers"]) == 1
+    assert lost not in {n["name"] for n in h1.json("node", "ls")}
+    started = time.monotonic()
+    _until(lambda: _holders(h1, "gone") == {kept: "in_sync", spare: "in_sync"},
+           "rebuilt on the spare host, long before --rebuild-after (600 s)")
+    print(f"rebuilt {time.monotonic() - started:.1f} s after node rm --force")
+    assert "its data server was removed" in "\n".join(n.logs() for n in patient_nodes.values())
+    missing = h1.cli("node", "rm", "nosuch", check=False)
+    assert missing.returncode == 3
+
+    _kill_host(patient_nodes[kept])  # the rebuilt copy alone has every byte
+    _verify(patient_nodes[spare], "gone", digest)

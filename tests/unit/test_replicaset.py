@@ -10,7 +10,7 @@ import pytest
 
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.models import DataServer, Replica, Volume
-from cargohold.errors import DataServerUnavailable, Fenced, NoReplicaLeft
+from cargohold.errors import DataServerUnavailable, Fenced, NoReplicaLeft, NoSpace
 from cargohold.services.engine import Member, ReplicaSet
 
 
@@ -188,12 +188,14 @@ class DiskClient(FakeClient):
         super().__init__(name, log, fail)
         self.data = bytearray(SIZE)
         self.read_gate: asyncio.Event | None = None  # reads wait for it when set
+        self.fence_error: Exception | None = None
 
     async def connect(self, timeout: float = 0.0) -> None:
         pass
 
     async def fence(self, _vid: str, _epoch: int, timeout: float = 0.0) -> None:
-        pass
+        if self.fence_error is not None:
+            raise self.fence_error
 
     async def stat(self, _vid: str, timeout: float = 0.0) -> dict[str, int]:
         return {"size": SIZE}
@@ -312,3 +314,21 @@ def test_a_replica_that_fails_while_catching_up_costs_no_io() -> None:
     assert clients[0].data[7 * CHUNK_SIZE:7 * CHUNK_SIZE + 4096] == b"k" * 4096
     asyncio.run(rs.write(0, b"z" * 4096))  # the fast path is back
     assert not rs._careful
+
+
+def test_a_full_data_server_at_attach_marks_nothing_and_says_so() -> None:
+    rs, log, _ = _set((False, False))
+    rs.members = []
+    clients: dict[str, DiskClient] = {}
+
+    def client_for(server: DataServer) -> DiskClient:
+        clients[server.id] = DiskClient(server.id, log)
+        if server.id == "s1":  # cannot store the fence: its disk is full
+            clients[server.id].fence_error = NoSpace(server="s1", detail="0B free of 96M")
+        return clients[server.id]
+
+    rs.client_for = client_for  # type: ignore[method-assign,assignment]
+    with pytest.raises(NoSpace, match="0B free"):
+        asyncio.run(rs.open())
+    assert not any(line.startswith("marked") for line in log)
+    assert all(c.closed for c in clients.values()) and not rs.members

@@ -24,6 +24,7 @@ from cargohold.errors import CargoholdError, Kind, NodeNotFound, Unauthorized
 from cargohold.services.agent import Agent
 from cargohold.services.controller import Controller
 from cargohold.services.events import EventFeed
+from cargohold.services.nodes import NodeService
 from cargohold.services.rebalance import Rebalance
 from cargohold.services.rebuild import Rebuild
 from cargohold.services.scrub import Scrub
@@ -255,6 +256,12 @@ def create_app(services: Services, token: str = "") -> FastAPI:
         await nodes_view(name)  # NodeNotFound for a node that never joined
         await services.catalog.set_draining(name, True)
         return (await nodes_view(name))[0]
+
+    @app.delete("/v1/nodes/{name}")
+    async def remove_node(name: str, force: bool = False) -> dict[str, Any]:
+        removed = await NodeService(services.catalog).remove(name, force)
+        return {"name": removed.name, "removed": True, "data_servers": removed.data_servers,
+                "replicas_to_rebuild": removed.replicas_to_rebuild}
 
     @app.delete("/v1/nodes/{name}/drain")
     async def undrain_node(name: str) -> dict[str, Any]:

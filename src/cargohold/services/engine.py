@@ -115,6 +115,12 @@ class ReplicaSet:
                           else CONNECT_TIMEOUT)
               for server, client in zip(self._wanted, clients, strict=True)),
             return_exceptions=True)
+        # A replica that could not store the fence has lost nothing: say why, mark nothing.
+        full = next((r for r in results if isinstance(r, NoSpace)), None)
+        if full is not None:
+            for client in clients:
+                await client.close()
+            raise full
         fenced = next((r for r in results if isinstance(r, Fenced)), None)
         for server, client, result in zip(self._wanted, clients, results, strict=True):
             if result is None and fenced is None:

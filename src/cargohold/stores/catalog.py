@@ -116,6 +116,14 @@ class Catalog:
     async def node_alive(self, name: str) -> bool:
         return await self.store.get(liveness_key(name)) is not None
 
+    async def remove_node(self, name: str) -> list[str]:
+        """Forget node ``name`` and its data servers (one transaction); return their ids.
+        Replicas still recorded on them are then rebuilt elsewhere (``services.rebuild``)."""
+        ids = [s.id for s in await self.servers() if s.node == name]
+        await self.store.txn([], [Delete(node_key(name)), Delete(drain_key(name)),
+                                  *(Delete(server_key(i)) for i in ids)])
+        return ids
+
     # -- draining: nodes whose replicas move away ------------------------------------------
 
     async def set_draining(self, node: str, draining: bool) -> None:
