@@ -10,7 +10,13 @@ import pytest
 
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.models import DataServer, Replica, Volume
-from cargohold.errors import DataServerUnavailable, Fenced, NoReplicaLeft, NoSpace
+from cargohold.errors import (
+    ChecksumMismatch,
+    DataServerUnavailable,
+    Fenced,
+    NoReplicaLeft,
+    NoSpace,
+)
 from cargohold.services.engine import Member, ReplicaSet
 
 
@@ -189,6 +195,7 @@ class DiskClient(FakeClient):
         self.data = bytearray(SIZE)
         self.read_gate: asyncio.Event | None = None  # reads wait for it when set
         self.fence_error: Exception | None = None
+        self.corrupt: set[int] = set()  # chunks whose copy here fails its checksum
 
     async def connect(self, timeout: float = 0.0) -> None:
         pass
@@ -205,6 +212,7 @@ class DiskClient(FakeClient):
         if self.fail:
             raise DataServerUnavailable(server=self.name, address="-", detail="gone")
         self.data[offset:offset + len(data)] = data
+        self.corrupt -= set(range(offset // CHUNK_SIZE, (offset + len(data) - 1) // CHUNK_SIZE + 1))
         for chunk in range(offset // CHUNK_SIZE, (offset + len(data) - 1) // CHUNK_SIZE + 1):
             self.gens[chunk] = max(self.gens[chunk], gen)
         self.log.append(f"write {self.name} {offset // CHUNK_SIZE} gen={gen}")
@@ -212,6 +220,8 @@ class DiskClient(FakeClient):
     async def read(self, _vid: str, _epoch: int, offset: int, length: int) -> bytes:
         if self.read_gate is not None:
             await self.read_gate.wait()
+        if offset // CHUNK_SIZE in self.corrupt:
+            raise ChecksumMismatch(server=self.name, volume_id="v", offset=offset)
         return bytes(self.data[offset:offset + length])
 
     async def trim(self, _vid: str, _epoch: int, offset: int, length: int) -> None:
@@ -332,3 +342,29 @@ def test_a_full_data_server_at_attach_marks_nothing_and_says_so() -> None:
         asyncio.run(rs.open())
     assert not any(line.startswith("marked") for line in log)
     assert all(c.closed for c in clients.values()) and not rs.members
+
+
+def test_scrub_in_use_rewrites_a_bad_copy_and_holds_writes_to_that_chunk() -> None:
+    rs, log, clients, _, _ = _disk_set()
+    clients[1].corrupt.add(2)
+    clients[1].data[2 * CHUNK_SIZE] ^= 0xFF
+    clients[0].read_gate = asyncio.Event()
+
+    async def run() -> Any:
+        scrub = asyncio.ensure_future(rs.scrub())
+        while not rs._locked:
+            await asyncio.sleep(0)
+        locked = next(iter(rs._locked))
+        write = asyncio.ensure_future(rs.write(locked * CHUNK_SIZE, b"W" * 4096))
+        await asyncio.sleep(0.01)
+        assert not write.done(), "a write to the chunk being scrubbed waits"
+        assert clients[0].read_gate is not None
+        clients[0].read_gate.set()
+        await write
+        return await scrub
+
+    report = asyncio.run(run())
+    assert report.repaired == [{"chunk": 2, "server": "s1"}] and report.lost == []
+    assert report.chunks == 6  # chunks 0-5 were written; the rest are thin
+    assert clients[0].data == clients[1].data
+    assert not rs._careful and not any(line.startswith("marked") for line in log)

@@ -186,7 +186,7 @@ def create_app(services: Services, token: str = "") -> FastAPI:
 
     @app.post("/v1/volumes/{name}/scrub")
     async def scrub_volume(name: str) -> dict[str, Any]:
-        return asdict(await Scrub(services.catalog).scrub(name))
+        return asdict(await Scrub(services.catalog).scrub_any(name))
 
     @app.post("/v1/volumes/{name}/detach")
     async def detach_volume(name: str, force: bool = False) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,6 +65,8 @@ class Volume(Record):
     attachment: Attachment | None = None
     epoch: int = 0  # the last epoch issued for this volume
     scrubbed: float = 0.0  # when the last scrub finished (0: never)
+    scrub_requested: float = 0.0  # a scrub of the attached volume is asked of its engine
+    last_scrub: dict[str, Any] | None = None  # the last scrub's report
     created: float = Field(default_factory=time.time)
     last_error: str = ""
 

@@ -93,7 +93,7 @@ class NodeDaemon:
         csi_server = None
         controlling: asyncio.Future[None] | None = None
         agent = Agent(catalog, config.name, config.state_dir, config.metadata,
-                      config.rebuild_rate)
+                      config.rebuild_rate, config.scrub_rate)
         volumes = VolumeService(catalog)
         self.controller = Controller(store, catalog, volumes, config.name,
                                      config.rebuild_after, config.scrub_every,

@@ -64,10 +64,12 @@ class EngineDir:
 
 class Agent:
     def __init__(self, catalog: Catalog, node: str, state_dir: Path, metadata_url: str,
-                 heal_rate: float = 0.0) -> None:
-        """``heal_rate``: bytes per second an engine may use to bring a replica back."""
+                 heal_rate: float = 0.0, scrub_rate: float = 0.0) -> None:
+        """``heal_rate``: bytes per second an engine may use to bring a replica back;
+        ``scrub_rate``: to scrub its volume."""
         self.catalog = catalog
         self.heal_rate = heal_rate
+        self.scrub_rate = scrub_rate
         self.node = node
         self.state_dir = state_dir
         self.metadata_url = metadata_url
@@ -183,7 +185,7 @@ class Agent:
                 "--metadata", self.metadata_url, "--volume", volume.name,
                 "--epoch", str(volume.attachment.epoch), "--node", self.node,
                 "--mountpoint", str(paths.fuse), "--ready-file", str(paths.ready_file),
-                "--heal-rate", str(self.heal_rate)]
+                "--heal-rate", str(self.heal_rate), "--scrub-rate", str(self.scrub_rate)]
         with open(paths.log_file, "ab") as log_out:
             child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_out,
                                      stderr=subprocess.STDOUT, start_new_session=True)

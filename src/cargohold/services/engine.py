@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 from array import array
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -47,6 +48,7 @@ from cargohold.errors import (
 from cargohold.services.fuse import FuseSession, unmount
 from cargohold.services.healer import Healer
 from cargohold.services.resync import Budget
+from cargohold.services.scrub import ScrubReport
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import open_store
 
@@ -95,6 +97,7 @@ class ReplicaSet:
         # counts its writes per chunk; the fast path only counts writes in flight.
         self.joining: list[Member] = []
         self._left_out: dict[str, str] = {}  # joining members that failed: server id → why
+        self._scrubbing = False  # a scrub locks chunks too (``scrub``)
         self._careful = False
         self._inflight = 0
         self._idle: asyncio.Future[None] | None = None  # set when _inflight drops to 0
@@ -336,23 +339,18 @@ class ReplicaSet:
                       member.server.id, reason)
             self.joining.remove(member)
             self._left_out[member.server.id] = reason
-            self._careful = bool(self.joining) or self._paused is not None
+            self._update_careful()
+
+    def _update_careful(self) -> None:
+        self._careful = bool(self.joining) or self._scrubbing or self._paused is not None
 
     async def _copy_chunk(self, chunk: int, source: Member, member: Member,
                           generation: int) -> int:
         """Copy one chunk from ``source`` (another member if it fails) to a joining member,
         with writes to that chunk held back meanwhile; return the bytes copied."""
-        loop = asyncio.get_running_loop()
         offset = chunk * CHUNK_SIZE
         length = min(CHUNK_SIZE, self.size - offset)
-        lock: asyncio.Future[None] = loop.create_future()
-        self._locked[chunk] = lock
-        try:
-            while self._chunk_inflight.get(chunk):  # writes sent before the lock: let them land
-                waiter = self._chunk_idle.get(chunk)
-                if waiter is None:
-                    waiter = self._chunk_idle[chunk] = loop.create_future()
-                await asyncio.shield(waiter)
+        async with self._chunk_lock(chunk):
             data: BytesLike
             try:
                 data = await source.client.read(self.volume_id, self.epoch, offset, length)
@@ -362,9 +360,94 @@ class ReplicaSet:
                     raise
                 data = await self._read_slowly(offset, length, source, e)
             await member.client.write(self.volume_id, self.epoch, offset, data, generation)
+        return length
+
+    @contextlib.asynccontextmanager
+    async def _chunk_lock(self, chunk: int) -> AsyncIterator[None]:
+        """Hold back new writes and trims to ``chunk`` and wait for those in flight to it to
+        land (needs ``_careful``: writes counted per chunk)."""
+        loop = asyncio.get_running_loop()
+        while chunk in self._locked:  # one holder at a time
+            await asyncio.shield(self._locked[chunk])
+        lock: asyncio.Future[None] = loop.create_future()
+        self._locked[chunk] = lock
+        try:
+            while self._chunk_inflight.get(chunk):
+                waiter = self._chunk_idle.get(chunk)
+                if waiter is None:
+                    waiter = self._chunk_idle[chunk] = loop.create_future()
+                await asyncio.shield(waiter)
+            yield
         finally:
             del self._locked[chunk]
             lock.set_result(None)
+
+    async def scrub(self, rate: float = 0.0) -> ScrubReport:
+        """Read every written chunk from every member while the volume is in use; a copy
+        whose checksum fails is rewritten from a clean one. Each chunk is locked while it is
+        read and repaired, so no write of the application races the repair."""
+        started = asyncio.get_running_loop().time()
+        report = ScrubReport(self.name)
+        members = list(self.members)
+        tables = [generation_table(await m.client.generations(self.volume_id,
+                                                             timeout=STAT_TIMEOUT))
+                  for m in members]
+        await self._pause()  # from here on every write is counted per chunk
+        self._scrubbing = True
+        self._resume()
+        budget = Budget(rate)
+        try:
+            for chunk in range(-(-self.size // CHUNK_SIZE)):
+                newest = max((t[chunk] if chunk < len(t) else 0 for t in tables), default=0)
+                if not newest:
+                    continue  # never written: thin, nothing to read
+                report.chunks += 1
+                length = await self._scrub_chunk(
+                    chunk, newest, [m for m in members if m in self.members], report)
+                await budget.spend(length)
+        finally:
+            self._scrubbing = False
+            self._update_careful()
+        report.skipped = [m.server.id for m in members if m not in self.members]
+        report.seconds = round(asyncio.get_running_loop().time() - started, 3)
+        return report
+
+    async def _scrub_chunk(self, chunk: int, generation: int, members: list[Member],
+                           report: ScrubReport) -> int:
+        """Read ``chunk`` from every member; rewrite bad copies with ``generation`` (the
+        chunk's, which every member holds: writes reach all of them)."""
+        offset = chunk * CHUNK_SIZE
+        length = min(CHUNK_SIZE, self.size - offset)
+        async with self._chunk_lock(chunk):
+            good: BytesLike | None = None
+            bad = []
+            for member in members:
+                try:
+                    data = await member.client.read(self.volume_id, self.epoch, offset, length)
+                except Fenced as e:
+                    self._fence(e)
+                    raise
+                except ChecksumMismatch as e:
+                    log.error("scrub of %s: %s", self.name, e)
+                    bad.append(member)
+                    continue
+                except CargoholdError as e:
+                    await self._drop(member, f"scrub read failed: {e}")
+                    continue
+                report.bytes_read += length
+                if good is None:
+                    good = data
+            if bad and good is None:
+                report.lost.append(chunk)
+                return length
+            if bad:
+                assert good is not None
+                results = await asyncio.gather(
+                    *(m.client.write(self.volume_id, self.epoch, offset, good, generation)
+                      for m in bad), return_exceptions=True)
+                await self._settle(bad, results, "scrub repair")
+                report.repaired.extend({"chunk": chunk, "server": m.server.id} for m in bad
+                                       if m in self.members)
         return length
 
     async def _pause(self) -> None:
@@ -380,7 +463,7 @@ class ReplicaSet:
 
     def _resume(self) -> None:
         paused, self._paused = self._paused, None
-        self._careful = bool(self.joining)
+        self._update_careful()
         if paused is not None and not paused.done():
             paused.set_result(None)
 
@@ -533,7 +616,7 @@ class ReplicaSet:
             await asyncio.shield(lock)
         self._check_fenced()
         self._inflight += 1
-        if not self.joining:
+        if not self.joining and not self._scrubbing:
             return None
         for chunk in touched:
             self._chunk_inflight[chunk] = self._chunk_inflight.get(chunk, 0) + 1
@@ -759,7 +842,7 @@ def resize_on_signal(catalog: Catalog, name: str, epoch: int, replicas: ReplicaS
 
 
 async def serve(metadata_url: str, name: str, epoch: int, node: str, mountpoint: str,
-                ready_file: Path, heal_rate: float = 0.0) -> int:
+                ready_file: Path, heal_rate: float = 0.0, scrub_rate: float = 0.0) -> int:
     """Run the engine until it is unmounted or told to stop; return the exit status."""
     store = open_store(metadata_url)
     catalog = Catalog(store)
@@ -784,7 +867,8 @@ async def serve(metadata_url: str, name: str, epoch: int, node: str, mountpoint:
         tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": mountpoint}))
         tmp.rename(ready_file)
         log.info("engine for %s (epoch %d) serving on %s", name, epoch, mountpoint)
-        healing = asyncio.ensure_future(Healer(catalog, name, epoch, replicas, heal_rate).run())
+        healing = asyncio.ensure_future(
+            Healer(catalog, name, epoch, replicas, heal_rate, scrub_rate).run())
 
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -826,12 +910,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-file", type=Path, required=True)
     parser.add_argument("--heal-rate", type=float, default=0.0,
                         help="bytes per second catching up a replica may use (0: no limit)")
+    parser.add_argument("--scrub-rate", type=float, default=0.0,
+                        help="bytes per second a scrub may read (0: no limit)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s")
     try:
         return uvloop.run(serve(args.metadata, args.volume, args.epoch, args.node,
-                                 args.mountpoint, args.ready_file, args.heal_rate))
+                                 args.mountpoint, args.ready_file, args.heal_rate,
+                                 args.scrub_rate))
     except CargoholdError as e:
         log.error("%s", e)
         return 2

@@ -18,12 +18,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from cargohold.core.models import DataServer, Replica, ReplicaState, Volume
 from cargohold.errors import CargoholdError, Fenced, VolumeBusy
 from cargohold.services.resync import server_up
+from cargohold.services.scrub import ScrubReport
 from cargohold.stores.catalog import Catalog
 
 if TYPE_CHECKING:  # the engine runs the healer
@@ -45,13 +46,15 @@ class Healed:
 
 class Healer:
     def __init__(self, catalog: Catalog, name: str, epoch: int, replicas: ReplicaSet,
-                 rate: float = 0.0, interval: float = INTERVAL) -> None:
-        """``rate``: bytes per second a catch-up copy may use (0: no limit)."""
+                 rate: float = 0.0, scrub_rate: float = 0.0, interval: float = INTERVAL) -> None:
+        """``rate``: bytes per second a catch-up copy may use, ``scrub_rate`` a scrub
+        (0: no limit)."""
         self.catalog = catalog
         self.name = name
         self.epoch = epoch
         self.replicas = replicas
         self.rate = rate
+        self.scrub_rate = scrub_rate
         self.interval = interval
         self._retry_at: dict[str, float] = {}
 
@@ -88,7 +91,25 @@ class Healer:
                 self._retry_at[replica.server] = time.monotonic() + RETRY_AFTER
                 log.warning("%s: replica on data server %s did not catch up (next try in "
                             "%.0f s): %s", self.name, replica.server, RETRY_AFTER, e)
+        if volume.scrub_requested > volume.scrubbed:
+            await self.scrub()
         return healed
+
+    async def scrub(self) -> ScrubReport:
+        """Scrub the volume in use (asked through ``Volume.scrub_requested``) and record the
+        report."""
+        report = await self.replicas.scrub(self.scrub_rate)
+
+        def scrubbed(volume: Volume) -> Volume:
+            self._check_epoch(volume)
+            volume.scrubbed, volume.last_scrub = time.time(), asdict(report)
+            return volume
+
+        await self.catalog.update_volume(self.name, scrubbed)
+        log.info("scrub of %s in use: %d chunks, %d copies repaired, %d chunks lost, %.1f s",
+                 self.name, report.chunks, len(report.repaired), len(report.lost),
+                 report.seconds)
+        return report
 
     async def heal(self, server: DataServer) -> Healed:
         started = time.monotonic()

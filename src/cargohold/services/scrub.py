@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from cargohold.clients.dataclient import DataClient
 from cargohold.core.layout import CHUNK_SIZE, generation_table
@@ -43,20 +43,58 @@ class Scrub:
         self.rate = rate
 
     async def run_once(self, every: float) -> ScrubReport | None:
-        """Scrub the detached volume whose last scrub (or creation) is oldest, if that is
-        ``every`` seconds ago or more (one volume a pass, so that other duties keep their turn)."""
+        """Scrub the volume whose last scrub (or creation) is oldest, if that is ``every``
+        seconds ago or more (one volume a pass, so that other duties keep their turn). An
+        attached volume's scrub is asked of its engine (``request``), not awaited."""
         now = time.time()
         due = [v for v in await self.catalog.volumes()
-               if v.attachment is None and v.state is VolumeState.DETACHED
+               if v.state in (VolumeState.DETACHED, VolumeState.ATTACHED)
+               and v.scrub_requested <= v.scrubbed
                and now - max(v.scrubbed, v.created) >= every]
         if not due:
             return None
         oldest = min(due, key=lambda v: max(v.scrubbed, v.created))
         try:
+            if oldest.attachment is not None:
+                await self.request(oldest.name)
+                return None
             return await self.scrub(oldest.name)
         except CargoholdError as e:
             log.warning("background scrub of %s stopped: %s", oldest.name, e)
             return None
+
+    async def request(self, name: str) -> float:
+        """Ask the engine of attached volume ``name`` for a scrub (its healer runs it, see
+        ``ReplicaSet.scrub``); returns the time of the request."""
+        asked = time.time()
+
+        def ask(v: Volume) -> Volume:
+            if v.attachment is None:
+                raise VolumeBusy(name=name, state="detached (scrub it directly)")
+            v.scrub_requested = asked
+            return v
+
+        await self.catalog.update_volume(name, ask)
+        return asked
+
+    async def scrub_any(self, name: str, timeout: float = 3600.0) -> ScrubReport:
+        """Scrub ``name`` now: here when it is detached, by its engine when it is attached
+        (waiting up to ``timeout`` seconds for the engine's report)."""
+        volume = await self.catalog.volume(name)
+        if volume.attachment is None:
+            return await self.scrub(name)
+        asked = await self.request(name)
+        deadline = time.monotonic() + timeout
+        while True:
+            await asyncio.sleep(0.2)
+            volume = await self.catalog.volume(name)
+            if volume.scrubbed >= asked and volume.last_scrub is not None:
+                return ScrubReport(**volume.last_scrub)
+            if volume.attachment is None:
+                return await self.scrub(name)  # detached meanwhile
+            if time.monotonic() > deadline:
+                raise VolumeBusy(name=name, state=f"attached on {volume.attachment.node}, whose "
+                                 f"engine did not scrub it within {timeout:g} s")
 
     async def scrub(self, name: str) -> ScrubReport:
         started = time.monotonic()
@@ -117,7 +155,7 @@ class Scrub:
         report.seconds = round(time.monotonic() - started, 3)
 
         def scrubbed(v: Volume) -> Volume:
-            v.scrubbed = time.time()
+            v.scrubbed, v.last_scrub = time.time(), asdict(report)
             return v
 
         await self.catalog.update_volume(name, scrubbed)
