@@ -66,8 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     output(volume.add_parser("ls", help="list volumes"))
     for action, text in (("inspect", "show a volume"), ("attach", "attach and mount here"),
                          ("detach", "unmount and detach"), ("rm", "remove a volume"),
-                         ("scrub", "read every copy of a volume, repair bad ones (its engine does it "
-                                   "when attached)"),
+                         ("scrub", "read every copy of a volume, repair bad ones"),
                          ("rebuild", "show (or --wait for) the resync/rebuild of its replicas")):
         sub = volume.add_parser(action, help=text)
         sub.add_argument("name")
