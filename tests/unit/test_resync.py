@@ -17,7 +17,14 @@ def test_plan_copies_only_chunks_a_target_lacks_from_the_newest_source() -> None
     size = 5 * CHUNK_SIZE
     sources = {"a": _table(3, 0, 7, 2, 0), "b": _table(3, 0, 9, 2, 0)}
     targets = {"t": _table(3, 0, 1, 0, 0), "u": _table(3, 0, 9, 2, 0)}
-    assert copy_plan(size, sources, targets) == [(2, "b", 9, ["t"]), (3, "a", 2, ["t"])]
+    assert copy_plan(size, sources, targets) == [(2, "b", 9, ["t"]), (3, "b", 2, ["t"])]
+
+
+def test_plan_reads_from_every_source_that_holds_the_newest_generation() -> None:
+    size = 4 * CHUNK_SIZE
+    sources = {"a": _table(5, 5, 5, 5), "b": _table(5, 5, 5, 5)}
+    plan = copy_plan(size, sources, {"t": _table()})
+    assert [source for _, source, _, _ in plan] == ["a", "b", "a", "b"]
 
 
 def test_plan_handles_short_tables_and_thin_chunks() -> None:

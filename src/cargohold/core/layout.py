@@ -73,16 +73,16 @@ def copy_plan(size: int, sources: Mapping[str, array[int]], targets: Mapping[str
     """What a copy must do to bring ``targets`` level with ``sources`` (generation tables by
     data server id): (chunk, the source holding its newest generation, that generation, the
     targets whose generation differs) for every chunk some target lacks. Chunks no source
-    ever wrote are thin: nothing to copy."""
+    ever wrote are thin: nothing to copy. Sources that agree take turns (chunk by chunk), so a
+    copy reads from all of them."""
     plan = []
     for chunk in range(chunk_count(size)):
-        newest, source = 0, ""
-        for sid, table in sources.items():
-            gen = table[chunk] if chunk < len(table) else 0
-            if gen > newest:
-                newest, source = gen, sid
-        if not source:
+        gens = {sid: table[chunk] if chunk < len(table) else 0 for sid, table in sources.items()}
+        newest = max(gens.values(), default=0)
+        if not newest:
             continue
+        holders = [sid for sid, gen in gens.items() if gen == newest]
+        source = holders[chunk % len(holders)]
         stale = [t for t, table in targets.items()
                  if (table[chunk] if chunk < len(table) else 0) != newest]
         if stale:

@@ -119,7 +119,7 @@ class Healer:
                 server, lambda: self._record(server.id, _promote),
                 lambda done: self._record(server.id, _progress(done)), self.rate)
         except BaseException as e:
-            await self._give_up(server.id, f"catching up stopped: {e!r}"
+            await self._give_up(server.id, "catching up stopped: the engine is stopping"
                                 if isinstance(e, asyncio.CancelledError)
                                 else f"catching up failed: {e}")
             raise
