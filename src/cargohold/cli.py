@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     for action, text in (("inspect", "show a volume"), ("attach", "attach and mount here"),
                          ("detach", "unmount and detach"), ("rm", "remove a volume"),
                          ("scrub", "read every copy of a volume, repair bad ones"),
-                         ("rebuild", "show (or --wait for) the resync/rebuild of its replicas")):
+                         ("rebuild", "show (or --wait for) the resync/rebuild of its replicas"),
+                         ("salvage", "bring back a volume none of whose copies is in sync "
+                                     "(the newest copy)")):
         sub = volume.add_parser(action, help=text)
         sub.add_argument("name")
         if action == "rebuild":
@@ -237,6 +239,11 @@ def _run_client(args: argparse.Namespace) -> int:
         elif args.action == "scrub":
             report = api.request("POST", f"/v1/volumes/{name}/scrub")
             _emit(report, as_json, _scrub_text(report))
+        elif args.action == "salvage":
+            done = api.request("POST", f"/v1/volumes/{name}/salvage")
+            _emit(done, as_json, f"{name}: the copy on data server {done['in_sync']} is in sync "
+                  f"again; {done['chunks_newer_elsewhere']} chunk(s) newer on another copy; "
+                  f"unreachable: {', '.join(done['unreachable']) or 'none'}")
         elif args.action == "rm":
             api.request("DELETE", f"/v1/volumes/{name}")
             _emit({"name": name, "removed": True}, as_json, name)

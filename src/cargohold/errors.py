@@ -141,6 +141,13 @@ class VolumeInUse(CargoholdError):
     kind = Kind.CONFLICT
 
 
+class NothingToSalvage(CargoholdError):
+    """Volume {name!r} still has an in-sync replica (on {server}): nothing to salvage; out-of-sync copies are resynced from it."""  # noqa: E501
+
+    code = "nothing_to_salvage"
+    kind = Kind.CONFLICT
+
+
 class NodeAlive(CargoholdError):
     """Node {name!r} is up (its lease is alive): stop it before removing it."""
 
@@ -248,7 +255,7 @@ class ChecksumMismatch(CargoholdError):
 
 
 class NoReplicaLeft(CargoholdError):
-    """Volume {name!r} has no in-sync replica left that answers; I/O is failing."""
+    """Volume {name!r} has no in-sync replica left that answers; I/O is failing. If every copy failed in turn, `cargohold volume salvage {name}` brings back the one with the newest writes."""  # noqa: E501
 
     code = "no_replica_left"
     kind = Kind.UNAVAILABLE

@@ -146,3 +146,46 @@ def test_a_returning_data_server_catches_up_while_the_volume_is_in_use(
         node.cli("volume", "rm", "live")
     finally:
         node.cleanup()
+
+
+def test_a_volume_whose_copies_all_failed_is_salvaged_from_the_newest(tmp_path: Path) -> None:
+    meta = f"sqlite://{tmp_path / 'meta.db'}"
+    nodes = []
+    try:
+        for name in ("h1", "h2"):
+            (tmp_path / name).mkdir()
+            nodes.append(Node(tmp_path / name, data_servers=1, name=name,
+                              extra=("--metadata", meta, "--lease-ttl", "2")))
+            nodes[-1].start()
+        h1, h2 = nodes
+        h1.cli("volume", "create", "sv", "--size", "128M", "--replicas", "2")
+        mountpoint = Path(h1.cli("volume", "attach", "sv").stdout.strip())
+        first = _write(mountpoint / "first.bin", 8 * MIB)
+        h2.kill()  # h2's host goes down: its copy misses what comes next
+        os.kill(h2.dataserver_pids()[0], signal.SIGKILL)
+        second = _write(mountpoint / "second.bin", 8 * MIB)
+        newest = str(h1.data_dirs[0])
+        os.kill(h1.dataserver_pids()[0], signal.SIGKILL)  # and then the other copy fails
+        with pytest.raises(OSError):
+            _write(mountpoint / "third.bin", 8 * MIB)
+        assert set(_states(h1, "sv").values()) == {"out_of_sync"}
+        h1.cli("volume", "detach", "sv")
+        refused = h1.cli("volume", "attach", "sv", check=False)
+        assert refused.returncode != 0 and "volume salvage sv" in refused.stderr
+
+        h2.start()  # the stale copy is back too: salvage must not pick it
+        done = h1.json("volume", "salvage", "sv")
+        inspected = h1.json("volume", "inspect", "sv")
+        [chosen] = [r for r in inspected["replicas"] if r["server"] == done["in_sync"]]
+        assert chosen["path"] == newest and done["unreachable"] == []
+        again = h1.cli("volume", "salvage", "sv", check=False)
+        assert again.returncode == 4 and "[nothing_to_salvage]" in again.stderr
+        h1.cli("volume", "rebuild", "sv", "--wait")  # the stale copy is resynced from it
+        assert set(_states(h1, "sv").values()) == {"in_sync"}
+        mountpoint = Path(h2.cli("volume", "attach", "sv").stdout.strip())
+        for name, digest in (("first.bin", first), ("second.bin", second)):
+            assert hashlib.sha256((mountpoint / name).read_bytes()).hexdigest() == digest
+        h2.cli("volume", "detach", "sv")
+    finally:
+        for node in nodes:
+            node.cleanup()

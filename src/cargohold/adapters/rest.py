@@ -175,6 +175,11 @@ def create_app(services: Services, token: str = "") -> FastAPI:
     async def attach_volume(name: str) -> dict[str, Any]:
         return volume_view(await services.agent.attach(name), await servers())
 
+    @app.post("/v1/volumes/{name}/salvage")
+    async def salvage_volume(name: str) -> dict[str, Any]:
+        """A volume whose every copy failed in turn: the newest copy is in sync again."""
+        return await services.volumes.salvage(name)
+
     @app.post("/v1/volumes/{name}/resize")
     async def resize_volume(name: str, body: ResizeVolume) -> dict[str, Any]:
         """Grow a volume (never shrinks); attached here, online: engine, loop device and

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from array import array
 from typing import Any
 
 from cargohold.clients import kernel
 from cargohold.clients.dataclient import DataClient
 from cargohold.core import placement
-from cargohold.core.models import DataServer, Replica, Volume, VolumeState
+from cargohold.core.layout import generation_table
+from cargohold.core.models import DataServer, Replica, ReplicaState, Volume, VolumeState
 from cargohold.core.names import check_name
 from cargohold.core.sizes import format_size, volume_size
 from cargohold.errors import (
@@ -25,6 +27,8 @@ from cargohold.errors import (
     DataServerUnavailable,
     InvalidFilesystem,
     InvalidReplicas,
+    NoReplicaLeft,
+    NothingToSalvage,
     OwnerAlive,
     ShrinkRefused,
     VolumeBusy,
@@ -154,6 +158,56 @@ class VolumeService:
             except CargoholdError as e:  # it learns the epoch from the next engine instead
                 log.warning("could not fence %s on %s: %s", name, replica.server, e)
         return volume
+
+    async def salvage(self, name: str) -> dict[str, Any]:
+        """Bring back detached volume ``name`` when no replica is in sync any more (each copy
+        failed in turn): the copy that took the newest write (highest chunk generation)
+        becomes in sync; the others are then resynced from it by the controller.
+
+        Refused while attached or while some replica is still in sync. Copies that do not
+        answer are left out; the answer says which, and how many chunks another copy holds
+        a newer generation of (writes that were never acknowledged, or a copy that was
+        unreachable)."""
+        volume = await self.catalog.volume(name)
+        if volume.attachment is not None:
+            raise VolumeInUse(name=name, node=volume.attachment.node)
+        if volume.in_sync():
+            raise NothingToSalvage(name=name, server=volume.in_sync()[0].server)
+        servers = {s.id: s for s in await self.catalog.servers()}
+        tables: dict[str, array[int]] = {}
+        unreachable = []
+        for replica in volume.replicas:
+            server = servers.get(replica.server)
+            try:
+                if server is None:
+                    raise DataServerUnavailable(server=replica.server, address="-",
+                                                detail="not registered")
+                async with ServerSession(server) as client:
+                    tables[replica.server] = generation_table(
+                        await client.generations(volume.id, timeout=10.0))
+            except CargoholdError as e:
+                log.warning("salvage of %s: copy on %s left out: %s", name, replica.server, e)
+                unreachable.append(replica.server)
+        if not tables:
+            raise NoReplicaLeft(name=name)
+        best = max(tables, key=lambda sid: max(tables[sid], default=0))
+        newer = sum(1 for chunk, gen in enumerate(tables[best])
+                    if any(chunk < len(t) and t[chunk] > gen for t in tables.values()))
+
+        def salvaged(v: Volume) -> Volume:
+            if v.attachment is not None or v.in_sync() or v.state is not VolumeState.DETACHED:
+                raise VolumeBusy(name=name, state=f"{v.state.value} (changed during the salvage)")
+            for replica in v.replicas:
+                if replica.server == best:
+                    replica.state, replica.progress = ReplicaState.IN_SYNC, 0.0
+                    replica.reason = "salvaged: it holds the newest writes"
+            return v
+
+        await self.catalog.update_volume(name, salvaged)
+        log.warning("volume %s salvaged: the copy on %s is in sync again (%d chunks newer "
+                    "elsewhere, unreachable: %s)", name, best, newer, unreachable or "none")
+        return {"name": name, "in_sync": best, "chunks_newer_elsewhere": newer,
+                "unreachable": unreachable}
 
     async def resize(self, name: str, size: str | int) -> Volume:
         """Grow ``name`` to ``size`` (rounded up to whole MiB); return the updated record.
