@@ -259,7 +259,8 @@ def _rebuild(api: ApiClient, name: str, wait: bool, as_json: bool) -> int:
         done = min((r.get("progress", 0.0) if r["state"] == "resyncing" else 0.0)
                    for r in moving) if moving else 1.0
         bar = "#" * int(30 * done)
-        left = f"{len(moving)} replica(s) to bring in sync" if moving else "dropping replaced"
+        left = (f"{len(moving)} replica(s) to bring in sync" if moving
+                else "waiting for the controller")
         print(f"\rrebuilding {name} [{bar:<30}] {done * 100:3.0f}%  {left}", end="",
               file=sys.stderr, flush=True)
         time.sleep(1)
@@ -274,7 +275,10 @@ def _rebuild(api: ApiClient, name: str, wait: bool, as_json: bool) -> int:
 
 
 def _healing(volume: dict[str, Any]) -> bool:
-    return any(r["state"] != "in_sync" or r.get("replaces") for r in volume["replicas"])
+    """Some replica is not in sync, is being replaced, or sits on a removed data server
+    (``node rm --force``: the controller replaces it on its next pass)."""
+    return any(r["state"] != "in_sync" or r.get("replaces") or r.get("node") is None
+               for r in volume["replicas"])
 
 
 def _rebalance(api: ApiClient, dry_run: bool, wait: bool, as_json: bool) -> int:
