@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import json
 import logging
 import os
@@ -67,7 +68,7 @@ class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: DataServer) -> None:
         self._server = server
         self._store = server.store
-        self._reader = request_reader()
+        self._reader = request_reader(reuse_large=True)  # requests are served at once
         self._transport: asyncio.Transport | None = None
         self._out: list[BytesLike] = []
         self.peer = "?"
@@ -391,6 +392,9 @@ async def _run(root: Path, host: str, port: int, ready_file: Path | None) -> Non
         if server.port != store.server_record().get("port"):
             store.update_server_record(port=server.port)
         await server.listen_unix(root / LOCAL_SOCKET)
+        # Everything made so far lives as long as the process: keep it out of the garbage
+        # collector's full passes, which otherwise take ~5 % of the CPU of a busy server.
+        gc.freeze()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
