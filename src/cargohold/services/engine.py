@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -526,7 +525,6 @@ async def serve(metadata_url: str, name: str, epoch: int, node: str, mountpoint:
         replicas = ReplicaSet(volume, servers, epoch, node,
                               out_of_sync_marker(catalog, name, epoch))
         await replicas.open()
-        gc.freeze()  # what exists now lives as long as the engine: out of the GC's full passes
         session = FuseSession(replicas, mountpoint)
         try:
             session.start()

@@ -74,6 +74,7 @@ OPEN_OUT = struct.Struct("<QII")  # fh open_flags padding
 READ_IN = struct.Struct("<QQII")  # fh offset size read_flags
 WRITE_IN = struct.Struct("<QQIIQII")  # fh offset size write_flags lock_owner flags padding
 WRITE_OUT = struct.Struct("<II")
+WRITE_REPLY = struct.Struct("<IiQII")  # OUT_HEADER + WRITE_OUT: one buffer, one write()
 SETATTR_IN_VALID = struct.Struct("<IIQQ")  # valid padding fh size
 FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len (off < 0: attributes only)
@@ -343,8 +344,13 @@ class FuseSession:
         if error is not None:
             self._fail(unique, error)
             return
-        self._send([OUT_HEADER.pack(OUT_HEADER.size + WRITE_OUT.size, 0, unique),
-                    WRITE_OUT.pack(size, 0)])
+        if self.fd < 0:
+            return
+        try:
+            os.write(self.fd, WRITE_REPLY.pack(WRITE_REPLY.size, 0, unique, size, 0))
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.error("replying to FUSE failed: %s", e)
 
     async def _flush(self, unique: int) -> None:
         try:
