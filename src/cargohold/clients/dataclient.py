@@ -87,7 +87,8 @@ class _Protocol(asyncio.BufferedProtocol):
         self._client = client
         self._reader = response_reader()
         self.transport: asyncio.Transport | None = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()  # kept: get_running_loop() costs a getpid()
+        self.lost: asyncio.Future[None] = self.loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -409,9 +410,9 @@ class DataClient:
             generation=generation,
             payload_length=len(payload),
         )
-        future: Reply = asyncio.get_running_loop().create_future()
+        future: Reply = protocol.loop.create_future()
         self._pending[request_id] = (future, volume_id, epoch)
-        self._send(protocol.transport, header, payload)
+        self._send(protocol.loop, protocol.transport, header, payload)
         return future
 
     def _start(self, op: Op, volume_id: str, epoch: int, offset: int, length: int,
@@ -422,9 +423,9 @@ class DataClient:
         ``_submit_soon``, which turns it into the same waiting or failed future.
         """
         protocol = self._protocol
-        transport = protocol.transport if protocol is not None else None
-        if transport is None or self._paused:
+        if protocol is None or protocol.transport is None or self._paused:
             return self._submit_soon(op, volume_id, epoch, offset, length, generation, payload)
+        transport = protocol.transport
         size = len(payload)
         try:
             if size > MAX_PAYLOAD:
@@ -439,9 +440,9 @@ class DataClient:
                                    generation, size)
         except (CargoholdError, struct.error):
             return self._submit_soon(op, volume_id, epoch, offset, length, generation, payload)
-        future: Reply = asyncio.get_running_loop().create_future()
+        future: Reply = protocol.loop.create_future()
         self._pending[request_id] = (future, volume_id, epoch)
-        self._send(transport, header, payload)
+        self._send(protocol.loop, transport, header, payload)
         return future
 
     def _submit_soon(self, op: Op, volume_id: str, epoch: int, offset: int, length: int,
@@ -469,7 +470,8 @@ class DataClient:
         self._next_id = (request_id + 1) & 0xFFFFFFFF
         return request_id
 
-    def _send(self, transport: asyncio.Transport, header: bytes, payload: BytesLike) -> None:
+    def _send(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, header: bytes,
+              payload: BytesLike) -> None:
         if len(payload) >= _LARGE:
             self._write_out()
             transport.write(header)
@@ -484,7 +486,7 @@ class DataClient:
             self._write_out()  # let the server start on these while more are queued
         elif not self._out_scheduled:
             self._out_scheduled = True
-            asyncio.get_running_loop().call_soon(self._write_out)
+            loop.call_soon(self._write_out)
 
     def _write_out(self) -> None:
         """Send the requests queued in this loop turn with one write."""
