@@ -28,8 +28,10 @@ import uvloop
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.wire import (
     LOCAL_SOCKET,
+    MAGIC,
     MAX_GENS_CHUNKS,
     MAX_PAYLOAD,
+    RESPONSE_HEADER,
     VERSION,
     BytesLike,
     Op,
@@ -60,6 +62,7 @@ _LARGE = 64 << 10
 #: How long a stopping server waits for its connections to drain their responses.
 _CLOSE_GRACE = 2.0
 _LATER = object()  # a handler's result: the response is sent when the work completes
+_pack_response = RESPONSE_HEADER.pack  # encode_response_header, inlined for the OK answers
 
 Handler = Callable[["_Connection", RequestHeader, memoryview], object]
 
@@ -137,7 +140,10 @@ class _Connection(asyncio.BufferedProtocol):
             return
         if result is not _LATER:
             assert isinstance(result, bytes)
-            self._queue(Status.OK, header.request_id, result)
+            out = self._out
+            out.append(_pack_response(MAGIC, VERSION, Status.OK, header.request_id, len(result)))
+            if result:
+                out.append(result)
 
     def _queue(self, status: Status, request_id: int, body: bytes) -> None:
         self._out.append(encode_response_header(status, request_id, len(body)))
