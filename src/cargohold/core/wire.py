@@ -169,17 +169,16 @@ def decode_request_header(buffer: BytesLike, offset: int = 0) -> RequestHeader:
         buffer, offset
     )
     _check_frame(magic, version, plen)
-    volume_id = _VOLUME_IDS.get(volume)
-    if volume_id is None:
-        volume_id = "" if volume == NO_VOLUME else volume.hex()
-        if len(_VOLUME_IDS) >= 4096:
-            _VOLUME_IDS.clear()
-        _VOLUME_IDS[volume] = volume_id
-    return RequestHeader(op, rid, volume_id, epoch, pos, length, gen, plen)
+    return RequestHeader(op, rid, volume_hex(volume), epoch, pos, length, gen, plen)
 
 
-#: Raw volume ids seen in requests and their hex form (a server sees few volumes, each often).
-_VOLUME_IDS: dict[bytes, str] = {}
+@functools.lru_cache(maxsize=4096)
+def volume_hex(volume: bytes) -> str:
+    """A volume id as 32 hex characters ("" for all zeros): ``volume_bytes`` backwards.
+
+    Cached: a data server sees few volumes, each in every request.
+    """
+    return "" if volume == NO_VOLUME else volume.hex()
 
 
 def decode_request(frame: BytesLike) -> tuple[RequestHeader, bytes]:
