@@ -420,3 +420,14 @@ def test_disk_layout(disk: DiskChunkStore) -> None:
     assert (path / "sums").stat().st_size == 3 * MIB // BLOCK_SIZE * 4
     assert (path / "gens").stat().st_size == 3 * 8
     assert (disk.root / "server.json").exists()
+
+
+def test_large_writes_reach_the_file_whole_in_pieces(disk: DiskChunkStore) -> None:
+    v = vid()
+    replica = disk.create(v, 4 * MIB)
+    data = os.urandom(100 * BLOCK_SIZE)  # 400 KiB: six whole 64 KiB pieces and a partial one
+    replica.write(3 * BLOCK_SIZE, data, 1)
+    assert replica.read(3 * BLOCK_SIZE, len(data)) == data  # every block's checksum matches
+    with open(disk.root / "replicas" / v / "data", "rb") as f:
+        f.seek(3 * BLOCK_SIZE)
+        assert f.read(len(data)) == data

@@ -142,3 +142,27 @@ def test_frame_reader_rejects_garbage() -> None:
     buf[: len(garbage)] = garbage
     with pytest.raises(InvalidArgument):
         reader.feed(len(garbage))
+
+
+def test_frame_reader_can_reuse_one_buffer_for_large_payloads() -> None:
+    reader = wire.request_reader(reuse_large=True)
+    payloads = [b"x" * (1 << 20), b"y" * 100_000, b"z" * (1 << 20)]
+    stream = b"".join(
+        wire.encode_request(Op.WRITE, i, VOLUME, epoch=1, length=len(p), payload=p)
+        for i, p in enumerate(payloads)
+    )
+    seen: list[tuple[int, bytes]] = []
+    owners = set()
+    pos = 0
+    while pos < len(stream):
+        buf = reader.get_buffer()
+        n = min(len(buf), len(stream) - pos, 50_000)
+        buf[:n] = stream[pos : pos + n]
+        pos += n
+        for header, payload in reader.feed(n):
+            if len(payload) > 64 << 10:
+                assert reader.owns(payload)  # reused: valid only until the next get_buffer
+                owners.add(id(payload.obj))
+            seen.append((header.request_id, bytes(payload)))
+    assert seen == list(enumerate(payloads))
+    assert len(owners) == 1

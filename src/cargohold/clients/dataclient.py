@@ -15,12 +15,17 @@ import asyncio
 import logging
 import os
 import socket
+import struct
 from types import TracebackType
 from typing import Any, cast
 
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.wire import (
+    MAGIC,
     MAX_GENS_CHUNKS,
+    MAX_PAYLOAD,
+    REQUEST_HEADER,
+    VERSION,
     BytesLike,
     Op,
     Status,
@@ -30,6 +35,7 @@ from cargohold.core.wire import (
     encode_json,
     encode_request_header,
     response_reader,
+    volume_bytes,
 )
 from cargohold.errors import (
     CargoholdError,
@@ -59,6 +65,7 @@ _DEAD_PEER_SECONDS = 10
 Reply = asyncio.Future["bytes | memoryview"]
 #: A request waiting for its response: its future, and the volume id and epoch for errors.
 _Request = tuple[Reply, str, int]
+_pack_request = REQUEST_HEADER.pack
 
 
 def _detect_dead_peers(transport: asyncio.Transport | None) -> None:
@@ -80,7 +87,8 @@ class _Protocol(asyncio.BufferedProtocol):
         self._client = client
         self._reader = response_reader()
         self.transport: asyncio.Transport | None = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()  # kept: get_running_loop() costs a getpid()
+        self.lost: asyncio.Future[None] = self.loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -301,7 +309,7 @@ class DataClient:
 
         The engine's data path uses this instead of ``read``: no coroutine or task per request.
         """
-        return self._submit_soon(Op.READ, volume_id, epoch, offset, length, 0, b"")
+        return self._start(Op.READ, volume_id, epoch, offset, length, 0, b"")
 
     def start_write(self, volume_id: str, epoch: int, offset: int, data: BytesLike,
                     generation: int) -> Reply:
@@ -309,7 +317,7 @@ class DataClient:
 
         ``data`` must stay unchanged until the future is done.
         """
-        return self._submit_soon(Op.WRITE, volume_id, epoch, offset, len(data), generation, data)
+        return self._start(Op.WRITE, volume_id, epoch, offset, len(data), generation, data)
 
     async def flush(self, volume_id: str, epoch: int, *, timeout: float | None = None) -> None:
         """Make every write acknowledged so far durable on this server."""
@@ -402,9 +410,39 @@ class DataClient:
             generation=generation,
             payload_length=len(payload),
         )
-        future: Reply = asyncio.get_running_loop().create_future()
+        future: Reply = protocol.loop.create_future()
         self._pending[request_id] = (future, volume_id, epoch)
-        self._send(protocol.transport, header, payload)
+        self._send(protocol.loop, protocol.transport, header, payload)
+        return future
+
+    def _start(self, op: Op, volume_id: str, epoch: int, offset: int, length: int,
+               generation: int, payload: BytesLike) -> Reply:
+        """``_submit_soon`` for the data path: the common case in as few calls as possible.
+
+        Anything unusual (not connected, paused, a header that does not encode) goes through
+        ``_submit_soon``, which turns it into the same waiting or failed future.
+        """
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None or self._paused:
+            return self._submit_soon(op, volume_id, epoch, offset, length, generation, payload)
+        transport = protocol.transport
+        size = len(payload)
+        try:
+            if size > MAX_PAYLOAD:
+                raise InvalidArgument(what="payload", detail=f"{size} bytes > {MAX_PAYLOAD}")
+            volume = volume_bytes(volume_id)
+            request_id = self._next_id
+            if request_id in self._pending:
+                request_id = self._take_id()
+            else:
+                self._next_id = (request_id + 1) & 0xFFFFFFFF
+            header = _pack_request(MAGIC, VERSION, op, request_id, volume, epoch, offset, length,
+                                   generation, size)
+        except (CargoholdError, struct.error):
+            return self._submit_soon(op, volume_id, epoch, offset, length, generation, payload)
+        future: Reply = protocol.loop.create_future()
+        self._pending[request_id] = (future, volume_id, epoch)
+        self._send(protocol.loop, transport, header, payload)
         return future
 
     def _submit_soon(self, op: Op, volume_id: str, epoch: int, offset: int, length: int,
@@ -432,7 +470,8 @@ class DataClient:
         self._next_id = (request_id + 1) & 0xFFFFFFFF
         return request_id
 
-    def _send(self, transport: asyncio.Transport, header: bytes, payload: BytesLike) -> None:
+    def _send(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, header: bytes,
+              payload: BytesLike) -> None:
         if len(payload) >= _LARGE:
             self._write_out()
             transport.write(header)
@@ -447,7 +486,7 @@ class DataClient:
             self._write_out()  # let the server start on these while more are queued
         elif not self._out_scheduled:
             self._out_scheduled = True
-            asyncio.get_running_loop().call_soon(self._write_out)
+            loop.call_soon(self._write_out)
 
     def _write_out(self) -> None:
         """Send the requests queued in this loop turn with one write."""

@@ -169,9 +169,16 @@ def decode_request_header(buffer: BytesLike, offset: int = 0) -> RequestHeader:
         buffer, offset
     )
     _check_frame(magic, version, plen)
-    return RequestHeader(
-        op, rid, "" if volume == NO_VOLUME else volume.hex(), epoch, pos, length, gen, plen
-    )
+    return RequestHeader(op, rid, volume_hex(volume), epoch, pos, length, gen, plen)
+
+
+@functools.lru_cache(maxsize=4096)
+def volume_hex(volume: bytes) -> str:
+    """A volume id as 32 hex characters ("" for all zeros): ``volume_bytes`` backwards.
+
+    Cached: a data server sees few volumes, each in every request.
+    """
+    return "" if volume == NO_VOLUME else volume.hex()
 
 
 def decode_request(frame: BytesLike) -> tuple[RequestHeader, bytes]:
@@ -267,7 +274,10 @@ class FrameReader(Generic[H]):
     should receive next and ``feed(n)`` returns the frames completed by those ``n`` bytes.
     Small frames are parsed in place from one reusable buffer: their payload views are valid
     only until the next ``get_buffer()``. A payload larger than ``large`` bytes is received
-    into a ``bytearray`` of its own, which the caller may keep.
+    into a ``bytearray`` of its own, which the caller may keep; with ``reuse_large`` (for a
+    caller that is done with each payload before the next ``get_buffer()``, like the data
+    server) one such buffer is kept and reused instead, so that a stream of 1 MiB writes
+    allocates (and zero-fills) nothing per request.
     A malformed header raises ``InvalidArgument``: the stream cannot be trusted after that.
     """
 
@@ -278,6 +288,7 @@ class FrameReader(Generic[H]):
         *,
         buffer_size: int = 256 << 10,
         large: int = 64 << 10,
+        reuse_large: bool = False,
     ) -> None:
         if buffer_size < header_size + large:
             raise ValueError("buffer_size must hold a header and a large payload")
@@ -291,6 +302,8 @@ class FrameReader(Generic[H]):
         self._large: memoryview | None = None
         self._large_filled = 0
         self._large_header: H | None = None
+        self._reuse_large = reuse_large
+        self._spare: bytearray | None = None  # the reused large buffer (``reuse_large``)
 
     def owns(self, payload: memoryview) -> bool:
         """Whether ``payload`` (from ``feed``) is a view of the reader's reusable buffer.
@@ -298,7 +311,9 @@ class FrameReader(Generic[H]):
         Such a view must be copied before the next ``get_buffer()``; any other payload was
         received into a buffer of its own and may be kept as it is.
         """
-        return payload.obj is self._buf
+        return payload.obj is self._buf or (
+            self._spare is not None and payload.obj is self._spare
+        )
 
     def get_buffer(self) -> memoryview:
         if self._large is not None:
@@ -330,7 +345,7 @@ class FrameReader(Generic[H]):
                 pos = body + plen
                 continue
             if plen > self._large_threshold:
-                large = memoryview(bytearray(plen))
+                large = self._large_buffer(plen)
                 have = end - body
                 large[:have] = view[body:end]
                 self._large, self._large_filled, self._large_header = large, have, header
@@ -342,9 +357,17 @@ class FrameReader(Generic[H]):
             self._start = pos
         return frames
 
+    def _large_buffer(self, size: int) -> memoryview:
+        if not self._reuse_large:
+            return memoryview(bytearray(size))
+        spare = self._spare
+        if spare is None or len(spare) < size:
+            spare = self._spare = bytearray(size)
+        return memoryview(spare)[:size]
 
-def request_reader() -> FrameReader[RequestHeader]:
-    return FrameReader(decode_request_header, REQUEST_HEADER.size)
+
+def request_reader(*, reuse_large: bool = False) -> FrameReader[RequestHeader]:
+    return FrameReader(decode_request_header, REQUEST_HEADER.size, reuse_large=reuse_large)
 
 
 def response_reader() -> FrameReader[ResponseHeader]:

@@ -29,8 +29,10 @@ from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.sizes import format_size
 from cargohold.core.wire import (
     LOCAL_SOCKET,
+    MAGIC,
     MAX_GENS_CHUNKS,
     MAX_PAYLOAD,
+    RESPONSE_HEADER,
     VERSION,
     BytesLike,
     Op,
@@ -51,6 +53,7 @@ from cargohold.errors import (
     NoSpace,
     ReplicaNotFound,
 )
+from cargohold.services.heap import keep_large_buffers
 from cargohold.stores.chunkstore import ChunkStore, DiskChunkStore, Replica
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ _LARGE = 64 << 10
 #: How long a stopping server waits for its connections to drain their responses.
 _CLOSE_GRACE = 2.0
 _LATER = object()  # a handler's result: the response is sent when the work completes
+_pack_response = RESPONSE_HEADER.pack  # encode_response_header, inlined for the OK answers
 
 Handler = Callable[["_Connection", RequestHeader, memoryview], object]
 
@@ -68,7 +72,7 @@ class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: DataServer) -> None:
         self._server = server
         self._store = server.store
-        self._reader = request_reader()
+        self._reader = request_reader(reuse_large=True)  # requests are served at once
         self._transport: asyncio.Transport | None = None
         self._out: list[BytesLike] = []
         self.peer = "?"
@@ -137,7 +141,10 @@ class _Connection(asyncio.BufferedProtocol):
             return
         if result is not _LATER:
             assert isinstance(result, bytes)
-            self._queue(Status.OK, header.request_id, result)
+            out = self._out
+            out.append(_pack_response(MAGIC, VERSION, Status.OK, header.request_id, len(result)))
+            if result:
+                out.append(result)
 
     def _queue(self, status: Status, request_id: int, body: bytes) -> None:
         self._out.append(encode_response_header(status, request_id, len(body)))
@@ -392,6 +399,7 @@ def run(root: Path, host: str, port: int, ready_file: Path | None = None) -> Non
     the server's address survives restarts. ``ready_file`` is written (atomically) once the
     server listens: ``{"id": ..., "address": "host:port", "pid": ...}``.
     """
+    keep_large_buffers()
     uvloop.run(_run(Path(root), host, port, ready_file))  # ~2x less loop overhead per request
 
 
