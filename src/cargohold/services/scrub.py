@@ -3,9 +3,10 @@
 Data servers verify each block's CRC32 on every read, so reading a copy is checking it. A
 copy that fails is rewritten, whole chunk, from an in-sync copy that reads clean (with the
 chunk's newest generation); a chunk with no clean copy left is reported as lost and left
-alone. Like the resync, a scrub takes a new epoch and runs only while the volume is detached
-(the engine is the only writer of an attached one); an attach during a scrub fences it and
-it stops.
+alone. Like the resync, a scrub here takes a new epoch and runs only while the volume is
+detached; an attach during a scrub fences it and it stops. The engine is the only writer of
+an attached volume, so its scrub is asked of the engine (``Volume.scrub_requested``, run by
+``ReplicaSet.scrub`` under chunk locks) and the report comes back in ``Volume.last_scrub``.
 """
 
 from __future__ import annotations
