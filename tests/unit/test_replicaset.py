@@ -263,7 +263,11 @@ async def _catch_up(rs: ReplicaSet, target: DiskClient, promoted: list[str]) -> 
 
     rs.client_for = lambda _server: target  # type: ignore[method-assign,assignment,return-value]
     server = DataServer(id="s2", node="n", address="-", path="-")
-    return await rs.catch_up(server, promote, progress)
+    return await rs.catch_up(server, _begun, promote, progress)
+
+
+async def _begun() -> None:
+    pass
 
 
 def test_catch_up_copies_only_missed_chunks_while_writes_go_on() -> None:

@@ -246,15 +246,17 @@ class ReplicaSet:
             self.members.remove(member)
             await member.client.close()
 
-    async def catch_up(self, server: DataServer, promote: Callable[[], Awaitable[None]],
-                       progress: Progress, rate: float = 0.0) -> tuple[int, int]:
+    async def catch_up(self, server: DataServer, begin: Callable[[], Awaitable[None]],
+                       promote: Callable[[], Awaitable[None]], progress: Progress,
+                       rate: float = 0.0) -> tuple[int, int]:
         """Bring the replica on ``server`` level with the members while the volume is in use,
         then make it a member; return (chunks copied, chunks in the volume).
 
-        ``promote`` records it in sync in the metadata store; it runs while writes are
-        paused, after the replica has flushed. ``progress`` gets the fraction copied about
-        once a second. Sources are the members, taken in turn. On failure the replica is
-        left out (never read, no I/O fails) and the error is raised.
+        ``begin`` records that it is catching up, once its data server has answered (an
+        unreachable one changes nothing). ``promote`` records it in sync; it runs while
+        writes are paused, after the replica has flushed. ``progress`` gets the fraction
+        copied about once a second. Sources are the members, taken in turn. On failure the
+        replica is left out (never read, no I/O fails) and the error is raised.
         """
         self._check_fenced()
         member = Member(server, self.client_for(server))
@@ -269,6 +271,7 @@ class ReplicaSet:
             # members' then is copied whole, even if new writes touch part of it meanwhile.
             before = generation_table(await client.generations(self.volume_id,
                                                                timeout=STAT_TIMEOUT))
+            await begin()
             await self._pause()
             try:
                 self._left_out.pop(server.id, None)

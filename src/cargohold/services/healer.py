@@ -113,10 +113,10 @@ class Healer:
 
     async def heal(self, server: DataServer) -> Healed:
         started = time.monotonic()
-        await self._record(server.id, _begin)
         try:
             copied, total = await self.replicas.catch_up(
-                server, lambda: self._record(server.id, _promote),
+                server, lambda: self._record(server.id, _begin),
+                lambda: self._record(server.id, _promote),
                 lambda done: self._record(server.id, _progress(done)), self.rate)
         except BaseException as e:
             await self._give_up(server.id, "catching up stopped: the engine is stopping"
