@@ -259,6 +259,8 @@ class ReplicaSet:
         replica is left out (never read, no I/O fails) and the error is raised.
         """
         self._check_fenced()
+        if not self.members:
+            raise NoReplicaLeft(name=self.name)  # nothing to copy from
         member = Member(server, self.client_for(server))
         client = member.client
         try:
