@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
 import re
@@ -53,9 +52,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,11 +61,15 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from rebuild_bench import (  # noqa: E402  (the same host and source records)
+    Interrupted,
+    cleaning_up,
     cpu_seconds,
     fill,
     host_cpu,
     loadavg,
     log,
+    log_time,
+    signals_raise,
     source_state,
 )
 from tests.conftest import Node, leftovers, sha256_of  # noqa: E402
@@ -89,16 +90,6 @@ HEALED = re.compile(_STAMP + rf"{VOLUME}: replica on data server (\w+) back in s
 NOT_HEALED = re.compile(_STAMP + rf"({VOLUME}: replica on data server \w+ (?:did not catch up|"
                         r"stops catching up).*)$", re.M)
 
-
-class Interrupted(BaseException):
-    """A termination signal arrived: unwind through every ``finally`` and clean up."""
-
-
-def _stamp(text: str) -> float:
-    return dt.datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-# --- replicas as they are on disk ----------------------------------------------------------
 
 def gens(data_dir: Path, volume_id: str) -> array[int]:
     """A replica's generation per chunk, read from its ``gens`` file (host byte order; the
@@ -336,7 +327,8 @@ def outage_run(base: Path, args: argparse.Namespace) -> dict[str, Any]:
         log(f"h2 back after {t_back - t_kill:.1f} s (start took {t_back - t_restart:.1f} s); "
             f"waiting for its replica to catch up")
 
-        seen_catchup, failures = set(), []
+        seen_catchup: set[str] = set()
+        failures: list[str] = []
         healed: tuple[str, ...] | None = None
         next_inspect = 0.0
         while healed is None:
@@ -355,7 +347,7 @@ def outage_run(base: Path, args: argparse.Namespace) -> dict[str, Any]:
                 seen_catchup.add(states(h1, d2))
                 next_inspect = time.monotonic() + 1.0
             time.sleep(0.2)
-        t_in_sync = _stamp(healed[0])
+        t_in_sync = log_time(healed[0])
         seen_catchup.add(states(h1, d2))
         g_h1_sync = gens(d1, volume_id)
         phases_cpu["catch-up"], cpu_mark = _busy(cpu_mark), host_cpu()
@@ -503,29 +495,6 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"  engine: {failure}")
 
 
-_signalled: list[str] = []
-
-
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    name = signal.Signals(signum).name
-    if _signalled:  # the first one is unwinding through the cleanup: let it finish
-        log(f"{name} received; still cleaning up")
-        return
-    _signalled.append(name)
-    raise Interrupted(name)
-
-
-@contextlib.contextmanager
-def signals_raise() -> Iterator[None]:
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, _interrupt) for s in sigs}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--size", default="2G", help="volume size (default 2G)")
@@ -563,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - report, keep what was measured
             error, status = f"{type(e).__name__}: {e}", 2
         finally:
-            _signalled.append("done")  # from here on a signal no longer interrupts
+            cleaning_up()
             left = {k: v for k, v in leftovers(tmp).items() if v}
             if not left:
                 shutil.rmtree(tmp, ignore_errors=True)

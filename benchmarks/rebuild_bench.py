@@ -114,7 +114,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def _stamp(text: str) -> float:
+def log_time(text: str) -> float:
+    """The time of a cargohold log line's timestamp."""
     return dt.datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
@@ -291,7 +292,7 @@ def rebuild_run(base: Path, size: int, rate: str) -> dict[str, Any]:
         if old != removed["server"]:
             raise RuntimeError(f"replaced {old}, not the removed {removed['server']}")
         end, chunks, chunks_total, copy_seconds = done[-1]
-        chunks, seconds = int(chunks), _stamp(end) - _stamp(stamp)
+        chunks, seconds = int(chunks), log_time(end) - log_time(stamp)
 
         check = verify(node, cluster, final, kept["server"], new, removed["server"], disk3,
                        volume["id"], chunks, digest)
@@ -413,6 +414,11 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(name)
 
 
+def cleaning_up() -> None:
+    """From here on a signal no longer interrupts: the cleanup runs to its end."""
+    _signalled.append("done")
+
+
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
     """SIGINT/SIGTERM/SIGHUP raise ``Interrupted`` once; later ones do not disturb the
@@ -457,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - report, keep what was measured
             error, status = f"{type(e).__name__}: {e}", 2
         finally:
-            _signalled.append("done")  # from here on a signal no longer interrupts
+            cleaning_up()
             left = {k: v for k, v in leftovers(tmp).items() if v}
             if not left:
                 shutil.rmtree(tmp, ignore_errors=True)
