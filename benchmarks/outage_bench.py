@@ -49,7 +49,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from array import array
 from pathlib import Path
@@ -61,15 +60,13 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from rebuild_bench import (  # noqa: E402  (the same host and source records)
-    Interrupted,
-    cleaning_up,
     cpu_seconds,
     fill,
     host_cpu,
     loadavg,
     log,
     log_time,
-    signals_raise,
+    run_cleanly,
     source_state,
 )
 from tests.conftest import Node, leftovers, sha256_of  # noqa: E402
@@ -522,27 +519,12 @@ def main(argv: list[str] | None = None) -> int:
     log(f"sources: commit {source['head']}, src/ fingerprint {source['src_sha256']}"
         + (f", uncommitted changes in {source['uncommitted']}" if source["uncommitted"] else ""))
     run: dict[str, Any] | None = None
-    error, status = "", 0
-    tmp = Path(tempfile.mkdtemp(prefix="cargohold-outage-", dir="/var/tmp"))
-    with signals_raise():
-        try:
-            run = outage_run(tmp, args)
-        except Interrupted as e:
-            error, status = f"interrupted by {e}", 130
-        except Exception as e:  # noqa: BLE001 - report, keep what was measured
-            error, status = f"{type(e).__name__}: {e}", 2
-        finally:
-            cleaning_up()
-            left = {k: v for k, v in leftovers(tmp).items() if v}
-            if not left:
-                shutil.rmtree(tmp, ignore_errors=True)
-    if error:
-        log(f"benchmark failed: {error}")
-    if left:
-        log(f"cleanup: LEFT OVER (and {tmp} kept): {json.dumps(left, indent=2)}")
-        status = status or 3
-    else:
-        log(f"cleanup: OK, no mounts, loop devices or processes left; {tmp} removed")
+
+    def body(tmp: Path) -> None:
+        nonlocal run
+        run = outage_run(tmp, args)
+
+    error, status, left = run_cleanly("cargohold-outage-", body)
     load_end = loadavg()
     changed = source_state() != source
     if run is not None:

@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -414,9 +414,35 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(name)
 
 
-def cleaning_up() -> None:
-    """From here on a signal no longer interrupts: the cleanup runs to its end."""
-    _signalled.append("done")
+def run_cleanly(prefix: str, body: Callable[[Path], None],
+                ) -> tuple[str, int, dict[str, list[str]]]:
+    """Run ``body`` in a new directory under /var/tmp, termination signals raising
+    ``Interrupted``; then check what it left and remove the directory. Returns (error,
+    status, what was left over): status 130 interrupted, 2 failed, 3 something left over (the
+    directory is kept for a look), else 0. What ``body`` measured before a failure stays
+    where it put it."""
+    error, status = "", 0
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    with signals_raise():
+        try:
+            body(tmp)
+        except Interrupted as e:
+            error, status = f"interrupted by {e}", 130
+        except Exception as e:  # noqa: BLE001 - report, keep what was measured
+            error, status = f"{type(e).__name__}: {e}", 2
+        finally:
+            _signalled.append("done")  # from here on a signal no longer interrupts
+            left = {k: v for k, v in leftovers(tmp).items() if v}
+            if not left:
+                shutil.rmtree(tmp, ignore_errors=True)
+    if error:
+        log(f"benchmark failed: {error}")
+    if left:
+        log(f"cleanup: LEFT OVER (and {tmp} kept): {json.dumps(left, indent=2)}")
+        status = status or 3
+    else:
+        log(f"cleanup: OK, no mounts, loop devices or processes left; {tmp} removed")
+    return error, status, left
 
 
 @contextlib.contextmanager
@@ -448,32 +474,16 @@ def main(argv: list[str] | None = None) -> int:
     size = parse_size(args.size)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs: list[dict[str, Any]] = []
-    error, status = "", 0
     load_start, source = loadavg(), source_state()
     log(f"rebuild benchmark: {args.runs} run(s) of {format_size(size)}; loadavg {load_start}")
     log(f"sources: commit {source['head']}, src/ fingerprint {source['src_sha256']}"
         + (f", uncommitted changes in {source['uncommitted']}" if source["uncommitted"] else ""))
-    tmp = Path(tempfile.mkdtemp(prefix="cargohold-rebuild-", dir="/var/tmp"))
-    with signals_raise():
-        try:
-            for i in range(1, args.runs + 1):
-                runs.append(one_run(i, tmp, size, args.rate))
-        except Interrupted as e:
-            error, status = f"interrupted by {e}", 130
-        except Exception as e:  # noqa: BLE001 - report, keep what was measured
-            error, status = f"{type(e).__name__}: {e}", 2
-        finally:
-            cleaning_up()
-            left = {k: v for k, v in leftovers(tmp).items() if v}
-            if not left:
-                shutil.rmtree(tmp, ignore_errors=True)
-    if error:
-        log(f"benchmark failed: {error}")
-    if left:
-        log(f"cleanup: LEFT OVER (and {tmp} kept): {json.dumps(left, indent=2)}")
-        status = status or 3
-    else:
-        log(f"cleanup: OK, no mounts, loop devices or processes left; {tmp} removed")
+
+    def body(tmp: Path) -> None:
+        for i in range(1, args.runs + 1):
+            runs.append(one_run(i, tmp, size, args.rate))
+
+    error, status, left = run_cleanly("cargohold-rebuild-", body)
     load_end = loadavg()
     summary: dict[str, Any] | None = None
     if runs:

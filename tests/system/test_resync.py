@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,23 @@ def _states(node: Node, name: str) -> dict[str, str]:
     return {r["path"]: r["state"] for r in node.json("volume", "inspect", name)["replicas"]}
 
 
+@pytest.fixture
+def two_hosts(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
+    """Nodes h1 and h2 sharing one metadata store, one data server each, 2 s leases."""
+    meta = f"sqlite://{tmp_path / 'meta.db'}"
+    nodes: list[Node] = []
+    try:
+        for name in ("h1", "h2"):
+            (tmp_path / name).mkdir()
+            nodes.append(Node(tmp_path / name, data_servers=1, name=name,
+                              extra=("--metadata", meta, "--lease-ttl", "2")))
+            nodes[-1].start()
+        yield nodes[0], nodes[1]
+    finally:
+        for node in nodes:
+            node.cleanup()
+
+
 def _compare_on_disk(volume: dict[str, Any]) -> None:
     """The replicas' chunk files hold the same generations and the same bytes (chunk by
     chunk, read while the node is stopped)."""
@@ -48,51 +66,41 @@ def _compare_on_disk(volume: dict[str, Any]) -> None:
             store.close()
 
 
-def test_a_host_back_after_the_detach_gets_only_what_it_missed(tmp_path: Path) -> None:
+def test_a_host_back_after_the_detach_gets_only_what_it_missed(
+        two_hosts: tuple[Node, Node]) -> None:
     """The controller's resync of a detached volume (the engine heals attached ones): the
     host of one replica is down while the volume is written and detached, then returns."""
-    meta = f"sqlite://{tmp_path / 'meta.db'}"
-    nodes = []
-    try:
-        for name in ("h1", "h2"):
-            (tmp_path / name).mkdir()
-            nodes.append(Node(tmp_path / name, data_servers=1, name=name,
-                              extra=("--metadata", meta, "--lease-ttl", "2")))
-            nodes[-1].start()
-        h1, h2 = nodes
-        h1.cli("volume", "create", "rs", "--size", "256M", "--replicas", "2")
-        mountpoint = Path(h1.cli("volume", "attach", "rs").stdout.strip())
-        before = _write(mountpoint / "before.bin", 64 * MIB)
-        victim = str(h2.data_dirs[0])
-        h2.kill()  # the host goes down: its node and its data server
-        os.kill(h2.dataserver_pids()[0], signal.SIGKILL)
-        after = _write(mountpoint / "after.bin", 8 * MIB)  # the victim misses these
-        assert _states(h1, "rs")[victim] == "out_of_sync"
-        h1.cli("volume", "detach", "rs")
-        h2.start()  # back, with its data server
-        done = h1.cli("volume", "rebuild", "rs", "--wait")  # the controller resyncs
-        assert "done" in done.stderr and "in sync" in done.stdout
-        assert set(_states(h1, "rs").values()) == {"in_sync"}
-        [done] = re.findall(r"resync of rs done: (\d+) of (\d+) chunks copied",
-                            h1.logs() + h2.logs())
-        copied, total = int(done[0]), int(done[1])
-        print(f"resync copied {copied} of {total} chunks (8 MiB written while away)")
-        assert 8 <= copied < 32, "only the chunks written while it was away are copied"
-        inspected = h1.json("volume", "inspect", "rs")
-        assert inspected["in_sync"] == 2
+    h1, h2 = two_hosts
+    h1.cli("volume", "create", "rs", "--size", "256M", "--replicas", "2")
+    mountpoint = Path(h1.cli("volume", "attach", "rs").stdout.strip())
+    before = _write(mountpoint / "before.bin", 64 * MIB)
+    victim = str(h2.data_dirs[0])
+    h2.kill()  # the host goes down: its node and its data server
+    os.kill(h2.dataserver_pids()[0], signal.SIGKILL)
+    after = _write(mountpoint / "after.bin", 8 * MIB)  # the victim misses these
+    assert _states(h1, "rs")[victim] == "out_of_sync"
+    h1.cli("volume", "detach", "rs")
+    h2.start()  # back, with its data server
+    done = h1.cli("volume", "rebuild", "rs", "--wait")  # the controller resyncs
+    assert "done" in done.stderr and "in sync" in done.stdout
+    assert set(_states(h1, "rs").values()) == {"in_sync"}
+    [done] = re.findall(r"resync of rs done: (\d+) of (\d+) chunks copied",
+                        h1.logs() + h2.logs())
+    copied, total = int(done[0]), int(done[1])
+    print(f"resync copied {copied} of {total} chunks (8 MiB written while away)")
+    assert 8 <= copied < 32, "only the chunks written while it was away are copied"
+    inspected = h1.json("volume", "inspect", "rs")
+    assert inspected["in_sync"] == 2
 
-        h1.stop()
-        h2.stop()
-        _compare_on_disk(inspected)
+    h1.stop()
+    h2.stop()
+    _compare_on_disk(inspected)
 
-        h2.start()
-        mountpoint = Path(h2.cli("volume", "attach", "rs").stdout.strip())
-        for name, digest in (("before.bin", before), ("after.bin", after)):
-            assert hashlib.sha256((mountpoint / name).read_bytes()).hexdigest() == digest
-        h2.cli("volume", "detach", "rs")
-    finally:
-        for node in nodes:
-            node.cleanup()
+    h2.start()
+    mountpoint = Path(h2.cli("volume", "attach", "rs").stdout.strip())
+    for name, digest in (("before.bin", before), ("after.bin", after)):
+        assert hashlib.sha256((mountpoint / name).read_bytes()).hexdigest() == digest
+    h2.cli("volume", "detach", "rs")
 
 
 def test_a_returning_data_server_catches_up_while_the_volume_is_in_use(
@@ -146,44 +154,34 @@ def test_a_returning_data_server_catches_up_while_the_volume_is_in_use(
         node.cleanup()
 
 
-def test_a_volume_whose_copies_all_failed_is_salvaged_from_the_newest(tmp_path: Path) -> None:
-    meta = f"sqlite://{tmp_path / 'meta.db'}"
-    nodes = []
-    try:
-        for name in ("h1", "h2"):
-            (tmp_path / name).mkdir()
-            nodes.append(Node(tmp_path / name, data_servers=1, name=name,
-                              extra=("--metadata", meta, "--lease-ttl", "2")))
-            nodes[-1].start()
-        h1, h2 = nodes
-        h1.cli("volume", "create", "sv", "--size", "128M", "--replicas", "2")
-        mountpoint = Path(h1.cli("volume", "attach", "sv").stdout.strip())
-        first = _write(mountpoint / "first.bin", 8 * MIB)
-        h2.kill()  # h2's host goes down: its copy misses what comes next
-        os.kill(h2.dataserver_pids()[0], signal.SIGKILL)
-        second = _write(mountpoint / "second.bin", 8 * MIB)
-        newest = str(h1.data_dirs[0])
-        os.kill(h1.dataserver_pids()[0], signal.SIGKILL)  # and then the other copy fails
-        with pytest.raises(OSError):
-            _write(mountpoint / "third.bin", 8 * MIB)
-        assert set(_states(h1, "sv").values()) == {"out_of_sync"}
-        h1.cli("volume", "detach", "sv")
-        refused = h1.cli("volume", "attach", "sv", check=False)
-        assert refused.returncode != 0 and "volume salvage sv" in refused.stderr
+def test_a_volume_whose_copies_all_failed_is_salvaged_from_the_newest(
+        two_hosts: tuple[Node, Node]) -> None:
+    h1, h2 = two_hosts
+    h1.cli("volume", "create", "sv", "--size", "128M", "--replicas", "2")
+    mountpoint = Path(h1.cli("volume", "attach", "sv").stdout.strip())
+    first = _write(mountpoint / "first.bin", 8 * MIB)
+    h2.kill()  # h2's host goes down: its copy misses what comes next
+    os.kill(h2.dataserver_pids()[0], signal.SIGKILL)
+    second = _write(mountpoint / "second.bin", 8 * MIB)
+    newest = str(h1.data_dirs[0])
+    os.kill(h1.dataserver_pids()[0], signal.SIGKILL)  # and then the other copy fails
+    with pytest.raises(OSError):
+        _write(mountpoint / "third.bin", 8 * MIB)
+    assert set(_states(h1, "sv").values()) == {"out_of_sync"}
+    h1.cli("volume", "detach", "sv")
+    refused = h1.cli("volume", "attach", "sv", check=False)
+    assert refused.returncode != 0 and "volume salvage sv" in refused.stderr
 
-        h2.start()  # the stale copy is back too: salvage must not pick it
-        done = h1.json("volume", "salvage", "sv")
-        inspected = h1.json("volume", "inspect", "sv")
-        [chosen] = [r for r in inspected["replicas"] if r["server"] == done["in_sync"]]
-        assert chosen["path"] == newest and done["unreachable"] == []
-        again = h1.cli("volume", "salvage", "sv", check=False)
-        assert again.returncode == 4 and "[nothing_to_salvage]" in again.stderr
-        h1.cli("volume", "rebuild", "sv", "--wait")  # the stale copy is resynced from it
-        assert set(_states(h1, "sv").values()) == {"in_sync"}
-        mountpoint = Path(h2.cli("volume", "attach", "sv").stdout.strip())
-        for name, digest in (("first.bin", first), ("second.bin", second)):
-            assert hashlib.sha256((mountpoint / name).read_bytes()).hexdigest() == digest
-        h2.cli("volume", "detach", "sv")
-    finally:
-        for node in nodes:
-            node.cleanup()
+    h2.start()  # the stale copy is back too: salvage must not pick it
+    done = h1.json("volume", "salvage", "sv")
+    inspected = h1.json("volume", "inspect", "sv")
+    [chosen] = [r for r in inspected["replicas"] if r["server"] == done["in_sync"]]
+    assert chosen["path"] == newest and done["unreachable"] == []
+    again = h1.cli("volume", "salvage", "sv", check=False)
+    assert again.returncode == 4 and "[nothing_to_salvage]" in again.stderr
+    h1.cli("volume", "rebuild", "sv", "--wait")  # the stale copy is resynced from it
+    assert set(_states(h1, "sv").values()) == {"in_sync"}
+    mountpoint = Path(h2.cli("volume", "attach", "sv").stdout.strip())
+    for name, digest in (("first.bin", first), ("second.bin", second)):
+        assert hashlib.sha256((mountpoint / name).read_bytes()).hexdigest() == digest
+    h2.cli("volume", "detach", "sv")

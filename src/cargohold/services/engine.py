@@ -47,7 +47,7 @@ from cargohold.errors import (
 )
 from cargohold.services.fuse import FuseSession, unmount
 from cargohold.services.healer import Healer
-from cargohold.services.resync import Budget
+from cargohold.services.resync import WINDOW, Budget, together
 from cargohold.services.scrub import ScrubReport
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import open_store
@@ -61,7 +61,7 @@ STOP_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 2.0  # to a data server at attach
 DOWN_CONNECT_TIMEOUT = 0.3  # to one the controller has marked down
 STAT_TIMEOUT = 10.0
-COPY_WINDOW = 8  # chunks copied at once to a joining member
+COPY_WINDOW = WINDOW  # chunks copied at once to a joining member, as in a resync
 #: The agent sends this signal after the volume grew: the engine reads the new size from the
 #: metadata store, checks its replicas and makes the FUSE file grow (``resize_on_signal``).
 RESIZE_SIGNAL = signal.SIGUSR1
@@ -304,13 +304,7 @@ class ReplicaSet:
                         reported = now
                         await progress(copied / len(plan))
 
-            workers = [asyncio.ensure_future(copier(turn)) for turn in range(COPY_WINDOW)]
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for worker in workers:
-                    worker.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+            await together([copier(turn) for turn in range(COPY_WINDOW)])
             await self._pause()
             try:
                 self._still_joining(member)

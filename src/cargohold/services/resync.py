@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from cargohold.clients.dataclient import DataClient
 from cargohold.core.layout import CHUNK_SIZE, copy_plan, generation_table
@@ -119,13 +120,7 @@ class Resync:
                         last_report = time.monotonic()
                         await self._progress(name, epoch, targets, copied / len(plan))
 
-            workers = [asyncio.ensure_future(copier()) for _ in range(WINDOW)]
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for worker in workers:
-                    worker.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+            await together([copier() for _ in range(WINDOW)])
             await asyncio.gather(*(clients[t].flush(volume.id, epoch) for t in targets))
         except CargoholdError as e:
             await self._finish(name, epoch, targets, in_sync=False, reason=f"resync: {e}")
@@ -194,6 +189,18 @@ def _due(volume: Volume, servers: dict[str, DataServer]) -> bool:
             and any(server_up(servers.get(r.server)) for r in volume.in_sync())
             and any(r.state in (ReplicaState.OUT_OF_SYNC, ReplicaState.RESYNCING)
                     and server_up(servers.get(r.server)) for r in volume.replicas))
+
+
+async def together(workers: list[Coroutine[Any, Any, None]]) -> None:
+    """Run ``workers`` at once until all are done; the first failure cancels the others
+    (and is raised once they have stopped)."""
+    tasks = [asyncio.ensure_future(worker) for worker in workers]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Budget:
