@@ -50,6 +50,7 @@ from cargohold.services.healer import Healer
 from cargohold.services.resync import WINDOW, Budget, together
 from cargohold.services.scrub import ScrubReport
 from cargohold.stores.catalog import Catalog
+from cargohold.stores.chunkstore import LocalReplicaReader
 from cargohold.stores.metadata import open_store
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,10 @@ class ReplicaSet:
         self._mark_failed = mark_failed
         self._failing: dict[str, asyncio.Future[None]] = {}
         self.members: list[Member] = []
+        # The first member's files when it is on this host: reads are served from them in
+        # this process (``read_at_once``), without a round trip through its data server.
+        self._reader: LocalReplicaReader | None = None
+        self._reader_of: Member | None = None
         self._generation = epoch << 32
         self._trims = 0  # trims so far (read repair checks nothing changed under it)
         self.fenced: Fenced | None = None  # once fenced, every later I/O fails at once
@@ -140,6 +145,7 @@ class ReplicaSet:
         if not self.members:
             raise NoReplicaLeft(name=self.name)
         copied = await self.reconcile()
+        self._choose_reader()
         if copied:
             log.warning("%s: %d chunks differed among the in-sync replicas and were copied "
                         "from the newest", self.name, copied)
@@ -203,6 +209,27 @@ class ReplicaSet:
             await member.client.close()
         self.members = []
         self.joining = []
+        self._choose_reader()
+
+    def _choose_reader(self) -> None:
+        """Read the first member's files directly if it is on this host (after the members
+        or the size changed); a replica whose files cannot be opened is read through its
+        data server, as before."""
+        first = self.members[0] if self.members else None
+        reader = self._reader
+        if first is self._reader_of and (reader is None or reader.size >= self.size):
+            return
+        if reader is not None:
+            reader.close()
+        self._reader, self._reader_of = None, first
+        if first is None or first.server.node != self._local_node or not first.server.path:
+            return
+        try:
+            self._reader = LocalReplicaReader(Path(first.server.path), self.volume_id,
+                                              self.epoch)
+        except (OSError, CargoholdError) as e:
+            log.warning("%s: reading the local replica through its data server: %s",
+                        self.name, e)
 
     async def grow(self, size: int) -> bool:
         """Address ``size`` bytes from now on, once every replica is known to be that big.
@@ -227,6 +254,7 @@ class ReplicaSet:
                 return False
         log.info("%s: grew from %d to %d bytes", self.name, self.size, size)
         self.size = size
+        self._choose_reader()
         return True
 
     # -- catching up ---------------------------------------------------------------------
@@ -244,6 +272,7 @@ class ReplicaSet:
             log.info("%s: replica on data server %s is no longer in the volume's in-sync set; "
                      "leaving it", self.name, member.server.id)
             self.members.remove(member)
+            self._choose_reader()
             await member.client.close()
 
     async def catch_up(self, server: DataServer, begin: Callable[[], Awaitable[None]],
@@ -311,7 +340,11 @@ class ReplicaSet:
                 await client.flush(self.volume_id, self.epoch)
                 await promote()
                 self.joining.remove(member)
-                self.members.append(member)
+                if server.node == self._local_node:
+                    self.members.insert(0, member)  # local replicas are read first
+                else:
+                    self.members.append(member)
+                self._choose_reader()
                 self._failing.pop(server.id, None)  # it may fail (and be dropped) again
             finally:
                 self._resume()
@@ -478,6 +511,15 @@ class ReplicaSet:
 
     async def read(self, offset: int, length: int) -> BytesLike:
         return await self.start_read(offset, length)
+
+    def read_at_once(self, offset: int, length: int) -> BytesLike | None:
+        """The bytes at ``offset`` from the local replica's files, if it can vouch for them
+        now (see ``LocalReplicaReader``); None: read with ``start_read``."""
+        reader = self._reader
+        if (reader is None or self.fenced is not None or offset % BLOCK_SIZE
+                or length % BLOCK_SIZE):
+            return None
+        return reader.read(offset, length)
 
     def start_read(self, offset: int, length: int) -> asyncio.Future[BytesLike]:
         """Read from the first replica that answers (local ones first), as a future.
@@ -712,6 +754,7 @@ class ReplicaSet:
             log.error("replica on data server %s leaves the in-sync set: %s", server_id, reason)
             if member in self.members:
                 self.members.remove(member)
+                self._choose_reader()
             pending = asyncio.ensure_future(self._mark_failed(server_id, reason))
             self._failing[server_id] = pending
             pending.add_done_callback(lambda _: asyncio.ensure_future(member.client.close()))

@@ -96,11 +96,13 @@ class BlockTarget(Protocol):
     """What the FUSE file reads from and writes to: the engine's replica set.
 
     Reads and writes return futures (no coroutine per request: the replies are sent from
-    their done callbacks); flushes and trims are rare and may be coroutines.
+    their done callbacks), except reads the target can answer at once (``read_at_once``:
+    None means it cannot); flushes and trims are rare and may be coroutines.
     """
 
     size: int
 
+    def read_at_once(self, offset: int, length: int) -> BytesLike | None: ...
     def start_read(self, offset: int, length: int) -> asyncio.Future[BytesLike]: ...
     def start_write(self, offset: int, data: BytesLike) -> asyncio.Future[None]: ...
     async def flush(self) -> None: ...
@@ -323,6 +325,10 @@ class FuseSession:
             self._reply(unique, b"")
             return
         try:
+            data = self.target.read_at_once(offset, size)
+            if data is not None:
+                self._send([OUT_HEADER.pack(OUT_HEADER.size + len(data), 0, unique), data])
+                return
             future = self.target.start_read(offset, size)
         except Exception as e:  # noqa: BLE001 - every failure must become an errno
             self._fail(unique, e)
