@@ -32,7 +32,7 @@ from cargohold.errors import (
     ReplicaNotFound,
 )
 from cargohold.services.dataserver import serve
-from cargohold.stores.chunkstore import MemoryChunkStore
+from cargohold.stores.chunkstore import DiskChunkStore, MemoryChunkStore
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 MIB = 1 << 20
@@ -457,3 +457,29 @@ def test_protocol_level_refusals() -> None:
             await server.close()
 
     run(body())
+
+
+def test_written_replicas_start_their_writeback(tmp_path: Path) -> None:
+    """The server's timer starts writeback of replicas written since its last turn."""
+
+    async def run() -> None:
+        store = DiskChunkStore(tmp_path)
+        server = await serve(store, "127.0.0.1", 0)
+        client = DataClient(server.address, store.server_id)
+        try:
+            await client.connect()
+            volume = uuid.uuid4().hex
+            await client.create(volume, 4 * MIB)
+            await client.write(volume, 1, 0, b"w" * BLOCK_SIZE, 1)
+            [replica] = store.open_replicas()
+            assert replica.dirty
+            deadline = time.monotonic() + 5
+            while replica.dirty and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert not replica.dirty
+        finally:
+            await client.close()
+            await server.close()
+            store.close()
+
+    asyncio.run(run())

@@ -529,3 +529,17 @@ def test_local_reader_of_a_missing_replica_fails_and_leaves_nothing_open(
     with pytest.raises(InvalidArgument):
         LocalReplicaReader(disk.root, "../etc", 1)
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_writeback_is_started_for_written_replicas_only(disk: DiskChunkStore) -> None:
+    v = vid()
+    replica = disk.create(v, 4 * MIB)
+    assert not replica.dirty
+    replica.write(0, os.urandom(MIB), 1)
+    assert replica.dirty
+    replica.start_writeback()  # starts writing, does not wait: the data is still all there
+    assert not replica.dirty
+    replica.write(MIB, b"\x05" * BLOCK_SIZE, 2)
+    assert replica.dirty and replica.read(MIB, BLOCK_SIZE) == b"\x05" * BLOCK_SIZE
+    disk.close()  # closed: nothing to start, and no error
+    replica.start_writeback()

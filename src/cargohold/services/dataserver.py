@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -62,6 +63,10 @@ log = logging.getLogger(__name__)
 _LARGE = 64 << 10
 #: How long a stopping server waits for its connections to drain their responses.
 _CLOSE_GRACE = 2.0
+#: How often written replicas start their writeback (``Replica.start_writeback``). Buffered
+#: writes would otherwise pile up until a flush: ~1 s of fdatasync every 5 s under 4K random
+#: writes, during which the volume's loop device serves nothing else.
+WRITEBACK_INTERVAL = 0.2
 _LATER = object()  # a handler's result: the response is sent when the work completes
 _pack_response = RESPONSE_HEADER.pack  # encode_response_header, inlined for the OK answers
 
@@ -335,6 +340,7 @@ class DataServer:
         self.port = 0
         self.socket_path: Path | None = None
         self._server: asyncio.Server | None = None
+        self._writeback: asyncio.Task[None] | None = None
         self._unix_server: asyncio.Server | None = None
 
     @property
@@ -347,6 +353,17 @@ class DataServer:
         self.host = host
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("data server %s listening on %s", self.store.server_id, self.address)
+        if self._writeback is None:
+            self._writeback = asyncio.ensure_future(self._start_writebacks())
+
+    async def _start_writebacks(self) -> None:
+        """Every ``WRITEBACK_INTERVAL``, start writing the written replicas to disk (in a
+        worker thread: starting writeback can wait for the disk's queue)."""
+        while True:
+            await asyncio.sleep(WRITEBACK_INTERVAL)
+            written = [r for r in self.store.open_replicas() if r.dirty]
+            if written:
+                await asyncio.to_thread(_start_writebacks, written)
 
     async def listen_unix(self, path: Path) -> None:
         """Also serve on the unix socket ``path`` (for engines on this host).
@@ -363,6 +380,10 @@ class DataServer:
 
     async def close(self) -> None:
         """Stop listening, let connections send their responses, wait for running flushes."""
+        if self._writeback is not None:
+            self._writeback.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writeback
         if self._server is not None:
             self._server.close()
         if self._unix_server is not None:
@@ -383,6 +404,11 @@ class DataServer:
             await self._unix_server.wait_closed()
         if self.flushes:
             await asyncio.gather(*self.flushes, return_exceptions=True)
+
+
+def _start_writebacks(replicas: list[Replica]) -> None:
+    for replica in replicas:
+        replica.start_writeback()
 
 
 async def serve(store: ChunkStore, host: str, port: int) -> DataServer:

@@ -152,6 +152,17 @@ class Replica(ABC):
     def flush(self) -> None:
         """Make every write and trim done before this call durable (thread safe)."""
 
+    #: Written to since the last ``start_writeback`` (the data server's timer asks).
+    dirty = False
+
+    def start_writeback(self) -> None:  # noqa: B027 - a store in memory has nothing to do
+        """Start writing to disk what was written so far, without waiting (thread safe).
+
+        Called every ``WRITEBACK_INTERVAL`` by the data server, so that a flush finds little
+        left to write: the file system in the volume flushes every few seconds, and the loop
+        device holds every other request of the volume while it does.
+        """
+
     def grow(self, size: int) -> int:
         """Make the replica at least ``size`` bytes long; return its size afterwards.
 
@@ -465,11 +476,22 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_sync_file_range.restype = ctypes.c_int
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writing dirty pages, do not wait
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate a byte range of a file, keeping its size (reads then return zeros)."""
     if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _start_writing(fd: int) -> None:
+    """Start writing a file's dirty pages to disk (``sync_file_range``); do not wait."""
+    if _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
 
@@ -749,6 +771,7 @@ class DiskReplica(Replica):
             self._sums[first : first + len(crcs)] = array("I", crcs)
         if generation:
             self._record(offset, length, generation)
+        self.dirty = True
 
     def _resync_sums(self, offset: int, length: int) -> None:
         """After a failed write, make the range's checksums match what the file holds."""
@@ -828,6 +851,17 @@ class DiskReplica(Replica):
             os.fdatasync(self._data_fd)
             self._sums_map.flush()
             self._gens_map.flush()
+
+    def start_writeback(self) -> None:
+        self.dirty = False  # first: a write landing meanwhile asks again next time
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                for fd in (self._data_fd, self._sums_fd, self._gens_fd):
+                    _start_writing(fd)
+            except OSError as exc:  # the next flush reports it (and fails)
+                log.warning("replica %s: starting writeback failed: %s", self.volume_id, exc)
 
     def _grow(self, size: int) -> None:
         """Lengthen data, sums and gens (sparse), then record the size in meta.json.
