@@ -31,6 +31,7 @@ from cargohold.errors import (
     InvalidArgument,
     ReplicaNotFound,
 )
+from cargohold.services import dataserver
 from cargohold.services.dataserver import serve
 from cargohold.stores.chunkstore import DiskChunkStore, MemoryChunkStore
 
@@ -472,11 +473,14 @@ def test_written_replicas_start_their_writeback(tmp_path: Path) -> None:
             await client.create(volume, 4 * MIB)
             await client.write(volume, 1, 0, b"w" * BLOCK_SIZE, 1)
             [replica] = store.open_replicas()
-            assert replica.dirty
-            deadline = time.monotonic() + 5
-            while replica.dirty and time.monotonic() < deadline:
+            await asyncio.sleep(dataserver.WRITEBACK_INTERVAL * 1.5)
+            assert replica.small_writes == 1  # too few to bother
+            for k in range(dataserver.WRITEBACK_AFTER):
+                await client.write(volume, 1, (k % 256) * BLOCK_SIZE, b"w" * BLOCK_SIZE, 1)
+            deadline = time.monotonic() + 3 * dataserver.WRITEBACK_INTERVAL
+            while replica.small_writes and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            assert not replica.dirty
+            assert replica.small_writes == 0
         finally:
             await client.close()
             await server.close()

@@ -534,12 +534,16 @@ def test_local_reader_of_a_missing_replica_fails_and_leaves_nothing_open(
 def test_writeback_is_started_for_written_replicas_only(disk: DiskChunkStore) -> None:
     v = vid()
     replica = disk.create(v, 4 * MIB)
-    assert not replica.dirty
-    replica.write(0, os.urandom(MIB), 1)
-    assert replica.dirty
+    assert replica.small_writes == 0
+    replica.write(0, os.urandom(CHUNK_SIZE), 1)  # a large write is left to the kernel
+    assert replica.small_writes == 0
+    for k in range(3):
+        replica.write(2 * MIB + k * BLOCK_SIZE, os.urandom(BLOCK_SIZE), 1)
+    assert replica.small_writes == 3
     replica.start_writeback()  # starts writing, does not wait: the data is still all there
-    assert not replica.dirty
+    assert replica.small_writes == 0
     replica.write(MIB, b"\x05" * BLOCK_SIZE, 2)
-    assert replica.dirty and replica.read(MIB, BLOCK_SIZE) == b"\x05" * BLOCK_SIZE
+    assert replica.small_writes == 1
+    assert replica.read(MIB, BLOCK_SIZE) == b"\x05" * BLOCK_SIZE
     disk.close()  # closed: nothing to start, and no error
     replica.start_writeback()

@@ -152,8 +152,9 @@ class Replica(ABC):
     def flush(self) -> None:
         """Make every write and trim done before this call durable (thread safe)."""
 
-    #: Written to since the last ``start_writeback`` (the data server's timer asks).
-    dirty = False
+    #: Writes smaller than a chunk since the last ``start_writeback`` (the data server's
+    #: timer asks): each is a disk write of its own at the next flush.
+    small_writes = 0
 
     def start_writeback(self) -> None:  # noqa: B027 - a store in memory has nothing to do
         """Start writing to disk what was written so far, without waiting (thread safe).
@@ -771,7 +772,8 @@ class DiskReplica(Replica):
             self._sums[first : first + len(crcs)] = array("I", crcs)
         if generation:
             self._record(offset, length, generation)
-        self.dirty = True
+        if length < CHUNK_SIZE:
+            self.small_writes += 1
 
     def _resync_sums(self, offset: int, length: int) -> None:
         """After a failed write, make the range's checksums match what the file holds."""
@@ -853,7 +855,7 @@ class DiskReplica(Replica):
             self._gens_map.flush()
 
     def start_writeback(self) -> None:
-        self.dirty = False  # first: a write landing meanwhile asks again next time
+        self.small_writes = 0  # first: writes landing meanwhile count for next time
         with self._lock:
             if self._closed:
                 return
