@@ -547,3 +547,9 @@ def test_writeback_is_started_for_written_replicas_only(disk: DiskChunkStore) ->
     assert replica.read(MIB, BLOCK_SIZE) == b"\x05" * BLOCK_SIZE
     disk.close()  # closed: nothing to start, and no error
     replica.start_writeback()
+
+
+def test_runs_of_chunks_for_writeback() -> None:
+    assert list(chunkstore._runs([])) == []
+    assert list(chunkstore._runs([3])) == [(3, 1)]
+    assert list(chunkstore._runs([0, 1, 2, 5, 7, 8])) == [(0, 3), (5, 1), (7, 2)]

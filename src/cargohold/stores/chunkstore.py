@@ -37,6 +37,7 @@ import threading
 import uuid
 from abc import ABC, abstractmethod
 from array import array
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -157,11 +158,12 @@ class Replica(ABC):
     small_writes = 0
 
     def start_writeback(self) -> None:  # noqa: B027 - a store in memory has nothing to do
-        """Start writing to disk what was written so far, without waiting (thread safe).
+        """Start writing to disk the chunks small writes went to, without waiting (thread
+        safe; large writes are left to the kernel: they flush at disk speed).
 
-        Called every ``WRITEBACK_INTERVAL`` by the data server, so that a flush finds little
-        left to write: the file system in the volume flushes every few seconds, and the loop
-        device holds every other request of the volume while it does.
+        Called every ``WRITEBACK_INTERVAL`` by the data server, so that a flush finds few
+        scattered pages left to write: the file system in the volume flushes every few
+        seconds, and the loop device holds every other request of the volume while it does.
         """
 
     def grow(self, size: int) -> int:
@@ -490,11 +492,26 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-def _start_writing(fd: int) -> None:
-    """Start writing a file's dirty pages to disk (``sync_file_range``); do not wait."""
-    if _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:
+def _start_writing(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Start writing the dirty pages of a byte range (0: to the end) to disk
+    (``sync_file_range``); do not wait."""
+    if _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def _runs(numbers: list[int]) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of consecutive numbers in a sorted list."""
+    first, count = 0, 0
+    for n in numbers:
+        if count and n == first + count:
+            count += 1
+            continue
+        if count:
+            yield first, count
+        first, count = n, 1
+    if count:
+        yield first, count
 
 
 def _fallocate_keep_size(fd: int, offset: int, length: int) -> None:
@@ -612,6 +629,7 @@ class DiskReplica(Replica):
         self._sums_backed = bytearray(_pages(self._blocks * 4))
         self._gens_backed = bytearray(_pages(chunk_count(self.size) * 8))
         self._chunks_written = self._count_written()
+        self._small_chunks: set[int] = set()  # chunks small writes went to (start_writeback)
 
     def _count_written(self) -> int:
         written, step = 0, 1 << 20
@@ -774,6 +792,7 @@ class DiskReplica(Replica):
             self._record(offset, length, generation)
         if length < CHUNK_SIZE:
             self.small_writes += 1
+            self._small_chunks.add(offset // CHUNK_SIZE)
 
     def _resync_sums(self, offset: int, length: int) -> None:
         """After a failed write, make the range's checksums match what the file holds."""
@@ -855,13 +874,17 @@ class DiskReplica(Replica):
             self._gens_map.flush()
 
     def start_writeback(self) -> None:
-        self.small_writes = 0  # first: writes landing meanwhile count for next time
+        # first: writes landing meanwhile count for next time
+        touched, self._small_chunks = self._small_chunks, set()
+        self.small_writes = 0
         with self._lock:
             if self._closed:
                 return
             try:
-                for fd in (self._data_fd, self._sums_fd, self._gens_fd):
-                    _start_writing(fd)
+                for first, count in _runs(sorted(touched)):
+                    _start_writing(self._data_fd, first * CHUNK_SIZE, count * CHUNK_SIZE)
+                _start_writing(self._sums_fd)
+                _start_writing(self._gens_fd)
             except OSError as exc:  # the next flush reports it (and fails)
                 log.warning("replica %s: starting writeback failed: %s", self.volume_id, exc)
 
