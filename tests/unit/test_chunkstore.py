@@ -535,7 +535,8 @@ def test_writeback_is_started_for_written_replicas_only(disk: DiskChunkStore) ->
     v = vid()
     replica = disk.create(v, 4 * MIB)
     assert replica.small_writes == 0
-    replica.write(0, os.urandom(CHUNK_SIZE), 1)  # a large write is left to the kernel
+    replica.write(0, os.urandom(CHUNK_SIZE), 1)  # large writes are left to the kernel
+    replica.write(CHUNK_SIZE, os.urandom(chunkstore.SMALL_WRITE), 1)
     assert replica.small_writes == 0
     for k in range(3):
         replica.write(2 * MIB + k * BLOCK_SIZE, os.urandom(BLOCK_SIZE), 1)

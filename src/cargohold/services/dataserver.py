@@ -64,7 +64,8 @@ _LARGE = 64 << 10
 #: How long a stopping server waits for its connections to drain their responses.
 _CLOSE_GRACE = 2.0
 #: Every ``WRITEBACK_INTERVAL`` seconds, a replica that took at least ``WRITEBACK_AFTER``
-#: small writes since its last turn starts their writeback (``Replica.start_writeback``).
+#: small writes (``SMALL_WRITE``) since its last turn starts the writeback of the chunks
+#: they went to (``Replica.start_writeback``).
 #: Scattered small writes would otherwise pile up until a flush, which then writes each on
 #: its own: under 4K random writes the file system in the volume flushes every 5 s,
 #: fdatasync took 1-2 s, and the volume's loop device serves nothing else meanwhile (fio,

@@ -153,8 +153,8 @@ class Replica(ABC):
     def flush(self) -> None:
         """Make every write and trim done before this call durable (thread safe)."""
 
-    #: Writes smaller than a chunk since the last ``start_writeback`` (the data server's
-    #: timer asks): each is a disk write of its own at the next flush.
+    #: Writes smaller than ``SMALL_WRITE`` since the last ``start_writeback`` (the data
+    #: server's timer asks): each is likely a disk write of its own at the next flush.
     small_writes = 0
 
     def start_writeback(self) -> None:  # noqa: B027 - a store in memory has nothing to do
@@ -475,6 +475,10 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 #: machine (kernel 6.18): a 1 MiB overwrite costs 840 us of CPU in one call and 280 us in
 #: 64 KiB pieces; a 4 KiB write into that cache then costs 11 us and 4 us.
 _WRITE_PIECE = 64 << 10
+#: Writes below this size count as scattered for writeback (``Replica.start_writeback``):
+#: random I/O of file systems and databases is 4-16 KiB; a sequential stream split at extent
+#: or request boundaries still comes in pieces of hundreds of KiB.
+SMALL_WRITE = 64 << 10
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -790,7 +794,7 @@ class DiskReplica(Replica):
             self._sums[first : first + len(crcs)] = array("I", crcs)
         if generation:
             self._record(offset, length, generation)
-        if length < CHUNK_SIZE:
+        if length < SMALL_WRITE:
             self.small_writes += 1
             self._small_chunks.add(offset // CHUNK_SIZE)
 
@@ -874,7 +878,9 @@ class DiskReplica(Replica):
             self._gens_map.flush()
 
     def start_writeback(self) -> None:
-        # first: writes landing meanwhile count for next time
+        # First, so that writes landing meanwhile count for next time. The event loop thread
+        # adds to the set: a chunk it adds during the swap lands in the old set, which
+        # sorted() below copies in one step under the GIL, or in the new one.
         touched, self._small_chunks = self._small_chunks, set()
         self.small_writes = 0
         with self._lock:
