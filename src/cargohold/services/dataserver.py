@@ -361,9 +361,9 @@ class DataServer:
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("data server %s listening on %s", self.store.server_id, self.address)
         if self._writeback is None:
-            self._writeback = asyncio.ensure_future(self._start_writebacks())
+            self._writeback = asyncio.ensure_future(self._writeback_timer())
 
-    async def _start_writebacks(self) -> None:
+    async def _writeback_timer(self) -> None:
         """Every ``WRITEBACK_INTERVAL``, start writing replicas with many small writes to
         disk (in a worker thread: starting writeback can wait for the disk's queue)."""
         while True:

@@ -570,6 +570,7 @@ def _reraise(exc: OSError, server: str) -> NoReturn:
 #: block that is written whole when the replica is made, so that fencing later overwrites
 #: allocated space only and works on a full disk. ``fence`` overwrites the older slot: a
 #: crash in the middle leaves the newer one intact (that fence never returned).
+REPLICAS_DIR = "replicas"  # under a disk store's root, one directory per replica
 _EPOCH_FILE = "epoch"
 _EPOCH_SLOT = struct.Struct("<QI")
 _EPOCH_SLOTS = (0, 512)
@@ -1126,9 +1127,6 @@ class DiskChunkStore(ChunkStore):
         for purge in self._purges:
             purge.join()
         self._purges = []
-
-
-REPLICAS_DIR = "replicas"  # under a disk store's root, one directory per replica
 
 
 class LocalReplicaReader:
