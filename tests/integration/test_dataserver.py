@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pytest
 
 from cargohold.clients import dataclient
-from cargohold.clients.dataclient import DataClient
+from cargohold.clients.dataclient import SEND_BUFFER, DataClient
 from cargohold.core import wire
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
 from cargohold.errors import (
@@ -226,7 +226,12 @@ def test_local_unix_socket_and_future_api(server: ServerProcess) -> None:
         await c.connect()
         try:
             assert c._protocol is not None and c._protocol.transport is not None
-            assert c._protocol.transport.get_extra_info("peername") == str(sock)
+            transport = c._protocol.transport
+            assert transport.get_extra_info("peername") == str(sock)
+            # a 1 MiB frame fits in the socket at once (the kernel doubles what is asked)
+            sent = transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET,
+                                                                socket.SO_SNDBUF)
+            assert sent >= SEND_BUFFER
             v = vid()
             await c.create(v, 16 * MIB)
             big, small = os.urandom(MIB), os.urandom(BLOCK_SIZE)

@@ -26,6 +26,7 @@ from typing import cast
 
 import uvloop
 
+from cargohold.clients.dataclient import widen_send_buffer
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.sizes import format_size
 from cargohold.core.wire import (
@@ -94,6 +95,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        widen_send_buffer(transport)  # answers to 1 MiB reads leave in one piece
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
         self._server.connections.add(self)
