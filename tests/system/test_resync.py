@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,3 +186,46 @@ def test_a_volume_whose_copies_all_failed_is_salvaged_from_the_newest(
     for name, digest in (("first.bin", first), ("second.bin", second)):
         assert hashlib.sha256((mountpoint / name).read_bytes()).hexdigest() == digest
     h2.cli("volume", "detach", "sv")
+
+
+def test_a_host_back_gets_the_trims_it_missed_as_holes(two_hosts: tuple[Node, Node]) -> None:
+    """Trims take generations like writes: a replica whose host was down while a file was
+    deleted and trimmed gets those chunks, as holes (before, it kept the file's old bytes
+    where the other copy reads zeros)."""
+    h1, h2 = two_hosts
+    h1.cli("volume", "create", "tr", "--size", "256M", "--replicas", "2")
+    mountpoint = Path(h1.cli("volume", "attach", "tr").stdout.strip())
+    _write(mountpoint / "gone.bin", 32 * MIB)
+    subprocess.run(["fstrim", str(mountpoint)], check=True)  # free space trimmed once
+    victim = str(h2.data_dirs[0])
+    h2.kill()
+    os.kill(h2.dataserver_pids()[0], signal.SIGKILL)
+    (mountpoint / "gone.bin").unlink()
+    subprocess.run(["sync", "--file-system", str(mountpoint)], check=True)
+    subprocess.run(["fstrim", str(mountpoint)], check=True)  # gone.bin's blocks: missed
+    kept = _write(mountpoint / "kept.bin", 4 * MIB)
+    assert _states(h1, "tr")[victim] == "out_of_sync"
+    h1.cli("volume", "detach", "tr")
+    h2.start()
+    h1.cli("volume", "rebuild", "tr", "--wait")
+    inspected = h1.json("volume", "inspect", "tr")
+    assert inspected["in_sync"] == 2
+
+    h1.stop()
+    h2.stop()
+    _compare_on_disk(inspected)  # the victim reads zeros where gone.bin was
+    used = {}
+    for replica in inspected["replicas"]:
+        store = DiskChunkStore(Path(replica["path"]))
+        try:
+            used[replica["path"]] = store.replica(inspected["id"]).info().used
+        finally:
+            store.close()
+    other = next(p for p in used if p != victim)
+    print(f"allocated: victim {used[victim] / MIB:.1f} MiB, other {used[other] / MIB:.1f} MiB")
+    assert used[victim] <= used[other] + 4 * MIB, "copied trims stay holes"
+
+    h2.start()
+    mountpoint = Path(h2.cli("volume", "attach", "tr").stdout.strip())
+    assert hashlib.sha256((mountpoint / "kept.bin").read_bytes()).hexdigest() == kept
+    h2.cli("volume", "detach", "tr")

@@ -227,8 +227,11 @@ class DiskClient(FakeClient):
             raise ChecksumMismatch(server=self.name, volume_id="v", offset=offset)
         return bytes(self.data[offset:offset + length])
 
-    async def trim(self, _vid: str, _epoch: int, offset: int, length: int) -> None:
+    async def trim(self, _vid: str, _epoch: int, offset: int, length: int, gen: int) -> None:
         self.data[offset:offset + length] = bytes(length)
+        for chunk in range(offset // CHUNK_SIZE, (offset + length - 1) // CHUNK_SIZE + 1):
+            self.gens[chunk] = max(self.gens[chunk], gen)
+        self.log.append(f"trim {self.name} {offset // CHUNK_SIZE} gen={gen}")
 
 
 def _disk_set() -> tuple[ReplicaSet, list[str], list[DiskClient], DiskClient, list[str]]:
@@ -291,6 +294,22 @@ def test_catch_up_copies_only_missed_chunks_while_writes_go_on() -> None:
     assert target.gens == clients[0].gens
     asyncio.run(rs.flush())
     assert "flush s2" in log[-3:]  # a member now: flushed like the others
+
+
+def test_a_replica_that_missed_a_trim_gets_the_trimmed_chunk() -> None:
+    """A trim is recorded like a write: the replica that was away reads zeros there too."""
+    rs, log, clients, target, promoted = _disk_set()
+    before = max(clients[0].gens)
+    asyncio.run(rs.trim(CHUNK_SIZE, CHUNK_SIZE))  # chunk 1: s2 had its old bytes
+    generation = clients[0].gens[1]
+    assert generation > before and generation > target.gens[1]
+    assert [line for line in log if line.startswith("trim")] == [
+        f"trim s0 1 gen={generation}", f"trim s1 1 gen={generation}"]
+    copied, _ = asyncio.run(_catch_up(rs, target, promoted))
+    assert copied == 3  # chunks 1, 4 and 5
+    assert f"trim s2 1 gen={generation}" in log  # copied as a trim: it stays thin
+    assert target.data[CHUNK_SIZE:2 * CHUNK_SIZE] == bytes(CHUNK_SIZE)
+    assert target.data == clients[0].data and target.gens == clients[0].gens
 
 
 def test_a_write_to_a_chunk_being_copied_lands_after_the_copy() -> None:

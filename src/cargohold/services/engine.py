@@ -47,7 +47,7 @@ from cargohold.errors import (
 )
 from cargohold.services.fuse import FuseSession, unmount
 from cargohold.services.healer import Healer
-from cargohold.services.resync import WINDOW, Budget, together
+from cargohold.services.resync import WINDOW, Budget, put_copy, together
 from cargohold.services.scrub import ScrubReport
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.chunkstore import LocalReplicaReader
@@ -198,7 +198,7 @@ class ReplicaSet:
             data = await source.client.read(self.volume_id, self.epoch, offset, length)
             stale = [m for (m, _), g in zip(tables, gens, strict=True) if g != newest]
             written = await asyncio.gather(
-                *(m.client.write(self.volume_id, self.epoch, offset, data, newest)
+                *(put_copy(m.client, self.volume_id, self.epoch, offset, data, newest)
                   for m in stale), return_exceptions=True)
             await self._settle(stale, written, "reconcile")
             copied += 1
@@ -391,7 +391,7 @@ class ReplicaSet:
                     self._fence(e)
                     raise
                 data = await self._read_slowly(offset, length, source, e)
-            await member.client.write(self.volume_id, self.epoch, offset, data, generation)
+            await put_copy(member.client, self.volume_id, self.epoch, offset, data, generation)
         return length
 
     @contextlib.asynccontextmanager
@@ -698,9 +698,12 @@ class ReplicaSet:
             return
         counted = await self._enter(chunks(start, end - start))
         try:
+            # A trim changes what the chunks read, like a write: it takes a generation, so
+            # that a replica that missed it is caught up (before, it kept the old bytes).
+            generation = self._next_generation()
             members = self.members + self.joining
             results = await asyncio.gather(
-                *(m.client.trim(self.volume_id, self.epoch, start, end - start)
+                *(m.client.trim(self.volume_id, self.epoch, start, end - start, generation)
                   for m in members),
                 return_exceptions=True,
             )

@@ -26,6 +26,7 @@ from typing import Any
 from cargohold.clients.dataclient import DataClient
 from cargohold.core.layout import CHUNK_SIZE, copy_plan, generation_table
 from cargohold.core.models import DataServer, ReplicaState, ServerState, Volume, VolumeState
+from cargohold.core.wire import BytesLike
 from cargohold.errors import CargoholdError, VolumeBusy
 from cargohold.stores.catalog import Catalog
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 1.0  # seconds between progress records in the metadata store
 WINDOW = 8  # chunks copied at once (the data client pipelines requests)
+_ZEROS = memoryview(bytes(CHUNK_SIZE))
 
 
 @dataclass
@@ -112,8 +114,8 @@ class Resync:
                     offset = chunk * CHUNK_SIZE
                     length = min(CHUNK_SIZE, volume.size - offset)
                     data = await clients[source].read(volume.id, epoch, offset, length)
-                    await asyncio.gather(*(clients[t].write(volume.id, epoch, offset, data, gen)
-                                           for t in stale))
+                    await asyncio.gather(*(put_copy(clients[t], volume.id, epoch, offset, data,
+                                                    gen) for t in stale))
                     copied += 1
                     await budget.spend(length)
                     if time.monotonic() - last_report >= PROGRESS_EVERY:
@@ -189,6 +191,19 @@ def _due(volume: Volume, servers: dict[str, DataServer]) -> bool:
             and any(server_up(servers.get(r.server)) for r in volume.in_sync())
             and any(r.state in (ReplicaState.OUT_OF_SYNC, ReplicaState.RESYNCING)
                     and server_up(servers.get(r.server)) for r in volume.replicas))
+
+
+async def put_copy(client: DataClient, volume_id: str, epoch: int, offset: int,
+                   data: BytesLike, generation: int) -> None:
+    """Store a range copied from another replica; a range of zeros is stored as a trim.
+
+    Trims take generations like writes, so a chunk trimmed while a replica was away is
+    copied to it: as a trim, it stays as thin there as in its source.
+    """
+    if memoryview(data) == _ZEROS[: len(data)]:
+        await client.trim(volume_id, epoch, offset, len(data), generation)
+    else:
+        await client.write(volume_id, epoch, offset, data, generation)
 
 
 async def together(workers: list[Coroutine[Any, Any, None]]) -> None:
