@@ -189,9 +189,10 @@ def test_a_volume_whose_copies_all_failed_is_salvaged_from_the_newest(
 
 
 def test_a_host_back_gets_the_trims_it_missed_as_holes(two_hosts: tuple[Node, Node]) -> None:
-    """Trims take generations like writes: a replica whose host was down while a file was
+    """Trims take generations like writes: a replica whose host was down while files were
     deleted and trimmed gets those chunks, as holes (before, it kept the file's old bytes
-    where the other copy reads zeros)."""
+    where the other copy reads zeros), with the same generations: also for chunks written
+    and trimmed while it was away, which it never had."""
     h1, h2 = two_hosts
     h1.cli("volume", "create", "tr", "--size", "256M", "--replicas", "2")
     mountpoint = Path(h1.cli("volume", "attach", "tr").stdout.strip())
@@ -200,9 +201,11 @@ def test_a_host_back_gets_the_trims_it_missed_as_holes(two_hosts: tuple[Node, No
     victim = str(h2.data_dirs[0])
     h2.kill()
     os.kill(h2.dataserver_pids()[0], signal.SIGKILL)
-    (mountpoint / "gone.bin").unlink()
+    _write(mountpoint / "brief.bin", 8 * MIB)  # chunks the victim never had...
+    for name in ("gone.bin", "brief.bin"):
+        (mountpoint / name).unlink()
     subprocess.run(["sync", "--file-system", str(mountpoint)], check=True)
-    subprocess.run(["fstrim", str(mountpoint)], check=True)  # gone.bin's blocks: missed
+    subprocess.run(["fstrim", str(mountpoint)], check=True)  # ...trimmed too: all missed
     kept = _write(mountpoint / "kept.bin", 4 * MIB)
     assert _states(h1, "tr")[victim] == "out_of_sync"
     h1.cli("volume", "detach", "tr")

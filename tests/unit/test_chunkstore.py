@@ -138,6 +138,20 @@ def test_generations_keep_the_highest_per_chunk(store: ChunkStore) -> None:
     assert replica.info().chunks_written == 3
 
 
+def test_trims_take_generations_on_written_chunks_only(store: ChunkStore) -> None:
+    """A trim's generation lands where something was written (a replica that missed it must
+    be caught up); trimming free space leaves never-written chunks at 0. A copy's trim
+    (zeros copied from a replica that wrote and then trimmed) records it everywhere."""
+    replica = store.create(vid(), 4 * MIB)
+    replica.write(CHUNK_SIZE - BLOCK_SIZE, b"a" * BLOCK_SIZE, 5)
+    replica.trim(0, 3 * CHUNK_SIZE, 7)
+    assert gens(replica.generations()) == [7, 0, 0, 0]
+    assert replica.info().chunks_written == 1
+    replica.trim(2 * CHUNK_SIZE, 2 * CHUNK_SIZE, 8, every_chunk=True)
+    assert gens(replica.generations()) == [7, 0, 8, 8]
+    assert replica.read(0, 4 * MIB) == bytes(4 * MIB)
+
+
 def test_generations_by_range(store: ChunkStore) -> None:
     replica = store.create(vid(), 5 * MIB)
     for chunk in range(5):

@@ -227,11 +227,14 @@ class DiskClient(FakeClient):
             raise ChecksumMismatch(server=self.name, volume_id="v", offset=offset)
         return bytes(self.data[offset:offset + length])
 
-    async def trim(self, _vid: str, _epoch: int, offset: int, length: int, gen: int) -> None:
+    async def trim(self, _vid: str, _epoch: int, offset: int, length: int, gen: int,
+                   copy: bool = False) -> None:
         self.data[offset:offset + length] = bytes(length)
         for chunk in range(offset // CHUNK_SIZE, (offset + length - 1) // CHUNK_SIZE + 1):
-            self.gens[chunk] = max(self.gens[chunk], gen)
-        self.log.append(f"trim {self.name} {offset // CHUNK_SIZE} gen={gen}")
+            if copy or self.gens[chunk]:
+                self.gens[chunk] = max(self.gens[chunk], gen)
+        self.log.append(f"trim {self.name} {offset // CHUNK_SIZE} gen={gen}"
+                        + (" copy" if copy else ""))
 
 
 def _disk_set() -> tuple[ReplicaSet, list[str], list[DiskClient], DiskClient, list[str]]:
@@ -307,7 +310,7 @@ def test_a_replica_that_missed_a_trim_gets_the_trimmed_chunk() -> None:
         f"trim s0 1 gen={generation}", f"trim s1 1 gen={generation}"]
     copied, _ = asyncio.run(_catch_up(rs, target, promoted))
     assert copied == 3  # chunks 1, 4 and 5
-    assert f"trim s2 1 gen={generation}" in log  # copied as a trim: it stays thin
+    assert f"trim s2 1 gen={generation} copy" in log  # copied as a trim: it stays thin
     assert target.data[CHUNK_SIZE:2 * CHUNK_SIZE] == bytes(CHUNK_SIZE)
     assert target.data == clients[0].data and target.gens == clients[0].gens
 

@@ -25,6 +25,7 @@ from cargohold.core.wire import (
     MAX_GENS_CHUNKS,
     MAX_PAYLOAD,
     REQUEST_HEADER,
+    TRIM_COPY,
     VERSION,
     BytesLike,
     Op,
@@ -354,9 +355,11 @@ class DataClient:
         length: int,
         generation: int = 0,
         *,
+        copy: bool = False,
         timeout: float | None = None,
     ) -> None:
-        """Deallocate a range (reads return zeros); ``generation`` is recorded like a write's."""
+        """Deallocate a range (reads return zeros). ``generation`` is recorded on the chunks
+        written before, or with ``copy`` (zeros copied from another replica) on every chunk."""
         await self._call(
             Op.TRIM,
             volume_id,
@@ -364,6 +367,7 @@ class DataClient:
             offset=offset,
             length=length,
             generation=generation,
+            payload=TRIM_COPY if copy else b"",
             timeout=timeout,
         )
 

@@ -48,6 +48,11 @@ U64 = struct.Struct("!Q")
 
 NO_VOLUME = bytes(16)
 
+#: The payload of a TRIM that stores a copy's zeros (resync, catch-up): its generation is
+#: recorded on every chunk of the range. A plain TRIM (empty payload) records it only on
+#: chunks written before, so that a trim of free space leaves never-written chunks at 0.
+TRIM_COPY = b"\x01"
+
 #: A data server also serves the protocol on this unix socket in its directory; engines on
 #: the same host use it instead of TCP (same frames, less work per request).
 LOCAL_SOCKET = "data.sock"

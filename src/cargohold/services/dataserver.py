@@ -35,6 +35,7 @@ from cargohold.core.wire import (
     MAX_GENS_CHUNKS,
     MAX_PAYLOAD,
     RESPONSE_HEADER,
+    TRIM_COPY,
     VERSION,
     BytesLike,
     Op,
@@ -244,7 +245,8 @@ class _Connection(asyncio.BufferedProtocol):
         return b""
 
     def _trim(self, header: RequestHeader, payload: memoryview) -> bytes:
-        self._io_replica(header).trim(header.offset, header.length, header.generation)
+        self._io_replica(header).trim(header.offset, header.length, header.generation,
+                                      every_chunk=payload == TRIM_COPY)
         return b""
 
     def _generations(self, header: RequestHeader, payload: memoryview) -> bytes:

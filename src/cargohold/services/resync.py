@@ -201,7 +201,7 @@ async def put_copy(client: DataClient, volume_id: str, epoch: int, offset: int,
     copied to it: as a trim, it stays as thin there as in its source.
     """
     if memoryview(data) == _ZEROS[: len(data)]:
-        await client.trim(volume_id, epoch, offset, len(data), generation)
+        await client.trim(volume_id, epoch, offset, len(data), generation, copy=True)
     else:
         await client.write(volume_id, epoch, offset, data, generation)
 

@@ -142,12 +142,20 @@ class Replica(ABC):
         if length:
             self._write(offset, view, generation)
 
-    def trim(self, offset: int, length: int, generation: int = 0) -> None:
-        """Deallocate ``[offset, offset+length)``: it reads as zeros and costs no space."""
+    def trim(self, offset: int, length: int, generation: int = 0, *,
+             every_chunk: bool = False) -> None:
+        """Deallocate ``[offset, offset+length)``: it reads as zeros and costs no space.
+
+        ``generation`` is recorded like a write's, but only on chunks written before: a
+        chunk never written is a hole on every copy in sync, and keeps generation 0 (so a
+        trim of free space neither counts as written nor needs room for generations).
+        ``every_chunk`` records it on all of them: zeros copied from a replica where the
+        chunk was written and then trimmed.
+        """
         self._check_range(offset, length)
         self._check_generation(generation)
         if length:
-            self._trim(offset, length, generation)
+            self._trim(offset, length, generation, not every_chunk)
 
     @abstractmethod
     def flush(self) -> None:
@@ -213,7 +221,7 @@ class Replica(ABC):
     def _write(self, offset: int, data: memoryview, generation: int) -> None: ...
 
     @abstractmethod
-    def _trim(self, offset: int, length: int, generation: int) -> None: ...
+    def _trim(self, offset: int, length: int, generation: int, written_only: bool) -> None: ...
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0:
@@ -355,7 +363,7 @@ class MemoryReplica(Replica):
         self._store._used += new * BLOCK_SIZE
         self._record(offset, len(data), generation)
 
-    def _trim(self, offset: int, length: int, generation: int) -> None:
+    def _trim(self, offset: int, length: int, generation: int, written_only: bool) -> None:
         first, end = offset // BLOCK_SIZE, (offset + length) // BLOCK_SIZE
         if end - first > len(self._blocks):  # a big trim: visit only the stored blocks
             doomed = [i for i in self._blocks if first <= i < end]
@@ -365,10 +373,13 @@ class MemoryReplica(Replica):
             del self._blocks[index]
             self._sums.pop(index, None)
         self._store._used -= len(doomed) * BLOCK_SIZE
-        self._record(offset, length, generation)
+        self._record(offset, length, generation, written_only)
 
-    def _record(self, offset: int, length: int, generation: int) -> None:
+    def _record(self, offset: int, length: int, generation: int,
+                written_only: bool = False) -> None:
         for chunk in chunks(offset, length):
+            if written_only and not self._gens[chunk]:
+                continue
             if generation > self._gens[chunk]:
                 self._gens[chunk] = generation
 
@@ -812,7 +823,9 @@ class DiskReplica(Replica):
             if self._sums[first + k] or block != _ZERO_BLOCK:
                 self._sums[first + k] = _crc(block)
 
-    def _trim(self, offset: int, length: int, generation: int) -> None:
+    def _trim(self, offset: int, length: int, generation: int, written_only: bool) -> None:
+        if written_only and generation and not any(self._gens[c] for c in chunks(offset, length)):
+            generation = 0  # nothing written here: the generations stay 0 (see Replica.trim)
         if generation:
             self._back(self._gens_fd, self._gens_backed, offset // CHUNK_SIZE * 8,
                        ((offset + length - 1) // CHUNK_SIZE + 1) * 8)
@@ -824,7 +837,7 @@ class DiskReplica(Replica):
             self._write_zeros(offset, length)
         self._clear_sums(offset // BLOCK_SIZE, length // BLOCK_SIZE)
         if generation:
-            self._record(offset, length, generation)
+            self._record(offset, length, generation, written_only)
 
     def _write_zeros(self, offset: int, length: int) -> None:
         zeros = bytes(min(length, CHUNK_SIZE))
@@ -861,10 +874,13 @@ class DiskReplica(Replica):
             if self._sums_map[at:stop] != zeros:
                 self._sums_map[at:stop] = zeros
 
-    def _record(self, offset: int, length: int, generation: int) -> None:
+    def _record(self, offset: int, length: int, generation: int,
+                written_only: bool = False) -> None:
         gens = self._gens
         for chunk in range(offset // CHUNK_SIZE, (offset + length - 1) // CHUNK_SIZE + 1):
             old = gens[chunk]
+            if written_only and not old:
+                continue
             if generation > old:
                 gens[chunk] = generation
                 if not old:
