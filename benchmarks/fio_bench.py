@@ -28,7 +28,9 @@ hashes ``src/`` at the start and end and warns if the code under test changed me
 With ``--runs N`` every configuration is set up from scratch N times (fresh image or fresh
 volume) and the median of the N runs is reported. The table goes to stdout, everything to
 ``benchmarks/results/<timestamp>.json``. ``--profile`` adds one unmeasured 2-replica random
-write job during which py-spy records the engine and the data servers.
+write job during which py-spy records the engine and the data servers; ``--profile-perf``
+records them with ``perf`` instead and prints the CPU share per shared object (kernel,
+libpython, uvloop, ...): what a compiled hot path that keeps the system calls could save.
 
 Whatever happens (errors, Ctrl-C, SIGTERM, SIGHUP) the script detaches its volumes, stops its
 node (which stops its data servers), unmounts and detaches its loop devices, removes its
@@ -631,19 +633,22 @@ class Bench:
 
     def take_profile(self, mountpoint: Path, engine: int, servers: dict[str, int],
                      holders: list[str]) -> dict[str, Any]:
-        """One extra, unmeasured random-write job with py-spy on the engine and servers."""
-        pyspy = shutil.which("py-spy")
-        if pyspy is None:
-            log("profile: py-spy is not installed (pip install py-spy); skipped")
-            return {"error": "py-spy not installed"}
+        """One extra, unmeasured random-write job with py-spy (or ``perf`` with
+        ``--profile-perf``) on the engine and servers."""
+        tool = "perf" if self.args.profile_perf else "py-spy"
+        binary = shutil.which(tool)
+        if binary is None:
+            log(f"profile: {tool} is not installed; skipped")
+            return {"error": f"{tool} not installed"}
         job = next(j for j in JOBS if j.name == "randwrite")
         seconds = self.args.profile_seconds
         targets = {"engine": engine, **{f"dataserver-{k}": p for k, p in servers.items()
                                         if k in holders}}
         RESULTS.mkdir(parents=True, exist_ok=True)
-        outputs = {k: RESULTS / f"{self.stamp}-{k}.speedscope.json" for k in targets}
+        suffix = "perf.data" if self.args.profile_perf else "speedscope.json"
+        outputs = {k: RESULTS / f"{self.stamp}-{k}.{suffix}" for k in targets}
         output = str(self.tmp / "fio-profile.json")
-        log(f"profile: randwrite iodepth 32 for {seconds + 6}s, py-spy {seconds}s on "
+        log(f"profile: randwrite iodepth 32 for {seconds + 6}s, {tool} {seconds}s on "
             f"{', '.join(f'{k} ({p})' for k, p in targets.items())}")
         fio = subprocess.Popen(fio_argv(job, str(mountpoint / "fio.dat"), self.size,
                                         seconds + 6, 0, output),
@@ -652,15 +657,20 @@ class Bench:
         try:
             time.sleep(2)
             for key, pid in targets.items():
-                argv = [pyspy, "record", "-p", str(pid), "-d", str(seconds), "-r",
-                        str(self.args.profile_rate), "-f", "speedscope", "-o",
-                        str(outputs[key])]
-                if self.args.profile_native:
-                    argv.append("--native")
-                if self.args.profile_gil:
-                    argv.append("--gil")
-                if not self.args.profile_blocking:
-                    argv.append("--nonblocking")  # do not pause the process per sample
+                if self.args.profile_perf:
+                    argv = [binary, "record", "-q", "-F", str(self.args.profile_rate * 10),
+                            "-p", str(pid), "-o", str(outputs[key]), "--", "sleep",
+                            str(seconds)]
+                else:
+                    argv = [binary, "record", "-p", str(pid), "-d", str(seconds), "-r",
+                            str(self.args.profile_rate), "-f", "speedscope", "-o",
+                            str(outputs[key])]
+                    if self.args.profile_native:
+                        argv.append("--native")
+                    if self.args.profile_gil:
+                        argv.append("--gil")
+                    if not self.args.profile_blocking:
+                        argv.append("--nonblocking")  # do not pause the process per sample
                 spies[key] = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                                               stderr=subprocess.PIPE)
             for spy in spies.values():
@@ -671,7 +681,8 @@ class Bench:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-        summary: dict[str, Any] = {"seconds": seconds, "rate": self.args.profile_rate,
+        summary: dict[str, Any] = {"tool": tool, "seconds": seconds,
+                                   "rate": self.args.profile_rate,
                                    "native": self.args.profile_native,
                                    "blocking": self.args.profile_blocking,
                                    "gil": self.args.profile_gil}
@@ -680,9 +691,12 @@ class Bench:
         for key, spy in spies.items():
             if spy.returncode != 0 or not outputs[key].exists():
                 err = spy.stderr.read().decode(errors="replace") if spy.stderr else ""
-                summary[key] = {"error": f"py-spy exited {spy.returncode}: {err[-500:]}"}
+                summary[key] = {"error": f"{tool} exited {spy.returncode}: {err[-500:]}"}
                 continue
-            summary[key] = summarise_speedscope(outputs[key], seconds)
+            if self.args.profile_perf:
+                summary[key] = {"by_object": perf_by_object(binary, outputs[key])}
+            else:
+                summary[key] = summarise_speedscope(outputs[key], seconds)
             summary[key]["file"] = str(outputs[key])
         return summary
 
@@ -803,6 +817,19 @@ def describe_fs(path: Path) -> str:
     done = run(["df", "--output=source,target", str(path)], check=False)
     lines = done.stdout.split("\n")
     return " ".join(lines[1].split()) if len(lines) > 1 else "?"
+
+
+def perf_by_object(perf: str, data: Path) -> dict[str, float]:
+    """Share of a ``perf record`` file's samples per shared object (kernel, libpython, ...):
+    how much of a process is the interpreter and how much the system calls under it."""
+    done = run([perf, "report", "-i", str(data), "--stdio", "--sort", "dso"], check=False)
+    shares: dict[str, float] = {}
+    for line in done.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].endswith("%") and not line.startswith("#"):
+            with contextlib.suppress(ValueError):
+                shares[parts[1]] = float(parts[0].rstrip("%"))
+    return shares
 
 
 WAITING = ("EpollSelector.select", "_worker", "Condition.wait", "Event.wait", "Thread.join",
@@ -984,6 +1011,12 @@ def report(result: dict[str, Any], runs: int) -> str:
                   f"(sequential write to 2 replicas grows it by 2 MiB per MiB; raw by none)"]
     profile = result.get("profile") or {}
     for key, summary in profile.items():
+        if isinstance(summary, dict) and "by_object" in summary:
+            shares = summary["by_object"]
+            lines += ["", f"perf {key}: CPU by shared object (file {summary.get('file')})"]
+            lines += [f"  {pct:5.1f}%  {name}" for name, pct in
+                      sorted(shares.items(), key=lambda item: -item[1])[:8]]
+            continue
         if not isinstance(summary, dict) or "threads" not in summary:
             if isinstance(summary, dict) and "error" in summary:
                 lines += ["", f"profile {key}: {summary['error']}"]
@@ -1047,7 +1080,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="after the last 2-replica run's jobs, run one more randwrite job "
                         "(not counted) and py-spy the engine and data servers during it")
     p.add_argument("--profile-seconds", type=int, default=PROFILE_SECONDS)
-    p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
+    p.add_argument("--profile-perf", action="store_true",
+                   help="profile with perf instead of py-spy: CPU share per shared object "
+                   "(kernel, libpython, uvloop, ...), i.e. how much a compiled hot path "
+                   "that keeps the system calls could save")
+    p.add_argument("--profile-rate", type=int, default=100,
+                   help="py-spy samples per second (perf: 10 times as many)")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native")
     p.add_argument("--profile-gil", action="store_true",
                    help="py-spy --gil: only samples where Python code runs (leaves out the "
@@ -1072,6 +1110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-save", action="store_true", help="do not write results/*.json")
     args = p.parse_args(argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    args.profile = args.profile or args.profile_perf
     unknown = set(args.configs) - {c[0] for c in CONFIGS}
     if unknown or not args.configs:
         p.error(f"--configs: unknown {', '.join(sorted(unknown)) or '(empty)'}")
