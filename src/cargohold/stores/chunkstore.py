@@ -824,9 +824,7 @@ class DiskReplica(Replica):
                 self._sums[first + k] = _crc(block)
 
     def _trim(self, offset: int, length: int, generation: int, written_only: bool) -> None:
-        if written_only and generation and not any(self._gens[c] for c in chunks(offset, length)):
-            generation = 0  # nothing written here: the generations stay 0 (see Replica.trim)
-        if generation:
+        if generation and not written_only:  # a written chunk's generation has its space
             self._back(self._gens_fd, self._gens_backed, offset // CHUNK_SIZE * 8,
                        ((offset + length - 1) // CHUNK_SIZE + 1) * 8)
         try:
