@@ -422,6 +422,7 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="cargohold-bench-", dir=args.tmp_parent))
         self.node: Node | None = None
         self.raw_mount: Path | None = None
+        self.first_touch: float | None = None  # us per page of fresh memory (main)
         self.raw_loop: str | None = None
         self.stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.profile: dict[str, Any] = {}
@@ -1200,7 +1201,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": bench.runs, "file_size": bench.size, "runtime_s": bench.runtime,
         "ramp_s": bench.ramp, "volume_size": VOLUME_SIZE,
         "kernel": platform.release(), "cpus": os.cpu_count(),
-        "first_touch_us_per_page": getattr(bench, "first_touch", None),
+        "first_touch_us_per_page": bench.first_touch,
         "fio": run([FIO, "--version"], check=False).stdout.strip(),
         "python": platform.python_version(), "tmp_dir": str(bench.tmp), "src": str(SRC),
         "tmp_fs": describe_fs(Path(args.tmp_parent)), "repo_fs": describe_fs(ROOT),
