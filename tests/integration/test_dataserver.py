@@ -21,6 +21,7 @@ import pytest
 
 from cargohold.clients import dataclient
 from cargohold.clients.dataclient import SEND_BUFFER, DataClient
+from cargohold.clients.sharedmemory import SharedMemory
 from cargohold.core import wire
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
 from cargohold.errors import (
@@ -255,6 +256,70 @@ def test_local_unix_socket_and_future_api(server: ServerProcess) -> None:
     asyncio.run(main())
     assert server.stop() == 0
     assert not sock.exists()  # a stopping server removes its socket
+
+
+def test_shared_write_buffers_over_the_unix_socket(server: ServerProcess) -> None:
+    """A local client's large writes name a place in its shared memory instead of carrying
+    the bytes; slots come back once the server answered; TCP and bad positions are refused."""
+    sock = server.root / wire.LOCAL_SOCKET
+
+    async def main() -> None:
+        shared = SharedMemory(2 * MIB, slots=3)
+        c = DataClient(server.address, local_socket=str(sock), shared=shared)
+        tcp = DataClient(server.address, shared=shared)  # no unix socket: never shared
+        try:
+            await c.connect()
+            await tcp.connect()
+            assert c._sharing and not tcp._sharing
+            v = vid()
+            await c.create(v, 16 * MIB)
+            slot = shared.take()
+            assert slot == 0 and shared.free == 2
+            data = os.urandom(MIB)
+            shared.slot(slot)[4096:4096 + MIB] = data
+            at = slot * shared.slot_size + 4096
+            reply = c.start_write(v, 1, 3 * MIB, shared.slot(slot)[4096:4096 + MIB], 7, at)
+            assert shared._holds[slot] == 2  # the caller's and the client's
+            await reply
+            assert shared._holds[slot] == 1  # the server answered: the client let go
+            shared.release(slot)
+            assert shared.free == 3
+            assert bytes(await c.read(v, 1, 3 * MIB, MIB)) == data
+            assert (await c.generations(v))[3 * MIB // CHUNK_SIZE * 8:][:8] != bytes(8)
+            # over TCP the same call carries the bytes (WRITE)
+            await tcp.start_write(v, 1, 5 * MIB, data, 8, at)
+            assert bytes(await tcp.read(v, 1, 5 * MIB, MIB)) == data
+            # the server checks the position against what it mapped
+            with pytest.raises(InvalidArgument, match="exceed"):
+                await c._call(wire.Op.WRITE_SHARED, v, epoch=1, offset=0, length=MIB,
+                              generation=9, payload=wire.encode_u64(shared.size - 4096))
+            with pytest.raises(InvalidArgument, match="unix socket"):
+                await tcp._call(wire.Op.SHARE, "", payload=shared.path.encode())
+            with pytest.raises(InvalidArgument, match="no buffers shared"):
+                await tcp._call(wire.Op.WRITE_SHARED, v, epoch=1, offset=0, length=MIB,
+                                generation=9, payload=wire.encode_u64(0))
+            assert bytes(await c.read(v, 1, 0, MIB)) == bytes(MIB)  # nothing written
+            # a connection that fails before the answer keeps its slot from being reused
+            slot = shared.take()
+            assert slot is not None
+            server.signal(signal.SIGSTOP)
+            try:
+                pending = c.start_write(v, 1, 0, shared.slot(slot)[:MIB], 10,
+                                        slot * shared.slot_size)
+                await asyncio.sleep(0.1)
+                await c.close()
+                with pytest.raises(DataServerUnavailable):
+                    await pending
+            finally:
+                server.signal(signal.SIGCONT)
+            shared.release(slot)
+            assert shared.free == 2 and shared._holds[slot] == 1
+        finally:
+            await c.close()
+            await tcp.close()
+            shared.close()
+
+    asyncio.run(main())
 
 
 def test_fencing(server: ServerProcess) -> None:

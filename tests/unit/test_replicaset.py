@@ -45,8 +45,9 @@ class FakeClient:
             raise DataServerUnavailable(server=self.name, address="-", detail="gone")
         return self.blocks.get(offset, bytes(length))[:length]
 
-    def start_write(self, *args: Any) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self.write(*args))
+    def start_write(self, vid: str, epoch: int, offset: int, data: bytes, generation: int,
+                    shared_at: int = -1) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self.write(vid, epoch, offset, data, generation))
 
     def start_read(self, *args: Any) -> asyncio.Future[bytes]:
         return asyncio.ensure_future(self.read(*args))

@@ -19,6 +19,7 @@ import struct
 from types import TracebackType
 from typing import Any, cast
 
+from cargohold.clients.sharedmemory import SharedMemory
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.wire import (
     MAGIC,
@@ -35,6 +36,7 @@ from cargohold.core.wire import (
     decode_u64,
     encode_json,
     encode_request_header,
+    encode_u64,
     response_reader,
     volume_bytes,
 )
@@ -129,12 +131,15 @@ class _Protocol(asyncio.BufferedProtocol):
             if self.transport is not None:
                 self.transport.abort()
             return
-        pending, reader = self._client._pending, self._reader
+        client = self._client
+        pending, reader, held = client._pending, self._reader, client._held
         for header, payload in frames:
             request = pending.pop(header.request_id, None)
             if request is None:
                 continue
             future, volume_id, epoch = request
+            if held and (slot := held.pop(future, None)) is not None:
+                client._release(slot)  # the server is done reading the shared buffer
             if future.done():
                 continue
             if header.status == Status.OK:
@@ -142,7 +147,7 @@ class _Protocol(asyncio.BufferedProtocol):
                 # is. A small one is a view into the reader's buffer, reused after this call.
                 future.set_result(bytes(payload) if reader.owns(payload) else payload)
             else:
-                future.set_exception(self._client._status_error(
+                future.set_exception(client._status_error(
                     header.status, bytes(payload), volume_id, epoch))
 
     def eof_received(self) -> bool:
@@ -168,8 +173,8 @@ class DataClient:
     runs on this host; ``connect`` uses it if it exists, TCP otherwise.
     """
 
-    def __init__(self, address: str, server_id: str = "", local_socket: str | None = None
-                 ) -> None:
+    def __init__(self, address: str, server_id: str = "", local_socket: str | None = None,
+                 shared: SharedMemory | None = None) -> None:
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
             raise InvalidArgument(what="data server address", detail=f"{address!r}")
@@ -186,6 +191,11 @@ class DataClient:
         self._out_bytes = 0
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        # Write buffers shared with a data server on this host (``start_write``'s
+        # ``shared_at``): offered on every unix connection, used once the server took them.
+        self._shared = shared if local_socket is not None else None
+        self._sharing = False
+        self._held: dict[asyncio.Future[bytes | memoryview], int] = {}  # request → its slot
 
     # --- connection ---------------------------------------------------------------------
 
@@ -212,6 +222,9 @@ class DataClient:
             self._protocol = protocol
             self._paused = False
             self._problem = ""
+            self._sharing = False
+            if self._shared is not None:
+                await self._share(self._shared, timeout)
             return
         try:
             _, tcp = await asyncio.wait_for(
@@ -226,6 +239,21 @@ class DataClient:
         self._protocol = tcp
         self._paused = False
         self._problem = ""
+        self._sharing = False
+
+    async def _share(self, shared: SharedMemory, timeout: float) -> None:
+        """Offer the write buffers to the server; a server that cannot map them gets
+        every write's data in the frame, as over TCP."""
+        try:
+            await self._call(Op.SHARE, "", payload=shared.path.encode(), timeout=timeout)
+        except InvalidArgument as exc:
+            log.info("data server %s does not map shared write buffers: %s", self.address, exc)
+            return
+        self._sharing = True
+
+    def _release(self, slot: int) -> None:
+        if self._shared is not None:
+            self._shared.release(slot)
 
     async def close(self) -> None:
         """Close the connection; calls still pending raise ``DataServerUnavailable``."""
@@ -336,11 +364,21 @@ class DataClient:
         return self._start(Op.READ, volume_id, epoch, offset, length, 0, b"")
 
     def start_write(self, volume_id: str, epoch: int, offset: int, data: BytesLike,
-                    generation: int) -> Reply:
+                    generation: int, shared_at: int = -1) -> Reply:
         """Send a WRITE now (``write`` without a coroutine); the future resolves or raises.
 
-        ``data`` must stay unchanged until the future is done.
+        ``data`` must stay unchanged until the future is done. ``shared_at``: where ``data``
+        lies in the ``SharedMemory`` given to the constructor. A server that mapped it gets
+        the position instead of the bytes (WRITE_SHARED), and this client holds the slot
+        until the server answered; if the connection fails first, the hold stays (the
+        server may still read the slot) and the slot is never reused.
         """
+        if shared_at >= 0 and self._sharing and not self._paused:
+            reply = self._start(Op.WRITE_SHARED, volume_id, epoch, offset, len(data),
+                                generation, encode_u64(shared_at))
+            if not reply.done() and self._shared is not None:
+                self._held[reply] = self._shared.hold(shared_at)
+            return reply
         return self._start(Op.WRITE, volume_id, epoch, offset, len(data), generation, data)
 
     async def flush(self, volume_id: str, epoch: int, *, timeout: float | None = None) -> None:
@@ -548,6 +586,11 @@ class DataClient:
     def _fail_pending(self) -> None:
         pending = list(self._pending.values())
         self._pending.clear()
+        self._sharing = False
+        if self._held:  # unanswered: the server may still read these slots, so keep them
+            log.warning("data server %s: %d shared write buffers retired", self.address,
+                        len(self._held))
+            self._held.clear()
         self._out, self._out_bytes = [], 0
         for future, _volume_id, _epoch in pending:
             if not future.done():

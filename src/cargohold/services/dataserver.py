@@ -17,8 +17,10 @@ import contextlib
 import errno
 import json
 import logging
+import mmap
 import os
 import signal
+import socket
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -42,6 +44,7 @@ from cargohold.core.wire import (
     RequestHeader,
     Status,
     decode_json,
+    decode_u64,
     encode_json,
     encode_response_header,
     encode_text,
@@ -89,6 +92,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._reader = request_reader(reuse_large=True)  # requests are served at once
         self._transport: asyncio.Transport | None = None
         self._out: list[BytesLike] = []
+        self._shared: mmap.mmap | None = None  # the client's write buffers (Op.SHARE)
+        self._shared_view: memoryview | None = None
         self.peer = "?"
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -105,6 +110,7 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
         self._transport = None
+        self._unshare()
         if not self.lost.done():
             self.lost.set_result(None)
         log.debug("connection from %s closed (%s)", self.peer, exc or "eof")
@@ -244,6 +250,55 @@ class _Connection(asyncio.BufferedProtocol):
         replica.write(header.offset, payload, header.generation)
         return b""
 
+    def _share(self, header: RequestHeader, payload: memoryview) -> bytes:
+        """Map the client's write buffers, a memory file on this host, read-only.
+
+        Only over the unix socket: a path means the same file to both ends only there.
+        """
+        sock = self._transport.get_extra_info("socket") if self._transport else None
+        if sock is None or sock.family != socket.AF_UNIX:
+            raise InvalidArgument(what="SHARE", detail="only over the data server's unix socket")
+        path = bytes(payload).decode(errors="replace")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise InvalidArgument(what="SHARE", detail=f"{path}: {exc.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                raise InvalidArgument(what="SHARE", detail=f"{path} is empty")
+            shared = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        except OSError as exc:
+            raise InvalidArgument(what="SHARE", detail=f"{path}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        self._unshare()
+        self._shared, self._shared_view = shared, memoryview(shared)
+        return b""
+
+    def _unshare(self) -> None:
+        view, shared = self._shared_view, self._shared
+        self._shared = self._shared_view = None
+        if view is not None:
+            view.release()
+        if shared is not None:
+            with contextlib.suppress(BufferError):  # a view still alive: unmapped when it dies
+                shared.close()
+
+    def _write_shared(self, header: RequestHeader, payload: memoryview) -> bytes:
+        """A WRITE whose data lies in the client's shared buffers at the payload's u64."""
+        replica = self._io_replica(header)
+        view = self._shared_view
+        if view is None:
+            raise InvalidArgument(what="WRITE_SHARED", detail="no buffers shared (SHARE)")
+        at = decode_u64(payload)
+        if at + header.length > len(view):
+            raise InvalidArgument(what="WRITE_SHARED",
+                                  detail=f"{header.length} bytes at {at} exceed the "
+                                         f"{len(view)} shared")
+        replica.write(header.offset, view[at:at + header.length], header.generation)
+        return b""
+
     def _trim(self, header: RequestHeader, payload: memoryview) -> bytes:
         self._io_replica(header).trim(header.offset, header.length, header.generation,
                                       every_chunk=payload == TRIM_COPY)
@@ -294,6 +349,8 @@ _HANDLERS: dict[int, Handler] = {
     Op.GENS: _Connection._generations,
     Op.FENCE: _Connection._fence,
     Op.RESIZE: _Connection._resize,
+    Op.SHARE: _Connection._share,
+    Op.WRITE_SHARED: _Connection._write_shared,
 }
 
 

@@ -33,6 +33,7 @@ from typing import TypeVar
 import uvloop
 
 from cargohold.clients.dataclient import DataClient
+from cargohold.clients.sharedmemory import SharedMemory
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, chunks, copy_plan, generation_table
 from cargohold.core.models import DataServer, ReplicaState, ServerState, Volume
 from cargohold.core.wire import LOCAL_SOCKET, BytesLike
@@ -45,7 +46,7 @@ from cargohold.errors import (
     NoReplicaLeft,
     NoSpace,
 )
-from cargohold.services.fuse import FuseSession, unmount
+from cargohold.services.fuse import READ_BUFFER, FuseSession, unmount
 from cargohold.services.healer import Healer
 from cargohold.services.resync import WINDOW, Budget, put_copy, together
 from cargohold.services.scrub import ScrubReport
@@ -78,8 +79,10 @@ class ReplicaSet:
     """Fans one volume's I/O out to its in-sync replicas."""
 
     def __init__(self, volume: Volume, servers: Mapping[str, DataServer], epoch: int,
-                 local_node: str, mark_failed: MarkFailed) -> None:
+                 local_node: str, mark_failed: MarkFailed,
+                 shared: SharedMemory | None = None) -> None:
         self.name = volume.name
+        self._shared = shared  # write buffers offered to the data servers on this host
         self.volume_id = volume.id
         self.size = volume.size
         self.epoch = epoch
@@ -156,7 +159,7 @@ class ReplicaSet:
         local = None
         if server.node == self._local_node and server.path:
             local = os.path.join(server.path, LOCAL_SOCKET)
-        return DataClient(server.address, server.id, local)
+        return DataClient(server.address, server.id, local, self._shared)
 
     async def _claim(self, client: DataClient, timeout: float) -> None:
         await client.connect(timeout=timeout)
@@ -601,21 +604,24 @@ class ReplicaSet:
     async def write(self, offset: int, data: BytesLike) -> None:
         await self.start_write(offset, data)
 
-    def start_write(self, offset: int, data: BytesLike) -> asyncio.Future[None]:
+    def start_write(self, offset: int, data: BytesLike, shared_at: int = -1
+                    ) -> asyncio.Future[None]:
         """Write to every in-sync replica; the future resolves once all acknowledged.
 
         The common case (aligned, every replica answers OK, no replica being marked out of
         sync) sends to every replica at once and completes from their response futures: no
         coroutine or task per request. A failure continues in a task (``_settle``) that
         records the failed replica in the metadata store before the write completes.
+        ``shared_at``: where ``data`` lies in the shared write buffers, if it does (the
+        data servers on this host then read it from there); the slow path sends the bytes.
         """
         if (self._careful or self.fenced is not None or offset % BLOCK_SIZE
                 or len(data) % BLOCK_SIZE):
             return asyncio.ensure_future(self._write_slowly(offset, data))
         generation = self._next_generation()
         members = list(self.members)
-        replies = [m.client.start_write(self.volume_id, self.epoch, offset, data, generation)
-                   for m in members]
+        replies = [m.client.start_write(self.volume_id, self.epoch, offset, data, generation,
+                                        shared_at) for m in members]
         if not replies:
             return asyncio.ensure_future(self._settle([], [], "write"))
         done: asyncio.Future[None] = replies[0].get_loop().create_future()
@@ -896,10 +902,11 @@ async def serve(metadata_url: str, name: str, epoch: int, node: str, mountpoint:
         if volume.attachment is None or volume.attachment.epoch != epoch:
             raise Fenced(volume_id=volume.id, epoch=epoch, current=volume.epoch)
         servers = {s.id: s for s in await catalog.servers()}
+        shared = SharedMemory(READ_BUFFER)
         replicas = ReplicaSet(volume, servers, epoch, node,
-                              out_of_sync_marker(catalog, name, epoch))
+                              out_of_sync_marker(catalog, name, epoch), shared)
         await replicas.open()
-        session = FuseSession(replicas, mountpoint)
+        session = FuseSession(replicas, mountpoint, shared)
         try:
             session.start()
         except OSError:
@@ -940,6 +947,7 @@ async def serve(metadata_url: str, name: str, epoch: int, node: str, mountpoint:
                 log.warning("the kernel kept the FUSE connection open; closing it")
                 session._finish()
         await replicas.close()
+        shared.close()
         return 0
     finally:
         await store.close()

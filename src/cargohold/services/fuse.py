@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Protocol
 
+from cargohold.clients.sharedmemory import SharedMemory
 from cargohold.core.wire import BytesLike
 from cargohold.errors import CargoholdError, NoSpace
 
@@ -38,6 +39,7 @@ MAX_PAGES = MAX_WRITE // 4096
 ZERO_WINDOW = 8  # writes of zeros in flight for one FALLOC_FL_ZERO_RANGE
 MAX_BACKGROUND = 64
 READ_BUFFER = MAX_WRITE + 64 * 1024
+SHARED_WRITE = 64 * 1024  # writes at least this big go to local data servers shared
 
 # opcodes (linux/fuse.h)
 LOOKUP, FORGET, GETATTR, SETATTR = 1, 2, 3, 4
@@ -104,7 +106,8 @@ class BlockTarget(Protocol):
 
     def read_at_once(self, offset: int, length: int) -> BytesLike | None: ...
     def start_read(self, offset: int, length: int) -> asyncio.Future[BytesLike]: ...
-    def start_write(self, offset: int, data: BytesLike) -> asyncio.Future[None]: ...
+    def start_write(self, offset: int, data: BytesLike, shared_at: int = -1
+                    ) -> asyncio.Future[None]: ...
     async def flush(self) -> None: ...
     async def trim(self, offset: int, length: int) -> None: ...
 
@@ -126,13 +129,21 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
 class FuseSession:
     """Serves one mounted FUSE connection until it is unmounted."""
 
-    def __init__(self, target: BlockTarget, mountpoint: str) -> None:
+    def __init__(self, target: BlockTarget, mountpoint: str,
+                 shared: SharedMemory | None = None) -> None:
         self.target = target
         self.mountpoint = mountpoint
         self.fd = -1
         self.finished: asyncio.Future[None] | None = None
-        self._buffer = bytearray(READ_BUFFER)
+        # Requests are read into a slot of the write buffers shared with the data servers
+        # when one is free: a large WRITE then keeps its slot and goes out without a copy
+        # (``SharedMemory``). Otherwise into a buffer of our own, reused for every request.
+        self._shared = shared
+        self._own = memoryview(bytearray(READ_BUFFER))
+        self._slot = -1
+        self._buffer = self._own
         self._iov = [self._buffer]
+        self._next_buffer()
         self._tasks: set[asyncio.Future[None]] = set()
         self._io: set[asyncio.Future[Any]] = set()  # reads and writes being served
         self._started = time.time()
@@ -190,9 +201,20 @@ class FuseSession:
 
     # -- request loop --------------------------------------------------------------------
 
+    def _next_buffer(self) -> None:
+        """Read the next requests into a free shared slot, else into our own buffer."""
+        shared = self._shared
+        slot = shared.take() if shared is not None else None
+        if shared is None or slot is None:
+            self._slot, self._buffer = -1, self._own
+        else:
+            self._slot, self._buffer = slot, shared.slot(slot)
+        self._iov = [self._buffer]
+
     def _on_readable(self) -> None:
-        fd, iov, buffer = self.fd, self._iov, self._buffer
-        view = memoryview(buffer)
+        if self._slot < 0 and self._shared is not None and self._shared.free:
+            self._next_buffer()  # slots were all in use last time; one is free again
+        fd, iov, view = self.fd, self._iov, self._buffer
         for _ in range(64):  # take what is queued, then let replies and replicas run
             try:
                 n = os.readv(fd, iov)
@@ -207,14 +229,22 @@ class FuseSession:
                 return
             if n < IN_HEADER.size:
                 continue
-            length, opcode, unique, nodeid = IN_HEAD.unpack_from(buffer)
+            length, opcode, unique, nodeid = IN_HEAD.unpack_from(view)
             # READ and WRITE are nearly all of the traffic: decoded here, in one step each
             if opcode == WRITE:
-                offset, size = IO_IN_HEAD.unpack_from(buffer, IN_HEADER.size)[1:]
+                offset, size = IO_IN_HEAD.unpack_from(view, IN_HEADER.size)[1:]
                 start = IN_HEADER.size + WRITE_IN.size
-                self._write(unique, offset, bytes(view[start:start + size]))
+                slot, shared = self._slot, self._shared
+                if slot < 0 or shared is None or size < SHARED_WRITE:
+                    self._write(unique, offset, bytes(view[start:start + size]))
+                    continue
+                # the request keeps the slot it was read into; the next goes to another
+                data = view[start:start + size]
+                self._next_buffer()
+                iov, view = self._iov, self._buffer
+                self._write(unique, offset, data, slot, slot * shared.slot_size + start)
             elif opcode == READ:
-                offset, size = IO_IN_HEAD.unpack_from(buffer, IN_HEADER.size)[1:]
+                offset, size = IO_IN_HEAD.unpack_from(view, IN_HEADER.size)[1:]
                 self._read(unique, offset, size)
             else:
                 self._dispatch(opcode, unique, nodeid, view[IN_HEADER.size:length])
@@ -345,20 +375,34 @@ class FuseSession:
         data = future.result()
         self._send([OUT_HEADER.pack(OUT_HEADER.size + len(data), 0, unique), data])
 
-    def _write(self, unique: int, offset: int, data: bytes) -> None:
-        if offset + len(data) > self.target.size:
-            self._error(unique, errno.ENOSPC)
-            return
+    def _write(self, unique: int, offset: int, data: BytesLike, slot: int = -1,
+               shared_at: int = -1) -> None:
+        """Start a write; ``slot``: the shared slot ``data`` lies in (at ``shared_at``),
+        held by this request until it is answered."""
         try:
-            future = self.target.start_write(offset, data)
+            if offset + len(data) > self.target.size:
+                self._error(unique, errno.ENOSPC)
+                self._release(slot)
+                return
+            if shared_at >= 0:
+                future = self.target.start_write(offset, data, shared_at)
+            else:
+                future = self.target.start_write(offset, data)
         except Exception as e:  # noqa: BLE001
+            self._release(slot)
             self._fail(unique, e)
             return
         self._io.add(future)
-        future.add_done_callback(partial(self._write_done, unique, len(data)))
+        future.add_done_callback(partial(self._write_done, unique, len(data), slot))
 
-    def _write_done(self, unique: int, size: int, future: asyncio.Future[None]) -> None:
+    def _release(self, slot: int) -> None:
+        if slot >= 0 and self._shared is not None:
+            self._shared.release(slot)
+
+    def _write_done(self, unique: int, size: int, slot: int,
+                    future: asyncio.Future[None]) -> None:
         self._io.discard(future)
+        self._release(slot)
         error = future.exception() if not future.cancelled() else asyncio.CancelledError()
         if error is not None:
             self._fail(unique, error)

@@ -1,0 +1,86 @@
+"""Write buffers an engine shares with the data servers on its own host.
+
+A large write used to cross the host four times as a copy after FUSE handed it over: into a
+``bytes`` of its own, into each data server's socket, and out of each socket again. The
+engine now reads FUSE requests into slots of one memory file (``memfd``). A data server on
+the same host maps that file read-only (``Op.SHARE``, over its unix socket), and a WRITE of
+a large payload names where the payload lies in it instead of carrying it
+(``Op.WRITE_SHARED``): the data server writes to its disk straight from the mapping.
+
+A slot is in use while anyone may still read it. Its reader (the FUSE session) holds it
+until the write it carries is answered; every data client that named it holds it until that
+data server has answered the request. A connection that fails first never gives its hold
+back: that data server may still have the request queued, so the slot is retired for good
+instead of being reused under it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+#: Slots of ``SLOT_SIZE``: as many large writes as the engine keeps in flight at once
+#: (the kernel sends at most ``MAX_BACKGROUND`` asynchronous requests), and a few more.
+SLOTS = 48
+
+
+class SharedMemory:
+    """A memory file cut into equal slots, each reused once nobody holds it."""
+
+    def __init__(self, slot_size: int, slots: int = SLOTS) -> None:
+        if slot_size <= 0 or slots <= 0:
+            raise ValueError("slot_size and slots must be positive")
+        self.slot_size = slot_size
+        self.size = slot_size * slots
+        self.fd = os.memfd_create("cargohold-writes", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, self.size)
+            self._map = mmap.mmap(self.fd, self.size)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self._view = memoryview(self._map)
+        self._holds = [0] * slots
+        self._free = list(range(slots - 1, -1, -1))
+        #: The path another process on this host opens the file by (as root).
+        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
+
+    def take(self) -> int | None:
+        """A free slot, held once by the caller; None if every slot is in use."""
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self._holds[slot] = 1
+        return slot
+
+    def slot(self, slot: int) -> memoryview:
+        start = slot * self.slot_size
+        return self._view[start:start + self.slot_size]
+
+    def hold(self, at: int) -> int:
+        """One more holder of the slot that byte ``at`` lies in; returns the slot."""
+        slot = at // self.slot_size
+        self._holds[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        """One holder is done with ``slot``; the last one makes it free again."""
+        holds = self._holds[slot] - 1
+        self._holds[slot] = holds
+        if holds == 0:
+            self._free.append(slot)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def close(self) -> None:
+        """Unmap and close the file; slots still referenced keep the mapping (GC frees it)."""
+        try:
+            self._view.release()
+            self._map.close()
+        except BufferError:  # a slot view is still alive somewhere: unmapped when it dies
+            pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
