@@ -293,8 +293,24 @@ def test_shared_write_buffers_over_the_unix_socket(server: ServerProcess) -> Non
             with pytest.raises(InvalidArgument, match="exceed"):
                 await c._call(wire.Op.WRITE_SHARED, v, epoch=1, offset=0, length=MIB,
                               generation=9, payload=wire.encode_u64(shared.size - 4096))
+            offer = {"path": shared.path, "token": shared.token.hex()}
             with pytest.raises(InvalidArgument, match="unix socket"):
-                await tcp._call(wire.Op.SHARE, "", payload=shared.path.encode())
+                await tcp._call(wire.Op.SHARE, "", payload=wire.encode_json(offer))
+            # a path to some other file (another PID namespace's process) is refused
+            other = DataClient(server.address, local_socket=str(sock))
+            await other.connect()
+            try:
+                with pytest.raises(InvalidArgument, match="not the client's file"):
+                    await other._call(wire.Op.SHARE, "", payload=wire.encode_json(
+                        {**offer, "token": os.urandom(16).hex()}))
+                with pytest.raises(InvalidArgument, match="no such file|No such file"):
+                    await other._call(wire.Op.SHARE, "", payload=wire.encode_json(
+                        {**offer, "path": "/proc/self/fd/999999"}))
+                with pytest.raises(InvalidArgument, match="no buffers shared"):
+                    await other._call(wire.Op.WRITE_SHARED, v, epoch=1, offset=0, length=MIB,
+                                      generation=9, payload=wire.encode_u64(0))
+            finally:
+                await other.close()
             with pytest.raises(InvalidArgument, match="no buffers shared"):
                 await tcp._call(wire.Op.WRITE_SHARED, v, epoch=1, offset=0, length=MIB,
                                 generation=9, payload=wire.encode_u64(0))

@@ -245,7 +245,8 @@ class DataClient:
         """Offer the write buffers to the server; a server that cannot map them gets
         every write's data in the frame, as over TCP."""
         try:
-            await self._call(Op.SHARE, "", payload=shared.path.encode(), timeout=timeout)
+            await self._call(Op.SHARE, "", payload=encode_json(
+                {"path": shared.path, "token": shared.token.hex()}), timeout=timeout)
         except InvalidArgument as exc:
             log.info("data server %s does not map shared write buffers: %s", self.address, exc)
             return

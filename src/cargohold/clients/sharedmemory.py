@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import mmap
 import os
+import secrets
 
-#: Slots of ``SLOT_SIZE``: as many large writes as the engine keeps in flight at once
+#: Slots: as many large writes as the engine keeps in flight at once
 #: (the kernel sends at most ``MAX_BACKGROUND`` asynchronous requests), and a few more.
 SLOTS = 48
+
+#: Random bytes at the end of the file: a server that opened ``path`` checks them, so that a
+#: path naming another process's file (another PID namespace) is refused, not written from.
+TOKEN_SIZE = 16
 
 
 class SharedMemory:
@@ -31,14 +36,17 @@ class SharedMemory:
         if slot_size <= 0 or slots <= 0:
             raise ValueError("slot_size and slots must be positive")
         self.slot_size = slot_size
-        self.size = slot_size * slots
+        self.size = slot_size * slots  # the slots; the file ends with the token's page
         self.fd = os.memfd_create("cargohold-writes", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(self.fd, self.size)
-            self._map = mmap.mmap(self.fd, self.size)
+            os.ftruncate(self.fd, self.size + mmap.PAGESIZE)
+            self._map = mmap.mmap(self.fd, self.size + mmap.PAGESIZE)
         except OSError:
             os.close(self.fd)
             raise
+        #: The file's last bytes: a server that maps ``path`` checks it found this file.
+        self.token = secrets.token_bytes(TOKEN_SIZE)
+        self._map[-TOKEN_SIZE:] = self.token
         self._view = memoryview(self._map)
         self._holds = [0] * slots
         self._free = list(range(slots - 1, -1, -1))

@@ -258,7 +258,17 @@ class _Connection(asyncio.BufferedProtocol):
         sock = self._transport.get_extra_info("socket") if self._transport else None
         if sock is None or sock.family != socket.AF_UNIX:
             raise InvalidArgument(what="SHARE", detail="only over the data server's unix socket")
-        path = bytes(payload).decode(errors="replace")
+        request = decode_json(payload)
+        path, token = (request.get("path"), request.get("token")) if isinstance(
+            request, dict) else (None, None)
+        if not isinstance(path, str) or not isinstance(token, str):
+            raise InvalidArgument(what="SHARE", detail="needs a path and a token")
+        try:
+            expected = bytes.fromhex(token)
+        except ValueError:
+            expected = b""
+        if len(expected) < 16:
+            raise InvalidArgument(what="SHARE", detail="the token must be 16 bytes or more")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -272,6 +282,9 @@ class _Connection(asyncio.BufferedProtocol):
             raise InvalidArgument(what="SHARE", detail=f"{path}: {exc.strerror}") from None
         finally:
             os.close(fd)
+        if shared[size - len(expected):] != expected:
+            shared.close()
+            raise InvalidArgument(what="SHARE", detail=f"{path} is not the client's file")
         self._unshare()
         self._shared, self._shared_view = shared, memoryview(shared)
         return b""
