@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import mmap
 import os
 import signal
 import threading
@@ -15,7 +16,7 @@ import pytest
 from cargohold.core.models import Volume
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import open_store
-from tests.conftest import Node, leftovers, needs_root
+from tests.conftest import Node, compare_on_disk, leftovers, needs_root
 from tests.conftest import sha256_of as _sha256
 from tests.conftest import write_random as _write_random
 
@@ -71,6 +72,45 @@ def test_attach_write_detach_reattach_verify(node: Node) -> None:
     assert done.returncode == 0
     node.stop()
     assert leftovers(node.base) == {"mounts": [], "loops": [], "processes": []}
+
+
+def _maps_write_buffers(pid: int) -> bool:
+    return "memfd:cargohold-writes" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_large_writes_reach_both_replicas_through_shared_memory(node: Node) -> None:
+    """The data servers on the engine's host map its write buffers while it is attached
+    and write large requests from there; both replicas end up with the same bytes."""
+    node.cli("volume", "create", "shm", "--size", "256M", "--replicas", "2")
+    mountpoint = Path(node.cli("volume", "attach", "shm").stdout.strip())
+    volume = node.json("volume", "inspect", "shm")
+    holders = [json.loads((Path(r["path"]) / "process.json").read_text())["pid"]
+               for r in volume["replicas"]]
+    [engine] = node.engine_pids()
+    assert _maps_write_buffers(engine)
+    assert all(_maps_write_buffers(pid) for pid in holders), "a data server did not map them"
+    data = os.urandom(64 * MIB)
+    fd = os.open(mountpoint / "big.bin", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    try:
+        buffer = mmap.mmap(-1, 4 * MIB)  # page aligned, as O_DIRECT wants
+        for at in range(0, len(data), 4 * MIB):
+            buffer[:] = data[at:at + 4 * MIB]
+            assert os.pwrite(fd, buffer, at) == 4 * MIB
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    node.cli("volume", "detach", "shm")
+    deadline = time.monotonic() + 10  # the data servers see the connection close, and unmap
+    while any(_maps_write_buffers(pid) for pid in holders) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_maps_write_buffers(pid) for pid in holders)
+    node.stop()
+    compare_on_disk(volume)  # the replica not read back holds the same bytes
+    node.start()
+    mountpoint = Path(node.cli("volume", "attach", "shm").stdout.strip())
+    assert (mountpoint / "big.bin").read_bytes() == data
+    node.cli("volume", "detach", "shm")
+    node.cli("volume", "rm", "shm")
 
 
 def test_xfs_volume(node: Node) -> None:

@@ -11,12 +11,11 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from cargohold.stores.chunkstore import DiskChunkStore
-from tests.conftest import LiveWriter, Node, needs_root
+from tests.conftest import LiveWriter, Node, compare_on_disk, needs_root
 
 pytestmark = [needs_root(), pytest.mark.system]
 
@@ -53,20 +52,6 @@ def two_hosts(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
             node.cleanup()
 
 
-def _compare_on_disk(volume: dict[str, Any]) -> None:
-    """The replicas' chunk files hold the same generations and the same bytes (chunk by
-    chunk, read while the node is stopped)."""
-    stores = [DiskChunkStore(Path(r["path"])) for r in volume["replicas"]]
-    try:
-        first, second = (s.replica(volume["id"]) for s in stores)
-        assert first.generations() == second.generations()
-        for offset in range(0, volume["size"], 16 * MIB):
-            assert first.read(offset, 16 * MIB) == second.read(offset, 16 * MIB), offset
-    finally:
-        for store in stores:
-            store.close()
-
-
 def test_a_host_back_after_the_detach_gets_only_what_it_missed(
         two_hosts: tuple[Node, Node]) -> None:
     """The controller's resync of a detached volume (the engine heals attached ones): the
@@ -95,7 +80,7 @@ def test_a_host_back_after_the_detach_gets_only_what_it_missed(
 
     h1.stop()
     h2.stop()
-    _compare_on_disk(inspected)
+    compare_on_disk(inspected)
 
     h2.start()
     mountpoint = Path(h2.cli("volume", "attach", "rs").stdout.strip())
@@ -143,7 +128,7 @@ def test_a_returning_data_server_catches_up_while_the_volume_is_in_use(
 
         node.cli("volume", "detach", "live")
         node.stop()
-        _compare_on_disk(inspected)
+        compare_on_disk(inspected)
         node.start()
         mountpoint = Path(node.cli("volume", "attach", "live").stdout.strip())
         for name, digest in (("before.bin", before), ("after.bin", after)):
@@ -216,7 +201,7 @@ def test_a_host_back_gets_the_trims_it_missed_as_holes(two_hosts: tuple[Node, No
 
     h1.stop()
     h2.stop()
-    _compare_on_disk(inspected)  # the victim reads zeros where gone.bin was
+    compare_on_disk(inspected)  # the victim reads zeros where gone.bin was
     used = {}
     for replica in inspected["replicas"]:
         store = DiskChunkStore(Path(replica["path"]))
