@@ -70,7 +70,7 @@ class Op(IntEnum):
     GENS = 9  # offset (chunk aligned), length = chunk count (0: up to MAX_GENS_CHUNKS) -> u64s
     FENCE = 10  # raise the replica's epoch to the request's epoch
     RESIZE = 11  # payload JSON {"size": int}: grow the replica to at least size -> JSON
-    SHARE = 12  # payload utf-8 path of the client's write buffers (unix socket only)
+    SHARE = 12  # payload JSON {"path", "token"}: map the client's write buffers (unix only)
     WRITE_SHARED = 13  # WRITE whose data lies in the shared buffers: payload u64 position
 
 
