@@ -138,6 +138,9 @@ class FuseSession:
         # Requests are read into a slot of the write buffers shared with the data servers
         # when one is free: a large WRITE then keeps its slot and goes out without a copy
         # (``SharedMemory``). Otherwise into a buffer of our own, reused for every request.
+        if shared is not None and shared.slot_size < READ_BUFFER:
+            raise ValueError(f"shared slots of {shared.slot_size} bytes cannot hold a request "
+                             f"({READ_BUFFER})")
         self._shared = shared
         self._own = memoryview(bytearray(READ_BUFFER))
         self._slot = -1
