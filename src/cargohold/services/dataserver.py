@@ -29,6 +29,7 @@ from typing import cast
 import uvloop
 
 from cargohold.clients.dataclient import widen_send_buffer
+from cargohold.clients.sharedmemory import TOKEN_SIZE
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.sizes import format_size
 from cargohold.core.wire import (
@@ -267,8 +268,9 @@ class _Connection(asyncio.BufferedProtocol):
             expected = bytes.fromhex(token)
         except ValueError:
             expected = b""
-        if len(expected) < 16:
-            raise InvalidArgument(what="SHARE", detail="the token must be 16 bytes or more")
+        if len(expected) < TOKEN_SIZE:
+            raise InvalidArgument(what="SHARE",
+                                  detail=f"the token must be {TOKEN_SIZE} bytes or more")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
