@@ -1,4 +1,4 @@
-"""Build hook: generate the CSI gRPC modules from ``src/cargohold/adapters/csi.proto``.
+"""Build hook: generate the CSI gRPC modules from ``src/cargohold/adapters/csi/csi.proto``.
 
 Everything else about the package is in pyproject.toml. ``build_py`` runs ``grpc_tools.protoc``
 (a build requirement, pinned in pyproject.toml) and writes ``csi_pb2.py``, ``csi_pb2.pyi`` and
@@ -15,7 +15,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 SRC = Path(__file__).resolve().parent / "src"
-PROTOS = ["cargohold/adapters/csi.proto"]
+PROTOS = ["cargohold/adapters/csi/csi.proto"]
 
 
 def generate(out: Path) -> None:

@@ -73,7 +73,7 @@ from tests.conftest import Node, leftovers, sha256_of  # noqa: E402
 
 from cargohold.core.layout import CHUNK_SIZE  # noqa: E402
 from cargohold.core.sizes import format_size, parse_size  # noqa: E402
-from cargohold.stores.chunkstore import DiskChunkStore  # noqa: E402
+from cargohold.stores.diskstore import DiskChunkStore  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 VOLUME = "outage"

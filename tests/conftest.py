@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cargohold.stores.chunkstore import DiskChunkStore
+from cargohold.stores.diskstore import DiskChunkStore
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20

@@ -26,6 +26,11 @@ from cargohold.errors import CargoholdError, InvalidArgument, Kind
 if TYPE_CHECKING:
     from cargohold.clients.api import ApiClient
 
+EXIT_OK = 0
+#: The command did what was asked, but what it found needs a person: a scrub found chunks
+#: without a clean copy or could not reach every copy; a salvage left newer chunks or
+#: unreachable copies behind.
+EXIT_WARNING = 1
 EXIT_CODES = {
     Kind.INVALID: 2,
     Kind.INTERNAL: 2,
@@ -239,11 +244,13 @@ def _run_client(args: argparse.Namespace) -> int:
         elif args.action == "scrub":
             report = api.request("POST", f"/v1/volumes/{name}/scrub")
             _emit(report, as_json, _scrub_text(report))
+            return scrub_status(report)
         elif args.action == "salvage":
             done = api.request("POST", f"/v1/volumes/{name}/salvage")
             _emit(done, as_json, f"{name}: the copy on data server {done['in_sync']} is in sync "
                   f"again; {done['chunks_newer_elsewhere']} chunk(s) newer on another copy; "
                   f"unreachable: {', '.join(done['unreachable']) or 'none'}")
+            return salvage_status(done)
         elif args.action == "rm":
             api.request("DELETE", f"/v1/volumes/{name}")
             _emit({"name": name, "removed": True}, as_json, name)
@@ -325,6 +332,16 @@ def _drain(api: ApiClient, node: str, cancel: bool, wait: bool, as_json: bool) -
     _emit(view, as_json, f"{node}: {'draining' if view['draining'] else 'not draining'}, "
                          f"{view['replicas']} replicas on it")
     return 0
+
+
+def scrub_status(report: dict[str, Any]) -> int:
+    """A scrub that lost chunks or could not read every copy ends with a warning."""
+    return EXIT_WARNING if report["lost"] or report["skipped"] else EXIT_OK
+
+
+def salvage_status(done: dict[str, Any]) -> int:
+    """A salvage that left newer chunks or unreachable copies behind ends with a warning."""
+    return EXIT_WARNING if done["chunks_newer_elsewhere"] or done["unreachable"] else EXIT_OK
 
 
 def _scrub_text(report: dict[str, Any]) -> str:

@@ -1,13 +1,25 @@
-"""Typed configuration, read in one place; the rest of the code receives these objects."""
+"""Typed configuration, read in one place; the rest of the code receives these objects.
+
+One model per process: :class:`NodeConfig` (``cargohold node``, built by the CLI),
+:class:`EngineConfig` (one engine per attached volume, started by the node's agent) and
+:class:`DataServerConfig` (one data server per data directory, started by the node). The
+engine and data server models are also their command lines: the starter calls ``argv()``, the
+process reads ``from_argv()``, so both sides agree by construction.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
+import signal
 import socket
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cargohold.errors import InvalidArgument
 
@@ -99,3 +111,117 @@ def client_config(host: str | None, token: str | None) -> ClientConfig:
     except ValueError as e:
         raise InvalidArgument(what="--host", detail=str(e)) from None
     return ClientConfig(host=endpoint, token=token or os.environ.get(TOKEN_ENV, ""))
+
+
+# --- the processes a node starts ---------------------------------------------------------
+
+ENGINE_MODULE = "cargohold.daemons.engine"
+DATASERVER_MODULE = "cargohold.daemons.dataserver"
+#: Where earlier releases ran them from: a node upgraded in place still recognises (adopts or
+#: stops) the engines and data servers that the previous release started.
+ENGINE_MODULES = (ENGINE_MODULE, "cargohold.services.engine")
+DATASERVER_MODULES = (DATASERVER_MODULE, "cargohold.services.dataserver")
+#: The agent sends this signal to an engine after its volume grew: the engine reads the new
+#: size from the metadata store, checks its replicas and makes the FUSE file grow.
+RESIZE_SIGNAL = signal.SIGUSR1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises InvalidArgument instead of exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InvalidArgument(what=f"{self.prog} arguments", detail=message)
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def _build(cls: type[Model], prog: str, **fields: Any) -> Model:
+    try:
+        return cls(**fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise InvalidArgument(what=f"{prog} arguments", detail=f"--{first['loc'][0]}: "
+                              f"{first['msg']}".replace("_", "-")) from None
+
+
+class EngineConfig(BaseModel):
+    """What an engine is told: which attachment it serves, where, and how fast it heals."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metadata: str
+    volume: str
+    epoch: int = Field(ge=0)
+    node: str
+    mountpoint: Path
+    ready_file: Path
+    heal_rate: float = Field(default=0.0, ge=0.0)  # bytes/s catching up may use; 0: any
+    scrub_rate: float = Field(default=0.0, ge=0.0)  # bytes/s a scrub may read; 0: any
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", ENGINE_MODULE, "--metadata", self.metadata,
+                "--volume", self.volume, "--epoch", str(self.epoch), "--node", self.node,
+                "--mountpoint", str(self.mountpoint), "--ready-file", str(self.ready_file),
+                "--heal-rate", str(self.heal_rate), "--scrub-rate", str(self.scrub_rate)]
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str] | None = None) -> EngineConfig:
+        parser = _Parser(prog="cargohold-engine")
+        parser.add_argument("--metadata", required=True)
+        parser.add_argument("--volume", required=True)
+        parser.add_argument("--epoch", type=int, required=True)
+        parser.add_argument("--node", required=True)
+        parser.add_argument("--mountpoint", type=Path, required=True)
+        parser.add_argument("--ready-file", type=Path, required=True)
+        parser.add_argument("--heal-rate", type=float, default=0.0,
+                            help="bytes per second catching up a replica may use (0: no limit)")
+        parser.add_argument("--scrub-rate", type=float, default=0.0,
+                            help="bytes per second a scrub may read (0: no limit)")
+        return _build(cls, parser.prog, **vars(parser.parse_args(argv)))
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as a host and a port."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise InvalidArgument(what="listen address", detail=f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class DataServerConfig(BaseModel):
+    """What a data server is told: its directory, where to listen, where to say it is ready.
+
+    Port 0 reuses the port of the previous run (kept in the directory) when it is free, so
+    that the server's address survives restarts.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    root: Path
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    ready_file: Path | None = None
+    log_level: str = "INFO"
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", DATASERVER_MODULE, "--dir", str(self.root),
+                "--listen", f"{self.host}:{self.port}", "--log-level", self.log_level]
+        if self.ready_file is not None:
+            argv += ["--ready-file", str(self.ready_file)]
+        return argv
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str] | None = None) -> DataServerConfig:
+        parser = _Parser(prog="cargohold-dataserver",
+                         description="cargohold data server: one per disk")
+        parser.add_argument("--dir", type=Path, required=True,
+                            help="directory holding the replicas")
+        parser.add_argument("--listen", default="127.0.0.1:0",
+                            help="HOST:PORT (port 0: stable free port, kept across restarts)")
+        parser.add_argument("--ready-file", type=Path, help="written once the server listens")
+        parser.add_argument("--log-level", default="INFO")
+        args = parser.parse_args(argv)
+        host, port = parse_listen(args.listen)
+        return _build(cls, parser.prog, root=args.dir, host=host, port=port,
+                      ready_file=args.ready_file, log_level=args.log_level.upper())

@@ -282,6 +282,37 @@ class ExpandFailed(CargoholdError):
     kind = Kind.INTERNAL
 
 
+class HostCommandFailed(CargoholdError):
+    """{command}: {detail}"""
+
+    code = "host_command_failed"
+    kind = Kind.INTERNAL
+
+    def __init__(self, argv: list[str], detail: str) -> None:
+        super().__init__(command=" ".join(argv), detail=detail)
+        self.argv = argv
+        self.detail = detail
+
+
+class DataServerStartFailed(CargoholdError):
+    """The data server for {path} did not start: {detail}. Its log is {log}."""
+
+    code = "data_server_start_failed"
+    kind = Kind.INTERNAL
+
+
+class CsiRefused(CargoholdError):
+    """{detail}"""
+
+    code = "csi_refused"
+    kind = Kind.INVALID
+
+    def __init__(self, status: str, detail: str) -> None:
+        """``status``: the name of the gRPC status code the CSI spec asks for."""
+        super().__init__(status=status, detail=detail)
+        self.status = status
+
+
 class Unauthorized(CargoholdError):
     """A valid bearer token is required on the TCP API."""
 

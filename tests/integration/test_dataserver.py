@@ -19,9 +19,12 @@ from typing import Any, TypeVar
 
 import pytest
 
+from cargohold.adapters import dataserver
+from cargohold.adapters.dataserver import serve
 from cargohold.clients import dataclient
-from cargohold.clients.dataclient import SEND_BUFFER, DataClient
+from cargohold.clients.dataclient import DataClient
 from cargohold.clients.sharedmemory import SharedMemory
+from cargohold.clients.sockets import SEND_BUFFER
 from cargohold.core import wire
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
 from cargohold.errors import (
@@ -32,9 +35,8 @@ from cargohold.errors import (
     InvalidArgument,
     ReplicaNotFound,
 )
-from cargohold.services import dataserver
-from cargohold.services.dataserver import serve
-from cargohold.stores.chunkstore import DiskChunkStore, MemoryChunkStore
+from cargohold.stores.chunkstore import MemoryChunkStore
+from cargohold.stores.diskstore import DiskChunkStore
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 MIB = 1 << 20
@@ -49,7 +51,7 @@ def run(coro: Awaitable[T]) -> T:
 
 
 class ServerProcess:
-    """``python -m cargohold.services.dataserver`` in a directory, restartable."""
+    """``python -m cargohold.daemons.dataserver`` in a directory, restartable."""
 
     def __init__(self, base: Path) -> None:
         self.root = base / "disk"
@@ -79,7 +81,7 @@ class ServerProcess:
                 [
                     sys.executable,
                     "-m",
-                    "cargohold.services.dataserver",
+                    "cargohold.daemons.dataserver",
                     "--dir",
                     str(self.root),
                     "--listen",

@@ -27,8 +27,8 @@ from cargohold.stores.metadata import (
     MetadataStore,
     Put,
     WatchEvent,
-    open_store,
 )
+from cargohold.stores.opener import open_store
 from tests.etcdcluster import EtcdCluster, etcd1, etcd3, needs_etcd  # noqa: F401
 from tests.unit import test_metadata_contract as contract
 from tests.unit.test_metadata_contract import Factory, eventually, run, take

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from cargohold.adapters.dataserver import serve
 from cargohold.clients.dataclient import DataClient
 from cargohold.errors import InvalidArgument, ReplicaNotFound
-from cargohold.services.dataserver import serve
-from cargohold.stores.chunkstore import DiskChunkStore
+from cargohold.stores.diskstore import DiskChunkStore
 from tests.conftest import Node
 
 MIB = 1 << 20

@@ -15,7 +15,7 @@ import pytest
 
 from cargohold.core.models import Volume
 from cargohold.stores.catalog import Catalog
-from cargohold.stores.metadata import open_store
+from cargohold.stores.opener import open_store
 from tests.conftest import Node, compare_on_disk, leftovers, needs_root
 from tests.conftest import sha256_of as _sha256
 from tests.conftest import write_random as _write_random

@@ -154,7 +154,7 @@ _STORE_ON_A_FULL_DISK = """
 import os, sys
 from pathlib import Path
 from cargohold.errors import NoSpace
-from cargohold.stores.chunkstore import DiskChunkStore
+from cargohold.stores.diskstore import DiskChunkStore
 store = DiskChunkStore(Path(sys.argv[1]))
 replica = store.create("ab" * 16, 1 << 30)
 replica.write(0, b"a" * 4096, 1)

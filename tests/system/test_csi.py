@@ -21,12 +21,12 @@ import grpc
 import pytest
 
 from cargohold import __version__
-from cargohold.adapters import csi_pb2 as pb
-from cargohold.adapters import csi_pb2_grpc as stubs
+from cargohold.adapters.csi import csi_pb2 as pb
+from cargohold.adapters.csi import csi_pb2_grpc as stubs
 from cargohold.core.models import Attachment, Volume
 from cargohold.core.models import Node as NodeRecord
 from cargohold.stores.catalog import Catalog
-from cargohold.stores.metadata import open_store
+from cargohold.stores.opener import open_store
 from tests.conftest import Node, leftovers, needs_root
 
 pytestmark = [needs_root(), pytest.mark.system]

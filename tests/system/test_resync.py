@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cargohold.stores.chunkstore import DiskChunkStore
+from cargohold.stores.diskstore import DiskChunkStore
 from tests.conftest import LiveWriter, Node, compare_on_disk, needs_root
 
 pytestmark = [needs_root(), pytest.mark.system]

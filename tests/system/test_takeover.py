@@ -72,7 +72,12 @@ def test_takeover_after_the_owner_dies_fences_the_old_writer(two_nodes: tuple[No
     assert (mount_b / "x").read_text() == "from-a"  # every acknowledged write is there
     inspected = b.json("volume", "inspect", "v")
     assert inspected["attachment"]["node"] == "hostb" and inspected["epoch"] == 2
-    assert [n["health"] for n in b.json("node", "ls") if n["name"] == "hosta"] == ["down"]
+    # Lease gone, and not seen for the staleness window (lease TTL or 3 checks, whichever is
+    # longer): at most a second or two after the takeover, A counts as down.
+    deadline = time.monotonic() + 10
+    while [n["health"] for n in b.json("node", "ls") if n["name"] == "hosta"] != ["down"]:
+        assert time.monotonic() < deadline, "the dead node is not reported down"
+        time.sleep(0.2)
     _write(mount_b / "x", "from-b")
 
     with pytest.raises(OSError):  # the zombie's writes are refused by the data servers

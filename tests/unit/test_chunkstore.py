@@ -14,13 +14,10 @@ import pytest
 
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
 from cargohold.errors import ChecksumMismatch, Fenced, InvalidArgument, NoSpace, ReplicaNotFound
-from cargohold.stores import chunkstore
-from cargohold.stores.chunkstore import (
-    ChunkStore,
-    DiskChunkStore,
-    LocalReplicaReader,
-    MemoryChunkStore,
-)
+from cargohold.services.engine.localreader import LocalReplicaReader
+from cargohold.stores import diskstore
+from cargohold.stores.chunkstore import ChunkStore, MemoryChunkStore
+from cargohold.stores.diskstore import DiskChunkStore
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -350,8 +347,8 @@ def test_fencing_needs_no_free_space(make_disk: Callable[[], DiskChunkStore],
     def full(*_: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(chunkstore, "_write_json_atomic", full)
-    monkeypatch.setattr(chunkstore, "_make_epoch_file", full)
+    monkeypatch.setattr(diskstore, "_write_json_atomic", full)
+    monkeypatch.setattr(diskstore, "_make_epoch_file", full)
     replica = make_disk().replica(v)
     for epoch in (3, 4, 7):
         replica.fence(epoch)
@@ -378,7 +375,7 @@ def test_a_torn_epoch_slot_keeps_the_previous_epoch(
     reopened = make_disk().replica(v)
     assert reopened.epoch == 5
     reopened.fence(8)  # overwrites the torn slot, keeps 5
-    assert sorted(e or 0 for e in chunkstore._read_epoch_slots(path.read_bytes())) == [5, 8]
+    assert sorted(e or 0 for e in diskstore.read_epoch_slots(path.read_bytes())) == [5, 8]
 
 
 def test_a_replica_without_an_epoch_file_gets_one(
@@ -550,7 +547,7 @@ def test_writeback_is_started_for_written_replicas_only(disk: DiskChunkStore) ->
     replica = disk.create(v, 4 * MIB)
     assert replica.small_writes == 0
     replica.write(0, os.urandom(CHUNK_SIZE), 1)  # large writes are left to the kernel
-    replica.write(CHUNK_SIZE, os.urandom(chunkstore.SMALL_WRITE), 1)
+    replica.write(CHUNK_SIZE, os.urandom(diskstore.SMALL_WRITE), 1)
     assert replica.small_writes == 0
     for k in range(3):
         replica.write(2 * MIB + k * BLOCK_SIZE, os.urandom(BLOCK_SIZE), 1)
@@ -565,6 +562,6 @@ def test_writeback_is_started_for_written_replicas_only(disk: DiskChunkStore) ->
 
 
 def test_runs_of_chunks_for_writeback() -> None:
-    assert list(chunkstore._runs([])) == []
-    assert list(chunkstore._runs([3])) == [(3, 1)]
-    assert list(chunkstore._runs([0, 1, 2, 5, 7, 8])) == [(0, 3), (5, 1), (7, 2)]
+    assert list(diskstore._runs([])) == []
+    assert list(diskstore._runs([3])) == [(3, 1)]
+    assert list(diskstore._runs([0, 1, 2, 5, 7, 8])) == [(0, 3), (5, 1), (7, 2)]

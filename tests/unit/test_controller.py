@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from cargohold.core.models import DataServer, ServerState, liveness_key
-from cargohold.services.controller import Controller
+from cargohold.services.controller.controller import Controller
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import MemoryStore

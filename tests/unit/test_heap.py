@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cargohold.services import heap
+from cargohold.daemons import heap
 
 
 def test_keep_large_buffers_is_harmless() -> None:

@@ -20,8 +20,8 @@ from cargohold.stores.metadata import (
     Put,
     TxnResult,
     WatchEvent,
-    open_store,
 )
+from cargohold.stores.opener import open_store
 from cargohold.stores.sqlite import SqliteStore
 
 pytestmark = pytest.mark.timeout(30)

@@ -8,7 +8,7 @@ import pytest
 
 from cargohold.core.models import DataServer, Node, Replica, ReplicaState, Volume, liveness_key
 from cargohold.errors import LastCopy, NodeAlive, NodeHoldsReplicas, NodeNotFound
-from cargohold.services.nodes import NodeService
+from cargohold.services.nodes import NodeRemoval
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import MemoryStore
 
@@ -31,7 +31,7 @@ def _volume(name: str, *replicas: tuple[str, ReplicaState]) -> Volume:
 def test_node_rm_refuses_live_unknown_and_replica_holding_nodes() -> None:
     async def body() -> None:
         store, catalog = await _cluster()
-        service = NodeService(catalog)
+        service = NodeRemoval(catalog)
         await catalog.add_volume(_volume("v", ("sa", ReplicaState.IN_SYNC),
                                          ("sc", ReplicaState.IN_SYNC)))
         with pytest.raises(NodeNotFound):
@@ -60,9 +60,9 @@ def test_node_rm_never_removes_the_last_in_sync_copy_even_forced() -> None:
         await catalog.add_volume(_volume("w", ("sb", ReplicaState.IN_SYNC),
                                          ("sa", ReplicaState.OUT_OF_SYNC)))
         with pytest.raises(LastCopy, match="w"):
-            await NodeService(catalog).remove("b", force=True)
+            await NodeRemoval(catalog).remove("b", force=True)
         assert {n.name for n in await catalog.nodes()} == {"a", "b", "c"}
-        removed = await NodeService(catalog).remove("a", force=True)  # w keeps its copy on b
+        removed = await NodeRemoval(catalog).remove("a", force=True)  # w keeps its copy on b
         assert removed.data_servers == ["sa"]
 
     asyncio.run(body())

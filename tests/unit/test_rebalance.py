@@ -9,7 +9,7 @@ from cargohold.core.models import (
     Volume,
     VolumeState,
 )
-from cargohold.services.rebalance import Move, plan
+from cargohold.services.controller.rebalance import Move, plan
 
 
 def _servers(*nodes: str) -> list[DataServer]:

@@ -19,8 +19,8 @@ from cargohold.errors import (
     NoReplicaLeft,
     NoSpace,
 )
-from cargohold.services.engine import Member, ReplicaSet
-from cargohold.stores.chunkstore import DiskChunkStore
+from cargohold.services.engine.replicaset import Member, ReplicaSet
+from cargohold.stores.diskstore import DiskChunkStore
 
 
 class FakeClient:

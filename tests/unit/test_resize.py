@@ -18,9 +18,10 @@ from cargohold.core import wire
 from cargohold.core.layout import BLOCK_SIZE
 from cargohold.core.models import DataServer, Replica, Volume
 from cargohold.errors import DataServerUnavailable, InvalidArgument, ReplicaNotFound
-from cargohold.services import fuse
-from cargohold.services.engine import Member, ReplicaSet
-from cargohold.stores.chunkstore import ChunkStore, DiskChunkStore, MemoryChunkStore
+from cargohold.services.engine import fuse
+from cargohold.services.engine.replicaset import Member, ReplicaSet
+from cargohold.stores.chunkstore import ChunkStore, MemoryChunkStore
+from cargohold.stores.diskstore import DiskChunkStore
 
 MIB = 1 << 20
 

@@ -6,7 +6,7 @@ import asyncio
 from array import array
 
 from cargohold.core.layout import CHUNK_SIZE, copy_plan
-from cargohold.services.resync import Budget
+from cargohold.services.copies import Budget
 
 
 def _table(*gens: int) -> array[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from cargohold.core.models import Attachment, Volume, VolumeState
-from cargohold.services.scrub import Scrub
+from cargohold.services.controller.scrub import Scrub
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import MemoryStore
 

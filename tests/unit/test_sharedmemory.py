@@ -7,7 +7,7 @@ import os
 import pytest
 
 from cargohold.clients.sharedmemory import TOKEN_SIZE, SharedMemory
-from cargohold.services.fuse import READ_BUFFER, FuseSession
+from cargohold.services.engine.fuse import READ_BUFFER, FuseSession
 
 
 def test_a_slot_is_free_again_only_when_its_last_holder_lets_go() -> None:

@@ -10,7 +10,7 @@ import hmac
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,12 +22,11 @@ from cargohold import __version__
 from cargohold.core.models import DataServer, Node, Volume
 from cargohold.errors import CargoholdError, Kind, NodeNotFound, Unauthorized
 from cargohold.services.agent import Agent
-from cargohold.services.controller import Controller
+from cargohold.services.controller.controller import Controller
+from cargohold.services.controller.rebalance import Rebalance
+from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
-from cargohold.services.nodes import NodeService
-from cargohold.services.rebalance import Rebalance
-from cargohold.services.rebuild import Rebuild
-from cargohold.services.scrub import Scrub
+from cargohold.services.nodes import NodeRemoval
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.catalog import Catalog
 
@@ -56,18 +55,20 @@ class ResizeVolume(BaseModel):
     size: str | int
 
 
+@dataclass
 class Services:
-    """What the API serves from; built by the node."""
+    """What the API serves from; built by the node (``daemons/node.py``), never here."""
 
-    def __init__(self, catalog: Catalog, volumes: VolumeService, agent: Agent, node: str,
-                 stale_after: float) -> None:
-        self.catalog = catalog
-        self.volumes = volumes
-        self.agent = agent
-        self.node = node
-        self.stale_after = stale_after
-        self.controller: Controller | None = None  # set by the node
-        self.ready = False
+    catalog: Catalog
+    volumes: VolumeService
+    agent: Agent
+    controller: Controller  # its duties (rebalance) run only while this node leads
+    scrub: Scrub
+    events: EventFeed
+    node_removal: NodeRemoval
+    node: str  # this node's name
+    stale_after: float  # seconds without a report before a node or data server is down
+    ready: bool = False
 
 
 def health(last_seen: float, stale_after: float, alive: bool = True) -> str:
@@ -191,7 +192,7 @@ def create_app(services: Services, token: str = "") -> FastAPI:
 
     @app.post("/v1/volumes/{name}/scrub")
     async def scrub_volume(name: str) -> dict[str, Any]:
-        return asdict(await Scrub(services.catalog).scrub_any(name))
+        return asdict(await services.scrub.scrub_any(name))
 
     @app.post("/v1/volumes/{name}/detach")
     async def detach_volume(name: str, force: bool = False) -> dict[str, Any]:
@@ -204,7 +205,7 @@ def create_app(services: Services, token: str = "") -> FastAPI:
         known = list((await servers()).values())
         alive = await services.catalog.live_nodes()
         draining = await services.catalog.draining()
-        leader = await services.controller.leader() if services.controller else ""
+        leader = await services.controller.leader()
         replicas: dict[str, int] = {}  # replicas per data server
         for volume in await services.catalog.volumes():
             for replica in volume.replicas:
@@ -226,7 +227,7 @@ def create_app(services: Services, token: str = "") -> FastAPI:
     async def events() -> StreamingResponse:
         """Every state change from now on, one JSON object per line (see services/events)."""
         async def lines() -> AsyncIterator[bytes]:
-            async for event in EventFeed(services.catalog.store).stream():
+            async for event in services.events.stream():
                 yield json.dumps(event).encode() + b"\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
@@ -244,9 +245,7 @@ def create_app(services: Services, token: str = "") -> FastAPI:
         return {"started": [asdict(m) for m in started], "pending": await rebalance.pending()}
 
     def _rebalance() -> Rebalance:
-        if services.controller is not None:
-            return services.controller.rebalance
-        return Rebalance(services.catalog, Rebuild(services.catalog, down_after=600.0))
+        return services.controller.rebalance
 
     @app.get("/v1/nodes")
     async def list_nodes() -> list[dict[str, Any]]:
@@ -264,7 +263,7 @@ def create_app(services: Services, token: str = "") -> FastAPI:
 
     @app.delete("/v1/nodes/{name}")
     async def remove_node(name: str, force: bool = False) -> dict[str, Any]:
-        removed = await NodeService(services.catalog).remove(name, force)
+        removed = await services.node_removal.remove(name, force)
         return {"name": removed.name, "removed": True, "data_servers": removed.data_servers,
                 "replicas_to_rebuild": removed.replicas_to_rebuild}
 

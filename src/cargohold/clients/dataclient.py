@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import struct
 from types import TracebackType
 from typing import Any, cast
 
 from cargohold.clients.sharedmemory import SharedMemory
+from cargohold.clients.sockets import detect_dead_peers, widen_send_buffer
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.wire import (
     MAGIC,
@@ -60,49 +60,12 @@ _BATCH = 32
 _BATCH_BYTES = 128 << 10
 _CLOSE_GRACE = 1.0
 _GENS_PAGE = MAX_GENS_CHUNKS
-#: A server host that vanishes without a reset (power loss, partition) is declared lost
-#: after about this long: unacknowledged requests or unanswered keepalive probes.
-_DEAD_PEER_SECONDS = 10
-#: Unsent bytes a connection's socket may hold, either side: several 1 MiB frames.
-SEND_BUFFER = 4 << 20
 #: What a response resolves: the OK payload (``bytes``, or a ``memoryview`` of a buffer of its
 #: own for large reads), or the status as a ``cargohold.errors`` exception.
 Reply = asyncio.Future["bytes | memoryview"]
 #: A request waiting for its response: its future, and the volume id and epoch for errors.
 _Request = tuple[Reply, str, int]
 _pack_request = REQUEST_HEADER.pack
-
-
-def _detect_dead_peers(transport: asyncio.Transport | None) -> None:
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
-        return
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 5)):
-        if hasattr(socket, option):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-    if hasattr(socket, "TCP_USER_TIMEOUT"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _DEAD_PEER_SECONDS * 1000)
-
-
-def widen_send_buffer(transport: asyncio.BaseTransport | None) -> None:
-    """Let the socket hold ``SEND_BUFFER`` unsent bytes (the kernel's default is ~208 KiB).
-
-    With the default a 1 MiB frame leaves in five pieces, each waiting for the peer to read
-    the one before: the sequential write benchmark went from ~480 to ~840 MB/s with this.
-    Root may exceed ``net.core.wmem_max`` (SO_SNDBUFFORCE); others get what it allows.
-    """
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
-        return
-    for option in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
-        if option is None:
-            continue
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, SEND_BUFFER)
-            return
-        except OSError:  # SO_SNDBUFFORCE needs CAP_NET_ADMIN
-            continue
 
 
 class _Protocol(asyncio.BufferedProtocol):
@@ -235,7 +198,7 @@ class DataClient:
             raise self._unavailable(f"no connection within {timeout} s") from None
         except OSError as exc:
             raise self._unavailable(f"cannot connect: {exc.strerror or exc}") from None
-        _detect_dead_peers(tcp.transport)
+        detect_dead_peers(tcp.transport)
         self._protocol = tcp
         self._paused = False
         self._problem = ""

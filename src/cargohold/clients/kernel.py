@@ -11,6 +11,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from cargohold.errors import HostCommandFailed
+
 FILESYSTEMS = ("ext4", "xfs")
 MIN_XFS_SIZE = 300 << 20
 
@@ -28,13 +30,6 @@ MKFS = {
 MOUNT_OPTIONS = {"ext4": "noinit_itable", "xfs": "defaults"}
 CAP_SYS_RESOURCE = 24
 GROW_SLACK = 4 << 20  # less room than this left on a device is not worth growing into
-
-
-class HostCommandFailed(Exception):
-    def __init__(self, argv: list[str], detail: str) -> None:
-        self.argv = argv
-        self.detail = detail
-        super().__init__(f"{' '.join(argv)}: {detail}")
 
 
 def run(argv: list[str], timeout: float = 120.0) -> str:

@@ -20,13 +20,11 @@ import mmap
 import os
 import secrets
 
+from cargohold.core.wire import TOKEN_SIZE
+
 #: Slots: as many large writes as the engine keeps in flight at once
 #: (the kernel sends at most ``MAX_BACKGROUND`` asynchronous requests), and a few more.
 SLOTS = 48
-
-#: Random bytes at the end of the file: a server that opened ``path`` checks them, so that a
-#: path naming another process's file (another PID namespace) is refused, not written from.
-TOKEN_SIZE = 16
 
 
 class SharedMemory:

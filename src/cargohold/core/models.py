@@ -133,3 +133,7 @@ def drain_key(node: str) -> str:
 def garbage_key(server_id: str, volume_id: str) -> str:
     """A replica to delete once its data server answers again."""
     return f"garbage/{server_id}/{volume_id}"
+
+
+def server_up(server: DataServer | None) -> bool:
+    return server is not None and server.state is ServerState.UP

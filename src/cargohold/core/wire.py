@@ -58,6 +58,12 @@ TRIM_COPY = b"\x01"
 LOCAL_SOCKET = "data.sock"
 
 
+#: Random bytes at the end of the shared write buffers' file: a server that opened the file
+#: SHARE names checks them, so that a path naming another process's file (another PID
+#: namespace) is refused, not written from.
+TOKEN_SIZE = 16
+
+
 class Op(IntEnum):
     HELLO = 1  # server info (JSON)
     CREATE = 2  # payload JSON {"size": int}

@@ -21,20 +21,25 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from cargohold import __version__
-from cargohold.adapters import csi
+from cargohold.adapters.csi.server import serve as serve_csi
 from cargohold.adapters.dockerplugin import DockerPlugin
 from cargohold.adapters.dockerplugin import create_app as create_plugin_app
 from cargohold.adapters.rest import Services, create_app
 from cargohold.clients.dataclient import DataClient
 from cargohold.config import Endpoint, NodeConfig
 from cargohold.core.models import DataServer, Node, ServerState, liveness_key
-from cargohold.daemons.dataservers import DataServerProcess
+from cargohold.core.periodic import Periodic
+from cargohold.daemons.supervisor import DataServerProcess
 from cargohold.errors import CargoholdError, LeaseExpired
 from cargohold.services.agent import Agent
-from cargohold.services.controller import Controller
+from cargohold.services.controller.controller import Controller
+from cargohold.services.controller.scrub import Scrub
+from cargohold.services.events import EventFeed
+from cargohold.services.nodes import NodeRemoval
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.catalog import Catalog
-from cargohold.stores.metadata import MetadataStore, open_store
+from cargohold.stores.metadata import MetadataStore
+from cargohold.stores.opener import open_store
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +109,10 @@ class NodeDaemon:
                 await asyncio.to_thread(process.adopt_or_start)
             await self.check_once(store, catalog)
             await agent.recover()
-            services = Services(catalog, volumes, agent, config.name,
-                                stale_after=max(config.lease_ttl, 3 * config.server_check_interval))
-            services.controller = self.controller
+            services = Services(catalog, volumes, agent, self.controller, Scrub(catalog),
+                                EventFeed(store), NodeRemoval(catalog), config.name,
+                                stale_after=max(config.lease_ttl,
+                                                3 * config.server_check_interval))
             for endpoint in config.api:
                 token = "" if endpoint.is_unix else config.token
                 servers.append(await _serve(create_app(services, token), endpoint))
@@ -116,23 +122,17 @@ class NodeDaemon:
                 docker = Endpoint(url=f"unix://{config.docker_socket}")
                 servers.append(await _serve(create_plugin_app(plugin), docker))
             if config.csi_endpoint is not None:
-                csi_server = await csi.serve(config.csi_endpoint.path, catalog, volumes, agent,
+                csi_server = await serve_csi(config.csi_endpoint.path, catalog, volumes, agent,
                                              lambda: services.ready)
             services.ready = True
             log.info("node %s ready: %d data servers, API on %s", config.name,
                      len(self.processes), ", ".join(e.url for e in config.api))
             # the controller's duties (a resync may copy for minutes) run beside the lease
             # keepalive, never in its way
-            controlling = asyncio.ensure_future(self._control(stop))
-            while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), config.server_check_interval)
-                if stop.is_set():
-                    break
-                try:
-                    await self.check_once(store, catalog)
-                except CargoholdError as e:
-                    log.error("periodic check failed: %s", e)
+            controlling = asyncio.ensure_future(
+                self.controller.run_forever(config.server_check_interval, stop))
+            await Periodic("node check", lambda: self.check_once(store, catalog),
+                           config.server_check_interval, wait_first=True).run_forever(stop)
         finally:
             log.info("node %s stopping", config.name)
             self.controller.resign()
@@ -164,20 +164,6 @@ class NodeDaemon:
                 with contextlib.suppress(CargoholdError):
                     await store.revoke_lease(self.lease)
             await store.close()
-
-    async def _control(self, stop: asyncio.Event) -> None:
-        """Run the controller's duties every check period while this node leads."""
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.server_check_interval)
-            if stop.is_set():
-                return
-            try:
-                await self.controller.run_once()
-            except CargoholdError as e:
-                log.error("controller pass failed: %s", e)
-            except Exception:  # noqa: BLE001 - a bug must not end the duties for good
-                log.exception("controller pass failed")
 
     async def check_once(self, store: MetadataStore, catalog: Catalog) -> None:
         """Restart dead data servers, refresh their records and the node's lease."""

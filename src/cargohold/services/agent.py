@@ -18,22 +18,22 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from cargohold.clients import kernel
+from cargohold.config import ENGINE_MODULES, RESIZE_SIGNAL, EngineConfig
 from cargohold.core.models import Attachment, Volume, VolumeState
 from cargohold.errors import (
     AttachFailed,
     CargoholdError,
     DetachFailed,
     ExpandFailed,
+    HostCommandFailed,
     VolumeBusy,
     VolumeInUse,
 )
-from cargohold.services.engine import RESIZE_SIGNAL
 from cargohold.stores.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class Agent:
                                             volume.fs)
                     if volume.formatted:  # it may have grown while detached: catch up
                         await self._grow_filesystem(volume, device, str(paths.mountpoint))
-            except (CargoholdError, kernel.HostCommandFailed, OSError) as e:
+            except (CargoholdError, HostCommandFailed, OSError) as e:
                 detail = e.message if isinstance(e, CargoholdError) else str(e)
                 log.error("attach of %s failed at %s: %s", name, step, detail)
                 await self._teardown(name, lazy=True)
@@ -181,11 +181,10 @@ class Agent:
         await self._teardown(volume.name, lazy=True)  # leftovers of a broken attachment
         paths.fuse.mkdir(parents=True, exist_ok=True)
         paths.ready_file.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "cargohold.services.engine",
-                "--metadata", self.metadata_url, "--volume", volume.name,
-                "--epoch", str(volume.attachment.epoch), "--node", self.node,
-                "--mountpoint", str(paths.fuse), "--ready-file", str(paths.ready_file),
-                "--heal-rate", str(self.heal_rate), "--scrub-rate", str(self.scrub_rate)]
+        argv = EngineConfig(metadata=self.metadata_url, volume=volume.name,
+                            epoch=volume.attachment.epoch, node=self.node,
+                            mountpoint=paths.fuse, ready_file=paths.ready_file,
+                            heal_rate=self.heal_rate, scrub_rate=self.scrub_rate).argv()
         with open(paths.log_file, "ab") as log_out:
             child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -232,7 +231,7 @@ class Agent:
         volume is usable, and 'cargohold volume resize' again finishes the grow)."""
         try:
             await asyncio.to_thread(kernel.grow_filesystem, volume.fs, device, mountpoint)
-        except (kernel.HostCommandFailed, OSError) as e:
+        except (HostCommandFailed, OSError) as e:
             log.warning("volume %s is attached, but its file system did not grow to %d bytes: "
                         "%s", volume.name, volume.size, e)
 
@@ -270,7 +269,7 @@ class Agent:
                     step = "grow file system"
                     await asyncio.to_thread(kernel.grow_filesystem, volume.fs, att.device,
                                             att.mountpoint)
-            except (kernel.HostCommandFailed, OSError) as e:
+            except (HostCommandFailed, OSError) as e:
                 log.error("expand of %s failed at %s: %s", name, step, e)
                 raise ExpandFailed(name=name, step=step, node=self.node, detail=str(e)) from e
             log.info("volume %s attached here now has %d bytes", name, volume.size)
@@ -330,7 +329,7 @@ class Agent:
             await self.catalog.update_volume(name, detaching)
             try:
                 await self._teardown(name, lazy=False)
-            except (kernel.HostCommandFailed, OSError) as e:
+            except (HostCommandFailed, OSError) as e:
                 log.error("detach of %s failed: %s", name, e)
                 failure = f"detach failed: {e}"
 
@@ -393,11 +392,11 @@ class Agent:
         if child is not None:
             return child.poll() is None
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             return False
-        return b"cargohold.services.engine" in cmdline and state != "Z"
+        return any(m.encode() in argv for m in ENGINE_MODULES) and state != "Z"
 
     # -- recovery after a crash of the agent ----------------------------------------------
 
@@ -416,7 +415,7 @@ class Agent:
                 continue
             try:
                 await self._teardown(volume.name, lazy=True)
-            except (kernel.HostCommandFailed, OSError) as e:
+            except (HostCommandFailed, OSError) as e:
                 report.append(f"could not clean {volume.name}: {e}")
                 continue
             await self.catalog.update_volume(volume.name, _released(

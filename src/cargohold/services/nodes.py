@@ -26,7 +26,7 @@ class Removed:
     replicas_to_rebuild: int
 
 
-class NodeService:
+class NodeRemoval:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
 

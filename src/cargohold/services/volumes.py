@@ -8,7 +8,6 @@ data server is unreachable is written down as garbage and deleted by
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from array import array
@@ -20,6 +19,7 @@ from cargohold.core import placement
 from cargohold.core.layout import generation_table
 from cargohold.core.models import DataServer, Replica, ReplicaState, Volume, VolumeState
 from cargohold.core.names import check_name
+from cargohold.core.retry import Backoff, retry
 from cargohold.core.sizes import format_size, volume_size
 from cargohold.errors import (
     CargoholdError,
@@ -34,13 +34,15 @@ from cargohold.errors import (
     VolumeBusy,
     VolumeExists,
     VolumeInUse,
+    VolumeNotFound,
 )
 from cargohold.stores.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
 MAX_REPLICAS = 5
-CREATE_WAIT = 30.0
+#: An identical create that finds the volume being created waits this long for it.
+CREATE_WAIT = Backoff(first=0.05, most=0.05, timeout=30.0)
 
 
 class VolumeService:
@@ -94,15 +96,23 @@ class VolumeService:
                         exist_ok: bool) -> Volume:
         if not exist_ok or (volume.size, volume.replica_count, volume.fs) != (size, count, fs):
             raise VolumeExists(name=volume.name)
-        waited = 0.0
-        while volume.state is VolumeState.CREATING and waited < CREATE_WAIT:
-            await asyncio.sleep(0.05)  # a concurrent create of the same volume is finishing
-            waited += 0.05
-            found = await self.catalog.find_volume(volume.name)
+        if volume.state is not VolumeState.CREATING:
+            return volume
+        name = volume.name
+
+        async def created() -> Volume:  # a concurrent create of the same volume is finishing
+            found = await self.catalog.find_volume(name)
             if found is None:
-                raise VolumeBusy(name=volume.name, state="being created and failed")
-            volume = found
-        return volume
+                raise VolumeNotFound(name=name)
+            if found.state is VolumeState.CREATING:
+                raise VolumeBusy(name=name, state=found.state.value)
+            return found
+
+        try:
+            return await retry(created, CREATE_WAIT, what=f"waiting for volume {name!r}",
+                               temporary=lambda e: isinstance(e, VolumeBusy))
+        except VolumeNotFound:
+            raise VolumeBusy(name=name, state="being created and failed") from None
 
     async def remove(self, name: str) -> None:
         def deleting(v: Volume) -> Volume:

@@ -1,4 +1,5 @@
-"""The cluster's typed records (volumes, data servers, nodes) on top of a metadata store.
+"""The cluster's typed records (volumes, data servers, nodes, the CSI driver's notes) on top
+of a metadata store.
 
 Every change of a volume record is a compare-and-swap on its revision, retried on conflict,
 so several nodes, agents and engines can update one volume without losing changes.
@@ -6,7 +7,9 @@ so several nodes, agents and engines can update one volume without losing change
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from typing import Any
 
 from cargohold.core.models import (
     DRAIN_PREFIX,
@@ -21,10 +24,12 @@ from cargohold.core.models import (
     server_key,
     volume_key,
 )
+from cargohold.core.retry import Backoff, retry
 from cargohold.errors import ConcurrentUpdate, VolumeExists, VolumeNotFound
 from cargohold.stores.metadata import Compare, Delete, MetadataStore, Put
 
-CAS_ATTEMPTS = 50
+#: A compare-and-swap that lost to another writer reads the record again and retries at once.
+CAS = Backoff(first=0.0, most=0.0, attempts=50)
 
 
 class Catalog:
@@ -59,7 +64,8 @@ class Catalog:
         is. It is called again with fresh data when another writer got there first.
         """
         key = volume_key(name)
-        for _ in range(CAS_ATTEMPTS):
+
+        async def attempt() -> Volume:
             kv = await self.store.get(key)
             if kv is None:
                 raise VolumeNotFound(name=name)
@@ -70,9 +76,12 @@ class Catalog:
             result = await self.store.txn(
                 [Compare.revision(key, kv.mod_revision)], [Put(key, updated.dump())]
             )
-            if result.succeeded:
-                return updated
-        raise ConcurrentUpdate(what=f"volume {name!r}")
+            if not result.succeeded:
+                raise ConcurrentUpdate(what=f"volume {name!r}")
+            return updated
+
+        return await retry(attempt, CAS, what=f"updating volume {name!r}",
+                           temporary=lambda e: isinstance(e, ConcurrentUpdate))
 
     async def remove_volume(self, name: str) -> None:
         await self.store.delete(volume_key(name))
@@ -154,3 +163,29 @@ class Catalog:
 
     async def drop_garbage(self, server_id: str, volume_id: str) -> None:
         await self.store.txn([], [Delete(garbage_key(server_id, volume_id))])
+
+    # -- the CSI driver's notes beside the volume records --------------------------------
+    # ``csi/volumes/NAME``: {"name": CSI name, "access": access types} of a volume created
+    # through CSI; ``csi/published/NAME``: {"node", "readonly", "access", "mode"} of the node
+    # the volume is published to.
+
+    async def csi_record(self, kind: str, name: str) -> dict[str, Any] | None:
+        kv = await self.store.get(f"csi/{kind}/{name}")
+        return None if kv is None else dict(json.loads(kv.value))
+
+    async def claim_csi_record(self, kind: str, name: str,
+                               value: dict[str, Any]) -> dict[str, Any]:
+        """Store ``value`` unless the key exists; return what the key holds afterwards."""
+        key = f"csi/{kind}/{name}"
+        if (await self.store.txn([Compare.absent(key)], [Put(key, json.dumps(value).encode())])
+                ).succeeded:
+            return value
+        return await self.csi_record(kind, name) or value
+
+    async def drop_csi_record(self, kind: str, name: str) -> None:
+        await self.store.txn([], [Delete(f"csi/{kind}/{name}")])
+
+    async def csi_records(self, kind: str) -> dict[str, dict[str, Any]]:
+        prefix = f"csi/{kind}/"
+        return {kv.key[len(prefix):]: json.loads(kv.value)
+                for kv in await self.store.range(prefix)}

@@ -1,4 +1,6 @@
-"""Replica storage on a data server: the interface, a memory reference and the disk store.
+"""Replica storage on a data server: the interface and its memory reference.
+
+The disk store, the one data servers run, is :mod:`cargohold.stores.diskstore`.
 
 A *replica* is one server's copy of a whole volume. Its bytes are addressed like a block
 device: every offset and length is a multiple of ``BLOCK_SIZE`` and lies inside the volume.
@@ -14,37 +16,24 @@ another replica, exactly as for a corrupted block.
 Fencing: a replica remembers the highest epoch it has seen (durably). ``fence`` with a lower
 epoch raises ``Fenced``; the data server fences every I/O request with its epoch first.
 
-Replica objects are cached by the store and must not be used after ``delete`` or ``close``.
+StoredReplica objects are cached by the store and must not be used after ``delete`` or ``close``.
 ``flush`` may run in a worker thread while the event loop thread keeps reading and writing
 the same replica; every other method belongs to one thread.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import json
 import logging
-import mmap
-import os
 import re
-import secrets
-import shutil
-import struct
 import sys
-import threading
 import uuid
 from abc import ABC, abstractmethod
 from array import array
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, chunk_count, chunks
+from cargohold.core.layout import BLOCK_SIZE, chunk_count, chunks
 from cargohold.errors import (
-    CargoholdError,
     ChecksumMismatch,
     Fenced,
     InvalidArgument,
@@ -62,8 +51,7 @@ log = logging.getLogger(__name__)
 BytesLike = bytes | bytearray | memoryview
 
 _VOLUME_ID = re.compile(r"^[0-9a-f]{32}$")
-_ZERO_BLOCK = bytes(BLOCK_SIZE)
-_ZERO_PAGE = bytes(mmap.PAGESIZE)
+ZERO_BLOCK = bytes(BLOCK_SIZE)
 _MAX_U64 = (1 << 64) - 1
 
 
@@ -84,7 +72,7 @@ def check_volume_id(volume_id: str) -> None:
         raise InvalidArgument(what="volume id", detail=f"{volume_id!r} is not 32 hex characters")
 
 
-def _crc(block: BytesLike) -> int:
+def block_checksum(block: BytesLike) -> int:
     """A block's stored checksum: its CRC32, with 0 kept free to mean 'never written'."""
     return crc32(block) or 1
 
@@ -92,7 +80,7 @@ def _crc(block: BytesLike) -> int:
 # --- the interface ---------------------------------------------------------------------
 
 
-class Replica(ABC):
+class StoredReplica(ABC):
     """One volume's copy on this server. Offsets and lengths are in bytes."""
 
     def __init__(self, volume_id: str, size: int, server: str) -> None:
@@ -252,7 +240,7 @@ class ChunkStore(ABC):
         """A stable id for this data server (32 hex characters)."""
 
     @abstractmethod
-    def create(self, volume_id: str, size: int) -> Replica:
+    def create(self, volume_id: str, size: int) -> StoredReplica:
         """Create an empty (all zeros, thin) replica; the same call again is a no-op.
 
         A replica of another size already there raises ``InvalidArgument``.
@@ -263,14 +251,14 @@ class ChunkStore(ABC):
         """Remove a replica and its space; deleting a missing replica is a no-op."""
 
     @abstractmethod
-    def replica(self, volume_id: str) -> Replica:
+    def replica(self, volume_id: str) -> StoredReplica:
         """The replica of ``volume_id``, or ``ReplicaNotFound``."""
 
     @abstractmethod
     def grow(self, volume_id: str, size: int) -> int:
         """Grow the replica of ``volume_id`` to at least ``size`` bytes; return its size.
 
-        Never shrinks (see ``Replica.grow``); a missing replica raises ``ReplicaNotFound``.
+        Never shrinks (see ``StoredReplica.grow``); a missing replica raises ``ReplicaNotFound``.
         """
 
     @abstractmethod
@@ -293,7 +281,7 @@ class ChunkStore(ABC):
         """Sum of all replicas' sizes."""
 
     @abstractmethod
-    def open_replicas(self) -> list[Replica]:
+    def open_replicas(self) -> list[StoredReplica]:
         """Replicas currently open (the ones a shutdown flush must cover)."""
 
     @abstractmethod
@@ -308,7 +296,7 @@ class ChunkStore(ABC):
             raise InvalidArgument(what="size", detail=f"{size} is not a multiple of {BLOCK_SIZE}")
 
 
-def _existing_size(volume_id: str, existing: int, size: int) -> None:
+def check_existing_size(volume_id: str, existing: int, size: int) -> None:
     if existing != size:
         raise InvalidArgument(
             what="size",
@@ -319,7 +307,7 @@ def _existing_size(volume_id: str, existing: int, size: int) -> None:
 # --- memory reference ------------------------------------------------------------------
 
 
-class MemoryReplica(Replica):
+class MemoryReplica(StoredReplica):
     def __init__(self, volume_id: str, size: int, server: str, store: MemoryChunkStore) -> None:
         super().__init__(volume_id, size, server)
         self._store = store
@@ -341,9 +329,9 @@ class MemoryReplica(Replica):
         for index in range(first, first + length // BLOCK_SIZE):
             block = self._blocks.get(index)
             if block is None:
-                out.append(_ZERO_BLOCK)
+                out.append(ZERO_BLOCK)
                 continue
-            if _crc(block) != self._sums[index]:
+            if block_checksum(block) != self._sums[index]:
                 raise ChecksumMismatch(
                     volume_id=self.volume_id, offset=index * BLOCK_SIZE, server=self.server
                 )
@@ -359,7 +347,7 @@ class MemoryReplica(Replica):
         for k in range(count):
             block = bytes(data[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE])
             self._blocks[first + k] = block
-            self._sums[first + k] = _crc(block)
+            self._sums[first + k] = block_checksum(block)
         self._store._used += new * BLOCK_SIZE
         self._record(offset, len(data), generation)
 
@@ -390,7 +378,7 @@ class MemoryReplica(Replica):
         self._gens.extend([0] * (chunk_count(size) - len(self._gens)))
 
     def _generations(self, first: int, end: int) -> bytes:
-        return _le_u64(self._gens[first:end])
+        return le_u64(self._gens[first:end])
 
     def info(self) -> ReplicaInfo:
         return ReplicaInfo(
@@ -406,10 +394,10 @@ class MemoryReplica(Replica):
         index = offset // BLOCK_SIZE
         if index not in self._blocks:
             self._store._used += BLOCK_SIZE
-        block = bytearray(self._blocks.get(index, _ZERO_BLOCK))
+        block = bytearray(self._blocks.get(index, ZERO_BLOCK))
         block[0] ^= 1
         self._blocks[index] = bytes(block)
-        self._sums.setdefault(index, _crc(_ZERO_BLOCK))
+        self._sums.setdefault(index, block_checksum(ZERO_BLOCK))
 
 
 class MemoryChunkStore(ChunkStore):
@@ -425,12 +413,12 @@ class MemoryChunkStore(ChunkStore):
     def server_id(self) -> str:
         return self._server_id
 
-    def create(self, volume_id: str, size: int) -> Replica:
+    def create(self, volume_id: str, size: int) -> StoredReplica:
         check_volume_id(volume_id)
         self._check_size(size)
         existing = self._replicas.get(volume_id)
         if existing is not None:
-            _existing_size(volume_id, existing.size, size)
+            check_existing_size(volume_id, existing.size, size)
             return existing
         replica = MemoryReplica(volume_id, size, self._server_id, self)
         self._replicas[volume_id] = replica
@@ -442,7 +430,7 @@ class MemoryChunkStore(ChunkStore):
         if replica is not None:
             self._used -= replica.info().used
 
-    def replica(self, volume_id: str) -> Replica:
+    def replica(self, volume_id: str) -> StoredReplica:
         replica = self._replicas.get(volume_id)
         if replica is None:
             raise ReplicaNotFound(server=self._server_id, volume_id=volume_id)
@@ -468,794 +456,17 @@ class MemoryChunkStore(ChunkStore):
     def provisioned(self) -> int:
         return sum(r.size for r in self._replicas.values())
 
-    def open_replicas(self) -> list[Replica]:
+    def open_replicas(self) -> list[StoredReplica]:
         return list(self._replicas.values())
 
     def close(self) -> None:
         pass
 
 
-# --- disk ------------------------------------------------------------------------------
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-#: Large writes reach the data file in pieces of this size, so that the page cache holds it
-#: in folios of at most 64 KiB. ext4 on kernels with large folios (6.16+) caches one 1 MiB
-#: ``pwrite`` as one 1 MiB folio, and every later 4 KiB write into it walks all of the
-#: folio's 256 buffer heads (``ext4_block_write_begin``). Measured on the development
-#: machine (kernel 6.18): a 1 MiB overwrite costs 840 us of CPU in one call and 280 us in
-#: 64 KiB pieces; a 4 KiB write into that cache then costs 11 us and 4 us.
-_WRITE_PIECE = 64 << 10
-#: Writes below this size count as scattered for writeback (``Replica.start_writeback``):
-#: random I/O of file systems and databases is 4-16 KiB; a sequential stream split at extent
-#: or request boundaries still comes in pieces of hundreds of KiB.
-SMALL_WRITE = 64 << 10
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-_sync_file_range = _libc.sync_file_range
-_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-_sync_file_range.restype = ctypes.c_int
-_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writing dirty pages, do not wait
 
 
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Deallocate a byte range of a file, keeping its size (reads then return zeros)."""
-    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def _start_writing(fd: int, offset: int = 0, length: int = 0) -> None:
-    """Start writing the dirty pages of a byte range (0: to the end) to disk
-    (``sync_file_range``); do not wait."""
-    if _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def _runs(numbers: list[int]) -> Iterator[tuple[int, int]]:
-    """(first, count) of each run of consecutive numbers in a sorted list."""
-    first, count = 0, 0
-    for n in numbers:
-        if count and n == first + count:
-            count += 1
-            continue
-        if count:
-            yield first, count
-        first, count = n, 1
-    if count:
-        yield first, count
-
-
-def _fallocate_keep_size(fd: int, offset: int, length: int) -> None:
-    """Allocate a byte range of a file without changing its size."""
-    if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def _pages(size: int) -> int:
-    return -(-size // mmap.PAGESIZE)
-
-
-def _le_u64(values: Any) -> bytes:
+def le_u64(values: Any) -> bytes:
     out = array("Q", values)
     if sys.byteorder != "little":
         out.byteswap()
     return out.tobytes()
-
-
-def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
-    """Replace ``path`` with ``value`` so that a crash leaves the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(value, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _reraise(exc: OSError, server: str) -> NoReturn:
-    """Raise ``NoSpace`` for a full disk, else ``exc`` itself."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise NoSpace(server=server, detail=exc.strerror or str(exc)) from exc
-    raise exc
-
-
-#: The epoch file: two slots of (epoch u64, crc32 u32) in sectors of their own, in one
-#: block that is written whole when the replica is made, so that fencing later overwrites
-#: allocated space only and works on a full disk. ``fence`` overwrites the older slot: a
-#: crash in the middle leaves the newer one intact (that fence never returned).
-REPLICAS_DIR = "replicas"  # under a disk store's root, one directory per replica
-_EPOCH_FILE = "epoch"
-_EPOCH_SLOT = struct.Struct("<QI")
-_EPOCH_SLOTS = (0, 512)
-_EPOCH_BYTES = _EPOCH_SLOTS[-1] + _EPOCH_SLOT.size  # the part of the file the slots use
-
-
-def _epoch_record(epoch: int) -> bytes:
-    return _EPOCH_SLOT.pack(epoch, crc32(epoch.to_bytes(8, "little")))
-
-
-def _make_epoch_file(path: Path, epoch: int) -> None:
-    """Write ``path`` whole (every byte allocated), both slots holding ``epoch``."""
-    block = bytearray(BLOCK_SIZE)
-    for at in _EPOCH_SLOTS:
-        _EPOCH_SLOT.pack_into(block, at, *_EPOCH_SLOT.unpack(_epoch_record(epoch)))
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.pwrite(fd, block, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_epoch_slots(data: bytes) -> list[int | None]:
-    """Each slot's epoch, or None where its checksum fails (a torn write)."""
-    found: list[int | None] = []
-    for at in _EPOCH_SLOTS:
-        if len(data) < at + _EPOCH_SLOT.size:
-            found.append(None)
-            continue
-        epoch, crc = _EPOCH_SLOT.unpack_from(data, at)
-        found.append(epoch if crc == crc32(epoch.to_bytes(8, "little")) else None)
-    return found
-
-
-class DiskReplica(Replica):
-    """A replica in a directory: sparse ``data``, ``sums`` and ``gens`` (mmap), ``epoch``
-    and meta.json."""
-
-    def __init__(self, path: Path, volume_id: str, server: str) -> None:
-        meta = json.loads((path / "meta.json").read_text())
-        super().__init__(volume_id, int(meta["size"]), server)
-        self._path = path
-        self._epoch = int(meta.get("epoch", 0))
-        self._lock = threading.Lock()  # flush (worker thread) against close
-        self._closed = False
-        self._blocks = self.size // BLOCK_SIZE
-        self._epoch_fd = self._open_epoch_file()
-        self._data_fd = os.open(path / "data", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            self._sums_fd, self._sums_map = self._map(path / "sums", self._blocks * 4)
-            self._gens_fd, self._gens_map = self._map(path / "gens", chunk_count(self.size) * 8)
-        except BaseException:
-            os.close(self._data_fd)
-            if self._epoch_fd >= 0:
-                os.close(self._epoch_fd)
-            raise
-        self._sums = memoryview(self._sums_map).cast("I")  # host order (little-endian)
-        self._gens = memoryview(self._gens_map).cast("Q")
-        # pages of sums and gens known to have space under them (see ``_back``)
-        self._sums_backed = bytearray(_pages(self._blocks * 4))
-        self._gens_backed = bytearray(_pages(chunk_count(self.size) * 8))
-        self._chunks_written = self._count_written()
-        self._small_chunks: set[int] = set()  # chunks small writes went to (start_writeback)
-
-    def _count_written(self) -> int:
-        written, step = 0, 1 << 20
-        for start in range(0, len(self._gens), step):
-            part = array("Q", self._gens[start : start + step].tobytes())
-            written += len(part) - part.count(0)
-        return written
-
-    def _map(self, path: Path, size: int) -> tuple[int, mmap.mmap]:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            actual = os.fstat(fd).st_size
-            if actual > size:
-                # a grow that crashed before meta.json recorded the new size: the extra
-                # range was never used (I/O beyond the recorded size is refused)
-                log.warning("replica %s: %s is %d bytes, expected %d; cutting back the "
-                            "leftover of an unfinished grow", self.volume_id, path.name,
-                            actual, size)
-                os.ftruncate(fd, size)
-                actual = size
-            if actual != size:
-                raise CargoholdError(
-                    detail=f"replica {self.volume_id}: {path.name} is {actual} bytes, "
-                    f"expected {size}; the replica is damaged and must be rebuilt"
-                )
-            return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def _open_epoch_file(self) -> int:
-        """Open the epoch file (made for replicas older than it), taking the highest epoch
-        of it and meta.json; -1 when it cannot be made (the disk is full): fences then
-        replace meta.json, which needs free space."""
-        path = self._path / _EPOCH_FILE
-        if not path.exists():
-            tmp = path.with_name(f".{_EPOCH_FILE}.{secrets.token_hex(4)}.tmp")
-            try:
-                _make_epoch_file(tmp, self._epoch)
-                os.rename(tmp, path)
-                _fsync_dir(self._path)
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                log.warning("replica %s: cannot make its epoch file (%s); fencing needs free "
-                            "space until it exists", self.volume_id, exc)
-                return -1
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        slots = _read_epoch_slots(os.pread(fd, BLOCK_SIZE, 0))
-        self._epoch = max([self._epoch, *(e for e in slots if e is not None)])
-        return fd
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def _store_epoch(self, epoch: int) -> None:
-        if self._epoch_fd < 0:
-            meta = {"volume_id": self.volume_id, "size": self.size, "epoch": epoch}
-            try:
-                _write_json_atomic(self._path / "meta.json", meta)
-            except OSError as exc:
-                _reraise(exc, self.server)
-            self._epoch = epoch
-            return
-        try:
-            slots = _read_epoch_slots(os.pread(self._epoch_fd, BLOCK_SIZE, 0))
-            # overwrite a torn slot, else the older one: the newest stays whole
-            ranks = [-1 if e is None else e for e in slots]
-            older = ranks.index(min(ranks))
-            os.pwrite(self._epoch_fd, _epoch_record(epoch), _EPOCH_SLOTS[older])
-            os.fdatasync(self._epoch_fd)
-        except OSError as exc:
-            _reraise(exc, self.server)
-        self._epoch = epoch
-
-    def _read(self, offset: int, length: int) -> bytes:
-        first = offset // BLOCK_SIZE
-        if length == BLOCK_SIZE:  # the common small read, without lists
-            want = self._sums[first]
-            if not want:
-                return _ZERO_BLOCK
-            data = os.pread(self._data_fd, length, offset)
-            if (crc32(data) or 1) == want:
-                return data
-        stored = self._sums[first : first + length // BLOCK_SIZE].tolist()
-        if not any(stored):
-            return bytes(length)
-        data = os.pread(self._data_fd, length, offset)
-        if len(data) < length:  # the file was cut short behind our back: checksums decide
-            data += bytes(length - len(data))
-        view = memoryview(data)
-        crcs = [crc32(view[i : i + BLOCK_SIZE]) or 1 for i in range(0, length, BLOCK_SIZE)]
-        if crcs == stored:
-            return data
-        fixed: bytearray | None = None
-        for k, want in enumerate(stored):
-            if want == crcs[k]:
-                continue
-            pos = k * BLOCK_SIZE
-            if want:
-                raise ChecksumMismatch(
-                    volume_id=self.volume_id, offset=offset + pos, server=self.server
-                )
-            if not data.startswith(_ZERO_BLOCK, pos):
-                # data written but its checksum lost in a crash: the write was never flushed
-                # (so never acknowledged as durable); the block is still 'never written'.
-                if fixed is None:
-                    fixed = bytearray(data)
-                fixed[pos : pos + BLOCK_SIZE] = _ZERO_BLOCK
-        return data if fixed is None else bytes(fixed)
-
-    def _back(self, fd: int, backed: bytearray, start: int, end: int) -> None:
-        """Make sure the pages of bytes ``[start, end)`` of a mapped file have space.
-
-        Sums and gens are sparse files written through their maps, and a store into a hole
-        on a full file system is a SIGBUS that kills the data server. So each page gets its
-        space (fallocate) before its first store, and a full disk becomes ``NoSpace``.
-        """
-        page = mmap.PAGESIZE
-        first, last = start // page, (end - 1) // page + 1
-        if backed.find(0, first, last) < 0:
-            return
-        try:
-            _fallocate_keep_size(fd, first * page, (last - first) * page)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                _reraise(exc, self.server)
-        backed[first:last] = b"\1" * (last - first)
-
-    def _back_range(self, offset: int, length: int, generation: int) -> None:
-        """Give space to the checksums and generations an I/O on this range stores."""
-        first = offset // BLOCK_SIZE
-        self._back(self._sums_fd, self._sums_backed, first * 4,
-                   (first + length // BLOCK_SIZE) * 4)
-        if generation:
-            self._back(self._gens_fd, self._gens_backed, offset // CHUNK_SIZE * 8,
-                       ((offset + length - 1) // CHUNK_SIZE + 1) * 8)
-
-    def _write(self, offset: int, data: memoryview, generation: int) -> None:
-        length = len(data)
-        self._back_range(offset, length, generation)
-        try:
-            if length <= _WRITE_PIECE:
-                done = os.pwrite(self._data_fd, data, offset)
-            else:
-                done = 0
-            while done < length:
-                done += os.pwrite(self._data_fd, data[done : done + _WRITE_PIECE], offset + done)
-        except OSError as exc:
-            self._resync_sums(offset, length)
-            _reraise(exc, self.server)
-        first = offset // BLOCK_SIZE
-        if length == BLOCK_SIZE:  # the common small write, without the list
-            self._sums[first] = crc32(data) or 1
-        else:
-            step = BLOCK_SIZE
-            crcs = [crc32(data[i : i + step]) or 1 for i in range(0, length, step)]
-            self._sums[first : first + len(crcs)] = array("I", crcs)
-        if generation:
-            self._record(offset, length, generation)
-        if length < SMALL_WRITE:
-            self.small_writes += 1
-            self._small_chunks.add(offset // CHUNK_SIZE)
-
-    def _resync_sums(self, offset: int, length: int) -> None:
-        """After a failed write, make the range's checksums match what the file holds."""
-        try:
-            data = os.pread(self._data_fd, length, offset).ljust(length, b"\0")
-        except OSError:
-            log.exception("replica %s: cannot re-read after a failed write", self.volume_id)
-            return
-        first = offset // BLOCK_SIZE
-        for k in range(length // BLOCK_SIZE):
-            block = data[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE]
-            if self._sums[first + k] or block != _ZERO_BLOCK:
-                self._sums[first + k] = _crc(block)
-
-    def _trim(self, offset: int, length: int, generation: int, written_only: bool) -> None:
-        if generation and not written_only:  # a written chunk's generation has its space
-            self._back(self._gens_fd, self._gens_backed, offset // CHUNK_SIZE * 8,
-                       ((offset + length - 1) // CHUNK_SIZE + 1) * 8)
-        try:
-            punch_hole(self._data_fd, offset, length)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                _reraise(exc, self.server)
-            self._write_zeros(offset, length)
-        self._clear_sums(offset // BLOCK_SIZE, length // BLOCK_SIZE)
-        if generation:
-            self._record(offset, length, generation, written_only)
-
-    def _write_zeros(self, offset: int, length: int) -> None:
-        zeros = bytes(min(length, CHUNK_SIZE))
-        end = offset + length
-        while offset < end:
-            offset += os.pwrite(self._data_fd, zeros[: end - offset], offset)
-
-    def _clear_sums(self, first: int, count: int) -> None:
-        """Zero ``count`` checksums; whole pages are punched so that the file stays thin.
-
-        Only checksums that are not zero already are stored to: a page that is a hole
-        stays one (a store there would need space, which a full disk does not have).
-        """
-        start, end = first * 4, (first + count) * 4
-        page = mmap.PAGESIZE
-        inner_start, inner_end = -(-start // page) * page, end // page * page
-        if inner_end - inner_start >= page:
-            try:
-                punch_hole(self._sums_fd, inner_start, inner_end - inner_start)
-                self._sums_backed[inner_start // page : inner_end // page] = bytes(
-                    (inner_end - inner_start) // page)
-            except OSError:
-                inner_start = inner_end = start
-            self._zero_sums(start, inner_start)
-            self._zero_sums(inner_end, end)
-        else:
-            self._zero_sums(start, end)
-
-    def _zero_sums(self, start: int, end: int) -> None:
-        page = mmap.PAGESIZE
-        for at in range(start, end, page):  # page by page: a big trim maps no big copy
-            stop = min(end, (at // page + 1) * page)
-            zeros = _ZERO_PAGE[: stop - at]
-            if self._sums_map[at:stop] != zeros:
-                self._sums_map[at:stop] = zeros
-
-    def _record(self, offset: int, length: int, generation: int,
-                written_only: bool = False) -> None:
-        gens = self._gens
-        for chunk in range(offset // CHUNK_SIZE, (offset + length - 1) // CHUNK_SIZE + 1):
-            old = gens[chunk]
-            if written_only and not old:
-                continue
-            if generation > old:
-                gens[chunk] = generation
-                if not old:
-                    self._chunks_written += 1
-
-    def flush(self) -> None:
-        with self._lock:
-            if self._closed:
-                raise ReplicaNotFound(server=self.server, volume_id=self.volume_id)
-            os.fdatasync(self._data_fd)
-            self._sums_map.flush()
-            self._gens_map.flush()
-
-    def start_writeback(self) -> None:
-        # First, so that writes landing meanwhile count for next time. The event loop thread
-        # adds to the set: a chunk it adds during the swap lands in the old set, which
-        # sorted() below copies in one step under the GIL, or in the new one.
-        touched, self._small_chunks = self._small_chunks, set()
-        self.small_writes = 0
-        with self._lock:
-            if self._closed:
-                return
-            try:
-                for first, count in _runs(sorted(touched)):
-                    _start_writing(self._data_fd, first * CHUNK_SIZE, count * CHUNK_SIZE)
-                _start_writing(self._sums_fd)
-                _start_writing(self._gens_fd)
-            except OSError as exc:  # the next flush reports it (and fails)
-                log.warning("replica %s: starting writeback failed: %s", self.volume_id, exc)
-
-    def _grow(self, size: int) -> None:
-        """Lengthen data, sums and gens (sparse), then record the size in meta.json.
-
-        The files are lengthened and fsynced first and meta.json is replaced last, so a
-        crash leaves either the old size (files longer than needed, cut back at the next
-        open) or the new one. The maps are swapped under the flush lock.
-        """
-        blocks, chunk_total = size // BLOCK_SIZE, chunk_count(size)
-        old = (self.size, self._blocks * 4, chunk_count(self.size) * 8)
-        fds = (self._data_fd, self._sums_fd, self._gens_fd)
-        try:
-            for fd, length in zip(fds, (size, blocks * 4, chunk_total * 8), strict=True):
-                os.ftruncate(fd, length)
-                os.fsync(fd)
-            meta = {"volume_id": self.volume_id, "size": size, "epoch": self._epoch}
-            _write_json_atomic(self._path / "meta.json", meta)
-        except OSError as exc:
-            for fd, length in zip(fds, old, strict=True):
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, length)
-            if exc.errno == errno.EFBIG:
-                raise InvalidArgument(
-                    what="size", detail=f"{size} is too big for this filesystem"
-                ) from exc
-            _reraise(exc, self.server)
-        with self._lock:
-            sums_map = mmap.mmap(self._sums_fd, blocks * 4, mmap.MAP_SHARED,
-                                 mmap.PROT_READ | mmap.PROT_WRITE)
-            gens_map = mmap.mmap(self._gens_fd, chunk_total * 8, mmap.MAP_SHARED,
-                                 mmap.PROT_READ | mmap.PROT_WRITE)
-            self._unmap("grow")
-            self._sums_map, self._gens_map = sums_map, gens_map
-            self._sums = memoryview(sums_map).cast("I")
-            self._gens = memoryview(gens_map).cast("Q")
-            self._blocks = blocks
-            self._sums_backed.extend(bytes(_pages(blocks * 4) - len(self._sums_backed)))
-            self._gens_backed.extend(bytes(_pages(chunk_total * 8) - len(self._gens_backed)))
-        log.info("grew replica %s to %d bytes", self.volume_id, size)
-
-    def _unmap(self, when: str) -> None:
-        """Drop the checksum and generation maps (their views first)."""
-        self._sums.release()
-        self._gens.release()
-        for mapped in (self._sums_map, self._gens_map):
-            try:
-                mapped.close()
-            except BufferError:  # a view still exported: the GC unmaps it later
-                log.warning("replica %s: mmap still in use at %s", self.volume_id, when)
-
-    def _generations(self, first: int, end: int) -> bytes:
-        if sys.byteorder == "little":
-            return self._gens_map[first * 8 : end * 8]
-        return _le_u64(self._gens[first:end])
-
-    def info(self) -> ReplicaInfo:
-        return ReplicaInfo(
-            volume_id=self.volume_id,
-            size=self.size,
-            used=os.fstat(self._data_fd).st_blocks * 512,
-            epoch=self._epoch,
-            chunks_written=self._chunks_written,
-        )
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._unmap("close")
-            for fd in (self._data_fd, self._sums_fd, self._gens_fd, self._epoch_fd):
-                if fd >= 0:
-                    os.close(fd)
-
-
-class DiskChunkStore(ChunkStore):
-    """Replicas under ``root``: ``server.json`` and ``replicas/<volume id>/``.
-
-    Each replica directory holds a sparse ``data`` file, ``sums`` (u32 CRC32 per block,
-    host byte order), ``gens`` (u64 generation per chunk, host byte order), ``epoch`` (the
-    fencing epoch, overwritten in place: see ``_EPOCH_FILE``) and ``meta.json`` (size; the
-    epoch as of the last grow). Creating and deleting go through a hidden temporary directory and a
-    rename, so a crash never leaves a half-made replica under its real name.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self._replicas_dir = self.root / REPLICAS_DIR
-        self._replicas_dir.mkdir(parents=True, exist_ok=True)
-        self._server_file = self.root / "server.json"
-        if self._server_file.exists():
-            self._server: dict[str, Any] = json.loads(self._server_file.read_text())
-        else:
-            self._server = {"id": uuid.uuid4().hex}
-            _write_json_atomic(self._server_file, self._server)
-        self._sizes: dict[str, int] = {}
-        for entry in self._replicas_dir.iterdir():
-            if entry.name.startswith("."):
-                log.info("removing leftover %s", entry)
-                shutil.rmtree(entry, ignore_errors=True)
-                continue
-            try:
-                meta = json.loads((entry / "meta.json").read_text())
-                self._sizes[entry.name] = int(meta["size"])
-            except (OSError, ValueError, KeyError):
-                log.error("ignoring damaged replica directory %s", entry)
-        self._open: dict[str, DiskReplica] = {}
-        self._purges: list[threading.Thread] = []
-
-    @property
-    def server_id(self) -> str:
-        return str(self._server["id"])
-
-    def server_record(self) -> dict[str, Any]:
-        """The contents of server.json (the id, plus what the data server keeps there)."""
-        return dict(self._server)
-
-    def update_server_record(self, **fields: Any) -> None:
-        record = {**self._server, **fields, "id": self.server_id}
-        _write_json_atomic(self._server_file, record)
-        self._server = record
-
-    def create(self, volume_id: str, size: int) -> Replica:
-        check_volume_id(volume_id)
-        self._check_size(size)
-        if volume_id in self._sizes:
-            _existing_size(volume_id, self._sizes[volume_id], size)
-            return self.replica(volume_id)
-        tmp = self._replicas_dir / f".create-{volume_id}-{secrets.token_hex(4)}"
-        try:
-            tmp.mkdir()
-            self._make_file(tmp / "data", size)
-            self._make_file(tmp / "sums", size // BLOCK_SIZE * 4)
-            self._make_file(tmp / "gens", chunk_count(size) * 8)
-            _make_epoch_file(tmp / _EPOCH_FILE, 0)
-            _write_json_atomic(
-                tmp / "meta.json", {"volume_id": volume_id, "size": size, "epoch": 0}
-            )
-            os.rename(tmp, self._replicas_dir / volume_id)
-            _fsync_dir(self._replicas_dir)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if exc.errno == errno.EFBIG:
-                raise InvalidArgument(
-                    what="size", detail=f"{size} is too big for this filesystem"
-                ) from exc
-            _reraise(exc, self.server_id)
-        self._sizes[volume_id] = size
-        log.info("created replica %s (%d bytes)", volume_id, size)
-        return self.replica(volume_id)
-
-    @staticmethod
-    def _make_file(path: Path, size: int) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def delete(self, volume_id: str) -> None:
-        check_volume_id(volume_id)
-        replica = self._open.pop(volume_id, None)
-        if replica is not None:
-            replica.close()
-        path = self._replicas_dir / volume_id
-        if not path.exists():
-            self._sizes.pop(volume_id, None)
-            return
-        trash = self._replicas_dir / f".delete-{volume_id}-{secrets.token_hex(4)}"
-        os.rename(path, trash)
-        _fsync_dir(self._replicas_dir)
-        self._sizes.pop(volume_id, None)
-        # freeing a big file's extents can take seconds: not on the caller's (event loop's)
-        # time. A crash before the end leaves the hidden directory, removed at the next start.
-        purge = threading.Thread(
-            target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}, daemon=True
-        )
-        purge.start()
-        self._purges = [t for t in self._purges if t.is_alive()] + [purge]
-        log.info("deleted replica %s", volume_id)
-
-    def replica(self, volume_id: str) -> Replica:
-        replica = self._open.get(volume_id)
-        if replica is not None:
-            return replica
-        check_volume_id(volume_id)
-        if volume_id not in self._sizes:
-            raise ReplicaNotFound(server=self.server_id, volume_id=volume_id)
-        replica = DiskReplica(self._replicas_dir / volume_id, volume_id, self.server_id)
-        self._open[volume_id] = replica
-        return replica
-
-    def grow(self, volume_id: str, size: int) -> int:
-        check_volume_id(volume_id)
-        self._check_size(size)
-        grown = self.replica(volume_id).grow(size)
-        self._sizes[volume_id] = grown
-        return grown
-
-    def replica_ids(self) -> list[str]:
-        return sorted(self._sizes)
-
-    def capacity(self) -> int:
-        st = os.statvfs(self.root)
-        return st.f_blocks * st.f_frsize
-
-    def free(self) -> int:
-        st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize
-
-    def used(self) -> int:
-        total = 0
-        for volume_id in self._sizes:
-            try:
-                total += (self._replicas_dir / volume_id / "data").stat().st_blocks * 512
-            except OSError:
-                pass
-        return total
-
-    def provisioned(self) -> int:
-        return sum(self._sizes.values())
-
-    def open_replicas(self) -> list[Replica]:
-        return list(self._open.values())
-
-    def close(self) -> None:
-        while self._open:
-            _, replica = self._open.popitem()
-            replica.close()
-        for purge in self._purges:
-            purge.join()
-        self._purges = []
-
-
-class LocalReplicaReader:
-    """Reads a replica on this host straight from its files, without its data server.
-
-    The engine of a volume with a replica on its own host reads that copy here: a ``pread``
-    and a checksum in the engine instead of a round trip through the data server. It answers
-    only what it can vouch for, exactly as the data server would: blocks whose checksums
-    match, and blocks never written (zeros). Anything else returns None and the caller asks
-    the data server, which repairs, refuses or fences as usual:
-    - a checksum that does not match (a corrupt block, or a write landing at this moment);
-    - a range beyond the mapped size (the replica grew since: the engine reopens the reader);
-    - a higher epoch in the replica's epoch file: the volume was attached elsewhere since,
-      and the data server would refuse this engine (invariant 2 holds for reads too).
-
-    Writes never come this way: they go through the data server, which fences them.
-    """
-
-    def __init__(self, root: Path, volume_id: str, epoch: int) -> None:
-        check_volume_id(volume_id)
-        path = Path(root) / REPLICAS_DIR / volume_id
-        self.epoch = epoch
-        self._fds: list[int] = []
-        self._maps: list[mmap.mmap] = []
-        try:
-            self._data_fd = self._open(path / "data")
-            epoch_fd = self._open(path / _EPOCH_FILE)
-            self._epoch_map = self._map(epoch_fd, _EPOCH_BYTES)
-            sums_fd = self._open(path / "sums")
-            self._blocks = os.fstat(sums_fd).st_size // 4
-            self._sums = memoryview(self._map(sums_fd, self._blocks * 4)).cast("I")
-        except BaseException:
-            self.close()
-            raise
-        self._epoch_seen = b""
-        self._flags = os.RWF_NOWAIT
-        if not self._still_ours():
-            current = self._newest_epoch()
-            self.close()
-            raise Fenced(volume_id=volume_id, epoch=epoch, current=current)
-
-    @property
-    def size(self) -> int:
-        return self._blocks * BLOCK_SIZE
-
-    def _open(self, path: Path) -> int:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self._fds.append(fd)
-        return fd
-
-    def _map(self, fd: int, size: int) -> mmap.mmap:
-        mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
-        self._maps.append(mapped)
-        return mapped
-
-    def _newest_epoch(self) -> int:
-        slots = _read_epoch_slots(self._epoch_map[:_EPOCH_BYTES])
-        return max((e for e in slots if e is not None), default=0)
-
-    def _still_ours(self) -> bool:
-        """Whether no newer attachment has fenced the replica (checked on every read: a
-        compare of the epoch file's bytes, parsed only when they changed)."""
-        current = self._epoch_map[:_EPOCH_BYTES]
-        if current == self._epoch_seen:
-            return True
-        if self._newest_epoch() > self.epoch:
-            return False
-        self._epoch_seen = current
-        return True
-
-    def read(self, offset: int, length: int) -> BytesLike | None:
-        """The ``length`` bytes at ``offset`` (block aligned), or None: ask the data server."""
-        first = offset // BLOCK_SIZE
-        count = length // BLOCK_SIZE
-        if first + count > self._blocks or not self._still_ours():
-            return None
-        if count == 1:  # the common small read, without lists
-            want = self._sums[first]
-            if not want:
-                return _ZERO_BLOCK
-            data = self._cached(offset, length)
-            return data if data is not None and (crc32(data) or 1) == want else None
-        stored = self._sums[first : first + count].tolist()
-        if not any(stored):
-            return bytes(length)
-        data = self._cached(offset, length)
-        if data is None:
-            return None
-        view = memoryview(data)
-        for k, want in enumerate(stored):
-            block = view[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE]
-            if (crc32(block) or 1) != want if want else block != _ZERO_BLOCK:
-                return None
-        return data
-
-    def _cached(self, offset: int, length: int) -> bytearray | None:
-        """The bytes if the page cache holds them all; None rather than wait for the disk
-        (the engine's event loop must not block: its data server reads a miss instead)."""
-        data = bytearray(length)
-        try:
-            done = os.preadv(self._data_fd, [data], offset, self._flags)
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            if exc.errno != errno.EOPNOTSUPP or not self._flags:
-                return None  # the data server reads it, and says what is wrong
-            self._flags = 0  # a file system without RWF_NOWAIT (tmpfs: never waits anyway)
-            return self._cached(offset, length)
-        return data if done == length else None
-
-    def close(self) -> None:
-        if hasattr(self, "_sums"):
-            self._sums.release()
-        for mapped in self._maps:
-            mapped.close()
-        for fd in self._fds:
-            os.close(fd)
-        self._maps, self._fds = [], []

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -40,6 +39,7 @@ import grpc
 from aetcd import rpc
 
 from cargohold import errors
+from cargohold.core.retry import Backoff
 from cargohold.stores.metadata import (
     EVENT_HISTORY,
     Compare,
@@ -72,6 +72,8 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 3_000),
     ("grpc.max_receive_message_length", 256 << 20),
 ]
+#: A watch whose stream failed or ended opens again on the next member after this backoff.
+WATCH_AGAIN = Backoff(first=0.05, most=0.5)
 # Errors after which etcd certainly did not apply the request: safe to send a write again.
 _NOT_TAKEN = (
     "no leader",
@@ -263,13 +265,12 @@ class EtcdStore(MetadataStore):
             await self._wait_barrier()
             self._check_open()
         limit = self._timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        delay = 0.05
+        attempts = Backoff(first=0.05, most=0.5, timeout=limit).start()
         failures = 0
         last = ""
         while True:
             endpoint = self._endpoints[self._current].open()
-            remaining = deadline - time.monotonic()
+            remaining = attempts.remaining()
             try:
                 return await send(endpoint, max(0.001, min(self._request_timeout, remaining)))
             except grpc.aio.AioRpcError as e:
@@ -287,11 +288,10 @@ class EtcdStore(MetadataStore):
                     ) from e
             failures += 1
             if failures % len(self._endpoints) == 0:  # every endpoint failed once more
-                pause = min(delay, deadline - time.monotonic())
-                if pause > 0:
+                pause = attempts.next_pause()
+                if pause:
                     await asyncio.sleep(pause)
-                delay = min(delay * 2, 0.5)
-            if time.monotonic() >= deadline:
+            if attempts.remaining() <= 0:
                 raise errors.MetadataUnavailable(
                     url=self.url,
                     detail=f"no etcd endpoint could {what} within {limit:g}s (last error: {last})",
@@ -522,7 +522,7 @@ class EtcdStore(MetadataStore):
                     return  # close() cancelled the read of "now"
                 raise
         start, end = self._range_of(prefix)
-        pause = 0.05
+        attempts = WATCH_AGAIN.start()
         while not self._closed:
             call = await self._open_watch(start, end, last)
             if call is None:  # closed meanwhile
@@ -538,7 +538,7 @@ class EtcdStore(MetadataStore):
                         raise errors.MetadataUnavailable(
                             url=self.url, detail=f"etcd ended a watch: {resp.cancel_reason}"
                         )
-                    pause = 0.05
+                    attempts = WATCH_AGAIN.start()  # it works again: the next pause is short
                     for event in resp.events:
                         yield self._event(event)
                         if self._closed:
@@ -562,8 +562,7 @@ class EtcdStore(MetadataStore):
                     call.cancel()
             # the stream failed or ended: watch again from ``last``, next endpoint first
             self._current = (self._current + 1) % len(self._endpoints)
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.5)
+            await asyncio.sleep(attempts.next_pause() or 0.0)
 
     async def _open_watch(self, start: bytes, end: bytes, last: int) -> Any:
         """A watch stream on some endpoint sending the changes after store revision

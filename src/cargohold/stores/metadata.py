@@ -1,4 +1,7 @@
-"""The metadata store: its interface, the in-memory reference implementation, open_store.
+"""The metadata store: its interface and the in-memory reference implementation.
+
+The SQLite and etcd stores implement it in their own modules; ``stores.opener.open_store``
+picks one by URL.
 
 The semantics are etcd v3's, so that SQLite, memory and etcd behave alike:
 
@@ -301,40 +304,6 @@ class MetadataStore(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-
-def open_store(url: str) -> MetadataStore:
-    """Open the store named by ``url``: ``memory://``, ``sqlite:///absolute/path.db`` or
-    ``etcd://host:port[,host:port...]`` (the members of one etcd cluster)."""
-    if url == "memory://":
-        return MemoryStore()
-    if url.startswith("etcd://"):
-        endpoints = url[len("etcd://") :].split(",")
-        if not all(endpoints) or any("/" in e for e in endpoints):
-            raise errors.InvalidArgument(
-                what="metadata URL",
-                detail=f"{url!r} does not list etcd members; "
-                "write it like etcd://10.0.0.1:2379,10.0.0.2:2379",
-            )
-        from cargohold.stores.etcd import EtcdStore
-
-        return EtcdStore(endpoints)
-    if url.startswith("sqlite://"):
-        path = url[len("sqlite://") :]
-        if not path.startswith("/") or path.endswith("/"):
-            raise errors.InvalidArgument(
-                what="metadata URL",
-                detail=f"{url!r} does not name an absolute file path; "
-                "write it like sqlite:///var/lib/cargohold/metadata.db",
-            )
-        from cargohold.stores.sqlite import SqliteStore
-
-        return SqliteStore(path)
-    raise errors.InvalidArgument(
-        what="metadata URL",
-        detail=f"{url!r} is not supported; use memory://, sqlite:///absolute/path.db "
-        "or etcd://host:port[,host:port...]",
-    )
 
 
 # --- in-memory reference implementation -----------------------------------------------

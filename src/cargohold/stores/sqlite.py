@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from cargohold import errors
+from cargohold.core.retry import Backoff, retry_blocking
 from cargohold.stores.metadata import (
     EVENT_HISTORY,
     Compare,
@@ -192,21 +193,17 @@ class SqliteStore(MetadataStore):
         of waiting in SQLite's busy handler. A failed job has rolled back, so rerunning it
         is safe.
         """
-        deadline = time.monotonic() + self._busy_timeout
-        delay = 0.001
-        while True:
-            try:
-                return fn(self._connect(), *args)
-            except sqlite3.OperationalError as e:
-                if _is_busy(e) and time.monotonic() + delay < deadline:
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.05)
-                    continue
-                raise errors.MetadataUnavailable(url=self.url, detail=str(e)) from e
-            except sqlite3.DatabaseError as e:  # e.g. "file is not a database"
-                if isinstance(e, sqlite3.IntegrityError | sqlite3.ProgrammingError):
-                    raise
-                raise errors.MetadataUnavailable(url=self.url, detail=str(e)) from e
+        busy = Backoff(first=0.001, most=0.05, timeout=self._busy_timeout)
+        try:
+            return retry_blocking(lambda: fn(self._connect(), *args), busy,
+                                  temporary=lambda e: isinstance(e, sqlite3.OperationalError)
+                                  and _is_busy(e))
+        except sqlite3.OperationalError as e:
+            raise errors.MetadataUnavailable(url=self.url, detail=str(e)) from e
+        except sqlite3.DatabaseError as e:  # e.g. "file is not a database"
+            if isinstance(e, sqlite3.IntegrityError | sqlite3.ProgrammingError):
+                raise
+            raise errors.MetadataUnavailable(url=self.url, detail=str(e)) from e
 
     def _write(self, conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in a write transaction, after applying lease expiry.

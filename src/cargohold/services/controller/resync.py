@@ -11,7 +11,7 @@ writer might still send; an attach that comes during a resync takes a newer one 
 the resync's next request is refused as fenced, it stops, and its replicas stay out of
 sync (what was copied is kept, so the next pass copies less). A resync never runs while
 the volume is attached: the engine is the only writer then, and brings its replicas back
-itself (:mod:`cargohold.services.healer`).
+itself (:mod:`cargohold.services.engine.healer`).
 """
 
 from __future__ import annotations
@@ -19,22 +19,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from cargohold.clients.dataclient import DataClient
 from cargohold.core.layout import CHUNK_SIZE, copy_plan, generation_table
-from cargohold.core.models import DataServer, ReplicaState, ServerState, Volume, VolumeState
-from cargohold.core.wire import BytesLike
+from cargohold.core.models import DataServer, ReplicaState, Volume, VolumeState, server_up
 from cargohold.errors import CargoholdError, VolumeBusy
+from cargohold.services.copies import WINDOW, Budget, put_copy, together
 from cargohold.stores.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 1.0  # seconds between progress records in the metadata store
-WINDOW = 8  # chunks copied at once (the data client pipelines requests)
-_ZEROS = memoryview(bytes(CHUNK_SIZE))
 
 
 @dataclass
@@ -182,57 +179,8 @@ async def claim_detached(catalog: Catalog, name: str, what: str,
     return await catalog.update_volume(name, claim)
 
 
-def server_up(server: DataServer | None) -> bool:
-    return server is not None and server.state is ServerState.UP
-
-
 def _due(volume: Volume, servers: dict[str, DataServer]) -> bool:
     return (volume.attachment is None and volume.state is VolumeState.DETACHED
             and any(server_up(servers.get(r.server)) for r in volume.in_sync())
             and any(r.state in (ReplicaState.OUT_OF_SYNC, ReplicaState.RESYNCING)
                     and server_up(servers.get(r.server)) for r in volume.replicas))
-
-
-async def put_copy(client: DataClient, volume_id: str, epoch: int, offset: int,
-                   data: BytesLike, generation: int) -> None:
-    """Store a range copied from another replica; a range of zeros is stored as a trim.
-
-    Trims take generations like writes, so a chunk trimmed while a replica was away is
-    copied to it: as a trim, it stays as thin there as in its source.
-    """
-    if memoryview(data) == _ZEROS[: len(data)]:
-        await client.trim(volume_id, epoch, offset, len(data), generation, copy=True)
-    else:
-        await client.write(volume_id, epoch, offset, data, generation)
-
-
-async def together(workers: list[Coroutine[Any, Any, None]]) -> None:
-    """Run ``workers`` at once until all are done; the first failure cancels the others
-    (and is raised once they have stopped)."""
-    tasks = [asyncio.ensure_future(worker) for worker in workers]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class Budget:
-    """A byte-rate limit: spend() sleeps when the copy runs ahead of ``rate``."""
-
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        self.rate = rate
-        self.clock = clock
-        self.sleep = sleep
-        self.start = clock()
-        self.spent = 0
-
-    async def spend(self, nbytes: int) -> None:
-        if self.rate <= 0:
-            return
-        self.spent += nbytes
-        ahead = self.spent / self.rate - (self.clock() - self.start)
-        if ahead > 0:
-            await self.sleep(ahead)

@@ -7,12 +7,12 @@ drained. The replacement never lowers redundancy:
 1. placement picks a new data server (another node when there are several; never one of a
    draining node), the replica is created there empty and added to the volume record out of
    sync, with ``replaces`` naming the data server it stands in for;
-2. the resync (:mod:`cargohold.services.resync`) fills it from the in-sync replicas, several
-   chunks at a time, and puts it in the in-sync set;
+2. the resync (:mod:`cargohold.services.controller.resync`) fills it from the in-sync
+   replicas, several chunks at a time, and puts it in the in-sync set;
 3. only then is the replaced replica dropped from the record and deleted from its data server
    (or written down as garbage while that server is unreachable).
 
-Step 2 runs in the engine when the volume is attached (:mod:`cargohold.services.healer`): the
+Step 2 runs in the engine when the volume is attached (:mod:`cargohold.services.engine.healer`): the
 new replica receives every write while it catches up. An engine lets go of a replica the
 record no longer lists (``ReplicaSet.retire``); until it does, its writes to the deleted copy
 fail and it leaves that copy, which costs no I/O.

@@ -1,4 +1,4 @@
-"""The data server processes a node runs, one per ``--data-dir``.
+"""The node's supervision of its data server processes, one per ``--data-dir``.
 
 Data servers run in their own session so that a crash of the node (control plane) does not
 take the data path down with it: a restarted node adopts the data servers still running and
@@ -12,10 +12,12 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from cargohold.config import DATASERVER_MODULES, DataServerConfig
+from cargohold.errors import DataServerStartFailed
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +54,22 @@ class DataServerProcess:
     def start(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.ready_file.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "cargohold.services.dataserver", "--dir", str(self.path),
-                "--listen", f"{self.host}:0", "--ready-file", str(self.ready_file)]
+        argv = DataServerConfig(root=self.path, host=self.host, port=0,
+                                ready_file=self.ready_file).argv()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as out:
             self._child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                            stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
         while not self.ready_file.exists():
-            if self._child.poll() is not None or time.monotonic() > deadline:
+            exited = self._child.poll() is not None
+            if exited or time.monotonic() > deadline:
                 self._child.kill()
                 self._child.wait()
-                raise RuntimeError(f"data server for {self.path} did not start; see "
-                                   f"{self.log_file}")
+                raise DataServerStartFailed(
+                    path=str(self.path), log=str(self.log_file),
+                    detail=f"it exited with status {self._child.returncode}" if exited
+                    else f"not ready after {START_TIMEOUT:.0f} s")
             time.sleep(0.02)
         self.info = json.loads(self.ready_file.read_text())
         log.info("started data server %s (pid %d) at %s on %s", self.info["id"], self.pid,
@@ -83,8 +88,8 @@ class DataServerProcess:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             return False
-        return (b"cargohold.services.dataserver" in cmdline and str(self.path).encode() in cmdline
-                and state != "Z")
+        return (any(m.encode() in cmdline for m in DATASERVER_MODULES)
+                and str(self.path).encode() in cmdline and state != "Z")
 
     def stop(self) -> None:
         if not self.alive():

@@ -14,27 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 from cargohold.clients.dataclient import DataClient
 from cargohold.core.layout import CHUNK_SIZE, generation_table
-from cargohold.core.models import Volume, VolumeState
+from cargohold.core.models import Volume, VolumeState, server_up
 from cargohold.errors import CargoholdError, ChecksumMismatch, VolumeBusy
-from cargohold.services.resync import Budget, claim_detached, server_up
+from cargohold.services.controller.resync import claim_detached
+from cargohold.services.copies import Budget, ScrubReport
 from cargohold.stores.catalog import Catalog
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ScrubReport:
-    volume: str
-    chunks: int = 0  # chunks written on some replica, each read from every in-sync copy
-    bytes_read: int = 0
-    repaired: list[dict[str, object]] = field(default_factory=list)  # {chunk, server}
-    lost: list[int] = field(default_factory=list)  # chunks without a single clean copy
-    skipped: list[str] = field(default_factory=list)  # in-sync replicas out of reach
-    seconds: float = 0.0
 
 
 class Scrub:

@@ -3,10 +3,11 @@
 The plan moves one replica at a time from the data server holding the most replicas to the
 one holding the fewest, while they differ by more than one (a server none of whose replicas
 can move leaves its turn to the next most loaded one). A move is a replacement (see
-:mod:`cargohold.services.rebuild`): the new copy is added out of sync, filled by the resync,
-and the old one dropped only once the new one is in sync, so redundancy never goes down.
-Only detached volumes move (their resync needs them detached); a target never already holds
-a replica of the volume, nor (with several nodes) sits on a node that does.
+:mod:`cargohold.services.controller.rebuild`): the new copy is added out of sync,
+filled by the resync, and the old one dropped only once the new one is in sync, so
+redundancy never goes down. Only detached volumes move (their resync needs them detached); a
+target never already holds a replica of the volume, nor (with several nodes) sits on a node
+that does.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from cargohold.core.models import DataServer, ServerState, Volume, VolumeState
 from cargohold.errors import CargoholdError
-from cargohold.services.rebuild import Rebuild
+from cargohold.services.controller.rebuild import Rebuild
 from cargohold.stores.catalog import Catalog
 
 log = logging.getLogger(__name__)

@@ -176,7 +176,8 @@ class FuseSession:
         while self._tasks or self._io:
             await asyncio.gather(*self._tasks, *self._io, return_exceptions=True)
 
-    def _finish(self) -> None:
+    def close(self) -> None:
+        """Close our end of the FUSE connection (the kernel ended it, or would not)."""
         if self.fd >= 0:
             asyncio.get_running_loop().remove_reader(self.fd)
             os.close(self.fd)
@@ -228,7 +229,7 @@ class FuseSession:
                     continue
                 if e.errno != errno.ENODEV:
                     log.error("reading /dev/fuse failed: %s", e)
-                self._finish()  # ENODEV: the file system was unmounted
+                self.close()  # ENODEV: the file system was unmounted
                 return
             if n < IN_HEADER.size:
                 continue

@@ -2,14 +2,15 @@
 volume is in use.
 
 The engine is the only writer of an attached volume, so it is also the one that heals it:
-the controller's resync (:mod:`cargohold.services.resync`) only takes detached volumes.
-Every ``interval`` seconds the healer reads the volume record. Each replica that is not in
-sync and whose data server is up again (a transient outage) or new (a rebuild's
-replacement) catches up through ``ReplicaSet.catch_up``: the record says *resyncing* with
-its progress, and the replica becomes in sync with a metadata CAS that holds only while this
-attachment's epoch does. A replica that fails to catch up goes back to *out of sync* and is
-tried again after ``RETRY_AFTER`` seconds. Members the record no longer lists as in sync (the
-controller dropped a replaced replica) are let go.
+the controller's resync (:mod:`cargohold.services.controller.resync`) only takes detached
+volumes. Every ``INTERVAL`` seconds (a :class:`~cargohold.core.periodic.Periodic` the engine
+runs, which stops once the attachment is fenced) the healer reads the volume record. Each
+replica that is not in sync and whose data server is up again (a transient outage) or new (a
+rebuild's replacement) catches up through ``Healable.catch_up``: the record says *resyncing*
+with its progress, and the replica becomes in sync with a metadata CAS that holds only while
+this attachment's epoch does. A replica that fails to catch up goes back to *out of sync* and
+is tried again after ``RETRY_AFTER`` seconds. Members the record no longer lists as in sync
+(the controller dropped a replaced replica) are let go.
 """
 
 from __future__ import annotations
@@ -17,23 +18,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from cargohold.core.models import DataServer, Replica, ReplicaState, Volume
+from cargohold.core.models import DataServer, Replica, ReplicaState, Volume, server_up
 from cargohold.errors import CargoholdError, Fenced, VolumeBusy
-from cargohold.services.resync import server_up
-from cargohold.services.scrub import ScrubReport
+from cargohold.services.copies import ScrubReport
 from cargohold.stores.catalog import Catalog
-
-if TYPE_CHECKING:  # the engine runs the healer
-    from cargohold.services.engine import ReplicaSet
 
 log = logging.getLogger(__name__)
 
 INTERVAL = 2.0
 RETRY_AFTER = 10.0
+
+
+class Healable(Protocol):
+    """What the healer needs of the volume's data path (the engine's ``ReplicaSet``)."""
+
+    def holds(self, server_id: str) -> bool:
+        """Whether the data path uses (or is adding) the replica on ``server_id``."""
+
+    async def retire(self, in_sync: set[str]) -> None:
+        """Stop using the replicas not in ``in_sync``."""
+
+    async def catch_up(self, server: DataServer, begin: Callable[[], Awaitable[None]],
+                       promote: Callable[[], Awaitable[None]],
+                       progress: Callable[[float], Awaitable[None]],
+                       rate: float = 0.0) -> tuple[int, int]:
+        """Bring the replica on ``server`` level while in use; (chunks copied, total)."""
+
+    async def scrub(self, rate: float = 0.0) -> ScrubReport:
+        """Check every copy of every written chunk while in use, repairing bad ones."""
 
 
 @dataclass
@@ -45,8 +61,8 @@ class Healed:
 
 
 class Healer:
-    def __init__(self, catalog: Catalog, name: str, epoch: int, replicas: ReplicaSet,
-                 rate: float = 0.0, scrub_rate: float = 0.0, interval: float = INTERVAL) -> None:
+    def __init__(self, catalog: Catalog, name: str, epoch: int, replicas: Healable,
+                 rate: float = 0.0, scrub_rate: float = 0.0) -> None:
         """``rate``: bytes per second a catch-up copy may use, ``scrub_rate`` a scrub
         (0: no limit)."""
         self.catalog = catalog
@@ -55,20 +71,7 @@ class Healer:
         self.replicas = replicas
         self.rate = rate
         self.scrub_rate = scrub_rate
-        self.interval = interval
         self._retry_at: dict[str, float] = {}
-
-    async def run(self) -> None:
-        """Heal until the attachment ends (fenced) or the task is cancelled."""
-        while True:
-            try:
-                await self.run_once()
-            except Fenced as e:
-                log.warning("%s: not healing any more: %s", self.name, e)
-                return
-            except CargoholdError as e:
-                log.warning("%s: healing pass failed: %s", self.name, e)
-            await asyncio.sleep(self.interval)
 
     async def run_once(self) -> list[Healed]:
         """One pass: let go of dropped members, bring back what can come back."""

@@ -1,43 +1,37 @@
-"""The data server: one process per disk, serving its replicas over the wire protocol.
+"""The data protocol's server side: a disk's replicas served to engines and nodes.
 
 Requests are answered in the event loop thread as they arrive (a connection may pipeline
 many), except FLUSH, whose fdatasync runs in a worker thread so that it stalls neither the
 other requests of its connection nor other connections. Responses produced by one batch of
 received bytes go out in one write. Store errors map to statuses in ``_error_response``.
 
-Run it as ``python -m cargohold.services.dataserver --dir DIR --listen HOST:PORT
---ready-file FILE``.
+The process around it (one per disk: signals, ready file, heap settings) is
+:mod:`cargohold.daemons.dataserver`; its store is :mod:`cargohold.stores.diskstore`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import errno
-import json
 import logging
 import mmap
 import os
-import signal
 import socket
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import cast
 
-import uvloop
-
-from cargohold.clients.dataclient import widen_send_buffer
-from cargohold.clients.sharedmemory import TOKEN_SIZE
+from cargohold.clients.sockets import widen_send_buffer
 from cargohold.core.layout import CHUNK_SIZE
+from cargohold.core.periodic import Periodic
 from cargohold.core.sizes import format_size
 from cargohold.core.wire import (
-    LOCAL_SOCKET,
     MAGIC,
     MAX_GENS_CHUNKS,
     MAX_PAYLOAD,
     RESPONSE_HEADER,
+    TOKEN_SIZE,
     TRIM_COPY,
     VERSION,
     BytesLike,
@@ -60,8 +54,7 @@ from cargohold.errors import (
     NoSpace,
     ReplicaNotFound,
 )
-from cargohold.services.heap import keep_large_buffers
-from cargohold.stores.chunkstore import ChunkStore, DiskChunkStore, Replica
+from cargohold.stores.chunkstore import ChunkStore, StoredReplica
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +64,7 @@ _LARGE = 64 << 10
 _CLOSE_GRACE = 2.0
 #: Every ``WRITEBACK_INTERVAL`` seconds, a replica that took at least ``WRITEBACK_AFTER``
 #: small writes (``SMALL_WRITE``) since its last turn starts the writeback of the chunks
-#: they went to (``Replica.start_writeback``).
+#: they went to (``StoredReplica.start_writeback``).
 #: Scattered small writes would otherwise pile up until a flush, which then writes each on
 #: its own: under 4K random writes the file system in the volume flushes every 5 s,
 #: fdatasync took 1-2 s, and the volume's loop device serves nothing else meanwhile (fio,
@@ -87,7 +80,7 @@ Handler = Callable[["_Connection", RequestHeader, memoryview], object]
 
 
 class _Connection(asyncio.BufferedProtocol):
-    def __init__(self, server: DataServer) -> None:
+    def __init__(self, server: DataProtocolServer) -> None:
         self._server = server
         self._store = server.store
         self._reader = request_reader(reuse_large=True)  # requests are served at once
@@ -190,7 +183,7 @@ class _Connection(asyncio.BufferedProtocol):
         if small:
             transport.write(small[0] if len(small) == 1 else b"".join(small))
 
-    def _io_replica(self, header: RequestHeader) -> Replica:
+    def _io_replica(self, header: RequestHeader) -> StoredReplica:
         """The replica of an I/O request, fenced with the request's epoch."""
         if header.epoch == 0:
             raise InvalidArgument(
@@ -412,7 +405,7 @@ def _op_name(op: int) -> str:
         return f"op {op}"
 
 
-class DataServer:
+class DataProtocolServer:
     """A listening data server over a ``ChunkStore`` (see ``serve``)."""
 
     def __init__(self, store: ChunkStore) -> None:
@@ -437,17 +430,16 @@ class DataServer:
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("data server %s listening on %s", self.store.server_id, self.address)
         if self._writeback is None:
-            self._writeback = asyncio.ensure_future(self._writeback_timer())
+            self._writeback = asyncio.ensure_future(
+                Periodic("writeback", self.writeback_once, WRITEBACK_INTERVAL,
+                         wait_first=True).run_forever())
 
-    async def _writeback_timer(self) -> None:
-        """Every ``WRITEBACK_INTERVAL``, start writing replicas with many small writes to
-        disk (in a worker thread: starting writeback can wait for the disk's queue)."""
-        while True:
-            await asyncio.sleep(WRITEBACK_INTERVAL)
-            written = [r for r in self.store.open_replicas()
-                       if r.small_writes >= WRITEBACK_AFTER]
-            if written:
-                await asyncio.to_thread(_start_writebacks, written)
+    async def writeback_once(self) -> None:
+        """Start writing the replicas with many small writes to disk (in a worker thread:
+        starting writeback can wait for the disk's queue)."""
+        written = [r for r in self.store.open_replicas() if r.small_writes >= WRITEBACK_AFTER]
+        if written:
+            await asyncio.to_thread(_start_writebacks, written)
 
     async def listen_unix(self, path: Path) -> None:
         """Also serve on the unix socket ``path`` (for engines on this host).
@@ -490,106 +482,13 @@ class DataServer:
             await asyncio.gather(*self.flushes, return_exceptions=True)
 
 
-def _start_writebacks(replicas: list[Replica]) -> None:
+def _start_writebacks(replicas: list[StoredReplica]) -> None:
     for replica in replicas:
         replica.start_writeback()
 
 
-async def serve(store: ChunkStore, host: str, port: int) -> DataServer:
+async def serve(store: ChunkStore, host: str, port: int) -> DataProtocolServer:
     """Serve ``store`` on ``host:port`` (0 picks a free port); close with ``close()``."""
-    server = DataServer(store)
+    server = DataProtocolServer(store)
     await server.start(host, port)
     return server
-
-
-def run(root: Path, host: str, port: int, ready_file: Path | None = None) -> None:
-    """Serve the disk store in ``root`` until SIGTERM or SIGINT.
-
-    Port 0 reuses the port of the previous run (kept in server.json) when it is free, so that
-    the server's address survives restarts. ``ready_file`` is written (atomically) once the
-    server listens: ``{"id": ..., "address": "host:port", "pid": ...}``.
-    """
-    keep_large_buffers()
-    uvloop.run(_run(Path(root), host, port, ready_file))  # ~2x less loop overhead per request
-
-
-async def _run(root: Path, host: str, port: int, ready_file: Path | None) -> None:
-    if ready_file is not None:
-        ready_file.unlink(missing_ok=True)  # never let a waiter see the previous run's file
-    store = DiskChunkStore(root)
-    try:
-        server = DataServer(store)
-        await _listen(server, host, port, int(store.server_record().get("port", 0)))
-        if server.port != store.server_record().get("port"):
-            store.update_server_record(port=server.port)
-        await server.listen_unix(root / LOCAL_SOCKET)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        if ready_file is not None:
-            _write_ready(ready_file, store.server_id, server.address)
-        await stop.wait()
-        log.info("stopping data server %s", store.server_id)
-        await server.close()
-        for replica in store.open_replicas():
-            try:
-                replica.flush()
-            except Exception:
-                log.exception("flushing replica %s at shutdown failed", replica.volume_id)
-    finally:
-        store.close()
-    log.info("data server %s stopped", store.server_id)
-
-
-async def _listen(server: DataServer, host: str, port: int, previous: int) -> None:
-    if port or not previous:
-        await server.start(host, port)
-        return
-    try:
-        await server.start(host, previous)
-    except OSError as exc:
-        if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
-            raise
-        log.warning("port %d of the previous run is taken; picking a new one", previous)
-        await server.start(host, 0)
-
-
-def _write_ready(path: Path, server_id: str, address: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"id": server_id, "address": address, "pid": os.getpid()}))
-    os.replace(tmp, path)
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as a host and a port."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise InvalidArgument(what="listen address", detail=f"{text!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="cargohold data server: one per disk")
-    parser.add_argument("--dir", type=Path, required=True, help="directory holding the replicas")
-    parser.add_argument(
-        "--listen",
-        default="127.0.0.1:0",
-        help="HOST:PORT (port 0: stable free port, kept across restarts)",
-    )
-    parser.add_argument("--ready-file", type=Path, help="written once the server listens")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        host, port = parse_listen(args.listen)
-    except InvalidArgument as exc:
-        parser.error(str(exc))
-    run(args.dir, host, port, args.ready_file)
-
-
-if __name__ == "__main__":
-    main()

@@ -12,28 +12,30 @@ Duties (each pass is :meth:`Controller.run_once`, so tests converge without slee
   when it returns;
 - replicas whose data server has been down longer than ``rebuild_after`` seconds, or
   was removed, or whose node is draining, get a replacement on another data server
-  (:mod:`cargohold.services.rebuild`), dropped only once the replacement is in sync;
+  (:mod:`cargohold.services.controller.rebuild`), dropped only once the replacement is in sync;
 - with ``auto_rebalance``, replicas move (the same way) until every data server holds
-  about as many (:mod:`cargohold.services.rebalance`);
+  about as many (:mod:`cargohold.services.controller.rebalance`);
 - out-of-sync replicas of detached volumes whose data server is up again are resynced
-  (only the chunks they missed are copied, see :mod:`cargohold.services.resync`; an
-  attached volume's engine does this itself, see :mod:`cargohold.services.healer`);
+  (only the chunks they missed are copied, see :mod:`cargohold.services.controller.resync`; an
+  attached volume's engine does this itself, see :mod:`cargohold.services.engine.healer`);
 - replicas left behind by removals are deleted once their data server answers;
 - with ``scrub_every`` set, a detached volume not scrubbed for that long is scrubbed
-  (:mod:`cargohold.services.scrub`), one a pass, at most ``scrub_rate`` bytes per second.
+  (:mod:`cargohold.services.controller.scrub`), one a pass, at most ``scrub_rate`` bytes per second.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from cargohold.core.models import ServerState
+from cargohold.core.periodic import Periodic
 from cargohold.errors import LeaseExpired
-from cargohold.services.rebalance import Rebalance
-from cargohold.services.rebuild import Rebuild
-from cargohold.services.resync import Resync
-from cargohold.services.scrub import Scrub
+from cargohold.services.controller.rebalance import Rebalance
+from cargohold.services.controller.rebuild import Rebuild
+from cargohold.services.controller.resync import Resync
+from cargohold.services.controller.scrub import Scrub
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import Compare, MetadataStore, Put
@@ -106,6 +108,12 @@ class Controller:
         """The node that holds the controller lease ('' when none does)."""
         holder = await self.store.get(LEADER_KEY)
         return holder.value.decode() if holder is not None else ""
+
+    async def run_forever(self, interval: float, stop: asyncio.Event) -> None:
+        """A pass every ``interval`` seconds until ``stop`` is set (the node runs this beside
+        its lease keepalive, never in its way: a resync may copy for minutes)."""
+        await Periodic("controller pass", self.run_once, interval,
+                       wait_first=True).run_forever(stop)
 
     async def run_once(self) -> None:
         """One pass of every duty, if this node leads."""

@@ -1,4 +1,4 @@
-"""The engine: one process per attached volume, serving it through FUSE to a loop device.
+"""The engine's data path: one volume's I/O fanned out to its replicas.
 
 :class:`ReplicaSet` is the data path. Writes go to every in-sync replica at once and are
 acknowledged when all of them answered; a replica that fails is recorded as out of sync in
@@ -15,14 +15,10 @@ writes paused for a moment, it is flushed, recorded in sync, and becomes a membe
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import signal
-import sys
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,43 +26,31 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-import uvloop
-
 from cargohold.clients.dataclient import DataClient
 from cargohold.clients.sharedmemory import SharedMemory
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, chunks, copy_plan, generation_table
-from cargohold.core.models import DataServer, ReplicaState, ServerState, Volume
+from cargohold.core.models import DataServer, ServerState, Volume
 from cargohold.core.wire import LOCAL_SOCKET, BytesLike
 from cargohold.errors import (
     CargoholdError,
     ChecksumMismatch,
     DataServerUnavailable,
     Fenced,
-    MetadataUnavailable,
     NoReplicaLeft,
     NoSpace,
 )
-from cargohold.services.fuse import READ_BUFFER, FuseSession, unmount
-from cargohold.services.healer import Healer
-from cargohold.services.resync import WINDOW, Budget, put_copy, together
-from cargohold.services.scrub import ScrubReport
-from cargohold.stores.catalog import Catalog
-from cargohold.stores.chunkstore import LocalReplicaReader
-from cargohold.stores.metadata import open_store
+from cargohold.services.copies import WINDOW, Budget, ScrubReport, put_copy, together
+from cargohold.services.engine.localreader import LocalReplicaReader
 
 log = logging.getLogger(__name__)
 
 MarkFailed = Callable[[str, str], Awaitable[None]]
 Progress = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
-STOP_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 2.0  # to a data server at attach
 DOWN_CONNECT_TIMEOUT = 0.3  # to one the controller has marked down
 STAT_TIMEOUT = 10.0
 COPY_WINDOW = WINDOW  # chunks copied at once to a joining member, as in a resync
-#: The agent sends this signal after the volume grew: the engine reads the new size from the
-#: metadata store, checks its replicas and makes the FUSE file grow (``resize_on_signal``).
-RESIZE_SIGNAL = signal.SIGUSR1
 
 
 @dataclass
@@ -824,158 +808,3 @@ def _chain(source: asyncio.Future[T], target: asyncio.Future[T]) -> None:
             target.set_result(source.result())
 
     source.add_done_callback(copy)
-
-
-def out_of_sync_marker(catalog: Catalog, name: str, epoch: int) -> MarkFailed:
-    """Build the callback that records a failed replica, refusing if we were fenced."""
-
-    async def mark(server_id: str, reason: str) -> None:
-        def change(volume: Volume) -> Volume | None:
-            if volume.attachment is None or volume.attachment.epoch != epoch:
-                raise Fenced(volume_id=volume.id, epoch=epoch, current=volume.epoch)
-            for replica in volume.replicas:
-                if replica.server == server_id and replica.state is ReplicaState.IN_SYNC:
-                    replica.state = ReplicaState.OUT_OF_SYNC
-                    replica.reason = reason
-                    return volume
-            return None
-
-        delay = 0.05
-        for _ in range(40):  # ~20 s of metadata outage before the I/O fails
-            try:
-                await catalog.update_volume(name, change)
-                return
-            except MetadataUnavailable as e:
-                log.warning("cannot record failed replica yet: %s", e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-        raise MetadataUnavailable(url=catalog.store.url, detail="could not record a failed replica")
-
-    return mark
-
-
-def resize_on_signal(catalog: Catalog, name: str, epoch: int, replicas: ReplicaSet,
-                     session: FuseSession) -> Callable[[], None]:
-    """The ``RESIZE_SIGNAL`` handler: take the volume's recorded size if it grew.
-
-    The new size is read from the volume record (only while this attachment's epoch still
-    holds it), checked against every replica (``ReplicaSet.grow``), and announced to the
-    kernel (``FuseSession.resized``). The agent waits until ``stat`` of the FUSE file shows
-    it. Signals that arrive during a refresh are folded into one more refresh.
-    """
-    running: asyncio.Task[None] | None = None
-    again = False
-
-    async def refresh() -> None:
-        nonlocal again
-        while True:
-            again = False
-            try:
-                volume = await catalog.volume(name)
-                if volume.attachment is None or volume.attachment.epoch != epoch:
-                    log.warning("%s: not resizing: the volume is no longer attached with epoch "
-                                "%d", name, epoch)
-                elif await replicas.grow(volume.size):
-                    session.resized()
-            except (CargoholdError, OSError) as e:
-                log.error("%s: resize failed: %s", name, e)
-            if not again:
-                return
-
-    def on_signal() -> None:
-        nonlocal running, again
-        if running is not None and not running.done():
-            again = True
-            return
-        running = asyncio.ensure_future(refresh())
-
-    return on_signal
-
-
-async def serve(metadata_url: str, name: str, epoch: int, node: str, mountpoint: str,
-                ready_file: Path, heal_rate: float = 0.0, scrub_rate: float = 0.0) -> int:
-    """Run the engine until it is unmounted or told to stop; return the exit status."""
-    store = open_store(metadata_url)
-    catalog = Catalog(store)
-    try:
-        volume = await catalog.volume(name)
-        if volume.attachment is None or volume.attachment.epoch != epoch:
-            raise Fenced(volume_id=volume.id, epoch=epoch, current=volume.epoch)
-        servers = {s.id: s for s in await catalog.servers()}
-        shared = SharedMemory(READ_BUFFER)
-        replicas = ReplicaSet(volume, servers, epoch, node,
-                              out_of_sync_marker(catalog, name, epoch), shared)
-        await replicas.open()
-        session = FuseSession(replicas, mountpoint, shared)
-        try:
-            session.start()
-        except OSError:
-            await replicas.close()
-            raise
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(RESIZE_SIGNAL,
-                                resize_on_signal(catalog, name, epoch, replicas, session))
-        tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": mountpoint}))
-        tmp.rename(ready_file)
-        log.info("engine for %s (epoch %d) serving on %s", name, epoch, mountpoint)
-        healing = asyncio.ensure_future(
-            Healer(catalog, name, epoch, replicas, heal_rate, scrub_rate).run())
-
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([stopped, asyncio.ensure_future(session.wait_closed())],
-                           return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        healing.cancel()
-        await asyncio.gather(healing, return_exceptions=True)
-        await session.drain()
-        try:
-            await replicas.flush()
-        except CargoholdError as e:
-            log.error("final flush failed: %s", e)
-        if session.fd >= 0:
-            try:
-                unmount(mountpoint, lazy=True)
-            except OSError as e:
-                log.warning("%s", e)
-            try:
-                await asyncio.wait_for(session.wait_closed(), STOP_TIMEOUT)
-            except TimeoutError:
-                log.warning("the kernel kept the FUSE connection open; closing it")
-                session._finish()
-        await replicas.close()
-        shared.close()
-        return 0
-    finally:
-        await store.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cargohold-engine")
-    parser.add_argument("--metadata", required=True)
-    parser.add_argument("--volume", required=True)
-    parser.add_argument("--epoch", type=int, required=True)
-    parser.add_argument("--node", required=True)
-    parser.add_argument("--mountpoint", required=True)
-    parser.add_argument("--ready-file", type=Path, required=True)
-    parser.add_argument("--heal-rate", type=float, default=0.0,
-                        help="bytes per second catching up a replica may use (0: no limit)")
-    parser.add_argument("--scrub-rate", type=float, default=0.0,
-                        help="bytes per second a scrub may read (0: no limit)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s")
-    try:
-        return uvloop.run(serve(args.metadata, args.volume, args.epoch, args.node,
-                                 args.mountpoint, args.ready_file, args.heal_rate,
-                                 args.scrub_rate))
-    except CargoholdError as e:
-        log.error("%s", e)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

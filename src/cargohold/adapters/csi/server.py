@@ -1,0 +1,44 @@
+"""Serving the CSI driver on the node's unix socket."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from cargohold.adapters.csi import csi_pb2_grpc as pb_grpc
+from cargohold.adapters.csi.controller import CsiController
+from cargohold.adapters.csi.identity import CsiIdentity
+from cargohold.adapters.csi.node import CsiNode
+from cargohold.adapters.csi.rpc import Locks
+from cargohold.errors import (
+    CargoholdError,
+)
+from cargohold.services.agent import Agent
+from cargohold.services.volumes import VolumeService
+from cargohold.stores.catalog import Catalog
+
+
+async def serve(path: str, catalog: Catalog, volumes: VolumeService, agent: Agent,
+                ready: Callable[[], bool]) -> Any:
+    """Serve the driver on the unix socket ``path``; return the started ``grpc.aio`` server."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a stale socket of a crashed node
+    server = grpc.aio.server()
+    locks = Locks()
+    pb_grpc.add_IdentityServicer_to_server(CsiIdentity(catalog, ready), server)
+    pb_grpc.add_ControllerServicer_to_server(CsiController(catalog, volumes, agent, locks), server)
+    pb_grpc.add_NodeServicer_to_server(CsiNode(catalog, agent, locks), server)
+    try:
+        bound = server.add_insecure_port(f"unix://{path}")
+    except RuntimeError as e:  # newer grpcio raises instead of returning 0
+        raise CargoholdError(detail=f"cannot serve CSI on unix://{path}: {e}") from e
+    if not bound:
+        raise CargoholdError(detail=f"cannot serve CSI on unix://{path}")
+    await server.start()
+    os.chmod(path, 0o660)
+    return server

@@ -1,0 +1,165 @@
+"""One attached volume's engine: its replica set, its FUSE session and its healer.
+
+The engine serves the volume's image file through FUSE (:mod:`.fuse`) to the loop device
+the agent puts on it; every request goes to the :class:`~.replicaset.ReplicaSet`, which fans
+it out to the in-sync replicas. Beside the data path the engine keeps two things in the
+metadata store, and only while its attachment's epoch holds the volume: which replicas
+failed (recorded *before* the write that found out is acknowledged), and the volume's size
+when it grew (``refresh_size``, on the agent's ``RESIZE_SIGNAL``). The healer (:mod:`.healer`)
+brings replicas back while the volume is in use.
+
+The process around it (signals, ready file, event loop) is :mod:`cargohold.daemons.engine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from cargohold.clients.sharedmemory import SharedMemory
+from cargohold.core.models import ReplicaState, Volume
+from cargohold.core.periodic import Periodic
+from cargohold.core.retry import Backoff, retry
+from cargohold.errors import CargoholdError, Fenced
+from cargohold.services.engine.fuse import READ_BUFFER, FuseSession, unmount
+from cargohold.services.engine.healer import INTERVAL, Healer
+from cargohold.services.engine.replicaset import ReplicaSet
+from cargohold.stores.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 10.0
+#: recording a failed replica waits out ~20 s of metadata outage before the I/O fails
+RECORD_FAILURE = Backoff(first=0.05, most=1.0, attempts=40)
+
+
+def out_of_sync_marker(catalog: Catalog, name: str,
+                       epoch: int) -> Callable[[str, str], Awaitable[None]]:
+    """The callback that records a failed replica, refusing if we were fenced."""
+
+    async def mark(server_id: str, reason: str) -> None:
+        def change(volume: Volume) -> Volume | None:
+            if volume.attachment is None or volume.attachment.epoch != epoch:
+                raise Fenced(volume_id=volume.id, epoch=epoch, current=volume.epoch)
+            for replica in volume.replicas:
+                if replica.server == server_id and replica.state is ReplicaState.IN_SYNC:
+                    replica.state = ReplicaState.OUT_OF_SYNC
+                    replica.reason = reason
+                    return volume
+            return None
+
+        await retry(lambda: catalog.update_volume(name, change), RECORD_FAILURE,
+                    what=f"recording that the replica of {name} on {server_id} failed")
+
+    return mark
+
+
+class Engine:
+    """Serves one attachment (volume ``name`` at ``epoch``) at ``mountpoint``."""
+
+    def __init__(self, catalog: Catalog, name: str, epoch: int, node: str, mountpoint: str,
+                 heal_rate: float = 0.0, scrub_rate: float = 0.0) -> None:
+        self.catalog = catalog
+        self.name = name
+        self.epoch = epoch
+        self.node = node
+        self.mountpoint = mountpoint
+        self.heal_rate = heal_rate
+        self.scrub_rate = scrub_rate
+        self.replicas: ReplicaSet
+        self.session: FuseSession
+        self._shared: SharedMemory | None = None
+        self._resizing: asyncio.Task[None] | None = None
+        self._resize_again = False
+
+    async def start(self) -> None:
+        """Claim every in-sync replica with our epoch and mount FUSE; raise if fenced."""
+        volume = await self.catalog.volume(self.name)
+        if volume.attachment is None or volume.attachment.epoch != self.epoch:
+            raise Fenced(volume_id=volume.id, epoch=self.epoch, current=volume.epoch)
+        servers = {s.id: s for s in await self.catalog.servers()}
+        self._shared = SharedMemory(READ_BUFFER)
+        self.replicas = ReplicaSet(volume, servers, self.epoch, self.node,
+                                   out_of_sync_marker(self.catalog, self.name, self.epoch),
+                                   self._shared)
+        try:
+            await self.replicas.open()
+        except BaseException:
+            self._shared.close()
+            raise
+        self.session = FuseSession(self.replicas, self.mountpoint, self._shared)
+        try:
+            self.session.start()
+        except OSError:
+            await self.replicas.close()
+            self._shared.close()
+            raise
+        log.info("engine for %s (epoch %d) serving on %s", self.name, self.epoch,
+                 self.mountpoint)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve and heal until ``stop`` is set or the kernel ends the FUSE session (an
+        unmount), then drain, flush every replica and let go of everything."""
+        healer = Healer(self.catalog, self.name, self.epoch, self.replicas, self.heal_rate,
+                        self.scrub_rate)
+        healing = asyncio.ensure_future(
+            Periodic(f"healing {self.name}", healer.run_once, INTERVAL,
+                     stop_on=(Fenced,)).run_forever())
+        stopped = asyncio.ensure_future(stop.wait())
+        closed = asyncio.ensure_future(self.session.wait_closed())
+        try:
+            await asyncio.wait([stopped, closed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            healing.cancel()
+            await asyncio.gather(healing, return_exceptions=True)
+            await self._stop()
+
+    async def _stop(self) -> None:
+        await self.session.drain()
+        try:
+            await self.replicas.flush()
+        except CargoholdError as e:
+            log.error("final flush failed: %s", e)
+        if self.session.fd >= 0:
+            try:
+                unmount(self.mountpoint, lazy=True)
+            except OSError as e:
+                log.warning("%s", e)
+            try:
+                await asyncio.wait_for(self.session.wait_closed(), STOP_TIMEOUT)
+            except TimeoutError:
+                log.warning("the kernel kept the FUSE connection open; closing it")
+                self.session.close()
+        await self.replicas.close()
+        if self._shared is not None:
+            self._shared.close()
+
+    def refresh_size(self) -> None:
+        """Take the volume's recorded size if it grew (the agent's ``RESIZE_SIGNAL``).
+
+        The new size is read from the volume record (only while this attachment's epoch
+        still holds it), checked against every replica (``ReplicaSet.grow``), and announced
+        to the kernel (``FuseSession.resized``). The agent waits until ``stat`` of the FUSE
+        file shows it. Signals that arrive during a refresh are folded into one more refresh.
+        """
+        if self._resizing is not None and not self._resizing.done():
+            self._resize_again = True
+            return
+        self._resizing = asyncio.ensure_future(self._refresh())
+
+    async def _refresh(self) -> None:
+        while True:
+            self._resize_again = False
+            try:
+                volume = await self.catalog.volume(self.name)
+                if volume.attachment is None or volume.attachment.epoch != self.epoch:
+                    log.warning("%s: not resizing: the volume is no longer attached with "
+                                "epoch %d", self.name, self.epoch)
+                elif await self.replicas.grow(volume.size):
+                    self.session.resized()
+            except (CargoholdError, OSError) as e:
+                log.error("%s: resize failed: %s", self.name, e)
+            if not self._resize_again:
+                return
