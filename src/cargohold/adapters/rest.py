@@ -23,7 +23,6 @@ from cargohold.core.models import DataServer, Node, Volume
 from cargohold.errors import CargoholdError, Kind, NodeNotFound, Unauthorized
 from cargohold.services.agent import Agent
 from cargohold.services.controller.controller import Controller
-from cargohold.services.controller.rebalance import Rebalance
 from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
 from cargohold.services.nodes import NodeRemoval
@@ -234,18 +233,15 @@ def create_app(services: Services, token: str = "") -> FastAPI:
 
     @app.get("/v1/rebalance")
     async def rebalance_plan() -> dict[str, Any]:
-        rebalance = _rebalance()
+        rebalance = services.controller.rebalance
         return {"plan": [asdict(m) for m in await rebalance.plan()],
                 "pending": await rebalance.pending()}
 
     @app.post("/v1/rebalance")
     async def rebalance_now() -> dict[str, Any]:
-        rebalance = _rebalance()
+        rebalance = services.controller.rebalance
         started = await rebalance.run_once()
         return {"started": [asdict(m) for m in started], "pending": await rebalance.pending()}
-
-    def _rebalance() -> Rebalance:
-        return services.controller.rebalance
 
     @app.get("/v1/nodes")
     async def list_nodes() -> list[dict[str, Any]]:
