@@ -36,8 +36,10 @@ class Node:
     """One ``cargohold node`` process with its own state, data dirs and API socket."""
 
     def __init__(self, base: Path, data_servers: int = 3, name: str = "node1",
-                 extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+                 extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 umask: int = -1) -> None:
         self.base = base
+        self.umask = umask  # the node's umask (-1: this process's)
         self.extra = list(extra)
         self.env = env or {}
         self.name = name
@@ -60,7 +62,7 @@ class Node:
             argv += ["--data-dir", str(d)]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv + self.extra, stdout=out, stderr=subprocess.STDOUT,
-                                         env={**_env(), **self.env})
+                                         env={**_env(), **self.env}, umask=self.umask)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:

@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import cast
 
-from cargohold.clients.sockets import widen_send_buffer
+from cargohold.clients.sockets import unix_listener, widen_send_buffer
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.periodic import Periodic
 from cargohold.core.sizes import format_size
@@ -451,7 +451,8 @@ class DataProtocolServer:
             return
         path.unlink(missing_ok=True)  # left by a server that was killed
         loop = asyncio.get_running_loop()
-        self._unix_server = await loop.create_unix_server(lambda: _Connection(self), str(path))
+        sock = unix_listener(str(path), 0o600)  # engines and the node run as root
+        self._unix_server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
         self.socket_path = path
 
     async def close(self) -> None:

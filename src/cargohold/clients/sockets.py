@@ -1,10 +1,13 @@
 """Socket settings of data protocol connections, the same on both ends (the engine's and
-the node's data clients, and the data server)."""
+the node's data clients, and the data server), and unix sockets made with their final mode."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
+from collections.abc import Iterator
 
 #: A server host that vanishes without a reset (power loss, partition) is declared lost
 #: after about this long: unacknowledged requests or unanswered keepalive probes.
@@ -44,3 +47,31 @@ def widen_send_buffer(transport: asyncio.BaseTransport | None) -> None:
             return
         except OSError:  # SO_SNDBUFFORCE needs CAP_NET_ADMIN
             continue
+
+
+@contextlib.contextmanager
+def created_with_mode(mode: int) -> Iterator[None]:
+    """Files and sockets made inside have at most ``mode`` from the moment they exist.
+
+    A unix socket takes its permissions from the process umask at ``bind``; a ``chmod``
+    afterwards leaves a window in which anyone may connect. The umask is the process's:
+    keep the block short (a bind, not a wait).
+    """
+    old = os.umask(0o777 & ~mode)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def unix_listener(path: str, mode: int) -> socket.socket:
+    """A unix stream socket bound at ``path`` with ``mode`` from the start (not listening
+    yet: the server that takes it listens)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with created_with_mode(mode):
+            sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -26,6 +26,7 @@ from cargohold.adapters.dockerplugin import DockerPlugin
 from cargohold.adapters.dockerplugin import create_app as create_plugin_app
 from cargohold.adapters.rest import Services, create_app
 from cargohold.clients.dataclient import DataClient
+from cargohold.clients.sockets import unix_listener
 from cargohold.config import Endpoint, NodeConfig
 from cargohold.core.models import DataServer, Node, ServerState, liveness_key
 from cargohold.core.periodic import Periodic
@@ -43,6 +44,8 @@ from cargohold.stores.opener import open_store
 
 log = logging.getLogger(__name__)
 
+API_SOCKET_MODE = 0o660  # the REST API and the Docker plugin: root and its group
+
 
 class _ApiServer(uvicorn.Server):
     """uvicorn without its own signal handling: the node owns SIGTERM."""
@@ -53,23 +56,24 @@ class _ApiServer(uvicorn.Server):
 
 
 async def _serve(app: ASGIApp, endpoint: Endpoint) -> tuple[_ApiServer, asyncio.Task[None]]:
-    """Serve ``app`` on ``endpoint`` inside this event loop; return once it listens."""
+    """Serve ``app`` on ``endpoint`` inside this event loop; return once it listens. A unix
+    socket is root's and its group's (0660) from the moment it exists."""
+    sockets = None
     if endpoint.is_unix:
         os.makedirs(os.path.dirname(endpoint.path), exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(endpoint.path)  # a stale socket of a crashed node
-        uconfig = uvicorn.Config(app, uds=endpoint.path, log_level="warning", lifespan="off")
+        sockets = [unix_listener(endpoint.path, API_SOCKET_MODE)]
+        uconfig = uvicorn.Config(app, log_level="warning", lifespan="off")
     else:
         uconfig = uvicorn.Config(app, host=endpoint.host, port=endpoint.port,
                                  log_level="warning", lifespan="off")
     server = _ApiServer(uconfig)
-    task = asyncio.ensure_future(server.serve())
+    task = asyncio.ensure_future(server.serve(sockets))
     while not server.started:
         if task.done():
             raise CargoholdError(detail=f"cannot serve on {endpoint.url}")
         await asyncio.sleep(0.01)
-    if endpoint.is_unix:
-        os.chmod(endpoint.path, 0o660)
     return server, task
 
 

@@ -14,6 +14,7 @@ from cargohold.adapters.csi.controller import CsiController
 from cargohold.adapters.csi.identity import CsiIdentity
 from cargohold.adapters.csi.node import CsiNode
 from cargohold.adapters.csi.rpc import Locks
+from cargohold.clients.sockets import created_with_mode
 from cargohold.errors import (
     CargoholdError,
 )
@@ -33,12 +34,12 @@ async def serve(path: str, catalog: Catalog, volumes: VolumeService, agent: Agen
     pb_grpc.add_IdentityServicer_to_server(CsiIdentity(catalog, ready), server)
     pb_grpc.add_ControllerServicer_to_server(CsiController(catalog, volumes, agent, locks), server)
     pb_grpc.add_NodeServicer_to_server(CsiNode(catalog, agent, locks), server)
-    try:
-        bound = server.add_insecure_port(f"unix://{path}")
-    except RuntimeError as e:  # newer grpcio raises instead of returning 0
-        raise CargoholdError(detail=f"cannot serve CSI on unix://{path}: {e}") from e
-    if not bound:
-        raise CargoholdError(detail=f"cannot serve CSI on unix://{path}")
-    await server.start()
-    os.chmod(path, 0o660)
+    with created_with_mode(0o660):  # gRPC binds the socket itself: no window after it
+        try:
+            bound = server.add_insecure_port(f"unix://{path}")
+        except RuntimeError as e:  # newer grpcio raises instead of returning 0
+            raise CargoholdError(detail=f"cannot serve CSI on unix://{path}: {e}") from e
+        if not bound:
+            raise CargoholdError(detail=f"cannot serve CSI on unix://{path}")
+        await server.start()
     return server

@@ -113,7 +113,11 @@ class BlockTarget(Protocol):
 
 
 def mount(fd: int, mountpoint: str) -> None:
-    options = f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other".encode()
+    # allow_other: the loop device is set up by root, but a container's processes may run as
+    # anyone; default_permissions: the kernel checks the file's mode (0600, root), so no
+    # other local user can open the volume's image.
+    options = (f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other,"
+               "default_permissions").encode()
     if _libc.mount(b"cargohold", mountpoint.encode(), b"fuse.cargohold",
                    MS_NOSUID | MS_NODEV, options) != 0:
         err = ctypes.get_errno()
