@@ -77,6 +77,8 @@ class DockerPlugin:
     async def create(self, body: dict[str, Any]) -> dict[str, Any]:
         name = _name(body)
         given = body.get("Opts") or {}
+        if not isinstance(given, dict) or not all(isinstance(v, str) for v in given.values()):
+            raise InvalidArgument(what="Opts", detail="give options as -o KEY=VALUE")
         unknown = sorted(set(given) - set(OPTIONS))
         if unknown:
             raise InvalidOption(option=unknown[0], known=", ".join(sorted(OPTIONS)))

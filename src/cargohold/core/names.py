@@ -7,7 +7,7 @@ import re
 from cargohold.errors import InvalidName
 
 MAX_NAME = 63
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # the whole name (fullmatch)
 
 
 def check_name(name: object) -> str:
@@ -16,6 +16,6 @@ def check_name(name: object) -> str:
         raise InvalidName(name=name, detail="it is empty")
     if len(name) > MAX_NAME:
         raise InvalidName(name=name, detail=f"it is longer than {MAX_NAME} characters")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise InvalidName(name=name, detail="it contains characters that are not allowed")
     return name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from cargohold.errors import InvalidSize
 
@@ -17,6 +18,7 @@ MIN_VOLUME_SIZE = 16 * MIB
 MAX_VOLUME_SIZE = 64 * TIB
 
 _UNITS = {"": 1, "B": 1, "K": KIB, "M": MIB, "G": GIB, "T": TIB}
+MAX_SIZE_TEXT = 24  # characters: 64 TiB in bytes has 14 digits
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*?)(?:i?B)?\s*$")
 
 
@@ -25,9 +27,13 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, bool):
         raise InvalidSize(size=text, detail="not a size")
     if isinstance(text, int):
+        if text.bit_length() > 64:
+            raise InvalidSize(size=f"{text.bit_length()}-bit number", detail="too large")
         if text <= 0:
             raise InvalidSize(size=text, detail="must be greater than zero")
         return text
+    if len(str(text)) > MAX_SIZE_TEXT:
+        raise InvalidSize(size=f"{str(text)[:MAX_SIZE_TEXT]}...", detail="too long to be a size")
     match = _SIZE_RE.match(str(text))
     if not match:
         raise InvalidSize(size=text, detail="not a number with an optional unit")
@@ -35,8 +41,8 @@ def parse_size(text: str | int) -> int:
     unit = unit.upper()
     if unit not in _UNITS:
         raise InvalidSize(size=text, detail=f"unknown unit {unit!r}")
-    value = float(number) * _UNITS[unit]
-    if value != int(value):
+    value = Fraction(number) * _UNITS[unit]  # exact, however many digits
+    if value.denominator != 1:
         raise InvalidSize(size=text, detail="not a whole number of bytes")
     if value <= 0:
         raise InvalidSize(size=text, detail="must be greater than zero")
