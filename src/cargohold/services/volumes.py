@@ -8,7 +8,9 @@ data server is unreachable is written down as garbage and deleted by
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from array import array
 from typing import Any
@@ -30,6 +32,7 @@ from cargohold.errors import (
     NoReplicaLeft,
     NothingToSalvage,
     OwnerAlive,
+    ReplicaNotFound,
     ShrinkRefused,
     VolumeBusy,
     VolumeExists,
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 
 MAX_REPLICAS = 5
 #: An identical create that finds the volume being created waits this long for it.
+#: A record still *creating* this long after it was made belongs to a create that died.
+ABANDONED_AFTER = 300.0
 CREATE_WAIT = Backoff(first=0.05, most=0.05, timeout=30.0)
 
 
@@ -74,16 +79,16 @@ class VolumeService:
                 raise
             return await self._existing(await self.catalog.volume(name), size_bytes, count, fs,
                                         exist_ok)
-        made: list[DataServer] = []
+        asked: list[DataServer] = []  # a replica may exist where no answer came
         try:
             for server in chosen:
+                asked.append(server)
                 async with ServerSession(server) as client:
                     await client.create(volume.id, size_bytes)
-                made.append(server)
-        except CargoholdError as e:
-            log.error("create of %s failed, rolling back: %s", name, e)
-            await self._delete_replicas(volume.id, made)
-            await self.catalog.remove_volume(name)
+        except BaseException as e:  # a refusal, a bug, or the node stopping: leave nothing
+            log.error("create of %s failed, rolling back: %s", name,
+                      "interrupted" if isinstance(e, asyncio.CancelledError) else e)
+            await asyncio.shield(self._abandon(volume, asked))  # even when cancelled
             raise
 
         def ready(v: Volume) -> Volume:
@@ -272,10 +277,36 @@ class VolumeService:
             try:
                 async with ServerSession(server) as client:
                     await client.delete(volume_id)
+            except ReplicaNotFound:
+                pass  # never made there, or gone already
             except CargoholdError as e:
                 log.warning("replica %s on %s left for later deletion: %s", volume_id,
                             server.id, e)
                 await self.catalog.add_garbage(server.id, volume_id)
+
+    async def _abandon(self, volume: Volume, servers: list[DataServer]) -> None:
+        """Undo a create: delete its replicas (or leave them to the garbage collector) and
+        its record, unless another create made the record its own meanwhile."""
+        await self._delete_replicas(volume.id, servers)
+        await self.catalog.remove_volume_if(volume.name, volume.id, VolumeState.CREATING)
+
+    async def collect_abandoned(self, older_than: float = ABANDONED_AFTER) -> list[str]:
+        """Roll back creates that never finished (the node that ran one died half way): a
+        record still *creating* ``older_than`` seconds after it was made. Return the names."""
+        servers = {s.id: s for s in await self.catalog.servers()}
+        rolled_back = []
+        for volume in await self.catalog.volumes():
+            if (volume.state is VolumeState.CREATING
+                    and time.time() - volume.created > older_than):
+                log.warning("volume %s was never finished being created (since %.0f s): "
+                            "rolling it back", volume.name, time.time() - volume.created)
+                holders = [servers[r.server] for r in volume.replicas if r.server in servers]
+                for replica in volume.replicas:
+                    if replica.server not in servers:
+                        await self.catalog.add_garbage(replica.server, volume.id)
+                await self._abandon(volume, holders)
+                rolled_back.append(volume.name)
+        return rolled_back
 
     async def collect_garbage(self) -> int:
         """Delete replicas left behind by removals; return how many were deleted."""
@@ -288,6 +319,8 @@ class VolumeService:
             try:
                 async with ServerSession(server) as client:
                     await client.delete(volume_id)
+            except ReplicaNotFound:
+                pass  # gone already: nothing left to collect
             except CargoholdError:
                 continue
             await self.catalog.drop_garbage(server_id, volume_id)

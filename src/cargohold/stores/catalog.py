@@ -17,6 +17,7 @@ from cargohold.core.models import (
     DataServer,
     Node,
     Volume,
+    VolumeState,
     drain_key,
     garbage_key,
     liveness_key,
@@ -85,6 +86,19 @@ class Catalog:
 
     async def remove_volume(self, name: str) -> None:
         await self.store.delete(volume_key(name))
+
+    async def remove_volume_if(self, name: str, volume_id: str, state: VolumeState) -> bool:
+        """Remove the record of ``name`` only while it is still volume ``volume_id`` in
+        ``state`` (one compare-and-swap); return whether it was removed."""
+        key = volume_key(name)
+        kv = await self.store.get(key)
+        if kv is None:
+            return False
+        current = Volume.model_validate_json(kv.value)
+        if current.id != volume_id or current.state is not state:
+            return False
+        return (await self.store.txn([Compare.revision(key, kv.mod_revision)],
+                                     [Delete(key)])).succeeded
 
     # -- data servers and nodes ----------------------------------------------------------
 

@@ -18,7 +18,8 @@ Duties (each pass is :meth:`Controller.run_once`, so tests converge without slee
 - out-of-sync replicas of detached volumes whose data server is up again are resynced
   (only the chunks they missed are copied, see :mod:`cargohold.services.controller.resync`; an
   attached volume's engine does this itself, see :mod:`cargohold.services.engine.healer`);
-- replicas left behind by removals are deleted once their data server answers;
+- creates that never finished (their node died half way) are rolled back, and replicas
+  left behind by removals are deleted once their data server answers;
 - with ``scrub_every`` set, a detached volume not scrubbed for that long is scrubbed
   (:mod:`cargohold.services.controller.scrub`), one a pass, at most ``scrub_rate`` bytes per second.
 """
@@ -126,6 +127,8 @@ class Controller:
             await self.rebalance.run_once()
         if self.leading:
             await self.resync.run_once()
+        if self.leading:
+            await self.volumes.collect_abandoned()
         if self.leading:
             await self.volumes.collect_garbage()
         if self.leading and self.scrub_every > 0:
