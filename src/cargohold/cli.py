@@ -48,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n", 2)[2])
     parser.add_argument("--host", help="node API: unix:///PATH or tcp://HOST:PORT "
                         "(default $CARGOHOLD_HOST or unix:///run/cargohold/api.sock)")
-    parser.add_argument("--token", help="bearer token for a TCP API (default $CARGOHOLD_TOKEN)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="file holding the bearer token of a TCP API (default "
+                             "$CARGOHOLD_TOKEN); never on the command line, where any local "
+                             "user can read it")
     parser.add_argument("--version", action="version", version=f"cargohold {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -185,7 +188,7 @@ def _run_node(args: argparse.Namespace) -> int:
     try:
         if args.csi_endpoint != "none":
             fields["csi_endpoint"] = Endpoint(url=args.csi_endpoint)
-        fields["token"] = client_config(None, args.token).token
+        fields["token"] = client_config(None, args.token_file).token
         config = NodeConfig(**fields)
     except (ValidationError, ValueError) as e:
         raise InvalidArgument(what="node configuration", detail=str(e).splitlines()[-1]) \
@@ -197,7 +200,7 @@ def _run_node(args: argparse.Namespace) -> int:
 def _run_client(args: argparse.Namespace) -> int:
     from cargohold.clients.api import ApiClient
 
-    with ApiClient(client_config(args.host, args.token)) as api:
+    with ApiClient(client_config(args.host, args.token_file)) as api:
         as_json = getattr(args, "output", "table") == "json"
         if args.command == "rebalance":
             return _rebalance(api, args.dry_run, args.wait, as_json)

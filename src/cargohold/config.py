@@ -28,6 +28,7 @@ DEFAULT_API = "unix:///run/cargohold/api.sock"
 DEFAULT_DOCKER_SOCKET = Path("/run/docker/plugins/cargohold.sock")
 HOST_ENV = "CARGOHOLD_HOST"
 TOKEN_ENV = "CARGOHOLD_TOKEN"
+MIN_TOKEN = 16  # characters of a bearer token a node accepts
 
 
 class Endpoint(BaseModel):
@@ -87,10 +88,10 @@ class NodeConfig(BaseModel):
     def model_post_init(self, _context: object) -> None:
         if not self.metadata:
             self.metadata = f"sqlite://{(self.state_dir / 'meta.db').absolute()}"
-        if any(not e.is_unix for e in self.api) and not self.token:
+        if any(not e.is_unix for e in self.api) and len(self.token) < MIN_TOKEN:
             raise InvalidArgument(what="API endpoint",
-                                  detail="a TCP API needs a bearer token (--token or "
-                                         f"{TOKEN_ENV})")
+                                  detail=f"a TCP API needs a bearer token of {MIN_TOKEN} "
+                                         f"characters or more (--token-file or {TOKEN_ENV})")
         if self.csi_endpoint is not None and not self.csi_endpoint.is_unix:
             raise InvalidArgument(what="CSI endpoint",
                                   detail="the CSI driver serves a unix socket: unix:///PATH")
@@ -103,14 +104,26 @@ class ClientConfig(BaseModel):
     token: str = ""
 
 
-def client_config(host: str | None, token: str | None) -> ClientConfig:
+def client_config(host: str | None, token_file: str | None) -> ClientConfig:
     """What the CLI uses: flags first, then ``CARGOHOLD_HOST``/``CARGOHOLD_TOKEN``."""
     url = host or os.environ.get(HOST_ENV) or DEFAULT_API
     try:
         endpoint = Endpoint(url=url)
     except ValueError as e:
         raise InvalidArgument(what="--host", detail=str(e)) from None
-    return ClientConfig(host=endpoint, token=token or os.environ.get(TOKEN_ENV, ""))
+    return ClientConfig(host=endpoint, token=read_token(token_file))
+
+
+def read_token(token_file: str | None) -> str:
+    """The bearer token: the first line of ``token_file``, else ``CARGOHOLD_TOKEN``."""
+    if token_file is None:
+        return os.environ.get(TOKEN_ENV, "")
+    try:
+        with open(token_file) as f:
+            return f.readline().strip()
+    except OSError as e:
+        raise InvalidArgument(what="--token-file", detail=f"{token_file}: "
+                              f"{e.strerror or e}") from None
 
 
 # --- the processes a node starts ---------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -113,22 +114,38 @@ def test_tcp_api_needs_the_bearer_token(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    token = "s3cret-of-twenty-chars"
     n = Node(tmp_path, data_servers=1, extra=("--api", f"tcp://127.0.0.1:{port}"),
-             env={"CARGOHOLD_TOKEN": "s3cret"})
+             env={"CARGOHOLD_TOKEN": token})
     try:
         n.start()
         tcp = ["--host", f"tcp://127.0.0.1:{port}"]
         base = [sys.executable, "-m", "cargohold.cli"]
-        refused = subprocess.run([*base, *tcp, "--token", "wrong", "volume", "ls"],
+        wrong, right = tmp_path / "wrong", tmp_path / "right"
+        wrong.write_text("wrong-token-of-20-chars\n")
+        right.write_text(token + "\n")
+        refused = subprocess.run([*base, *tcp, "--token-file", str(wrong), "volume", "ls"],
                                  capture_output=True, text=True, env=_env())
         assert refused.returncode == 2 and "[unauthorized]" in refused.stderr
-        ok = subprocess.run([*base, *tcp, "--token", "s3cret", "volume", "create", "t",
+        ok = subprocess.run([*base, *tcp, "--token-file", str(right), "volume", "create", "t",
                              "--size", "64M", "--replicas", "1"],
                             capture_output=True, text=True, env=_env())
         assert ok.returncode == 0, ok.stderr
         assert [v["name"] for v in n.json("volume", "ls")] == ["t"]  # type: ignore[index]
+        on_argv = subprocess.run([*base, *tcp, "--token", token, "volume", "ls"],
+                                 capture_output=True, text=True, env=_env())
+        assert on_argv.returncode == 2 and "--token" in on_argv.stderr  # no such flag
     finally:
         n.cleanup()
+
+
+def test_node_refuses_a_short_token(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "cargohold.cli", "node", "--state-dir",
+                           str(tmp_path), "--api", "tcp://127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**_env(), "CARGOHOLD_TOKEN": "short"})
+    assert done.returncode == 2 and "16 characters or more" in done.stderr
+    assert not (tmp_path / "meta.db").exists()  # refused before anything started
 
 
 def test_node_refuses_a_tcp_api_without_token(tmp_path: Path) -> None:
@@ -136,3 +153,17 @@ def test_node_refuses_a_tcp_api_without_token(tmp_path: Path) -> None:
                            str(tmp_path), "--api", "tcp://127.0.0.1:1"],
                           capture_output=True, text=True, env=_env(), timeout=60)
     assert done.returncode == 2 and "needs a bearer token" in done.stderr
+
+
+def test_sockets_are_never_open_to_other_users(tmp_path: Path) -> None:
+    """Even under the most permissive umask a service manager could give the node."""
+    n = Node(tmp_path, data_servers=1, umask=0)
+    try:
+        n.start()
+        sockets = {p.name: p.lstat().st_mode for p in tmp_path.rglob("*")
+                   if stat.S_ISSOCK(p.lstat().st_mode)}
+        assert {"api.sock", "data.sock"} <= set(sockets)
+        assert {name: oct(mode & 0o777) for name, mode in sockets.items()
+                if mode & 0o007} == {}
+    finally:
+        n.cleanup()
