@@ -260,7 +260,7 @@ def test_local_unix_socket_and_future_api(server: ServerProcess) -> None:
     assert not sock.exists()  # a stopping server removes its socket
 
 
-def test_shared_write_buffers_over_the_unix_socket(server: ServerProcess) -> None:
+def test_shared_write_buffers_over_the_unix_socket(server: ServerProcess, tmp_path: Path) -> None:
     """A local client's large writes name a place in its shared memory instead of carrying
     the bytes; slots come back once the server answered; TCP and bad positions are refused."""
     sock = server.root / wire.LOCAL_SOCKET
@@ -307,7 +307,27 @@ def test_shared_write_buffers_over_the_unix_socket(server: ServerProcess) -> Non
                         {**offer, "token": os.urandom(16).hex()}))
                 with pytest.raises(InvalidArgument, match="no such file|No such file"):
                     await other._call(wire.Op.SHARE, "", payload=wire.encode_json(
-                        {**offer, "path": "/proc/self/fd/999999"}))
+                        {**offer, "path": f"/proc/{os.getpid()}/fd/999999"}))
+                # only a file the connecting process holds: not one it names ...
+                with pytest.raises(InvalidArgument, match="not a file of the connecting"):
+                    await other._call(wire.Op.SHARE, "", payload=wire.encode_json(
+                        {**offer, "path": "/proc/self/fd/0"}))  # the server's own
+                named = tmp_path / "named"
+                named.write_bytes(bytes(4096) + shared.token)  # ends with the token, too
+                with pytest.raises(InvalidArgument, match="not a file of the connecting"):
+                    await other._call(wire.Op.SHARE, "", payload=wire.encode_json(
+                        {**offer, "path": str(named)}))
+                # ... and one that cannot shrink under the server's mapping
+                loose = os.memfd_create("loose")
+                try:
+                    os.write(loose, bytes(4096) + shared.token)
+                    with pytest.raises(InvalidArgument, match="not sealed against shrinking"):
+                        await other._call(wire.Op.SHARE, "", payload=wire.encode_json(
+                            {**offer, "path": f"/proc/{os.getpid()}/fd/{loose}"}))
+                finally:
+                    os.close(loose)
+                with pytest.raises(PermissionError):  # the engine's own file cannot shrink
+                    os.ftruncate(shared.fd, 4096)
                 with pytest.raises(InvalidArgument, match="no buffers shared"):
                     await other._call(wire.Op.WRITE_SHARED, v, epoch=1, offset=0, length=MIB,
                                       generation=9, payload=wire.encode_u64(0))

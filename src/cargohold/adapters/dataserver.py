@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import mmap
 import os
+import re
 import socket
+import struct
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -247,11 +250,16 @@ class _Connection(asyncio.BufferedProtocol):
     def _share(self, header: RequestHeader, payload: memoryview) -> bytes:
         """Map the client's write buffers, a memory file on this host, read-only.
 
-        Only over the unix socket: a path means the same file to both ends only there.
+        Only over the unix socket, and only a file the connecting process holds open itself
+        (``/proc/PID/fd/N`` with the peer's PID from the socket's credentials): never a path
+        the client merely names. The file must be sealed against shrinking, so that no page
+        of the mapping can go away under the server (a SIGBUS would kill it).
         """
         sock = self._transport.get_extra_info("socket") if self._transport else None
         if sock is None or sock.family != socket.AF_UNIX:
             raise InvalidArgument(what="SHARE", detail="only over the data server's unix socket")
+        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  struct.calcsize("3i")))[0]
         request = decode_json(payload)
         path, token = (request.get("path"), request.get("token")) if isinstance(
             request, dict) else (None, None)
@@ -264,11 +272,21 @@ class _Connection(asyncio.BufferedProtocol):
         if len(expected) < TOKEN_SIZE:
             raise InvalidArgument(what="SHARE",
                                   detail=f"the token must be {TOKEN_SIZE} bytes or more")
+        if re.fullmatch(rf"/proc/{pid}/fd/\d+", path) is None:
+            raise InvalidArgument(what="SHARE", detail=f"{path} is not a file of the connecting "
+                                  f"process (/proc/{pid}/fd/N)")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise InvalidArgument(what="SHARE", detail=f"{path}: {exc.strerror}") from None
         try:
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:  # not a memory file
+                seals = 0
+            if not seals & fcntl.F_SEAL_SHRINK:
+                raise InvalidArgument(what="SHARE", detail=f"{path} is not sealed against "
+                                      "shrinking (a memfd with F_SEAL_SHRINK)")
             size = os.fstat(fd).st_size
             if size == 0:
                 raise InvalidArgument(what="SHARE", detail=f"{path} is empty")

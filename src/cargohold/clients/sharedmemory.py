@@ -16,6 +16,7 @@ instead of being reused under it.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import secrets
@@ -35,9 +36,13 @@ class SharedMemory:
             raise ValueError("slot_size and slots must be positive")
         self.slot_size = slot_size
         self.size = slot_size * slots  # the slots; the file ends with the token's page
-        self.fd = os.memfd_create("cargohold-writes", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("cargohold-writes", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, self.size + mmap.PAGESIZE)
+            # Its size is final: a data server that mapped it can never fault on a page
+            # the file lost (SIGBUS), whatever this process does (the server checks the seal).
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             self._map = mmap.mmap(self.fd, self.size + mmap.PAGESIZE)
         except OSError:
             os.close(self.fd)
