@@ -131,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
                            "and its volumes may be taken over (default 10)")
     node.add_argument("--csi-endpoint", default="none",
                       help="serve the Kubernetes CSI driver on unix:///PATH (default: none)")
+    node.add_argument("--csi-kubelet-dir", default="/var/lib/kubelet",
+                      help="the only directory under which the CSI driver stages and publishes "
+                           "volumes (default /var/lib/kubelet)")
     node_actions = node.add_subparsers(dest="action")
     output(node_actions.add_parser("ls", help="list nodes and their data servers"))
     remove = node_actions.add_parser(
@@ -188,6 +191,7 @@ def _run_node(args: argparse.Namespace) -> int:
     try:
         if args.csi_endpoint != "none":
             fields["csi_endpoint"] = Endpoint(url=args.csi_endpoint)
+        fields["csi_kubelet_dir"] = Path(args.csi_kubelet_dir)
         fields["token"] = client_config(None, args.token_file).token
         config = NodeConfig(**fields)
     except (ValidationError, ValueError) as e:

@@ -26,6 +26,7 @@ from cargohold.errors import InvalidArgument
 DEFAULT_STATE_DIR = Path("/var/lib/cargohold")
 DEFAULT_API = "unix:///run/cargohold/api.sock"
 DEFAULT_DOCKER_SOCKET = Path("/run/docker/plugins/cargohold.sock")
+DEFAULT_KUBELET_DIR = Path("/var/lib/kubelet")
 HOST_ENV = "CARGOHOLD_HOST"
 TOKEN_ENV = "CARGOHOLD_TOKEN"
 MIN_TOKEN = 16  # characters of a bearer token a node accepts
@@ -75,6 +76,7 @@ class NodeConfig(BaseModel):
     token: str = ""  # required on TCP endpoints
     docker_socket: Path | None = DEFAULT_DOCKER_SOCKET  # None: no Docker volume plugin
     csi_endpoint: Endpoint | None = None  # unix:///PATH of the CSI driver; None: no CSI
+    csi_kubelet_dir: Path = DEFAULT_KUBELET_DIR  # CSI stages and publishes only under it
     data_host: str = "127.0.0.1"  # address the data servers listen on and advertise
     lease_ttl: float = Field(default=10.0, ge=2.0)  # seconds; keepalive every second
     server_check_interval: float = 1.0
@@ -95,6 +97,10 @@ class NodeConfig(BaseModel):
         if self.csi_endpoint is not None and not self.csi_endpoint.is_unix:
             raise InvalidArgument(what="CSI endpoint",
                                   detail="the CSI driver serves a unix socket: unix:///PATH")
+        if not self.csi_kubelet_dir.is_absolute() or self.csi_kubelet_dir == Path("/"):
+            raise InvalidArgument(what="--csi-kubelet-dir",
+                                  detail=f"{self.csi_kubelet_dir} is not an absolute path "
+                                         "below /")
 
 
 class ClientConfig(BaseModel):

@@ -13,6 +13,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,8 @@ class Csi:
 @pytest.fixture
 def csi(tmp_path: Path) -> Iterator[Csi]:
     socket = tmp_path / "csi.sock"
-    node = Node(tmp_path, extra=("--csi-endpoint", f"unix://{socket}"))
+    node = Node(tmp_path, extra=("--csi-endpoint", f"unix://{socket}",
+                                 "--csi-kubelet-dir", str(tmp_path)))
     client = None
     try:
         node.start()
@@ -541,6 +543,43 @@ def _blkid(device: str) -> str:
     done = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device],
                           capture_output=True, text=True, check=False)
     return done.stdout.strip()
+
+
+def test_node_paths_outside_the_kubelet_directory_are_refused(csi: Csi, tmp_path: Path
+                                                              ) -> None:
+    """A request may not make the driver mount over /etc, not even through a symbolic
+    link inside the kubelet directory (here the node's base, --csi-kubelet-dir)."""
+    n = csi.nodes
+    cap = mount_cap()
+    volume_id = csi.create("pvc-paths").volume_id
+    csi.call(csi.controller.ControllerPublishVolume, pb.ControllerPublishVolumeRequest(
+        volume_id=volume_id, node_id="node1", volume_capability=cap))
+    outside = Path(tempfile.mkdtemp(prefix="cargohold-outside-"))
+    link = tmp_path / "pods" / "escape"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside)
+    try:
+        for staging in (outside, link, tmp_path / "pods" / ".." / ".." / outside.name):
+            detail = csi.fails(Code.INVALID_ARGUMENT, n.NodeStageVolume,
+                               pb.NodeStageVolumeRequest(volume_id=volume_id,
+                                                         staging_target_path=str(staging),
+                                                         volume_capability=cap))
+            assert "kubelet directory" in detail
+        staging = tmp_path / "staging"
+        csi.stage(volume_id, staging, cap)
+        for target in (outside / "mount", link / "mount"):
+            csi.fails(Code.INVALID_ARGUMENT, n.NodePublishVolume,
+                      csi.publish_request(volume_id, staging, target, cap))
+        csi.fails(Code.INVALID_ARGUMENT, n.NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(
+            volume_id=volume_id, volume_path=str(outside)))
+        assert list(outside.iterdir()) == []  # nothing made or mounted out there
+        assert _mounts_under(outside) == []
+        csi.unstage(volume_id, staging)
+    finally:
+        link.unlink()
+        if _mounts_under(outside):  # only if the driver let a request through
+            subprocess.run(["umount", "--lazy", str(outside)], check=False)
+        outside.rmdir()
 
 
 def test_block_stage_publish_write_and_read_back(csi: Csi, tmp_path: Path) -> None:

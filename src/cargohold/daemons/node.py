@@ -127,7 +127,7 @@ class NodeDaemon:
                 servers.append(await _serve(create_plugin_app(plugin), docker))
             if config.csi_endpoint is not None:
                 csi_server = await serve_csi(config.csi_endpoint.path, catalog, volumes, agent,
-                                             lambda: services.ready)
+                                             lambda: services.ready, config.csi_kubelet_dir)
             services.ready = True
             log.info("node %s ready: %d data servers, API on %s", config.name,
                      len(self.processes), ", ".join(e.url for e in config.api))

@@ -31,6 +31,7 @@ from cargohold.core.sizes import format_size
 from cargohold.errors import (
     CargoholdError,
     HostCommandFailed,
+    InvalidArgument,
     VolumeNotFound,
 )
 from cargohold.services.agent import Agent, EngineDir
@@ -78,17 +79,29 @@ def _remove(path: str) -> None:
 
 
 class CsiNode(pb_grpc.NodeServicer):
-    def __init__(self, catalog: Catalog, agent: Agent, locks: Locks) -> None:
+    def __init__(self, catalog: Catalog, agent: Agent, locks: Locks, kubelet_dir: Path) -> None:
         self.catalog = catalog
         self.agent = agent
+        self.kubelet_dir = os.path.realpath(kubelet_dir)
         self.node = agent.node
         self.state = NodeState(agent.state_dir / "csi-node.json")
         self.lock = locks
 
+    def _confined(self, path: str, field: str) -> str:
+        """``path`` if it lies inside the kubelet directory once every symbolic link is
+        followed (a request cannot make the driver mount over /etc, say)."""
+        required(path, field)
+        real = os.path.realpath(path)
+        if not os.path.isabs(path) or os.path.commonpath([real, self.kubelet_dir]) != \
+                self.kubelet_dir or real == self.kubelet_dir:
+            raise InvalidArgument(what=field, detail=f"{path!r} is not inside the kubelet "
+                                  f"directory {self.kubelet_dir} (--csi-kubelet-dir)")
+        return path
+
     @rpc
     async def NodeStageVolume(self, request: pb.NodeStageVolumeRequest) -> Any:
         name = required(request.volume_id, "volume_id")
-        staging = required(request.staging_target_path, "staging_target_path")
+        staging = self._confined(request.staging_target_path, "staging_target_path")
         cap = required_capability(request.volume_capability,
                                    request.HasField("volume_capability"))
         access = access_type(cap)
@@ -134,7 +147,7 @@ class CsiNode(pb_grpc.NodeServicer):
     @rpc
     async def NodeUnstageVolume(self, request: pb.NodeUnstageVolumeRequest) -> Any:
         name = required(request.volume_id, "volume_id")
-        staging = required(request.staging_target_path, "staging_target_path")
+        staging = self._confined(request.staging_target_path, "staging_target_path")
         async with self.lock(name):
             entry = self.state.get(name)
             if entry is None or entry["staging"] != staging:
@@ -157,13 +170,13 @@ class CsiNode(pb_grpc.NodeServicer):
     @rpc
     async def NodePublishVolume(self, request: pb.NodePublishVolumeRequest) -> Any:
         name = required(request.volume_id, "volume_id")
-        target = required(request.target_path, "target_path")
+        target = self._confined(request.target_path, "target_path")
         cap = required_capability(request.volume_capability,
                                    request.HasField("volume_capability"))
-        staging = request.staging_target_path
-        if not staging:
+        if not request.staging_target_path:
             raise refused(Code.FAILED_PRECONDITION, "staging_target_path is missing; "
                            "NodeStageVolume comes first")
+        staging = self._confined(request.staging_target_path, "staging_target_path")
         access = access_type(cap)
         readonly = request.readonly or cap.access_mode.mode == Mode.SINGLE_NODE_READER_ONLY
         flags = sorted(set(cap.mount.mount_flags)) if access == "mount" else []
@@ -229,7 +242,7 @@ class CsiNode(pb_grpc.NodeServicer):
     @rpc
     async def NodeUnpublishVolume(self, request: pb.NodeUnpublishVolumeRequest) -> Any:
         name = required(request.volume_id, "volume_id")
-        target = required(request.target_path, "target_path")
+        target = self._confined(request.target_path, "target_path")
         async with self.lock(name):
             entry = self.state.get(name)
             current = entry["targets"].get(target) if entry is not None else None
@@ -255,7 +268,7 @@ class CsiNode(pb_grpc.NodeServicer):
     @rpc
     async def NodeGetVolumeStats(self, request: pb.NodeGetVolumeStatsRequest) -> Any:
         name = required(request.volume_id, "volume_id")
-        path = required(request.volume_path, "volume_path")
+        path = self._confined(request.volume_path, "volume_path")
         await self.catalog.volume(name)
         if not os.path.exists(path) or not await _mounted(path):
             raise refused(Code.NOT_FOUND, f"volume {name!r} is not at {path}")
@@ -293,7 +306,7 @@ class CsiNode(pb_grpc.NodeServicer):
         (mount access) the file system, online. The file system at ``volume_path`` is the
         agent's mount (bind-mounted there), so growing that mount grows it."""
         name = required(request.volume_id, "volume_id")
-        path = required(request.volume_path, "volume_path")
+        path = self._confined(request.volume_path, "volume_path")
         async with self.lock(name):
             volume = await self.catalog.volume(name)
             if not os.path.exists(path) or not await _mounted(path):

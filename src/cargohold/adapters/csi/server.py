@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,8 +25,9 @@ from cargohold.stores.catalog import Catalog
 
 
 async def serve(path: str, catalog: Catalog, volumes: VolumeService, agent: Agent,
-                ready: Callable[[], bool]) -> Any:
-    """Serve the driver on the unix socket ``path``; return the started ``grpc.aio`` server."""
+                ready: Callable[[], bool], kubelet_dir: Path) -> Any:
+    """Serve the driver on the unix socket ``path``; return the started ``grpc.aio`` server.
+    The node service stages and publishes only under ``kubelet_dir``."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # a stale socket of a crashed node
@@ -33,7 +35,7 @@ async def serve(path: str, catalog: Catalog, volumes: VolumeService, agent: Agen
     locks = Locks()
     pb_grpc.add_IdentityServicer_to_server(CsiIdentity(catalog, ready), server)
     pb_grpc.add_ControllerServicer_to_server(CsiController(catalog, volumes, agent, locks), server)
-    pb_grpc.add_NodeServicer_to_server(CsiNode(catalog, agent, locks), server)
+    pb_grpc.add_NodeServicer_to_server(CsiNode(catalog, agent, locks, kubelet_dir), server)
     with created_with_mode(0o660):  # gRPC binds the socket itself: no window after it
         try:
             bound = server.add_insecure_port(f"unix://{path}")
