@@ -222,10 +222,14 @@ class DataServerConfig(BaseModel):
     port: int = Field(default=0, ge=0, le=65535)
     ready_file: Path | None = None
     log_level: str = "INFO"
+    max_connections: int = Field(default=256, ge=1)
+    frame_timeout: float = Field(default=30.0, gt=0.0)  # seconds with half a frame received
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", DATASERVER_MODULE, "--dir", str(self.root),
-                "--listen", f"{self.host}:{self.port}", "--log-level", self.log_level]
+                "--listen", f"{self.host}:{self.port}", "--log-level", self.log_level,
+                "--max-connections", str(self.max_connections),
+                "--frame-timeout", str(self.frame_timeout)]
         if self.ready_file is not None:
             argv += ["--ready-file", str(self.ready_file)]
         return argv
@@ -240,7 +244,12 @@ class DataServerConfig(BaseModel):
                             help="HOST:PORT (port 0: stable free port, kept across restarts)")
         parser.add_argument("--ready-file", type=Path, help="written once the server listens")
         parser.add_argument("--log-level", default="INFO")
+        parser.add_argument("--max-connections", type=int, default=256,
+                            help="connections served at once; more are closed (default 256)")
+        parser.add_argument("--frame-timeout", type=float, default=30.0,
+                            help="seconds a connection may hold half a frame (default 30)")
         args = parser.parse_args(argv)
         host, port = parse_listen(args.listen)
         return _build(cls, parser.prog, root=args.dir, host=host, port=port,
-                      ready_file=args.ready_file, log_level=args.log_level.upper())
+                      ready_file=args.ready_file, log_level=args.log_level.upper(),
+                      max_connections=args.max_connections, frame_timeout=args.frame_timeout)

@@ -53,7 +53,8 @@ def run(coro: Awaitable[T]) -> T:
 class ServerProcess:
     """``python -m cargohold.daemons.dataserver`` in a directory, restartable."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, extra: tuple[str, ...] = ()) -> None:
+        self.extra = extra  # more command line options
         self.root = base / "disk"
         self.ready_file = base / "ready.json"
         self.log = base / "server.log"
@@ -90,6 +91,7 @@ class ServerProcess:
                     str(self.ready_file),
                     "--log-level",
                     "DEBUG",
+                    *self.extra,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -595,3 +597,100 @@ def test_written_replicas_start_their_writeback(tmp_path: Path) -> None:
             store.close()
 
     asyncio.run(run())
+
+
+# --- what one client can make a data server hold --------------------------------------------
+
+
+def _raw(address: str) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _closed(sock: socket.socket, within: float) -> bool:
+    """Whether the server closed ``sock`` within ``within`` seconds."""
+    sock.settimeout(within)
+    try:
+        while True:
+            if not sock.recv(65536):
+                return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_a_connection_past_the_cap_is_closed_and_the_others_served(tmp_path: Path) -> None:
+    process = ServerProcess(tmp_path, ("--max-connections", "4"))
+    try:
+        process.start()
+
+        async def main() -> None:
+            clients = [DataClient(process.address) for _ in range(4)]
+            for c in clients:
+                await c.connect()
+                await c.hello()
+            extra = DataClient(process.address)
+            await extra.connect()  # accepted by the kernel, closed by the server at once
+            with pytest.raises(DataServerUnavailable):
+                await extra.hello()
+            await extra.close()
+            await clients[0].close()
+            await asyncio.sleep(0.2)
+            again = DataClient(process.address)
+            await again.connect()
+            assert "id" in await again.hello()
+            for c in [again, *clients[1:]]:
+                assert "id" in await c.hello()
+                await c.close()
+
+        asyncio.run(main())
+    finally:
+        process.kill()
+
+
+def test_half_a_frame_held_past_the_timeout_closes_the_connection(tmp_path: Path) -> None:
+    process = ServerProcess(tmp_path, ("--frame-timeout", "0.5"))
+    try:
+        process.start()
+        header = wire.encode_request_header(wire.Op.WRITE, 1, vid(), epoch=1, length=MIB,
+                                            generation=1, payload_length=MIB)
+        with _raw(process.address) as idle, _raw(process.address) as half_header, \
+                _raw(process.address) as half_payload:
+            half_header.sendall(header[:10])
+            half_payload.sendall(header + bytes(4096))
+            assert _closed(half_header, 3.0) and _closed(half_payload, 3.0)
+            assert not _closed(idle, 1.5)  # a connection at a frame boundary may idle
+            idle.sendall(wire.encode_request_header(wire.Op.HELLO, 2))
+            idle.settimeout(5)
+            assert len(idle.recv(65536)) > 0  # and is still served
+    finally:
+        process.kill()
+
+
+def test_reads_a_client_never_collects_are_refused_past_the_bound(server: ServerProcess) -> None:
+    v = vid()
+
+    async def setup() -> None:
+        async with DataClient(server.address) as c:
+            await c.create(v, 64 * MIB)
+            await c.fence(v, 1)
+
+    asyncio.run(setup())
+    asks = 24  # 24 x 16 MiB = 384 MiB of answers, none read until all were asked
+    with _raw(server.address) as sock:
+        sock.sendall(b"".join(
+            wire.encode_request_header(wire.Op.READ, i + 1, v, epoch=1, offset=0,
+                                       length=wire.MAX_PAYLOAD) for i in range(asks)))
+        time.sleep(1.0)
+        reader = wire.response_reader()
+        statuses: list[int] = []
+        sock.settimeout(10)
+        while len(statuses) < asks:
+            buffer = reader.get_buffer()
+            n = sock.recv_into(buffer)
+            assert n, "the server closed the connection"
+            statuses += [h.status for h, _ in reader.feed(n)]
+    ok = statuses.count(wire.Status.OK)
+    assert 1 <= ok <= 10 and len(statuses) == asks  # 128 MiB of answers, and a socket's worth
+    assert server.proc is not None and server.proc.poll() is None

@@ -76,6 +76,13 @@ _CLOSE_GRACE = 2.0
 #: replicas on one disk run at ~210 instead of ~390 MB/s.
 WRITEBACK_INTERVAL = 1.0
 WRITEBACK_AFTER = 256
+#: Bounds on what one client can make a data server hold. An engine keeps at most 64
+#: requests of 1 MiB in flight and a resync 8: these leave room for both and stop a client
+#: that pipelines reads it never collects, opens connections without end, or stops half way
+#: through a frame (its buffer held for good).
+MAX_CONNECTIONS = 256
+MAX_UNREAD = 128 << 20  # bytes of answers queued on one connection that its peer has not read
+FRAME_TIMEOUT = 30.0  # seconds a connection may sit with half a frame received
 _LATER = object()  # a handler's result: the response is sent when the work completes
 _pack_response = RESPONSE_HEADER.pack  # encode_response_header, inlined for the OK answers
 
@@ -91,6 +98,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._out: list[BytesLike] = []
         self._shared: mmap.mmap | None = None  # the client's write buffers (Op.SHARE)
         self._shared_view: memoryview | None = None
+        self._unsent = 0  # bytes of read answers queued in ``_out``
+        self._received = 0  # bytes received so far (the stall watch compares them)
+        self._watch: asyncio.TimerHandle | None = None
         self.peer = "?"
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -101,11 +111,33 @@ class _Connection(asyncio.BufferedProtocol):
         widen_send_buffer(transport)  # answers to 1 MiB reads leave in one piece
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
-        self._server.connections.add(self)
+        server = self._server
+        if len(server.connections) >= server.max_connections:
+            log.warning("refusing connection from %s: %d connections already", self.peer,
+                        len(server.connections))
+            transport.close()
+            return
+        server.connections.add(self)
+        self._watch_stalls(-1)
         log.debug("connection from %s", self.peer)
+
+    def _watch_stalls(self, received: int) -> None:
+        """Close a connection that received nothing for a whole ``frame_timeout`` while
+        holding part of a frame; look again one period later otherwise."""
+        if self._transport is None:
+            return
+        if received == self._received and self._reader.partial():
+            log.warning("closing connection from %s: half a frame for %.0f s", self.peer,
+                        self._server.frame_timeout)
+            self.abort()
+            return
+        self._watch = asyncio.get_running_loop().call_later(
+            self._server.frame_timeout, self._watch_stalls, self._received)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
+        if self._watch is not None:
+            self._watch.cancel()
         self._transport = None
         self._unshare()
         if not self.lost.done():
@@ -116,6 +148,7 @@ class _Connection(asyncio.BufferedProtocol):
         return self._reader.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._received += nbytes
         try:
             frames = self._reader.feed(nbytes)
         except InvalidArgument as exc:
@@ -171,6 +204,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _send(self) -> None:
         out, self._out = self._out, []
+        self._unsent = 0
         transport = self._transport
         if not out or transport is None or transport.is_closing():
             return
@@ -236,7 +270,14 @@ class _Connection(asyncio.BufferedProtocol):
         replica = self._io_replica(header)
         if header.length > MAX_PAYLOAD:
             raise InvalidArgument(what="length", detail=f"reads are limited to {MAX_PAYLOAD}")
-        return replica.read(header.offset, header.length)
+        transport = self._transport
+        unread = self._unsent + (transport.get_write_buffer_size() if transport else 0)
+        if unread + header.length > MAX_UNREAD:
+            raise InvalidArgument(what="READ", detail=f"{unread} bytes of answers are still "
+                                  "unread on this connection; read them before asking more")
+        data = replica.read(header.offset, header.length)
+        self._unsent += len(data)
+        return data
 
     def _write(self, header: RequestHeader, payload: memoryview) -> bytes:
         replica = self._io_replica(header)
@@ -426,8 +467,11 @@ def _op_name(op: int) -> str:
 class DataProtocolServer:
     """A listening data server over a ``ChunkStore`` (see ``serve``)."""
 
-    def __init__(self, store: ChunkStore) -> None:
+    def __init__(self, store: ChunkStore, max_connections: int = MAX_CONNECTIONS,
+                 frame_timeout: float = FRAME_TIMEOUT) -> None:
         self.store = store
+        self.max_connections = max_connections
+        self.frame_timeout = frame_timeout
         self.connections: set[_Connection] = set()
         self.flushes: set[asyncio.Future[None]] = set()
         self.host = ""

@@ -328,6 +328,10 @@ class FrameReader(Generic[H]):
             self._spare is not None and payload.obj is self._spare
         )
 
+    def partial(self) -> bool:
+        """Whether part of a frame has arrived and waits for the rest."""
+        return self._large is not None or self._end > self._start
+
     def get_buffer(self) -> memoryview:
         if self._large is not None:
             return self._large[self._large_filled :]

@@ -44,7 +44,7 @@ async def _run(config: DataServerConfig) -> None:
         ready_file.unlink(missing_ok=True)  # never let a waiter see the previous run's file
     store = DiskChunkStore(root)
     try:
-        server = DataProtocolServer(store)
+        server = DataProtocolServer(store, config.max_connections, config.frame_timeout)
         await _listen(server, config.host, config.port,
                       int(store.server_record().get("port", 0)))
         if server.port != store.server_record().get("port"):
