@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 
 MAX_REPLICAS = 5
 #: An identical create that finds the volume being created waits this long for it.
+CREATE_WAIT = Backoff(first=0.05, most=0.05, timeout=30.0)
 #: A record still *creating* this long after it was made belongs to a create that died.
 ABANDONED_AFTER = 300.0
-CREATE_WAIT = Backoff(first=0.05, most=0.05, timeout=30.0)
 
 
 class VolumeService:
