@@ -60,6 +60,10 @@ _BATCH = 32
 _BATCH_BYTES = 128 << 10
 _CLOSE_GRACE = 1.0
 _GENS_PAGE = MAX_GENS_CHUNKS
+#: Seconds a control-plane caller (create, delete, resize, fence, a resync's or scrub's
+#: copy) waits for each answer: a data server that stopped answering must not hang a create,
+#: its rollback or the controller's pass. The engine's data path sets none.
+CONTROL_TIMEOUT = 30.0
 #: What a response resolves: the OK payload (``bytes``, or a ``memoryview`` of a buffer of its
 #: own for large reads), or the status as a ``cargohold.errors`` exception.
 Reply = asyncio.Future["bytes | memoryview"]
@@ -137,12 +141,16 @@ class DataClient:
     """
 
     def __init__(self, address: str, server_id: str = "", local_socket: str | None = None,
-                 shared: SharedMemory | None = None) -> None:
+                 shared: SharedMemory | None = None, call_timeout: float | None = None) -> None:
+        """``call_timeout``: how long a call that names no timeout of its own waits for its
+        answer (None: for ever, as the engine's data path wants; control operations set one,
+        so that a data server that stopped answering cannot hang them)."""
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
             raise InvalidArgument(what="data server address", detail=f"{address!r}")
         self.address = address
         self.server_id = server_id
+        self.call_timeout = call_timeout
         self._host, self._port = host.strip("[]"), int(port)
         self._local_socket = local_socket
         self._protocol: _Protocol | None = None
@@ -410,6 +418,8 @@ class DataClient:
         if self._paused and self.connected:
             await self._wait_writable()
         future = self._submit(op, volume_id, epoch, offset, length, generation, payload)
+        if timeout is None:
+            timeout = self.call_timeout
         try:
             if timeout is None:
                 body = await future

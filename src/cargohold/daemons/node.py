@@ -204,7 +204,7 @@ class NodeDaemon:
                             address=process.info["address"], path=str(process.path),
                             capacity=usage.total, free=usage.free,
                             max_provisioned=int(usage.total * self.config.overprovision))
-        client = DataClient(record.address, record.id)
+        client = DataClient(record.address, record.id, call_timeout=2.0)  # the lease waits
         try:
             await client.connect(timeout=1.0)
             hello = await client.hello()

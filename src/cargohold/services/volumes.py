@@ -16,7 +16,7 @@ from array import array
 from typing import Any
 
 from cargohold.clients import kernel
-from cargohold.clients.dataclient import DataClient
+from cargohold.clients.dataclient import CONTROL_TIMEOUT, DataClient
 from cargohold.core import placement
 from cargohold.core.layout import generation_table
 from cargohold.core.models import DataServer, Replica, ReplicaState, Volume, VolumeState
@@ -367,7 +367,7 @@ class ServerSession:
     """A short-lived connection to one data server, for control operations."""
 
     def __init__(self, server: DataServer) -> None:
-        self.client = DataClient(server.address, server.id)
+        self.client = DataClient(server.address, server.id, call_timeout=CONTROL_TIMEOUT)
 
     async def __aenter__(self) -> DataClient:
         try:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cargohold.clients.dataclient import DataClient
+from cargohold.clients.dataclient import CONTROL_TIMEOUT, DataClient
 from cargohold.core.layout import CHUNK_SIZE, copy_plan, generation_table
 from cargohold.core.models import DataServer, ReplicaState, Volume, VolumeState, server_up
 from cargohold.errors import CargoholdError, VolumeBusy
@@ -79,7 +79,8 @@ class Resync:
         targets = [r.server for r in volume.replicas if r.state is ReplicaState.RESYNCING]
         sources = [r.server for r in volume.in_sync() if server_up(servers.get(r.server))]
         log.info("resync of %s (epoch %d): %s from %s", name, epoch, targets, sources)
-        clients = {sid: DataClient(servers[sid].address, sid) for sid in sources + targets}
+        clients = {sid: DataClient(servers[sid].address, sid, call_timeout=CONTROL_TIMEOUT)
+                   for sid in sources + targets}
         copied = total = 0
         try:
             await asyncio.gather(*(clients[t].connect() for t in targets))

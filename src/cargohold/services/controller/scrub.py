@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import asdict
 
-from cargohold.clients.dataclient import DataClient
+from cargohold.clients.dataclient import CONTROL_TIMEOUT, DataClient
 from cargohold.core.layout import CHUNK_SIZE, generation_table
 from cargohold.core.models import Volume, VolumeState, server_up
 from cargohold.errors import CargoholdError, ChecksumMismatch, VolumeBusy
@@ -97,7 +97,7 @@ class Scrub:
         try:
             for replica in volume.in_sync():
                 server = servers.get(replica.server)
-                client = (DataClient(server.address, server.id)
+                client = (DataClient(server.address, server.id, call_timeout=CONTROL_TIMEOUT)
                           if server is not None and server_up(server) else None)
                 try:
                     if client is None:
