@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from cargohold import __version__
-from cargohold.config import DEFAULT_DOCKER_SOCKET, Endpoint, NodeConfig, client_config
+from cargohold.config import (
+    DEFAULT_DOCKER_SOCKET,
+    Endpoint,
+    NodeConfig,
+    client_config,
+    read_tokens_file,
+)
 from cargohold.core.sizes import format_size, parse_size
 from cargohold.errors import CargoholdError, InvalidArgument, Kind
 
@@ -129,6 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--lease-ttl", type=float, default=10.0,
                       help="seconds without renewal after which this node counts as down "
                            "and its volumes may be taken over (default 10)")
+    node.add_argument("--tokens-file", metavar="FILE",
+                      help="named bearer tokens of the TCP API, a line each: NAME ROLE TOKEN "
+                           "(ROLE admin or read-only); mode 600")
     node.add_argument("--csi-endpoint", default="none",
                       help="serve the Kubernetes CSI driver on unix:///PATH (default: none)")
     node.add_argument("--csi-kubelet-dir", default="/var/lib/kubelet",
@@ -193,6 +202,8 @@ def _run_node(args: argparse.Namespace) -> int:
             fields["csi_endpoint"] = Endpoint(url=args.csi_endpoint)
         fields["csi_kubelet_dir"] = Path(args.csi_kubelet_dir)
         fields["token"] = client_config(None, args.token_file).token
+        if args.tokens_file:
+            fields["tokens"] = read_tokens_file(Path(args.tokens_file))
         config = NodeConfig(**fields)
     except (ValidationError, ValueError) as e:
         raise InvalidArgument(what="node configuration", detail=str(e).splitlines()[-1]) \

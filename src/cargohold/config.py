@@ -16,7 +16,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -65,6 +65,45 @@ class Endpoint(BaseModel):
         return urlparse(self.url).port or 0
 
 
+class ApiToken(BaseModel):
+    """A bearer token of the TCP API: its name (for the audit log), role and secret."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")
+    role: Literal["admin", "read-only"]
+    token: str = Field(min_length=MIN_TOKEN, repr=False)
+
+
+def read_tokens_file(path: Path) -> list[ApiToken]:
+    """``NAME ROLE TOKEN`` per line (``#`` starts a comment; ROLE is admin or read-only).
+    The file must be readable by its owner only, as an ssh key must."""
+    try:
+        mode = path.stat().st_mode
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise InvalidArgument(what="--tokens-file", detail=f"{path}: {e.strerror or e}") from None
+    if mode & 0o077:
+        raise InvalidArgument(what="--tokens-file", detail=f"{path} is readable by others "
+                              f"(mode {mode & 0o777:o}): chmod 600 it")
+    tokens: list[ApiToken] = []
+    for number, line in enumerate(lines, 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        try:
+            if len(words) != 3:
+                raise ValueError("want NAME ROLE TOKEN")
+            tokens.append(ApiToken(name=words[0], role=words[1], token=words[2]))  # type: ignore[arg-type]
+        except (ValueError, ValidationError) as e:
+            detail = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+            raise InvalidArgument(what="--tokens-file",
+                                  detail=f"{path} line {number}: {detail}") from None
+    if len({t.name for t in tokens}) != len(tokens):
+        raise InvalidArgument(what="--tokens-file", detail=f"{path}: a name is used twice")
+    return tokens
+
+
 class NodeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -73,7 +112,8 @@ class NodeConfig(BaseModel):
     data_dirs: list[Path] = []
     metadata: str = ""
     api: list[Endpoint] = [Endpoint(url=DEFAULT_API)]
-    token: str = ""  # required on TCP endpoints
+    token: str = ""  # an admin token named "default" (--token-file, CARGOHOLD_TOKEN)
+    tokens: list[ApiToken] = []  # named tokens with roles (--tokens-file)
     docker_socket: Path | None = DEFAULT_DOCKER_SOCKET  # None: no Docker volume plugin
     csi_endpoint: Endpoint | None = None  # unix:///PATH of the CSI driver; None: no CSI
     csi_kubelet_dir: Path = DEFAULT_KUBELET_DIR  # CSI stages and publishes only under it
@@ -90,10 +130,14 @@ class NodeConfig(BaseModel):
     def model_post_init(self, _context: object) -> None:
         if not self.metadata:
             self.metadata = f"sqlite://{(self.state_dir / 'meta.db').absolute()}"
-        if any(not e.is_unix for e in self.api) and len(self.token) < MIN_TOKEN:
+        if self.token and len(self.token) < MIN_TOKEN:
+            raise InvalidArgument(what="API token", detail=f"a bearer token needs {MIN_TOKEN} "
+                                  f"characters or more (--token-file or {TOKEN_ENV})")
+        if any(not e.is_unix for e in self.api) and not self.api_tokens():
             raise InvalidArgument(what="API endpoint",
                                   detail=f"a TCP API needs a bearer token of {MIN_TOKEN} "
-                                         f"characters or more (--token-file or {TOKEN_ENV})")
+                                         f"characters or more (--token-file, {TOKEN_ENV} or "
+                                         "--tokens-file)")
         if self.csi_endpoint is not None and not self.csi_endpoint.is_unix:
             raise InvalidArgument(what="CSI endpoint",
                                   detail="the CSI driver serves a unix socket: unix:///PATH")
@@ -101,6 +145,13 @@ class NodeConfig(BaseModel):
             raise InvalidArgument(what="--csi-kubelet-dir",
                                   detail=f"{self.csi_kubelet_dir} is not an absolute path "
                                          "below /")
+
+
+    def api_tokens(self) -> list[ApiToken]:
+        """Every token the TCP API takes: the named ones and the default admin one."""
+        default = ([ApiToken(name="default", role="admin", token=self.token)]
+                   if self.token else [])
+        return [*self.tokens, *default]
 
 
 class ClientConfig(BaseModel):

@@ -320,6 +320,13 @@ class Unauthorized(CargoholdError):
     kind = Kind.INVALID
 
 
+class Forbidden(CargoholdError):
+    """Token {name!r} is read-only: {method} {path} changes the cluster. Use an admin token."""
+
+    code = "forbidden"
+    kind = Kind.INVALID
+
+
 _BY_CODE: dict[str, type[CargoholdError]] = {}
 
 

@@ -167,3 +167,38 @@ def test_sockets_are_never_open_to_other_users(tmp_path: Path) -> None:
                 if mode & 0o007} == {}
     finally:
         n.cleanup()
+
+
+def test_named_tokens_have_roles_and_every_change_is_audited(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tokens = tmp_path / "tokens"
+    tokens.write_text("ops admin admin-secret-0123456789\n"
+                      "grafana read-only reader-secret-0123456789\n")
+    tokens.chmod(0o600)
+    n = Node(tmp_path, data_servers=1, extra=("--api", f"tcp://127.0.0.1:{port}",
+                                              "--tokens-file", str(tokens)))
+    try:
+        n.start()
+
+        def cli(secret: str, *args: str) -> subprocess.CompletedProcess[str]:
+            token_file = tmp_path / "mine"
+            token_file.write_text(secret + "\n")
+            return subprocess.run([sys.executable, "-m", "cargohold.cli", "--host",
+                                   f"tcp://127.0.0.1:{port}", "--token-file", str(token_file),
+                                   *args], capture_output=True, text=True, env=_env())
+
+        assert cli("reader-secret-0123456789", "volume", "ls").returncode == 0
+        refused = cli("reader-secret-0123456789", "volume", "create", "t", "--size", "64M",
+                      "--replicas", "1")
+        assert refused.returncode == 2 and "[forbidden]" in refused.stderr
+        made = cli("admin-secret-0123456789", "volume", "create", "t", "--size", "64M",
+                   "--replicas", "1")
+        assert made.returncode == 0, made.stderr
+        n.cli("volume", "rm", "t")  # over the unix socket
+        audit = [json.loads(line) for line in (n.state / "audit.log").read_text().splitlines()]
+        assert [(r["who"], r["method"], r["status"]) for r in audit] == [
+            ("grafana", "POST", 403), ("ops", "POST", 201), ("local", "DELETE", 204)]
+    finally:
+        n.cleanup()

@@ -4,6 +4,7 @@ way is rolled back. (Creates interrupted on a live node: tests/integration/test_
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -14,16 +15,18 @@ import pytest
 from cargohold.adapters.dockerplugin import DockerPlugin
 from cargohold.adapters.dockerplugin import create_app as create_plugin_app
 from cargohold.adapters.rest import Services, create_app
+from cargohold.config import ApiToken, read_tokens_file
 from cargohold.core.models import Replica, Volume
 from cargohold.core.names import check_name
 from cargohold.core.sizes import parse_size, volume_size
-from cargohold.errors import InvalidName, InvalidSize
+from cargohold.errors import InvalidArgument, InvalidName, InvalidSize
 from cargohold.services.agent import Agent
 from cargohold.services.controller.controller import Controller
 from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
 from cargohold.services.nodes import NodeRemoval
 from cargohold.services.volumes import VolumeService
+from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import MemoryStore
 
@@ -114,3 +117,69 @@ def test_the_controller_rolls_back_a_create_whose_node_died_half_way() -> None:
     assert rolled_back == ["stale"]
     assert [v.name for v in volumes] == ["fresh"]
     assert sorted(garbage) == [("gone1", "ab" * 16), ("gone2", "ab" * 16)]
+
+
+# --- roles and the audit log --------------------------------------------------------------
+
+ADMIN = "admin-secret-0123456789"
+READER = "reader-secret-0123456789"
+
+
+def _tokens() -> list[ApiToken]:
+    return [ApiToken(name="ops", role="admin", token=ADMIN),
+            ApiToken(name="grafana", role="read-only", token=READER)]
+
+
+def test_a_read_only_token_reads_and_changes_nothing_and_every_change_is_audited(
+        tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path / "audit.log")
+
+    async def body() -> dict[str, int]:
+        services = _services(tmp_path)
+        app = create_app(services, _tokens(), audit)
+        transport = httpx.ASGITransport(app=app, client=("10.0.0.9", 4711))
+        statuses = {}
+        async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
+            for who, secret in (("nobody", "wrong-secret-0123456789"), ("grafana", READER),
+                                ("ops", ADMIN)):
+                headers = {"authorization": f"Bearer {secret}"}
+                read = await client.get("/v1/volumes", headers=headers)
+                change = await client.post("/v1/volumes", headers=headers,
+                                           json={"name": "v", "size": "64M"})
+                statuses[f"{who} GET"] = read.status_code
+                statuses[f"{who} POST"] = change.status_code
+                if who == "grafana":
+                    assert change.json()["error"]["code"] == "forbidden"
+            assert (await client.get("/healthz")).status_code == 200  # for probes
+        assert await services.catalog.volumes() == []  # nothing made by the refused calls
+        return statuses
+
+    statuses = asyncio.run(body())
+    assert statuses == {"nobody GET": 401, "nobody POST": 401, "grafana GET": 200,
+                        "grafana POST": 403, "ops GET": 200,
+                        "ops POST": 409}  # no data servers here: refused by placement
+    lines = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert [(r["who"], r["method"], r["path"], r["status"]) for r in lines] == [
+        ("unknown", "POST", "/v1/volumes", 401), ("grafana", "POST", "/v1/volumes", 403),
+        ("ops", "POST", "/v1/volumes", 409)]
+    assert {r["peer"] for r in lines} == {"10.0.0.9:4711"}
+    assert (tmp_path / "audit.log").stat().st_mode & 0o077 == 0
+
+
+def test_the_tokens_file_is_checked_line_by_line(tmp_path: Path) -> None:
+    good = tmp_path / "tokens"
+    good.write_text(f"# name role token\nops admin {ADMIN}\ngrafana read-only {READER}  # ro\n")
+    good.chmod(0o600)
+    assert [(t.name, t.role) for t in read_tokens_file(good)] == [("ops", "admin"),
+                                                                  ("grafana", "read-only")]
+    good.chmod(0o644)
+    with pytest.raises(InvalidArgument, match="readable by others"):
+        read_tokens_file(good)
+    for text, problem in ((f"ops root {ADMIN}\n", "line 1"), ("ops admin short\n", "line 1"),
+                          (f"ops admin {ADMIN}\nops read-only {READER}\n", "used twice"),
+                          (f"\nops admin {ADMIN} extra\n", "line 2")):
+        bad = tmp_path / "bad"
+        bad.write_text(text)
+        bad.chmod(0o600)
+        with pytest.raises(InvalidArgument, match=problem):
+            read_tokens_file(bad)

@@ -25,6 +25,7 @@ from cargohold.core.sizes import parse_size
 from cargohold.errors import CargoholdError, InvalidArgument, InvalidOption, VolumeExists
 from cargohold.services.agent import Agent
 from cargohold.services.volumes import VolumeService
+from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,12 @@ def _name(body: dict[str, Any]) -> str:
     return name
 
 
-def create_app(plugin: DockerPlugin) -> Starlette:
+#: Plugin calls that change something: each is written to the audit log.
+CHANGES = frozenset({"/VolumeDriver.Create", "/VolumeDriver.Remove", "/VolumeDriver.Mount",
+                     "/VolumeDriver.Unmount"})
+
+
+def create_app(plugin: DockerPlugin, audit: AuditLog | None = None) -> Starlette:
     handlers = {
         "/Plugin.Activate": plugin.activate,
         "/VolumeDriver.Capabilities": plugin.capabilities,
@@ -176,6 +182,7 @@ def create_app(plugin: DockerPlugin) -> Starlette:
 
         async def serve(request: Request) -> JSONResponse:
             raw = await request.body()
+            body: Any = {}
             try:
                 body = json.loads(raw) if raw.strip() else {}
                 result = await handler(body if isinstance(body, dict) else {})
@@ -184,6 +191,10 @@ def create_app(plugin: DockerPlugin) -> Starlette:
                 result = {"Err": f"{e.message} [{e.code}]"}
             except ValueError as e:
                 result = {"Err": f"malformed request: {e}"}
+            if audit is not None and path in CHANGES:
+                name = body.get("Name") if isinstance(body, dict) else None
+                audit.record("docker", "unix", "POST", path, 200, volume=str(name),
+                             error=result.get("Err", ""))
             return JSONResponse(result, media_type=CONTENT_TYPE)
 
         return serve

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,16 +19,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from cargohold import __version__
+from cargohold.config import ApiToken
 from cargohold.core.models import DataServer, Node, Volume
-from cargohold.errors import CargoholdError, Kind, NodeNotFound, Unauthorized
+from cargohold.errors import CargoholdError, Forbidden, Kind, NodeNotFound, Unauthorized
 from cargohold.services.agent import Agent
 from cargohold.services.controller.controller import Controller
 from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
 from cargohold.services.nodes import NodeRemoval
 from cargohold.services.volumes import VolumeService
+from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
 
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # everything else changes something
 HTTP_STATUS = {
     Kind.INVALID: 400,
     Kind.NOT_FOUND: 404,
@@ -112,7 +115,10 @@ def node_view(node: Node, servers: list[DataServer], stale_after: float,
     return view
 
 
-def create_app(services: Services, token: str = "") -> FastAPI:
+def create_app(services: Services, tokens: Sequence[ApiToken] = (),
+               audit: AuditLog | None = None) -> FastAPI:
+    """The API over ``services``. With ``tokens`` (TCP) every call needs one of them and a
+    change needs an admin one; ``audit`` records every change."""
     app = FastAPI(title="cargohold", version=__version__,
                   description="Replicated block volumes for containers.")
 
@@ -127,16 +133,34 @@ def create_app(services: Services, token: str = "") -> FastAPI:
         body = {"code": "invalid_argument", "message": f"Invalid request: {details}"}
         return JSONResponse({"error": body}, status_code=400)
 
-    if token:
-        @app.middleware("http")
-        async def _auth(request: Request, call_next: Any) -> Response:
-            given = request.headers.get("authorization", "")
-            if request.url.path not in ("/healthz",) and not hmac.compare_digest(
-                    given.encode(), f"Bearer {token}".encode()):
-                error = Unauthorized()
-                return JSONResponse({"error": error.to_dict()}, status_code=401)
-            response: Response = await call_next(request)
-            return response
+    by_secret = {f"Bearer {t.token}".encode(): t for t in tokens}
+
+    @app.middleware("http")
+    async def _auth_and_audit(request: Request, call_next: Any) -> Response:
+        """On TCP: a known token, and an admin one for changes. Every change is audited."""
+        method, path = request.method, request.url.path
+        changes = method not in READ_METHODS
+        who, peer = "local", "unix"
+        if request.client is not None:
+            peer = f"{request.client.host}:{request.client.port}"
+        if tokens and path != "/healthz":
+            given = request.headers.get("authorization", "").encode()
+            found = next((t for secret, t in by_secret.items()
+                          if hmac.compare_digest(given, secret)), None)
+            if found is None:
+                if changes and audit is not None:
+                    audit.record("unknown", peer, method, path, 401)
+                return JSONResponse({"error": Unauthorized().to_dict()}, status_code=401)
+            who = found.name
+            if changes and found.role != "admin":
+                if audit is not None:
+                    audit.record(who, peer, method, path, 403)
+                error = Forbidden(name=who, method=method, path=path)
+                return JSONResponse({"error": error.to_dict()}, status_code=403)
+        response: Response = await call_next(request)
+        if changes and audit is not None:
+            audit.record(who, peer, method, path, response.status_code)
+        return response
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -38,6 +38,7 @@ from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
 from cargohold.services.nodes import NodeRemoval
 from cargohold.services.volumes import VolumeService
+from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import MetadataStore
 from cargohold.stores.opener import open_store
@@ -117,14 +118,15 @@ class NodeDaemon:
                                 EventFeed(store), NodeRemoval(catalog), config.name,
                                 stale_after=max(config.lease_ttl,
                                                 3 * config.server_check_interval))
+            audit = AuditLog(config.state_dir / "audit.log")
             for endpoint in config.api:
-                token = "" if endpoint.is_unix else config.token
-                servers.append(await _serve(create_app(services, token), endpoint))
+                tokens = [] if endpoint.is_unix else config.api_tokens()
+                servers.append(await _serve(create_app(services, tokens, audit), endpoint))
             if config.docker_socket is not None:
                 plugin = DockerPlugin(catalog, volumes, agent,
                                       config.state_dir / "docker-mounts.json")
                 docker = Endpoint(url=f"unix://{config.docker_socket}")
-                servers.append(await _serve(create_plugin_app(plugin), docker))
+                servers.append(await _serve(create_plugin_app(plugin, audit), docker))
             if config.csi_endpoint is not None:
                 csi_server = await serve_csi(config.csi_endpoint.path, catalog, volumes, agent,
                                              lambda: services.ready, config.csi_kubelet_dir)
