@@ -15,8 +15,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from cargohold import __version__
 from cargohold.config import ApiToken
@@ -43,18 +44,63 @@ HTTP_STATUS = {
 }
 
 
+class ErrorBody(BaseModel):
+    code: str  # stable: see errors.py
+    message: str  # what happened and what to do next
+
+
+class Error(BaseModel):
+    error: ErrorBody
+
+
+#: Every error status an operation may answer, with the one body they all share.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": Error, "description": text} for status, text in (
+        (400, "bad input (invalid_argument, invalid_name, invalid_size, ...)"),
+        (401, "a bearer token is needed (TCP)"), (403, "the token is read-only"),
+        (404, "no such volume or node"), (409, "conflicts with the current state"),
+        (500, "an internal error"), (503, "a node, data server or the metadata store is down"),
+        (507, "out of space"))}
+
+
+def _with_bearer(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document of a TCP API: every operation but /healthz wants the token."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version,
+                             description=app.description, routes=app.routes)
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}]
+        schema["paths"]["/healthz"]["get"]["security"] = []
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+# The document states what a good value looks like (``json_schema_extra``: documented, not
+# enforced here, so that a bad one gets cargohold's own message and code, not pydantic's).
+NAME_DOC = Field(json_schema_extra={"pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+                                    "examples": ["pgdata"]})
+SIZE_DOC = Field(json_schema_extra=lambda schema: schema.update(
+    anyOf=[{"type": "string", "pattern": "^[1-9][0-9]{0,5}[MGT]?$"},
+           {"type": "integer", "minimum": 16 << 20, "maximum": 64 << 40}],
+    examples=["2G", "512M", 1073741824]))
+REPLICAS_DOC = Field(default=2, json_schema_extra=lambda schema: schema.update(
+    anyOf=[{"type": "integer", "minimum": 1, "maximum": 5},
+           {"type": "string", "pattern": "^[1-5]$"}]))
+
+
 class CreateVolume(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
-    size: str | int
-    replicas: int | str = 2
-    fs: str = "ext4"
+    name: str = NAME_DOC
+    size: str | int = SIZE_DOC
+    replicas: int | str = REPLICAS_DOC
+    fs: str = Field(default="ext4", json_schema_extra={"enum": ["ext4", "xfs"]})
     exist_ok: bool = False
 
 
 class ResizeVolume(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    size: str | int
+    size: str | int = SIZE_DOC
 
 
 @dataclass
@@ -120,7 +166,10 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
     """The API over ``services``. With ``tokens`` (TCP) every call needs one of them and a
     change needs an admin one; ``audit`` records every change."""
     app = FastAPI(title="cargohold", version=__version__,
-                  description="Replicated block volumes for containers.")
+                  description="Replicated block volumes for containers.",
+                  responses=ERROR_RESPONSES)
+    if tokens:
+        app.openapi = lambda: _with_bearer(app)  # type: ignore[method-assign]
 
     @app.exception_handler(CargoholdError)
     async def _error(_request: Request, error: CargoholdError) -> JSONResponse:
