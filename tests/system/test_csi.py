@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import json
 import os
 import stat
 import subprocess
@@ -575,6 +576,15 @@ def test_node_paths_outside_the_kubelet_directory_are_refused(csi: Csi, tmp_path
         assert list(outside.iterdir()) == []  # nothing made or mounted out there
         assert _mounts_under(outside) == []
         csi.unstage(volume_id, staging)
+        audit = [json.loads(line) for line in
+                 (csi.node.state / "audit.log").read_text().splitlines()]
+        csi_lines = [(r["who"], r["path"], r["result"]) for r in audit if r["who"] == "csi"]
+        assert csi_lines == [("csi", "CreateVolume", "OK"),
+                             ("csi", "ControllerPublishVolume", "OK"),
+                             *[("csi", "NodeStageVolume", "INVALID_ARGUMENT")] * 3,
+                             ("csi", "NodeStageVolume", "OK"),
+                             *[("csi", "NodePublishVolume", "INVALID_ARGUMENT")] * 2,
+                             ("csi", "NodeUnstageVolume", "OK")]
     finally:
         link.unlink()
         if _mounts_under(outside):  # only if the driver let a request through

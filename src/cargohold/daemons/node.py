@@ -129,7 +129,8 @@ class NodeDaemon:
                 servers.append(await _serve(create_plugin_app(plugin, audit), docker))
             if config.csi_endpoint is not None:
                 csi_server = await serve_csi(config.csi_endpoint.path, catalog, volumes, agent,
-                                             lambda: services.ready, config.csi_kubelet_dir)
+                                             lambda: services.ready, config.csi_kubelet_dir,
+                                             audit)
             services.ready = True
             log.info("node %s ready: %d data servers, API on %s", config.name,
                      len(self.processes), ", ".join(e.url for e in config.api))

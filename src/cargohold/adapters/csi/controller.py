@@ -44,6 +44,7 @@ from cargohold.errors import (
 )
 from cargohold.services.agent import Agent
 from cargohold.services.volumes import VolumeService
+from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ log = logging.getLogger(__name__)
 
 class CsiController(pb_grpc.ControllerServicer):
     def __init__(self, catalog: Catalog, volumes: VolumeService, agent: Agent,
-                 locks: Locks) -> None:
+                 locks: Locks, audit: AuditLog | None = None) -> None:
+        self.audit = audit  # every change is written there (``rpc``)
         self.catalog = catalog
         self.volumes = volumes
         self.agent = agent

@@ -35,6 +35,7 @@ from cargohold.errors import (
     VolumeNotFound,
 )
 from cargohold.services.agent import Agent, EngineDir
+from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,9 @@ def _remove(path: str) -> None:
 
 
 class CsiNode(pb_grpc.NodeServicer):
-    def __init__(self, catalog: Catalog, agent: Agent, locks: Locks, kubelet_dir: Path) -> None:
+    def __init__(self, catalog: Catalog, agent: Agent, locks: Locks, kubelet_dir: Path,
+                 audit: AuditLog | None = None) -> None:
+        self.audit = audit  # every change is written there (``rpc``)
         self.catalog = catalog
         self.agent = agent
         self.kubelet_dir = os.path.realpath(kubelet_dir)

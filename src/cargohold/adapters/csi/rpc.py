@@ -29,6 +29,7 @@ from cargohold.errors import (
     InvalidReplicas,
     Kind,
 )
+from cargohold.stores.auditlog import AuditLog
 
 log = logging.getLogger(__name__)
 
@@ -83,18 +84,43 @@ def grpc_status(error: Exception) -> tuple[grpc.StatusCode, str]:
 Handler = Callable[[Any, Any], Awaitable[Any]]
 
 
+#: Calls that change something: each is written to the audit log (``self.audit`` of the
+#: service, when it has one).
+CHANGES = frozenset({"CreateVolume", "DeleteVolume", "ControllerPublishVolume",
+                     "ControllerUnpublishVolume", "ControllerExpandVolume", "NodeStageVolume",
+                     "NodeUnstageVolume", "NodePublishVolume", "NodeUnpublishVolume",
+                     "NodeExpandVolume"})
+
+
 def rpc(method: Handler) -> Callable[[Any, Any, Any], Awaitable[Any]]:
+    name = method.__name__
+    audited = name in CHANGES
+
     @functools.wraps(method)
     async def serve(self: Any, request: Any, context: Any) -> Any:
         try:
-            return await method(self, request)
+            response = await method(self, request)
         except (CargoholdError, OSError) as e:
             code, message = grpc_status(e)
+        else:
+            if audited:
+                _audit(self, name, request, Code.OK)
+            return response
         level = logging.ERROR if code in (Code.INTERNAL, Code.UNKNOWN) else logging.INFO
-        log.log(level, "CSI %s: %s: %s", method.__name__, code.name, message)
+        log.log(level, "CSI %s: %s: %s", name, code.name, message)
+        if audited:
+            _audit(self, name, request, code)
         await context.abort(code, message)
 
     return serve
+
+
+def _audit(service: Any, name: str, request: Any, code: grpc.StatusCode) -> None:
+    audit: AuditLog | None = getattr(service, "audit", None)
+    if audit is not None:
+        volume = getattr(request, "volume_id", "") or getattr(request, "name", "")
+        audit.record("csi", "unix", "gRPC", name, code.value[0], result=code.name,
+                     volume=volume)
 
 
 def unimplemented(what: str) -> Callable[[Any, Any, Any], Awaitable[Any]]:

@@ -21,21 +21,25 @@ from cargohold.errors import (
 )
 from cargohold.services.agent import Agent
 from cargohold.services.volumes import VolumeService
+from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
 
 
 async def serve(path: str, catalog: Catalog, volumes: VolumeService, agent: Agent,
-                ready: Callable[[], bool], kubelet_dir: Path) -> Any:
+                ready: Callable[[], bool], kubelet_dir: Path,
+                audit: AuditLog | None = None) -> Any:
     """Serve the driver on the unix socket ``path``; return the started ``grpc.aio`` server.
-    The node service stages and publishes only under ``kubelet_dir``."""
+    The node service stages and publishes only under ``kubelet_dir``; every change is
+    written to ``audit``."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # a stale socket of a crashed node
     server = grpc.aio.server()
     locks = Locks()
     pb_grpc.add_IdentityServicer_to_server(CsiIdentity(catalog, ready), server)
-    pb_grpc.add_ControllerServicer_to_server(CsiController(catalog, volumes, agent, locks), server)
-    pb_grpc.add_NodeServicer_to_server(CsiNode(catalog, agent, locks, kubelet_dir), server)
+    controller = CsiController(catalog, volumes, agent, locks, audit)
+    pb_grpc.add_ControllerServicer_to_server(controller, server)
+    pb_grpc.add_NodeServicer_to_server(CsiNode(catalog, agent, locks, kubelet_dir, audit), server)
     with created_with_mode(0o660):  # gRPC binds the socket itself: no window after it
         try:
             bound = server.add_insecure_port(f"unix://{path}")
