@@ -21,9 +21,11 @@ from pydantic import ValidationError
 from cargohold import __version__
 from cargohold.config import (
     DEFAULT_DOCKER_SOCKET,
+    DEFAULT_KUBELET_DIR,
     Endpoint,
     NodeConfig,
     client_config,
+    read_token,
     read_tokens_file,
 )
 from cargohold.core.sizes import format_size, parse_size
@@ -140,9 +142,9 @@ def _parser() -> argparse.ArgumentParser:
                            "(ROLE admin or read-only); mode 600")
     node.add_argument("--csi-endpoint", default="none",
                       help="serve the Kubernetes CSI driver on unix:///PATH (default: none)")
-    node.add_argument("--csi-kubelet-dir", default="/var/lib/kubelet",
+    node.add_argument("--csi-kubelet-dir", default=str(DEFAULT_KUBELET_DIR),
                       help="the only directory under which the CSI driver stages and publishes "
-                           "volumes (default /var/lib/kubelet)")
+                           f"volumes (default {DEFAULT_KUBELET_DIR})")
     node_actions = node.add_subparsers(dest="action")
     output(node_actions.add_parser("ls", help="list nodes and their data servers"))
     remove = node_actions.add_parser(
@@ -201,7 +203,7 @@ def _run_node(args: argparse.Namespace) -> int:
         if args.csi_endpoint != "none":
             fields["csi_endpoint"] = Endpoint(url=args.csi_endpoint)
         fields["csi_kubelet_dir"] = Path(args.csi_kubelet_dir)
-        fields["token"] = client_config(None, args.token_file).token
+        fields["token"] = read_token(args.token_file)
         if args.tokens_file:
             fields["tokens"] = read_tokens_file(Path(args.tokens_file))
         config = NodeConfig(**fields)

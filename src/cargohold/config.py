@@ -259,6 +259,11 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+#: A data server's defaults for what one client can make it hold (``adapters/dataserver.py``).
+MAX_CONNECTIONS = 256  # connections served at once; more are closed
+FRAME_TIMEOUT = 30.0  # seconds a connection may sit with half a frame received
+
+
 class DataServerConfig(BaseModel):
     """What a data server is told: its directory, where to listen, where to say it is ready.
 
@@ -273,8 +278,8 @@ class DataServerConfig(BaseModel):
     port: int = Field(default=0, ge=0, le=65535)
     ready_file: Path | None = None
     log_level: str = "INFO"
-    max_connections: int = Field(default=256, ge=1)
-    frame_timeout: float = Field(default=30.0, gt=0.0)  # seconds with half a frame received
+    max_connections: int = Field(default=MAX_CONNECTIONS, ge=1)
+    frame_timeout: float = Field(default=FRAME_TIMEOUT, gt=0.0)
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", DATASERVER_MODULE, "--dir", str(self.root),
@@ -295,10 +300,12 @@ class DataServerConfig(BaseModel):
                             help="HOST:PORT (port 0: stable free port, kept across restarts)")
         parser.add_argument("--ready-file", type=Path, help="written once the server listens")
         parser.add_argument("--log-level", default="INFO")
-        parser.add_argument("--max-connections", type=int, default=256,
-                            help="connections served at once; more are closed (default 256)")
-        parser.add_argument("--frame-timeout", type=float, default=30.0,
-                            help="seconds a connection may hold half a frame (default 30)")
+        parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                            help="connections served at once; more are closed (default "
+                                 f"{MAX_CONNECTIONS})")
+        parser.add_argument("--frame-timeout", type=float, default=FRAME_TIMEOUT,
+                            help="seconds a connection may hold half a frame (default "
+                                 f"{FRAME_TIMEOUT:g})")
         args = parser.parse_args(argv)
         host, port = parse_listen(args.listen)
         return _build(cls, parser.prog, root=args.dir, host=host, port=port,

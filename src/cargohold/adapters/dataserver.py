@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import cast
 
 from cargohold.clients.sockets import unix_listener, widen_send_buffer
+from cargohold.config import FRAME_TIMEOUT, MAX_CONNECTIONS
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.periodic import Periodic
 from cargohold.core.sizes import format_size
@@ -76,13 +77,11 @@ _CLOSE_GRACE = 2.0
 #: replicas on one disk run at ~210 instead of ~390 MB/s.
 WRITEBACK_INTERVAL = 1.0
 WRITEBACK_AFTER = 256
-#: Bounds on what one client can make a data server hold. An engine keeps at most 64
-#: requests of 1 MiB in flight and a resync 8: these leave room for both and stop a client
-#: that pipelines reads it never collects, opens connections without end, or stops half way
-#: through a frame (its buffer held for good).
-MAX_CONNECTIONS = 256
+#: Bounds on what one client can make a data server hold (with ``MAX_CONNECTIONS`` and
+#: ``FRAME_TIMEOUT`` from config.py). An engine keeps at most 64 requests of 1 MiB in flight
+#: and a resync 8: these leave room for both and stop a client that pipelines reads it never
+#: collects, opens connections without end, or stops half way through a frame.
 MAX_UNREAD = 128 << 20  # bytes of answers queued on one connection that its peer has not read
-FRAME_TIMEOUT = 30.0  # seconds a connection may sit with half a frame received
 _LATER = object()  # a handler's result: the response is sent when the work completes
 _pack_response = RESPONSE_HEADER.pack  # encode_response_header, inlined for the OK answers
 

@@ -78,9 +78,10 @@ class Attempts:
 
 
 async def retry(call: Callable[[], Awaitable[T]], backoff: Backoff, *, what: str,
-                temporary: Temporary = is_temporary) -> T:
+                temporary: Temporary = is_temporary, quiet: bool = False) -> T:
     """Await ``call()`` until it succeeds; a temporary failure is tried again after a pause,
-    any other failure (or the last one) is raised."""
+    any other failure (or the last one) is raised. The first retry of ``what`` is logged as
+    a warning unless ``quiet`` (failures that are routine, such as a lost compare-and-swap)."""
     attempts = backoff.start()
     while True:
         try:
@@ -89,7 +90,7 @@ async def retry(call: Callable[[], Awaitable[T]], backoff: Backoff, *, what: str
             pause = attempts.next_pause() if temporary(e) else None
             if pause is None:
                 raise
-            level = logging.WARNING if attempts.tries == 2 else logging.DEBUG  # once is enough
+            level = logging.WARNING if attempts.tries == 2 and not quiet else logging.DEBUG
             log.log(level, "%s failed (try %d), again in %.2f s: %s", what, attempts.tries - 1,
                     pause, e)
         await asyncio.sleep(pause)

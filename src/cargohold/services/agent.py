@@ -118,7 +118,7 @@ class Agent:
                                             volume.fs)
                     if volume.formatted:  # it may have grown while detached: catch up
                         await self._grow_filesystem(volume, device, str(paths.mountpoint))
-            except (CargoholdError, HostCommandFailed, OSError) as e:
+            except (CargoholdError, OSError) as e:
                 detail = e.message if isinstance(e, CargoholdError) else str(e)
                 log.error("attach of %s failed at %s: %s", name, step, detail)
                 await self._teardown(name, lazy=True)

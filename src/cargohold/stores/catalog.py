@@ -81,7 +81,7 @@ class Catalog:
                 raise ConcurrentUpdate(what=f"volume {name!r}")
             return updated
 
-        return await retry(attempt, CAS, what=f"updating volume {name!r}",
+        return await retry(attempt, CAS, what=f"updating volume {name!r}", quiet=True,
                            temporary=lambda e: isinstance(e, ConcurrentUpdate))
 
     async def remove_volume(self, name: str) -> None:
