@@ -16,10 +16,10 @@ from cargohold.adapters.dockerplugin import DockerPlugin
 from cargohold.adapters.dockerplugin import create_app as create_plugin_app
 from cargohold.adapters.rest import Services, create_app
 from cargohold.config import ApiToken, read_tokens_file
-from cargohold.core.models import Replica, Volume
+from cargohold.core.models import Replica, Volume, VolumeState
 from cargohold.core.names import check_name
 from cargohold.core.sizes import parse_size, volume_size
-from cargohold.errors import InvalidArgument, InvalidName, InvalidSize
+from cargohold.errors import InvalidArgument, InvalidName, InvalidSize, MetadataUnavailable
 from cargohold.services.agent import Agent
 from cargohold.services.controller.controller import Controller
 from cargohold.services.controller.scrub import Scrub
@@ -183,3 +183,48 @@ def test_the_tokens_file_is_checked_line_by_line(tmp_path: Path) -> None:
         bad.chmod(0o600)
         with pytest.raises(InvalidArgument, match=problem):
             read_tokens_file(bad)
+
+
+class _LostAnswers(MemoryStore):
+    """A store whose transactions lose their answer (as etcd's during an election): the
+    first ``lose`` are applied, then reported unavailable; ``refuse`` more are not applied."""
+
+    def __init__(self, lose: int, refuse: int = 0) -> None:
+        super().__init__()
+        self.lose, self.refuse = lose, refuse
+
+    async def txn(self, *args: Any, **kwargs: Any) -> Any:
+        if self.refuse:
+            self.refuse -= 1
+            raise MetadataUnavailable(url="test://", detail="no answer")
+        result = await super().txn(*args, **kwargs)
+        if self.lose:
+            self.lose -= 1
+            raise MetadataUnavailable(url="test://", detail="no answer")
+        return result
+
+
+def test_a_volume_update_whose_answer_was_lost_reads_back_whether_it_landed() -> None:
+    def detached(v: Volume) -> Volume:
+        v.state = VolumeState.DETACHED
+        return v
+
+    async def body() -> None:
+        store = _LostAnswers(lose=0)
+        catalog = Catalog(store)
+        await catalog.add_volume(Volume(id="ab" * 16, name="v", size=64 << 20,
+                                        replica_count=1, fs="ext4"))
+        store.lose = 1  # applied, answer lost: the update succeeded
+        assert (await catalog.update_volume("v", detached)).state is VolumeState.DETACHED
+        assert (await catalog.volume("v")).state is VolumeState.DETACHED
+        store.refuse = 1  # not applied: the caller hears the store was unavailable
+
+        def creating(v: Volume) -> Volume:
+            v.state = VolumeState.CREATING
+            return v
+
+        with pytest.raises(MetadataUnavailable):
+            await catalog.update_volume("v", creating)
+        assert (await catalog.volume("v")).state is VolumeState.DETACHED
+
+    asyncio.run(body())

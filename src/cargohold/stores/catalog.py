@@ -26,7 +26,7 @@ from cargohold.core.models import (
     volume_key,
 )
 from cargohold.core.retry import Backoff, retry
-from cargohold.errors import ConcurrentUpdate, VolumeExists, VolumeNotFound
+from cargohold.errors import ConcurrentUpdate, MetadataUnavailable, VolumeExists, VolumeNotFound
 from cargohold.stores.metadata import Compare, Delete, MetadataStore, Put
 
 #: A compare-and-swap that lost to another writer reads the record again and retries at once.
@@ -74,9 +74,18 @@ class Catalog:
             updated = change(current.model_copy(deep=True))
             if updated is None:
                 return current
-            result = await self.store.txn(
-                [Compare.revision(key, kv.mod_revision)], [Put(key, updated.dump())]
-            )
+            value = updated.dump()
+            try:
+                result = await self.store.txn(
+                    [Compare.revision(key, kv.mod_revision)], [Put(key, value)]
+                )
+            except MetadataUnavailable:
+                # The answer was lost (an etcd election, say): read whether the write landed.
+                # It holds only on this revision, so the record says which it was.
+                now = await self.store.get(key)
+                if now is not None and now.value == value and now.mod_revision > kv.mod_revision:
+                    return updated
+                raise
             if not result.succeeded:
                 raise ConcurrentUpdate(what=f"volume {name!r}")
             return updated
