@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cargohold.stores import pki
 from cargohold.stores.diskstore import DiskChunkStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +31,18 @@ def _env() -> dict[str, str]:
     env.pop("CARGOHOLD_HOST", None)
     env.pop("CARGOHOLD_TOKEN", None)
     return env
+
+
+def credentials(base: Path, name: str) -> tuple[str, str]:
+    """``--tls-dir`` of node ``name`` of the cluster whose CA lives in ``base/pki`` (made on
+    first use): nodes sharing a metadata store must share a CA and cluster key, as deployed
+    (``cargohold pki init`` once, ``pki issue`` per node)."""
+    authority, out = base / "pki", base / "tls" / name
+    if not (authority / "ca.key").exists():
+        pki.init_authority(authority)
+    if not out.exists():
+        pki.issue(authority, name, out)
+    return "--tls-dir", str(out)
 
 
 class Node:

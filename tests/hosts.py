@@ -50,6 +50,7 @@ from typing import Any
 
 import httpx
 
+from tests.conftest import credentials
 from tests.system.dockerhost import BUSYBOX, busybox_rootfs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -355,7 +356,8 @@ class Host:
                 "--state-dir", str(self.state), "--metadata", self.hosts.metadata_url_from(self),
                 "--api", f"unix://{self.api_socket}", "--data-host", self.ip,
                 "--docker-socket", str(self.plugins / "cargohold.sock"),
-                "--lease-ttl", str(self.hosts.lease_ttl)]
+                "--lease-ttl", str(self.hosts.lease_ttl),
+                *credentials(self.hosts.base, self.name)]
         for d in self.data_dirs:
             argv += ["--data-dir", str(d)]
         self.node = self.popen(argv, self.base / "node.log")

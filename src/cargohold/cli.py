@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from cargohold.clients.api import ApiClient
 
 EXIT_OK = 0
+DEFAULT_PKI_DIR = Path("/var/lib/cargohold/pki")
 #: The command did what was asked, but what it found needs a person: a scrub found chunks
 #: without a clean copy or could not reach every copy; a salvage left newer chunks or
 #: unreachable copies behind.
@@ -145,6 +146,20 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--csi-kubelet-dir", default=str(DEFAULT_KUBELET_DIR),
                       help="the only directory under which the CSI driver stages and publishes "
                            f"volumes (default {DEFAULT_KUBELET_DIR})")
+    node.add_argument("--tls-dir", type=Path,
+                      help="this node's TLS files and cluster key, as `pki issue` writes them "
+                           "(ca.crt, node.crt, node.key, cluster.key); default STATE_DIR/tls, "
+                           "made with a new cluster CA (STATE_DIR/pki) on first start")
+    node.add_argument("--tls-ca", type=Path, help="the cluster CA certificate (your own CA)")
+    node.add_argument("--tls-cert", type=Path, help="this node's certificate; its common "
+                      "name must be the node's name")
+    node.add_argument("--tls-key", type=Path, help="this node's private key (mode 600)")
+    node.add_argument("--cluster-key", type=Path,
+                      help="the secret that signs capabilities, the same file on every node "
+                           "(hex, 32 bytes or more; mode 600)")
+    node.add_argument("--insecure-plaintext", action="store_true",
+                      help="no TLS between hosts and no capabilities on the data path: anyone "
+                           "who reaches a data server's port can use it. Never in production")
     node_actions = node.add_subparsers(dest="action")
     output(node_actions.add_parser("ls", help="list nodes and their data servers"))
     remove = node_actions.add_parser(
@@ -161,6 +176,18 @@ def _parser() -> argparse.ArgumentParser:
     drain.add_argument("--wait", action="store_true",
                        help="show progress until no replica is left on the node")
     output(drain)
+
+    pki = commands.add_parser("pki", help="make the cluster CA and node certificates")
+    pki_actions = pki.add_subparsers(dest="action", required=True)
+    init = pki_actions.add_parser("init", help="make a cluster CA and cluster key")
+    init.add_argument("--dir", type=Path, default=DEFAULT_PKI_DIR,
+                      help=f"where (new or empty; default {DEFAULT_PKI_DIR}); keep it safe")
+    issue = pki_actions.add_parser("issue", help="make a node's credentials (a folder to copy "
+                                   "to the node and give to `cargohold node --tls-dir`)")
+    issue.add_argument("target", metavar="NODE", help="the node's name (`node --name`)")
+    issue.add_argument("--dir", type=Path, default=DEFAULT_PKI_DIR,
+                       help=f"the CA made by `pki init` (default {DEFAULT_PKI_DIR})")
+    issue.add_argument("--out", type=Path, required=True, help="folder to write (new or empty)")
     return parser
 
 
@@ -169,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "node" and args.action is None:
             return _run_node(args)
+        if args.command == "pki":
+            return _pki(args)
         return _run_client(args)
     except CargoholdError as e:
         print(f"Error: {e.message} [{e.code}]", file=sys.stderr)
@@ -204,6 +233,10 @@ def _run_node(args: argparse.Namespace) -> int:
             fields["csi_endpoint"] = Endpoint(url=args.csi_endpoint)
         fields["csi_kubelet_dir"] = Path(args.csi_kubelet_dir)
         fields["token"] = read_token(args.token_file)
+        for flag in ("tls_dir", "tls_ca", "tls_cert", "tls_key", "cluster_key",
+                     "insecure_plaintext"):
+            if getattr(args, flag):
+                fields[flag] = getattr(args, flag)
         if args.tokens_file:
             fields["tokens"] = read_tokens_file(Path(args.tokens_file))
         config = NodeConfig(**fields)
@@ -212,6 +245,21 @@ def _run_node(args: argparse.Namespace) -> int:
             from None
     asyncio.run(NodeDaemon(config).run())
     return 0
+
+
+def _pki(args: argparse.Namespace) -> int:
+    from cargohold.stores import pki
+
+    if args.action == "init":
+        pki.init_authority(args.dir)
+        print(f"cluster CA and cluster key made in {args.dir}. Issue each node's credentials "
+              f"with `cargohold pki issue NODE --dir {args.dir} --out DIR`")
+        return EXIT_OK
+    pki.issue(args.dir, args.target, args.out)
+    print(f"credentials of node {args.target} written to {args.out}: copy the folder to that "
+          f"host (keep it mode 700) and start `cargohold node --name {args.target} --tls-dir "
+          "DIR`")
+    return EXIT_OK
 
 
 def _run_client(args: argparse.Namespace) -> int:

@@ -104,6 +104,41 @@ def read_tokens_file(path: Path) -> list[ApiToken]:
     return tokens
 
 
+class TlsFiles(BaseModel):
+    """A host's TLS files: the cluster CA, its certificate and key (``cargohold pki``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def argv(self) -> list[str]:
+        return ["--tls-ca", str(self.ca), "--tls-cert", str(self.cert),
+                "--tls-key", str(self.key)]
+
+
+def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-ca", type=Path, help="the cluster CA certificate")
+    parser.add_argument("--tls-cert", type=Path, help="this host's certificate")
+    parser.add_argument("--tls-key", type=Path, help="this host's key")
+    parser.add_argument("--insecure-plaintext", action="store_true",
+                        help="TCP without TLS: anyone who reaches the port is let in")
+
+
+def _tls_files(prog: str, args: argparse.Namespace) -> TlsFiles | None:
+    given = [args.tls_ca, args.tls_cert, args.tls_key]
+    if any(given) and not all(given):
+        raise InvalidArgument(what=f"{prog} arguments",
+                              detail="--tls-ca, --tls-cert and --tls-key go together")
+    if not any(given) and not args.insecure_plaintext:
+        raise InvalidArgument(what=f"{prog} arguments",
+                              detail="TLS files (--tls-ca, --tls-cert, --tls-key) or "
+                                     "--insecure-plaintext are needed")
+    return None if args.insecure_plaintext else TlsFiles(ca=args.tls_ca, cert=args.tls_cert,
+                                                         key=args.tls_key)
+
+
 class NodeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -126,6 +161,14 @@ class NodeConfig(BaseModel):
     auto_rebalance: bool = False  # move replicas onto new data servers by themselves
     scrub_every: float = Field(default=7 * 86400.0, ge=0.0)  # 0: no background scrub
     scrub_rate: float = Field(default=50 << 20, ge=0.0)  # bytes/s of a background scrub; 0: any
+    # TLS between hosts and the cluster key (``stores/pki.py``): the files of ``tls_dir``
+    # (default STATE_DIR/tls, made with a new cluster CA on first start), each replaceable
+    tls_dir: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    cluster_key: Path | None = None
+    insecure_plaintext: bool = False  # TCP between hosts without TLS (loudly logged)
 
     def model_post_init(self, _context: object) -> None:
         if not self.metadata:
@@ -146,6 +189,19 @@ class NodeConfig(BaseModel):
                                   detail=f"{self.csi_kubelet_dir} is not an absolute path "
                                          "below /")
 
+
+    @property
+    def own_tls(self) -> bool:
+        """Whether the node makes its credentials itself (no TLS flag given)."""
+        return not any((self.tls_dir, self.tls_ca, self.tls_cert, self.tls_key,
+                        self.cluster_key))
+
+    def tls_files(self) -> tuple[TlsFiles, Path]:
+        """The node's TLS files and its cluster key file."""
+        base = self.tls_dir or self.state_dir / "tls"
+        files = TlsFiles(ca=self.tls_ca or base / "ca.crt", cert=self.tls_cert or base / "node.crt",
+                         key=self.tls_key or base / "node.key")
+        return files, self.cluster_key or base / "cluster.key"
 
     def api_tokens(self) -> list[ApiToken]:
         """Every token the TCP API takes: the named ones and the default admin one."""
@@ -228,12 +284,18 @@ class EngineConfig(BaseModel):
     ready_file: Path
     heal_rate: float = Field(default=0.0, ge=0.0)  # bytes/s catching up may use; 0: any
     scrub_rate: float = Field(default=0.0, ge=0.0)  # bytes/s a scrub may read; 0: any
+    tls: TlsFiles | None = None  # None: plaintext TCP to remote data servers
+    capability_file: Path | None = None  # the attachment's capability (JSON, 0600)
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", ENGINE_MODULE, "--metadata", self.metadata,
+        argv = [sys.executable, "-m", ENGINE_MODULE, "--metadata", self.metadata,
                 "--volume", self.volume, "--epoch", str(self.epoch), "--node", self.node,
                 "--mountpoint", str(self.mountpoint), "--ready-file", str(self.ready_file),
                 "--heal-rate", str(self.heal_rate), "--scrub-rate", str(self.scrub_rate)]
+        argv += self.tls.argv() if self.tls is not None else ["--insecure-plaintext"]
+        if self.capability_file is not None:
+            argv += ["--capability-file", str(self.capability_file)]
+        return argv
 
     @classmethod
     def from_argv(cls, argv: Sequence[str] | None = None) -> EngineConfig:
@@ -248,7 +310,14 @@ class EngineConfig(BaseModel):
                             help="bytes per second catching up a replica may use (0: no limit)")
         parser.add_argument("--scrub-rate", type=float, default=0.0,
                             help="bytes per second a scrub may read (0: no limit)")
-        return _build(cls, parser.prog, **vars(parser.parse_args(argv)))
+        parser.add_argument("--capability-file", type=Path,
+                            help="the attachment's capability, written by the node")
+        _add_tls_arguments(parser)
+        args = parser.parse_args(argv)
+        tls = _tls_files(parser.prog, args)
+        fields = {k: v for k, v in vars(args).items()
+                  if not k.startswith(("tls_", "insecure_"))}
+        return _build(cls, parser.prog, tls=tls, **fields)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -280,6 +349,9 @@ class DataServerConfig(BaseModel):
     log_level: str = "INFO"
     max_connections: int = Field(default=MAX_CONNECTIONS, ge=1)
     frame_timeout: float = Field(default=FRAME_TIMEOUT, gt=0.0)
+    tls: TlsFiles | None = None  # None: plaintext TCP (--insecure-plaintext)
+    cluster_key: Path | None = None  # None: any epoch from anyone connected
+    node: str = ""  # the node it runs on: who may use the unix socket's capabilities
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", DATASERVER_MODULE, "--dir", str(self.root),
@@ -288,6 +360,9 @@ class DataServerConfig(BaseModel):
                 "--frame-timeout", str(self.frame_timeout)]
         if self.ready_file is not None:
             argv += ["--ready-file", str(self.ready_file)]
+        argv += self.tls.argv() if self.tls is not None else ["--insecure-plaintext"]
+        if self.cluster_key is not None:
+            argv += ["--cluster-key", str(self.cluster_key), "--node", self.node]
         return argv
 
     @classmethod
@@ -306,8 +381,17 @@ class DataServerConfig(BaseModel):
         parser.add_argument("--frame-timeout", type=float, default=FRAME_TIMEOUT,
                             help="seconds a connection may hold half a frame (default "
                                  f"{FRAME_TIMEOUT:g})")
+        parser.add_argument("--cluster-key", type=Path,
+                            help="file of the key that signs capabilities: I/O only with one")
+        parser.add_argument("--node", default="", help="the node this server runs on")
+        _add_tls_arguments(parser)
         args = parser.parse_args(argv)
         host, port = parse_listen(args.listen)
+        if args.cluster_key is not None and not args.node:
+            raise InvalidArgument(what=f"{parser.prog} arguments",
+                                  detail="--cluster-key needs --node")
         return _build(cls, parser.prog, root=args.dir, host=host, port=port,
                       ready_file=args.ready_file, log_level=args.log_level.upper(),
-                      max_connections=args.max_connections, frame_timeout=args.frame_timeout)
+                      max_connections=args.max_connections, frame_timeout=args.frame_timeout,
+                      tls=_tls_files(parser.prog, args), cluster_key=args.cluster_key,
+                      node=args.node)

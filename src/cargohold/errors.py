@@ -327,6 +327,14 @@ class Forbidden(CargoholdError):
     kind = Kind.INVALID
 
 
+class NotAuthorized(CargoholdError):
+    """Not authorized on the data path: {what}: {detail}. Data servers take I/O only with a
+    capability of the cluster for the attachment, from the node it names."""
+
+    code = "not_authorized"
+    kind = Kind.INVALID
+
+
 _BY_CODE: dict[str, type[CargoholdError]] = {}
 
 

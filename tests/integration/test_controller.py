@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Node
+from tests.conftest import Node, credentials
 
 LEASE_TTL = 2.0
 
@@ -22,7 +22,8 @@ def three_nodes(tmp_path: Path) -> Iterator[list[Node]]:
         for name in ("n1", "n2", "n3"):
             (tmp_path / name).mkdir()
             node = Node(tmp_path / name, data_servers=1, name=name,
-                        extra=("--metadata", meta, "--lease-ttl", str(LEASE_TTL)))
+                        extra=("--metadata", meta, "--lease-ttl", str(LEASE_TTL),
+                               *credentials(tmp_path, name)))
             nodes.append(node)
             node.start()
         yield nodes

@@ -54,7 +54,7 @@ class ServerProcess:
     """``python -m cargohold.daemons.dataserver`` in a directory, restartable."""
 
     def __init__(self, base: Path, extra: tuple[str, ...] = ()) -> None:
-        self.extra = extra  # more command line options
+        self.extra = extra  # command line options (default: plaintext, no capabilities)
         self.root = base / "disk"
         self.ready_file = base / "ready.json"
         self.log = base / "server.log"
@@ -91,7 +91,7 @@ class ServerProcess:
                     str(self.ready_file),
                     "--log-level",
                     "DEBUG",
-                    *self.extra,
+                    *(self.extra or ("--insecure-plaintext",)),  # the protocol's mechanics
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -621,7 +621,7 @@ def _closed(sock: socket.socket, within: float) -> bool:
 
 
 def test_a_connection_past_the_cap_is_closed_and_the_others_served(tmp_path: Path) -> None:
-    process = ServerProcess(tmp_path, ("--max-connections", "4"))
+    process = ServerProcess(tmp_path, ("--max-connections", "4", "--insecure-plaintext"))
     try:
         process.start()
 
@@ -650,7 +650,7 @@ def test_a_connection_past_the_cap_is_closed_and_the_others_served(tmp_path: Pat
 
 
 def test_half_a_frame_held_past_the_timeout_closes_the_connection(tmp_path: Path) -> None:
-    process = ServerProcess(tmp_path, ("--frame-timeout", "0.5"))
+    process = ServerProcess(tmp_path, ("--frame-timeout", "0.5", "--insecure-plaintext"))
     try:
         process.start()
         header = wire.encode_request_header(wire.Op.WRITE, 1, vid(), epoch=1, length=MIB,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LiveWriter, Node, needs_root
+from tests.conftest import LiveWriter, Node, credentials, needs_root
 
 pytestmark = [needs_root(), pytest.mark.system]
 
@@ -27,7 +27,7 @@ def _three_nodes(base: Path, rebuild_after: str) -> Iterator[dict[str, Node]]:
             (base / name).mkdir()
             node = Node(base / name, data_servers=1, name=name,
                         extra=("--metadata", meta, "--lease-ttl", "2",
-                               "--rebuild-after", rebuild_after))
+                               "--rebuild-after", rebuild_after, *credentials(base, name)))
             nodes[name] = node
             node.start()
         yield nodes

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cargohold.stores.diskstore import DiskChunkStore
-from tests.conftest import LiveWriter, Node, compare_on_disk, needs_root
+from tests.conftest import LiveWriter, Node, compare_on_disk, credentials, needs_root
 
 pytestmark = [needs_root(), pytest.mark.system]
 
@@ -44,7 +44,8 @@ def two_hosts(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
         for name in ("h1", "h2"):
             (tmp_path / name).mkdir()
             nodes.append(Node(tmp_path / name, data_servers=1, name=name,
-                              extra=("--metadata", meta, "--lease-ttl", "2")))
+                              extra=("--metadata", meta, "--lease-ttl", "2",
+                                     *credentials(tmp_path, name))))
             nodes[-1].start()
         yield nodes[0], nodes[1]
     finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Node, leftovers, needs_root
+from tests.conftest import Node, credentials, leftovers, needs_root
 
 pytestmark = [needs_root(), pytest.mark.system]
 
@@ -30,7 +30,8 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
             base = tmp_path / name
             base.mkdir()
             node = Node(base, data_servers=1, name=name,
-                        extra=("--metadata", meta, "--lease-ttl", LEASE_TTL))
+                        extra=("--metadata", meta, "--lease-ttl", LEASE_TTL,
+                               *credentials(tmp_path, name)))
             nodes.append(node)
             node.start()
         yield nodes[0], nodes[1]

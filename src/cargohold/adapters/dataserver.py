@@ -19,14 +19,17 @@ import mmap
 import os
 import re
 import socket
+import ssl
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import cast
 
 from cargohold.clients.sockets import unix_listener, widen_send_buffer
 from cargohold.config import FRAME_TIMEOUT, MAX_CONNECTIONS
+from cargohold.core.capability import Capability
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.periodic import Periodic
 from cargohold.core.sizes import format_size
@@ -56,6 +59,7 @@ from cargohold.errors import (
     Fenced,
     InvalidArgument,
     NoSpace,
+    NotAuthorized,
     ReplicaNotFound,
 )
 from cargohold.stores.chunkstore import ChunkStore, StoredReplica
@@ -88,6 +92,18 @@ _pack_response = RESPONSE_HEADER.pack  # encode_response_header, inlined for the
 Handler = Callable[["_Connection", RequestHeader, memoryview], object]
 
 
+@dataclass(frozen=True)
+class Guard:
+    """What a data server asks beyond its transports (TCP with TLS of the cluster CA, and the
+    root-only unix socket; both admit nodes only): I/O and FENCE on a replica only at the
+    epoch of a capability signed with the cluster ``key`` (Op.AUTHORIZE on the connection),
+    from the node it names: the TLS peer's certificate, or ``node`` (this host) on the unix
+    socket. Over plaintext TCP (an operator's explicit choice) the node cannot be checked."""
+
+    key: bytes = field(repr=False)
+    node: str
+
+
 class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: DataProtocolServer) -> None:
         self._server = server
@@ -100,6 +116,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._unsent = 0  # bytes of read answers queued in ``_out``
         self._received = 0  # bytes received so far (the stall watch compares them)
         self._watch: asyncio.TimerHandle | None = None
+        self._guard = server.guard
+        self._grants: dict[str, int] = {}  # volume → the epoch a capability allows here
+        self.identity: str | None = None  # the node at the other end, when known
         self.peer = "?"
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -110,6 +129,7 @@ class _Connection(asyncio.BufferedProtocol):
         widen_send_buffer(transport)  # answers to 1 MiB reads leave in one piece
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
+        self.identity = _identity(transport, self._guard)
         server = self._server
         if len(server.connections) >= server.max_connections:
             log.warning("refusing connection from %s: %d connections already", self.peer,
@@ -225,10 +245,31 @@ class _Connection(asyncio.BufferedProtocol):
             raise InvalidArgument(
                 what="epoch", detail=f"{Op(header.op).name} needs an epoch of at least 1"
             )
+        if self._guard is not None and self._grants.get(header.volume_id) != header.epoch:
+            self._refuse(header)
         replica = self._store.replica(header.volume_id)
         if header.epoch != replica.epoch:
             replica.fence(header.epoch)
         return replica
+
+    def _refuse(self, header: RequestHeader) -> None:
+        raise NotAuthorized(what=Op(header.op).name,
+                            detail=f"no capability for volume {header.volume_id} at epoch "
+                                   f"{header.epoch} on this connection")
+
+    def _authorize(self, header: RequestHeader, payload: memoryview) -> bytes:
+        """Take a capability: I/O on its volume at its epoch is allowed on this connection
+        from now on (one volume holds one epoch per connection)."""
+        guard = self._guard
+        if guard is None:
+            return b""  # an open server (a test's, in process) takes any epoch
+        capability = Capability.verify(guard.key, header.volume_id, header.epoch, payload)
+        if self.identity is not None and capability.node != self.identity:
+            raise NotAuthorized(what="AUTHORIZE",
+                                detail=f"the capability is node {capability.node!r}'s, the "
+                                       f"connection node {self.identity!r}'s")
+        self._grants[header.volume_id] = header.epoch
+        return b""
 
     def _hello(self, header: RequestHeader, payload: memoryview) -> bytes:
         store = self._store
@@ -382,6 +423,8 @@ class _Connection(asyncio.BufferedProtocol):
     def _fence(self, header: RequestHeader, payload: memoryview) -> bytes:
         if header.epoch == 0:
             raise InvalidArgument(what="epoch", detail="FENCE needs an epoch of at least 1")
+        if self._guard is not None and self._grants.get(header.volume_id) != header.epoch:
+            self._refuse(header)
         self._store.replica(header.volume_id).fence(header.epoch)
         return b""
 
@@ -417,7 +460,24 @@ _HANDLERS: dict[int, Handler] = {
     Op.RESIZE: _Connection._resize,
     Op.SHARE: _Connection._share,
     Op.WRITE_SHARED: _Connection._write_shared,
+    Op.AUTHORIZE: _Connection._authorize,
 }
+
+
+def _identity(transport: asyncio.BaseTransport, guard: Guard | None) -> str | None:
+    """The node a connection comes from: its certificate's name over TLS, this host's
+    node over the unix socket, unknown over plaintext TCP."""
+    cert = transport.get_extra_info("peercert")
+    if cert:
+        for rdn in cert.get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    return str(value)
+        return ""  # a certificate of the CA without a name: no capability matches it
+    sock = transport.get_extra_info("socket")
+    if guard is not None and sock is not None and sock.family == socket.AF_UNIX:
+        return guard.node
+    return None
 
 
 def _error_response(exc: BaseException, header: RequestHeader,
@@ -434,6 +494,10 @@ def _error_response(exc: BaseException, header: RequestHeader,
         text = f"{exc.fields.get('detail', exc)} ({_space(store)})"
         log.warning("%s on volume %s: %s", _op_name(header.op), header.volume_id, text)
         return Status.NO_SPACE, encode_text(text)
+    if isinstance(exc, NotAuthorized):
+        log.warning("refused %s on volume %s: %s", _op_name(header.op), header.volume_id, exc)
+        return Status.FORBIDDEN, encode_text(f"{exc.fields.get('what')}: "
+                                             f"{exc.fields.get('detail')}")
     if isinstance(exc, InvalidArgument):
         what, detail = exc.fields.get("what"), exc.fields.get("detail")
         text = f"{what}: {detail}" if what is not None and detail is not None else str(exc)
@@ -467,8 +531,13 @@ class DataProtocolServer:
     """A listening data server over a ``ChunkStore`` (see ``serve``)."""
 
     def __init__(self, store: ChunkStore, max_connections: int = MAX_CONNECTIONS,
-                 frame_timeout: float = FRAME_TIMEOUT) -> None:
+                 frame_timeout: float = FRAME_TIMEOUT, tls: ssl.SSLContext | None = None,
+                 guard: Guard | None = None) -> None:
+        """``tls``: serve TCP with it (None: plaintext); ``guard``: ask for capabilities
+        (None: any epoch, as in-process tests and benchmarks use it)."""
         self.store = store
+        self.tls = tls
+        self.guard = guard
         self.max_connections = max_connections
         self.frame_timeout = frame_timeout
         self.connections: set[_Connection] = set()
@@ -486,10 +555,13 @@ class DataProtocolServer:
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port)
+        self._server = await loop.create_server(
+            lambda: _Connection(self), host, port, ssl=self.tls,
+            ssl_handshake_timeout=self.frame_timeout if self.tls else None)
         self.host = host
         self.port = int(self._server.sockets[0].getsockname()[1])
-        log.info("data server %s listening on %s", self.store.server_id, self.address)
+        log.info("data server %s listening on %s (%s)", self.store.server_id, self.address,
+                 "TLS" if self.tls else "PLAINTEXT: anyone who reaches the port is let in")
         if self._writeback is None:
             self._writeback = asyncio.ensure_future(
                 Periodic("writeback", self.writeback_once, WRITEBACK_INTERVAL,

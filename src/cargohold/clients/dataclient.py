@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import struct
 from types import TracebackType
 from typing import Any, cast
 
+from cargohold.clients.access import Access
 from cargohold.clients.sharedmemory import SharedMemory
 from cargohold.clients.sockets import detect_dead_peers, widen_send_buffer
 from cargohold.core.layout import CHUNK_SIZE
@@ -47,6 +49,7 @@ from cargohold.errors import (
     Fenced,
     InvalidArgument,
     NoSpace,
+    NotAuthorized,
     ReplicaNotFound,
 )
 
@@ -138,10 +141,16 @@ class DataClient:
 
     ``local_socket``: the server's unix socket (``LOCAL_SOCKET`` in its directory) when it
     runs on this host; ``connect`` uses it if it exists, TCP otherwise.
+
+    ``access``: TLS for TCP and the capabilities to present; the client sends the capability
+    for a volume and epoch (Op.AUTHORIZE) right before the first request that needs it on
+    each connection, pipelined, so it costs no round trip. ``peer``: the node the server
+    runs on, which its TLS certificate must name.
     """
 
     def __init__(self, address: str, server_id: str = "", local_socket: str | None = None,
-                 shared: SharedMemory | None = None, call_timeout: float | None = None) -> None:
+                 shared: SharedMemory | None = None, call_timeout: float | None = None,
+                 access: Access | None = None, peer: str = "") -> None:
         """``call_timeout``: how long a call that names no timeout of its own waits for its
         answer (None: for ever, as the engine's data path wants; control operations set one,
         so that a data server that stopped answering cannot hang them)."""
@@ -153,6 +162,9 @@ class DataClient:
         self.call_timeout = call_timeout
         self._host, self._port = host.strip("[]"), int(port)
         self._local_socket = local_socket
+        self._access = access
+        self._peer = peer
+        self._granted: dict[str, int] = {}  # volume → epoch authorized on this connection
         self._protocol: _Protocol | None = None
         self._pending: dict[int, _Request] = {}
         self._next_id = 1
@@ -194,16 +206,21 @@ class DataClient:
             self._paused = False
             self._problem = ""
             self._sharing = False
+            self._granted = {}
             if self._shared is not None:
                 await self._share(self._shared, timeout)
             return
+        tls = self._access.tls if self._access is not None else None
         try:
             _, tcp = await asyncio.wait_for(
-                loop.create_connection(lambda: _Protocol(self), self._host, self._port),
+                loop.create_connection(lambda: _Protocol(self), self._host, self._port,
+                                       ssl=tls, server_hostname=self._peer if tls else None),
                 timeout,
             )
         except TimeoutError:
             raise self._unavailable(f"no connection within {timeout} s") from None
+        except ssl.SSLError as exc:
+            raise self._unavailable(f"TLS handshake failed: {exc.reason or exc}") from None
         except OSError as exc:
             raise self._unavailable(f"cannot connect: {exc.strerror or exc}") from None
         detect_dead_peers(tcp.transport)
@@ -211,6 +228,7 @@ class DataClient:
         self._paused = False
         self._problem = ""
         self._sharing = False
+        self._granted = {}
 
     async def _share(self, shared: SharedMemory, timeout: float) -> None:
         """Offer the write buffers to the server; a server that cannot map them gets
@@ -417,6 +435,8 @@ class DataClient:
     ) -> bytes:
         if self._paused and self.connected:
             await self._wait_writable()
+        if epoch and self._access is not None and self._granted.get(volume_id) != epoch:
+            self._authorize(volume_id, epoch)
         future = self._submit(op, volume_id, epoch, offset, length, generation, payload)
         if timeout is None:
             timeout = self.call_timeout
@@ -464,6 +484,8 @@ class DataClient:
         protocol = self._protocol
         if protocol is None or protocol.transport is None or self._paused:
             return self._submit_soon(op, volume_id, epoch, offset, length, generation, payload)
+        if self._access is not None and self._granted.get(volume_id) != epoch:
+            self._authorize(volume_id, epoch)
         transport = protocol.transport
         size = len(payload)
         try:
@@ -501,6 +523,27 @@ class DataClient:
         return asyncio.ensure_future(self._call(op, volume_id, epoch=epoch, offset=offset,
                                                 length=length, generation=generation,
                                                 payload=payload))
+
+    def _authorize(self, volume_id: str, epoch: int) -> None:
+        """Queue the capability for ``volume_id`` at ``epoch`` before the request that needs
+        it; the server executes a connection's requests in order. A refusal is logged: the
+        request after it fails with ``NotAuthorized`` itself."""
+        protocol = self._protocol
+        assert self._access is not None
+        capability = self._access.capability(volume_id, epoch)
+        if protocol is None or protocol.transport is None or capability is None:
+            return
+        try:
+            future = self._submit(Op.AUTHORIZE, volume_id, epoch, 0, 0, 0, capability)
+        except CargoholdError:  # a bad volume id: the request itself reports it
+            return
+        self._granted[volume_id] = epoch
+        future.add_done_callback(self._authorized)
+
+    def _authorized(self, future: Reply) -> None:
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            if not isinstance(exc, DataServerUnavailable):
+                log.warning("data server %s refused a capability: %s", self.address, exc)
 
     def _take_id(self) -> int:
         request_id = self._next_id
@@ -561,6 +604,7 @@ class DataClient:
         pending = list(self._pending.values())
         self._pending.clear()
         self._sharing = False
+        self._granted = {}
         if self._held:  # unanswered: the server may still read these slots, so keep them
             log.warning("data server %s: %d shared write buffers retired", self.address,
                         len(self._held))
@@ -595,6 +639,9 @@ class DataClient:
                 if sep
                 else InvalidArgument(what="request", detail=text)
             )
+        if status == Status.FORBIDDEN:
+            what, _, detail = text.partition(": ")
+            return NotAuthorized(what=what, detail=detail)
         if status == Status.IO_ERROR:
             return CargoholdError(detail=f"I/O error on data server {server}: {text}")
         return CargoholdError(detail=f"data server {server} answered unknown status {status}")

@@ -78,6 +78,7 @@ class Op(IntEnum):
     RESIZE = 11  # payload JSON {"size": int}: grow the replica to at least size -> JSON
     SHARE = 12  # payload JSON {"path", "token"}: map the client's write buffers (unix only)
     WRITE_SHARED = 13  # WRITE whose data lies in the shared buffers: payload u64 position
+    AUTHORIZE = 14  # volume, epoch; payload: a capability (core/capability.py)
 
 
 class Status(IntEnum):
@@ -88,6 +89,7 @@ class Status(IntEnum):
     NO_SPACE = 4  # payload: utf-8 message
     INVALID = 5  # payload: utf-8 "what: detail"
     IO_ERROR = 6  # payload: utf-8 message
+    FORBIDDEN = 7  # payload: utf-8 "what: detail"; no capability for this I/O
 
 
 class RequestHeader(NamedTuple):

@@ -5,7 +5,7 @@ The node starts one per ``--data-dir`` (``DataServerConfig.argv()``, supervised 
 being served if the node crashes. It serves the disk store in its directory over TCP and,
 for engines on this host, over the unix socket ``LOCAL_SOCKET`` there; it stops on SIGTERM
 or SIGINT after flushing every replica. Once it listens it writes its ready file
-(``{"id", "address", "pid"}``, atomically).
+(``{"id", "address", "pid", "tls", "guarded"}``, atomically).
 """
 
 from __future__ import annotations
@@ -16,18 +16,20 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import uvloop
 
-from cargohold.adapters.dataserver import DataProtocolServer
+from cargohold.adapters.dataserver import DataProtocolServer, Guard
 from cargohold.config import DataServerConfig
 from cargohold.core.wire import LOCAL_SOCKET
 from cargohold.daemons.heap import keep_large_buffers
-from cargohold.errors import CargoholdError
+from cargohold.errors import CargoholdError, InvalidArgument
 from cargohold.stores.diskstore import DiskChunkStore
+from cargohold.stores.pki import server_context
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ async def _run(config: DataServerConfig) -> None:
         ready_file.unlink(missing_ok=True)  # never let a waiter see the previous run's file
     store = DiskChunkStore(root)
     try:
-        server = DataProtocolServer(store, config.max_connections, config.frame_timeout)
+        server = DataProtocolServer(store, config.max_connections, config.frame_timeout,
+                                    *_security(config))
         await _listen(server, config.host, config.port,
                       int(store.server_record().get("port", 0)))
         if server.port != store.server_record().get("port"):
@@ -55,7 +58,9 @@ async def _run(config: DataServerConfig) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if ready_file is not None:
-            _write_ready(ready_file, store.server_id, server.address)
+            _write_ready(ready_file, {"id": store.server_id, "address": server.address,
+                                      "pid": os.getpid(), "tls": server.tls is not None,
+                                      "guarded": server.guard is not None})
         await stop.wait()
         log.info("stopping data server %s", store.server_id)
         await server.close()
@@ -67,6 +72,26 @@ async def _run(config: DataServerConfig) -> None:
     finally:
         store.close()
     log.info("data server %s stopped", store.server_id)
+
+
+def _security(config: DataServerConfig) -> tuple[ssl.SSLContext | None, Guard | None]:
+    """TLS for TCP and the capability check, as configured; loud when either is off."""
+    tls = guard = None
+    if config.tls is not None:
+        tls = server_context(config.tls.ca, config.tls.cert, config.tls.key)
+    else:
+        log.warning("INSECURE: TCP without TLS (--insecure-plaintext): anyone who reaches "
+                    "%s:%d can use this data server", config.host, config.port)
+    if config.cluster_key is not None:
+        try:
+            key = bytes.fromhex(config.cluster_key.read_text().strip())
+        except (OSError, ValueError) as e:
+            raise InvalidArgument(what="--cluster-key", detail=f"{config.cluster_key}: {e}") \
+                from None
+        guard = Guard(key=key, node=config.node)
+    else:
+        log.warning("INSECURE: no --cluster-key: I/O at any epoch from anyone connected")
+    return tls, guard
 
 
 async def _listen(server: DataProtocolServer, host: str, port: int, previous: int) -> None:
@@ -83,9 +108,9 @@ async def _listen(server: DataProtocolServer, host: str, port: int, previous: in
         await server.start(host, 0)
 
 
-def _write_ready(path: Path, server_id: str, address: str) -> None:
+def _write_ready(path: Path, info: dict[str, object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"id": server_id, "address": address, "pid": os.getpid()}))
+    tmp.write_text(json.dumps(info))
     os.replace(tmp, path)
 
 
@@ -97,7 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(config)
+    try:
+        run(config)
+    except CargoholdError as e:
+        log.error("%s", e)
+        return 2
     return 0
 
 

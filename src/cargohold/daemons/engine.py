@@ -20,11 +20,13 @@ from collections.abc import Sequence
 
 import uvloop
 
+from cargohold.clients.access import Access
 from cargohold.config import RESIZE_SIGNAL, EngineConfig
-from cargohold.errors import CargoholdError
+from cargohold.errors import CargoholdError, InvalidArgument
 from cargohold.services.engine.engine import Engine
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.opener import open_store
+from cargohold.stores.pki import client_context
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,8 @@ async def serve(config: EngineConfig) -> int:
     store = open_store(config.metadata)
     try:
         engine = Engine(Catalog(store), config.volume, config.epoch, config.node,
-                        str(config.mountpoint), config.heal_rate, config.scrub_rate)
+                        str(config.mountpoint), config.heal_rate, config.scrub_rate,
+                        _access(config))
         await engine.start()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(RESIZE_SIGNAL, engine.refresh_size)
@@ -48,6 +51,28 @@ async def serve(config: EngineConfig) -> int:
         return 0
     finally:
         await store.close()
+
+
+def _access(config: EngineConfig) -> Access | None:
+    """TLS to other hosts' data servers and the capability the node wrote for this
+    attachment (the engine never sees the cluster key)."""
+    tls = None
+    if config.tls is not None:
+        tls = client_context(config.tls.ca, config.tls.cert, config.tls.key)
+    else:
+        log.warning("INSECURE: plaintext TCP to other hosts' data servers")
+    granted = {}
+    if config.capability_file is not None:
+        try:
+            held = json.loads(config.capability_file.read_text())
+            granted[(str(held["volume_id"]), int(held["epoch"]))] = bytes.fromhex(
+                held["capability"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InvalidArgument(what="--capability-file",
+                                  detail=f"{config.capability_file}: {e}") from None
+    if tls is None and not granted:
+        return None
+    return Access(tls=tls, node=config.node, granted=granted)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,13 +25,14 @@ from cargohold.adapters.csi.server import serve as serve_csi
 from cargohold.adapters.dockerplugin import DockerPlugin
 from cargohold.adapters.dockerplugin import create_app as create_plugin_app
 from cargohold.adapters.rest import Services, create_app
+from cargohold.clients.access import Access
 from cargohold.clients.dataclient import DataClient
 from cargohold.clients.sockets import unix_listener
 from cargohold.config import Endpoint, NodeConfig
 from cargohold.core.models import DataServer, Node, ServerState, liveness_key
 from cargohold.core.periodic import Periodic
 from cargohold.daemons.supervisor import DataServerProcess
-from cargohold.errors import CargoholdError, LeaseExpired
+from cargohold.errors import CargoholdError, InvalidArgument, LeaseExpired
 from cargohold.services.agent import Agent
 from cargohold.services.controller.controller import Controller
 from cargohold.services.controller.scrub import Scrub
@@ -42,6 +43,7 @@ from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import MetadataStore
 from cargohold.stores.opener import open_store
+from cargohold.stores.pki import Credentials, ensure_own
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +83,8 @@ async def _serve(app: ASGIApp, endpoint: Endpoint) -> tuple[_ApiServer, asyncio.
 class NodeDaemon:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.processes = [
-            DataServerProcess(path, config.data_host,
-                              config.state_dir / "logs" / f"dataserver-{i}.log")
-            for i, path in enumerate(config.data_dirs)
-        ]
+        self.processes: list[DataServerProcess] = []  # made in run(), with the credentials
+        self.access: Access | None = None
         self.lease = 0
         self.started = time.time()
         self.controller: Controller  # made in run(), with the store
@@ -93,6 +92,18 @@ class NodeDaemon:
     async def run(self) -> None:
         config = self.config
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        credentials = _credentials(config)
+        tls, key_file = config.tls_files()
+        if credentials is not None:
+            self.access = Access(tls=credentials.client_context(), node=config.name,
+                                 key=credentials.cluster_key)
+        self.processes = [
+            DataServerProcess(path, config.data_host,
+                              config.state_dir / "logs" / f"dataserver-{i}.log",
+                              tls if credentials else None,
+                              key_file if credentials else None, config.name)
+            for i, path in enumerate(config.data_dirs)
+        ]
         store = open_store(config.metadata)
         catalog = Catalog(store)
         stop = asyncio.Event()
@@ -103,18 +114,22 @@ class NodeDaemon:
         csi_server = None
         controlling: asyncio.Future[None] | None = None
         agent = Agent(catalog, config.name, config.state_dir, config.metadata,
-                      config.rebuild_rate, config.scrub_rate)
-        volumes = VolumeService(catalog)
+                      config.rebuild_rate, config.scrub_rate, tls if credentials else None,
+                      credentials.cluster_key if credentials else b"")
+        volumes = VolumeService(catalog, self.access)
         self.controller = Controller(store, catalog, volumes, config.name,
                                      config.rebuild_after, config.scrub_every,
                                      config.scrub_rate, config.auto_rebalance,
-                                     config.rebuild_rate)
+                                     config.rebuild_rate, self.access)
         try:
+            if credentials is not None:
+                await _check_trust(catalog, credentials)
             for process in self.processes:
                 await asyncio.to_thread(process.adopt_or_start)
             await self.check_once(store, catalog)
             await agent.recover()
-            services = Services(catalog, volumes, agent, self.controller, Scrub(catalog),
+            services = Services(catalog, volumes, agent, self.controller,
+                                Scrub(catalog, access=self.access),
                                 EventFeed(store), NodeRemoval(catalog), config.name,
                                 stale_after=max(config.lease_ttl,
                                                 3 * config.server_check_interval))
@@ -207,7 +222,8 @@ class NodeDaemon:
                             address=process.info["address"], path=str(process.path),
                             capacity=usage.total, free=usage.free,
                             max_provisioned=int(usage.total * self.config.overprovision))
-        client = DataClient(record.address, record.id, call_timeout=2.0)  # the lease waits
+        client = DataClient(record.address, record.id, call_timeout=2.0,  # the lease waits
+                            access=self.access, peer=record.node)
         try:
             await client.connect(timeout=1.0)
             hello = await client.hello()
@@ -228,3 +244,43 @@ class NodeDaemon:
                     if record is not None:
                         record.state = ServerState.DOWN
                         await catalog.put_server(record)
+
+
+def _credentials(config: NodeConfig) -> Credentials | None:
+    """This node's TLS credentials and cluster key (made on first start when no TLS flag was
+    given); None with ``--insecure-plaintext``."""
+    if config.insecure_plaintext:
+        log.warning("INSECURE: --insecure-plaintext: data servers take TCP connections "
+                    "without TLS and I/O without capabilities; anyone who reaches their ports "
+                    "can read, write and delete every replica")
+        return None
+    if config.own_tls:
+        made_in, made = ensure_own(config.state_dir, config.name)
+        if made:
+            authority = config.state_dir / "pki"
+            log.warning("made a cluster CA in %s and this node's certificate in %s. For "
+                        "another node: `cargohold pki issue NAME --dir %s --out DIR`, copy DIR "
+                        "to it and start it with --tls-dir DIR", authority, made_in, authority)
+    files, key_file = config.tls_files()
+    credentials = Credentials.load(files.ca, files.cert, files.key, key_file)
+    if credentials.name != config.name:
+        raise InvalidArgument(what="TLS credentials",
+                              detail=f"{files.cert} was issued to node {credentials.name!r}, "
+                                     f"this node is {config.name!r}: issue it its own with "
+                                     f"`cargohold pki issue {config.name}`")
+    return credentials
+
+
+async def _check_trust(catalog: Catalog, credentials: Credentials) -> None:
+    """Refuse to join a cluster whose CA or cluster key is not ours (the first node to
+    start records their fingerprints): its hosts could not talk to ours."""
+    ours = {"ca": credentials.ca_fingerprint, "cluster_key": credentials.key_id}
+    held = await catalog.claim_trust(ours)
+    if held != ours:
+        raise InvalidArgument(
+            what="TLS credentials",
+            detail=f"the cluster uses CA {held.get('ca', '?')[:16]}... and cluster key "
+                   f"{held.get('cluster_key', '?')}, this node CA {ours['ca'][:16]}... and key "
+                   f"{ours['cluster_key']}. Issue this node's credentials from the cluster's "
+                   "CA (`cargohold pki issue NAME` where it was made) and start it with "
+                   "--tls-dir")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cargohold.config import DATASERVER_MODULES, DataServerConfig
+from cargohold.config import DATASERVER_MODULES, DataServerConfig, TlsFiles
 from cargohold.errors import DataServerStartFailed
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,15 @@ READY_FILE = "process.json"
 
 
 class DataServerProcess:
-    def __init__(self, path: Path, host: str, log_file: Path) -> None:
+    def __init__(self, path: Path, host: str, log_file: Path, tls: TlsFiles | None = None,
+                 cluster_key: Path | None = None, node: str = "") -> None:
+        """``tls``, ``cluster_key``, ``node``: as in ``DataServerConfig`` (None: plaintext,
+        no capabilities)."""
         self.path = path.absolute()
         self.host = host
+        self.tls = tls
+        self.cluster_key = cluster_key
+        self.node = node
         self.log_file = log_file
         self.ready_file = self.path / READY_FILE
         self.info: dict[str, Any] = {}
@@ -47,15 +53,23 @@ class DataServerProcess:
             info = {}
         if info and self._is_ours(int(info.get("pid", 0))):
             self.info = info
-            log.info("adopted data server %s (pid %d) at %s", info["id"], self.pid, self.path)
-            return
+            if (info.get("tls", False), info.get("guarded", False)) == (
+                    self.tls is not None, self.cluster_key is not None):
+                log.info("adopted data server %s (pid %d) at %s", info["id"], self.pid,
+                         self.path)
+                return
+            log.warning("data server %s (pid %d) at %s runs with other security settings "
+                        "(TLS %s, capabilities %s): restarting it", info["id"], self.pid,
+                        self.path, info.get("tls", False), info.get("guarded", False))
+            self.stop()
         self.start()
 
     def start(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.ready_file.unlink(missing_ok=True)
         argv = DataServerConfig(root=self.path, host=self.host, port=0,
-                                ready_file=self.ready_file).argv()
+                                ready_file=self.ready_file, tls=self.tls,
+                                cluster_key=self.cluster_key, node=self.node).argv()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as out:
             self._child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,

@@ -13,6 +13,7 @@ attachment or removes every piece of a broken one.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -23,7 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cargohold.clients import kernel
-from cargohold.config import ENGINE_MODULES, RESIZE_SIGNAL, EngineConfig
+from cargohold.config import ENGINE_MODULES, RESIZE_SIGNAL, EngineConfig, TlsFiles
+from cargohold.core.capability import Capability
 from cargohold.core.models import Attachment, Volume, VolumeState
 from cargohold.errors import (
     AttachFailed,
@@ -52,6 +54,7 @@ class EngineDir:
         self.file = self.fuse / "volume"
         self.pid_file = self.root / "engine.pid"
         self.ready_file = self.root / "ready.json"
+        self.capability_file = self.root / "capability.json"
         self.log_file = self.root / "engine.log"
         self.mountpoint = state_dir / "mounts" / name
 
@@ -64,10 +67,15 @@ class EngineDir:
 
 class Agent:
     def __init__(self, catalog: Catalog, node: str, state_dir: Path, metadata_url: str,
-                 heal_rate: float = 0.0, scrub_rate: float = 0.0) -> None:
+                 heal_rate: float = 0.0, scrub_rate: float = 0.0, tls: TlsFiles | None = None,
+                 cluster_key: bytes = b"") -> None:
         """``heal_rate``: bytes per second an engine may use to bring a replica back;
-        ``scrub_rate``: to scrub its volume."""
+        ``scrub_rate``: to scrub its volume. ``tls``: the files engines connect to other
+        hosts with (None: plaintext); ``cluster_key``: signs each engine's capability
+        (empty: engines get none, for data servers that ask for none)."""
         self.catalog = catalog
+        self.tls = tls
+        self._cluster_key = cluster_key
         self.heal_rate = heal_rate
         self.scrub_rate = scrub_rate
         self.node = node
@@ -181,10 +189,15 @@ class Agent:
         await self._teardown(volume.name, lazy=True)  # leftovers of a broken attachment
         paths.fuse.mkdir(parents=True, exist_ok=True)
         paths.ready_file.unlink(missing_ok=True)
+        capability_file = None
+        if self._cluster_key:
+            capability_file = paths.capability_file
+            self._write_capability(capability_file, volume.id, volume.attachment.epoch)
         argv = EngineConfig(metadata=self.metadata_url, volume=volume.name,
                             epoch=volume.attachment.epoch, node=self.node,
                             mountpoint=paths.fuse, ready_file=paths.ready_file,
-                            heal_rate=self.heal_rate, scrub_rate=self.scrub_rate).argv()
+                            heal_rate=self.heal_rate, scrub_rate=self.scrub_rate,
+                            tls=self.tls, capability_file=capability_file).argv()
         with open(paths.log_file, "ab") as log_out:
             child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -200,6 +213,16 @@ class Agent:
                                    detail="engine did not become ready")
             await asyncio.sleep(0.02)
         return child.pid
+
+    def _write_capability(self, path: Path, volume_id: str, epoch: int) -> None:
+        """The engine's permission for its attachment's I/O, for root only: it gets this,
+        not the cluster key, so it can use no other epoch."""
+        signed = Capability(volume_id, epoch, self.node).sign(self._cluster_key)
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"volume_id": volume_id, "epoch": epoch, "node": self.node,
+                       "capability": signed.hex()}, f)
 
     async def _format(self, volume: Volume, device: str) -> None:
         found = await asyncio.to_thread(kernel.probe_filesystem, device)
@@ -371,6 +394,7 @@ class Agent:
         if paths.root.exists():
             shutil.rmtree(paths.fuse, ignore_errors=True)
             paths.pid_file.unlink(missing_ok=True)
+            paths.capability_file.unlink(missing_ok=True)
             paths.ready_file.unlink(missing_ok=True)
 
     async def _stop_engine(self, pid: int) -> None:

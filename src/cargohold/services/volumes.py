@@ -16,6 +16,7 @@ from array import array
 from typing import Any
 
 from cargohold.clients import kernel
+from cargohold.clients.access import Access
 from cargohold.clients.dataclient import CONTROL_TIMEOUT, DataClient
 from cargohold.core import placement
 from cargohold.core.layout import generation_table
@@ -51,8 +52,11 @@ ABANDONED_AFTER = 300.0
 
 
 class VolumeService:
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, access: Access | None = None) -> None:
+        """``access``: how this node uses data servers (TLS, capabilities); None: in the
+        clear, as in-process tests do."""
         self.catalog = catalog
+        self.access = access
 
     async def create(self, name: str, size: str | int, replicas: int | str = 2,
                      fs: str = "ext4", exist_ok: bool = False) -> Volume:
@@ -83,7 +87,7 @@ class VolumeService:
         try:
             for server in chosen:
                 asked.append(server)
-                async with ServerSession(server) as client:
+                async with ServerSession(server, self.access) as client:
                     await client.create(volume.id, size_bytes)
         except BaseException as e:  # a refusal, a bug, or the node stopping: leave nothing
             log.error("create of %s failed, rolling back: %s", name,
@@ -168,7 +172,7 @@ class VolumeService:
             if replica.server not in servers:
                 continue
             try:
-                async with ServerSession(servers[replica.server]) as client:
+                async with ServerSession(servers[replica.server], self.access) as client:
                     await client.fence(volume.id, volume.epoch)
             except CargoholdError as e:  # it learns the epoch from the next engine instead
                 log.warning("could not fence %s on %s: %s", name, replica.server, e)
@@ -197,7 +201,7 @@ class VolumeService:
                 if server is None:
                     raise DataServerUnavailable(server=replica.server, address="-",
                                                 detail="not registered")
-                async with ServerSession(server) as client:
+                async with ServerSession(server, self.access) as client:
                     tables[replica.server] = generation_table(
                         await client.generations(volume.id, timeout=10.0))
             except CargoholdError as e:
@@ -250,7 +254,7 @@ class VolumeService:
                 raise DataServerUnavailable(server=replica.server, address="?",
                                             detail="it is not registered; the volume cannot "
                                                    "grow until every replica can")
-            async with ServerSession(server) as client:
+            async with ServerSession(server, self.access) as client:
                 grown = await client.resize(volume.id, size_bytes)
             if grown < size_bytes:
                 raise CargoholdError(detail=f"data server {server.id} grew replica {volume.id} "
@@ -275,7 +279,7 @@ class VolumeService:
     async def _delete_replicas(self, volume_id: str, servers: list[DataServer]) -> None:
         for server in servers:
             try:
-                async with ServerSession(server) as client:
+                async with ServerSession(server, self.access) as client:
                     await client.delete(volume_id)
             except ReplicaNotFound:
                 pass  # never made there, or gone already
@@ -317,7 +321,7 @@ class VolumeService:
             if server is None:
                 continue
             try:
-                async with ServerSession(server) as client:
+                async with ServerSession(server, self.access) as client:
                     await client.delete(volume_id)
             except ReplicaNotFound:
                 pass  # gone already: nothing left to collect
@@ -337,7 +341,7 @@ class VolumeService:
                 used[replica.server] = None
                 continue
             try:
-                async with ServerSession(server) as client:
+                async with ServerSession(server, self.access) as client:
                     used[replica.server] = int((await client.stat(volume.id))["used"])
             except CargoholdError:
                 used[replica.server] = None
@@ -366,8 +370,9 @@ def _replica_count(replicas: int | str) -> int:
 class ServerSession:
     """A short-lived connection to one data server, for control operations."""
 
-    def __init__(self, server: DataServer) -> None:
-        self.client = DataClient(server.address, server.id, call_timeout=CONTROL_TIMEOUT)
+    def __init__(self, server: DataServer, access: Access | None) -> None:
+        self.client = DataClient(server.address, server.id, call_timeout=CONTROL_TIMEOUT,
+                                 access=access, peer=server.node)
 
     async def __aenter__(self) -> DataClient:
         try:

@@ -192,6 +192,18 @@ class Catalog:
     # through CSI; ``csi/published/NAME``: {"node", "readonly", "access", "mode"} of the node
     # the volume is published to.
 
+    # -- the cluster's trust --------------------------------------------------------------
+    async def claim_trust(self, value: dict[str, str]) -> dict[str, str]:
+        """Record which CA and cluster key the cluster uses (the first node to start sets it;
+        fingerprints only, no secret); return what the record holds afterwards."""
+        key = "cluster/trust"
+        if (await self.store.txn([Compare.absent(key)], [Put(key, json.dumps(value).encode())])
+                ).succeeded:
+            return value
+        kv = await self.store.get(key)
+        return value if kv is None else dict(json.loads(kv.value))
+
+    # -- CSI -------------------------------------------------------------------------------
     async def csi_record(self, kind: str, name: str) -> dict[str, Any] | None:
         kv = await self.store.get(f"csi/{kind}/{name}")
         return None if kv is None else dict(json.loads(kv.value))

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import time
 
+from cargohold.clients.access import Access
 from cargohold.core.models import ServerState
 from cargohold.core.periodic import Periodic
 from cargohold.errors import LeaseExpired
@@ -50,13 +51,13 @@ class Controller:
     def __init__(self, store: MetadataStore, catalog: Catalog, volumes: VolumeService,
                  node: str, rebuild_after: float = 600.0, scrub_every: float = 0.0,
                  scrub_rate: float = 0.0, auto_rebalance: bool = False,
-                 rebuild_rate: float = 0.0) -> None:
+                 rebuild_rate: float = 0.0, access: Access | None = None) -> None:
         self.store = store
         self.catalog = catalog
         self.volumes = volumes
-        self.resync = Resync(catalog, rebuild_rate)
-        self.rebuild = Rebuild(catalog, rebuild_after)
-        self.scrub = Scrub(catalog, scrub_rate)
+        self.resync = Resync(catalog, rebuild_rate, access)
+        self.rebuild = Rebuild(catalog, rebuild_after, access)
+        self.scrub = Scrub(catalog, scrub_rate, access)
         self.rebalance = Rebalance(catalog, self.rebuild)
         self.auto_rebalance = auto_rebalance
         self.scrub_every = scrub_every

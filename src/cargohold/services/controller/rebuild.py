@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 
+from cargohold.clients.access import Access
 from cargohold.core import placement
 from cargohold.core.models import DataServer, Replica, ReplicaState, ServerState, Volume
 from cargohold.errors import CargoholdError, VolumeBusy
@@ -33,8 +34,10 @@ log = logging.getLogger(__name__)
 
 
 class Rebuild:
-    def __init__(self, catalog: Catalog, down_after: float) -> None:
+    def __init__(self, catalog: Catalog, down_after: float,
+                 access: Access | None = None) -> None:
         self.catalog = catalog
+        self.access = access
         self.down_after = down_after
 
     async def run_once(self) -> list[tuple[str, str, str]]:
@@ -88,7 +91,7 @@ class Rebuild:
             if not servers:
                 raise VolumeBusy(name=name, state=f"not movable to data server {to}")
         [target] = placement.place(servers, 1, volume.size, exclude=exclude)
-        async with ServerSession(target) as client:
+        async with ServerSession(target, self.access) as client:
             await client.create(volume.id, volume.size)
 
         def add(v: Volume) -> Volume:
@@ -129,7 +132,7 @@ class Rebuild:
             if server is None:
                 continue  # its data server was removed: nothing to delete
             try:
-                async with ServerSession(server) as client:
+                async with ServerSession(server, self.access) as client:
                     await client.delete(volume.id)
             except CargoholdError:
                 await self.catalog.add_garbage(old, volume.id)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cargohold.clients.access import Access
 from cargohold.clients.dataclient import CONTROL_TIMEOUT, DataClient
 from cargohold.core.layout import CHUNK_SIZE, copy_plan, generation_table
 from cargohold.core.models import DataServer, ReplicaState, Volume, VolumeState, server_up
@@ -45,10 +46,13 @@ class ResyncResult:
 
 
 class Resync:
-    def __init__(self, catalog: Catalog, rate: float = 0.0) -> None:
-        """``rate``: bytes per second the copy may use (0: no limit)."""
+    def __init__(self, catalog: Catalog, rate: float = 0.0,
+                 access: Access | None = None) -> None:
+        """``rate``: bytes per second the copy may use (0: no limit); ``access``: TLS and
+        capabilities (None: in the clear, as in-process tests do)."""
         self.catalog = catalog
         self.rate = rate
+        self.access = access
 
     async def run_once(self) -> list[ResyncResult]:
         """Resync every detached volume that has an out-of-sync replica on a data server
@@ -79,7 +83,8 @@ class Resync:
         targets = [r.server for r in volume.replicas if r.state is ReplicaState.RESYNCING]
         sources = [r.server for r in volume.in_sync() if server_up(servers.get(r.server))]
         log.info("resync of %s (epoch %d): %s from %s", name, epoch, targets, sources)
-        clients = {sid: DataClient(servers[sid].address, sid, call_timeout=CONTROL_TIMEOUT)
+        clients = {sid: DataClient(servers[sid].address, sid, call_timeout=CONTROL_TIMEOUT,
+                                      access=self.access, peer=servers[sid].node)
                    for sid in sources + targets}
         copied = total = 0
         try:

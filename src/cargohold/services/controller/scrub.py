@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import asdict
 
+from cargohold.clients.access import Access
 from cargohold.clients.dataclient import CONTROL_TIMEOUT, DataClient
 from cargohold.core.layout import CHUNK_SIZE, generation_table
 from cargohold.core.models import Volume, VolumeState, server_up
@@ -28,10 +29,13 @@ log = logging.getLogger(__name__)
 
 
 class Scrub:
-    def __init__(self, catalog: Catalog, rate: float = 0.0) -> None:
-        """``rate``: bytes per second the reads may use (0: no limit)."""
+    def __init__(self, catalog: Catalog, rate: float = 0.0,
+                 access: Access | None = None) -> None:
+        """``rate``: bytes per second the reads may use (0: no limit); ``access``: TLS and
+        capabilities (None: in the clear, as in-process tests do)."""
         self.catalog = catalog
         self.rate = rate
+        self.access = access
 
     async def run_once(self, every: float) -> ScrubReport | None:
         """Scrub the volume whose last scrub (or creation) is oldest, if that is ``every``
@@ -97,7 +101,8 @@ class Scrub:
         try:
             for replica in volume.in_sync():
                 server = servers.get(replica.server)
-                client = (DataClient(server.address, server.id, call_timeout=CONTROL_TIMEOUT)
+                client = (DataClient(server.address, server.id, call_timeout=CONTROL_TIMEOUT,
+                                     access=self.access, peer=server.node)
                           if server is not None and server_up(server) else None)
                 try:
                     if client is None:

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from cargohold.clients.access import Access
 from cargohold.clients.sharedmemory import SharedMemory
 from cargohold.core.models import ReplicaState, Volume
 from cargohold.core.periodic import Periodic
@@ -59,8 +60,10 @@ class Engine:
     """Serves one attachment (volume ``name`` at ``epoch``) at ``mountpoint``."""
 
     def __init__(self, catalog: Catalog, name: str, epoch: int, node: str, mountpoint: str,
-                 heal_rate: float = 0.0, scrub_rate: float = 0.0) -> None:
+                 heal_rate: float = 0.0, scrub_rate: float = 0.0,
+                 access: Access | None = None) -> None:
         self.catalog = catalog
+        self.access = access
         self.name = name
         self.epoch = epoch
         self.node = node
@@ -82,7 +85,7 @@ class Engine:
         self._shared = SharedMemory(READ_BUFFER)
         self.replicas = ReplicaSet(volume, servers, self.epoch, self.node,
                                    out_of_sync_marker(self.catalog, self.name, self.epoch),
-                                   self._shared)
+                                   self._shared, self.access)
         try:
             await self.replicas.open()
         except BaseException:

@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+from cargohold.clients.access import Access
 from cargohold.clients.dataclient import DataClient
 from cargohold.clients.sharedmemory import SharedMemory
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, chunks, copy_plan, generation_table
@@ -64,8 +65,9 @@ class ReplicaSet:
 
     def __init__(self, volume: Volume, servers: Mapping[str, DataServer], epoch: int,
                  local_node: str, mark_failed: MarkFailed,
-                 shared: SharedMemory | None = None) -> None:
+                 shared: SharedMemory | None = None, access: Access | None = None) -> None:
         self.name = volume.name
+        self._access = access  # TLS and this attachment's capability (None: in the clear)
         self._shared = shared  # write buffers offered to the data servers on this host
         self.volume_id = volume.id
         self.size = volume.size
@@ -143,7 +145,8 @@ class ReplicaSet:
         local = None
         if server.node == self._local_node and server.path:
             local = os.path.join(server.path, LOCAL_SOCKET)
-        return DataClient(server.address, server.id, local, self._shared)
+        return DataClient(server.address, server.id, local, self._shared, access=self._access,
+                          peer=server.node)
 
     async def _claim(self, client: DataClient, timeout: float) -> None:
         await client.connect(timeout=timeout)
