@@ -74,7 +74,12 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 GIB = 1 << 30
 MIB = 1 << 20
 
-CONFIGS = [("raw", "raw", 0), ("r1", "1 replica", 1), ("r2", "2 replicas", 2)]
+CONFIGS = [("raw", "raw", 0), ("r1", "1 replica", 1), ("r2", "2 replicas", 2),
+           ("r2tls", "2 remote TLS", 2), ("r2plain", "2 remote plain", 2)]
+#: Configurations whose engine runs on a second node without data servers, so that it reaches
+#: both replicas over TCP (as on a host without a replica): with TLS and capabilities (the
+#: default) or with ``--insecure-plaintext``. Their ratio is what TLS costs on the data path.
+REMOTE = {"r2tls": True, "r2plain": False}
 PROFILE_SECONDS = 10
 #: A job during which other processes used more CPU than this (cores, on average) is noisy.
 NOISY_CORES = 0.25
@@ -297,13 +302,16 @@ def _env() -> dict[str, str]:
 
 
 class Node:
-    """One ``cargohold node`` with two data dirs, all under ``base``."""
+    """One ``cargohold node`` with ``disks`` data dirs (two by default), all under ``base``."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, name: str = "bench", disks: int = 2,
+                 extra: tuple[str, ...] = ()) -> None:
         self.base = base
+        self.name = name
+        self.extra = extra
         self.state = base / "state"
         self.socket = base / "api.sock"
-        self.data_dirs = [base / "disk1", base / "disk2"]
+        self.data_dirs = [base / f"disk{i}" for i in range(1, disks + 1)]
         self.log = base / "node.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.attached: set[str] = set()
@@ -313,8 +321,8 @@ class Node:
         return f"unix://{self.socket}"
 
     def start(self, timeout: float = 60.0) -> None:
-        argv = [sys.executable, "-m", "cargohold.cli", "node", "--name", "bench",
-                "--state-dir", str(self.state), "--api", self.host]
+        argv = [sys.executable, "-m", "cargohold.cli", "node", "--name", self.name,
+                "--state-dir", str(self.state), "--api", self.host, *self.extra]
         for d in self.data_dirs:
             argv += ["--data-dir", str(d)]
         node_help = run([sys.executable, "-m", "cargohold.cli", "node", "--help"],
@@ -421,6 +429,7 @@ class Bench:
         self.runs = args.runs or (1 if args.quick else 3)
         self.tmp = Path(tempfile.mkdtemp(prefix="cargohold-bench-", dir=args.tmp_parent))
         self.node: Node | None = None
+        self.pairs: dict[str, tuple[Node, Node]] = {}  # REMOTE config → (storage, client)
         self.raw_mount: Path | None = None
         self.first_touch: float | None = None  # us per page of fresh memory (main)
         self.raw_loop: str | None = None
@@ -563,17 +572,48 @@ class Bench:
             run(["losetup", "-d", self.raw_loop], check=False)
             self.raw_loop = None
 
-    def run_cargohold(self, index: int, replicas: int, profile: bool) -> dict[str, Any]:
-        assert self.node is not None
-        name = f"bench-r{replicas}-run{index}"
-        self.node.create(name, replicas)
+    def remote_pair(self, key: str) -> tuple[Node, Node]:
+        """Two nodes on one metadata store: one with the two data dirs, one without any,
+        which attaches (its engine reaches both replicas over TCP)."""
+        if key in self.pairs:
+            return self.pairs[key]
+        base = self.tmp / key
+        base.mkdir()
+        common = ("--metadata", f"sqlite://{base / 'meta.db'}")
+        tls: dict[str, tuple[str, ...]] = {"bench": (), "bench-client": ()}
+        if REMOTE[key]:
+            cli = [sys.executable, "-m", "cargohold.cli", "pki"]
+            run([*cli, "init", "--dir", str(base / "pki")], env=_env())
+            for name in tls:
+                run([*cli, "issue", name, "--dir", str(base / "pki"), "--out",
+                     str(base / f"tls-{name}")], env=_env())
+                tls[name] = ("--tls-dir", str(base / f"tls-{name}"))
+        else:
+            tls = {name: ("--insecure-plaintext",) for name in tls}
+        storage = Node(base / "storage", "bench", 2, (*common, *tls["bench"]))
+        client = Node(base / "client", "bench-client", 0, (*common, *tls["bench-client"]))
+        self.pairs[key] = (storage, client)
+        for node in (storage, client):
+            node.base.mkdir()
+            node.start()
+        return storage, client
+
+    def run_cargohold(self, index: int, replicas: int, profile: bool, key: str = "",
+                      ) -> dict[str, Any]:
+        if key in REMOTE:
+            storage, client = self.remote_pair(key)
+        else:
+            assert self.node is not None
+            storage = client = self.node
+        name = f"bench-{key or f'r{replicas}'}-run{index}"
+        storage.create(name, replicas)
         try:
             t0 = time.monotonic()
-            mountpoint = Path(self.node.attach(name))
+            mountpoint = Path(client.attach(name))
             attach_s = time.monotonic() - t0
-            engine = self.node.engine_pid(name)
-            servers = self.node.dataserver_pids()
-            holders = self.node.replica_servers(name)
+            engine = client.engine_pid(name)
+            servers = storage.dataserver_pids()
+            holders = storage.replica_servers(name)
             ds_before = {k: proc_status_kib(p, "VmHWM") for k, p in servers.items()}
             jobs = self.run_jobs(mountpoint, engine, servers)
             result: dict[str, Any] = {"jobs": jobs, "attach_s": attach_s,
@@ -594,14 +634,14 @@ class Bench:
             if profile:
                 self.profile = self.take_profile(mountpoint, engine, servers, holders)
             t0 = time.monotonic()
-            self.node.detach(name)
+            client.detach(name)
             result["detach_s"] = time.monotonic() - t0
         finally:
-            if name in self.node.attached:
+            if name in client.attached:
                 with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-                    self.node.detach(name)
+                    client.detach(name)
             with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-                self.node.remove(name)
+                storage.remove(name)
         return result
 
     @staticmethod
@@ -718,12 +758,12 @@ class Bench:
                 if key == "raw":
                     results[key] = self.run_raw(index)
                     continue
-                if self.node is None:
+                if self.node is None and key not in REMOTE:
                     self.node = Node(self.tmp / "node")
                     self.node.base.mkdir()
                     self.node.start()
-                profile = self.args.profile and replicas == 2 and index == self.runs
-                results[key] = self.run_cargohold(index, replicas, profile)
+                profile = (self.args.profile and key == "r2" and index == self.runs)
+                results[key] = self.run_cargohold(index, replicas, profile, key)
                 e = results[key]["engine"]
                 log(f"  engine: {e['cpu_s']:.1f} s CPU, {e['cpu_s_per_gib']:.2f} s/GiB, "
                     f"VmHWM {e['vmhwm_mib']:.0f} MiB; data servers "
@@ -735,12 +775,15 @@ class Bench:
         """Undo everything; return what (if anything) is left."""
         base = str(self.tmp)
         steps: list[str] = []
+        nodes = [n for pair in self.pairs.values() for n in reversed(pair)]
         if self.node is not None:
+            nodes.append(self.node)
+        for node in nodes:
             try:
-                self.node.stop()
+                node.stop()
             except Exception as e:  # noqa: BLE001 - keep cleaning
                 steps.append(f"node stop: {e}")
-            for key, pid in self.node.dataserver_pids().items():
+            for key, pid in node.dataserver_pids().items():
                 if cpu_seconds(pid) is not None and base.encode() in _cmdline(pid):
                     steps.append(f"killed data server {key} ({pid})")
                     with contextlib.suppress(ProcessLookupError):
@@ -987,8 +1030,7 @@ def report(result: dict[str, Any], runs: int) -> str:
                         fmt(sv["dataservers_cpu_s"] / ios * 1e6 if ios else None, 1)]
             rows.append(row)
         head = ["job"]
-        for _, label, _ in cargo:
-            short = label.split()[0] + "r"
+        for short, _, _ in cargo:
             head += [f"{short} eng s/GiB", f"{short} eng us/IO", f"{short} eng util",
                      f"{short} srv us/IO"]
         lines += table(rows, head)
@@ -1005,6 +1047,16 @@ def report(result: dict[str, Any], runs: int) -> str:
                      f"<= {ENGINE_MEMORY_TARGET_MIB} MiB",
                      "PASS" if hwm <= ENGINE_MEMORY_TARGET_MIB else "MISS"])
         lines += table(rows, ["target", "measured", "goal", ""])
+    if "r2tls" in med and "r2plain" in med:
+        lines += ["", "what TLS and capabilities cost (2 remote replicas: TLS / plaintext)", ""]
+        rows = []
+        for job in JOBS:
+            for metric, title in METRICS:
+                plain = med["r2plain"]["jobs"][job.name][metric]
+                tls = med["r2tls"]["jobs"][job.name][metric]
+                rows.append([job.name, title, fmt(plain), fmt(tls),
+                             f"{tls / plain:.2f}" if plain else "-"])
+        lines += table(rows, ["job", "metric", "plaintext", "TLS", "TLS/plain"])
     touch = result.get("meta", {}).get("first_touch_us_per_page")
     if touch is not None:
         lines += ["", f"fresh memory: {touch:.1f} us per 4 KiB page to fault in, i.e. "
@@ -1070,7 +1122,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runtime", type=int, default=0,
                    help="seconds per random job (default 20; 5 with --quick)")
     p.add_argument("--configs", default="raw,r1,r2",
-                   help="comma-separated subset of raw,r1,r2 (default all)")
+                   help="comma-separated subset of raw,r1,r2,r2tls,r2plain (default "
+                        "raw,r1,r2; r2tls,r2plain: the engine on a second node, both "
+                        "replicas over TCP with TLS or in plaintext)")
     p.add_argument("--no-settle", dest="settle", action="store_false",
                    help="do not sync the file system (untimed) after each write job: the "
                         "next job then pays for the previous job's flush")

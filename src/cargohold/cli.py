@@ -55,12 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cargohold", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 2)[2])
-    parser.add_argument("--host", help="node API: unix:///PATH or tcp://HOST:PORT "
-                        "(default $CARGOHOLD_HOST or unix:///run/cargohold/api.sock)")
+    parser.add_argument("--host", help="node API: unix:///PATH or tcp://HOST:PORT (HTTPS; "
+                        "http://HOST:PORT for a node run with --insecure-plaintext) (default "
+                        "$CARGOHOLD_HOST or unix:///run/cargohold/api.sock)")
     parser.add_argument("--token-file", metavar="FILE",
                         help="file holding the bearer token of a TCP API (default "
                              "$CARGOHOLD_TOKEN); never on the command line, where any local "
                              "user can read it")
+    parser.add_argument("--ca", metavar="FILE",
+                        help="CA certificate to check a TCP API's HTTPS certificate with "
+                             "(default $CARGOHOLD_CA, else /var/lib/cargohold/tls/ca.crt if "
+                             "present, else the system's)")
     parser.add_argument("--version", action="version", version=f"cargohold {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -188,6 +193,10 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--dir", type=Path, default=DEFAULT_PKI_DIR,
                        help=f"the CA made by `pki init` (default {DEFAULT_PKI_DIR})")
     issue.add_argument("--out", type=Path, required=True, help="folder to write (new or empty)")
+    issue.add_argument("--host", dest="hosts", action="append", default=[],
+                       metavar="NAME_OR_ADDRESS",
+                       help="a host name or IP address the node's API is reached by over "
+                            "HTTPS (repeatable; the node's name is always in)")
     return parser
 
 
@@ -255,7 +264,7 @@ def _pki(args: argparse.Namespace) -> int:
         print(f"cluster CA and cluster key made in {args.dir}. Issue each node's credentials "
               f"with `cargohold pki issue NODE --dir {args.dir} --out DIR`")
         return EXIT_OK
-    pki.issue(args.dir, args.target, args.out)
+    pki.issue(args.dir, args.target, args.out, args.hosts)
     print(f"credentials of node {args.target} written to {args.out}: copy the folder to that "
           f"host (keep it mode 700) and start `cargohold node --name {args.target} --tls-dir "
           "DIR`")
@@ -265,7 +274,7 @@ def _pki(args: argparse.Namespace) -> int:
 def _run_client(args: argparse.Namespace) -> int:
     from cargohold.clients.api import ApiClient
 
-    with ApiClient(client_config(args.host, args.token_file)) as api:
+    with ApiClient(client_config(args.host, args.token_file, args.ca)) as api:
         as_json = getattr(args, "output", "table") == "json"
         if args.command == "rebalance":
             return _rebalance(api, args.dry_run, args.wait, as_json)

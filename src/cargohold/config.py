@@ -24,16 +24,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cargohold.errors import InvalidArgument
 
 DEFAULT_STATE_DIR = Path("/var/lib/cargohold")
+DEFAULT_CA = DEFAULT_STATE_DIR / "tls" / "ca.crt"  # the cluster CA of this host's node
 DEFAULT_API = "unix:///run/cargohold/api.sock"
 DEFAULT_DOCKER_SOCKET = Path("/run/docker/plugins/cargohold.sock")
 DEFAULT_KUBELET_DIR = Path("/var/lib/kubelet")
 HOST_ENV = "CARGOHOLD_HOST"
 TOKEN_ENV = "CARGOHOLD_TOKEN"
+CA_ENV = "CARGOHOLD_CA"
 MIN_TOKEN = 16  # characters of a bearer token a node accepts
 
 
 class Endpoint(BaseModel):
-    """An API endpoint: ``unix:///path`` or ``tcp://host:port``."""
+    """An API endpoint: ``unix:///path`` or ``tcp://host:port`` (HTTPS; ``http://host:port``
+    for a node that serves it in plaintext, ``--insecure-plaintext``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     url: str
@@ -44,13 +47,17 @@ class Endpoint(BaseModel):
         parsed = urlparse(url)
         if parsed.scheme == "unix" and parsed.path:
             return url
-        if parsed.scheme in ("tcp", "http") and parsed.hostname and parsed.port:
+        if parsed.scheme in ("tcp", "http", "https") and parsed.hostname and parsed.port:
             return url
         raise ValueError(f"{url!r} is not unix:///PATH or tcp://HOST:PORT")
 
     @property
     def is_unix(self) -> bool:
         return self.url.startswith("unix://")
+
+    @property
+    def is_plaintext(self) -> bool:
+        return self.url.startswith("http://")
 
     @property
     def path(self) -> str:
@@ -215,16 +222,23 @@ class ClientConfig(BaseModel):
 
     host: Endpoint = Endpoint(url=DEFAULT_API)
     token: str = ""
+    ca: Path | None = None  # the CA that signed the node's HTTPS certificate (TCP)
 
 
-def client_config(host: str | None, token_file: str | None) -> ClientConfig:
-    """What the CLI uses: flags first, then ``CARGOHOLD_HOST``/``CARGOHOLD_TOKEN``."""
+def client_config(host: str | None, token_file: str | None,
+                  ca: str | None = None) -> ClientConfig:
+    """What the CLI uses: flags first, then ``CARGOHOLD_HOST``/``CARGOHOLD_TOKEN``/
+    ``CARGOHOLD_CA``; over TCP the default CA is this host's node's (``DEFAULT_CA``)."""
     url = host or os.environ.get(HOST_ENV) or DEFAULT_API
     try:
         endpoint = Endpoint(url=url)
     except ValueError as e:
         raise InvalidArgument(what="--host", detail=str(e)) from None
-    return ClientConfig(host=endpoint, token=read_token(token_file))
+    authority = ca or os.environ.get(CA_ENV)
+    if authority is None and DEFAULT_CA.exists():
+        authority = str(DEFAULT_CA)
+    return ClientConfig(host=endpoint, token=read_token(token_file),
+                        ca=Path(authority) if authority else None)
 
 
 def read_token(token_file: str | None) -> str:

@@ -10,6 +10,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import certifi
+import httpx
 import pytest
 
 from tests.conftest import Node, _env
@@ -119,11 +121,18 @@ def test_tcp_api_needs_the_bearer_token(tmp_path: Path) -> None:
              env={"CARGOHOLD_TOKEN": token})
     try:
         n.start()
-        tcp = ["--host", f"tcp://127.0.0.1:{port}"]
+        tcp = ["--host", f"tcp://127.0.0.1:{port}", "--ca", str(n.state / "tls" / "ca.crt")]
         base = [sys.executable, "-m", "cargohold.cli"]
         wrong, right = tmp_path / "wrong", tmp_path / "right"
         wrong.write_text("wrong-token-of-20-chars\n")
         right.write_text(token + "\n")
+        # HTTPS only, with a certificate of the cluster CA
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/v1/volumes", timeout=10)
+        strange = subprocess.run([*base, "--host", f"tcp://127.0.0.1:{port}", "--ca",
+                                  certifi.where(), "--token-file", str(right), "volume", "ls"],
+                                 capture_output=True, text=True, env=_env())
+        assert strange.returncode == 5 and "CERTIFICATE_VERIFY_FAILED" in strange.stderr
         refused = subprocess.run([*base, *tcp, "--token-file", str(wrong), "volume", "ls"],
                                  capture_output=True, text=True, env=_env())
         assert refused.returncode == 2 and "[unauthorized]" in refused.stderr
@@ -186,7 +195,8 @@ def test_named_tokens_have_roles_and_every_change_is_audited(tmp_path: Path) -> 
             token_file = tmp_path / "mine"
             token_file.write_text(secret + "\n")
             return subprocess.run([sys.executable, "-m", "cargohold.cli", "--host",
-                                   f"tcp://127.0.0.1:{port}", "--token-file", str(token_file),
+                                   f"tcp://127.0.0.1:{port}", "--ca",
+                                   str(n.state / "tls" / "ca.crt"), "--token-file", str(token_file),
                                    *args], capture_output=True, text=True, env=_env())
 
         assert cli("reader-secret-0123456789", "volume", "ls").returncode == 0

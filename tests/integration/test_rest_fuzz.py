@@ -6,6 +6,7 @@ node has one data server, over-provisioned up to twice its disk), not failures."
 from __future__ import annotations
 
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -38,29 +39,33 @@ def test_generated_requests_get_documented_answers_and_refusals_change_nothing(
         port = s.getsockname()[1]
     node = Node(tmp_path, data_servers=1, extra=("--api", f"tcp://127.0.0.1:{port}"),
                 env={"CARGOHOLD_TOKEN": TOKEN})
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://127.0.0.1:{port}"  # HTTPS with the node's own cluster CA
     headers = {"Authorization": f"Bearer {TOKEN}"}
     try:
         node.start()
-        schema = schemathesis.openapi.from_url(f"{url}/openapi.json", headers=headers)
+        ca = str(node.state / "tls" / "ca.crt")
+        trust = ssl.create_default_context(cafile=ca)
+        with httpx.Client(verify=trust) as fetch:
+            schema = schemathesis.openapi.from_dict(
+                fetch.get(f"{url}/openapi.json", headers=headers).json())
         assert schema.raw_schema["components"]["securitySchemes"]["bearer"]["scheme"] == \
             "bearer"
         problems: list[str] = []
         operations = 0
-        with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+        with httpx.Client(base_url=url, headers=headers, timeout=60, verify=trust) as client:
             for result in schema.get_all_operations():
                 operation = result.ok()
                 if operation.path in STREAMS:
                     continue
                 operations += 1
-                _fuzz(operation, client, url, headers, problems)
+                _fuzz(operation, client, url, headers, ca, problems)
         assert operations >= 15
         assert problems == [], "\n".join(problems)
     finally:
         node.cleanup()
 
 
-def _fuzz(operation: Any, client: httpx.Client, url: str, headers: dict[str, str],
+def _fuzz(operation: Any, client: httpx.Client, url: str, headers: dict[str, str], ca: str,
           problems: list[str]) -> None:
     documented = {str(code) for code in operation.definition.raw["responses"]}
     changes = operation.method.upper() not in ("GET", "HEAD")
@@ -70,7 +75,7 @@ def _fuzz(operation: Any, client: httpx.Client, url: str, headers: dict[str, str
     @given(case=operation.as_strategy())
     def check(case: Any) -> None:
         before = _state(client) if changes else None
-        response = case.call(base_url=url, headers=headers, timeout=60)
+        response = case.call(base_url=url, headers=headers, timeout=60, verify=ca)
         status = response.status_code
         what = f"{operation.label} {case.path_parameters} {case.body!r:.200}"
         refused = 400 <= status < 500 or status in (503, 507)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,9 +22,14 @@ class ApiClient:
         if config.host.is_unix:
             transport = httpx.HTTPTransport(uds=config.host.path)
             base = "http://cargohold"
-        else:
+        elif config.host.is_plaintext:
             transport = httpx.HTTPTransport()
             base = f"http://{config.host.host}:{config.host.port}"
+        else:
+            context = ssl.create_default_context(
+                cafile=str(config.ca) if config.ca is not None else None)
+            transport = httpx.HTTPTransport(verify=context)
+            base = f"https://{config.host.host}:{config.host.port}"
         self._http = httpx.Client(transport=transport, base_url=base, headers=headers,
                                   timeout=TIMEOUT)
 

@@ -28,7 +28,7 @@ from cargohold.adapters.rest import Services, create_app
 from cargohold.clients.access import Access
 from cargohold.clients.dataclient import DataClient
 from cargohold.clients.sockets import unix_listener
-from cargohold.config import Endpoint, NodeConfig
+from cargohold.config import Endpoint, NodeConfig, TlsFiles
 from cargohold.core.models import DataServer, Node, ServerState, liveness_key
 from cargohold.core.periodic import Periodic
 from cargohold.daemons.supervisor import DataServerProcess
@@ -58,9 +58,11 @@ class _ApiServer(uvicorn.Server):
         yield
 
 
-async def _serve(app: ASGIApp, endpoint: Endpoint) -> tuple[_ApiServer, asyncio.Task[None]]:
+async def _serve(app: ASGIApp, endpoint: Endpoint, tls: TlsFiles | None = None,
+                 ) -> tuple[_ApiServer, asyncio.Task[None]]:
     """Serve ``app`` on ``endpoint`` inside this event loop; return once it listens. A unix
-    socket is root's and its group's (0660) from the moment it exists."""
+    socket is root's and its group's (0660) from the moment it exists; TCP is HTTPS with the
+    node's certificate unless ``tls`` is None."""
     sockets = None
     if endpoint.is_unix:
         os.makedirs(os.path.dirname(endpoint.path), exist_ok=True)
@@ -70,7 +72,9 @@ async def _serve(app: ASGIApp, endpoint: Endpoint) -> tuple[_ApiServer, asyncio.
         uconfig = uvicorn.Config(app, log_level="warning", lifespan="off")
     else:
         uconfig = uvicorn.Config(app, host=endpoint.host, port=endpoint.port,
-                                 log_level="warning", lifespan="off")
+                                 log_level="warning", lifespan="off",
+                                 ssl_certfile=str(tls.cert) if tls is not None else None,
+                                 ssl_keyfile=str(tls.key) if tls is not None else None)
     server = _ApiServer(uconfig)
     task = asyncio.ensure_future(server.serve(sockets))
     while not server.started:
@@ -136,7 +140,8 @@ class NodeDaemon:
             audit = AuditLog(config.state_dir / "audit.log")
             for endpoint in config.api:
                 tokens = [] if endpoint.is_unix else config.api_tokens()
-                servers.append(await _serve(create_app(services, tokens, audit), endpoint))
+                servers.append(await _serve(create_app(services, tokens, audit), endpoint,
+                                            tls if credentials else None))
             if config.docker_socket is not None:
                 plugin = DockerPlugin(catalog, volumes, agent,
                                       config.state_dir / "docker-mounts.json")
@@ -255,7 +260,9 @@ def _credentials(config: NodeConfig) -> Credentials | None:
                     "can read, write and delete every replica")
         return None
     if config.own_tls:
-        made_in, made = ensure_own(config.state_dir, config.name)
+        hosts = [config.data_host, *(e.host for e in config.api if not e.is_unix)]
+        made_in, made = ensure_own(config.state_dir, config.name,
+                                   [h for h in hosts if h not in ("0.0.0.0", "::")])
         if made:
             authority = config.state_dir / "pki"
             log.warning("made a cluster CA in %s and this node's certificate in %s. For "

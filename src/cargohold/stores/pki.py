@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import ipaddress
 import os
 import secrets
 import shutil
+import socket
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,9 +91,23 @@ def init_authority(directory: Path, cluster: str = "cargohold") -> None:
     _write(directory / CA_CERT, _pem_cert(cert), 0o644)
 
 
-def issue(authority: Path, name: str, out: Path) -> None:
+def _alt_names(name: str, hosts: Sequence[str]) -> list[x509.GeneralName]:
+    """The node's name and every host name or address it is reached by (HTTPS clients check
+    the one they connect to)."""
+    found: list[x509.GeneralName] = [x509.DNSName(name)]
+    for host in hosts:
+        try:
+            entry: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            entry = x509.DNSName(host)
+        if entry not in found:
+            found.append(entry)
+    return found
+
+
+def issue(authority: Path, name: str, out: Path, hosts: Sequence[str] = ()) -> None:
     """Write the credentials of node ``name`` into ``out`` (new or empty), signed by the CA
-    in ``authority``."""
+    in ``authority``; ``hosts``: more names and addresses its certificate holds."""
     if not name or any(c.isspace() or c in "/\\" for c in name) or len(name) > 64:
         raise InvalidArgument(what="node name", detail=f"{name!r}: 1-64 characters, no "
                               "spaces or slashes")
@@ -114,7 +131,7 @@ def issue(authority: Path, name: str, out: Path) -> None:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - _DAY).not_valid_after(now + NODE_YEARS * 365 * _DAY)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(_alt_names(name, hosts)), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                   ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
@@ -209,13 +226,16 @@ def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-def ensure_own(state_dir: Path, name: str) -> tuple[Path, bool]:
+def ensure_own(state_dir: Path, name: str, hosts: Sequence[str] = ()) -> tuple[Path, bool]:
     """The credentials directory of a node started without any (``STATE_DIR/tls``), made
-    with a new cluster CA (``STATE_DIR/pki``) on first start; also whether it was made now."""
+    with a new cluster CA (``STATE_DIR/pki``) on first start; also whether it was made now.
+    Its certificate holds ``hosts``, this host's name, ``localhost`` and the loopback
+    addresses besides the node's name."""
     creds, authority = state_dir / "tls", state_dir / "pki"
     if (creds / NODE_CERT).exists():
         return creds, False
     if not (authority / CA_KEY).exists():
         init_authority(authority)
-    issue(authority, name, creds)
+    issue(authority, name, creds,
+          [*hosts, socket.gethostname(), "localhost", "127.0.0.1", "::1"])
     return creds, True
