@@ -33,15 +33,15 @@ def _env() -> dict[str, str]:
     return env
 
 
-def credentials(base: Path, name: str) -> tuple[str, str]:
+def credentials(base: Path, name: str, hosts: tuple[str, ...] = ()) -> tuple[str, str]:
     """``--tls-dir`` of node ``name`` of the cluster whose CA lives in ``base/pki`` (made on
     first use): nodes sharing a metadata store must share a CA and cluster key, as deployed
-    (``cargohold pki init`` once, ``pki issue`` per node)."""
+    (``cargohold pki init`` once, ``pki issue`` per node; ``hosts``: its addresses)."""
     authority, out = base / "pki", base / "tls" / name
     if not (authority / "ca.key").exists():
         pki.init_authority(authority)
     if not out.exists():
-        pki.issue(authority, name, out)
+        pki.issue(authority, name, out, hosts)
     return "--tls-dir", str(out)
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from cargohold.stores import pki
 
 ETCD = os.environ.get("CARGOHOLD_ETCD", "/usr/bin/etcd")
 
@@ -45,8 +48,11 @@ def _free_ports(n: int) -> list[int]:
 class EtcdMember:
     """One etcd process: its ports, data dir and log."""
 
-    def __init__(self, name: str, base: Path, client_port: int, peer_port: int) -> None:
+    def __init__(self, name: str, base: Path, client_port: int, peer_port: int,
+                 tls: Path | None = None) -> None:
         self.name = name
+        self.tls = tls  # credentials (``cargohold pki issue``): TLS for clients and peers
+        self.scheme = "https" if tls is not None else "http"
         self.client_port = client_port
         self.peer_port = peer_port
         self.data_dir = base / name
@@ -60,11 +66,11 @@ class EtcdMember:
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"{self.scheme}://127.0.0.1:{self.peer_port}"
 
     @property
     def running(self) -> bool:
@@ -88,6 +94,12 @@ class EtcdMember:
             "--log-outputs", "stderr",
             "--enable-v2=false",
         ]  # fmt: skip
+        if self.tls is not None:
+            files = ["ca.crt", "node.crt", "node.key"]
+            ca, cert, key = (str(self.tls / f) for f in files)
+            argv += ["--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca,
+                     "--client-cert-auth", "--peer-cert-file", cert, "--peer-key-file", key,
+                     "--peer-trusted-ca-file", ca, "--peer-client-cert-auth"]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -135,16 +147,25 @@ class EtcdCluster:
     """
 
     def __init__(
-        self, base: Path, size: int = 1, *, heartbeat_ms: int = 100, election_ms: int = 1000
+        self, base: Path, size: int = 1, *, heartbeat_ms: int = 100, election_ms: int = 1000,
+        tls: Path | None = None,
     ) -> None:
+        """``tls``: a credentials folder (``cargohold pki issue NAME --host 127.0.0.1``) the
+        members serve clients and each other with, asking for certificates of its CA."""
         if size < 1:
             raise ValueError("a cluster needs at least one member")
         self.base = base
+        self.tls = tls
         self.size = size
         self.heartbeat_ms = heartbeat_ms
         self.election_ms = election_ms
         self.members: list[EtcdMember] = []
-        self._http = httpx.Client()
+        if tls is None:
+            self._http = httpx.Client()
+        else:
+            context = ssl.create_default_context(cafile=str(tls / "ca.crt"))
+            context.load_cert_chain(tls / "node.crt", tls / "node.key")
+            self._http = httpx.Client(verify=context)
 
     # -- addresses
 
@@ -154,8 +175,8 @@ class EtcdCluster:
 
     @property
     def url(self) -> str:
-        """The metadata URL for open_store: ``etcd://host:port,host:port,...``."""
-        return "etcd://" + ",".join(self.endpoints)
+        """The metadata URL for open_store: ``etcd[s]://host:port,host:port,...``."""
+        return ("etcds://" if self.tls else "etcd://") + ",".join(self.endpoints)
 
     @property
     def initial_cluster(self) -> str:
@@ -170,7 +191,7 @@ class EtcdCluster:
             ports = _free_ports(2 * self.size)
             self.base.mkdir(parents=True, exist_ok=True)
             self.members = [
-                EtcdMember(f"m{i}", self.base, ports[2 * i], ports[2 * i + 1])
+                EtcdMember(f"m{i}", self.base, ports[2 * i], ports[2 * i + 1], self.tls)
                 for i in range(self.size)
             ]
             for m in self.members:
@@ -269,9 +290,10 @@ needs_etcd = pytest.mark.skipif(
 )
 
 
-def _cluster(request: pytest.FixtureRequest, size: int, **kwargs: int) -> Iterator[EtcdCluster]:
+def _cluster(request: pytest.FixtureRequest, size: int, tls: Path | None = None,
+             **kwargs: int) -> Iterator[EtcdCluster]:
     base = Path(tempfile.mkdtemp(prefix=f"cargohold-etcd{size}-"))
-    cluster = EtcdCluster(base, size, **kwargs)
+    cluster = EtcdCluster(base, size, tls=tls, **kwargs)
     failed_before = request.session.testsfailed
     try:
         cluster.start()
@@ -303,3 +325,18 @@ def etcd1(request: pytest.FixtureRequest) -> Iterator[EtcdCluster]:
 def etcd3(request: pytest.FixtureRequest) -> Iterator[EtcdCluster]:
     """A fresh three-member etcd with etcd's default raft timing (100/1000 ms)."""
     yield from _cluster(request, 3)
+
+
+@pytest.fixture(scope="session")
+def etcd_credentials(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cluster CA and credentials for 127.0.0.1, shared by etcd members and clients."""
+    base = tmp_path_factory.mktemp("etcd-pki")
+    pki.init_authority(base / "ca")
+    pki.issue(base / "ca", "etcd", base / "etcd", ["127.0.0.1"])
+    return base / "etcd"
+
+
+@pytest.fixture
+def etcd1_tls(request: pytest.FixtureRequest, etcd_credentials: Path) -> Iterator[EtcdCluster]:
+    """``etcd1`` serving TLS only, with client certificates of its CA required."""
+    yield from _cluster(request, 1, tls=etcd_credentials, heartbeat_ms=50, election_ms=500)

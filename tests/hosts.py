@@ -13,7 +13,7 @@ not collide):
   runs in these namespaces (entered with ``nsenter``) and in one cgroup of its own
   (``ch-RUN/hN``; dockerd puts its containers below it with ``--cgroup-parent``).
 * on every host: an etcd member (one three-member cluster across the hosts), a
-  ``cargohold node`` (one data dir, ``--metadata etcd://`` of all members, the Docker plugin
+  ``cargohold node`` (one data dir, ``--metadata etcds://`` of all members, the Docker plugin
   socket in the host's plugin directory, a short ``--lease-ttl``) and, if asked, a dockerd.
 
 ``Host.kill()`` kills the host as a power cut would: it freezes everything of the host (its
@@ -316,29 +316,44 @@ class Host:
         _sh("nsenter", f"--net=/run/netns/{self.netns}", "unshare", f"--mount={self.mnt_ns}",
             f"--uts={self.uts_ns}", "--propagation", "slave", "sh", "-c", setup)
 
+    @property
+    def tls(self) -> Path:
+        """This host's credentials from the hosts' cluster CA (its node's and its etcd
+        member's: the certificate names the host and its address)."""
+        return Path(credentials(self.hosts.base, self.name, (self.ip,))[1])
+
     def start_etcd(self, initial_cluster: str, state: str = "new") -> None:
+        ca, cert, key = (str(self.tls / f) for f in ("ca.crt", "node.crt", "node.key"))
         argv = [
             ETCD, "--name", self.name, "--data-dir", str(self.etcd_dir / "data"),
-            "--listen-client-urls", f"http://{self.ip}:2379",
-            "--advertise-client-urls", f"http://{self.ip}:2379",
-            "--listen-peer-urls", f"http://{self.ip}:2380",
-            "--initial-advertise-peer-urls", f"http://{self.ip}:2380",
+            "--listen-client-urls", f"https://{self.ip}:2379",
+            "--advertise-client-urls", f"https://{self.ip}:2379",
+            "--listen-peer-urls", f"https://{self.ip}:2380",
+            "--initial-advertise-peer-urls", f"https://{self.ip}:2380",
             "--initial-cluster", initial_cluster, "--initial-cluster-state", state,
             "--initial-cluster-token", self.hosts.prefix,
             "--logger", "zap", "--log-outputs", "stderr", "--enable-v2=false",
+            # TLS with certificates of the cluster CA, both for clients and between members
+            "--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca,
+            "--client-cert-auth", "--peer-cert-file", cert, "--peer-key-file", key,
+            "--peer-trusted-ca-file", ca, "--peer-client-cert-auth",
         ]  # fmt: skip
         self.etcd = self.popen(argv, self.base / "etcd.log")
 
+    def _curl(self) -> list[str]:
+        return ["curl", "-sf", "-m", "1", "--cacert", str(self.tls / "ca.crt"), "--cert",
+                str(self.tls / "node.crt"), "--key", str(self.tls / "node.key")]
+
     def etcd_healthy(self) -> bool:
-        done = self.run("curl", "-sf", "-m", "1", f"http://{self.ip}:2379/health", check=False)
+        done = self.run(*self._curl(), f"https://{self.ip}:2379/health", check=False)
         try:
             return done.returncode == 0 and json.loads(done.stdout).get("health") == "true"
         except ValueError:
             return False
 
     def etcd_is_leader(self) -> bool:
-        done = self.run("curl", "-sf", "-m", "1", "-X", "POST", "-d", "{}",
-                        f"http://{self.ip}:2379/v3/maintenance/status", check=False)
+        done = self.run(*self._curl(), "-X", "POST", "-d", "{}",
+                        f"https://{self.ip}:2379/v3/maintenance/status", check=False)
         try:
             body = json.loads(done.stdout)
             return bool(body["header"]["member_id"] == body["leader"])
@@ -357,7 +372,7 @@ class Host:
                 "--api", f"unix://{self.api_socket}", "--data-host", self.ip,
                 "--docker-socket", str(self.plugins / "cargohold.sock"),
                 "--lease-ttl", str(self.hosts.lease_ttl),
-                *credentials(self.hosts.base, self.name)]
+                *credentials(self.hosts.base, self.name, (self.ip,))]
         for d in self.data_dirs:
             argv += ["--data-dir", str(d)]
         self.node = self.popen(argv, self.base / "node.log")
@@ -580,17 +595,17 @@ class Hosts:
 
     @property
     def initial_cluster(self) -> str:
-        return ",".join(f"{h.name}=http://{h.ip}:2380" for h in self.hosts)
+        return ",".join(f"{h.name}=https://{h.ip}:2380" for h in self.hosts)
 
     @property
     def metadata_url(self) -> str:
-        return "etcd://" + ",".join(f"{h.ip}:2379" for h in self.hosts)
+        return "etcds://" + ",".join(f"{h.ip}:2379" for h in self.hosts)
 
     def metadata_url_from(self, host: Host) -> str:
         """The etcd endpoints with ``host``'s own member first: a node talks to its local
         member, as deployed, so one host cut off does not stall every node's requests."""
         others = [h for h in self.hosts if h is not host]
-        return "etcd://" + ",".join(f"{h.ip}:2379" for h in [host, *others])
+        return "etcds://" + ",".join(f"{h.ip}:2379" for h in [host, *others])
 
     def start(self, timeout: float = 60) -> None:
         ns_dir = self.base / "ns"

@@ -120,8 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--api", action="append", default=[],
                       help="unix:///PATH or tcp://HOST:PORT; repeatable")
     node.add_argument("--name", help="node name (default: host name)")
-    node.add_argument("--data-host", default="127.0.0.1",
-                      help="address the data servers listen on")
+    node.add_argument("--data-host", default="",
+                      help="address the data servers listen on (default 127.0.0.1 alone, "
+                           "with etcd on other hosts this host's address facing them)")
     node.add_argument("--docker-socket", default=str(DEFAULT_DOCKER_SOCKET),
                       help="where to serve the Docker volume plugin ('none' to disable)")
     node.add_argument("--rebuild-after", type=float, default=600.0,

@@ -10,6 +10,7 @@ process reads ``from_argv()``, so both sides agree by construction.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import socket
@@ -111,6 +112,37 @@ def read_tokens_file(path: Path) -> list[ApiToken]:
     return tokens
 
 
+#: Seconds one etcd request may wait on one member before the next is tried.
+ETCD_REQUEST_TIMEOUT = 1.0
+
+
+def etcd_hosts(url: str) -> list[str]:
+    """The hosts of an ``etcd[s]://`` metadata URL (none for another store)."""
+    if not url.startswith(("etcd://", "etcds://")):
+        return []
+    return [e.rpartition(":")[0].strip("[]") for e in url.split("://", 1)[1].split(",")]
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def address_towards(host: str) -> str:
+    """This host's address on the route to ``host`` (no packet is sent)."""
+    try:
+        family = socket.getaddrinfo(host, 2379, proto=socket.IPPROTO_UDP)[0]
+        with socket.socket(family[0], socket.SOCK_DGRAM) as probe:
+            probe.connect(family[4])
+            return str(probe.getsockname()[0])
+    except OSError as e:
+        raise InvalidArgument(what="--data-host",
+                              detail=f"no route to etcd member {host} to find this host's "
+                                     f"address ({e.strerror or e}): give --data-host") from None
+
+
 class TlsFiles(BaseModel):
     """A host's TLS files: the cluster CA, its certificate and key (``cargohold pki``)."""
 
@@ -159,7 +191,9 @@ class NodeConfig(BaseModel):
     docker_socket: Path | None = DEFAULT_DOCKER_SOCKET  # None: no Docker volume plugin
     csi_endpoint: Endpoint | None = None  # unix:///PATH of the CSI driver; None: no CSI
     csi_kubelet_dir: Path = DEFAULT_KUBELET_DIR  # CSI stages and publishes only under it
-    data_host: str = "127.0.0.1"  # address the data servers listen on and advertise
+    # address the data servers listen on and advertise; "": 127.0.0.1 alone, or with etcd
+    # on other hosts this host's address towards them
+    data_host: str = ""
     lease_ttl: float = Field(default=10.0, ge=2.0)  # seconds; keepalive every second
     server_check_interval: float = 1.0
     overprovision: float = Field(default=2.0, ge=0.0)  # provisioned/capacity; 0: no limit
@@ -188,6 +222,29 @@ class NodeConfig(BaseModel):
                                   detail=f"a TCP API needs a bearer token of {MIN_TOKEN} "
                                          f"characters or more (--token-file, {TOKEN_ENV} or "
                                          "--tokens-file)")
+        members = etcd_hosts(self.metadata)
+        remote = [h for h in members if not is_loopback(h)]
+        if self.metadata.startswith("etcd://") and remote and not self.insecure_plaintext:
+            raise InvalidArgument(what="metadata URL",
+                                  detail=f"{self.metadata} is etcd in plaintext across "
+                                         "hosts: use etcds:// (etcd with TLS of the "
+                                         "cluster CA) or say --insecure-plaintext")
+        if not self.data_host:
+            self.data_host = address_towards(remote[0]) if remote else "127.0.0.1"
+        elif remote and is_loopback(self.data_host):
+            raise InvalidArgument(what="--data-host",
+                                  detail=f"{self.data_host} cannot be reached from the other "
+                                         f"hosts of etcd {', '.join(remote)}: give this "
+                                         "host's address (or leave --data-host out to use "
+                                         "the one facing them)")
+        least = self.server_check_interval + 2 * ETCD_REQUEST_TIMEOUT
+        if members and self.lease_ttl < least:
+            raise InvalidArgument(what="--lease-ttl",
+                                  detail=f"{self.lease_ttl:g} s is too short with etcd: a "
+                                         f"renewal every {self.server_check_interval:g} s "
+                                         f"whose request may wait {ETCD_REQUEST_TIMEOUT:g} s "
+                                         f"on a member and as long on the next needs "
+                                         f"{least:g} s or more")
         if self.csi_endpoint is not None and not self.csi_endpoint.is_unix:
             raise InvalidArgument(what="CSI endpoint",
                                   detail="the CSI driver serves a unix socket: unix:///PATH")

@@ -14,12 +14,15 @@ import inspect
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from cargohold import errors
+from cargohold.config import TlsFiles
+from cargohold.stores import pki
 from cargohold.stores.etcd import EtcdStore
 from cargohold.stores.metadata import (
     Compare,
@@ -29,7 +32,14 @@ from cargohold.stores.metadata import (
     WatchEvent,
 )
 from cargohold.stores.opener import open_store
-from tests.etcdcluster import EtcdCluster, etcd1, etcd3, needs_etcd  # noqa: F401
+from tests.etcdcluster import (  # noqa: F401
+    EtcdCluster,
+    etcd1,
+    etcd1_tls,
+    etcd3,
+    etcd_credentials,
+    needs_etcd,
+)
 from tests.unit import test_metadata_contract as contract
 from tests.unit.test_metadata_contract import Factory, eventually, run, take
 
@@ -56,10 +66,48 @@ def _contract_tests() -> dict[str, Callable[..., None]]:
 globals().update(_contract_tests())
 
 
-@pytest.fixture(params=["etcd"])
-def make_store(etcd1: EtcdCluster) -> Factory:  # noqa: F811
-    """Stores on a fresh one-member etcd (so revisions start at 0, as the suite expects)."""
-    return lambda **kw: EtcdStore(etcd1.endpoints, **kw)
+@pytest.fixture(params=["etcd", "etcds"])
+def make_store(request: pytest.FixtureRequest) -> Factory:
+    """Stores on a fresh one-member etcd (so revisions start at 0, as the suite expects),
+    in plaintext and over TLS with client certificates."""
+    if request.param == "etcd":
+        cluster: EtcdCluster = request.getfixturevalue("etcd1")
+        return lambda **kw: EtcdStore(cluster.endpoints, **kw)
+    cluster = request.getfixturevalue("etcd1_tls")
+    files = _tls_files(request.getfixturevalue("etcd_credentials"))
+    return lambda **kw: EtcdStore(cluster.endpoints, tls=files, **kw)
+
+
+def _tls_files(directory: Path) -> TlsFiles:
+    return TlsFiles(ca=directory / "ca.crt", cert=directory / "node.crt",
+                    key=directory / "node.key")
+
+
+def test_etcd_over_tls_lets_in_only_certificates_of_its_ca(
+        etcd1_tls: EtcdCluster, etcd_credentials: Path, tmp_path: Path) -> None:  # noqa: F811
+    pki.init_authority(tmp_path / "other")
+    pki.issue(tmp_path / "other", "etcd", tmp_path / "stranger", ["127.0.0.1"])
+    assert etcd1_tls.url.startswith("etcds://")
+
+    async def body() -> None:
+        store = open_store(etcd1_tls.url, _tls_files(etcd_credentials))
+        try:
+            await store.put("k", b"v")
+            assert (await store.get("k")).value == b"v"  # type: ignore[union-attr]
+        finally:
+            await store.close()
+        for stranger in (EtcdStore(etcd1_tls.endpoints, timeout=1.0),  # plaintext
+                         EtcdStore(etcd1_tls.endpoints, timeout=1.0,
+                                   tls=_tls_files(tmp_path / "stranger"))):
+            try:
+                with pytest.raises(errors.MetadataUnavailable):
+                    await stranger.get("k")
+            finally:
+                await stranger.close()
+        with pytest.raises(errors.InvalidArgument, match="needs this host's TLS files"):
+            open_store(etcd1_tls.url)
+
+    asyncio.run(body())
 
 
 async def _not(aw: Awaitable[bool]) -> bool:

@@ -10,18 +10,51 @@ from cargohold.config import (
     ENGINE_MODULE,
     DataServerConfig,
     EngineConfig,
+    NodeConfig,
+    TlsFiles,
     parse_listen,
 )
 from cargohold.errors import InvalidArgument
 
 
 def test_an_engine_reads_the_command_line_its_starter_wrote() -> None:
-    config = EngineConfig(metadata="sqlite:///m.db", volume="pg", epoch=7, node="h1",
-                          mountpoint=Path("/s/fuse"), ready_file=Path("/s/ready.json"),
-                          heal_rate=1e6)
-    argv = config.argv()
-    assert argv[1:3] == ["-m", ENGINE_MODULE]
-    assert EngineConfig.from_argv(argv[3:]) == config
+    tls = TlsFiles(ca=Path("/t/ca.crt"), cert=Path("/t/node.crt"), key=Path("/t/node.key"))
+    for extra in ({}, {"tls": tls, "capability_file": Path("/s/capability.json")}):
+        config = EngineConfig(metadata="sqlite:///m.db", volume="pg", epoch=7, node="h1",
+                              mountpoint=Path("/s/fuse"), ready_file=Path("/s/ready.json"),
+                              heal_rate=1e6, **extra)
+        argv = config.argv()
+        assert argv[1:3] == ["-m", ENGINE_MODULE]
+        assert EngineConfig.from_argv(argv[3:]) == config
+        assert ("--insecure-plaintext" in argv) == (config.tls is None)
+
+
+def test_a_node_with_etcd_on_other_hosts_is_reachable_and_not_in_the_clear(
+        tmp_path: Path) -> None:
+    remote = "etcds://10.250.0.1:2379,10.250.0.2:2379"
+    # the data servers' address defaults to the one facing the etcd members, never loopback
+    try:
+        node = NodeConfig(state_dir=tmp_path, metadata=remote)
+        assert node.data_host and not node.data_host.startswith("127.")
+    except InvalidArgument as e:  # a machine without any route out
+        assert "no route" in str(e)
+    with pytest.raises(InvalidArgument, match="cannot be reached from the other hosts"):
+        NodeConfig(state_dir=tmp_path, metadata=remote, data_host="127.0.0.1")
+    with pytest.raises(InvalidArgument, match="plaintext across hosts"):
+        NodeConfig(state_dir=tmp_path, metadata="etcd://10.250.0.1:2379", data_host="10.0.0.5")
+    plain = NodeConfig(state_dir=tmp_path, metadata="etcd://10.250.0.1:2379",
+                       data_host="10.0.0.5", insecure_plaintext=True)
+    assert plain.insecure_plaintext
+    local = NodeConfig(state_dir=tmp_path, metadata="etcd://127.0.0.1:2379")
+    assert local.data_host == "127.0.0.1"
+    assert NodeConfig(state_dir=tmp_path).data_host == "127.0.0.1"
+
+
+def test_a_lease_too_short_for_etcd_requests_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="too short with etcd"):
+        NodeConfig(state_dir=tmp_path, metadata="etcd://127.0.0.1:2379", lease_ttl=2.5)
+    assert NodeConfig(state_dir=tmp_path, metadata="etcd://127.0.0.1:2379", lease_ttl=3)
+    assert NodeConfig(state_dir=tmp_path, lease_ttl=2)  # SQLite on this host: no requests
 
 
 def test_a_data_server_reads_the_command_line_its_starter_wrote() -> None:
@@ -63,3 +96,10 @@ def test_scrub_and_salvage_warn_when_a_person_must_look() -> None:
     assert salvage_status(done) == EXIT_OK
     assert salvage_status({**done, "chunks_newer_elsewhere": 2}) == EXIT_WARNING
     assert salvage_status({**done, "unreachable": ["s3"]}) == EXIT_WARNING
+
+
+def test_the_etcd_client_asks_the_member_on_this_host_first() -> None:
+    from cargohold.stores.etcd import EtcdStore
+
+    store = EtcdStore(["10.250.0.1:2379", "10.250.0.2:2379", "127.0.0.1:2379"])
+    assert store.url == "etcd://127.0.0.1:2379,10.250.0.1:2379,10.250.0.2:2379"

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 async def serve(config: EngineConfig) -> int:
     """Run the engine until it is unmounted or told to stop; return the exit status."""
-    store = open_store(config.metadata)
+    store = open_store(config.metadata, config.tls)
     try:
         engine = Engine(Catalog(store), config.volume, config.epoch, config.node,
                         str(config.mountpoint), config.heal_rate, config.scrub_rate,

@@ -108,7 +108,7 @@ class NodeDaemon:
                               key_file if credentials else None, config.name)
             for i, path in enumerate(config.data_dirs)
         ]
-        store = open_store(config.metadata)
+        store = open_store(config.metadata, tls if credentials else None)
         catalog = Catalog(store)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -16,9 +16,13 @@ logic (endpoints, timeouts, retries, watches) is ours. How the interface maps on
 - Watches replay from etcd's history. ``event_history`` makes the store compact etcd so that
   only the newest revisions are kept, like the other stores (Kubernetes' apiserver compacts
   its etcd the same way); ``None`` leaves compaction to the cluster's own settings.
-- Availability: each request gets ``request_timeout`` (1 s) on one endpoint, then the next
-  endpoint is tried, with backoff after each full round, until ``timeout`` (5 s) has passed:
-  then ``MetadataUnavailable``. Requests carry etcd's ``hasleader`` flag, so a member
+- Security: with ``tls`` (the host's TLS files: cluster CA, certificate and key) every
+  channel is TLS, checking the member's certificate against the CA and the address dialled,
+  and showing the host's certificate (etcd's ``--client-cert-auth``); without, plaintext.
+- Availability: members on this host are tried first. Each request gets
+  ``request_timeout`` (1 s) on one endpoint, then the next endpoint is tried, with backoff
+  after each full round, until ``timeout`` (5 s) has passed: then ``MetadataUnavailable``.
+  Requests carry etcd's ``hasleader`` flag, so a member
   without a leader (during an election, or cut from its quorum) refuses at once instead of
   waiting. Reads, lease calls and compaction are retried on any transient error. A write
   (put, delete, txn) is retried only when etcd did not take it (no leader, connection
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -39,6 +44,7 @@ import grpc
 from aetcd import rpc
 
 from cargohold import errors
+from cargohold.config import ETCD_REQUEST_TIMEOUT, TlsFiles
 from cargohold.core.retry import Backoff
 from cargohold.stores.metadata import (
     EVENT_HISTORY,
@@ -105,7 +111,7 @@ def parse_endpoint(endpoint: str) -> str:
     if not sep or not host or "/" in text or not port.isdigit() or not 0 < int(port) < 65536:
         raise errors.InvalidArgument(
             what="etcd endpoint",
-            detail=f"{endpoint!r} is not host:port (TLS endpoints are not supported)",
+            detail=f"{endpoint!r} is not host:port",
         )
     return f"{host}:{int(port)}"
 
@@ -132,11 +138,31 @@ def _not_taken(e: grpc.aio.AioRpcError) -> bool:
     return any(text in details for text in _NOT_TAKEN)
 
 
+def _local(address: str) -> bool:
+    """Whether the member at ``address`` runs on this host: its address is one of ours (a
+    node talks to its own member first, so that a cut between other hosts does not stall
+    it). Loopback counts as local."""
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, 0, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    for family, _, _, _, sockaddr in infos:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((sockaddr[0], 0))  # only an address of this host can be bound
+                return True
+            except OSError:
+                continue
+    return False
+
+
 class _Endpoint:
     """One etcd member: its channel and stubs, opened on first use."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: grpc.ChannelCredentials | None) -> None:
         self.address = address
+        self.tls = tls
         self.channel: grpc.aio.Channel | None = None
         self.kv: Any = None
         self.lease: Any = None
@@ -144,7 +170,10 @@ class _Endpoint:
 
     def open(self) -> _Endpoint:
         if self.channel is None:
-            self.channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+            self.channel = (
+                grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+                if self.tls is None else
+                grpc.aio.secure_channel(self.address, self.tls, options=_CHANNEL_OPTIONS))
             self.kv = rpc.KVStub(self.channel)
             self.lease = rpc.LeaseStub(self.channel)
             self.watch = rpc.WatchStub(self.channel)
@@ -173,27 +202,35 @@ class EtcdStore(MetadataStore):
         endpoints: Sequence[str],
         *,
         key_prefix: str = DEFAULT_KEY_PREFIX,
-        request_timeout: float = 1.0,
+        request_timeout: float = ETCD_REQUEST_TIMEOUT,
         timeout: float = 5.0,
         event_history: int | None = EVENT_HISTORY,
+        tls: TlsFiles | None = None,
     ) -> None:
         if isinstance(endpoints, str) or not endpoints:
             raise errors.InvalidArgument(
                 what="etcd endpoints", detail=f"{endpoints!r} is not a non-empty list"
             )
-        addresses = [parse_endpoint(e) for e in endpoints]
+        addresses = sorted((parse_endpoint(e) for e in endpoints), key=lambda a: not _local(a))
         check_prefix(key_prefix, "etcd key prefix")
         for name, value in (("request_timeout", request_timeout), ("timeout", timeout)):
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise errors.InvalidArgument(what=name, detail=f"{value!r} is not a number > 0")
-        self.url = "etcd://" + ",".join(addresses)
+        self.url = ("etcds://" if tls is not None else "etcd://") + ",".join(addresses)
+        credentials = None
+        if tls is not None:
+            try:
+                credentials = grpc.ssl_channel_credentials(
+                    tls.ca.read_bytes(), tls.key.read_bytes(), tls.cert.read_bytes())
+            except OSError as e:
+                raise errors.InvalidArgument(what="etcd TLS files", detail=str(e)) from None
         self.key_prefix = key_prefix
         self._prefix = key_prefix.encode("utf-8")
         self._request_timeout = float(request_timeout)
         self._timeout = float(timeout)
         self._history = None if event_history is None else max(1, event_history)
         self._compacted = 0  # store revision up to which this store last compacted
-        self._endpoints = [_Endpoint(a) for a in addresses]
+        self._endpoints = [_Endpoint(a, credentials) for a in addresses]
         self._current = 0  # the endpoint that answered last
         self._closed = False
         self._barrier: asyncio.Future[int] | None = None  # a watch's "now" being read

@@ -3,26 +3,33 @@
 from __future__ import annotations
 
 from cargohold import errors
+from cargohold.config import TlsFiles
 from cargohold.stores.metadata import MemoryStore, MetadataStore
 from cargohold.stores.sqlite import SqliteStore
 
 
-def open_store(url: str) -> MetadataStore:
-    """Open the store named by ``url``: ``memory://``, ``sqlite:///absolute/path.db`` or
-    ``etcd://host:port[,host:port...]`` (the members of one etcd cluster)."""
+def open_store(url: str, tls: TlsFiles | None = None) -> MetadataStore:
+    """Open the store named by ``url``: ``memory://``, ``sqlite:///absolute/path.db``,
+    ``etcds://host:port[,host:port...]`` (the members of one etcd cluster, over TLS with
+    ``tls``: this host's files) or ``etcd://...`` (the same in plaintext)."""
     if url == "memory://":
         return MemoryStore()
-    if url.startswith("etcd://"):
-        endpoints = url[len("etcd://") :].split(",")
+    if url.startswith(("etcd://", "etcds://")):
+        secure = url.startswith("etcds://")
+        if secure and tls is None:
+            raise errors.InvalidArgument(
+                what="metadata URL", detail=f"{url!r}: etcd over TLS needs this host's TLS "
+                "files (a node's --tls-dir, or --tls-ca/--tls-cert/--tls-key)")
+        endpoints = url.split("://", 1)[1].split(",")
         if not all(endpoints) or any("/" in e for e in endpoints):
             raise errors.InvalidArgument(
                 what="metadata URL",
                 detail=f"{url!r} does not list etcd members; "
-                "write it like etcd://10.0.0.1:2379,10.0.0.2:2379",
+                "write it like etcds://10.0.0.1:2379,10.0.0.2:2379",
             )
         from cargohold.stores.etcd import EtcdStore  # gRPC: loaded only for etcd (~35 ms)
 
-        return EtcdStore(endpoints)
+        return EtcdStore(endpoints, tls=tls if secure else None)
     if url.startswith("sqlite://"):
         path = url[len("sqlite://") :]
         if not path.startswith("/") or path.endswith("/"):
@@ -35,5 +42,5 @@ def open_store(url: str) -> MetadataStore:
     raise errors.InvalidArgument(
         what="metadata URL",
         detail=f"{url!r} is not supported; use memory://, sqlite:///absolute/path.db "
-        "or etcd://host:port[,host:port...]",
+        "or etcds://host:port[,host:port...] (etcd:// in plaintext)",
     )
