@@ -357,6 +357,7 @@ class EngineConfig(BaseModel):
     scrub_rate: float = Field(default=0.0, ge=0.0)  # bytes/s a scrub may read; 0: any
     tls: TlsFiles | None = None  # None: plaintext TCP to remote data servers
     capability_file: Path | None = None  # the attachment's capability (JSON, 0600)
+    lease_ttl: float = Field(default=0.0, ge=0.0)  # watch the node's lease (0: do not)
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", ENGINE_MODULE, "--metadata", self.metadata,
@@ -366,6 +367,8 @@ class EngineConfig(BaseModel):
         argv += self.tls.argv() if self.tls is not None else ["--insecure-plaintext"]
         if self.capability_file is not None:
             argv += ["--capability-file", str(self.capability_file)]
+        if self.lease_ttl:
+            argv += ["--lease-ttl", str(self.lease_ttl)]
         return argv
 
     @classmethod
@@ -383,6 +386,9 @@ class EngineConfig(BaseModel):
                             help="bytes per second a scrub may read (0: no limit)")
         parser.add_argument("--capability-file", type=Path,
                             help="the attachment's capability, written by the node")
+        parser.add_argument("--lease-ttl", type=float, default=0.0,
+                            help="fail all I/O once the node's lease is lost for this long "
+                                 "(0: never)")
         _add_tls_arguments(parser)
         args = parser.parse_args(argv)
         tls = _tls_files(parser.prog, args)

@@ -327,6 +327,14 @@ class Forbidden(CargoholdError):
     kind = Kind.INVALID
 
 
+class LeaseLost(CargoholdError):
+    """Node {node} lost its lease ({detail}): the volume may be attached elsewhere by now, so
+    its I/O here fails. Restart the container once the host is back in the cluster."""
+
+    code = "lease_lost"
+    kind = Kind.FENCED
+
+
 class NotAuthorized(CargoholdError):
     """Not authorized on the data path: {what}: {detail}. Data servers take I/O only with a
     capability of the cluster for the attachment, from the node it names."""

@@ -16,6 +16,7 @@ from cargohold.errors import (
     ChecksumMismatch,
     DataServerUnavailable,
     Fenced,
+    LeaseLost,
     NoReplicaLeft,
     NoSpace,
 )
@@ -31,9 +32,20 @@ class FakeClient:
         self.blocks: dict[int, bytes] = {}
         self.closed = False
         self.gens = [0] * 16
+        self.hang = False  # writes wait until the connection is aborted
+        self.waiting: list[asyncio.Future[None]] = []
+
+    def abort(self) -> None:
+        for waiter in self.waiting:
+            if not waiter.done():
+                waiter.set_exception(DataServerUnavailable(server=self.name, address="-",
+                                                           detail="aborted"))
 
     async def write(self, _vid: str, _epoch: int, offset: int, data: bytes, gen: int) -> None:
         await asyncio.sleep(0)
+        if self.hang:
+            self.waiting.append(asyncio.get_running_loop().create_future())
+            await self.waiting[-1]
         if self.fail:
             raise DataServerUnavailable(server=self.name, address="-", detail="gone")
         self.blocks[offset] = data
@@ -168,6 +180,26 @@ def test_once_fenced_every_io_fails_at_once() -> None:
         with pytest.raises(Fenced):
             asyncio.run(io)
     assert len(log) == count  # nothing more reached any replica
+
+
+def test_a_lost_lease_fails_io_in_flight_and_later_and_marks_no_replica() -> None:
+    rs, log, clients = _set((False, False))
+    clients[1].hang = True  # its host is cut off: the write never comes back by itself
+
+    async def run() -> None:
+        pending = asyncio.ensure_future(rs.write(0, b"a" * 4096))
+        await asyncio.sleep(0.05)
+        assert not pending.done()
+        rs.lose_lease(LeaseLost(node="n", detail="it expired"))
+        with pytest.raises(LeaseLost):
+            await asyncio.wait_for(pending, 2)
+        for io in (rs.read(0, 4096), rs.flush(), rs.write(4096, b"b" * 4096)):
+            with pytest.raises(LeaseLost):
+                await io
+
+    asyncio.run(run())
+    assert not any(line.startswith("marked") for line in log)
+    assert [m.server.id for m in rs.members] == ["s0", "s1"]
 
 
 def test_write_waits_for_a_replica_another_write_is_marking() -> None:

@@ -260,6 +260,13 @@ class DataClient:
                 protocol.transport.abort()
             await protocol.lost
 
+    def abort(self) -> None:
+        """Drop the connection at once: every pending call fails now (for an engine whose
+        node lost its lease, whose requests may be stuck on a host cut off)."""
+        protocol = self._protocol
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.abort()
+
     async def __aenter__(self) -> DataClient:
         await self.connect()
         return self

@@ -37,7 +37,7 @@ async def serve(config: EngineConfig) -> int:
     try:
         engine = Engine(Catalog(store), config.volume, config.epoch, config.node,
                         str(config.mountpoint), config.heal_rate, config.scrub_rate,
-                        _access(config))
+                        _access(config), config.lease_ttl)
         await engine.start()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(RESIZE_SIGNAL, engine.refresh_size)

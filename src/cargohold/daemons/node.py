@@ -28,7 +28,7 @@ from cargohold.adapters.rest import Services, create_app
 from cargohold.clients.access import Access
 from cargohold.clients.dataclient import DataClient
 from cargohold.clients.sockets import unix_listener
-from cargohold.config import Endpoint, NodeConfig, TlsFiles
+from cargohold.config import Endpoint, NodeConfig, TlsFiles, etcd_hosts
 from cargohold.core.models import DataServer, Node, ServerState, liveness_key
 from cargohold.core.periodic import Periodic
 from cargohold.daemons.supervisor import DataServerProcess
@@ -119,7 +119,8 @@ class NodeDaemon:
         controlling: asyncio.Future[None] | None = None
         agent = Agent(catalog, config.name, config.state_dir, config.metadata,
                       config.rebuild_rate, config.scrub_rate, tls if credentials else None,
-                      credentials.cluster_key if credentials else b"")
+                      credentials.cluster_key if credentials else b"",
+                      config.lease_ttl if etcd_hosts(config.metadata) else 0.0)
         volumes = VolumeService(catalog, self.access)
         self.controller = Controller(store, catalog, volumes, config.name,
                                      config.rebuild_after, config.scrub_every,

@@ -22,9 +22,11 @@ from cargohold.clients.sharedmemory import SharedMemory
 from cargohold.core.models import ReplicaState, Volume
 from cargohold.core.periodic import Periodic
 from cargohold.core.retry import Backoff, retry
-from cargohold.errors import CargoholdError, Fenced
+from cargohold.errors import CargoholdError, Fenced, LeaseLost
 from cargohold.services.engine.fuse import READ_BUFFER, FuseSession, unmount
 from cargohold.services.engine.healer import INTERVAL, Healer
+from cargohold.services.engine.leasewatch import INTERVAL as LEASE_INTERVAL
+from cargohold.services.engine.leasewatch import LeaseWatch
 from cargohold.services.engine.replicaset import ReplicaSet
 from cargohold.stores.catalog import Catalog
 
@@ -61,9 +63,13 @@ class Engine:
 
     def __init__(self, catalog: Catalog, name: str, epoch: int, node: str, mountpoint: str,
                  heal_rate: float = 0.0, scrub_rate: float = 0.0,
-                 access: Access | None = None) -> None:
+                 access: Access | None = None, lease_ttl: float = 0.0) -> None:
+        """``lease_ttl``: watch the node's lease and fail all I/O once it is lost (0: do
+        not, as on one host, where no other can take the volume over)."""
         self.catalog = catalog
         self.access = access
+        self.lease_ttl = lease_ttl
+        self._watching: asyncio.Future[None] | None = None
         self.name = name
         self.epoch = epoch
         self.node = node
@@ -108,7 +114,13 @@ class Engine:
                         self.scrub_rate)
         healing = asyncio.ensure_future(
             Periodic(f"healing {self.name}", healer.run_once, INTERVAL,
-                     stop_on=(Fenced,)).run_forever())
+                     stop_on=(Fenced, LeaseLost)).run_forever())
+        if self.lease_ttl:
+            watch = LeaseWatch(self.catalog, self.node, self.lease_ttl,
+                               self.replicas.lose_lease)
+            self._watching = asyncio.ensure_future(
+                Periodic(f"lease watch of {self.node}", watch.run_once, LEASE_INTERVAL,
+                         wait_first=True, stop_on=(LeaseLost,)).run_forever())
         stopped = asyncio.ensure_future(stop.wait())
         closed = asyncio.ensure_future(self.session.wait_closed())
         try:
@@ -116,7 +128,10 @@ class Engine:
         finally:
             stopped.cancel()
             healing.cancel()
-            await asyncio.gather(healing, return_exceptions=True)
+            if self._watching is not None:
+                self._watching.cancel()
+            await asyncio.gather(healing, *filter(None, [self._watching]),
+                                 return_exceptions=True)
             await self._stop()
 
     async def _stop(self) -> None:

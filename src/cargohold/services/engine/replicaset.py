@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 from cargohold.clients.access import Access
 from cargohold.clients.dataclient import DataClient
@@ -37,17 +36,18 @@ from cargohold.errors import (
     ChecksumMismatch,
     DataServerUnavailable,
     Fenced,
+    LeaseLost,
     NoReplicaLeft,
     NoSpace,
 )
 from cargohold.services.copies import WINDOW, Budget, ScrubReport, put_copy, together
+from cargohold.services.engine.fanin import FanIn, chain
 from cargohold.services.engine.localreader import LocalReplicaReader
 
 log = logging.getLogger(__name__)
 
 MarkFailed = Callable[[str, str], Awaitable[None]]
 Progress = Callable[[float], Awaitable[None]]
-T = TypeVar("T")
 CONNECT_TIMEOUT = 2.0  # to a data server at attach
 DOWN_CONNECT_TIMEOUT = 0.3  # to one the controller has marked down
 STAT_TIMEOUT = 10.0
@@ -85,7 +85,8 @@ class ReplicaSet:
         self._reader_of: Member | None = None
         self._generation = epoch << 32
         self._trims = 0  # trims so far (read repair checks nothing changed under it)
-        self.fenced: Fenced | None = None  # once fenced, every later I/O fails at once
+        # Fenced (or the node's lease lost): every later I/O fails at once
+        self.fenced: Fenced | LeaseLost | None = None
         # Catching up (see ``catch_up``). While a member joins, or writes are paused, every
         # write takes the careful path, which waits for the pause and for locked chunks and
         # counts its writes per chunk; the fast path only counts writes in flight.
@@ -536,7 +537,7 @@ class ReplicaSet:
         if error is None:
             done.set_result(reply.result())
             return
-        _chain(asyncio.ensure_future(self._read_slowly(offset, length, member, error)), done)
+        chain(asyncio.ensure_future(self._read_slowly(offset, length, member, error)), done)
 
     async def _read_slowly(self, offset: int, length: int, tried: Member | None,
                            error: BaseException | None) -> BytesLike:
@@ -613,7 +614,7 @@ class ReplicaSet:
             return asyncio.ensure_future(self._settle([], [], "write"))
         done: asyncio.Future[None] = replies[0].get_loop().create_future()
         self._inflight += 1
-        _FanIn(self, done, members, replies, "write", None)
+        FanIn(self, done, members, replies, "write", None)
         return done
 
     async def _write_slowly(self, offset: int, data: BytesLike) -> None:
@@ -633,7 +634,7 @@ class ReplicaSet:
         if not replies:
             self._landed(counted)
             await self._settle([], [], "write")
-        _FanIn(self, done, members, replies, "write", counted)
+        FanIn(self, done, members, replies, "write", counted)
         await done
 
     async def _enter(self, touched: range) -> range | None:
@@ -717,6 +718,8 @@ class ReplicaSet:
 
     async def _settle(self, members: list[Member], results: Sequence[object], what: str) -> None:
         """Drop the replicas that failed (recording it first); raise if the I/O failed."""
+        if isinstance(self.fenced, LeaseLost):
+            raise self.fenced
         for member, result in zip(members, results, strict=True):
             if isinstance(result, Fenced):
                 self._fence(result)
@@ -736,6 +739,17 @@ class ReplicaSet:
         for pending in [p for p in self._failing.values() if not p.done()]:
             await asyncio.shield(pending)
 
+    def lose_lease(self, error: LeaseLost) -> None:
+        """The node lost its lease: another host may own the volume now. Every I/O fails
+        from now on, those waiting on a data server too (their connections are cut: a host
+        cut off would otherwise hold them until the network returns), and no replica is
+        recorded as failed (that is not what happened, and the store may be out of reach)."""
+        if self.fenced is None:
+            log.error("%s; refusing all I/O on %s", error, self.name)
+            self.fenced = error
+        for member in self.members + self.joining:
+            member.client.abort()
+
     def _fence(self, error: Fenced) -> None:
         if self.fenced is None:
             log.error("fenced: volume %s is attached elsewhere now (%s); refusing all I/O",
@@ -744,6 +758,8 @@ class ReplicaSet:
 
     async def _drop(self, member: Member, reason: str) -> None:
         """Take a replica out of the set; returns once the metadata store knows."""
+        if isinstance(self.fenced, LeaseLost):
+            raise self.fenced  # its connection was cut on purpose: it did not fail
         server_id = member.server.id
         pending = self._failing.get(server_id)
         if pending is None:
@@ -755,59 +771,3 @@ class ReplicaSet:
             self._failing[server_id] = pending
             pending.add_done_callback(lambda _: asyncio.ensure_future(member.client.close()))
         await asyncio.shield(pending)
-
-
-class _FanIn:
-    """Completes ``done`` once every replica answered one fanned-out request.
-
-    All OK (and no replica being marked out of sync meanwhile): ``done`` resolves from the
-    last response callback. Otherwise the results go through ``ReplicaSet._settle`` in a task,
-    which records failed replicas before ``done`` completes.
-    """
-
-    __slots__ = ("_replicas", "_done", "_members", "_replies", "_what", "_left", "_counted")
-
-    def __init__(self, replicas: ReplicaSet, done: asyncio.Future[None], members: list[Member],
-                 replies: list[asyncio.Future[bytes | memoryview]], what: str,
-                 counted: range | None) -> None:
-        self._replicas = replicas
-        self._done = done
-        self._members = members
-        self._replies = replies
-        self._what = what
-        self._left = len(replies)
-        self._counted = counted
-        for reply in replies:
-            reply.add_done_callback(self._answered)
-
-    def _answered(self, _reply: asyncio.Future[bytes | memoryview]) -> None:
-        self._left -= 1
-        if self._left:
-            return
-        done, replicas = self._done, self._replicas
-        replicas._landed(self._counted)
-        if done.cancelled():
-            return
-        if (all(not r.cancelled() and r.exception() is None for r in self._replies)
-                and replicas.members and not replicas._marking()):
-            done.set_result(None)
-            return
-        results = [r.exception() if not r.cancelled() else asyncio.CancelledError()
-                   for r in self._replies]
-        _chain(asyncio.ensure_future(replicas._settle(self._members, results, self._what)), done)
-
-
-def _chain(source: asyncio.Future[T], target: asyncio.Future[T]) -> None:
-    """Complete ``target`` like ``source`` once it is done."""
-
-    def copy(_: asyncio.Future[T]) -> None:
-        if target.done():
-            return
-        if source.cancelled():
-            target.cancel()
-        elif (error := source.exception()) is not None:
-            target.set_exception(error)
-        else:
-            target.set_result(source.result())
-
-    source.add_done_callback(copy)
