@@ -75,7 +75,9 @@ GIB = 1 << 30
 MIB = 1 << 20
 
 CONFIGS = [("raw", "raw", 0), ("r1", "1 replica", 1), ("r2", "2 replicas", 2),
-           ("r2tls", "2 remote TLS", 2), ("r2plain", "2 remote plain", 2)]
+           ("r2enc", "2 encrypted", 2), ("r2tls", "2 remote TLS", 2),
+           ("r2plain", "2 remote plain", 2)]
+#: ``r2enc``: as ``r2``, the volume encrypted at rest (``--encrypt``).
 #: Configurations whose engine runs on a second node without data servers, so that it reaches
 #: both replicas over TCP (as on a host without a replica): with TLS and capabilities (the
 #: default) or with ``--insecure-plaintext``. Their ratio is what TLS costs on the data path.
@@ -361,8 +363,9 @@ class Node:
                                f"{done.stdout}{done.stderr}\n--- logs ---\n{self.tail()}")
         return done.stdout.strip()
 
-    def create(self, name: str, replicas: int) -> None:
-        self.cli("volume", "create", name, "--size", VOLUME_SIZE, "--replicas", str(replicas))
+    def create(self, name: str, replicas: int, encrypt: bool = False) -> None:
+        self.cli("volume", "create", name, "--size", VOLUME_SIZE, "--replicas", str(replicas),
+                 *(["--encrypt"] if encrypt else []))
 
     def attach(self, name: str) -> str:
         self.attached.add(name)
@@ -606,7 +609,7 @@ class Bench:
             assert self.node is not None
             storage = client = self.node
         name = f"bench-{key or f'r{replicas}'}-run{index}"
-        storage.create(name, replicas)
+        storage.create(name, replicas, encrypt=key == "r2enc")
         try:
             t0 = time.monotonic()
             mountpoint = Path(client.attach(name))
@@ -1057,6 +1060,15 @@ def report(result: dict[str, Any], runs: int) -> str:
                 rows.append([job.name, title, fmt(plain), fmt(tls),
                              f"{tls / plain:.2f}" if plain else "-"])
         lines += table(rows, ["job", "metric", "plaintext", "TLS", "TLS/plain"])
+    if "r2enc" in med and "r2" in med:
+        lines += ["", "what encryption at rest costs (2 replicas: encrypted / not)", ""]
+        rows = []
+        for job in JOBS:
+            for metric, title in METRICS:
+                plain, sealed = (med[k]["jobs"][job.name][metric] for k in ("r2", "r2enc"))
+                rows.append([job.name, title, fmt(plain), fmt(sealed),
+                             f"{sealed / plain:.2f}" if plain else "-"])
+        lines += table(rows, ["job", "metric", "plain", "encrypted", "enc/plain"])
     touch = result.get("meta", {}).get("first_touch_us_per_page")
     if touch is not None:
         lines += ["", f"fresh memory: {touch:.1f} us per 4 KiB page to fault in, i.e. "
@@ -1122,9 +1134,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runtime", type=int, default=0,
                    help="seconds per random job (default 20; 5 with --quick)")
     p.add_argument("--configs", default="raw,r1,r2",
-                   help="comma-separated subset of raw,r1,r2,r2tls,r2plain (default "
-                        "raw,r1,r2; r2tls,r2plain: the engine on a second node, both "
-                        "replicas over TCP with TLS or in plaintext)")
+                   help="comma-separated subset of raw,r1,r2,r2enc,r2tls,r2plain (default "
+                        "raw,r1,r2; r2enc: encrypted at rest; r2tls,r2plain: the engine on a "
+                        "second node, both replicas over TCP with TLS or in plaintext)")
     p.add_argument("--no-settle", dest="settle", action="store_false",
                    help="do not sync the file system (untimed) after each write job: the "
                         "next job then pays for the previous job's flush")

@@ -79,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--size", required=True, help="512M, 2G, 1T or bytes")
     create.add_argument("--replicas", default="2")
     create.add_argument("--fs", default="ext4", help="ext4 (default) or xfs")
+    create.add_argument("--encrypt", action="store_true",
+                        help="encrypt at rest (AES-256-XTS in the engine: data servers, the "
+                             "network and copies hold ciphertext only), with a new random key "
+                             "kept by the cluster")
+    create.add_argument("--key-file", metavar="FILE",
+                        help="the volume key instead (64 bytes, raw or as 128 hex digits; "
+                             "implies --encrypt): keep a copy to read the data without the "
+                             "cluster")
     output(create)
     resize = volume.add_parser("resize", help="grow a volume (online when attached)")
     resize.add_argument("name")
@@ -257,6 +265,16 @@ def _run_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _volume_key(path: str) -> str:
+    from cargohold.core.cipher import read_key
+
+    try:
+        with open(path, "rb") as f:
+            return read_key(f.read(1024)).hex()
+    except OSError as e:
+        raise InvalidArgument(what="--key-file", detail=f"{path}: {e.strerror or e}") from None
+
+
 def _pki(args: argparse.Namespace) -> int:
     from cargohold.stores import pki
 
@@ -301,7 +319,9 @@ def _run_client(args: argparse.Namespace) -> int:
         name: str = getattr(args, "name", "")
         if args.action == "create":
             body = {"name": args.name, "size": args.size, "replicas": args.replicas,
-                    "fs": args.fs}
+                    "fs": args.fs, "encrypt": args.encrypt}
+            if args.key_file:
+                body["key"] = _volume_key(args.key_file)
             volume = api.request("POST", "/v1/volumes", body)
             _emit(volume, as_json, f"{volume['name']}")
         elif args.action == "resize":

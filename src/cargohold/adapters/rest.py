@@ -96,6 +96,10 @@ class CreateVolume(BaseModel):
     replicas: int | str = REPLICAS_DOC
     fs: str = Field(default="ext4", json_schema_extra={"enum": ["ext4", "xfs"]})
     exist_ok: bool = False
+    encrypt: bool = False  # encrypted at rest, with ``key`` or a new random key
+    key: str | None = Field(default=None, repr=False, json_schema_extra={
+        "description": "the volume key: 64 bytes as 128 hex digits (implies encrypt)",
+        "pattern": "^[0-9a-fA-F]{128}$"})
 
 
 class ResizeVolume(BaseModel):
@@ -138,6 +142,7 @@ def volume_view(volume: Volume, servers: dict[str, DataServer],
         if usage is not None:
             replica["used"] = usage.get(replica["server"])
     view["in_sync"] = len(volume.in_sync())
+    view["encryption"] = volume.encryption["cipher"] if volume.encryption else None
     if usage is not None:
         view["used"] = max((u for u in usage.values() if u is not None), default=None)
     return view
@@ -230,8 +235,9 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
 
     @app.post("/v1/volumes", status_code=201)
     async def create_volume(body: CreateVolume) -> dict[str, Any]:
-        volume = await services.volumes.create(body.name, body.size, body.replicas, body.fs,
-                                               exist_ok=body.exist_ok)
+        volume = await services.volumes.create(
+            body.name, body.size, body.replicas, body.fs, exist_ok=body.exist_ok,
+            encrypt=body.encrypt, key=body.key.encode() if body.key is not None else None)
         return volume_view(volume, await servers())
 
     @app.get("/v1/volumes/{name}")

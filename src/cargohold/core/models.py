@@ -69,6 +69,9 @@ class Volume(Record):
     last_scrub: dict[str, Any] | None = None  # the last scrub's report
     created: float = Field(default_factory=time.time)
     last_error: str = ""
+    # encrypted at rest: {"cipher": core.cipher.CIPHER, "key": the volume key wrapped under
+    # the cluster key}; None: stored as written
+    encryption: dict[str, str] | None = None
 
     def in_sync(self) -> list[Replica]:
         return [r for r in self.replicas if r.state is ReplicaState.IN_SYNC]

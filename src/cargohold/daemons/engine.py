@@ -22,6 +22,7 @@ import uvloop
 
 from cargohold.clients.access import Access
 from cargohold.config import RESIZE_SIGNAL, EngineConfig
+from cargohold.core.cipher import VolumeCipher
 from cargohold.errors import CargoholdError, InvalidArgument
 from cargohold.services.engine.engine import Engine
 from cargohold.stores.catalog import Catalog
@@ -37,7 +38,7 @@ async def serve(config: EngineConfig) -> int:
     try:
         engine = Engine(Catalog(store), config.volume, config.epoch, config.node,
                         str(config.mountpoint), config.heal_rate, config.scrub_rate,
-                        _access(config), config.lease_ttl)
+                        _access(config), config.lease_ttl, _cipher(config))
         await engine.start()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(RESIZE_SIGNAL, engine.refresh_size)
@@ -73,6 +74,18 @@ def _access(config: EngineConfig) -> Access | None:
     if tls is None and not granted:
         return None
     return Access(tls=tls, node=config.node, granted=granted)
+
+
+def _cipher(config: EngineConfig) -> VolumeCipher | None:
+    """The volume key of an encrypted volume, from the file the node wrote."""
+    if config.capability_file is None:
+        return None
+    try:
+        key = json.loads(config.capability_file.read_text()).get("key")
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(what="--capability-file",
+                              detail=f"{config.capability_file}: {e}") from None
+    return VolumeCipher(bytes.fromhex(key)) if key else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 from cargohold.clients import kernel
 from cargohold.config import ENGINE_MODULES, RESIZE_SIGNAL, EngineConfig, TlsFiles
 from cargohold.core.capability import Capability
+from cargohold.core.cipher import unwrap_key
 from cargohold.core.models import Attachment, Volume, VolumeState
 from cargohold.errors import (
     AttachFailed,
@@ -194,7 +195,11 @@ class Agent:
         capability_file = None
         if self._cluster_key:
             capability_file = paths.capability_file
-            self._write_capability(capability_file, volume.id, volume.attachment.epoch)
+            self._write_capability(capability_file, volume)
+        elif volume.encryption is not None:
+            raise AttachFailed(name=volume.name, step="start engine",
+                               detail="the volume is encrypted and this node has no cluster "
+                                      "key to open its key (--insecure-plaintext)")
         argv = EngineConfig(metadata=self.metadata_url, volume=volume.name,
                             epoch=volume.attachment.epoch, node=self.node,
                             mountpoint=paths.fuse, ready_file=paths.ready_file,
@@ -217,15 +222,22 @@ class Agent:
             await asyncio.sleep(0.02)
         return child.pid
 
-    def _write_capability(self, path: Path, volume_id: str, epoch: int) -> None:
-        """The engine's permission for its attachment's I/O, for root only: it gets this,
-        not the cluster key, so it can use no other epoch."""
-        signed = Capability(volume_id, epoch, self.node).sign(self._cluster_key)
+    def _write_capability(self, path: Path, volume: Volume) -> None:
+        """The engine's permission for its attachment's I/O, and the key of an encrypted
+        volume, for root only: it gets these, not the cluster key, so it can use no other
+        epoch and open no other volume."""
+        assert volume.attachment is not None
+        epoch = volume.attachment.epoch
+        signed = Capability(volume.id, epoch, self.node).sign(self._cluster_key)
+        held = {"volume_id": volume.id, "epoch": epoch, "node": self.node,
+                "capability": signed.hex()}
+        if volume.encryption is not None:
+            held["key"] = unwrap_key(self._cluster_key, volume.id,
+                                     volume.encryption["key"]).hex()
         path.unlink(missing_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"volume_id": volume_id, "epoch": epoch, "node": self.node,
-                       "capability": signed.hex()}, f)
+            json.dump(held, f)
 
     async def _format(self, volume: Volume, device: str) -> None:
         found = await asyncio.to_thread(kernel.probe_filesystem, device)

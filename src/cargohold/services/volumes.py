@@ -19,6 +19,7 @@ from cargohold.clients import kernel
 from cargohold.clients.access import Access
 from cargohold.clients.dataclient import CONTROL_TIMEOUT, DataClient
 from cargohold.core import placement
+from cargohold.core.cipher import CIPHER, new_key, read_key, wrap_key
 from cargohold.core.layout import generation_table
 from cargohold.core.models import DataServer, Replica, ReplicaState, Volume, VolumeState
 from cargohold.core.names import check_name
@@ -28,6 +29,7 @@ from cargohold.errors import (
     CargoholdError,
     ConcurrentUpdate,
     DataServerUnavailable,
+    InvalidArgument,
     InvalidFilesystem,
     InvalidReplicas,
     NoReplicaLeft,
@@ -59,9 +61,16 @@ class VolumeService:
         self.access = access
 
     async def create(self, name: str, size: str | int, replicas: int | str = 2,
-                     fs: str = "ext4", exist_ok: bool = False) -> Volume:
-        """Create a thin volume; with ``exist_ok`` an identical existing volume is returned."""
+                     fs: str = "ext4", exist_ok: bool = False, encrypt: bool = False,
+                     key: bytes | None = None) -> Volume:
+        """Create a thin volume; with ``exist_ok`` an identical existing volume is returned.
+        ``encrypt``: encrypted at rest by its engines, with ``key`` (64 bytes) or a new
+        random one, kept in the metadata store only wrapped under the cluster key."""
         check_name(name)
+        encrypt = encrypt or key is not None
+        if encrypt and (self.access is None or not self.access.key):
+            raise InvalidArgument(what="encryption", detail="needs the cluster key: a node "
+                                  "with TLS credentials (not --insecure-plaintext)")
         size_bytes = volume_size(size)
         count = _replica_count(replicas)
         if fs not in kernel.FILESYSTEMS:
@@ -71,18 +80,22 @@ class VolumeService:
                                     f"{format_size(kernel.MIN_XFS_SIZE)}")
         existing = await self.catalog.find_volume(name)
         if existing is not None:
-            return await self._existing(existing, size_bytes, count, fs, exist_ok)
+            return await self._existing(existing, size_bytes, count, fs, exist_ok, encrypt)
         chosen = placement.place(await self.catalog.servers_for_placement(), count, size_bytes,
                                  exclude=await self.catalog.draining_servers())
         volume = Volume(id=uuid.uuid4().hex, name=name, size=size_bytes, replica_count=count,
                         fs=fs, replicas=[Replica(server=s.id) for s in chosen])
+        if encrypt:
+            assert self.access is not None
+            volume.encryption = {"cipher": CIPHER, "key": wrap_key(
+                self.access.key, volume.id, read_key(key) if key is not None else new_key())}
         try:
             await self.catalog.add_volume(volume)
         except VolumeExists:
             if not exist_ok:
                 raise
             return await self._existing(await self.catalog.volume(name), size_bytes, count, fs,
-                                        exist_ok)
+                                        exist_ok, encrypt)
         asked: list[DataServer] = []  # a replica may exist where no answer came
         try:
             for server in chosen:
@@ -102,8 +115,9 @@ class VolumeService:
         return await self.catalog.update_volume(name, ready)
 
     async def _existing(self, volume: Volume, size: int, count: int, fs: str,
-                        exist_ok: bool) -> Volume:
-        if not exist_ok or (volume.size, volume.replica_count, volume.fs) != (size, count, fs):
+                        exist_ok: bool, encrypt: bool) -> Volume:
+        if not exist_ok or (volume.size, volume.replica_count, volume.fs,
+                            volume.encryption is not None) != (size, count, fs, encrypt):
             raise VolumeExists(name=volume.name)
         if volume.state is not VolumeState.CREATING:
             return volume

@@ -19,10 +19,12 @@ from collections.abc import Awaitable, Callable
 
 from cargohold.clients.access import Access
 from cargohold.clients.sharedmemory import SharedMemory
+from cargohold.core.cipher import VolumeCipher
 from cargohold.core.models import ReplicaState, Volume
 from cargohold.core.periodic import Periodic
 from cargohold.core.retry import Backoff, retry
-from cargohold.errors import CargoholdError, Fenced, LeaseLost
+from cargohold.errors import CargoholdError, Fenced, InvalidArgument, LeaseLost
+from cargohold.services.engine.encryption import EncryptedTarget
 from cargohold.services.engine.fuse import READ_BUFFER, FuseSession, unmount
 from cargohold.services.engine.healer import INTERVAL, Healer
 from cargohold.services.engine.leasewatch import INTERVAL as LEASE_INTERVAL
@@ -63,12 +65,14 @@ class Engine:
 
     def __init__(self, catalog: Catalog, name: str, epoch: int, node: str, mountpoint: str,
                  heal_rate: float = 0.0, scrub_rate: float = 0.0,
-                 access: Access | None = None, lease_ttl: float = 0.0) -> None:
+                 access: Access | None = None, lease_ttl: float = 0.0,
+                 cipher: VolumeCipher | None = None) -> None:
         """``lease_ttl``: watch the node's lease and fail all I/O once it is lost (0: do
         not, as on one host, where no other can take the volume over)."""
         self.catalog = catalog
         self.access = access
         self.lease_ttl = lease_ttl
+        self.cipher = cipher  # an encrypted volume's (None: stored as written)
         self._watching: asyncio.Future[None] | None = None
         self.name = name
         self.epoch = epoch
@@ -97,7 +101,16 @@ class Engine:
         except BaseException:
             self._shared.close()
             raise
-        self.session = FuseSession(self.replicas, self.mountpoint, self._shared)
+        volume_encrypted = volume.encryption is not None
+        if volume_encrypted != (self.cipher is not None):
+            await self.replicas.close()
+            self._shared.close()
+            raise InvalidArgument(what="volume key", detail=f"{self.name} is "
+                                  f"{'' if volume_encrypted else 'not '}encrypted, and the "
+                                  f"engine got {'a' if self.cipher else 'no'} key")
+        target = (EncryptedTarget(self.replicas, self.cipher) if self.cipher is not None
+                  else self.replicas)
+        self.session = FuseSession(target, self.mountpoint, self._shared)
         try:
             self.session.start()
         except OSError:

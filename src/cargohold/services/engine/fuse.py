@@ -102,7 +102,8 @@ class BlockTarget(Protocol):
     None means it cannot); flushes and trims are rare and may be coroutines.
     """
 
-    size: int
+    @property
+    def size(self) -> int: ...
 
     def read_at_once(self, offset: int, length: int) -> BytesLike | None: ...
     def start_read(self, offset: int, length: int) -> asyncio.Future[BytesLike]: ...
