@@ -1,4 +1,5 @@
-"""Build hook: generate the CSI gRPC modules from ``src/cargohold/adapters/csi/csi.proto``.
+"""Build hooks: generate the CSI gRPC modules from ``src/cargohold/adapters/csi/csi.proto``;
+compile the block cipher's C extension (``src/cargohold/core/_xts.c``).
 
 Everything else about the package is in pyproject.toml. ``build_py`` runs ``grpc_tools.protoc``
 (a build requirement, pinned in pyproject.toml) and writes ``csi_pb2.py``, ``csi_pb2.pyi`` and
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 SRC = Path(__file__).resolve().parent / "src"
@@ -38,4 +39,9 @@ class BuildPyWithProtos(build_py):
         generate(SRC if self.editable_mode else Path(self.build_lib))
 
 
-setup(cmdclass={"build_py": BuildPyWithProtos})
+# AES-XTS of whole blocks for encrypted volumes (core/cipher.py); optional: without a C
+# compiler or OpenSSL's headers the build goes on and cipher.py uses OpenSSL through ctypes.
+XTS = Extension("cargohold.core._xts", ["src/cargohold/core/_xts.c"], libraries=["crypto"],
+                extra_compile_args=["-O2"], optional=True)
+
+setup(cmdclass={"build_py": BuildPyWithProtos}, ext_modules=[XTS])

@@ -164,6 +164,8 @@ class Engine:
                 log.warning("the kernel kept the FUSE connection open; closing it")
                 self.session.close()
         await self.replicas.close()
+        if isinstance(self.session.target, EncryptedTarget):
+            self.session.target.close()
         if self._shared is not None:
             self._shared.close()
 
