@@ -13,6 +13,9 @@
 #include <openssl/evp.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #define UNIT 4096
 #define BATCH 16 /* units per ECB call: 64 KiB of masks stay in the cache */
@@ -70,13 +73,23 @@ static PyObject *xts_new(PyObject *self, PyObject *args) {
     return PyCapsule_New(k, "cargohold.xts", capsule_free);
 }
 
+static int all_zero(const unsigned char *p) {
+    uint64_t any = 0, word;
+    for (int i = 0; i < UNIT; i += 8) {
+        memcpy(&word, p + i, 8);
+        any |= word;
+    }
+    return any == 0;
+}
+
 static inline void load(const unsigned char *p, uint64_t *lo, uint64_t *hi) {
     memcpy(lo, p, 8); /* XTS numbers its 128-bit values little-endian, as x86 stores them */
     memcpy(hi, p + 8, 8);
 }
 
 /* crypt(keys, first_block, source, target, decrypt): whole units of source into target
- * (the same buffer or another as long). Returns None; ValueError on bad lengths. */
+ * (the same buffer or another as long); decrypting, a unit of zeros becomes zeros. Returns
+ * None; ValueError on bad lengths. */
 static PyObject *xts_crypt(PyObject *self, PyObject *args) {
     PyObject *capsule;
     unsigned long long first;
@@ -101,6 +114,9 @@ static PyObject *xts_crypt(PyObject *self, PyObject *args) {
     if (!masks) ok = 0;
     for (Py_ssize_t u0 = 0; ok && u0 < units; u0 += BATCH) {
         int n = (int)(units - u0 < BATCH ? units - u0 : BATCH), len = 0;
+        int zero[BATCH]; /* decrypting: units stored as zeros read as zeros */
+        for (int u = 0; u < n; u++)
+            zero[u] = decrypt && all_zero(in + (size_t)(u0 + u) * UNIT);
         memset(tweaks, 0, sizeof tweaks);
         for (int u = 0; u < n; u++) {
             uint64_t number = (uint64_t)first + (uint64_t)(u0 + u);
@@ -116,7 +132,13 @@ static PyObject *xts_crypt(PyObject *self, PyObject *args) {
             unsigned char *mask = masks + (size_t)u * UNIT;
             const unsigned char *p = in + (size_t)(u0 + u) * UNIT;
             unsigned char *q = out + (size_t)(u0 + u) * UNIT;
-            for (int j = 0; j < UNIT; j += 16) { /* memcpy: buffers may be unaligned */
+            for (int j = 0; j < UNIT; j += 16) { /* unaligned loads: any buffer will do */
+#ifdef __SSE2__
+                __m128i t = _mm_set_epi64x((long long)hi, (long long)lo);
+                _mm_store_si128((__m128i *)(mask + j), t);
+                _mm_storeu_si128((__m128i *)(q + j),
+                                 _mm_xor_si128(_mm_loadu_si128((const __m128i *)(p + j)), t));
+#else
                 uint64_t a, b;
                 memcpy(mask + j, &lo, 8);
                 memcpy(mask + j + 8, &hi, 8);
@@ -126,6 +148,7 @@ static PyObject *xts_crypt(PyObject *self, PyObject *args) {
                 b ^= hi;
                 memcpy(q + j, &a, 8);
                 memcpy(q + j + 8, &b, 8);
+#endif
                 uint64_t carry = hi >> 63; /* multiply by alpha: shift left, reduce */
                 hi = (hi << 1) | (lo >> 63);
                 lo = (lo << 1) ^ (carry * 0x87);
@@ -136,6 +159,13 @@ static PyObject *xts_crypt(PyObject *self, PyObject *args) {
             ok = 0;
             break;
         }
+#ifdef __SSE2__
+        for (size_t i = 0; i < (size_t)n * UNIT; i += 16) {
+            __m128i *at = (__m128i *)(block + i);
+            _mm_storeu_si128(at, _mm_xor_si128(_mm_loadu_si128(at),
+                                               _mm_load_si128((const __m128i *)(masks + i))));
+        }
+#else
         for (size_t i = 0; i < (size_t)n * UNIT; i += 8) {
             uint64_t a, m;
             memcpy(&a, block + i, 8);
@@ -143,6 +173,9 @@ static PyObject *xts_crypt(PyObject *self, PyObject *args) {
             a ^= m;
             memcpy(block + i, &a, 8);
         }
+#endif
+        for (int u = 0; u < n; u++)
+            if (zero[u]) memset(block + (size_t)u * UNIT, 0, UNIT);
     }
     PyMem_RawFree(masks);
     Py_END_ALLOW_THREADS
