@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from cargohold.core.wire import BytesLike
 from cargohold.errors import InvalidArgument
 
 try:
@@ -145,9 +146,13 @@ class VolumeCipher:
         self._run(False, block, data, target)
         return target
 
-    def decrypt(self, block: int, data: object) -> bytearray:
-        """Decrypt whole blocks read from replicas; blocks stored as zeros read as zeros."""
-        view = memoryview(data)  # type: ignore[arg-type]
+    def decrypt(self, block: int, data: BytesLike, in_place: bool = False) -> BytesLike:
+        """Decrypt whole blocks read from replicas; blocks stored as zeros read as zeros.
+        ``in_place``: into ``data`` itself, if it is writable (the caller's own buffer)."""
+        view = memoryview(data)
+        if in_place and not view.readonly and self._compiled is not None:
+            self._run(True, block, view, view)  # zeros are found before anything changes
+            return data
         out = bytearray(view.nbytes)
         self._run(True, block, view, out)
         if self._compiled is not None:

@@ -51,8 +51,8 @@ class EncryptedTarget:
     def read_at_once(self, offset: int, length: int) -> BytesLike | None:
         if offset % BLOCK or length % BLOCK or self._large(length):
             return None  # a large one is decrypted in the worker: start_read
-        data = self.inner.read_at_once(offset, length)
-        return None if data is None else self.cipher.decrypt(offset // BLOCK, data)
+        data = self.inner.read_at_once(offset, length)  # a buffer of our own: in place
+        return None if data is None else self.cipher.decrypt(offset // BLOCK, data, True)
 
     def start_read(self, offset: int, length: int) -> asyncio.Future[BytesLike]:
         start = offset - offset % BLOCK
@@ -75,7 +75,7 @@ class EncryptedTarget:
             done.set_exception(error)
         else:
             try:
-                plain = self.cipher.decrypt(start // BLOCK, sealed.result())
+                plain = self.cipher.decrypt(start // BLOCK, sealed.result(), True)
             except Exception as e:  # noqa: BLE001 - the reader gets it as its error
                 done.set_exception(e)
                 return
@@ -86,8 +86,8 @@ class EncryptedTarget:
         sealed = self.inner.read_at_once(start, span)
         if sealed is None:
             sealed = await self.inner.start_read(start, span)
-        plain = await asyncio.get_running_loop().run_in_executor(
-            self._worker, self.cipher.decrypt, start // BLOCK, sealed)
+        plain: BytesLike = await asyncio.get_running_loop().run_in_executor(
+            self._worker, self.cipher.decrypt, start // BLOCK, sealed, True)
         return plain if skip == 0 and len(plain) == length else plain[skip:skip + length]
 
     def start_write(self, offset: int, data: BytesLike, shared_at: int = -1
