@@ -4,7 +4,8 @@
 #   scripts/install-deps.sh --test   plus what the test suite and benchmarks need
 set -euo pipefail
 cd "$(dirname "$0")/.."
-packages=(fuse3 util-linux mount e2fsprogs xfsprogs)
+# gcc and OpenSSL's headers build the block cipher of encrypted volumes (core/_xts.c)
+packages=(fuse3 util-linux mount e2fsprogs xfsprogs gcc libssl-dev)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(fio docker.io etcd-server busybox-static iproute2 curl)
 fi

@@ -832,3 +832,44 @@ def test_online_expand_of_a_published_block_volume(csi: Csi, tmp_path: Path) -> 
     csi.unstage(volume_id, staging)
     csi.node.stop()
     assert leftovers(tmp_path) == {"mounts": [], "loops": [], "processes": []}
+
+
+def test_encrypted_volumes_take_their_key_from_a_csi_secret(csi: Csi, tmp_path: Path) -> None:
+    create = csi.controller.CreateVolume
+    key = os.urandom(64)
+    volume = csi.call(create, pb.CreateVolumeRequest(
+        name="pvc-sealed", volume_capabilities=[block_cap()],
+        capacity_range=pb.CapacityRange(required_bytes=64 * MIB),
+        secrets={"encryptionKey": key.hex()})).volume
+    assert _inspect(csi.node, volume.volume_id)["encryption"] == "aes-256-xts-plain64/4096"
+    by_parameter = csi.create("pvc-random-key", 64 * MIB, encrypt="true")
+    assert _inspect(csi.node, by_parameter.volume_id)["encryption"]
+    csi.fails(Code.ALREADY_EXISTS, create, pb.CreateVolumeRequest(  # not the same volume
+        name="pvc-random-key", volume_capabilities=[mount_cap()],
+        capacity_range=pb.CapacityRange(required_bytes=64 * MIB)))
+    details = csi.fails(Code.INVALID_ARGUMENT, create, pb.CreateVolumeRequest(
+        name="pvc-bad-key", volume_capabilities=[mount_cap()],
+        capacity_range=pb.CapacityRange(required_bytes=64 * MIB),
+        secrets={"encryptionKey": "00" * 64}))
+    assert "volume key" in details and "00" * 8 not in details
+    csi.fails(Code.INVALID_ARGUMENT, create, pb.CreateVolumeRequest(
+        name="pvc-bad-flag", volume_capabilities=[mount_cap()], parameters={"encrypt": "maybe"}))
+    assert {v["name"] for v in csi.node.json("volume", "ls")} == {  # type: ignore[union-attr]
+        "pvc-sealed", "pvc-random-key"}
+
+    staging, target = tmp_path / "staging", tmp_path / "pods" / "s" / "dev"
+    target.parent.mkdir(parents=True)
+    csi.stage(volume.volume_id, staging, block_cap())
+    csi.publish(volume.volume_id, staging, target, block_cap())
+    data = os.urandom(MIB)
+    with open(target, "r+b", buffering=0) as f:
+        f.seek(4 * MIB)
+        f.write(data)
+        os.fsync(f.fileno())
+    with open(target, "rb") as f:
+        f.seek(4 * MIB)
+        assert f.read(MIB) == data
+    csi.unpublish(volume.volume_id, target)
+    csi.unstage(volume.volume_id, staging)
+    replicas = [p for disk in csi.node.data_dirs for p in disk.rglob("*") if p.is_file()]
+    assert not any(data[:4096] in p.read_bytes() for p in replicas)  # ciphertext only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -83,7 +84,29 @@ def test_two_containers_share_a_volume(cluster: tuple[Node, DockerHost, str]) ->
     docker.docker("volume", "rm", "shared")
 
 
+def test_an_encrypted_volume_through_docker(cluster: tuple[Node, DockerHost, str],
+                                           tmp_path: Path) -> None:
+    node, docker, image = cluster
+    key = tmp_path / "vault.key"
+    key.write_text(os.urandom(64).hex() + "\n")
+    docker.docker("volume", "create", "-d", "cargohold", "--name", "vault", "-o", "size=64M",
+                  "-o", f"key-file={key}")
+    docker.docker("volume", "create", "-d", "cargohold", "--name", "vault2", "-o", "size=64M",
+                  "-o", "encrypt=true")
+    assert node.json("volume", "inspect", "vault")["encryption"]  # type: ignore[index]
+    assert node.json("volume", "inspect", "vault2")["encryption"]  # type: ignore[index]
+    docker.docker("run", "--rm", "--network", "none", "-v", "vault:/data", image, "sh", "-c",
+                  "echo secret-words > /data/f")
+    out = docker.docker("run", "--rm", "--network", "none", "-v", "vault:/data", image, "cat",
+                        "/data/f").stdout
+    assert out.strip() == "secret-words"
+    for name in ("vault", "vault2"):
+        docker.docker("volume", "rm", name)
+
+
 @pytest.mark.parametrize("option,message", [
+    ("encrypt=maybe", "true or false"),
+    ("key-file=/nonexistent/key", "No such file"),
     ("size=abc", "Invalid size 'abc'"),
     ("replicas=9", "Invalid replica count '9'"),
     ("colour=blue", "Unknown option 'colour'"),

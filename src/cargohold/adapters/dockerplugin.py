@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from cargohold.core.cipher import read_key
 from cargohold.core.sizes import parse_size
 from cargohold.errors import CargoholdError, InvalidArgument, InvalidOption, VolumeExists
 from cargohold.services.agent import Agent
@@ -31,7 +32,8 @@ from cargohold.stores.catalog import Catalog
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
-OPTIONS = {"size": "1G", "replicas": "2", "fs": "ext4"}
+OPTIONS = {"size": "1G", "replicas": "2", "fs": "ext4", "encrypt": "false", "key-file": ""}
+_TRUTH = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 class MountRefs:
@@ -87,9 +89,13 @@ class DockerPlugin:
         existing = await self.catalog.find_volume(name)
         if existing is not None and not given:
             return {"Err": ""}  # `docker run -v NAME:/x` of an existing volume
+        encrypt = _TRUTH.get(opts["encrypt"].lower())
+        if encrypt is None:
+            raise InvalidArgument(what="encrypt", detail="true or false")
+        key = _key(opts["key-file"]) if opts["key-file"] else None
         try:
             await self.volumes.create(name, opts["size"], opts["replicas"], opts["fs"],
-                                      exist_ok=True)
+                                      exist_ok=True, encrypt=encrypt, key=key)
         except VolumeExists:
             if existing is not None:
                 size = parse_size(opts["size"])
@@ -162,6 +168,15 @@ def _name(body: dict[str, Any]) -> str:
 #: Plugin calls that change something: each is written to the audit log.
 CHANGES = frozenset({"/VolumeDriver.Create", "/VolumeDriver.Remove", "/VolumeDriver.Mount",
                      "/VolumeDriver.Unmount"})
+
+
+def _key(path: str) -> bytes:
+    """A volume key from a file on this host (``-o key-file=PATH``)."""
+    try:
+        with open(path, "rb") as f:
+            return read_key(f.read(1024))
+    except OSError as e:
+        raise InvalidArgument(what="key-file", detail=f"{path}: {e.strerror or e}") from None
 
 
 def create_app(plugin: DockerPlugin, audit: AuditLog | None = None) -> Starlette:

@@ -12,6 +12,7 @@ from google.protobuf import wrappers_pb2
 from cargohold.adapters.csi import csi_pb2 as pb
 from cargohold.adapters.csi import csi_pb2_grpc as pb_grpc
 from cargohold.adapters.csi.rpc import (
+    KEY_SECRET,
     PARAMETERS,
     TOPOLOGY_KEY,
     Code,
@@ -20,6 +21,7 @@ from cargohold.adapters.csi.rpc import (
     capability_problem,
     expanded_size,
     fits,
+    flag,
     page_token,
     parameters,
     refused,
@@ -33,6 +35,7 @@ from cargohold.adapters.csi.rpc import (
     volume_name,
     volume_size,
 )
+from cargohold.core.cipher import read_key
 from cargohold.core.models import ServerState, Volume
 from cargohold.core.sizes import MAX_VOLUME_SIZE, format_size
 from cargohold.errors import (
@@ -78,6 +81,9 @@ class CsiController(pb_grpc.ControllerServicer):
             if problem:
                 raise InvalidArgument(what="volume_capabilities", detail=problem)
         replicas = replica_count(params.get("replicas", PARAMETERS["replicas"]))
+        key_text = request.secrets.get(KEY_SECRET)
+        key = read_key(key_text.encode()) if key_text else None
+        encrypt = flag("encrypt", params.get("encrypt", PARAMETERS["encrypt"])) or key is not None
         access = sorted({access_type(c) for c in request.volume_capabilities})
         nodes = await self._accessible(request.accessibility_requirements)
         name = volume_name(csi_name)
@@ -95,9 +101,10 @@ class CsiController(pb_grpc.ControllerServicer):
                 raise refused(Code.ALREADY_EXISTS, f"volume ID {name!r} belongs to CSI volume "
                                f"{record['name']!r}")
             if existing is not None:
-                wanted = (replicas, fs, access)
+                wanted = (replicas, fs, access, encrypt)
                 if not fits(existing.size, request.capacity_range) or wanted != (
-                        existing.replica_count, existing.fs, record["access"]):
+                        existing.replica_count, existing.fs, record["access"],
+                        existing.encryption is not None):
                     raise refused(Code.ALREADY_EXISTS, f"volume {csi_name!r} exists with "
                                    f"{format_size(existing.size)}, {existing.replica_count} "
                                    f"replicas, {existing.fs}, {'+'.join(record['access'])} "
@@ -105,7 +112,8 @@ class CsiController(pb_grpc.ControllerServicer):
                                    f"{'+'.join(access)}")
                 size = existing.size
             try:
-                volume = await self.volumes.create(name, size, replicas, fs, exist_ok=True)
+                volume = await self.volumes.create(name, size, replicas, fs, exist_ok=True,
+                                                   encrypt=encrypt, key=key)
             except CargoholdError:
                 if existing is None and await self.catalog.find_volume(name) is None:
                     await self.catalog.drop_csi_record("volumes", name)  # the name is free again

@@ -37,7 +37,9 @@ DRIVER_NAME = "cargohold.io"
 TOPOLOGY_KEY = "cargohold.io/node"
 MAX_VOLUMES_PER_NODE = 64  # attached volumes: one engine process and one loop device each
 DEFAULT_SIZE = GIB
-PARAMETERS = {"replicas": "2", "fs": "ext4"}
+PARAMETERS = {"replicas": "2", "fs": "ext4", "encrypt": "false"}
+#: The CSI secret (provisioner secret) that holds an encrypted volume's own key, as hex.
+KEY_SECRET = "encryptionKey"
 KUBERNETES_PARAMETERS = "csi.storage.k8s.io/"  # added by the external-provisioner; ignored
 Mode = pb.VolumeCapability.AccessMode
 MODES = (Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_READER_ONLY)  # one host at a time
@@ -234,6 +236,13 @@ def parameters(given: Mapping[str, str]) -> dict[str, str]:
             raise InvalidOption(option=key, known=", ".join(sorted(PARAMETERS)))
         chosen[key] = value
     return chosen
+
+
+def flag(name: str, value: str) -> bool:
+    truth = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if value.lower() not in truth:
+        raise InvalidArgument(what=name, detail=f"{value!r}: true or false")
+    return truth[value.lower()]
 
 
 def replica_count(value: str) -> int:
