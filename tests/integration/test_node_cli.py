@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import stat
 import subprocess
@@ -210,5 +211,7 @@ def test_named_tokens_have_roles_and_every_change_is_audited(tmp_path: Path) -> 
         audit = [json.loads(line) for line in (n.state / "audit.log").read_text().splitlines()]
         assert [(r["who"], r["method"], r["status"]) for r in audit] == [
             ("grafana", "POST", 403), ("ops", "POST", 201), ("local", "DELETE", 204)]
+        assert audit[0]["peer"].startswith("127.0.0.1:")
+        assert audit[2]["peer"].startswith(f"uid={os.getuid()},pid=")  # the CLI's process
     finally:
         n.cleanup()

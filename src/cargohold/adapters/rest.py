@@ -195,8 +195,9 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
         method, path = request.method, request.url.path
         changes = method not in READ_METHODS
         who, peer = "local", "unix"
-        if request.client is not None:
-            peer = f"{request.client.host}:{request.client.port}"
+        if request.client is not None:  # on a unix socket: "uid=U,pid=P" (port 0)
+            peer = (f"{request.client.host}:{request.client.port}" if request.client.port
+                    else request.client.host)
         if tokens and path != "/healthz":
             given = request.headers.get("authorization", "").encode()
             found = next((t for secret, t in by_secret.items()

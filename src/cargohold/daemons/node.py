@@ -14,11 +14,14 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import struct
 import time
 from collections.abc import Iterator
 
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cargohold import __version__
 from cargohold.adapters.csi.server import serve as serve_csi
@@ -50,6 +53,19 @@ log = logging.getLogger(__name__)
 API_SOCKET_MODE = 0o660  # the REST API and the Docker plugin: root and its group
 
 
+class _UnixPeerProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol naming the process at the other end of a unix socket
+    (its uid and pid, from ``SO_PEERCRED``) as the request's client, for the audit log."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            self.client = (f"uid={uid},pid={pid}", 0)
+
+
 class _ApiServer(uvicorn.Server):
     """uvicorn without its own signal handling: the node owns SIGTERM."""
 
@@ -69,7 +85,8 @@ async def _serve(app: ASGIApp, endpoint: Endpoint, tls: TlsFiles | None = None,
         with contextlib.suppress(FileNotFoundError):
             os.unlink(endpoint.path)  # a stale socket of a crashed node
         sockets = [unix_listener(endpoint.path, API_SOCKET_MODE)]
-        uconfig = uvicorn.Config(app, log_level="warning", lifespan="off")
+        uconfig = uvicorn.Config(app, log_level="warning", lifespan="off",
+                                 http=_UnixPeerProtocol)
     else:
         uconfig = uvicorn.Config(app, host=endpoint.host, port=endpoint.port,
                                  log_level="warning", lifespan="off",
