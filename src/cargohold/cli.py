@@ -22,6 +22,7 @@ from cargohold import __version__
 from cargohold.config import (
     DEFAULT_DOCKER_SOCKET,
     DEFAULT_KUBELET_DIR,
+    LEASE_TTL,
     Endpoint,
     NodeConfig,
     client_config,
@@ -149,9 +150,10 @@ def _parser() -> argparse.ArgumentParser:
                            "(default a week; 0 turns them off)")
     node.add_argument("--scrub-rate", default="50M",
                       help="read rate of background scrubs per second, e.g. 50M (default)")
-    node.add_argument("--lease-ttl", type=float, default=10.0,
+    node.add_argument("--lease-ttl", type=float, default=LEASE_TTL,
                       help="seconds without renewal after which this node counts as down "
-                           "and its volumes may be taken over (default 10)")
+                           f"and its volumes may be taken over (default {LEASE_TTL:g}; 3 or "
+                           "more with etcd)")
     node.add_argument("--tokens-file", metavar="FILE",
                       help="named bearer tokens of the TCP API, a line each: NAME ROLE TOKEN "
                            "(ROLE admin or read-only); mode 600")
