@@ -173,6 +173,9 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--cluster-key", type=Path,
                       help="the secret that signs capabilities, the same file on every node "
                            "(hex, 32 bytes or more; mode 600)")
+    node.add_argument("--etcd-password-file", type=Path, metavar="FILE",
+                      help="the password (first line; mode 600) of the etcd user named in "
+                           "--metadata etcds://USER@HOST:PORT,...")
     node.add_argument("--insecure-plaintext", action="store_true",
                       help="no TLS between hosts and no capabilities on the data path: anyone "
                            "who reaches a data server's port can use it. Never in production")
@@ -254,7 +257,7 @@ def _run_node(args: argparse.Namespace) -> int:
         fields["csi_kubelet_dir"] = Path(args.csi_kubelet_dir)
         fields["token"] = read_token(args.token_file)
         for flag in ("tls_dir", "tls_ca", "tls_cert", "tls_key", "cluster_key",
-                     "insecure_plaintext"):
+                     "insecure_plaintext", "etcd_password_file"):
             if getattr(args, flag):
                 fields[flag] = getattr(args, flag)
         if args.tokens_file:

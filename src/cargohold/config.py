@@ -120,10 +120,24 @@ ETCD_REQUEST_TIMEOUT = 1.0
 
 
 def etcd_hosts(url: str) -> list[str]:
-    """The hosts of an ``etcd[s]://`` metadata URL (none for another store)."""
+    """The hosts of an ``etcd[s]://[USER@]`` metadata URL (none for another store)."""
     if not url.startswith(("etcd://", "etcds://")):
         return []
-    return [e.rpartition(":")[0].strip("[]") for e in url.split("://", 1)[1].split(",")]
+    members = url.split("://", 1)[1].rpartition("@")[2]
+    return [e.rpartition(":")[0].strip("[]") for e in members.split(",")]
+
+
+def read_secret(path: Path | None, what: str) -> str:
+    """The first line of a file only root may read (a password), or "" without a file."""
+    if path is None:
+        return ""
+    try:
+        if path.stat().st_mode & 0o077:
+            raise InvalidArgument(what=what, detail=f"{path} is readable by others: chmod 600")
+        text = path.read_text()
+        return text.splitlines()[0].strip() if text.strip() else ""
+    except OSError as e:
+        raise InvalidArgument(what=what, detail=f"{path}: {e.strerror or e}") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -213,6 +227,7 @@ class NodeConfig(BaseModel):
     tls_key: Path | None = None
     cluster_key: Path | None = None
     insecure_plaintext: bool = False  # TCP between hosts without TLS (loudly logged)
+    etcd_password_file: Path | None = None  # the password of the etcds://USER@ in metadata
 
     def model_post_init(self, _context: object) -> None:
         if not self.metadata:
@@ -361,6 +376,7 @@ class EngineConfig(BaseModel):
     tls: TlsFiles | None = None  # None: plaintext TCP to remote data servers
     capability_file: Path | None = None  # the attachment's capability (JSON, 0600)
     lease_ttl: float = Field(default=0.0, ge=0.0)  # watch the node's lease (0: do not)
+    etcd_password_file: Path | None = None  # as the node's
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", ENGINE_MODULE, "--metadata", self.metadata,
@@ -372,6 +388,8 @@ class EngineConfig(BaseModel):
             argv += ["--capability-file", str(self.capability_file)]
         if self.lease_ttl:
             argv += ["--lease-ttl", str(self.lease_ttl)]
+        if self.etcd_password_file is not None:
+            argv += ["--etcd-password-file", str(self.etcd_password_file)]
         return argv
 
     @classmethod
@@ -392,6 +410,8 @@ class EngineConfig(BaseModel):
         parser.add_argument("--lease-ttl", type=float, default=0.0,
                             help="fail all I/O once the node's lease is lost for this long "
                                  "(0: never)")
+        parser.add_argument("--etcd-password-file", type=Path,
+                            help="the password of the etcd user in --metadata")
         _add_tls_arguments(parser)
         args = parser.parse_args(argv)
         tls = _tls_files(parser.prog, args)

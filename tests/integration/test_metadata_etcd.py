@@ -17,11 +17,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
 from cargohold import errors
-from cargohold.config import TlsFiles
+from cargohold.config import TlsFiles, read_secret
 from cargohold.stores import pki
 from cargohold.stores.etcd import EtcdStore
 from cargohold.stores.metadata import (
@@ -443,3 +444,50 @@ def test_raw_revisions_are_offset_by_one(etcd1: EtcdCluster) -> None:  # noqa: F
     with httpx.Client() as http:  # etcd's own view, through its JSON gateway
         reply = http.post(f"{etcd1.members[0].client_url}/v3/kv/range", json={"key": key}).json()
     assert reply["header"]["revision"] == "2" and reply["kvs"][0]["mod_revision"] == "2"
+
+
+async def _enable_auth(endpoint: str) -> None:
+    """Users root and cargohold (read and write under /cargohold/), then etcd's auth on."""
+    from aetcd import rpc
+
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        auth = rpc.AuthStub(channel)
+        for user, password in (("root", "root-password-0123"), ("cargohold", "s3cret-pw-0123")):
+            await auth.UserAdd(rpc.AuthUserAddRequest(name=user, password=password))
+            await auth.RoleAdd(rpc.AuthRoleAddRequest(name=user))
+            await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user=user, role=user))
+        permission = rpc.Permission(permType=rpc.Permission.READWRITE, key=b"/cargohold/",
+                                    range_end=b"/cargohold0")
+        await auth.RoleGrantPermission(rpc.AuthRoleGrantPermissionRequest(
+            name="cargohold", perm=permission))
+        await auth.AuthEnable(rpc.AuthEnableRequest())
+
+
+def test_etcd_with_users_takes_the_right_password_only(etcd1: EtcdCluster,  # noqa: F811
+                                                       tmp_path: Path) -> None:
+    password = tmp_path / "etcd-password"
+    password.write_text("s3cret-pw-0123\n")
+    password.chmod(0o600)
+
+    async def body() -> None:
+        await _enable_auth(etcd1.endpoints[0])
+        url = f"etcd://cargohold@{etcd1.endpoints[0]}"
+        store = open_store(url, password=read_secret(password, "password"))
+        try:
+            lease = await store.grant_lease(5)
+            await store.put("k", b"v", lease=lease)
+            assert (await store.get("k")).value == b"v"  # type: ignore[union-attr]
+            events = store.watch("k")
+            await store.put("k", b"w")
+            assert [e.kv.value for e in await take(events, 1)] == [b"w"]
+        finally:
+            await store.close()
+        for wrong in (open_store(url, password="not-the-password"),
+                      EtcdStore(etcd1.endpoints, timeout=1.0)):  # no user at all
+            try:
+                with pytest.raises(errors.InvalidArgument):
+                    await wrong.get("k")
+            finally:
+                await wrong.close()
+
+    asyncio.run(body())

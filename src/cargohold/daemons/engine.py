@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import uvloop
 
 from cargohold.clients.access import Access
-from cargohold.config import RESIZE_SIGNAL, EngineConfig
+from cargohold.config import RESIZE_SIGNAL, EngineConfig, read_secret
 from cargohold.core.cipher import VolumeCipher
 from cargohold.errors import CargoholdError, InvalidArgument
 from cargohold.services.engine.engine import Engine
@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 async def serve(config: EngineConfig) -> int:
     """Run the engine until it is unmounted or told to stop; return the exit status."""
-    store = open_store(config.metadata, config.tls)
+    store = open_store(config.metadata, config.tls,
+                       read_secret(config.etcd_password_file, "--etcd-password-file"))
     try:
         engine = Engine(Catalog(store), config.volume, config.epoch, config.node,
                         str(config.mountpoint), config.heal_rate, config.scrub_rate,

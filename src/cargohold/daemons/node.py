@@ -31,7 +31,7 @@ from cargohold.adapters.rest import Services, create_app
 from cargohold.clients.access import Access
 from cargohold.clients.dataclient import DataClient
 from cargohold.clients.sockets import unix_listener
-from cargohold.config import Endpoint, NodeConfig, TlsFiles, etcd_hosts
+from cargohold.config import Endpoint, NodeConfig, TlsFiles, etcd_hosts, read_secret
 from cargohold.core.models import DataServer, Node, ServerState, liveness_key
 from cargohold.core.periodic import Periodic
 from cargohold.daemons.supervisor import DataServerProcess
@@ -125,7 +125,8 @@ class NodeDaemon:
                               key_file if credentials else None, config.name)
             for i, path in enumerate(config.data_dirs)
         ]
-        store = open_store(config.metadata, tls if credentials else None)
+        store = open_store(config.metadata, tls if credentials else None,
+                           read_secret(config.etcd_password_file, "--etcd-password-file"))
         catalog = Catalog(store)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -137,7 +138,8 @@ class NodeDaemon:
         agent = Agent(catalog, config.name, config.state_dir, config.metadata,
                       config.rebuild_rate, config.scrub_rate, tls if credentials else None,
                       credentials.cluster_key if credentials else b"",
-                      config.lease_ttl if etcd_hosts(config.metadata) else 0.0)
+                      config.lease_ttl if etcd_hosts(config.metadata) else 0.0,
+                      config.etcd_password_file)
         volumes = VolumeService(catalog, self.access)
         self.controller = Controller(store, catalog, volumes, config.name,
                                      config.rebuild_after, config.scrub_every,

@@ -69,13 +69,15 @@ class EngineDir:
 class Agent:
     def __init__(self, catalog: Catalog, node: str, state_dir: Path, metadata_url: str,
                  heal_rate: float = 0.0, scrub_rate: float = 0.0, tls: TlsFiles | None = None,
-                 cluster_key: bytes = b"", lease_ttl: float = 0.0) -> None:
+                 cluster_key: bytes = b"", lease_ttl: float = 0.0,
+                 etcd_password_file: Path | None = None) -> None:
         """``heal_rate``: bytes per second an engine may use to bring a replica back;
         ``scrub_rate``: to scrub its volume. ``tls``: the files engines connect to other
         hosts with (None: plaintext); ``cluster_key``: signs each engine's capability
         (empty: engines get none, for data servers that ask for none); ``lease_ttl``: engines
         fail all I/O once the node's lease is lost (0: never, as on one host)."""
         self.lease_ttl = lease_ttl
+        self.etcd_password_file = etcd_password_file
         self.catalog = catalog
         self.tls = tls
         self._cluster_key = cluster_key
@@ -205,7 +207,8 @@ class Agent:
                             mountpoint=paths.fuse, ready_file=paths.ready_file,
                             heal_rate=self.heal_rate, scrub_rate=self.scrub_rate,
                             tls=self.tls, capability_file=capability_file,
-                            lease_ttl=self.lease_ttl).argv()
+                            lease_ttl=self.lease_ttl,
+                            etcd_password_file=self.etcd_password_file).argv()
         with open(paths.log_file, "ab") as log_out:
             child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_out,
                                      stderr=subprocess.STDOUT, start_new_session=True)

@@ -19,6 +19,9 @@ logic (endpoints, timeouts, retries, watches) is ours. How the interface maps on
 - Security: with ``tls`` (the host's TLS files: cluster CA, certificate and key) every
   channel is TLS, checking the member's certificate against the CA and the address dialled,
   and showing the host's certificate (etcd's ``--client-cert-auth``); without, plaintext.
+  With ``user`` (and ``password``) the store signs in to each member (etcd's auth) and
+  sends its token with every request, signing in again when etcd says it expired; the user
+  needs read and write on ``key_prefix`` (and root to compact, else compaction is skipped).
 - Availability: members on this host are tried first. Each request gets
   ``request_timeout`` (1 s) on one endpoint, then the next endpoint is tried, with backoff
   after each full round, until ``timeout`` (5 s) has passed: then ``MetadataUnavailable``.
@@ -167,6 +170,11 @@ class _Endpoint:
         self.kv: Any = None
         self.lease: Any = None
         self.watch: Any = None
+        self.auth: Any = None
+        self.metadata: tuple[tuple[str, str], ...] = _METADATA  # + the auth token, once given
+
+    def signed_in(self, token: str | None) -> None:
+        self.metadata = _METADATA + ((("token", token),) if token else ())
 
     def open(self) -> _Endpoint:
         if self.channel is None:
@@ -177,6 +185,7 @@ class _Endpoint:
             self.kv = rpc.KVStub(self.channel)
             self.lease = rpc.LeaseStub(self.channel)
             self.watch = rpc.WatchStub(self.channel)
+            self.auth = rpc.AuthStub(self.channel)
         return self
 
     async def close(self) -> None:
@@ -206,6 +215,8 @@ class EtcdStore(MetadataStore):
         timeout: float = 5.0,
         event_history: int | None = EVENT_HISTORY,
         tls: TlsFiles | None = None,
+        user: str = "",
+        password: str = "",
     ) -> None:
         if isinstance(endpoints, str) or not endpoints:
             raise errors.InvalidArgument(
@@ -216,7 +227,9 @@ class EtcdStore(MetadataStore):
         for name, value in (("request_timeout", request_timeout), ("timeout", timeout)):
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise errors.InvalidArgument(what=name, detail=f"{value!r} is not a number > 0")
-        self.url = ("etcds://" if tls is not None else "etcd://") + ",".join(addresses)
+        self.url = (("etcds://" if tls is not None else "etcd://") + (f"{user}@" if user else "")
+                    + ",".join(addresses))
+        self._user, self._password = user, password
         credentials = None
         if tls is not None:
             try:
@@ -308,12 +321,17 @@ class EtcdStore(MetadataStore):
         while True:
             endpoint = self._endpoints[self._current].open()
             remaining = attempts.remaining()
+            seconds = max(0.001, min(self._request_timeout, remaining))
             try:
-                return await send(endpoint, max(0.001, min(self._request_timeout, remaining)))
+                if self._user and len(endpoint.metadata) == len(_METADATA):
+                    await self._sign_in(endpoint, seconds)
+                return await send(endpoint, seconds)
             except grpc.aio.AioRpcError as e:
                 if self._closed:
                     raise self._closed_error() from e
-                if e.code() not in _TRANSIENT:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED and self._user:
+                    endpoint.signed_in(None)  # the token expired: sign in again, then retry
+                elif e.code() not in _TRANSIENT:
                     raise
                 last = f"{endpoint.address}: {e.code().name} {e.details()}"
                 self._current = (self._current + 1) % len(self._endpoints)
@@ -335,10 +353,24 @@ class EtcdStore(MetadataStore):
                 )
             self._check_open()
 
+    async def _sign_in(self, endpoint: _Endpoint, seconds: float) -> None:
+        """Exchange the user and password for the member's auth token (etcd's simple or JWT
+        tokens expire: an UNAUTHENTICATED answer makes the next attempt sign in again)."""
+        try:
+            answer = await endpoint.auth.Authenticate(
+                rpc.AuthenticateRequest(name=self._user, password=self._password),
+                timeout=seconds, metadata=_METADATA)
+        except grpc.aio.AioRpcError as e:
+            if e.code() in _TRANSIENT:
+                raise
+            raise errors.InvalidArgument(what="etcd user", detail=f"{self._user!r} cannot sign "
+                                         f"in: {e.details() or e.code().name}") from None
+        endpoint.signed_in(answer.token)
+
     async def _unary(self, what: str, method: str, stub: str, request: Any, **kw: Any) -> Any:
         async def send(endpoint: _Endpoint, seconds: float) -> Any:
             call = getattr(getattr(endpoint, stub), method)
-            return await call(request, timeout=seconds, metadata=_METADATA)
+            return await call(request, timeout=seconds, metadata=endpoint.metadata)
 
         return await self._request(what, send, **kw)
 
@@ -488,7 +520,7 @@ class EtcdStore(MetadataStore):
 
     async def keepalive(self, lease: int) -> float:
         async def send(endpoint: _Endpoint, seconds: float) -> Any:
-            call = endpoint.lease.LeaseKeepAlive(timeout=seconds, metadata=_METADATA)
+            call = endpoint.lease.LeaseKeepAlive(timeout=seconds, metadata=endpoint.metadata)
             try:
                 await call.write(rpc.LeaseKeepAliveRequest(ID=lease))
                 await call.done_writing()
@@ -614,7 +646,7 @@ class EtcdStore(MetadataStore):
             return await call.read()
 
         async def send(endpoint: _Endpoint, seconds: float) -> Any:
-            call = endpoint.watch.Watch(metadata=_METADATA)
+            call = endpoint.watch.Watch(metadata=endpoint.metadata)
             self._calls.add(call)
             try:
                 resp = await asyncio.wait_for(created(call), seconds)

@@ -8,10 +8,11 @@ from cargohold.stores.metadata import MemoryStore, MetadataStore
 from cargohold.stores.sqlite import SqliteStore
 
 
-def open_store(url: str, tls: TlsFiles | None = None) -> MetadataStore:
+def open_store(url: str, tls: TlsFiles | None = None, password: str = "") -> MetadataStore:
     """Open the store named by ``url``: ``memory://``, ``sqlite:///absolute/path.db``,
-    ``etcds://host:port[,host:port...]`` (the members of one etcd cluster, over TLS with
-    ``tls``: this host's files) or ``etcd://...`` (the same in plaintext)."""
+    ``etcds://[USER@]host:port[,host:port...]`` (the members of one etcd cluster, over TLS
+    with ``tls``: this host's files; signed in as USER with ``password`` if given) or
+    ``etcd://...`` (the same in plaintext)."""
     if url == "memory://":
         return MemoryStore()
     if url.startswith(("etcd://", "etcds://")):
@@ -20,7 +21,13 @@ def open_store(url: str, tls: TlsFiles | None = None) -> MetadataStore:
             raise errors.InvalidArgument(
                 what="metadata URL", detail=f"{url!r}: etcd over TLS needs this host's TLS "
                 "files (a node's --tls-dir, or --tls-ca/--tls-cert/--tls-key)")
-        endpoints = url.split("://", 1)[1].split(",")
+        members = url.split("://", 1)[1]
+        user, at, rest = members.partition("@")
+        if at:
+            members = rest
+        else:
+            user = ""
+        endpoints = members.split(",")
         if not all(endpoints) or any("/" in e for e in endpoints):
             raise errors.InvalidArgument(
                 what="metadata URL",
@@ -29,7 +36,7 @@ def open_store(url: str, tls: TlsFiles | None = None) -> MetadataStore:
             )
         from cargohold.stores.etcd import EtcdStore  # gRPC: loaded only for etcd (~35 ms)
 
-        return EtcdStore(endpoints, tls=tls if secure else None)
+        return EtcdStore(endpoints, tls=tls if secure else None, user=user, password=password)
     if url.startswith("sqlite://"):
         path = url[len("sqlite://") :]
         if not path.startswith("/") or path.endswith("/"):
