@@ -452,6 +452,7 @@ class DataServerConfig(BaseModel):
     tls: TlsFiles | None = None  # None: plaintext TCP (--insecure-plaintext)
     cluster_key: Path | None = None  # None: any epoch from anyone connected
     node: str = ""  # the node it runs on: who may use the unix socket's capabilities
+    reserve: int = -1  # bytes kept free for chunks in use (-1: 1% of the disk; 0: none)
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", DATASERVER_MODULE, "--dir", str(self.root),
@@ -463,6 +464,8 @@ class DataServerConfig(BaseModel):
         argv += self.tls.argv() if self.tls is not None else ["--insecure-plaintext"]
         if self.cluster_key is not None:
             argv += ["--cluster-key", str(self.cluster_key), "--node", self.node]
+        if self.reserve != -1:
+            argv += ["--reserve", str(self.reserve)]
         return argv
 
     @classmethod
@@ -484,6 +487,9 @@ class DataServerConfig(BaseModel):
         parser.add_argument("--cluster-key", type=Path,
                             help="file of the key that signs capabilities: I/O only with one")
         parser.add_argument("--node", default="", help="the node this server runs on")
+        parser.add_argument("--reserve", type=int, default=-1,
+                            help="bytes of free space kept for writes into chunks in use "
+                                 "(default -1: 1%% of the disk, 256 MiB to 4 GiB; 0: none)")
         _add_tls_arguments(parser)
         args = parser.parse_args(argv)
         host, port = parse_listen(args.listen)
@@ -494,4 +500,4 @@ class DataServerConfig(BaseModel):
                       ready_file=args.ready_file, log_level=args.log_level.upper(),
                       max_connections=args.max_connections, frame_timeout=args.frame_timeout,
                       tls=_tls_files(parser.prog, args), cluster_key=args.cluster_key,
-                      node=args.node)
+                      node=args.node, reserve=args.reserve)

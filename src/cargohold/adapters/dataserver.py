@@ -570,6 +570,7 @@ class DataProtocolServer:
     async def writeback_once(self) -> None:
         """Start writing the replicas with many small writes to disk (in a worker thread:
         starting writeback can wait for the disk's queue)."""
+        self.store.refresh_space()
         written = [r for r in self.store.open_replicas() if r.small_writes >= WRITEBACK_AFTER]
         if written:
             await asyncio.to_thread(_start_writebacks, written)

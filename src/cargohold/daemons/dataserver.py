@@ -44,7 +44,7 @@ async def _run(config: DataServerConfig) -> None:
     root, ready_file = config.root, config.ready_file
     if ready_file is not None:
         ready_file.unlink(missing_ok=True)  # never let a waiter see the previous run's file
-    store = DiskChunkStore(root)
+    store = DiskChunkStore(root, config.reserve)
     try:
         server = DataProtocolServer(store, config.max_connections, config.frame_timeout,
                                     *_security(config))

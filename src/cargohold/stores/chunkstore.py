@@ -264,6 +264,9 @@ class ChunkStore(ABC):
     @abstractmethod
     def replica_ids(self) -> list[str]: ...
 
+    def refresh_space(self) -> None:  # noqa: B027 - most stores keep no reserve
+        """Read the free space again, for a store that keeps a reserve (none here)."""
+
     @abstractmethod
     def capacity(self) -> int:
         """Total bytes of the underlying storage."""

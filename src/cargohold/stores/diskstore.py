@@ -187,14 +187,60 @@ def read_epoch_slots(data: bytes) -> list[int | None]:
     return found
 
 
+class SpaceReserve:
+    """The free space a data server keeps for writes into chunks already in use.
+
+    Volumes are thin: a disk shared by many fills up while their file systems still believe
+    they have room. Once the disk's free space is below the reserve, a write that would make
+    a never-written chunk (new data) is refused with ``NoSpace`` (the application sees
+    ENOSPC), while writes into chunks already written (journals, inode tables, overwritten
+    data) still land, so a file system's metadata is not the write that meets a full disk.
+    Free space is read at start, every ``CHECK_EVERY`` bytes of new chunks, and by the
+    server's writeback turn (``refresh``). ``reserve`` -1: 1% of the disk, 256 MiB to 4 GiB.
+    """
+
+    CHECK_EVERY = 16 * CHUNK_SIZE
+
+    def __init__(self, root: Path, reserve: int = -1) -> None:
+        self.root = root
+        if reserve < 0:
+            usage = os.statvfs(root)
+            reserve = min(max(usage.f_blocks * usage.f_frsize // 100, 256 << 20), 4 << 30)
+        self.reserve = reserve
+        self.short = False
+        self._since = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        if not self.reserve:
+            return
+        usage = os.statvfs(self.root)
+        was, self.short = self.short, usage.f_bavail * usage.f_frsize < self.reserve
+        if self.short and not was:
+            log.warning("less than the %d MiB reserve free on %s: new chunks are refused, "
+                        "writes into chunks in use go on", self.reserve >> 20, self.root)
+
+    def allocate(self, length: int, server: str) -> None:
+        """Called before a write that makes new chunks; NoSpace once the reserve is hit."""
+        self._since += length
+        if self._since >= self.CHECK_EVERY:
+            self._since = 0
+            self.refresh()
+        if self.short:
+            raise NoSpace(server=server, detail=f"the disk is down to its reserve of "
+                          f"{self.reserve >> 20} MiB, kept for writes into chunks in use")
+
+
 class DiskReplica(StoredReplica):
     """A replica in a directory: sparse ``data``, ``sums`` and ``gens`` (mmap), ``epoch``
     and meta.json."""
 
-    def __init__(self, path: Path, volume_id: str, server: str) -> None:
+    def __init__(self, path: Path, volume_id: str, server: str,
+                 space: SpaceReserve | None = None) -> None:
         meta = json.loads((path / "meta.json").read_text())
         super().__init__(volume_id, int(meta["size"]), server)
         self._path = path
+        self._space = space
         self._epoch = int(meta.get("epoch", 0))
         self._lock = threading.Lock()  # flush (worker thread) against close
         self._closed = False
@@ -356,6 +402,11 @@ class DiskReplica(StoredReplica):
 
     def _write(self, offset: int, data: memoryview, generation: int) -> None:
         length = len(data)
+        space = self._space
+        if space is not None and space.reserve:
+            first, last = offset // CHUNK_SIZE, (offset + length - 1) // CHUNK_SIZE
+            if not all(self._gens[first:last + 1]):  # a chunk never written before
+                space.allocate(length, self.server)
         self._back_range(offset, length, generation)
         try:
             if length <= _WRITE_PIECE:
@@ -563,10 +614,13 @@ class DiskChunkStore(ChunkStore):
     rename, so a crash never leaves a half-made replica under its real name.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, reserve: int = 0) -> None:
+        """``reserve``: bytes of free space kept for chunks in use (``SpaceReserve``; -1:
+        1% of the disk, 0: none)."""
         self.root = Path(root)
         self._replicas_dir = self.root / REPLICAS_DIR
         self._replicas_dir.mkdir(parents=True, exist_ok=True)
+        self.space = SpaceReserve(self.root, reserve)
         self._server_file = self.root / "server.json"
         if self._server_file.exists():
             self._server: dict[str, Any] = json.loads(self._server_file.read_text())
@@ -590,6 +644,9 @@ class DiskChunkStore(ChunkStore):
     @property
     def server_id(self) -> str:
         return str(self._server["id"])
+
+    def refresh_space(self) -> None:
+        self.space.refresh()
 
     def server_record(self) -> dict[str, Any]:
         """The contents of server.json (the id, plus what the data server keeps there)."""
@@ -667,7 +724,8 @@ class DiskChunkStore(ChunkStore):
         check_volume_id(volume_id)
         if volume_id not in self._sizes:
             raise ReplicaNotFound(server=self.server_id, volume_id=volume_id)
-        replica = DiskReplica(self._replicas_dir / volume_id, volume_id, self.server_id)
+        replica = DiskReplica(self._replicas_dir / volume_id, volume_id, self.server_id,
+                              self.space)
         self._open[volume_id] = replica
         return replica
 
