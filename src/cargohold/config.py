@@ -489,7 +489,8 @@ class DataServerConfig(BaseModel):
         parser.add_argument("--node", default="", help="the node this server runs on")
         parser.add_argument("--reserve", type=int, default=-1,
                             help="bytes of free space kept for writes into chunks in use "
-                                 "(default -1: 1%% of the disk, 256 MiB to 4 GiB; 0: none)")
+                                 "(default -1: 1%% of the disk, 64 MiB to 4 GiB, at most an "
+                                 "eighth; 0: none)")
         _add_tls_arguments(parser)
         args = parser.parse_args(argv)
         host, port = parse_listen(args.listen)

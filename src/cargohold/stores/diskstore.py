@@ -196,7 +196,8 @@ class SpaceReserve:
     ENOSPC), while writes into chunks already written (journals, inode tables, overwritten
     data) still land, so a file system's metadata is not the write that meets a full disk.
     Free space is read at start, every ``CHECK_EVERY`` bytes of new chunks, and by the
-    server's writeback turn (``refresh``). ``reserve`` -1: 1% of the disk, 256 MiB to 4 GiB.
+    server's writeback turn (``refresh``). ``reserve`` -1: 1% of the disk, 64 MiB to 4 GiB,
+    and never more than an eighth of a small disk.
     """
 
     CHECK_EVERY = 16 * CHUNK_SIZE
@@ -205,7 +206,8 @@ class SpaceReserve:
         self.root = root
         if reserve < 0:
             usage = os.statvfs(root)
-            reserve = min(max(usage.f_blocks * usage.f_frsize // 100, 256 << 20), 4 << 30)
+            size = usage.f_blocks * usage.f_frsize
+            reserve = min(max(size // 100, 64 << 20), 4 << 30, size // 8)
         self.reserve = reserve
         self.short = False
         self._since = 0
