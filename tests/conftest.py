@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cargohold.core import wire
 from cargohold.stores import pki
 from cargohold.stores.diskstore import DiskChunkStore
 
@@ -31,6 +32,21 @@ def _env() -> dict[str, str]:
     env.pop("CARGOHOLD_HOST", None)
     env.pop("CARGOHOLD_TOKEN", None)
     return env
+
+
+def plain_hello(address: str) -> bytes:
+    """What a data server at ``address`` answers a HELLO frame sent on a plain TCP socket
+    (a stranger without TLS): everything it sends until it closes."""
+    host, port = address.rsplit(":", 1)
+    received = b""
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(wire.encode_request_header(wire.Op.HELLO, 1, ""))
+        try:
+            while chunk := sock.recv(4096):
+                received += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return received
 
 
 def credentials(base: Path, name: str, hosts: tuple[str, ...] = ()) -> tuple[str, str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,6 +21,7 @@ from cargohold.core.capability import Capability
 from cargohold.errors import DataServerUnavailable, Fenced, NotAuthorized
 from cargohold.stores import pki
 from cargohold.stores.pki import Credentials
+from tests.conftest import plain_hello
 from tests.integration.test_dataserver import ServerProcess
 
 T = TypeVar("T")
@@ -86,17 +86,7 @@ def test_a_node_with_its_capabilities_does_everything(server: ServerProcess,
 
 
 def test_a_plain_socket_gets_nothing(server: ServerProcess) -> None:
-    host, port = server.address.rsplit(":", 1)
-    frame = wire.encode_request_header(wire.Op.HELLO, 1, "", payload_length=0)
-    with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(frame)
-        received = b""
-        try:
-            while chunk := sock.recv(4096):
-                received += chunk
-        except (ConnectionResetError, TimeoutError):
-            pass
-    assert wire.MAGIC not in received  # a TLS alert at most, never an answer
+    assert wire.MAGIC not in plain_hello(server.address)  # a TLS alert at most, no answer
 
 
 def test_certificates_of_another_ca_or_none_are_refused(server: ServerProcess,

@@ -4,14 +4,13 @@ brings credentials of another cluster or of another node."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from cargohold.core import wire
 from cargohold.stores import pki
-from tests.conftest import Node, _env, credentials
+from tests.conftest import Node, _env, credentials, plain_hello
 
 
 def cargohold(*args: str) -> subprocess.CompletedProcess[str]:
@@ -52,16 +51,7 @@ def test_a_node_alone_makes_its_cluster_ca_and_serves_data_over_tls_only(
         assert "pki issue NAME" in node.log.read_text()
         ready = json.loads((node.data_dirs[0] / "process.json").read_text())
         assert ready["tls"] and ready["guarded"]
-        host, port = ready["address"].rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=5) as sock:
-            sock.sendall(wire.encode_request_header(wire.Op.HELLO, 1, ""))
-            received = b""
-            try:
-                while chunk := sock.recv(4096):
-                    received += chunk
-            except (ConnectionResetError, TimeoutError):
-                pass
-        assert wire.MAGIC not in received
+        assert wire.MAGIC not in plain_hello(ready["address"])
         node.cli("volume", "create", "v", "--size", "64M", "--replicas", "1")
         node.stop()
         node.start()  # the same credentials again, adopted data servers included

@@ -41,12 +41,12 @@ class LeaseWatch:
                                            max(INTERVAL, self.ttl / 3))
         except (CargoholdError, TimeoutError) as e:
             silent = self.clock() - self.confirmed
+            why = str(e) or "the metadata store does not answer"
             if silent <= self.ttl:
                 log.warning("node %s's lease not confirmed for %.1f s: %s", self.node, silent,
-                            e or "no answer")
+                            why)
                 return
-            self._lose(f"not confirmed for {silent:.0f} s, past its {self.ttl:g} s TTL: "
-                       f"{e or 'the metadata store does not answer'}")
+            self._lose(f"not confirmed for {silent:.0f} s, past its {self.ttl:g} s TTL: {why}")
         if alive:
             self.confirmed = self.clock()
             return
