@@ -81,6 +81,14 @@ def test_several_nodes_place_on_distinct_nodes() -> None:
         placement.place(servers, 3, GIB)
 
 
+def test_placement_skips_servers_down_to_their_space_reserve() -> None:
+    servers = [_server(1, "a", 2 * GIB), _server(2, "a", GIB), _server(3, "a", 3 * GIB)]
+    servers[0].reserve = 4 * GIB  # its new chunks are refused: no new replica there
+    assert [s.id for s in placement.place(servers, 2, GIB)] == ["s3", "s2"]
+    with pytest.raises(NotEnoughDataServers):
+        placement.place(servers, 3, GIB)
+
+
 def test_placement_skips_down_and_excluded_servers() -> None:
     servers = [_server(1, "a", GIB, ServerState.DOWN), _server(2, "a", GIB), _server(3, "a", GIB)]
     with pytest.raises(NotEnoughDataServers) as info:

@@ -282,6 +282,7 @@ class _Connection(asyncio.BufferedProtocol):
                 "free": store.free(),
                 "used": store.used(),
                 "provisioned": store.provisioned(),
+                "reserve": store.reserve(),
                 "replicas": store.replica_ids(),
             }
         )

@@ -92,6 +92,7 @@ class DataServer(Record):
     used: int = 0  # bytes taken by replicas (thin: written blocks only)
     provisioned: int = 0  # sum of the sizes of the replicas it holds
     max_provisioned: int = 0  # over-provisioning limit for ``provisioned`` (0: none)
+    reserve: int = 0  # free bytes it keeps for chunks in use: no new replicas below it
     state: ServerState = ServerState.UP
     last_seen: float = Field(default_factory=time.time)
 

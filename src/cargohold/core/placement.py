@@ -22,13 +22,14 @@ def place(
     pool fills evenly. ``exclude`` names servers (and their nodes) that already hold a replica.
     A server whose thin-provisioned total would pass its over-provisioning limit
     (``max_provisioned``) is left out; when that is why placement fails, the error says so.
+    So is a server down to its space reserve (its new chunks are refused).
     """
     excluded = set(exclude)
     taken_nodes = {s.node for s in servers if s.id in excluded}
     candidates = [
         s
         for s in servers
-        if s.state is ServerState.UP and s.id not in excluded and s.free > 0
+        if s.state is ServerState.UP and s.id not in excluded and s.free > s.reserve
     ]
     usable = [s for s in candidates
               if not s.max_provisioned or s.provisioned + size <= s.max_provisioned]

@@ -254,6 +254,7 @@ class NodeDaemon:
             hello = await client.hello()
             record.used = int(hello.get("used", 0))
             record.provisioned = int(hello.get("provisioned", 0))
+            record.reserve = int(hello.get("reserve", 0))
         except CargoholdError as e:
             log.error("data server %s does not answer: %s", record.id, e)
             record.state = ServerState.DOWN

@@ -267,6 +267,10 @@ class ChunkStore(ABC):
     def refresh_space(self) -> None:  # noqa: B027 - most stores keep no reserve
         """Read the free space again, for a store that keeps a reserve (none here)."""
 
+    def reserve(self) -> int:
+        """Bytes of free space kept for writes into chunks in use (none here)."""
+        return 0
+
     @abstractmethod
     def capacity(self) -> int:
         """Total bytes of the underlying storage."""

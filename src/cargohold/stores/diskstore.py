@@ -650,6 +650,9 @@ class DiskChunkStore(ChunkStore):
     def refresh_space(self) -> None:
         self.space.refresh()
 
+    def reserve(self) -> int:
+        return self.space.reserve
+
     def server_record(self) -> dict[str, Any]:
         """The contents of server.json (the id, plus what the data server keeps there)."""
         return dict(self._server)
