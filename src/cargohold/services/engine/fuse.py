@@ -131,6 +131,10 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
         raise OSError(err, f"umount {mountpoint}: {os.strerror(err)}")
 
 
+#: Seconds during which the same I/O failure is counted rather than logged again.
+QUIET_FOR = 10.0
+
+
 class FuseSession:
     """Serves one mounted FUSE connection until it is unmounted."""
 
@@ -156,6 +160,11 @@ class FuseSession:
         self._io: set[asyncio.Future[Any]] = set()  # reads and writes being served
         self._started = time.time()
         self.on_error: Callable[[BaseException], Awaitable[None]] | None = None
+        # the same failure again and again (every I/O once fenced or the lease is lost) is
+        # logged once per QUIET_FOR seconds, with a count of the ones not logged
+        self._said = ""
+        self._said_until = 0.0
+        self._unsaid = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -476,7 +485,14 @@ class FuseSession:
     def _fail(self, unique: int, error: BaseException) -> None:
         code = errno.ENOSPC if isinstance(error, NoSpace) else errno.EIO
         if isinstance(error, CargoholdError):
-            log.error("I/O failed: %s", error)
+            text, now = str(error), time.monotonic()
+            if text == self._said and now < self._said_until:
+                self._unsaid += 1
+            else:
+                if self._unsaid:
+                    log.error("... and %d more I/O failures like it", self._unsaid)
+                log.error("I/O failed: %s", error)
+                self._said, self._said_until, self._unsaid = text, now + QUIET_FOR, 0
         else:
             log.exception("I/O failed", exc_info=error)
         self._error(unique, code)
