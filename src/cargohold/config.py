@@ -83,17 +83,25 @@ class ApiToken(BaseModel):
     token: str = Field(min_length=MIN_TOKEN, repr=False)
 
 
+def check_private(path: Path, what: str) -> None:
+    """Refuse a secret's file that others than its owner may read (as ssh does a key)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise InvalidArgument(what=what, detail=f"{path}: {e.strerror or e}") from None
+    if mode & 0o077:
+        raise InvalidArgument(what=what, detail=f"{path} is readable by others "
+                              f"(mode {mode & 0o777:o}): chmod 600 it")
+
+
 def read_tokens_file(path: Path) -> list[ApiToken]:
     """``NAME ROLE TOKEN`` per line (``#`` starts a comment; ROLE is admin or read-only).
     The file must be readable by its owner only, as an ssh key must."""
+    check_private(path, "--tokens-file")
     try:
-        mode = path.stat().st_mode
         lines = path.read_text().splitlines()
     except OSError as e:
         raise InvalidArgument(what="--tokens-file", detail=f"{path}: {e.strerror or e}") from None
-    if mode & 0o077:
-        raise InvalidArgument(what="--tokens-file", detail=f"{path} is readable by others "
-                              f"(mode {mode & 0o777:o}): chmod 600 it")
     tokens: list[ApiToken] = []
     for number, line in enumerate(lines, 1):
         words = line.split("#", 1)[0].split()
@@ -131,9 +139,8 @@ def read_secret(path: Path | None, what: str) -> str:
     """The first line of a file only root may read (a password), or "" without a file."""
     if path is None:
         return ""
+    check_private(path, what)
     try:
-        if path.stat().st_mode & 0o077:
-            raise InvalidArgument(what=what, detail=f"{path} is readable by others: chmod 600")
         text = path.read_text()
         return text.splitlines()[0].strip() if text.strip() else ""
     except OSError as e:

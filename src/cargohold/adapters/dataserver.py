@@ -245,17 +245,18 @@ class _Connection(asyncio.BufferedProtocol):
             raise InvalidArgument(
                 what="epoch", detail=f"{Op(header.op).name} needs an epoch of at least 1"
             )
-        if self._guard is not None and self._grants.get(header.volume_id) != header.epoch:
-            self._refuse(header)
+        self._check_grant(header)
         replica = self._store.replica(header.volume_id)
         if header.epoch != replica.epoch:
             replica.fence(header.epoch)
         return replica
 
-    def _refuse(self, header: RequestHeader) -> None:
-        raise NotAuthorized(what=Op(header.op).name,
-                            detail=f"no capability for volume {header.volume_id} at epoch "
-                                   f"{header.epoch} on this connection")
+    def _check_grant(self, header: RequestHeader) -> None:
+        """I/O and FENCE only at the epoch a capability on this connection allows."""
+        if self._guard is not None and self._grants.get(header.volume_id) != header.epoch:
+            raise NotAuthorized(what=Op(header.op).name,
+                                detail=f"no capability for volume {header.volume_id} at "
+                                       f"epoch {header.epoch} on this connection")
 
     def _authorize(self, header: RequestHeader, payload: memoryview) -> bytes:
         """Take a capability: I/O on its volume at its epoch is allowed on this connection
@@ -424,8 +425,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _fence(self, header: RequestHeader, payload: memoryview) -> bytes:
         if header.epoch == 0:
             raise InvalidArgument(what="epoch", detail="FENCE needs an epoch of at least 1")
-        if self._guard is not None and self._grants.get(header.volume_id) != header.epoch:
-            self._refuse(header)
+        self._check_grant(header)
         self._store.replica(header.volume_id).fence(header.epoch)
         return b""
 

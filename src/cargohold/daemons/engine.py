@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import uvloop
 
@@ -37,9 +38,12 @@ async def serve(config: EngineConfig) -> int:
     store = open_store(config.metadata, config.tls,
                        read_secret(config.etcd_password_file, "--etcd-password-file"))
     try:
+        held = _held(config)
+        key = held.get("key")
         engine = Engine(Catalog(store), config.volume, config.epoch, config.node,
                         str(config.mountpoint), config.heal_rate, config.scrub_rate,
-                        _access(config), config.lease_ttl, _cipher(config))
+                        _access(config, held), config.lease_ttl,
+                        VolumeCipher(bytes.fromhex(key)) if key else None)
         await engine.start()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(RESIZE_SIGNAL, engine.refresh_size)
@@ -55,38 +59,37 @@ async def serve(config: EngineConfig) -> int:
         await store.close()
 
 
-def _access(config: EngineConfig) -> Access | None:
-    """TLS to other hosts' data servers and the capability the node wrote for this
-    attachment (the engine never sees the cluster key)."""
+def _held(config: EngineConfig) -> dict[str, Any]:
+    """What the node wrote for this attachment (capability, and an encrypted volume's key);
+    the engine never sees the cluster key."""
+    if config.capability_file is None:
+        return {}
+    try:
+        held: dict[str, Any] = json.loads(config.capability_file.read_text())
+        return held
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(what="--capability-file",
+                              detail=f"{config.capability_file}: {e}") from None
+
+
+def _access(config: EngineConfig, held: dict[str, Any]) -> Access | None:
+    """TLS to other hosts' data servers and the attachment's capability."""
     tls = None
     if config.tls is not None:
         tls = client_context(config.tls.ca, config.tls.cert, config.tls.key)
     else:
         log.warning("INSECURE: plaintext TCP to other hosts' data servers")
     granted = {}
-    if config.capability_file is not None:
+    if held:
         try:
-            held = json.loads(config.capability_file.read_text())
             granted[(str(held["volume_id"]), int(held["epoch"]))] = bytes.fromhex(
                 held["capability"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise InvalidArgument(what="--capability-file",
                                   detail=f"{config.capability_file}: {e}") from None
     if tls is None and not granted:
         return None
     return Access(tls=tls, node=config.node, granted=granted)
-
-
-def _cipher(config: EngineConfig) -> VolumeCipher | None:
-    """The volume key of an encrypted volume, from the file the node wrote."""
-    if config.capability_file is None:
-        return None
-    try:
-        key = json.loads(config.capability_file.read_text()).get("key")
-    except (OSError, ValueError) as e:
-        raise InvalidArgument(what="--capability-file",
-                              detail=f"{config.capability_file}: {e}") from None
-    return VolumeCipher(bytes.fromhex(key)) if key else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

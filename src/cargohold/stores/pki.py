@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cargohold.config import check_private
 from cargohold.errors import InvalidArgument
 
 CA_CERT, CA_KEY, CLUSTER_KEY = "ca.crt", "ca.key", "cluster.key"
@@ -168,9 +169,7 @@ class Credentials:
         except (OSError, ValueError) as e:
             raise InvalidArgument(what=what, detail=str(e)) from None
         for path in (key, cluster_key):
-            if path.stat().st_mode & 0o077:
-                raise InvalidArgument(what=what, detail=f"{path} is readable by others: "
-                                      "chmod 600 it")
+            check_private(path, what)
         if len(secret) < 32:
             raise InvalidArgument(what=what, detail=f"{cluster_key}: a cluster key is 32 "
                                   "random bytes or more, as hex")
@@ -198,9 +197,6 @@ class Credentials:
     def key_id(self) -> str:
         """Names the cluster key without revealing it (nodes compare it at start)."""
         return hashlib.sha256(b"cargohold cluster key id\0" + self.cluster_key).hexdigest()[:16]
-
-    def server_context(self) -> ssl.SSLContext:
-        return server_context(self.ca, self.cert, self.key)
 
     def client_context(self) -> ssl.SSLContext:
         return client_context(self.ca, self.cert, self.key)

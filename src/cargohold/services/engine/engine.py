@@ -73,7 +73,6 @@ class Engine:
         self.access = access
         self.lease_ttl = lease_ttl
         self.cipher = cipher  # an encrypted volume's (None: stored as written)
-        self._watching: asyncio.Future[None] | None = None
         self.name = name
         self.epoch = epoch
         self.node = node
@@ -125,26 +124,24 @@ class Engine:
         unmount), then drain, flush every replica and let go of everything."""
         healer = Healer(self.catalog, self.name, self.epoch, self.replicas, self.heal_rate,
                         self.scrub_rate)
-        healing = asyncio.ensure_future(
+        duties = [asyncio.ensure_future(
             Periodic(f"healing {self.name}", healer.run_once, INTERVAL,
-                     stop_on=(Fenced, LeaseLost)).run_forever())
+                     stop_on=(Fenced, LeaseLost)).run_forever())]
         if self.lease_ttl:
             watch = LeaseWatch(self.catalog, self.node, self.lease_ttl,
                                self.replicas.lose_lease)
-            self._watching = asyncio.ensure_future(
+            duties.append(asyncio.ensure_future(
                 Periodic(f"lease watch of {self.node}", watch.run_once, LEASE_INTERVAL,
-                         wait_first=True, stop_on=(LeaseLost,)).run_forever())
+                         wait_first=True, stop_on=(LeaseLost,)).run_forever()))
         stopped = asyncio.ensure_future(stop.wait())
         closed = asyncio.ensure_future(self.session.wait_closed())
         try:
             await asyncio.wait([stopped, closed], return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
-            healing.cancel()
-            if self._watching is not None:
-                self._watching.cancel()
-            await asyncio.gather(healing, *filter(None, [self._watching]),
-                                 return_exceptions=True)
+            for duty in duties:
+                duty.cancel()
+            await asyncio.gather(*duties, return_exceptions=True)
             await self._stop()
 
     async def _stop(self) -> None:
