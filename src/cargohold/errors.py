@@ -117,6 +117,13 @@ class ReplicaNotFound(CargoholdError):
     kind = Kind.NOT_FOUND
 
 
+class SnapshotNotFound(CargoholdError):
+    """Snapshot {name!r} does not exist. List snapshots with 'cargohold snapshot ls'."""
+
+    code = "snapshot_not_found"
+    kind = Kind.NOT_FOUND
+
+
 class LeaseExpired(CargoholdError):
     """Lease {lease} has expired or does not exist."""
 
@@ -131,6 +138,21 @@ class VolumeExists(CargoholdError):
     """Volume {name!r} already exists. Pick another name or remove it first."""
 
     code = "volume_exists"
+    kind = Kind.CONFLICT
+
+
+class SnapshotExists(CargoholdError):
+    """Snapshot {name!r} already exists. Pick another name or remove it first."""
+
+    code = "snapshot_exists"
+    kind = Kind.CONFLICT
+
+
+class TooManySnapshots(CargoholdError):
+    """Volume {name!r} keeps {count} snapshots, the most a volume may keep. Remove some
+    ('cargohold snapshot rm') before taking more."""
+
+    code = "too_many_snapshots"
     kind = Kind.CONFLICT
 
 

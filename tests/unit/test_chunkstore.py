@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
+from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, runs
 from cargohold.errors import ChecksumMismatch, Fenced, InvalidArgument, NoSpace, ReplicaNotFound
 from cargohold.services.engine.localreader import LocalReplicaReader
 from cargohold.stores import diskstore
@@ -347,7 +347,7 @@ def test_fencing_needs_no_free_space(make_disk: Callable[[], DiskChunkStore],
     def full(*_: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(diskstore, "_write_json_atomic", full)
+    monkeypatch.setattr(diskstore, "write_json_atomic", full)
     monkeypatch.setattr(diskstore, "_make_epoch_file", full)
     replica = make_disk().replica(v)
     for epoch in (3, 4, 7):
@@ -562,6 +562,6 @@ def test_writeback_is_started_for_written_replicas_only(disk: DiskChunkStore) ->
 
 
 def test_runs_of_chunks_for_writeback() -> None:
-    assert list(diskstore._runs([])) == []
-    assert list(diskstore._runs([3])) == [(3, 1)]
-    assert list(diskstore._runs([0, 1, 2, 5, 7, 8])) == [(0, 3), (5, 1), (7, 2)]
+    assert list(runs([])) == []
+    assert list(runs([3])) == [(3, 1)]
+    assert list(runs([0, 1, 2, 5, 7, 8])) == [(0, 3), (5, 1), (7, 2)]

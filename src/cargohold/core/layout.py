@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 BLOCK_SIZE = 4096
@@ -88,3 +88,17 @@ def copy_plan(size: int, sources: Mapping[str, array[int]], targets: Mapping[str
         if stale:
             plan.append((chunk, source, newest, stale))
     return plan
+
+
+def runs(numbers: Iterable[int]) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of consecutive numbers in a sorted sequence."""
+    first, count = 0, 0
+    for n in numbers:
+        if count and n == first + count:
+            count += 1
+            continue
+        if count:
+            yield first, count
+        first, count = n, 1
+    if count:
+        yield first, count

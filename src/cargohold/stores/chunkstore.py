@@ -39,6 +39,8 @@ from cargohold.errors import (
     InvalidArgument,
     NoSpace,
     ReplicaNotFound,
+    SnapshotNotFound,
+    TooManySnapshots,
 )
 
 try:  # the same CRC-32 as zlib's, computed with SIMD instructions: ~3x faster per block
@@ -53,6 +55,8 @@ BytesLike = bytes | bytearray | memoryview
 _VOLUME_ID = re.compile(r"^[0-9a-f]{32}$")
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 _MAX_U64 = (1 << 64) - 1
+#: Snapshots a replica keeps at most (each costs only the blocks written since).
+MAX_SNAPSHOTS = 1024
 
 
 @dataclass(frozen=True)
@@ -67,9 +71,21 @@ class ReplicaInfo:
         return asdict(self)
 
 
-def check_volume_id(volume_id: str) -> None:
-    if not _VOLUME_ID.match(volume_id) or volume_id == "0" * 32:
-        raise InvalidArgument(what="volume id", detail=f"{volume_id!r} is not 32 hex characters")
+@dataclass(frozen=True)
+class SnapshotInfo:
+    id: str
+    number: int  # the n-th snapshot taken of this replica
+    created: float  # unix time, given by whoever took it
+    unique: int  # bytes of data only this snapshot holds: what deleting it frees
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_volume_id(volume_id: str, what: str = "volume id") -> None:
+    if not isinstance(volume_id, str) or not _VOLUME_ID.match(volume_id) \
+            or volume_id == "0" * 32:
+        raise InvalidArgument(what=what, detail=f"{volume_id!r} is not 32 hex characters")
 
 
 def block_checksum(block: BytesLike) -> int:
@@ -148,6 +164,62 @@ class StoredReplica(ABC):
     @abstractmethod
     def flush(self) -> None:
         """Make every write and trim done before this call durable (thread safe)."""
+
+    # --- snapshots ---------------------------------------------------------------------
+
+    def take_snapshot(self, snapshot_id: str, created: float) -> SnapshotInfo:
+        """Keep the replica's current contents as snapshot ``snapshot_id``, durably.
+
+        Every write and trim done before this call is in it; none done after. The same id
+        again returns the snapshot taken before (idempotent). Keeping more than
+        ``MAX_SNAPSHOTS`` raises ``TooManySnapshots``. Taking one copies no data: blocks
+        written afterwards go elsewhere (see the store's format).
+        """
+        check_volume_id(snapshot_id, what="snapshot id")
+        if snapshot_id not in self.snapshot_ids():
+            if len(self.snapshot_ids()) >= MAX_SNAPSHOTS:
+                raise TooManySnapshots(name=self.volume_id, count=MAX_SNAPSHOTS)
+            self._take_snapshot(snapshot_id, created)
+        return next(s for s in self.snapshots() if s.id == snapshot_id)
+
+    @abstractmethod
+    def snapshot_ids(self) -> list[str]:
+        """The ids of the snapshots kept, oldest first."""
+
+    @abstractmethod
+    def snapshots(self) -> list[SnapshotInfo]:
+        """The snapshots kept, oldest first, with the space each holds alone."""
+
+    def delete_snapshot(self, snapshot_id: str) -> int:
+        """Forget a snapshot and free the data only it held; return the bytes freed.
+
+        A snapshot not kept is a no-op (0).
+        """
+        check_volume_id(snapshot_id, what="snapshot id")
+        if snapshot_id not in self.snapshot_ids():
+            return 0
+        return self._delete_snapshot(snapshot_id)
+
+    def read_snapshot(self, snapshot_id: str, offset: int, length: int) -> bytes:
+        """The bytes of ``[offset, offset+length)`` as snapshot ``snapshot_id`` holds them,
+        every block verified (``ChecksumMismatch`` as for ``read``); ``SnapshotNotFound``.
+        """
+        check_volume_id(snapshot_id, what="snapshot id")
+        if snapshot_id not in self.snapshot_ids():
+            raise SnapshotNotFound(name=snapshot_id)
+        self._check_range(offset, length)
+        if not length:
+            return b""
+        return self._read_snapshot(snapshot_id, offset, length)
+
+    @abstractmethod
+    def _take_snapshot(self, snapshot_id: str, created: float) -> None: ...
+
+    @abstractmethod
+    def _delete_snapshot(self, snapshot_id: str) -> int: ...
+
+    @abstractmethod
+    def _read_snapshot(self, snapshot_id: str, offset: int, length: int) -> bytes: ...
 
     #: Writes smaller than ``SMALL_WRITE`` since the last ``start_writeback`` (the data
     #: server's timer asks): each is likely a disk write of its own at the next flush.
@@ -322,6 +394,10 @@ class MemoryReplica(StoredReplica):
         self._sums: dict[int, int] = {}  # block index -> crc
         self._gens = [0] * chunk_count(size)
         self._epoch = 0
+        # snapshot id -> (number, created, blocks, sums): the dicts share the bytes objects
+        # of blocks not written since, as the disk store shares their place on disk
+        self._snapshots: dict[str, tuple[int, float, dict[int, bytes], dict[int, int]]] = {}
+        self._seq = 0
 
     @property
     def epoch(self) -> int:
@@ -331,14 +407,18 @@ class MemoryReplica(StoredReplica):
         self._epoch = epoch
 
     def _read(self, offset: int, length: int) -> bytes:
+        return self._read_from(self._blocks, self._sums, offset, length)
+
+    def _read_from(self, blocks: dict[int, bytes], sums: dict[int, int], offset: int,
+                   length: int) -> bytes:
         first = offset // BLOCK_SIZE
         out = []
         for index in range(first, first + length // BLOCK_SIZE):
-            block = self._blocks.get(index)
+            block = blocks.get(index)
             if block is None:
                 out.append(ZERO_BLOCK)
                 continue
-            if block_checksum(block) != self._sums[index]:
+            if block_checksum(block) != sums[index]:
                 raise ChecksumMismatch(
                     volume_id=self.volume_id, offset=index * BLOCK_SIZE, server=self.server
                 )
@@ -381,6 +461,34 @@ class MemoryReplica(StoredReplica):
     def flush(self) -> None:
         pass
 
+    def snapshot_ids(self) -> list[str]:
+        return sorted(self._snapshots, key=lambda s: self._snapshots[s][0])
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        found = []
+        for snapshot_id in self.snapshot_ids():
+            number, created, blocks, _ = self._snapshots[snapshot_id]
+            others = [self._blocks] + [
+                b for s, (_, _, b, _) in self._snapshots.items() if s != snapshot_id]
+            alone = sum(1 for index, block in blocks.items()
+                        if all(o.get(index) is not block for o in others))
+            found.append(SnapshotInfo(snapshot_id, number, created, alone * BLOCK_SIZE))
+        return found
+
+    def _take_snapshot(self, snapshot_id: str, created: float) -> None:
+        self._seq += 1
+        self._snapshots[snapshot_id] = (self._seq, created, dict(self._blocks),
+                                        dict(self._sums))
+
+    def _delete_snapshot(self, snapshot_id: str) -> int:
+        freed = next(s.unique for s in self.snapshots() if s.id == snapshot_id)
+        del self._snapshots[snapshot_id]
+        return freed
+
+    def _read_snapshot(self, snapshot_id: str, offset: int, length: int) -> bytes:
+        _, _, blocks, sums = self._snapshots[snapshot_id]
+        return self._read_from(blocks, sums, offset, length)
+
     def _grow(self, size: int) -> None:
         self._gens.extend([0] * (chunk_count(size) - len(self._gens)))
 
@@ -391,7 +499,9 @@ class MemoryReplica(StoredReplica):
         return ReplicaInfo(
             volume_id=self.volume_id,
             size=self.size,
-            used=len(self._blocks) * BLOCK_SIZE,
+            used=len({(i, id(b)) for s in [self._blocks] + [
+                snap[2] for snap in self._snapshots.values()] for i, b in s.items()
+            }) * BLOCK_SIZE,
             epoch=self._epoch,
             chunks_written=sum(1 for g in self._gens if g),
         )

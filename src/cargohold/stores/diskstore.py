@@ -9,7 +9,6 @@ implements, and what each method promises, is :mod:`cargohold.stores.chunkstore`
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import logging
@@ -22,11 +21,10 @@ import sys
 import threading
 import uuid
 from array import array
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, chunk_count
+from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, chunk_count, runs
 from cargohold.errors import (
     CargoholdError,
     ChecksumMismatch,
@@ -40,22 +38,30 @@ try:  # the same CRC-32 as zlib's, computed with SIMD instructions: ~3x faster p
 except ImportError:  # pragma: no cover - isal is optional
     from zlib import crc32
 
+from cargohold.stores import versionmap
 from cargohold.stores.chunkstore import (
     ZERO_BLOCK,
     ChunkStore,
     ReplicaInfo,
+    SnapshotInfo,
     StoredReplica,
     block_checksum,
     check_existing_size,
     check_volume_id,
     le_u64,
 )
+from cargohold.stores.sparsefile import (
+    allocate_keep_size,
+    fsync_dir,
+    punch_hole,
+    start_writing,
+    write_json_atomic,
+)
+from cargohold.stores.versionmap import VersionMap
 
 log = logging.getLogger(__name__)
 
 _ZERO_PAGE = bytes(mmap.PAGESIZE)
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
 #: Large writes reach the data file in pieces of this size, so that the page cache holds it
 #: in folios of at most 64 KiB. ext4 on kernels with large folios (6.16+) caches one 1 MiB
 #: ``pwrite`` as one 1 MiB folio, and every later 4 KiB write into it walks all of the
@@ -67,77 +73,10 @@ _WRITE_PIECE = 64 << 10
 #: random I/O of file systems and databases is 4-16 KiB; a sequential stream split at extent
 #: or request boundaries still comes in pieces of hundreds of KiB.
 SMALL_WRITE = 64 << 10
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-_sync_file_range = _libc.sync_file_range
-_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-_sync_file_range.restype = ctypes.c_int
-_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writing dirty pages, do not wait
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Deallocate a byte range of a file, keeping its size (reads then return zeros)."""
-    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def _start_writing(fd: int, offset: int = 0, length: int = 0) -> None:
-    """Start writing the dirty pages of a byte range (0: to the end) to disk
-    (``sync_file_range``); do not wait."""
-    if _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def _runs(numbers: list[int]) -> Iterator[tuple[int, int]]:
-    """(first, count) of each run of consecutive numbers in a sorted list."""
-    first, count = 0, 0
-    for n in numbers:
-        if count and n == first + count:
-            count += 1
-            continue
-        if count:
-            yield first, count
-        first, count = n, 1
-    if count:
-        yield first, count
-
-
-def _fallocate_keep_size(fd: int, offset: int, length: int) -> None:
-    """Allocate a byte range of a file without changing its size."""
-    if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
 
 
 def _pages(size: int) -> int:
     return -(-size // mmap.PAGESIZE)
-
-
-def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
-    """Replace ``path`` with ``value`` so that a crash leaves the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(value, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _reraise(exc: OSError, server: str) -> NoReturn:
@@ -264,6 +203,16 @@ class DiskReplica(StoredReplica):
         self._gens_backed = bytearray(_pages(chunk_count(self.size) * 8))
         self._chunks_written = self._count_written()
         self._small_chunks: set[int] = set()  # chunks small writes went to (start_writeback)
+        self._snaps: VersionMap | None = None  # set at the first snapshot (versionmap.py)
+        if (path / versionmap.SNAPSHOTS_FILE).exists():
+            try:
+                self._snaps = VersionMap(path, self._blocks, volume_id, self._data_fd,
+                                         self._sums)
+            except BaseException:
+                self.close()
+                raise
+        else:
+            versionmap.remove_leftovers(path)
 
     def _count_written(self) -> int:
         written, step = 0, 1 << 20
@@ -304,7 +253,7 @@ class DiskReplica(StoredReplica):
             try:
                 _make_epoch_file(tmp, self._epoch)
                 os.rename(tmp, path)
-                _fsync_dir(self._path)
+                fsync_dir(self._path)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 log.warning("replica %s: cannot make its epoch file (%s); fencing needs free "
@@ -323,7 +272,7 @@ class DiskReplica(StoredReplica):
         if self._epoch_fd < 0:
             meta = {"volume_id": self.volume_id, "size": self.size, "epoch": epoch}
             try:
-                _write_json_atomic(self._path / "meta.json", meta)
+                write_json_atomic(self._path / "meta.json", meta)
             except OSError as exc:
                 _reraise(exc, self.server)
             self._epoch = epoch
@@ -340,7 +289,11 @@ class DiskReplica(StoredReplica):
         self._epoch = epoch
 
     def _read(self, offset: int, length: int) -> bytes:
-        first = offset // BLOCK_SIZE
+        first, count = offset // BLOCK_SIZE, length // BLOCK_SIZE
+        snaps = self._snaps
+        if snaps is not None and snaps.moved(first, count):
+            stored = self._sums[first : first + count].tolist()
+            return self._verify(offset, snaps.read_heads(first, count), stored)
         if length == BLOCK_SIZE:  # the common small read, without lists
             want = self._sums[first]
             if not want:
@@ -348,10 +301,14 @@ class DiskReplica(StoredReplica):
             data = os.pread(self._data_fd, length, offset)
             if (crc32(data) or 1) == want:
                 return data
-        stored = self._sums[first : first + length // BLOCK_SIZE].tolist()
+        stored = self._sums[first : first + count].tolist()
         if not any(stored):
             return bytes(length)
-        data = os.pread(self._data_fd, length, offset)
+        return self._verify(offset, os.pread(self._data_fd, length, offset), stored)
+
+    def _verify(self, offset: int, data: bytes, stored: list[int]) -> bytes:
+        """``data`` read at ``offset``, checked against the checksums ``stored``."""
+        length = len(stored) * BLOCK_SIZE
         if len(data) < length:  # the file was cut short behind our back: checksums decide
             data += bytes(length - len(data))
         view = memoryview(data)
@@ -387,7 +344,7 @@ class DiskReplica(StoredReplica):
         if backed.find(0, first, last) < 0:
             return
         try:
-            _fallocate_keep_size(fd, first * page, (last - first) * page)
+            allocate_keep_size(fd, first * page, (last - first) * page)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 _reraise(exc, self.server)
@@ -411,7 +368,10 @@ class DiskReplica(StoredReplica):
                 space.allocate(length, self.server)
         self._back_range(offset, length, generation)
         try:
-            if length <= _WRITE_PIECE:
+            if self._snaps is not None:
+                done = length
+                self._snaps.write(offset // BLOCK_SIZE, data, self._sums)
+            elif length <= _WRITE_PIECE:
                 done = os.pwrite(self._data_fd, data, offset)
             else:
                 done = 0
@@ -436,7 +396,10 @@ class DiskReplica(StoredReplica):
     def _resync_sums(self, offset: int, length: int) -> None:
         """After a failed write, make the range's checksums match what the file holds."""
         try:
-            data = os.pread(self._data_fd, length, offset).ljust(length, b"\0")
+            if self._snaps is not None:
+                data = self._snaps.read_heads(offset // BLOCK_SIZE, length // BLOCK_SIZE)
+            else:
+                data = os.pread(self._data_fd, length, offset).ljust(length, b"\0")
         except OSError:
             log.exception("replica %s: cannot re-read after a failed write", self.volume_id)
             return
@@ -451,7 +414,10 @@ class DiskReplica(StoredReplica):
             self._back(self._gens_fd, self._gens_backed, offset // CHUNK_SIZE * 8,
                        ((offset + length - 1) // CHUNK_SIZE + 1) * 8)
         try:
-            punch_hole(self._data_fd, offset, length)
+            if self._snaps is not None:
+                self._snaps.trim(offset // BLOCK_SIZE, length // BLOCK_SIZE, self._sums)
+            else:
+                punch_hole(self._data_fd, offset, length)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 _reraise(exc, self.server)
@@ -514,6 +480,49 @@ class DiskReplica(StoredReplica):
             os.fdatasync(self._data_fd)
             self._sums_map.flush()
             self._gens_map.flush()
+            if self._snaps is not None:
+                self._snaps.flush()
+
+    def snapshot_ids(self) -> list[str]:
+        return [] if self._snaps is None else [k.id for k in self._snaps.kept()]
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        if self._snaps is None:
+            return []
+        alone = self._snaps.unique_bytes()
+        return [SnapshotInfo(k.id, k.number, k.created, alone[k.id])
+                for k in self._snaps.kept()]
+
+    def _take_snapshot(self, snapshot_id: str, created: float) -> None:
+        try:
+            if self._snaps is None:
+                versionmap.make(self._path, self._blocks)
+                self._snaps = VersionMap(self._path, self._blocks, self.volume_id,
+                                         self._data_fd, self._sums)
+            self.flush()
+            self._snaps.take(snapshot_id, created)
+        except OSError as exc:
+            _reraise(exc, self.server)
+        log.info("replica %s: snapshot %s taken", self.volume_id, snapshot_id)
+
+    def _delete_snapshot(self, snapshot_id: str) -> int:
+        assert self._snaps is not None
+        try:
+            self.flush()
+            with self._lock:
+                freed = self._snaps.delete(snapshot_id)
+        except OSError as exc:
+            _reraise(exc, self.server)
+        log.info("replica %s: snapshot %s deleted, %d bytes freed", self.volume_id,
+                 snapshot_id, freed)
+        return freed
+
+    def _read_snapshot(self, snapshot_id: str, offset: int, length: int) -> bytes:
+        assert self._snaps is not None
+        number = self._snaps.find(snapshot_id).number
+        data, crcs = self._snaps.read_snapshot(number, offset // BLOCK_SIZE,
+                                               length // BLOCK_SIZE, self._sums)
+        return self._verify(offset, data, crcs)
 
     def start_writeback(self) -> None:
         # First, so that writes landing meanwhile count for next time. The event loop thread
@@ -525,10 +534,10 @@ class DiskReplica(StoredReplica):
             if self._closed:
                 return
             try:
-                for first, count in _runs(sorted(touched)):
-                    _start_writing(self._data_fd, first * CHUNK_SIZE, count * CHUNK_SIZE)
-                _start_writing(self._sums_fd)
-                _start_writing(self._gens_fd)
+                for first, count in runs(sorted(touched)):
+                    start_writing(self._data_fd, first * CHUNK_SIZE, count * CHUNK_SIZE)
+                start_writing(self._sums_fd)
+                start_writing(self._gens_fd)
             except OSError as exc:  # the next flush reports it (and fails)
                 log.warning("replica %s: starting writeback failed: %s", self.volume_id, exc)
 
@@ -547,7 +556,7 @@ class DiskReplica(StoredReplica):
                 os.ftruncate(fd, length)
                 os.fsync(fd)
             meta = {"volume_id": self.volume_id, "size": size, "epoch": self._epoch}
-            _write_json_atomic(self._path / "meta.json", meta)
+            write_json_atomic(self._path / "meta.json", meta)
         except OSError as exc:
             for fd, length in zip(fds, old, strict=True):
                 with contextlib.suppress(OSError):
@@ -567,6 +576,8 @@ class DiskReplica(StoredReplica):
             self._sums = memoryview(sums_map).cast("I")
             self._gens = memoryview(gens_map).cast("Q")
             self._blocks = blocks
+            if self._snaps is not None:
+                self._snaps.grow(blocks)
             self._sums_backed.extend(bytes(_pages(blocks * 4) - len(self._sums_backed)))
             self._gens_backed.extend(bytes(_pages(chunk_total * 8) - len(self._gens_backed)))
         log.info("grew replica %s to %d bytes", self.volume_id, size)
@@ -590,7 +601,8 @@ class DiskReplica(StoredReplica):
         return ReplicaInfo(
             volume_id=self.volume_id,
             size=self.size,
-            used=os.fstat(self._data_fd).st_blocks * 512,
+            used=os.fstat(self._data_fd).st_blocks * 512 + (
+                0 if self._snaps is None else self._snaps.used()),
             epoch=self._epoch,
             chunks_written=self._chunks_written,
         )
@@ -601,6 +613,8 @@ class DiskReplica(StoredReplica):
                 return
             self._closed = True
             self._unmap("close")
+            if self._snaps is not None:
+                self._snaps.close()
             for fd in (self._data_fd, self._sums_fd, self._gens_fd, self._epoch_fd):
                 if fd >= 0:
                     os.close(fd)
@@ -628,7 +642,7 @@ class DiskChunkStore(ChunkStore):
             self._server: dict[str, Any] = json.loads(self._server_file.read_text())
         else:
             self._server = {"id": uuid.uuid4().hex}
-            _write_json_atomic(self._server_file, self._server)
+            write_json_atomic(self._server_file, self._server)
         self._sizes: dict[str, int] = {}
         for entry in self._replicas_dir.iterdir():
             if entry.name.startswith("."):
@@ -659,7 +673,7 @@ class DiskChunkStore(ChunkStore):
 
     def update_server_record(self, **fields: Any) -> None:
         record = {**self._server, **fields, "id": self.server_id}
-        _write_json_atomic(self._server_file, record)
+        write_json_atomic(self._server_file, record)
         self._server = record
 
     def create(self, volume_id: str, size: int) -> StoredReplica:
@@ -675,11 +689,11 @@ class DiskChunkStore(ChunkStore):
             self._make_file(tmp / "sums", size // BLOCK_SIZE * 4)
             self._make_file(tmp / "gens", chunk_count(size) * 8)
             _make_epoch_file(tmp / EPOCH_FILE, 0)
-            _write_json_atomic(
+            write_json_atomic(
                 tmp / "meta.json", {"volume_id": volume_id, "size": size, "epoch": 0}
             )
             os.rename(tmp, self._replicas_dir / volume_id)
-            _fsync_dir(self._replicas_dir)
+            fsync_dir(self._replicas_dir)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if exc.errno == errno.EFBIG:
@@ -711,7 +725,7 @@ class DiskChunkStore(ChunkStore):
             return
         trash = self._replicas_dir / f".delete-{volume_id}-{secrets.token_hex(4)}"
         os.rename(path, trash)
-        _fsync_dir(self._replicas_dir)
+        fsync_dir(self._replicas_dir)
         self._sizes.pop(volume_id, None)
         # freeing a big file's extents can take seconds: not on the caller's (event loop's)
         # time. A crash before the end leaves the hidden directory, removed at the next start.
@@ -755,10 +769,11 @@ class DiskChunkStore(ChunkStore):
     def used(self) -> int:
         total = 0
         for volume_id in self._sizes:
-            try:
-                total += (self._replicas_dir / volume_id / "data").stat().st_blocks * 512
-            except OSError:
-                pass
+            for name in ("data", "extra"):  # extra: the blocks snapshots moved
+                try:
+                    total += (self._replicas_dir / volume_id / name).stat().st_blocks * 512
+                except OSError:
+                    pass
         return total
 
     def provisioned(self) -> int:

@@ -1,0 +1,505 @@
+"""Snapshots of a replica on disk: redirect-on-write of 4 KiB blocks (the on-disk format).
+
+A replica's ``data`` file holds each block at its *home*, its own offset in the volume. Once
+a snapshot holds a block, a write to it does not overwrite it: the new data goes to a *slot*
+of the ``extra`` file, and the old place becomes a *version* that only snapshots read. So
+taking a snapshot copies nothing, the first write after it costs what any write costs (the
+granularity is the 4 KiB block the loop device writes: nothing beside it is copied), and
+the data a snapshot holds is never written while the snapshot is kept. Where a block's head
+(what the volume reads now) lies is one lookup in ``heads``; a snapshot's block is found in
+that block's own list of versions. Neither cost grows with the number of snapshots.
+
+Files, made at the first snapshot (``snapshots.json`` last: its presence turns this on):
+
+- ``snapshots.json``: ``seq`` (snapshots ever taken) and the snapshots kept (id, number,
+  created). Snapshot number n is the n-th taken.
+- ``heads``: two u32 per block: where the head lies (``HOME``, ``NOWHERE``: no data, reads
+  as zeros, or k >= 1: slot k-1 of ``extra``) and its birth (``seq`` when it was written).
+  A *private* map: its pages reach the disk only in ``flush``, after the versions they
+  refer to, so a crash never leaves a head that was moved away from data no version names.
+- ``versions``: an append-only log of records (block, birth, death, location, crc32 of the
+  data, crc32 of the record): the data at ``location`` was the block's head from the write
+  at ``birth`` until the write at ``death``; snapshot n holds it when birth < n <= death.
+- ``extra``: the slots, 4 KiB each, reused once free.
+
+Deleting a snapshot drops the versions no other kept snapshot holds (after making the
+deletion durable), rewrites the log without them and punches their blocks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from cargohold.core.layout import BLOCK_SIZE, runs
+from cargohold.errors import SnapshotNotFound
+from cargohold.stores.sparsefile import fsync_dir, punch_hole, write_json_atomic
+
+try:  # the same CRC-32 as zlib's, computed with SIMD instructions
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - isal is optional
+    from zlib import crc32
+
+log = logging.getLogger(__name__)
+
+SNAPSHOTS_FILE = "snapshots.json"
+FILES = ("heads", "versions", "extra")  # made before SNAPSHOTS_FILE
+HOME = 0
+NOWHERE = 0xFFFFFFFF
+_RECORD = struct.Struct("<QIIQI")  # block, birth, death, location, data crc
+_RECORD_SIZE = _RECORD.size + 4  # and the record's own crc
+_PAGE = mmap.PAGESIZE
+_BLOCKS_PER_PAGE = _PAGE // 8
+
+
+class Version(NamedTuple):
+    birth: int
+    death: int
+    location: int
+    crc: int
+
+
+@dataclass(frozen=True)
+class Kept:
+    id: str
+    number: int
+    created: float
+
+
+def _record(block: int, version: Version) -> bytes:
+    body = _RECORD.pack(block, *version)
+    return body + struct.pack("<I", crc32(body))
+
+
+def make(path: Path, blocks: int) -> None:
+    """Turn snapshots on for the replica in ``path`` (empty files, then SNAPSHOTS_FILE)."""
+    for name, size in zip(FILES, (blocks * 8, 0, 0), strict=True):
+        fd = os.open(path / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    write_json_atomic(path / SNAPSHOTS_FILE, {"seq": 0, "snapshots": []})
+    fsync_dir(path)
+
+
+def remove_leftovers(path: Path) -> None:
+    """Remove what an interrupted ``make`` left (no SNAPSHOTS_FILE: snapshots are off)."""
+    for name in FILES:
+        (path / name).unlink(missing_ok=True)
+
+
+class VersionMap:
+    """The heads and versions of one replica's blocks (see the module's docstring).
+
+    Methods take the replica's data file and checksums; the replica keeps its checksums
+    (of the heads) itself. ``flush`` may run in a worker thread while the event loop
+    thread writes: a write appends its records to the log before it changes ``heads``,
+    and ``flush`` copies the pages of ``heads`` before it syncs the log.
+    """
+
+    def __init__(self, path: Path, blocks: int, volume_id: str, data_fd: int,
+                 sums: memoryview) -> None:
+        self._path = path
+        self._data_fd = data_fd  # the replica's, which closes it
+        self.volume_id = volume_id
+        meta = json.loads((path / SNAPSHOTS_FILE).read_text())
+        self.seq = int(meta["seq"])
+        self._kept = {
+            s["id"]: Kept(s["id"], int(s["number"]), float(s["created"]))
+            for s in meta["snapshots"]
+        }
+        self._numbers = sorted(k.number for k in self._kept.values())
+        self._blocks = blocks
+        fds: list[int] = []
+        try:
+            for name in FILES:
+                fds.append(os.open(path / name, os.O_RDWR | os.O_CLOEXEC))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self._heads_fd, self._log_fd, self._extra_fd = fds
+        self._map_heads()
+        self._dirty: set[int] = set()  # pages of heads changed since the last flush
+        self._versions: dict[int, list[Version]] = {}
+        self._log_size = 0
+        self._free: list[int] = []
+        self._next_slot = 1
+        self._load(sums)
+
+    def _map_heads(self) -> None:
+        size = self._blocks * 8
+        if os.fstat(self._heads_fd).st_size < size:  # a grow that stopped before meta.json
+            os.ftruncate(self._heads_fd, size)
+        self._heads_map = mmap.mmap(self._heads_fd, size, mmap.MAP_PRIVATE,
+                                    mmap.PROT_READ | mmap.PROT_WRITE)
+        self._heads = memoryview(self._heads_map).cast("I")
+
+    # --- loading -----------------------------------------------------------------------
+
+    def _load(self, sums: memoryview) -> None:
+        """Read the log: keep the records whose write reached ``heads`` and that a kept
+        snapshot holds; punch the data of versions no snapshot holds any more.
+
+        A record whose write never reached ``heads`` names the head's own data, and its
+        checksum: ``sums`` (a shared map, written back at any time) may hold the checksum
+        of the write that was lost, so the record's is put back.
+        """
+        raw = b""
+        with open(self._log_fd, "rb", closefd=False) as f:
+            raw = f.read()
+        heads = self._heads
+        kept: dict[tuple[int, int], Version] = {}
+        dropped = torn = 0
+        orphans: list[tuple[int, Version]] = []
+        for at in range(0, len(raw) - _RECORD_SIZE + 1, _RECORD_SIZE):
+            body = raw[at : at + _RECORD.size]
+            (check,) = struct.unpack_from("<I", raw, at + _RECORD.size)
+            if crc32(body) != check:
+                torn += 1
+                continue
+            block, *fields = _RECORD.unpack(body)
+            version = Version(*fields)
+            if block >= self._blocks:
+                dropped += 1
+                continue
+            if heads[2 * block + 1] < version.death:
+                dropped += 1  # its write never reached heads: the data is still the head's
+                sums[block] = version.crc
+                continue
+            if not self._held(version):
+                orphans.append((block, version))  # a deletion stopped before the punch
+                continue
+            kept[(block, version.birth)] = version
+        for (block, _), version in sorted(kept.items()):
+            self._versions.setdefault(block, []).append(version)
+        if dropped or torn or orphans or len(raw) % _RECORD_SIZE:
+            log.info("replica %s: versions log: %d records of writes lost in a crash, %d "
+                     "torn, %d of deleted snapshots", self.volume_id, dropped, torn,
+                     len(orphans))
+            self._rewrite_log()
+        else:
+            self._log_size = len(raw)
+        self._find_free_slots()
+        self._release(orphans)
+
+    def _find_free_slots(self) -> None:
+        extra_size = os.fstat(self._extra_fd).st_size
+        if not extra_size:
+            return
+        used = {loc for loc in self._heads[0::2] if loc not in (HOME, NOWHERE)}
+        used.update(v.location for vs in self._versions.values() for v in vs if v.location)
+        self._next_slot = max(used, default=0) + 1
+        self._free = sorted(set(range(1, self._next_slot)) - used, reverse=True)
+
+    def _rewrite_log(self) -> None:
+        """Replace the log with the versions kept now (atomically)."""
+        records = b"".join(_record(block, v) for block, vs in sorted(self._versions.items())
+                           for v in vs)
+        tmp = self._path / ".versions.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, records)
+            os.fsync(fd)
+            os.rename(tmp, self._path / "versions")
+            fsync_dir(self._path)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(self._log_fd)
+        self._log_fd = fd
+        self._log_size = len(records)
+
+    # --- snapshots ---------------------------------------------------------------------
+
+    def kept(self) -> list[Kept]:
+        return sorted(self._kept.values(), key=lambda k: k.number)
+
+    def find(self, snapshot_id: str) -> Kept:
+        found = self._kept.get(snapshot_id)
+        if found is None:
+            raise SnapshotNotFound(name=snapshot_id)
+        return found
+
+    def _held(self, version: Version) -> bool:
+        """Whether a kept snapshot holds ``version`` (a number in (birth, death])."""
+        at = bisect.bisect_right(self._numbers, version.birth)
+        return at < len(self._numbers) and self._numbers[at] <= version.death
+
+    def take(self, snapshot_id: str, created: float) -> Kept:
+        """Record a new snapshot of the heads as they are (the caller flushed them)."""
+        taken = Kept(snapshot_id, self.seq + 1, created)
+        self._save({**self._kept, snapshot_id: taken}, taken.number)
+        self.seq = taken.number
+        self._kept[snapshot_id] = taken
+        self._numbers.append(taken.number)
+        return taken
+
+    def _save(self, kept: dict[str, Kept], seq: int) -> None:
+        write_json_atomic(self._path / SNAPSHOTS_FILE, {
+            "seq": seq,
+            "snapshots": [{"id": k.id, "number": k.number, "created": k.created}
+                          for k in sorted(kept.values(), key=lambda k: k.number)],
+        })
+
+    def delete(self, snapshot_id: str) -> int:
+        """Forget a snapshot (the caller flushed the heads); return the bytes freed."""
+        gone = self.find(snapshot_id)
+        kept = {k: v for k, v in self._kept.items() if k != snapshot_id}
+        self._save(kept, self.seq)
+        self._kept = kept
+        self._numbers.remove(gone.number)
+        garbage: list[tuple[int, Version]] = []
+        for block, versions in list(self._versions.items()):
+            keep = [v for v in versions if self._held(v)]
+            if len(keep) == len(versions):
+                continue
+            garbage.extend((block, v) for v in versions if not self._held(v))
+            if keep:
+                self._versions[block] = keep
+            else:
+                del self._versions[block]
+        if garbage:
+            self._rewrite_log()
+        self._release(garbage)
+        return len(garbage) * BLOCK_SIZE
+
+    def _release(self, garbage: list[tuple[int, Version]]) -> None:
+        """Punch the blocks of versions no snapshot holds and free their slots."""
+        homes = sorted(block for block, v in garbage if v.location == HOME)
+        slots = sorted(v.location for _, v in garbage if v.location not in (HOME, NOWHERE))
+        try:
+            for first, count in runs(homes):
+                punch_hole(self._data_fd, first * BLOCK_SIZE, count * BLOCK_SIZE)
+            for first, count in runs(slots):
+                punch_hole(self._extra_fd, (first - 1) * BLOCK_SIZE, count * BLOCK_SIZE)
+        except OSError as exc:  # the space stays taken; the data is no one's
+            log.warning("replica %s: cannot punch the blocks of deleted snapshots: %s",
+                        self.volume_id, exc)
+        self._free.extend(slots)
+        self._free.sort(reverse=True)
+
+    def unique_bytes(self) -> dict[str, int]:
+        """Per kept snapshot, the bytes of data only it holds (freed when it is deleted)."""
+        by_number = dict.fromkeys(self._numbers, 0)
+        numbers = self._numbers
+        for versions in self._versions.values():
+            for v in versions:
+                lo = bisect.bisect_right(numbers, v.birth)
+                hi = bisect.bisect_right(numbers, v.death)
+                if hi - lo == 1:
+                    by_number[numbers[lo]] += BLOCK_SIZE
+        return {k.id: by_number[k.number] for k in self._kept.values()}
+
+    def version_count(self) -> int:
+        return sum(len(vs) for vs in self._versions.values())
+
+    # --- I/O ---------------------------------------------------------------------------
+
+    def _allocate(self) -> int:
+        if self._free:
+            return self._free.pop()
+        slot = self._next_slot
+        if slot >= NOWHERE:
+            raise OSError(28, "no slot left in the replica's extra file")
+        self._next_slot += 1
+        return slot
+
+    def _mark(self, first: int, count: int) -> None:
+        self._dirty.update(range(first // _BLOCKS_PER_PAGE,
+                                 (first + count - 1) // _BLOCKS_PER_PAGE + 1))
+
+    def write(self, first: int, data: memoryview, sums: memoryview) -> None:
+        """Write whole blocks from block ``first``: a block a snapshot holds gets a new
+        slot (its old place becomes a version); the others are written where they lie."""
+        heads = self._heads
+        latest = self._numbers[-1] if self._numbers else 0
+        seq = self.seq
+        count = len(data) // BLOCK_SIZE
+        places: list[int] = []
+        moved: list[tuple[int, Version]] = []
+        fresh: list[int] = []
+        for i in range(first, first + count):
+            place, birth = heads[2 * i], heads[2 * i + 1]
+            if birth < latest and sums[i]:
+                moved.append((i, Version(birth, seq, place, sums[i])))
+                place = self._allocate()
+                fresh.append(place)
+            elif place == NOWHERE:
+                place = self._allocate()
+                fresh.append(place)
+            places.append(place)
+        try:
+            self._write_places(first, places, data)
+            if moved:
+                self._append(b"".join(_record(i, v) for i, v in moved))
+        except BaseException:
+            self._free.extend(fresh)
+            self._free.sort(reverse=True)
+            raise
+        for i, version in moved:
+            self._versions.setdefault(i, []).append(version)
+        for k, place in enumerate(places):
+            heads[2 * (first + k)] = place
+            heads[2 * (first + k) + 1] = seq
+        self._mark(first, count)
+
+    def trim(self, first: int, count: int, sums: memoryview) -> None:
+        """Deallocate blocks: a block a snapshot holds becomes a version, the others are
+        punched where they lie. The caller zeroes their checksums."""
+        heads = self._heads
+        latest = self._numbers[-1] if self._numbers else 0
+        seq = self.seq
+        moved: list[tuple[int, Version]] = []
+        homes: list[int] = []
+        slots: list[int] = []
+        for i in range(first, first + count):
+            place, birth = heads[2 * i], heads[2 * i + 1]
+            if birth < latest and sums[i]:
+                moved.append((i, Version(birth, seq, place, sums[i])))
+            elif place == HOME:
+                homes.append(i)
+            elif place != NOWHERE:
+                slots.append(place)
+        if moved:
+            self._append(b"".join(_record(i, v) for i, v in moved))
+            for i, version in moved:
+                self._versions.setdefault(i, []).append(version)
+                heads[2 * i] = NOWHERE
+        for i in range(first, first + count):
+            heads[2 * i + 1] = seq
+        self._mark(first, count)
+        for start, run in runs(homes):
+            punch_hole(self._data_fd, start * BLOCK_SIZE, run * BLOCK_SIZE)
+        for start, run in runs(sorted(slots)):
+            punch_hole(self._extra_fd, (start - 1) * BLOCK_SIZE, run * BLOCK_SIZE)
+
+    def _append(self, records: bytes) -> None:
+        try:
+            os.pwrite(self._log_fd, records, self._log_size)
+        except BaseException:
+            os.ftruncate(self._log_fd, self._log_size)
+            raise
+        self._log_size += len(records)
+
+    def _write_places(self, first: int, places: list[int], data: memoryview) -> None:
+        for k, run, fd, at in self._runs_of(first, places):
+            piece = data[k * BLOCK_SIZE : (k + run) * BLOCK_SIZE]
+            done = 0
+            while done < len(piece):
+                done += os.pwrite(fd, piece[done:], at + done)
+
+    def _runs_of(self, first: int, places: list[int]) -> Iterator[tuple[int, int, int, int]]:
+        """(index in places, blocks, fd, byte offset) of each run of blocks that lie one
+        after the other in one file; NOWHERE runs have fd -1."""
+        k = 0
+        while k < len(places):
+            place = places[k]
+            run = 1
+            if place == HOME:
+                while k + run < len(places) and places[k + run] == HOME:
+                    run += 1
+                yield k, run, self._data_fd, (first + k) * BLOCK_SIZE
+            elif place == NOWHERE:
+                while k + run < len(places) and places[k + run] == NOWHERE:
+                    run += 1
+                yield k, run, -1, 0
+            else:
+                while k + run < len(places) and places[k + run] == place + run:
+                    run += 1
+                yield k, run, self._extra_fd, (place - 1) * BLOCK_SIZE
+            k += run
+
+    def _read_places(self, first: int, places: list[int]) -> bytes:
+        out = bytearray(len(places) * BLOCK_SIZE)
+        for k, run, fd, at in self._runs_of(first, places):
+            if fd < 0:
+                continue
+            got = os.preadv(fd, [memoryview(out)[k * BLOCK_SIZE : (k + run) * BLOCK_SIZE]], at)
+            del got  # a short read leaves zeros: the checksums decide
+        return bytes(out)
+
+    def moved(self, first: int, count: int) -> bool:
+        """Whether any of the blocks lies elsewhere than at home."""
+        return any(self._heads[2 * first : 2 * (first + count) : 2].tolist())
+
+    def read_heads(self, first: int, count: int) -> bytes:
+        """The raw bytes of the heads of ``count`` blocks (not verified)."""
+        return self._read_places(first, self._heads[2 * first : 2 * (first + count) : 2].tolist())
+
+    def read_snapshot(self, number: int, first: int, count: int,
+                      sums: memoryview) -> tuple[bytes, list[int]]:
+        """Snapshot ``number``'s raw bytes of ``count`` blocks and their checksums
+        (0: the block held no data then)."""
+        heads = self._heads
+        places: list[int] = []
+        crcs: list[int] = []
+        for i in range(first, first + count):
+            if heads[2 * i + 1] < number:  # unchanged since the snapshot
+                place, crc = heads[2 * i], sums[i]
+            else:
+                place, crc = NOWHERE, 0
+                for v in self._versions.get(i, ()):
+                    if v.birth < number <= v.death:
+                        place, crc = v.location, v.crc
+                        break
+            places.append(place if crc else NOWHERE)
+            crcs.append(crc)
+        return self._read_places(first, places), crcs
+
+    def changed_since(self, number: int, first: int, count: int) -> list[int]:
+        """The blocks among ``count`` from ``first`` whose head was written after snapshot
+        ``number`` was taken."""
+        births = self._heads[2 * first + 1 : 2 * (first + count) : 2]
+        return [first + k for k, birth in enumerate(births) if birth >= number]
+
+    # --- durability and size -----------------------------------------------------------
+
+    def flush(self) -> None:
+        """Make the slots and records durable, then the pages of heads changed since the
+        last flush (copied first: see the class docstring)."""
+        dirty, self._dirty = self._dirty, set()
+        pages = [(p, self._heads_map[p * _PAGE : (p + 1) * _PAGE]) for p in sorted(dirty)]
+        try:
+            os.fdatasync(self._extra_fd)
+            os.fdatasync(self._log_fd)
+            for page, content in pages:
+                os.pwrite(self._heads_fd, content, page * _PAGE)
+            os.fdatasync(self._heads_fd)
+        except BaseException:
+            self._dirty.update(dirty)
+            raise
+
+    def grow(self, blocks: int) -> None:
+        """Lengthen heads to ``blocks`` (call under the replica's flush lock)."""
+        os.ftruncate(self._heads_fd, blocks * 8)
+        os.fsync(self._heads_fd)
+        old_map, old_view = self._heads_map, self._heads
+        pending = [(p, old_map[p * _PAGE : (p + 1) * _PAGE]) for p in sorted(self._dirty)]
+        self._blocks = blocks
+        self._map_heads()
+        for page, content in pending:  # changes not flushed yet move to the new map
+            self._heads_map[page * _PAGE : page * _PAGE + len(content)] = content
+        old_view.release()
+        old_map.close()
+
+    def used(self) -> int:
+        return os.fstat(self._extra_fd).st_blocks * 512
+
+    def close(self) -> None:
+        self._heads.release()
+        self._heads_map.close()
+        for fd in (self._heads_fd, self._log_fd, self._extra_fd):
+            os.close(fd)
+
