@@ -112,6 +112,22 @@ def _parser() -> argparse.ArgumentParser:
                                   "while that node's lease is alive)")
         output(sub)
 
+    snapshot = commands.add_parser(
+        "snapshot", help="point-in-time copies of volumes").add_subparsers(
+        dest="action", required=True)
+    take = snapshot.add_parser("create", help="take a snapshot (while attached and in use)")
+    take.add_argument("ref", metavar="VOLUME@SNAPSHOT")
+    take.add_argument("--no-freeze", action="store_true",
+                      help="do not freeze the mounted file system around the cut (a clone "
+                           "then replays its journal when mounted)")
+    output(take)
+    listing = snapshot.add_parser("ls", help="list snapshots and the space each holds alone")
+    listing.add_argument("volume", nargs="?", default="")
+    output(listing)
+    drop = snapshot.add_parser("rm", help="remove a snapshot and free what only it held")
+    drop.add_argument("ref", metavar="VOLUME@SNAPSHOT")
+    output(drop)
+
     rebalance = commands.add_parser(
         "rebalance", help="spread replicas evenly over the data servers (e.g. after adding one)")
     rebalance.add_argument("--dry-run", action="store_true", help="only show the plan")
@@ -321,6 +337,8 @@ def _run_client(args: argparse.Namespace) -> int:
         if args.command == "node":
             _print_nodes(api.request("GET", "/v1/nodes"), as_json)
             return 0
+        if args.command == "snapshot":
+            return _snapshot(api, args, as_json)
         name: str = getattr(args, "name", "")
         if args.action == "create":
             body = {"name": args.name, "size": args.size, "replicas": args.replicas,
@@ -357,6 +375,33 @@ def _run_client(args: argparse.Namespace) -> int:
         elif args.action == "rm":
             api.request("DELETE", f"/v1/volumes/{name}")
             _emit({"name": name, "removed": True}, as_json, name)
+    return 0
+
+
+def _snapshot(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:
+    from cargohold.core.names import split_snapshot
+
+    if args.action == "ls":
+        query = f"?volume={args.volume}" if args.volume else ""
+        found = api.request("GET", f"/v1/snapshots{query}")
+        if as_json:
+            print(json.dumps(found, indent=2))
+            return 0
+        print(_table([[s["ref"], s["state"],
+                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"])),
+                       format_size(s["size"]),
+                       "?" if s["unique"] is None else format_size(s["unique"]),
+                       str(len(s["servers"]))] for s in found],
+                     ["SNAPSHOT", "STATE", "CREATED", "SIZE", "ALONE", "COPIES"]))
+        return 0
+    volume, name = split_snapshot(args.ref)
+    if args.action == "create":
+        taken = api.request("POST", f"/v1/volumes/{volume}/snapshots",
+                            {"name": name, "freeze": not args.no_freeze})
+        _emit(taken, as_json, f"{taken['ref']} (writes held {taken['held'] * 1000:.0f} ms)")
+    elif args.action == "rm":
+        api.request("DELETE", f"/v1/volumes/{volume}/snapshots/{name}")
+        _emit({"ref": args.ref, "removed": True}, as_json, args.ref)
     return 0
 
 

@@ -58,7 +58,7 @@ class InvalidArgument(CargoholdError):
 
 
 class InvalidName(InvalidArgument):
-    """Invalid volume name {name!r}: {detail}. Use 1-63 characters: letters, digits, '.', '_' and '-', starting with a letter or digit."""  # noqa: E501
+    """Invalid name {name!r}: {detail}. Use 1-63 characters: letters, digits, '.', '_' and '-', starting with a letter or digit."""  # noqa: E501
 
     code = "invalid_name"
 
@@ -153,6 +153,14 @@ class TooManySnapshots(CargoholdError):
     ('cargohold snapshot rm') before taking more."""
 
     code = "too_many_snapshots"
+    kind = Kind.CONFLICT
+
+
+class VolumeHasSnapshots(CargoholdError):
+    """Volume {name!r} has {count} snapshots, which live in its replicas. Remove them first
+    ('cargohold snapshot ls {name}', 'cargohold snapshot rm {name}@SNAPSHOT')."""
+
+    code = "volume_has_snapshots"
     kind = Kind.CONFLICT
 
 
@@ -347,6 +355,13 @@ class Forbidden(CargoholdError):
 
     code = "forbidden"
     kind = Kind.INVALID
+
+
+class SnapshotFailed(CargoholdError):
+    """Snapshot {name!r} was not taken: {detail}. Nothing was kept; try again."""
+
+    code = "snapshot_failed"
+    kind = Kind.UNAVAILABLE
 
 
 class LeaseLost(CargoholdError):

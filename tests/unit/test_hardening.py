@@ -25,6 +25,7 @@ from cargohold.services.controller.controller import Controller
 from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
 from cargohold.services.nodes import NodeRemoval
+from cargohold.services.snapshots import SnapshotService
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
@@ -59,7 +60,8 @@ def _services(tmp_path: Path) -> Services:
     volumes = VolumeService(catalog)
     agent = Agent(catalog, "n1", tmp_path, "memory://")
     return Services(catalog, volumes, agent, Controller(store, catalog, volumes, "n1"),
-                    Scrub(catalog), EventFeed(store), NodeRemoval(catalog), "n1", 10.0)
+                    Scrub(catalog), EventFeed(store), NodeRemoval(catalog), "n1", 10.0,
+                    SnapshotService(catalog))
 
 
 async def _post(app: Any, path: str, body: Any) -> httpx.Response:

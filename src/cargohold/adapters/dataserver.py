@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from cargohold.clients.sockets import unix_listener, widen_send_buffer
 from cargohold.config import FRAME_TIMEOUT, MAX_CONNECTIONS
@@ -61,6 +61,8 @@ from cargohold.errors import (
     NoSpace,
     NotAuthorized,
     ReplicaNotFound,
+    SnapshotNotFound,
+    TooManySnapshots,
 )
 from cargohold.stores.chunkstore import ChunkStore, StoredReplica
 
@@ -436,11 +438,46 @@ class _Connection(asyncio.BufferedProtocol):
         done.add_done_callback(partial(self._flushed, header))
         return _LATER
 
-    def _flushed(self, header: RequestHeader, done: asyncio.Future[None]) -> None:
+    def _snapshot(self, header: RequestHeader, payload: memoryview) -> object:
+        """Keep the replica as it is now (after a flush: in a worker thread, like FLUSH;
+        the volume's writer holds its writes meanwhile)."""
+        replica = self._io_replica(header)
+        body = decode_json(payload)
+        if not isinstance(body, dict) or not isinstance(body.get("created"), int | float):
+            raise InvalidArgument(what="payload", detail='SNAPSHOT needs {"id", "created"}')
+        snapshot_id = str(body.get("id"))
+        done = asyncio.get_running_loop().run_in_executor(
+            None, replica.take_snapshot, snapshot_id, float(body["created"]))
+        self._server.flushes.add(done)
+        done.add_done_callback(partial(self._flushed, header))
+        return _LATER
+
+    def _snapshots(self, header: RequestHeader, payload: memoryview) -> bytes:
+        replica = self._store.replica(header.volume_id)
+        return encode_json([s.to_dict() for s in replica.snapshots()])
+
+    def _delete_snapshot(self, header: RequestHeader, payload: memoryview) -> bytes:
+        body = decode_json(payload)
+        if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+            raise InvalidArgument(what="payload", detail='SNAPSHOT_DELETE needs {"id"}')
+        return encode_json({"freed": self._io_replica(header).delete_snapshot(body["id"])})
+
+    def _read_snapshot(self, header: RequestHeader, payload: memoryview) -> bytes:
+        body = decode_json(payload)
+        if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+            raise InvalidArgument(what="payload", detail='READ_SNAPSHOT needs {"id"}')
+        replica = self._io_replica(header)
+        if header.length > MAX_PAYLOAD:
+            raise InvalidArgument(what="length", detail=f"reads are limited to {MAX_PAYLOAD}")
+        return replica.read_snapshot(body["id"], header.offset, header.length)
+
+    def _flushed(self, header: RequestHeader, done: asyncio.Future[Any]) -> None:
         self._server.flushes.discard(done)
         exc = done.exception() if not done.cancelled() else CargoholdError(detail="cancelled")
         if exc is None:
-            self._queue(Status.OK, header.request_id, b"")
+            result = done.result()
+            body = encode_json(result.to_dict()) if hasattr(result, "to_dict") else b""
+            self._queue(Status.OK, header.request_id, body)
         else:
             status, body = _error_response(exc, header, self._store)
             self._queue(status, header.request_id, body)
@@ -462,6 +499,10 @@ _HANDLERS: dict[int, Handler] = {
     Op.SHARE: _Connection._share,
     Op.WRITE_SHARED: _Connection._write_shared,
     Op.AUTHORIZE: _Connection._authorize,
+    Op.SNAPSHOT: _Connection._snapshot,
+    Op.SNAPSHOTS: _Connection._snapshots,
+    Op.SNAPSHOT_DELETE: _Connection._delete_snapshot,
+    Op.READ_SNAPSHOT: _Connection._read_snapshot,
 }
 
 
@@ -495,6 +536,8 @@ def _error_response(exc: BaseException, header: RequestHeader,
         text = f"{exc.fields.get('detail', exc)} ({_space(store)})"
         log.warning("%s on volume %s: %s", _op_name(header.op), header.volume_id, text)
         return Status.NO_SPACE, encode_text(text)
+    if isinstance(exc, SnapshotNotFound | TooManySnapshots):
+        return Status.REFUSED, encode_json(exc.to_dict())
     if isinstance(exc, NotAuthorized):
         log.warning("refused %s on volume %s: %s", _op_name(header.op), header.volume_id, exc)
         return Status.FORBIDDEN, encode_text(f"{exc.fields.get('what')}: "
@@ -542,7 +585,7 @@ class DataProtocolServer:
         self.max_connections = max_connections
         self.frame_timeout = frame_timeout
         self.connections: set[_Connection] = set()
-        self.flushes: set[asyncio.Future[None]] = set()
+        self.flushes: set[asyncio.Future[Any]] = set()
         self.host = ""
         self.port = 0
         self.socket_path: Path | None = None

@@ -28,6 +28,7 @@ from cargohold.services.controller.controller import Controller
 from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
 from cargohold.services.nodes import NodeRemoval
+from cargohold.services.snapshots import SnapshotService, snapshot_view
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
@@ -102,6 +103,14 @@ class CreateVolume(BaseModel):
         "pattern": "^[0-9a-fA-F]{128}$"})
 
 
+class CreateSnapshot(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(json_schema_extra={"description": "unique among the volume's snapshots"})
+    freeze: bool = Field(default=True, json_schema_extra={
+        "description": "freeze the mounted file system around the cut (FIFREEZE), so that "
+                       "a clone mounts without journal replay"})
+
+
 class ResizeVolume(BaseModel):
     model_config = ConfigDict(extra="forbid")
     size: str | int = SIZE_DOC
@@ -120,6 +129,7 @@ class Services:
     node_removal: NodeRemoval
     node: str  # this node's name
     stale_after: float  # seconds without a report before a node or data server is down
+    snapshots: SnapshotService
     ready: bool = False
 
 
@@ -268,6 +278,30 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
         if volume.attachment is not None and volume.attachment.node == services.node:
             volume = await services.agent.expand(name)
         return volume_view(volume, await servers())
+
+    @app.get("/v1/snapshots")
+    async def list_snapshots(volume: str = "") -> list[dict[str, Any]]:
+        """Ready, failed and deleting snapshots (of ``volume``, or of all), oldest first,
+        each with ``unique``: the bytes only it holds (what removing it frees)."""
+        found = await services.catalog.snapshots(volume)
+        unique = await services.snapshots.usage(found)
+        return [snapshot_view(s, unique.get(s.id)) for s in found]
+
+    @app.post("/v1/volumes/{name}/snapshots", status_code=201)
+    async def create_snapshot(name: str, body: CreateSnapshot) -> dict[str, Any]:
+        """Take a snapshot (crash-consistent, while attached and in use); the same name
+        again returns the one taken before."""
+        return snapshot_view(await services.snapshots.create(name, body.name, body.freeze))
+
+    @app.get("/v1/volumes/{name}/snapshots/{snapshot}")
+    async def inspect_snapshot(name: str, snapshot: str) -> dict[str, Any]:
+        found = await services.catalog.snapshot(name, snapshot)
+        return snapshot_view(found, (await services.snapshots.usage([found])).get(found.id))
+
+    @app.delete("/v1/volumes/{name}/snapshots/{snapshot}", status_code=204)
+    async def remove_snapshot(name: str, snapshot: str) -> Response:
+        await services.snapshots.remove(name, snapshot)
+        return Response(status_code=204)
 
     @app.post("/v1/volumes/{name}/scrub")
     async def scrub_volume(name: str) -> dict[str, Any]:

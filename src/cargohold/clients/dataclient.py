@@ -12,6 +12,7 @@ client never retries by itself. ``connect()`` may be called again to open a new 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import ssl
@@ -51,6 +52,7 @@ from cargohold.errors import (
     NoSpace,
     NotAuthorized,
     ReplicaNotFound,
+    from_dict,
 )
 
 log = logging.getLogger(__name__)
@@ -426,6 +428,36 @@ class DataClient:
         """Raise the replica's epoch: I/O with a lower epoch is refused from now on."""
         await self._call(Op.FENCE, volume_id, epoch=epoch, timeout=timeout)
 
+    async def snapshot(self, volume_id: str, epoch: int, snapshot_id: str, created: float,
+                       *, timeout: float | None = None) -> dict[str, Any]:
+        """Keep the replica as it is now as ``snapshot_id`` (idempotent): everything
+        written before is in it, durably. Returns the snapshot's info."""
+        info: dict[str, Any] = decode_json(await self._call(
+            Op.SNAPSHOT, volume_id, epoch=epoch, timeout=timeout,
+            payload=encode_json({"id": snapshot_id, "created": created})))
+        return info
+
+    async def snapshots(self, volume_id: str, *,
+                        timeout: float | None = None) -> list[dict[str, Any]]:
+        """The snapshots the replica keeps, oldest first (id, number, created, unique)."""
+        found: list[dict[str, Any]] = decode_json(
+            await self._call(Op.SNAPSHOTS, volume_id, timeout=timeout))
+        return found
+
+    async def delete_snapshot(self, volume_id: str, epoch: int, snapshot_id: str, *,
+                              timeout: float | None = None) -> int:
+        """Forget a snapshot (a missing one is no error); return the bytes freed."""
+        body = decode_json(await self._call(
+            Op.SNAPSHOT_DELETE, volume_id, epoch=epoch, timeout=timeout,
+            payload=encode_json({"id": snapshot_id})))
+        return int(body["freed"])
+
+    async def read_snapshot(self, volume_id: str, epoch: int, snapshot_id: str, offset: int,
+                            length: int, *, timeout: float | None = None) -> bytes:
+        return await self._call(Op.READ_SNAPSHOT, volume_id, epoch=epoch, offset=offset,
+                                length=length, timeout=timeout,
+                                payload=encode_json({"id": snapshot_id}))
+
     # --- machinery ------------------------------------------------------------------------
 
     async def _call(
@@ -651,4 +683,9 @@ class DataClient:
             return NotAuthorized(what=what, detail=detail)
         if status == Status.IO_ERROR:
             return CargoholdError(detail=f"I/O error on data server {server}: {text}")
+        if status == Status.REFUSED:
+            try:
+                return from_dict(json.loads(text))
+            except (ValueError, AttributeError):
+                return CargoholdError(detail=f"data server {server} refused: {text}")
         return CargoholdError(detail=f"data server {server} answered unknown status {status}")

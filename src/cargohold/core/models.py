@@ -77,6 +77,36 @@ class Volume(Record):
         return [r for r in self.replicas if r.state is ReplicaState.IN_SYNC]
 
 
+class SnapshotState(StrEnum):
+    CUTTING = "cutting"  # asked of the volume's engine, not cut yet: nothing to use
+    READY = "ready"
+    FAILED = "failed"  # the cut failed (``error``): the asker removes the record
+    DELETING = "deleting"  # its replicas' copies are being forgotten
+
+
+class Snapshot(Record):
+    """A point-in-time copy of a volume, kept by the volume's replicas (no data here)."""
+
+    id: str  # 32 hex characters: the id the replicas know it by
+    name: str  # unique among the volume's snapshots
+    volume: str  # the volume's name
+    volume_id: str
+    size: int  # the volume's size at the cut
+    created: float = Field(default_factory=time.time)
+    state: SnapshotState = SnapshotState.CUTTING
+    servers: list[str] = []  # the data servers whose replicas keep it
+    group: str = ""  # the group snapshot it was cut with, if any
+    freeze: bool = True  # freeze the mounted file system around the cut
+    node: str = ""  # cutting an attached volume: the node whose engine cuts it,
+    epoch: int = 0  # at the attachment of this epoch
+    held: float = 0.0  # seconds writes waited for the cut
+    error: str = ""  # why the cut failed
+
+    @property
+    def ref(self) -> str:
+        return f"{self.volume}@{self.name}"
+
+
 class ServerState(StrEnum):
     UP = "up"
     DOWN = "down"
@@ -141,3 +171,11 @@ def garbage_key(server_id: str, volume_id: str) -> str:
 
 def server_up(server: DataServer | None) -> bool:
     return server is not None and server.state is ServerState.UP
+
+
+SNAPSHOT_PREFIX = "snapshots/"
+
+
+def snapshot_key(volume: str, name: str = "") -> str:
+    """The key of a snapshot of ``volume`` (without ``name``: the prefix of them all)."""
+    return f"{SNAPSHOT_PREFIX}{volume}/{name}"

@@ -1,4 +1,4 @@
-"""Validation of user-chosen names (volumes, nodes)."""
+"""Validation of user-chosen names (volumes, snapshots, nodes)."""
 
 from __future__ import annotations
 
@@ -19,3 +19,11 @@ def check_name(name: object) -> str:
     if not _NAME_RE.fullmatch(name):
         raise InvalidName(name=name, detail="it contains characters that are not allowed")
     return name
+
+
+def split_snapshot(ref: object) -> tuple[str, str]:
+    """``VOLUME@SNAPSHOT`` as (volume, snapshot), both checked; ``InvalidName`` otherwise."""
+    if not isinstance(ref, str) or ref.count("@") != 1:
+        raise InvalidName(name=ref, detail="a snapshot is named VOLUME@SNAPSHOT")
+    volume, _, snapshot = ref.partition("@")
+    return check_name(volume), check_name(snapshot)

@@ -79,6 +79,10 @@ class Op(IntEnum):
     SHARE = 12  # payload JSON {"path", "token"}: map the client's write buffers (unix only)
     WRITE_SHARED = 13  # WRITE whose data lies in the shared buffers: payload u64 position
     AUTHORIZE = 14  # volume, epoch; payload: a capability (core/capability.py)
+    SNAPSHOT = 15  # payload JSON {"id", "created"}: keep the replica as it is -> JSON info
+    SNAPSHOTS = 16  # the snapshots the replica keeps -> JSON list
+    SNAPSHOT_DELETE = 17  # payload JSON {"id"}: forget a snapshot -> JSON {"freed"}
+    READ_SNAPSHOT = 18  # offset, length; payload JSON {"id"} -> the snapshot's data
 
 
 class Status(IntEnum):
@@ -90,6 +94,7 @@ class Status(IntEnum):
     INVALID = 5  # payload: utf-8 "what: detail"
     IO_ERROR = 6  # payload: utf-8 message
     FORBIDDEN = 7  # payload: utf-8 "what: detail"; no capability for this I/O
+    REFUSED = 8  # payload: JSON {"code", "message"} of an error of errors.py (snapshots)
 
 
 class RequestHeader(NamedTuple):

@@ -41,6 +41,7 @@ from cargohold.services.controller.controller import Controller
 from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
 from cargohold.services.nodes import NodeRemoval
+from cargohold.services.snapshots import SnapshotService
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
@@ -156,7 +157,8 @@ class NodeDaemon:
                                 Scrub(catalog, access=self.access),
                                 EventFeed(store), NodeRemoval(catalog), config.name,
                                 stale_after=max(config.lease_ttl,
-                                                3 * config.server_check_interval))
+                                                3 * config.server_check_interval),
+                                snapshots=SnapshotService(catalog, self.access))
             audit = AuditLog(config.state_dir / "audit.log")
             for endpoint in config.api:
                 tokens = [] if endpoint.is_unix else config.api_tokens()

@@ -39,6 +39,7 @@ from cargohold.errors import (
     ShrinkRefused,
     VolumeBusy,
     VolumeExists,
+    VolumeHasSnapshots,
     VolumeInUse,
     VolumeNotFound,
 )
@@ -138,6 +139,10 @@ class VolumeService:
             raise VolumeBusy(name=name, state="being created and failed") from None
 
     async def remove(self, name: str) -> None:
+        kept = await self.catalog.snapshots(name)
+        if kept:
+            raise VolumeHasSnapshots(name=name, count=len(kept))
+
         def deleting(v: Volume) -> Volume:
             if v.attachment is not None:
                 raise VolumeInUse(name=name, node=v.attachment.node)

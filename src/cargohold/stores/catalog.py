@@ -14,8 +14,10 @@ from typing import Any
 from cargohold.core.models import (
     DRAIN_PREFIX,
     LIVENESS_PREFIX,
+    SNAPSHOT_PREFIX,
     DataServer,
     Node,
+    Snapshot,
     Volume,
     VolumeState,
     drain_key,
@@ -23,10 +25,18 @@ from cargohold.core.models import (
     liveness_key,
     node_key,
     server_key,
+    snapshot_key,
     volume_key,
 )
 from cargohold.core.retry import Backoff, retry
-from cargohold.errors import ConcurrentUpdate, MetadataUnavailable, VolumeExists, VolumeNotFound
+from cargohold.errors import (
+    ConcurrentUpdate,
+    MetadataUnavailable,
+    SnapshotExists,
+    SnapshotNotFound,
+    VolumeExists,
+    VolumeNotFound,
+)
 from cargohold.stores.metadata import Compare, Delete, MetadataStore, Put
 
 #: A compare-and-swap that lost to another writer reads the record again and retries at once.
@@ -105,6 +115,62 @@ class Catalog:
             return False
         current = Volume.model_validate_json(kv.value)
         if current.id != volume_id or current.state is not state:
+            return False
+        return (await self.store.txn([Compare.revision(key, kv.mod_revision)],
+                                     [Delete(key)])).succeeded
+
+    # -- snapshots ---------------------------------------------------------------------
+
+    async def snapshot(self, volume: str, name: str) -> Snapshot:
+        found = await self.find_snapshot(volume, name)
+        if found is None:
+            raise SnapshotNotFound(name=f"{volume}@{name}")
+        return found
+
+    async def find_snapshot(self, volume: str, name: str) -> Snapshot | None:
+        kv = await self.store.get(snapshot_key(volume, name))
+        return None if kv is None else Snapshot.model_validate_json(kv.value)
+
+    async def snapshots(self, volume: str = "") -> list[Snapshot]:
+        """The snapshots of ``volume`` (all volumes': ""), oldest first."""
+        prefix = snapshot_key(volume) if volume else SNAPSHOT_PREFIX
+        found = [Snapshot.model_validate_json(kv.value) for kv in await self.store.range(prefix)]
+        return sorted(found, key=lambda s: (s.created, s.volume, s.name))
+
+    async def add_snapshot(self, snapshot: Snapshot) -> None:
+        key = snapshot_key(snapshot.volume, snapshot.name)
+        result = await self.store.txn([Compare.absent(key)], [Put(key, snapshot.dump())])
+        if not result.succeeded:
+            raise SnapshotExists(name=snapshot.ref)
+
+    async def update_snapshot(self, volume: str, name: str,
+                              change: Callable[[Snapshot], Snapshot | None]) -> Snapshot | None:
+        """Apply ``change`` to the snapshot's record atomically (None: leave it); None when
+        the record is gone."""
+        key = snapshot_key(volume, name)
+
+        async def attempt() -> Snapshot | None:
+            kv = await self.store.get(key)
+            if kv is None:
+                return None
+            updated = change(Snapshot.model_validate_json(kv.value))
+            if updated is None:
+                return Snapshot.model_validate_json(kv.value)
+            result = await self.store.txn([Compare.revision(key, kv.mod_revision)],
+                                          [Put(key, updated.dump())])
+            if not result.succeeded:
+                raise ConcurrentUpdate(what=f"snapshot {volume}@{name}")
+            return updated
+
+        return await retry(attempt, CAS, what=f"updating snapshot {volume}@{name}", quiet=True,
+                           temporary=lambda e: isinstance(e, ConcurrentUpdate))
+
+    async def remove_snapshot_if(self, snapshot: Snapshot,
+                                 check: Callable[[Snapshot], bool]) -> bool:
+        """Remove a snapshot's record only while ``check`` holds for it (one CAS)."""
+        key = snapshot_key(snapshot.volume, snapshot.name)
+        kv = await self.store.get(key)
+        if kv is None or not check(Snapshot.model_validate_json(kv.value)):
             return False
         return (await self.store.txn([Compare.revision(key, kv.mod_revision)],
                                      [Delete(key)])).succeeded

@@ -24,6 +24,7 @@ from cargohold.core.models import ReplicaState, Volume
 from cargohold.core.periodic import Periodic
 from cargohold.core.retry import Backoff, retry
 from cargohold.errors import CargoholdError, Fenced, InvalidArgument, LeaseLost
+from cargohold.services.engine.cutter import Cutter
 from cargohold.services.engine.encryption import EncryptedTarget
 from cargohold.services.engine.fuse import READ_BUFFER, FuseSession, unmount
 from cargohold.services.engine.healer import INTERVAL, Healer
@@ -127,6 +128,8 @@ class Engine:
         duties = [asyncio.ensure_future(
             Periodic(f"healing {self.name}", healer.run_once, INTERVAL,
                      stop_on=(Fenced, LeaseLost)).run_forever())]
+        cutter = Cutter(self.catalog, self.name, self.epoch, self.node, self.replicas)
+        duties.append(asyncio.ensure_future(cutter.run_forever()))
         if self.lease_ttl:
             watch = LeaseWatch(self.catalog, self.node, self.lease_ttl,
                                self.replicas.lose_lease)

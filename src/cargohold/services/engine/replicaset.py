@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -682,6 +683,34 @@ class ReplicaSet:
             return_exceptions=True,
         )
         await self._settle(members, results, "flush")
+
+    async def snapshot(self, snapshot_id: str, created: float) -> tuple[list[str], float]:
+        """Cut snapshot ``snapshot_id`` on every in-sync replica at one write barrier:
+        writes acknowledged before are in it, none that come after (they wait). Returns the
+        data servers that hold it and how long writes were held (seconds). A replica that
+        fails it fails the snapshot: the others forget theirs, and the error is raised."""
+        self._check_fenced()
+        await self._pause()
+        held = time.monotonic()
+        try:
+            self._check_fenced()
+            members = list(self.members)
+            results = await asyncio.gather(
+                *(m.client.snapshot(self.volume_id, self.epoch, snapshot_id, created)
+                  for m in members), return_exceptions=True)
+        finally:
+            self._resume()
+            held = time.monotonic() - held
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            if isinstance(failed, Fenced):
+                self._fence(failed)
+            await asyncio.gather(
+                *(m.client.delete_snapshot(self.volume_id, self.epoch, snapshot_id)
+                  for m, r in zip(members, results, strict=True)
+                  if not isinstance(r, BaseException)), return_exceptions=True)
+            raise failed
+        return [m.server.id for m in members], held
 
     async def trim(self, offset: int, length: int) -> None:
         self._check_fenced()

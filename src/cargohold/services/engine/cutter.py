@@ -1,0 +1,140 @@
+"""The engine's part in snapshots: cutting them at one write barrier while the volume is used.
+
+Whoever asks for a snapshot of an attached volume (:mod:`cargohold.services.snapshots`)
+puts its record in the metadata store, in state *cutting* and naming this attachment's node
+and epoch. The engine watches its volume's snapshots and, for each such record: freezes the
+mounted file system (FIFREEZE: it writes its dirty data and journal, and holds new writes),
+cuts the snapshot on every in-sync replica at one barrier (``ReplicaSet.snapshot``), thaws,
+and records the outcome: *ready*, with the data servers that keep it and how long writers
+waited, or *failed* and why (the asker removes that record). A record gone by then (its
+asker gave up) is forgotten on the replicas again, so nothing is kept that no record names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from cargohold.clients import kernel
+from cargohold.core.models import Snapshot, SnapshotState, snapshot_key
+from cargohold.errors import CargoholdError, Fenced, LeaseLost
+from cargohold.services.engine.replicaset import ReplicaSet
+from cargohold.stores.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+#: How often the records are read again without a change seen (a missed watch event).
+RECHECK = 2.0
+
+
+class Cutter:
+    """Cuts the snapshots asked of one attachment (volume ``name`` at ``epoch``)."""
+
+    def __init__(self, catalog: Catalog, name: str, epoch: int, node: str,
+                 replicas: ReplicaSet) -> None:
+        self.catalog = catalog
+        self.name = name
+        self.epoch = epoch
+        self.node = node
+        self.replicas = replicas
+        self._changed = asyncio.Event()
+
+    def _mine(self, snapshot: Snapshot) -> bool:
+        return (snapshot.state is SnapshotState.CUTTING and snapshot.node == self.node
+                and snapshot.epoch == self.epoch)
+
+    async def run_once(self) -> int:
+        """Cut every snapshot asked of this attachment; return how many were cut."""
+        cut = 0
+        for snapshot in await self.catalog.snapshots(self.name):
+            if self._mine(snapshot):
+                cut += await self.cut(snapshot)
+        return cut
+
+    async def run_forever(self) -> None:
+        watcher = asyncio.ensure_future(self._watch())
+        try:
+            while True:
+                self._changed.clear()
+                try:
+                    await self.run_once()
+                except (Fenced, LeaseLost):
+                    raise
+                except CargoholdError as e:
+                    log.warning("%s: snapshot requests: %s", self.name, e)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), RECHECK)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                async for _ in self.catalog.store.watch(snapshot_key(self.name)):
+                    self._changed.set()
+                return  # the store closed
+            except CargoholdError as e:  # compacted, unavailable: read again, watch again
+                log.debug("%s: snapshot watch: %s", self.name, e)
+                self._changed.set()
+                await asyncio.sleep(RECHECK)
+
+    async def cut(self, snapshot: Snapshot) -> int:
+        """Cut one snapshot and record the outcome; return 1 if it was cut."""
+        mountpoint = ""
+        if snapshot.freeze:
+            volume = await self.catalog.volume(self.name)
+            att = volume.attachment
+            if att is not None and att.epoch == self.epoch:
+                mountpoint = att.mountpoint
+        started = time.monotonic()
+        error = ""
+        servers: list[str] = []
+        barrier = 0.0
+        frozen = False
+        try:
+            if mountpoint:
+                await asyncio.to_thread(kernel.freeze, mountpoint)
+                frozen = True
+            servers, barrier = await self.replicas.snapshot(snapshot.id, snapshot.created)
+        except CargoholdError as e:
+            error = str(e)
+        finally:
+            if frozen:
+                try:
+                    await asyncio.to_thread(kernel.thaw, mountpoint)
+                except CargoholdError as e:
+                    log.error("%s: thawing %s failed: %s", self.name, mountpoint, e)
+        held = time.monotonic() - started
+        if error:
+            log.error("%s: snapshot %s failed: %s", self.name, snapshot.name, error)
+        else:
+            log.info("%s: snapshot %s cut on %s; writes held %.1f ms (barrier %.1f ms)",
+                     self.name, snapshot.name, servers, held * 1000, barrier * 1000)
+
+        def outcome(s: Snapshot) -> Snapshot | None:
+            if not self._mine(s) or s.id != snapshot.id:
+                return None
+            s.state = SnapshotState.FAILED if error else SnapshotState.READY
+            s.servers, s.held, s.error = servers, held, error
+            return s
+
+        recorded = await self.catalog.update_snapshot(self.name, snapshot.name, outcome)
+        if not error and (recorded is None or recorded.id != snapshot.id
+                          or recorded.state is not SnapshotState.READY):
+            log.warning("%s: snapshot %s was given up meanwhile: forgetting it", self.name,
+                        snapshot.name)
+            await self._forget(snapshot.id)
+            return 0
+        return 0 if error else 1
+
+    async def _forget(self, snapshot_id: str) -> None:
+        for member in list(self.replicas.members):
+            try:
+                await member.client.delete_snapshot(self.replicas.volume_id, self.epoch,
+                                                    snapshot_id)
+            except CargoholdError as e:
+                log.warning("%s: forgetting snapshot %s on %s: %s", self.name, snapshot_id,
+                            member.server.id, e)

@@ -1,0 +1,217 @@
+"""Snapshots: take, list and remove point-in-time copies of volumes.
+
+A snapshot's data lives in the volume's replicas (:mod:`cargohold.stores.versionmap`): taking
+one copies nothing. Its record in the metadata store names it and the data servers that keep
+it. An attached volume's snapshot is cut by its engine at one write barrier, with the mounted
+file system frozen around it (:mod:`cargohold.services.engine.cutter`); this service asks
+for it through the record and waits. A detached volume's is cut here, on each in-sync
+replica, under a new epoch (no writer can come in between). Either way every replica in
+sync keeps it, or none does and the record goes: a failure changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from cargohold.clients.access import Access
+from cargohold.core.models import DataServer, Snapshot, SnapshotState, Volume, VolumeState
+from cargohold.core.names import check_name
+from cargohold.errors import (
+    CargoholdError,
+    DataServerUnavailable,
+    SnapshotExists,
+    SnapshotFailed,
+    TooManySnapshots,
+    VolumeBusy,
+)
+from cargohold.services.controller.resync import claim_detached
+from cargohold.services.volumes import ServerSession
+from cargohold.stores.catalog import Catalog
+from cargohold.stores.chunkstore import MAX_SNAPSHOTS
+
+log = logging.getLogger(__name__)
+
+#: How long a snapshot of an attached volume may take to cut (freezing a file system with
+#: much dirty data writes all of it first).
+CUT_TIMEOUT = 60.0
+_POLL = 0.02
+
+
+class SnapshotService:
+    def __init__(self, catalog: Catalog, access: Access | None = None) -> None:
+        self.catalog = catalog
+        self.access = access
+
+    async def create(self, volume: str, name: str, freeze: bool = True,
+                     group: str = "") -> Snapshot:
+        """Take snapshot ``volume@name``. The same name again returns the snapshot taken
+        before (idempotent, as CSI asks); it blocks until the snapshot is cut."""
+        check_name(volume)
+        check_name(name)
+        source = await self.catalog.volume(volume)
+        existing = await self.catalog.find_snapshot(volume, name)
+        if existing is not None:
+            return await self._existing(existing, source)
+        if len(await self.catalog.snapshots(volume)) >= MAX_SNAPSHOTS:
+            raise TooManySnapshots(name=volume, count=MAX_SNAPSHOTS)
+        if not source.in_sync():
+            raise VolumeBusy(name=volume, state="without a replica in sync (nothing to cut)")
+        att = source.attachment
+        snapshot = Snapshot(id=uuid.uuid4().hex, name=name, volume=volume,
+                            volume_id=source.id, size=source.size, freeze=freeze, group=group)
+        if att is not None and source.state is VolumeState.ATTACHED:
+            snapshot.node, snapshot.epoch = att.node, att.epoch
+            await self.catalog.add_snapshot(snapshot)
+            return await self._await_cut(snapshot)
+        if source.state is not VolumeState.DETACHED:
+            raise VolumeBusy(name=volume, state=source.state.value)
+        await self.catalog.add_snapshot(snapshot)
+        try:
+            return await self._cut_detached(snapshot)
+        except BaseException:
+            await asyncio.shield(self.catalog.remove_snapshot_if(
+                snapshot, lambda s: s.id == snapshot.id))
+            raise
+
+    async def _existing(self, snapshot: Snapshot, source: Volume) -> Snapshot:
+        if snapshot.volume_id != source.id:
+            raise SnapshotExists(name=snapshot.ref)  # of an older volume of that name
+        if snapshot.state is SnapshotState.CUTTING:
+            return await self._await_cut(snapshot)
+        if snapshot.state is not SnapshotState.READY:
+            raise VolumeBusy(name=snapshot.ref, state=snapshot.state.value)
+        return snapshot
+
+    async def _await_cut(self, snapshot: Snapshot) -> Snapshot:
+        """Wait for the engine to cut ``snapshot``; give up (and remove the request) after
+        ``CUT_TIMEOUT``."""
+        deadline = time.monotonic() + CUT_TIMEOUT
+        while True:
+            now = await self.catalog.find_snapshot(snapshot.volume, snapshot.name)
+            if now is None or now.id != snapshot.id:
+                raise SnapshotFailed(name=snapshot.ref, detail="its record went away")
+            if now.state is SnapshotState.READY:
+                return now
+            if now.state is SnapshotState.FAILED:
+                await self.catalog.remove_snapshot_if(now, lambda s: s.id == snapshot.id)
+                raise SnapshotFailed(name=snapshot.ref, detail=now.error)
+            if time.monotonic() > deadline and await self.catalog.remove_snapshot_if(
+                    now, lambda s: s.id == snapshot.id and s.state is SnapshotState.CUTTING):
+                raise SnapshotFailed(name=snapshot.ref, detail=(
+                    f"the engine on node {now.node!r} did not cut it within "
+                    f"{CUT_TIMEOUT:g} s"))
+            await asyncio.sleep(_POLL)
+
+    async def _cut_detached(self, snapshot: Snapshot) -> Snapshot:
+        volume = await claim_detached(self.catalog, snapshot.volume, "a snapshot")
+        servers = {s.id: s for s in await self.catalog.servers()}
+        holders = [servers[r.server] for r in volume.in_sync() if r.server in servers]
+        if len(holders) < len(volume.in_sync()):
+            raise SnapshotFailed(name=snapshot.ref, detail="a data server of an in-sync "
+                                 "replica is not registered")
+        done: list[DataServer] = []
+        try:
+            for server in holders:
+                async with ServerSession(server, self.access) as client:
+                    await client.snapshot(volume.id, volume.epoch, snapshot.id,
+                                          snapshot.created)
+                done.append(server)
+        except CargoholdError as e:
+            await self._forget(volume.id, volume.epoch, snapshot.id, done)
+            raise SnapshotFailed(name=snapshot.ref, detail=str(e)) from e
+
+        def ready(s: Snapshot) -> Snapshot | None:
+            if s.id != snapshot.id:
+                return None
+            s.state, s.servers, s.epoch = SnapshotState.READY, [h.id for h in holders], 0
+            return s
+
+        recorded = await self.catalog.update_snapshot(snapshot.volume, snapshot.name, ready)
+        if recorded is None or recorded.state is not SnapshotState.READY:
+            await self._forget(volume.id, volume.epoch, snapshot.id, done)
+            raise SnapshotFailed(name=snapshot.ref, detail="its record went away")
+        return recorded
+
+    async def _forget(self, volume_id: str, epoch: int, snapshot_id: str,
+                      servers: list[DataServer]) -> list[str]:
+        """Delete a snapshot on ``servers``; return the ids of those that did not answer."""
+        left = []
+        for server in servers:
+            try:
+                async with ServerSession(server, self.access) as client:
+                    await client.delete_snapshot(volume_id, epoch, snapshot_id)
+            except CargoholdError as e:
+                log.warning("snapshot %s on %s not deleted: %s", snapshot_id, server.id, e)
+                left.append(server.id)
+        return left
+
+    async def remove(self, volume: str, name: str) -> None:
+        """Remove snapshot ``volume@name`` and free the space only it held."""
+        snapshot = await self.catalog.snapshot(volume, name)
+        if snapshot.state is SnapshotState.CUTTING:
+            raise VolumeBusy(name=snapshot.ref, state="being cut")
+
+        def deleting(s: Snapshot) -> Snapshot | None:
+            if s.id != snapshot.id:
+                return None
+            s.state = SnapshotState.DELETING
+            return s
+
+        await self.catalog.update_snapshot(volume, name, deleting)
+        source = await self.catalog.find_volume(volume)
+        left: list[str] = []
+        if source is not None and source.id == snapshot.volume_id and snapshot.servers:
+            epoch = source.attachment.epoch if source.attachment is not None else source.epoch
+            servers = {s.id: s for s in await self.catalog.servers()}
+            left = [sid for sid in snapshot.servers if sid not in servers]
+            left += await self._forget(source.id, epoch, snapshot.id,
+                                       [servers[sid] for sid in snapshot.servers
+                                        if sid in servers])
+        if left:
+            def remaining(s: Snapshot) -> Snapshot | None:
+                if s.id != snapshot.id:
+                    return None
+                s.servers = left
+                return s
+
+            await self.catalog.update_snapshot(volume, name, remaining)
+            raise DataServerUnavailable(server=", ".join(left), address="?",
+                                        detail=f"snapshot {snapshot.ref} is still kept there; "
+                                               "remove it again once they answer")
+        await self.catalog.remove_snapshot_if(snapshot, lambda s: s.id == snapshot.id)
+        log.info("snapshot %s removed", snapshot.ref)
+
+    async def usage(self, snapshots: list[Snapshot]) -> dict[str, int | None]:
+        """Per snapshot id, the bytes only it holds (on one replica; None: no answer)."""
+        servers = {s.id: s for s in await self.catalog.servers()}
+        found: dict[str, int | None] = {s.id: None for s in snapshots}
+        asked: set[tuple[str, str]] = set()
+        for snapshot in snapshots:
+            if found[snapshot.id] is not None:
+                continue
+            for sid in snapshot.servers:
+                if sid not in servers or (sid, snapshot.volume_id) in asked:
+                    continue
+                asked.add((sid, snapshot.volume_id))
+                try:
+                    async with ServerSession(servers[sid], self.access) as client:
+                        kept = await client.snapshots(snapshot.volume_id)
+                except CargoholdError:
+                    continue
+                for info in kept:
+                    if info.get("id") in found:
+                        found[info["id"]] = int(info["unique"])
+                break
+        return found
+
+
+def snapshot_view(snapshot: Snapshot, unique: int | None = None) -> dict[str, Any]:
+    """What the API and CLI show of a snapshot."""
+    view = snapshot.model_dump(mode="json", exclude={"node", "epoch", "freeze"})
+    view["ref"] = snapshot.ref
+    view["unique"] = unique
+    return view
