@@ -77,8 +77,12 @@ def _parser() -> argparse.ArgumentParser:
         dest="action", required=True)
     create = volume.add_parser("create", help="create a thin, replicated volume")
     create.add_argument("name")
-    create.add_argument("--size", required=True, help="512M, 2G, 1T or bytes")
-    create.add_argument("--replicas", default="2")
+    create.add_argument("--size", help="512M, 2G, 1T or bytes (with --from: the source's, "
+                        "or larger)")
+    create.add_argument("--replicas", help="copies on distinct hosts (default 2; with --from: "
+                        "the source's)")
+    create.add_argument("--from", dest="source", metavar="VOLUME[@SNAPSHOT]",
+                        help="a clone: the snapshot's contents, or the volume's current ones")
     create.add_argument("--fs", default="ext4", help="ext4 (default) or xfs")
     create.add_argument("--encrypt", action="store_true",
                         help="encrypt at rest (AES-256-XTS in the engine: data servers, the "
@@ -95,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
                         "volumes only grow")
     output(resize)
     output(volume.add_parser("ls", help="list volumes"))
+    revert = volume.add_parser("revert", help="put a detached volume back to a snapshot")
+    revert.add_argument("name")
+    revert.add_argument("--to", required=True, metavar="VOLUME@SNAPSHOT")
+    output(revert)
     for action, text in (("inspect", "show a volume"), ("attach", "attach and mount here"),
                          ("detach", "unmount and detach"), ("rm", "remove a volume"),
                          ("scrub", "read every copy of a volume, repair bad ones"),
@@ -340,8 +348,15 @@ def _run_client(args: argparse.Namespace) -> int:
         if args.command == "snapshot":
             return _snapshot(api, args, as_json)
         name: str = getattr(args, "name", "")
-        if args.action == "create":
-            body = {"name": args.name, "size": args.size, "replicas": args.replicas,
+        if args.action == "create" and args.source:
+            volume = api.request("POST", "/v1/clones", {
+                "name": args.name, "from": args.source, "size": args.size,
+                "replicas": args.replicas})
+            _emit(volume, as_json, f"{volume['name']} (from {volume['source']})")
+        elif args.action == "create":
+            if not args.size:
+                raise InvalidArgument(what="--size", detail="a new volume needs a size")
+            body = {"name": args.name, "size": args.size, "replicas": args.replicas or "2",
                     "fs": args.fs, "encrypt": args.encrypt}
             if args.key_file:
                 body["key"] = _volume_key(args.key_file)
@@ -362,6 +377,9 @@ def _run_client(args: argparse.Namespace) -> int:
             _emit(api.request("POST", f"/v1/volumes/{name}/detach{force}"), as_json, name)
         elif args.action == "rebuild":
             return _rebuild(api, name, args.wait, as_json)
+        elif args.action == "revert":
+            volume = api.request("POST", f"/v1/volumes/{name}/revert", {"to": args.to})
+            _emit(volume, as_json, f"{name} is {args.to} again")
         elif args.action == "scrub":
             report = api.request("POST", f"/v1/volumes/{name}/scrub")
             _emit(report, as_json, _scrub_text(report))

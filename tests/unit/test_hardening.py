@@ -21,6 +21,7 @@ from cargohold.core.names import check_name
 from cargohold.core.sizes import parse_size, volume_size
 from cargohold.errors import InvalidArgument, InvalidName, InvalidSize, MetadataUnavailable
 from cargohold.services.agent import Agent
+from cargohold.services.clones import CloneService
 from cargohold.services.controller.controller import Controller
 from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
@@ -59,9 +60,10 @@ def _services(tmp_path: Path) -> Services:
     catalog = Catalog(store)
     volumes = VolumeService(catalog)
     agent = Agent(catalog, "n1", tmp_path, "memory://")
+    snapshots = SnapshotService(catalog)
     return Services(catalog, volumes, agent, Controller(store, catalog, volumes, "n1"),
                     Scrub(catalog), EventFeed(store), NodeRemoval(catalog), "n1", 10.0,
-                    SnapshotService(catalog))
+                    snapshots, CloneService(catalog, volumes, snapshots))
 
 
 async def _post(app: Any, path: str, body: Any) -> httpx.Response:

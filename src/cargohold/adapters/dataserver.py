@@ -471,12 +471,26 @@ class _Connection(asyncio.BufferedProtocol):
             raise InvalidArgument(what="length", detail=f"reads are limited to {MAX_PAYLOAD}")
         return replica.read_snapshot(body["id"], header.offset, header.length)
 
+    def _revert(self, header: RequestHeader, payload: memoryview) -> object:
+        """Put the replica back to a snapshot (reads and writes it all: in a worker
+        thread; the volume is detached, its only user the one asking)."""
+        body = decode_json(payload)
+        if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+            raise InvalidArgument(what="payload", detail='REVERT needs {"id"}')
+        replica = self._io_replica(header)
+        done = asyncio.get_running_loop().run_in_executor(
+            None, replica.revert, body["id"], header.generation)
+        self._server.flushes.add(done)
+        done.add_done_callback(partial(self._flushed, header))
+        return _LATER
+
     def _flushed(self, header: RequestHeader, done: asyncio.Future[Any]) -> None:
         self._server.flushes.discard(done)
         exc = done.exception() if not done.cancelled() else CargoholdError(detail="cancelled")
         if exc is None:
             result = done.result()
-            body = encode_json(result.to_dict()) if hasattr(result, "to_dict") else b""
+            body = (encode_json(result.to_dict()) if hasattr(result, "to_dict")
+                    else encode_json({"changed": result}) if isinstance(result, int) else b"")
             self._queue(Status.OK, header.request_id, body)
         else:
             status, body = _error_response(exc, header, self._store)
@@ -503,6 +517,7 @@ _HANDLERS: dict[int, Handler] = {
     Op.SNAPSHOTS: _Connection._snapshots,
     Op.SNAPSHOT_DELETE: _Connection._delete_snapshot,
     Op.READ_SNAPSHOT: _Connection._read_snapshot,
+    Op.REVERT: _Connection._revert,
 }
 
 

@@ -24,6 +24,7 @@ from cargohold.config import ApiToken
 from cargohold.core.models import DataServer, Node, Volume
 from cargohold.errors import CargoholdError, Forbidden, Kind, NodeNotFound, Unauthorized
 from cargohold.services.agent import Agent
+from cargohold.services.clones import CloneService
 from cargohold.services.controller.controller import Controller
 from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
@@ -103,6 +104,24 @@ class CreateVolume(BaseModel):
         "pattern": "^[0-9a-fA-F]{128}$"})
 
 
+class CreateClone(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = NAME_DOC
+    source: str = Field(alias="from", json_schema_extra={
+        "description": "VOLUME@SNAPSHOT, or VOLUME for its current contents",
+        "examples": ["pgdata@before-upgrade"]})
+    size: str | int | None = Field(default=None, json_schema_extra={
+        "description": "default: the snapshot's size; larger grows the clone"})
+    replicas: int | str | None = Field(default=None, json_schema_extra={
+        "description": "default: the source's replica count"})
+    exist_ok: bool = False
+
+
+class RevertVolume(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: str = Field(json_schema_extra={"description": "VOLUME@SNAPSHOT of this volume"})
+
+
 class CreateSnapshot(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(json_schema_extra={"description": "unique among the volume's snapshots"})
@@ -130,6 +149,7 @@ class Services:
     node: str  # this node's name
     stale_after: float  # seconds without a report before a node or data server is down
     snapshots: SnapshotService
+    clones: CloneService
     ready: bool = False
 
 
@@ -250,6 +270,19 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
             body.name, body.size, body.replicas, body.fs, exist_ok=body.exist_ok,
             encrypt=body.encrypt, key=body.key.encode() if body.key is not None else None)
         return volume_view(volume, await servers())
+
+    @app.post("/v1/clones", status_code=201)
+    async def create_clone(body: CreateClone) -> dict[str, Any]:
+        """Create a volume from a snapshot (or a volume's current contents): its data is
+        copied before it is ready, and it depends on nothing afterwards."""
+        volume = await services.clones.clone(body.name, body.source, body.size, body.replicas,
+                                             body.exist_ok)
+        return volume_view(volume, await servers())
+
+    @app.post("/v1/volumes/{name}/revert")
+    async def revert_volume(name: str, body: RevertVolume) -> dict[str, Any]:
+        """Put a detached volume back to one of its snapshots."""
+        return volume_view(await services.clones.revert(name, body.to), await servers())
 
     @app.get("/v1/volumes/{name}")
     async def inspect_volume(name: str) -> dict[str, Any]:

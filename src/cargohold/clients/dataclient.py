@@ -458,6 +458,14 @@ class DataClient:
                                 length=length, timeout=timeout,
                                 payload=encode_json({"id": snapshot_id}))
 
+    async def revert(self, volume_id: str, epoch: int, snapshot_id: str, generation: int, *,
+                     timeout: float | None = None) -> int:
+        """Make the replica read as the snapshot again; return the bytes changed."""
+        body = decode_json(await self._call(
+            Op.REVERT, volume_id, epoch=epoch, generation=generation, timeout=timeout,
+            payload=encode_json({"id": snapshot_id})))
+        return int(body["changed"])
+
     # --- machinery ------------------------------------------------------------------------
 
     async def _call(

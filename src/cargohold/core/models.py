@@ -72,6 +72,7 @@ class Volume(Record):
     # encrypted at rest: {"cipher": core.cipher.CIPHER, "key": the volume key wrapped under
     # the cluster key}; None: stored as written
     encryption: dict[str, str] | None = None
+    source: str = ""  # a clone: the snapshot (VOLUME@SNAPSHOT) it was made from
 
     def in_sync(self) -> list[Replica]:
         return [r for r in self.replicas if r.state is ReplicaState.IN_SYNC]

@@ -83,6 +83,7 @@ class Op(IntEnum):
     SNAPSHOTS = 16  # the snapshots the replica keeps -> JSON list
     SNAPSHOT_DELETE = 17  # payload JSON {"id"}: forget a snapshot -> JSON {"freed"}
     READ_SNAPSHOT = 18  # offset, length; payload JSON {"id"} -> the snapshot's data
+    REVERT = 19  # generation; payload JSON {"id"}: read as the snapshot again -> {"changed"}
 
 
 class Status(IntEnum):

@@ -37,6 +37,7 @@ from cargohold.core.periodic import Periodic
 from cargohold.daemons.supervisor import DataServerProcess
 from cargohold.errors import CargoholdError, InvalidArgument, LeaseExpired
 from cargohold.services.agent import Agent
+from cargohold.services.clones import CloneService
 from cargohold.services.controller.controller import Controller
 from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
@@ -153,12 +154,14 @@ class NodeDaemon:
                 await asyncio.to_thread(process.adopt_or_start)
             await self.check_once(store, catalog)
             await agent.recover()
+            snapshots = SnapshotService(catalog, self.access)
             services = Services(catalog, volumes, agent, self.controller,
                                 Scrub(catalog, access=self.access),
                                 EventFeed(store), NodeRemoval(catalog), config.name,
                                 stale_after=max(config.lease_ttl,
                                                 3 * config.server_check_interval),
-                                snapshots=SnapshotService(catalog, self.access))
+                                snapshots=snapshots,
+                                clones=CloneService(catalog, volumes, snapshots, self.access))
             audit = AuditLog(config.state_dir / "audit.log")
             for endpoint in config.api:
                 tokens = [] if endpoint.is_unix else config.api_tokens()

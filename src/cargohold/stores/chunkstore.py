@@ -32,7 +32,7 @@ from array import array
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cargohold.core.layout import BLOCK_SIZE, chunk_count, chunks
+from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, chunk_count, chunks
 from cargohold.errors import (
     ChecksumMismatch,
     Fenced,
@@ -211,6 +211,39 @@ class StoredReplica(ABC):
         if not length:
             return b""
         return self._read_snapshot(snapshot_id, offset, length)
+
+    def revert(self, snapshot_id: str, generation: int) -> int:
+        """Make the replica read as snapshot ``snapshot_id`` again, durably; return the
+        bytes that changed.
+
+        Each block that differs is written back (a block of zeros is trimmed) with
+        ``generation``, so later snapshots keep what they hold and replicas reverted alike
+        stay alike. Blocks that fail their checksum are written back too.
+        """
+        self._check_generation(generation)
+        if snapshot_id not in self.snapshot_ids():
+            raise SnapshotNotFound(name=snapshot_id)
+        changed = 0
+        for offset in range(0, self.size, CHUNK_SIZE):
+            length = min(CHUNK_SIZE, self.size - offset)
+            want = self.read_snapshot(snapshot_id, offset, length)
+            try:
+                have: bytes | None = self.read(offset, length)
+            except ChecksumMismatch:
+                have = None
+            if have == want:
+                continue
+            for at in range(0, length, BLOCK_SIZE):
+                block = want[at : at + BLOCK_SIZE]
+                if have is not None and have[at : at + BLOCK_SIZE] == block:
+                    continue
+                if block == ZERO_BLOCK:
+                    self.trim(offset + at, BLOCK_SIZE, generation)
+                else:
+                    self.write(offset + at, block, generation)
+                changed += BLOCK_SIZE
+        self.flush()
+        return changed
 
     @abstractmethod
     def _take_snapshot(self, snapshot_id: str, created: float) -> None: ...

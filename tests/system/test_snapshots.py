@@ -1,0 +1,157 @@
+"""Snapshots, clones and reverts of real volumes (root: FUSE, loop devices, ext4)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Node, leftovers, needs_root, sha256_of, write_random
+
+pytestmark = [needs_root(), pytest.mark.system]
+
+MIB = 1 << 20
+RECORD = 512  # bytes: "%08d" and padding, so records never straddle a write unit
+
+
+class Appender:
+    """Appends numbered records to a file with fsync after each, in a thread; ``acked`` is
+    how many were acknowledged (their fsync returned)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.acked = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with open(self.path, "ab") as f:
+                while not self._stop.is_set():
+                    f.write(b"%08d" % self.acked + b"." * (RECORD - 9) + b"\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                    self.acked += 1
+        except BaseException as e:  # noqa: BLE001 - the test checks it
+            self.error = e
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+
+def _records(path: Path) -> int:
+    """How many records the file holds in order from 0 (any torn tail is ignored)."""
+    data = path.read_bytes()
+    count = 0
+    while len(data) >= (count + 1) * RECORD:
+        if not data[count * RECORD:].startswith(b"%08d" % count):
+            break
+        count += 1
+    return count
+
+
+def _replica_image(node: Node, name: str) -> Path:
+    volume: Any = node.json("volume", "inspect", name)
+    return Path(volume["replicas"][0]["path"]) / "replicas" / volume["id"] / "data"
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_snapshots_of_a_volume_in_use_hold_every_acknowledged_record(node: Node,
+                                                                     freeze: bool) -> None:
+    node.cli("volume", "create", "pg", "--size", "256M")
+    mountpoint = Path(node.cli("volume", "attach", "pg").stdout.strip())
+    writer = Appender(mountpoint / "wal")
+    taken: list[tuple[str, int]] = []
+    try:
+        for n in range(3):
+            while writer.acked < (n + 1) * 200 and writer.error is None:
+                time.sleep(0.01)
+            before = writer.acked  # acknowledged before the snapshot was asked for
+            args = ["snapshot", "create", f"pg@s{n}"] + ([] if freeze else ["--no-freeze"])
+            snap: Any = node.json(*args)
+            assert snap["state"] == "ready" and len(snap["servers"]) == 2
+            assert snap["held"] < 5.0  # seconds the writers waited (measured in the bench)
+            taken.append((f"pg@s{n}", before))
+    finally:
+        writer.stop()
+    assert writer.error is None, writer.error
+    listed: Any = node.json("snapshot", "ls", "pg")
+    assert [s["ref"] for s in listed] == [ref for ref, _ in taken]
+    assert all(s["unique"] is not None for s in listed)
+
+    for k, (ref, before) in enumerate(taken):
+        clone = f"c{k}"
+        made: Any = node.json("volume", "create", clone, "--from", ref)
+        assert made["source"] == ref and made["size"] == 256 * MIB
+        if freeze:  # frozen at the cut: the image is clean without a journal replay
+            check = subprocess.run(["e2fsck", "-fn", str(_replica_image(node, clone))],
+                                   capture_output=True, text=True, check=False)
+            assert check.returncode == 0, check.stdout + check.stderr
+        cloned = Path(node.cli("volume", "attach", clone).stdout.strip())
+        held = _records(cloned / "wal")
+        assert held >= before, f"{ref}: {held} records, {before} were acknowledged before"
+        node.cli("volume", "detach", clone)
+        node.cli("volume", "rm", clone)
+    node.cli("volume", "detach", "pg")
+    for ref, _ in taken:
+        node.cli("snapshot", "rm", ref)
+    node.cli("volume", "rm", "pg")
+    node.stop()
+    assert leftovers(node.base) == {"mounts": [], "loops": [], "processes": []}
+
+
+def test_revert_clone_and_refusals(node: Node) -> None:
+    node.cli("volume", "create", "app", "--size", "128M")
+    mountpoint = Path(node.cli("volume", "attach", "app").stdout.strip())
+    first = write_random(mountpoint / "data.bin", 16 * MIB)
+    node.cli("snapshot", "create", "app@one")
+    # the same name again is the same snapshot (CSI's idempotent CreateSnapshot)
+    again: Any = node.json("snapshot", "create", "app@one")
+    assert again["id"] == node.json("snapshot", "ls", "app")[0]["id"]  # type: ignore[index]
+    second = write_random(mountpoint / "data.bin", 16 * MIB)
+    (mountpoint / "later.txt").write_text("after the snapshot\n")
+    assert second != first
+
+    refused = node.cli("volume", "revert", "app", "--to", "app@one", check=False)
+    assert refused.returncode != 0 and "attached" in refused.stderr
+    refused = node.cli("volume", "rm", "app", check=False)
+    assert "volume_in_use" in refused.stderr or "volume_has_snapshots" in refused.stderr
+    missing = node.cli("snapshot", "rm", "app@nope", check=False)
+    assert missing.returncode != 0 and "snapshot_not_found" in missing.stderr
+    bad = node.cli("snapshot", "create", "app", check=False)
+    assert bad.returncode != 0 and "invalid_name" in bad.stderr
+    unknown = node.cli("volume", "create", "x", "--from", "app@nope", check=False)
+    assert unknown.returncode != 0 and "snapshot_not_found" in unknown.stderr
+    volumes: Any = node.json("volume", "ls")
+    assert [v["name"] for v in volumes] == ["app"]  # nothing half made
+
+    # a clone of the current contents, taken while in use
+    node.json("volume", "create", "now", "--from", "app")
+    node.cli("volume", "detach", "app")
+    assert [s["name"] for s in node.json("snapshot", "ls", "app")] == ["one"]  # type: ignore
+
+    node.json("volume", "revert", "app", "--to", "app@one")
+    mountpoint = Path(node.cli("volume", "attach", "app").stdout.strip())
+    assert sha256_of(mountpoint / "data.bin") == first
+    assert not (mountpoint / "later.txt").exists()
+    node.cli("volume", "detach", "app")
+
+    now = Path(node.cli("volume", "attach", "now").stdout.strip())
+    assert sha256_of(now / "data.bin") == second
+    assert (now / "later.txt").read_text() == "after the snapshot\n"
+    node.cli("volume", "detach", "now")
+
+    refused = node.cli("volume", "rm", "app", check=False)
+    assert refused.returncode != 0 and "volume_has_snapshots" in refused.stderr
+    node.cli("snapshot", "rm", "app@one")
+    node.cli("volume", "rm", "app")
+    node.cli("volume", "rm", "now")
+    assert node.json("snapshot", "ls") == []
