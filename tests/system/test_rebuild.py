@@ -138,6 +138,7 @@ def test_drain_of_an_attached_volume_rebuilds_while_it_is_in_use(
     h1.cli("volume", "create", "busy", "--size", "128M", "--replicas", "2")
     digest = _fill(h1, "busy")
     victim = sorted(_holders(h1, "busy"))[0]
+    h1.cli("snapshot", "create", "busy@kept")  # the new replica must get it too
     mountpoint = Path(h1.cli("volume", "attach", "busy").stdout.strip())
     with LiveWriter(mountpoint / "live.bin") as writer:
         while writer.writes < 50:
@@ -160,6 +161,11 @@ def test_drain_of_an_attached_volume_rebuilds_while_it_is_in_use(
     mountpoint = Path(other.cli("volume", "attach", "busy").stdout.strip())
     LiveWriter(mountpoint / "live.bin").verify_against(writer)
     other.cli("volume", "detach", "busy")
+    [snapshot] = other.json("snapshot", "ls", "busy")  # type: ignore[misc]
+    now = {r["server"] for r in other.json("volume", "inspect", "busy")["replicas"]}
+    assert set(snapshot["servers"]) == now  # kept by the new replica, not the drained one
+    other.cli("volume", "create", "busy-then", "--from", "busy@kept")
+    _verify(other, "busy-then", digest)
 
 
 def test_a_node_removed_for_good_is_rebuilt_around_at_once(
@@ -195,3 +201,32 @@ def test_a_node_removed_for_good_is_rebuilt_around_at_once(
 
     _kill_host(patient_nodes[kept])  # the rebuilt copy alone has every byte
     _verify(patient_nodes[spare], "gone", digest)
+
+
+def test_snapshots_survive_a_rebuild_and_the_loss_of_the_other_copy(
+        three_nodes: dict[str, Node]) -> None:
+    any_node = three_nodes["h1"]
+    any_node.cli("volume", "create", "sn", "--size", "128M", "--replicas", "2")
+    digest = _fill(any_node, "sn")
+    any_node.cli("snapshot", "create", "sn@before")
+    later = _fill(any_node, "sn")  # the head moves on: the snapshot keeps the old bytes
+    assert later != digest
+    lost, kept = sorted(_holders(any_node, "sn"))
+    spare = ({"h1", "h2", "h3"} - {lost, kept}).pop()
+    _kill_host(three_nodes[lost])
+
+    watcher = three_nodes[spare]
+    _until(lambda: _holders(watcher, "sn") == {kept: "in_sync", spare: "in_sync"},
+           "the replica on the lost host rebuilt on the spare one")
+    [snapshot] = watcher.json("snapshot", "ls", "sn")  # type: ignore[misc]
+    servers = {s["server"]: s["node"] for s in watcher.json("volume", "inspect", "sn")["replicas"]}
+    assert sorted(servers[s] for s in snapshot["servers"]) == sorted([kept, spare])
+
+    _kill_host(three_nodes[kept])  # the rebuilt replica alone holds the snapshot now
+    _until(lambda: any(n["name"] == kept and n["health"] == "down"
+                       for n in watcher.json("node", "ls")), f"{kept}'s lease expired")
+    watcher.cli("volume", "create", "sn-clone", "--from", "sn@before", "--replicas", "1")
+    _verify(watcher, "sn-clone", digest)
+    _verify(watcher, "sn", later)
+    watcher.cli("volume", "revert", "sn", "--to", "sn@before")
+    _verify(watcher, "sn", digest)

@@ -294,3 +294,42 @@ def test_the_disk_store_matches_the_reference(tmp_path_factory: pytest.TempPathF
         assert got.info().used <= (heads + 2) * B
     finally:
         disk.close()
+
+
+def test_revert_writes_back_only_what_changed(store: ChunkStore) -> None:
+    replica = store.create(sid(), 4 * MIB)
+    replica.write(0, fill(1, 4), 1)
+    replica.write(2 * MIB, fill(3), 1)
+    first, later = sid(), sid()
+    replica.take_snapshot(first, 0.0)
+    replica.write(B, fill(2), 2)
+    replica.trim(2 * MIB, B, 3)
+    replica.write(3 * MIB, fill(4), 4)
+    replica.take_snapshot(later, 0.0)
+    assert replica.revert(first, 5) == 3 * B  # one overwritten, one trimmed, one new
+    assert replica.read(0, 4 * B) == fill(1, 4)
+    assert replica.read(2 * MIB, B) == fill(3)
+    assert replica.read(3 * MIB, B) == bytes(B)
+    assert replica.read_snapshot(later, B, B) == fill(2)  # later snapshots keep theirs
+    assert replica.read_snapshot(later, 3 * MIB, B) == fill(4)
+    with pytest.raises(SnapshotNotFound):
+        replica.revert(sid(), 6)
+
+
+def test_changed_chunks_between_snapshots(store: ChunkStore) -> None:
+    replica = store.create(sid(), 8 * MIB)
+    replica.write(0, fill(1), 1)
+    replica.write(5 * MIB, fill(1), 1)
+    a, b = sid(), sid()
+    replica.take_snapshot(a, 0.0)
+    replica.write(2 * MIB, fill(2), 2)
+    replica.trim(5 * MIB, B, 3)
+    replica.take_snapshot(b, 0.0)
+    replica.write(7 * MIB, fill(3), 4)
+    assert replica.changed_chunks() == [0, 2, 7]  # the chunks holding data now
+    assert replica.changed_chunks("", a) == [0, 5]
+    assert replica.changed_chunks(a, b) == [2, 5]
+    assert replica.changed_chunks(b, "") == [7]
+    assert replica.changed_chunks(a, "") == [2, 5, 7]
+    with pytest.raises(SnapshotNotFound):
+        replica.changed_chunks(sid(), "")

@@ -471,6 +471,15 @@ class _Connection(asyncio.BufferedProtocol):
             raise InvalidArgument(what="length", detail=f"reads are limited to {MAX_PAYLOAD}")
         return replica.read_snapshot(body["id"], header.offset, header.length)
 
+    def _snapshot_diff(self, header: RequestHeader, payload: memoryview) -> bytes:
+        body = decode_json(payload)
+        if not isinstance(body, dict) or not all(
+                isinstance(body.get(k, ""), str) for k in ("since", "until")):
+            raise InvalidArgument(what="payload", detail='SNAPSHOT_DIFF needs {"since", '
+                                  '"until"}: snapshot ids or ""')
+        replica = self._store.replica(header.volume_id)
+        return encode_json(replica.changed_chunks(body.get("since", ""), body.get("until", "")))
+
     def _revert(self, header: RequestHeader, payload: memoryview) -> object:
         """Put the replica back to a snapshot (reads and writes it all: in a worker
         thread; the volume is detached, its only user the one asking)."""
@@ -518,6 +527,7 @@ _HANDLERS: dict[int, Handler] = {
     Op.SNAPSHOT_DELETE: _Connection._delete_snapshot,
     Op.READ_SNAPSHOT: _Connection._read_snapshot,
     Op.REVERT: _Connection._revert,
+    Op.SNAPSHOT_DIFF: _Connection._snapshot_diff,
 }
 
 

@@ -466,6 +466,15 @@ class DataClient:
             payload=encode_json({"id": snapshot_id})))
         return int(body["changed"])
 
+    async def snapshot_diff(self, volume_id: str, since: str = "", until: str = "", *,
+                            timeout: float | None = None) -> list[int]:
+        """The chunks that may differ between snapshot ``since`` ("": nothing) and
+        ``until`` ("": the replica now)."""
+        found: list[int] = decode_json(await self._call(
+            Op.SNAPSHOT_DIFF, volume_id, timeout=timeout,
+            payload=encode_json({"since": since, "until": until})))
+        return found
+
     # --- machinery ------------------------------------------------------------------------
 
     async def _call(

@@ -84,6 +84,7 @@ class Op(IntEnum):
     SNAPSHOT_DELETE = 17  # payload JSON {"id"}: forget a snapshot -> JSON {"freed"}
     READ_SNAPSHOT = 18  # offset, length; payload JSON {"id"} -> the snapshot's data
     REVERT = 19  # generation; payload JSON {"id"}: read as the snapshot again -> {"changed"}
+    SNAPSHOT_DIFF = 20  # payload JSON {"since", "until"} ("": none / now) -> JSON chunk list
 
 
 class Status(IntEnum):

@@ -76,3 +76,45 @@ class Budget:
         ahead = self.spent / self.rate - (self.clock() - self.start)
         if ahead > 0:
             await self.sleep(ahead)
+
+
+async def replay_snapshots(source: DataClient, target: DataClient, volume_id: str,
+                           epoch: int, size: int) -> int:
+    """Give ``target`` the snapshots ``source`` keeps and it lacks, oldest first, each with
+    the source's data; forget on ``target`` those ``source`` no longer keeps. Return how
+    many were given. Call it before the head is copied.
+
+    For each snapshot missing, the chunks that differ between the one before it and it are
+    copied from the snapshot into ``target``'s head, then the snapshot is taken there: the
+    target ends with the same snapshots, and the same data in each (its own versions made
+    by redirect-on-write, as the source's were). Those writes carry generation 0, so the
+    head copy that follows still copies every chunk whose head differs.
+    """
+    kept = await source.snapshots(volume_id)
+    kept_ids = [s["id"] for s in kept]
+    have_ids = [s["id"] for s in await target.snapshots(volume_id)]
+    prefix = 0
+    while prefix < len(kept_ids) and prefix < len(have_ids) \
+            and have_ids[prefix] == kept_ids[prefix]:
+        prefix += 1
+    # anything beyond the common start is rebuilt (a snapshot deleted meanwhile, or one
+    # after a gap: the target missed the snapshots in between)
+    for stale in have_ids[prefix:]:
+        await target.delete_snapshot(volume_id, epoch, stale)
+    previous = kept_ids[prefix - 1] if prefix else ""
+    given = 0
+    for snapshot in kept[prefix:]:
+        chunks = set(await source.snapshot_diff(volume_id, previous, snapshot["id"]))
+        if not given:  # the target's own head may have moved on from ``previous``
+            chunks.update(await target.snapshot_diff(volume_id, previous, ""))
+        for chunk in sorted(chunks):
+            offset = chunk * CHUNK_SIZE
+            length = min(CHUNK_SIZE, size - offset)
+            if length <= 0:
+                continue
+            data = await source.read_snapshot(volume_id, epoch, snapshot["id"], offset, length)
+            await put_copy(target, volume_id, epoch, offset, data, 0)
+        await target.snapshot(volume_id, epoch, snapshot["id"], float(snapshot["created"]))
+        previous = snapshot["id"]
+        given += 1
+    return given

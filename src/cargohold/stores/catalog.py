@@ -8,7 +8,7 @@ so several nodes, agents and engines can update one volume without losing change
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cargohold.core.models import (
@@ -18,6 +18,7 @@ from cargohold.core.models import (
     DataServer,
     Node,
     Snapshot,
+    SnapshotState,
     Volume,
     VolumeState,
     drain_key,
@@ -164,6 +165,24 @@ class Catalog:
 
         return await retry(attempt, CAS, what=f"updating snapshot {volume}@{name}", quiet=True,
                            temporary=lambda e: isinstance(e, ConcurrentUpdate))
+
+    async def hold_snapshots(self, volume: str, add: Sequence[str] = (),
+                             drop: Sequence[str] = ()) -> None:
+        """Record that the data servers ``add`` keep every ready snapshot of ``volume``
+        (they were given them with the volume's data) and that ``drop`` keep none."""
+        for snapshot in await self.snapshots(volume):
+            if snapshot.state is not SnapshotState.READY:
+                continue
+
+            def change(s: Snapshot) -> Snapshot | None:
+                now = [sid for sid in s.servers if sid not in drop]
+                now += [sid for sid in add if sid not in now]
+                if now == s.servers:
+                    return None
+                s.servers = now
+                return s
+
+            await self.update_snapshot(volume, snapshot.name, change)
 
     async def remove_snapshot_if(self, snapshot: Snapshot,
                                  check: Callable[[Snapshot], bool]) -> bool:

@@ -212,6 +212,20 @@ class StoredReplica(ABC):
             return b""
         return self._read_snapshot(snapshot_id, offset, length)
 
+    def changed_chunks(self, since: str = "", until: str = "") -> list[int]:
+        """The chunks whose contents may differ between snapshot ``since`` ("": an empty
+        volume) and snapshot ``until`` ("": the replica as it is now), in order. What a
+        copy must move to bring a replica holding ``since`` to ``until``."""
+        for snapshot_id in (since, until):
+            if snapshot_id:
+                check_volume_id(snapshot_id, what="snapshot id")
+                if snapshot_id not in self.snapshot_ids():
+                    raise SnapshotNotFound(name=snapshot_id)
+        return self._changed_chunks(since, until)
+
+    @abstractmethod
+    def _changed_chunks(self, since: str, until: str) -> list[int]: ...
+
     def revert(self, snapshot_id: str, generation: int) -> int:
         """Make the replica read as snapshot ``snapshot_id`` again, durably; return the
         bytes that changed.
@@ -521,6 +535,12 @@ class MemoryReplica(StoredReplica):
     def _read_snapshot(self, snapshot_id: str, offset: int, length: int) -> bytes:
         _, _, blocks, sums = self._snapshots[snapshot_id]
         return self._read_from(blocks, sums, offset, length)
+
+    def _changed_chunks(self, since: str, until: str) -> list[int]:
+        old = self._snapshots[since][2] if since else {}
+        new = self._snapshots[until][2] if until else self._blocks
+        blocks = {i for i in old.keys() | new.keys() if old.get(i) is not new.get(i)}
+        return sorted({i * BLOCK_SIZE // CHUNK_SIZE for i in blocks})
 
     def _grow(self, size: int) -> None:
         self._gens.extend([0] * (chunk_count(size) - len(self._gens)))

@@ -464,6 +464,28 @@ class VersionMap:
         births = self._heads[2 * first + 1 : 2 * (first + count) : 2]
         return [first + k for k, birth in enumerate(births) if birth >= number]
 
+    def written_between(self, since: int, until: int) -> set[int]:
+        """Blocks written at a seq in [since, until) (until 0: up to now): where snapshot
+        ``since`` and snapshot ``until`` (or the heads) may differ. A write's seq is the
+        birth of what it wrote and the death of what it replaced, so both are looked at
+        (the version in between may have been dropped)."""
+        end = until or NOWHERE + 1
+        births = self._heads[1::2].tolist()
+        found = {i for i, birth in enumerate(births) if since <= birth < end}
+        for block, versions in self._versions.items():
+            if any(since <= v.birth < end or since <= v.death < end for v in versions):
+                found.add(block)
+        return found
+
+    def held_by(self, number: int, sums: memoryview) -> set[int]:
+        """Blocks holding data in snapshot ``number``."""
+        births = self._heads[1::2].tolist()
+        found = {i for i, birth in enumerate(births) if birth < number and sums[i]}
+        for block, versions in self._versions.items():
+            if any(v.birth < number <= v.death for v in versions):
+                found.add(block)
+        return found
+
     # --- durability and size -----------------------------------------------------------
 
     def flush(self) -> None:

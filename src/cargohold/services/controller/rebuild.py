@@ -126,6 +126,7 @@ class Rebuild:
             return v
 
         await self.catalog.update_volume(volume.name, drop)
+        await self.catalog.hold_snapshots(volume.name, drop=sorted(done))
         for old in done:
             log.info("replica of %s on %s replaced: deleting it", volume.name, old)
             server = servers.get(old)

@@ -27,7 +27,7 @@ from cargohold.clients.dataclient import CONTROL_TIMEOUT, DataClient
 from cargohold.core.layout import CHUNK_SIZE, copy_plan, generation_table
 from cargohold.core.models import DataServer, ReplicaState, Volume, VolumeState, server_up
 from cargohold.errors import CargoholdError, VolumeBusy
-from cargohold.services.copies import WINDOW, Budget, put_copy, together
+from cargohold.services.copies import WINDOW, Budget, put_copy, replay_snapshots, together
 from cargohold.stores.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,10 @@ class Resync:
                     raise answer
             if not set(clients) - set(targets):
                 raise VolumeBusy(name=name, state="without a reachable in-sync replica")
+            first = next(s for s in sources if s in clients)
+            for target in targets:  # the snapshots first, then the heads
+                await replay_snapshots(clients[first], clients[target], volume.id, epoch,
+                                       volume.size)
             tables = {sid: generation_table(await client.generations(volume.id))
                       for sid, client in clients.items()}
             if any(t not in tables for t in targets):
@@ -133,6 +137,7 @@ class Resync:
         finally:
             await asyncio.gather(*(c.close() for c in clients.values()))
         await self._finish(name, epoch, targets, in_sync=True, reason="")
+        await self.catalog.hold_snapshots(name, targets)
         result = ResyncResult(name, targets, copied, copied * CHUNK_SIZE, total,
                               time.monotonic() - started)
         log.info("resync of %s done: %d of %d chunks copied in %.1f s", name, copied, total,

@@ -126,6 +126,7 @@ class Healer:
                                 if isinstance(e, asyncio.CancelledError)
                                 else f"catching up failed: {e}")
             raise
+        await self.catalog.hold_snapshots(self.name, [server.id])
         healed = Healed(server.id, copied, total, time.monotonic() - started)
         log.info("%s: replica on data server %s back in sync while in use: %d of %d chunks "
                  "copied in %.1f s", self.name, server.id, copied, total, healed.seconds)

@@ -41,7 +41,14 @@ from cargohold.errors import (
     NoReplicaLeft,
     NoSpace,
 )
-from cargohold.services.copies import WINDOW, Budget, ScrubReport, put_copy, together
+from cargohold.services.copies import (
+    WINDOW,
+    Budget,
+    ScrubReport,
+    put_copy,
+    replay_snapshots,
+    together,
+)
 from cargohold.services.engine.fanin import FanIn, chain
 from cargohold.services.engine.localreader import LocalReplicaReader
 
@@ -101,6 +108,7 @@ class ReplicaSet:
         self._locked: dict[int, asyncio.Future[None]] = {}  # chunk → its copy is done
         self._chunk_inflight: dict[int, int] = {}
         self._chunk_idle: dict[int, asyncio.Future[None]] = {}
+        self._catching_up = 0  # replicas catching up: snapshots wait (``snapshot``)
 
     async def open(self) -> None:
         """Connect to every in-sync replica and claim it with this attachment's epoch."""
@@ -290,6 +298,11 @@ class ReplicaSet:
             size = int((await client.stat(self.volume_id, timeout=STAT_TIMEOUT)).get("size", 0))
             if size < self.size:
                 await client.resize(self.volume_id, self.size, timeout=STAT_TIMEOUT)
+            # Its snapshots first, from a member (snapshots do not change: no write of
+            # ours touches them); no snapshot is cut until it has joined and caught up.
+            self._catching_up += 1
+            await replay_snapshots(self.members[0].client, client, self.volume_id, self.epoch,
+                                   self.size)
             # Its generations before it gets any write: a chunk that differs from the
             # members' then is copied whole, even if new writes touch part of it meanwhile.
             before = generation_table(await client.generations(self.volume_id,
@@ -348,6 +361,8 @@ class ReplicaSet:
                 self._leave_out(member, f"catching up failed: {e}")
             await client.close()
             raise
+        finally:
+            self._catching_up = max(0, self._catching_up - 1)
 
     def _still_joining(self, member: Member) -> None:
         if self.fenced is not None:
@@ -690,6 +705,9 @@ class ReplicaSet:
         data servers that hold it and how long writes were held (seconds). A replica that
         fails it fails the snapshot: the others forget theirs, and the error is raised."""
         self._check_fenced()
+        while self._catching_up:  # a replica joining would miss it: wait for it to join
+            await asyncio.sleep(0.05)
+            self._check_fenced()
         await self._pause()
         held = time.monotonic()
         try:
