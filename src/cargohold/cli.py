@@ -99,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
                         "volumes only grow")
     output(resize)
     output(volume.add_parser("ls", help="list volumes"))
+    update = volume.add_parser("update", help="change a volume's replica count (online)")
+    update.add_argument("name")
+    update.add_argument("--replicas", required=True, help="1 to 5")
+    update.add_argument("--wait", action="store_true",
+                        help="show progress until the new replicas are in sync")
+    output(update)
     revert = volume.add_parser("revert", help="put a detached volume back to a snapshot")
     revert.add_argument("name")
     revert.add_argument("--to", required=True, metavar="VOLUME@SNAPSHOT")
@@ -376,6 +382,9 @@ def _run_client(args: argparse.Namespace) -> int:
             force = "?force=true" if args.force else ""
             _emit(api.request("POST", f"/v1/volumes/{name}/detach{force}"), as_json, name)
         elif args.action == "rebuild":
+            return _rebuild(api, name, args.wait, as_json)
+        elif args.action == "update":
+            api.request("PATCH", f"/v1/volumes/{name}", {"replicas": args.replicas})
             return _rebuild(api, name, args.wait, as_json)
         elif args.action == "revert":
             volume = api.request("POST", f"/v1/volumes/{name}/revert", {"to": args.to})

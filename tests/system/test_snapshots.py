@@ -155,3 +155,37 @@ def test_revert_clone_and_refusals(node: Node) -> None:
     node.cli("volume", "rm", "app")
     node.cli("volume", "rm", "now")
     assert node.json("snapshot", "ls") == []
+
+
+def test_replica_count_changes_online_and_new_replicas_get_the_snapshots(node: Node) -> None:
+    from tests.conftest import LiveWriter
+
+    node.cli("volume", "create", "rc", "--size", "128M", "--replicas", "2")
+    mountpoint = Path(node.cli("volume", "attach", "rc").stdout.strip())
+    digest = write_random(mountpoint / "data.bin", 8 * MIB)
+    node.cli("snapshot", "create", "rc@one")
+    with LiveWriter(mountpoint / "live.bin") as writer:
+        while writer.writes < 30:
+            time.sleep(0.02)
+        grown: Any = node.json("volume", "update", "rc", "--replicas", "3", "--wait")
+        assert grown["replica_count"] == 3
+        assert [r["state"] for r in grown["replicas"]] == ["in_sync"] * 3
+        [snap] = node.json("snapshot", "ls", "rc")  # type: ignore[misc]
+        assert sorted(snap["servers"]) == sorted(r["server"] for r in grown["replicas"])
+        shrunk: Any = node.json("volume", "update", "rc", "--replicas", "1")
+        assert shrunk["replica_count"] == 1 and len(shrunk["replicas"]) == 1
+        writes = writer.writes
+        while writer.writes < writes + 30:  # writes go on through the one left
+            assert writer.error is None, writer.error
+            time.sleep(0.02)
+    writer.verify()
+    assert "did not catch up" not in node.logs()
+    node.cli("volume", "detach", "rc")
+    bad = node.cli("volume", "update", "rc", "--replicas", "9", check=False)
+    assert bad.returncode != 0 and "invalid_replicas" in bad.stderr
+    back: Any = node.json("volume", "update", "rc", "--replicas", "2", "--wait")  # detached
+    assert [r["state"] for r in back["replicas"]] == ["in_sync"] * 2
+    node.cli("volume", "create", "rc-then", "--from", "rc@one")
+    cloned = Path(node.cli("volume", "attach", "rc-then").stdout.strip())
+    assert sha256_of(cloned / "data.bin") == digest
+    node.cli("volume", "detach", "rc-then")

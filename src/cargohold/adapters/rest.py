@@ -117,6 +117,14 @@ class CreateClone(BaseModel):
     exist_ok: bool = False
 
 
+class UpdateVolume(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    replicas: int | str = Field(json_schema_extra=lambda schema: schema.update(
+        anyOf=[{"type": "integer", "minimum": 1, "maximum": 5},
+               {"type": "string", "pattern": "^[1-5]$"}],
+        description="replicas to keep; changed online, never below the smaller count"))
+
+
 class RevertVolume(BaseModel):
     model_config = ConfigDict(extra="forbid")
     to: str = Field(json_schema_extra={"description": "VOLUME@SNAPSHOT of this volume"})
@@ -288,6 +296,13 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
     async def inspect_volume(name: str) -> dict[str, Any]:
         volume = await services.catalog.volume(name)
         return volume_view(volume, await servers(), await services.volumes.usage(volume))
+
+    @app.patch("/v1/volumes/{name}")
+    async def update_volume(name: str, body: UpdateVolume) -> dict[str, Any]:
+        """Change a volume's replica count, attached or not (new replicas fill in the
+        background: see its replicas' states)."""
+        return volume_view(await services.volumes.set_replicas(name, body.replicas),
+                           await servers())
 
     @app.delete("/v1/volumes/{name}", status_code=204)
     async def remove_volume(name: str) -> Response:

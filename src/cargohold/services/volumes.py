@@ -303,6 +303,70 @@ class VolumeService:
                  format_size(size_bytes))
         return updated
 
+    async def set_replicas(self, name: str, replicas: int | str) -> Volume:
+        """Change how many replicas ``name`` keeps, attached or not, never going below the
+        smaller count: new replicas are placed, created empty and added out of sync (the
+        engine, or the controller's resync when detached, fills them, snapshots first);
+        fewer drops the replicas out of sync first, then the others past the count."""
+        count = _replica_count(replicas)
+        volume = await self.catalog.volume(name)
+        if volume.state not in (VolumeState.DETACHED, VolumeState.ATTACHED):
+            raise VolumeBusy(name=name, state=volume.state.value)
+        if any(r.replaces for r in volume.replicas):
+            raise VolumeBusy(name=name, state="having a replica rebuilt")
+        if count > len(volume.replicas):
+            return await self._add_replicas(volume, count)
+        in_sync = [r for r in volume.replicas if r.state is ReplicaState.IN_SYNC]
+        rest = [r for r in volume.replicas if r.state is not ReplicaState.IN_SYNC]
+        keep = (in_sync + rest)[:count]
+        dropped = [r.server for r in volume.replicas if r not in keep]
+
+        def shrink(v: Volume) -> Volume:
+            if v.id != volume.id or [r.server for r in v.replicas] != [
+                    r.server for r in volume.replicas]:
+                raise VolumeBusy(name=name, state="changed meanwhile; try again")
+            v.replicas = [r for r in v.replicas if r.server not in dropped]
+            v.replica_count = count
+            return v
+
+        updated = await self.catalog.update_volume(name, shrink)
+        if dropped:
+            await self.catalog.hold_snapshots(name, drop=dropped)
+            servers = {s.id: s for s in await self.catalog.servers()}
+            await self._delete_replicas(volume.id, [servers[s] for s in dropped if s in servers])
+            for server_id in dropped:
+                if server_id not in servers:
+                    await self.catalog.add_garbage(server_id, volume.id)
+            log.info("volume %s keeps %d replicas: dropped %s", name, count, dropped)
+        return updated
+
+    async def _add_replicas(self, volume: Volume, count: int) -> Volume:
+        exclude = {r.server for r in volume.replicas} | await self.catalog.draining_servers()
+        chosen = placement.place(await self.catalog.servers_for_placement(),
+                                 count - len(volume.replicas), volume.size, exclude=exclude)
+        made: list[DataServer] = []
+        try:
+            for server in chosen:
+                made.append(server)
+                async with ServerSession(server, self.access) as client:
+                    await client.create(volume.id, volume.size)
+
+            def grow(v: Volume) -> Volume:
+                if v.id != volume.id or len(v.replicas) != len(volume.replicas):
+                    raise VolumeBusy(name=volume.name, state="changed meanwhile; try again")
+                v.replicas += [Replica(server=s.id, state=ReplicaState.OUT_OF_SYNC,
+                                       reason=f"added: {count} replicas asked")
+                               for s in chosen]
+                v.replica_count = count
+                return v
+
+            updated = await self.catalog.update_volume(volume.name, grow)
+        except BaseException:
+            await asyncio.shield(self._delete_replicas(volume.id, made))
+            raise
+        log.info("volume %s: %d replicas added, to be filled", volume.name, len(chosen))
+        return updated
+
     async def _delete_replicas(self, volume_id: str, servers: list[DataServer]) -> None:
         for server in servers:
             try:
