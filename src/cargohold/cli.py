@@ -130,7 +130,10 @@ def _parser() -> argparse.ArgumentParser:
         "snapshot", help="point-in-time copies of volumes").add_subparsers(
         dest="action", required=True)
     take = snapshot.add_parser("create", help="take a snapshot (while attached and in use)")
-    take.add_argument("ref", metavar="VOLUME@SNAPSHOT")
+    take.add_argument("refs", nargs="+", metavar="VOLUME@SNAPSHOT",
+                      help="with --group: the volumes, cut at one instant")
+    take.add_argument("--group", metavar="NAME",
+                      help="one snapshot NAME of each volume given, at one instant")
     take.add_argument("--no-freeze", action="store_true",
                       help="do not freeze the mounted file system around the cut (a clone "
                            "then replays its journal when mounted)")
@@ -139,7 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("volume", nargs="?", default="")
     output(listing)
     drop = snapshot.add_parser("rm", help="remove a snapshot and free what only it held")
-    drop.add_argument("ref", metavar="VOLUME@SNAPSHOT")
+    drop.add_argument("ref", nargs="?", metavar="VOLUME@SNAPSHOT")
+    drop.add_argument("--group", metavar="NAME", help="remove every snapshot of a group")
     output(drop)
 
     rebalance = commands.add_parser(
@@ -421,7 +425,20 @@ def _snapshot(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:
                        str(len(s["servers"]))] for s in found],
                      ["SNAPSHOT", "STATE", "CREATED", "SIZE", "ALONE", "COPIES"]))
         return 0
-    volume, name = split_snapshot(args.ref)
+    if args.action == "create" and args.group:
+        group = api.request("POST", "/v1/snapshot-groups", {
+            "name": args.group, "volumes": args.refs, "freeze": not args.no_freeze})
+        _emit(group, as_json, "\n".join(f"{s['ref']} (writes held {s['held'] * 1000:.0f} ms)"
+                                        for s in group))
+        return 0
+    if args.action == "rm" and args.group:
+        api.request("DELETE", f"/v1/snapshot-groups/{args.group}")
+        _emit({"group": args.group, "removed": True}, as_json, args.group)
+        return 0
+    if args.action == "create" and len(args.refs) != 1:
+        raise InvalidArgument(what="snapshot", detail="name one VOLUME@SNAPSHOT (several "
+                              "volumes at one instant: --group NAME VOLUME...)")
+    volume, name = split_snapshot(args.refs[0] if args.action == "create" else args.ref)
     if args.action == "create":
         taken = api.request("POST", f"/v1/volumes/{volume}/snapshots",
                             {"name": name, "freeze": not args.no_freeze})

@@ -189,3 +189,70 @@ def test_replica_count_changes_online_and_new_replicas_get_the_snapshots(node: N
     cloned = Path(node.cli("volume", "attach", "rc-then").stdout.strip())
     assert sha256_of(cloned / "data.bin") == digest
     node.cli("volume", "detach", "rc-then")
+
+
+class Pair:
+    """Writes record n to file A, fsync, then record n to file B, fsync (B's n-th record is
+    written only once A's was acknowledged): a cut at one instant holds as many records in
+    A as in B, or one more."""
+
+    def __init__(self, a: Path, b: Path) -> None:
+        self.paths = (a, b)
+        self.count = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with open(self.paths[0], "ab") as fa, open(self.paths[1], "ab") as fb:
+                while not self._stop.is_set():
+                    for f in (fa, fb):
+                        f.write(b"%08d" % self.count + b"." * (RECORD - 9) + b"\n")
+                        f.flush()
+                        os.fsync(f.fileno())
+                    self.count += 1
+        except BaseException as e:  # noqa: BLE001 - the test checks it
+            self.error = e
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+
+def test_a_group_snapshot_is_one_instant_across_volumes(node: Node) -> None:
+    for name in ("db", "wal", "cold"):
+        node.cli("volume", "create", name, "--size", "128M")
+    db = Path(node.cli("volume", "attach", "db").stdout.strip())
+    wal = Path(node.cli("volume", "attach", "wal").stdout.strip())
+    pair = Pair(db / "log", wal / "log")
+    try:
+        while pair.count < 100 and pair.error is None:
+            time.sleep(0.01)
+        taken: Any = node.json("snapshot", "create", "--group", "nightly", "db", "wal", "cold")
+        again: Any = node.json("snapshot", "create", "--group", "nightly", "db", "wal", "cold")
+    finally:
+        pair.stop()
+    assert pair.error is None, pair.error
+    assert sorted(s["ref"] for s in taken) == ["cold@nightly", "db@nightly", "wal@nightly"]
+    assert {s["id"] for s in again} == {s["id"] for s in taken}  # idempotent
+    assert all(s["group"] == "nightly" and s["state"] == "ready" for s in taken)
+    alone = node.cli("snapshot", "rm", "db@nightly", check=False)
+    assert alone.returncode != 0 and "group" in alone.stderr
+
+    counts = {}
+    for name in ("db", "wal"):
+        node.cli("volume", "create", f"{name}-n", "--from", f"{name}@nightly")
+        mountpoint = Path(node.cli("volume", "attach", f"{name}-n").stdout.strip())
+        counts[name] = _records(mountpoint / "log")
+        node.cli("volume", "detach", f"{name}-n")
+    assert counts["db"] - counts["wal"] in (0, 1), counts
+    assert counts["wal"] >= 100 - 1
+
+    node.cli("snapshot", "rm", "--group", "nightly")
+    assert node.json("snapshot", "ls") == []
+    missing = node.cli("snapshot", "rm", "--group", "nightly", check=False)
+    assert missing.returncode != 0 and "snapshot_not_found" in missing.stderr
+    for name in ("db", "wal"):
+        node.cli("volume", "detach", name)

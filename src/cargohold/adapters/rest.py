@@ -22,7 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from cargohold import __version__
 from cargohold.config import ApiToken
 from cargohold.core.models import DataServer, Node, Volume
-from cargohold.errors import CargoholdError, Forbidden, Kind, NodeNotFound, Unauthorized
+from cargohold.errors import (
+    CargoholdError,
+    Forbidden,
+    Kind,
+    NodeNotFound,
+    SnapshotNotFound,
+    Unauthorized,
+)
 from cargohold.services.agent import Agent
 from cargohold.services.clones import CloneService
 from cargohold.services.controller.controller import Controller
@@ -123,6 +130,14 @@ class UpdateVolume(BaseModel):
         anyOf=[{"type": "integer", "minimum": 1, "maximum": 5},
                {"type": "string", "pattern": "^[1-5]$"}],
         description="replicas to keep; changed online, never below the smaller count"))
+
+
+class CreateGroupSnapshot(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(json_schema_extra={"description": "the group's name, and each "
+                                         "member snapshot's (VOLUME@NAME)"})
+    volumes: list[str] = Field(min_length=1, max_length=64)
+    freeze: bool = True
 
 
 class RevertVolume(BaseModel):
@@ -340,6 +355,26 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
         """Take a snapshot (crash-consistent, while attached and in use); the same name
         again returns the one taken before."""
         return snapshot_view(await services.snapshots.create(name, body.name, body.freeze))
+
+    @app.post("/v1/snapshot-groups", status_code=201)
+    async def create_group_snapshot(body: CreateGroupSnapshot) -> list[dict[str, Any]]:
+        """Snapshot several volumes at one instant (one write barrier across their
+        engines); idempotent by name."""
+        taken = await services.snapshots.create_group(body.name, body.volumes, body.freeze)
+        return [snapshot_view(s) for s in taken]
+
+    @app.get("/v1/snapshot-groups/{name}")
+    async def inspect_group_snapshot(name: str) -> list[dict[str, Any]]:
+        found = [s for s in await services.catalog.snapshots() if s.group == name]
+        if not found:
+            raise SnapshotNotFound(name=f"group {name}")
+        return [snapshot_view(s) for s in found]
+
+    @app.delete("/v1/snapshot-groups/{name}", status_code=204)
+    async def remove_group_snapshot(name: str) -> Response:
+        if not await services.snapshots.remove_group(name):
+            raise SnapshotNotFound(name=f"group {name}")
+        return Response(status_code=204)
 
     @app.get("/v1/volumes/{name}/snapshots/{snapshot}")
     async def inspect_snapshot(name: str, snapshot: str) -> dict[str, Any]:

@@ -97,6 +97,8 @@ class Snapshot(Record):
     state: SnapshotState = SnapshotState.CUTTING
     servers: list[str] = []  # the data servers whose replicas keep it
     group: str = ""  # the group snapshot it was cut with, if any
+    group_size: int = 0  # how many volumes that group snapshot cuts at once
+    phase: str = ""  # "held": its engine holds the volume's writes for the group's cut
     freeze: bool = True  # freeze the mounted file system around the cut
     node: str = ""  # cutting an attached volume: the node whose engine cuts it,
     epoch: int = 0  # at the attachment of this epoch

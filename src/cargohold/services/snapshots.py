@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 from cargohold.clients.access import Access
@@ -23,6 +24,7 @@ from cargohold.core.names import check_name
 from cargohold.errors import (
     CargoholdError,
     DataServerUnavailable,
+    InvalidArgument,
     SnapshotExists,
     SnapshotFailed,
     TooManySnapshots,
@@ -76,6 +78,88 @@ class SnapshotService:
             await asyncio.shield(self.catalog.remove_snapshot_if(
                 snapshot, lambda s: s.id == snapshot.id))
             raise
+
+    async def create_group(self, group: str, volumes: list[str],
+                           freeze: bool = True) -> list[Snapshot]:
+        """Snapshot ``volumes`` at one instant, each as ``VOLUME@group``: the engines of the
+        attached ones each hold their writes, and once all hold, each cuts (the detached
+        ones have no writer: they are cut meanwhile). Idempotent by name, as ``create``;
+        all are taken or none is kept."""
+        check_name(group)
+        for name in volumes:
+            check_name(name)
+        if not volumes or len(set(volumes)) != len(volumes):
+            raise InvalidArgument(what="volumes", detail="name each volume once")
+        existing = [s for s in await self.catalog.snapshots() if s.group == group]
+        if existing:
+            if sorted(s.volume for s in existing) != sorted(volumes):
+                raise SnapshotExists(name=f"group {group}")
+            return [await self._existing(s, await self.catalog.volume(s.volume))
+                    for s in existing]
+        sources = [await self.catalog.volume(name) for name in volumes]
+        for source in sources:
+            if await self.catalog.find_snapshot(source.name, group) is not None:
+                raise SnapshotExists(name=f"{source.name}@{group}")
+            if not source.in_sync():
+                raise VolumeBusy(name=source.name, state="without a replica in sync")
+            if source.state not in (VolumeState.ATTACHED, VolumeState.DETACHED):
+                raise VolumeBusy(name=source.name, state=source.state.value)
+        members: list[Snapshot] = []
+        detached: list[Snapshot] = []
+        created = time.time()
+        try:
+            for source in sources:
+                member = Snapshot(id=uuid.uuid4().hex, name=group, volume=source.name,
+                                  volume_id=source.id, size=source.size, freeze=freeze,
+                                  group=group, group_size=len(sources), created=created)
+                att = source.attachment
+                if att is not None:
+                    member.node, member.epoch = att.node, att.epoch
+                else:
+                    detached.append(member)
+                await self.catalog.add_snapshot(member)
+                members.append(member)
+            for member in detached:  # no writer: any moment is the group's instant
+                await self._cut_detached(member)
+            done = [await self._await_cut(m) for m in members]
+        except BaseException as e:
+            log.error("group snapshot %s failed, rolling back: %s", group, e)
+            await asyncio.shield(self._give_up(members))
+            if isinstance(e, CargoholdError) and not isinstance(e, SnapshotFailed):
+                raise SnapshotFailed(name=f"group {group}", detail=str(e)) from e
+            raise
+        log.info("group snapshot %s of %s taken", group, volumes)
+        return done
+
+    async def _give_up(self, members: list[Snapshot]) -> None:
+        """Undo a group snapshot: fail what is still being cut, remove what was cut."""
+        def failed(s: Snapshot) -> Snapshot | None:
+            if s.state is not SnapshotState.CUTTING:
+                return None
+            s.state, s.error = SnapshotState.FAILED, "the group snapshot was given up"
+            return s
+
+        for member in members:
+            await self.catalog.update_snapshot(member.volume, member.name, failed)
+        for member in members:
+            now = await self.catalog.find_snapshot(member.volume, member.name)
+            if now is None or now.id != member.id:
+                continue
+            try:
+                if now.state is SnapshotState.READY:
+                    await self.remove(member.volume, member.name, group_ok=True)
+                else:
+                    await self.catalog.remove_snapshot_if(now, partial(_is, member.id))
+            except CargoholdError as e:
+                log.warning("group snapshot member %s left: %s", member.ref, e)
+
+    async def remove_group(self, group: str) -> int:
+        """Remove every snapshot of group ``group``; return how many."""
+        check_name(group)
+        members = [s for s in await self.catalog.snapshots() if s.group == group]
+        for member in members:
+            await self.remove(member.volume, member.name, group_ok=True)
+        return len(members)
 
     async def _existing(self, snapshot: Snapshot, source: Volume) -> Snapshot:
         if snapshot.volume_id != source.id:
@@ -149,11 +233,16 @@ class SnapshotService:
                 left.append(server.id)
         return left
 
-    async def remove(self, volume: str, name: str) -> None:
-        """Remove snapshot ``volume@name`` and free the space only it held."""
+    async def remove(self, volume: str, name: str, group_ok: bool = False) -> None:
+        """Remove snapshot ``volume@name`` and free the space only it held. A member of a
+        group snapshot goes with its group only (``group_ok``: the group is going)."""
         snapshot = await self.catalog.snapshot(volume, name)
         if snapshot.state is SnapshotState.CUTTING:
             raise VolumeBusy(name=snapshot.ref, state="being cut")
+        if snapshot.group and not group_ok:
+            raise VolumeBusy(name=snapshot.ref, state=f"part of group snapshot "
+                             f"{snapshot.group!r} (remove the group: 'cargohold snapshot rm "
+                             f"--group {snapshot.group}')")
 
         def deleting(s: Snapshot) -> Snapshot | None:
             if s.id != snapshot.id:
@@ -207,6 +296,10 @@ class SnapshotService:
                         found[info["id"]] = int(info["unique"])
                 break
         return found
+
+
+def _is(snapshot_id: str, snapshot: Snapshot) -> bool:
+    return snapshot.id == snapshot_id
 
 
 def snapshot_view(snapshot: Snapshot, unique: int | None = None) -> dict[str, Any]:

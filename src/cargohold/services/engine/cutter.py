@@ -19,7 +19,7 @@ import time
 
 from cargohold.clients import kernel
 from cargohold.core.models import Snapshot, SnapshotState, snapshot_key
-from cargohold.errors import CargoholdError, Fenced, LeaseLost
+from cargohold.errors import CargoholdError, Fenced, LeaseLost, SnapshotFailed
 from cargohold.services.engine.replicaset import ReplicaSet
 from cargohold.stores.catalog import Catalog
 
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: How often the records are read again without a change seen (a missed watch event).
 RECHECK = 2.0
+#: The longest an engine holds its volume's writes waiting for the rest of a group snapshot.
+GROUP_HOLD = 10.0
 
 
 class Cutter:
@@ -92,16 +94,21 @@ class Cutter:
         started = time.monotonic()
         error = ""
         servers: list[str] = []
-        barrier = 0.0
-        frozen = False
+        frozen = holding = False
         try:
             if mountpoint:
                 await asyncio.to_thread(kernel.freeze, mountpoint)
                 frozen = True
-            servers, barrier = await self.replicas.snapshot(snapshot.id, snapshot.created)
+            await self.replicas.hold()
+            holding = True
+            if snapshot.group:
+                await self._hold_for_group(snapshot)
+            servers = await self.replicas.cut(snapshot.id, snapshot.created)
         except CargoholdError as e:
             error = str(e)
         finally:
+            if holding:
+                self.replicas.release()
             if frozen:
                 try:
                     await asyncio.to_thread(kernel.thaw, mountpoint)
@@ -111,14 +118,14 @@ class Cutter:
         if error:
             log.error("%s: snapshot %s failed: %s", self.name, snapshot.name, error)
         else:
-            log.info("%s: snapshot %s cut on %s; writes held %.1f ms (barrier %.1f ms)",
-                     self.name, snapshot.name, servers, held * 1000, barrier * 1000)
+            log.info("%s: snapshot %s cut on %s; writes held %.1f ms", self.name,
+                     snapshot.name, servers, held * 1000)
 
         def outcome(s: Snapshot) -> Snapshot | None:
             if not self._mine(s) or s.id != snapshot.id:
                 return None
             s.state = SnapshotState.FAILED if error else SnapshotState.READY
-            s.servers, s.held, s.error = servers, held, error
+            s.servers, s.held, s.error, s.phase = servers, held, error, ""
             return s
 
         recorded = await self.catalog.update_snapshot(self.name, snapshot.name, outcome)
@@ -129,6 +136,33 @@ class Cutter:
             await self._forget(snapshot.id)
             return 0
         return 0 if error else 1
+
+    async def _hold_for_group(self, snapshot: Snapshot) -> None:
+        """Say this volume is held, then wait (writes held) until every volume of the group
+        is held or cut: that moment is the group's one instant. A member that failed, or a
+        wait over ``GROUP_HOLD``, fails this cut too (and lets the writes go)."""
+        def held(s: Snapshot) -> Snapshot | None:
+            if not self._mine(s) or s.id != snapshot.id:
+                raise SnapshotFailed(name=snapshot.ref, detail="the group was given up")
+            s.phase = "held"
+            return s
+
+        await self.catalog.update_snapshot(self.name, snapshot.name, held)
+        deadline = time.monotonic() + GROUP_HOLD
+        while True:
+            members = [s for s in await self.catalog.snapshots()
+                       if s.group == snapshot.group]
+            if any(s.state is SnapshotState.FAILED for s in members) or not any(
+                    s.id == snapshot.id for s in members):
+                raise SnapshotFailed(name=snapshot.ref, detail="another volume of the group "
+                                     "failed")
+            if len(members) >= snapshot.group_size and all(
+                    s.phase == "held" or s.state is SnapshotState.READY for s in members):
+                return
+            if time.monotonic() > deadline:
+                raise SnapshotFailed(name=snapshot.ref, detail=f"the other volumes of group "
+                                     f"{snapshot.group} were not held within {GROUP_HOLD:g} s")
+            await asyncio.sleep(0.005)
 
     async def _forget(self, snapshot_id: str) -> None:
         for member in list(self.replicas.members):

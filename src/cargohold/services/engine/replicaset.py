@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,14 +40,8 @@ from cargohold.errors import (
     NoReplicaLeft,
     NoSpace,
 )
-from cargohold.services.copies import (
-    WINDOW,
-    Budget,
-    ScrubReport,
-    put_copy,
-    replay_snapshots,
-    together,
-)
+from cargohold.services import copies
+from cargohold.services.copies import WINDOW, Budget, ScrubReport, put_copy, together
 from cargohold.services.engine.fanin import FanIn, chain
 from cargohold.services.engine.localreader import LocalReplicaReader
 
@@ -108,7 +101,7 @@ class ReplicaSet:
         self._locked: dict[int, asyncio.Future[None]] = {}  # chunk → its copy is done
         self._chunk_inflight: dict[int, int] = {}
         self._chunk_idle: dict[int, asyncio.Future[None]] = {}
-        self._catching_up = 0  # replicas catching up: snapshots wait (``snapshot``)
+        self._catching_up = 0  # replicas catching up: cuts wait for them (``hold``)
 
     async def open(self) -> None:
         """Connect to every in-sync replica and claim it with this attachment's epoch."""
@@ -301,8 +294,8 @@ class ReplicaSet:
             # Its snapshots first, from a member (snapshots do not change: no write of
             # ours touches them); no snapshot is cut until it has joined and caught up.
             self._catching_up += 1
-            await replay_snapshots(self.members[0].client, client, self.volume_id, self.epoch,
-                                   self.size)
+            await copies.replay_snapshots(self.members[0].client, client, self.volume_id,
+                                          self.epoch, self.size)
             # Its generations before it gets any write: a chunk that differs from the
             # members' then is copied whole, even if new writes touch part of it meanwhile.
             before = generation_table(await client.generations(self.volume_id,
@@ -699,26 +692,28 @@ class ReplicaSet:
         )
         await self._settle(members, results, "flush")
 
-    async def snapshot(self, snapshot_id: str, created: float) -> tuple[list[str], float]:
-        """Cut snapshot ``snapshot_id`` on every in-sync replica at one write barrier:
-        writes acknowledged before are in it, none that come after (they wait). Returns the
-        data servers that hold it and how long writes were held (seconds). A replica that
-        fails it fails the snapshot: the others forget theirs, and the error is raised."""
+    async def hold(self) -> None:
+        """Hold new writes and trims once those in flight have landed, and once no replica
+        is catching up (it would miss what is cut now): a write barrier, ``release`` ends
+        it."""
         self._check_fenced()
-        while self._catching_up:  # a replica joining would miss it: wait for it to join
+        while self._catching_up:
             await asyncio.sleep(0.05)
             self._check_fenced()
         await self._pause()
-        held = time.monotonic()
-        try:
-            self._check_fenced()
-            members = list(self.members)
-            results = await asyncio.gather(
-                *(m.client.snapshot(self.volume_id, self.epoch, snapshot_id, created)
-                  for m in members), return_exceptions=True)
-        finally:
-            self._resume()
-            held = time.monotonic() - held
+
+    def release(self) -> None:
+        self._resume()
+
+    async def cut(self, snapshot_id: str, created: float) -> list[str]:
+        """Take snapshot ``snapshot_id`` on every member, writes held (``hold``); return
+        the data servers that keep it. One that fails it fails the snapshot: the others
+        forget theirs and the error is raised."""
+        self._check_fenced()
+        members = list(self.members)
+        results = await asyncio.gather(
+            *(m.client.snapshot(self.volume_id, self.epoch, snapshot_id, created)
+              for m in members), return_exceptions=True)
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is not None:
             if isinstance(failed, Fenced):
@@ -728,7 +723,7 @@ class ReplicaSet:
                   for m, r in zip(members, results, strict=True)
                   if not isinstance(r, BaseException)), return_exceptions=True)
             raise failed
-        return [m.server.id for m in members], held
+        return [m.server.id for m in members]
 
     async def trim(self, offset: int, length: int) -> None:
         self._check_fenced()
