@@ -148,6 +148,14 @@ class SnapshotExists(CargoholdError):
     kind = Kind.CONFLICT
 
 
+class SnapshotInGroup(CargoholdError):
+    """Snapshot {name!r} is part of group snapshot {group!r} and goes only with it
+    ('cargohold snapshot rm --group {group}')."""
+
+    code = "snapshot_in_group"
+    kind = Kind.CONFLICT
+
+
 class TooManySnapshots(CargoholdError):
     """Volume {name!r} keeps {count} snapshots, the most a volume may keep. Remove some
     ('cargohold snapshot rm') before taking more."""

@@ -167,7 +167,8 @@ def test_identity_and_capabilities(csi: Csi) -> None:
     caps = csi.call(csi.identity.GetPluginCapabilities, pb.GetPluginCapabilitiesRequest())
     service = pb.PluginCapability.Service
     assert sorted(c.service.type for c in caps.capabilities if c.HasField("service")) == [
-        service.CONTROLLER_SERVICE, service.VOLUME_ACCESSIBILITY_CONSTRAINTS]
+        service.CONTROLLER_SERVICE, service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
+        service.GROUP_CONTROLLER_SERVICE]
     expansion = pb.PluginCapability.VolumeExpansion
     assert [c.volume_expansion.type for c in caps.capabilities
             if c.HasField("volume_expansion")] == [expansion.ONLINE]
@@ -179,7 +180,14 @@ def test_identity_and_capabilities(csi: Csi) -> None:
                     pb.ControllerGetCapabilitiesRequest())
     assert sorted(c.rpc.type for c in caps.capabilities) == sorted([
         rpc.CREATE_DELETE_VOLUME, rpc.PUBLISH_UNPUBLISH_VOLUME, rpc.LIST_VOLUMES,
-        rpc.GET_CAPACITY, rpc.LIST_VOLUMES_PUBLISHED_NODES, rpc.EXPAND_VOLUME])
+        rpc.GET_CAPACITY, rpc.LIST_VOLUMES_PUBLISHED_NODES, rpc.EXPAND_VOLUME,
+        rpc.CREATE_DELETE_SNAPSHOT, rpc.LIST_SNAPSHOTS, rpc.CLONE_VOLUME, rpc.GET_SNAPSHOT,
+        rpc.MODIFY_VOLUME])
+    group = stubs.GroupControllerStub(csi.channel)
+    caps = csi.call(group.GroupControllerGetCapabilities,
+                    pb.GroupControllerGetCapabilitiesRequest())
+    assert [c.rpc.type for c in caps.capabilities] == [
+        pb.GroupControllerServiceCapability.RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT]
     node_rpc = pb.NodeServiceCapability.RPC
     caps = csi.call(csi.nodes.NodeGetCapabilities, pb.NodeGetCapabilitiesRequest())
     assert sorted(c.rpc.type for c in caps.capabilities) == [
@@ -189,20 +197,12 @@ def test_identity_and_capabilities(csi: Csi) -> None:
     assert dict(info.accessible_topology.segments) == {"cargohold.io/node": "node1"}
 
 
-def test_snapshots_and_other_services_are_unimplemented(csi: Csi) -> None:
-    c = csi.controller
-    for method, request in [
-        (c.CreateSnapshot, pb.CreateSnapshotRequest(name="s", source_volume_id="v")),
-        (c.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id="s")),
-        (c.ListSnapshots, pb.ListSnapshotsRequest()),
-        (c.GetSnapshot, pb.GetSnapshotRequest(snapshot_id="s")),
-        (c.ControllerGetVolume, pb.ControllerGetVolumeRequest(volume_id="v")),
-        (c.ControllerModifyVolume, pb.ControllerModifyVolumeRequest(volume_id="v")),
-    ]:
-        csi.fails(Code.UNIMPLEMENTED, method, request)
-    group = csi.channel.unary_unary("/csi.v1.GroupController/GroupControllerGetCapabilities",
-                                    request_serializer=bytes, response_deserializer=bytes)
-    csi.fails(Code.UNIMPLEMENTED, group, b"")
+def test_what_is_not_served_is_unimplemented(csi: Csi) -> None:
+    csi.fails(Code.UNIMPLEMENTED, csi.controller.ControllerGetVolume,
+              pb.ControllerGetVolumeRequest(volume_id="v"))
+    metadata = csi.channel.unary_unary("/csi.v1.SnapshotMetadata/GetMetadataAllocated",
+                                       request_serializer=bytes, response_deserializer=bytes)
+    csi.fails(Code.UNIMPLEMENTED, metadata, b"")
 
 
 # --- Controller ------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def test_create_volume_is_idempotent_and_refuses_what_it_cannot_do(csi: Csi) -> 
         name="pvc-2", volume_capabilities=[mount_cap(fs="btrfs")]))
     csi.fails(Code.INVALID_ARGUMENT, create, pb.CreateVolumeRequest(
         name="pvc-2", volume_capabilities=[mount_cap()], parameters={"replicas": "two"}))
-    csi.fails(Code.INVALID_ARGUMENT, create, pb.CreateVolumeRequest(
+    csi.fails(Code.NOT_FOUND, create, pb.CreateVolumeRequest(
         name="pvc-2", volume_capabilities=[mount_cap()],
         volume_content_source=pb.VolumeContentSource(
             snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id="s"))))
@@ -873,3 +873,135 @@ def test_encrypted_volumes_take_their_key_from_a_csi_secret(csi: Csi, tmp_path: 
     csi.unstage(volume.volume_id, staging)
     replicas = [p for disk in csi.node.data_dirs for p in disk.rglob("*") if p.is_file()]
     assert not any(data[:4096] in p.read_bytes() for p in replicas)  # ciphertext only
+
+
+# --- Snapshots, clones, group snapshots, modify ------------------------------------------
+
+
+def _write_through_csi(csi: Csi, tmp_path: Path, volume_id: str, name: str,
+                       data: bytes | None) -> bytes:
+    """Stage and publish ``volume_id``, write ``data`` to file ``name`` (None: read it), then
+    unpublish and unstage; return the file's bytes."""
+    cap = mount_cap()
+    staging, target = tmp_path / f"st-{volume_id}", tmp_path / "pods" / volume_id / "mount"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    csi.stage(volume_id, staging, cap)
+    csi.publish(volume_id, staging, target, cap)
+    try:
+        if data is not None:
+            with open(target / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        return (target / name).read_bytes()
+    finally:
+        csi.unpublish(volume_id, target)
+        csi.unstage(volume_id, staging)
+
+
+def test_snapshots_clones_and_groups_through_csi(csi: Csi, tmp_path: Path) -> None:
+    c = csi.controller
+    source = csi.create("pvc-src", 128 * MIB).volume_id
+    first = _write_through_csi(csi, tmp_path, source, "f", os.urandom(4 * MIB))
+
+    snap = csi.call(c.CreateSnapshot, pb.CreateSnapshotRequest(
+        name="snapshot-1", source_volume_id=source)).snapshot
+    assert (snap.snapshot_id, snap.source_volume_id, snap.ready_to_use) == (
+        "pvc-src@snapshot-1", source, True)
+    assert snap.size_bytes == 128 * MIB and snap.creation_time.seconds > 0
+    again = csi.call(c.CreateSnapshot, pb.CreateSnapshotRequest(
+        name="snapshot-1", source_volume_id=source)).snapshot
+    assert again == snap  # idempotent
+    other = csi.create("pvc-other", 64 * MIB).volume_id
+    csi.fails(Code.ALREADY_EXISTS, c.CreateSnapshot, pb.CreateSnapshotRequest(
+        name="snapshot-1", source_volume_id=other))
+    csi.fails(Code.NOT_FOUND, c.CreateSnapshot, pb.CreateSnapshotRequest(
+        name="snapshot-2", source_volume_id="no-such-volume"))
+    csi.fails(Code.INVALID_ARGUMENT, c.CreateSnapshot, pb.CreateSnapshotRequest(
+        name="snapshot-2", source_volume_id=source, parameters={"color": "red"}))
+    csi.fails(Code.INVALID_ARGUMENT, c.CreateSnapshot, pb.CreateSnapshotRequest(name="x"))
+    second = csi.call(c.CreateSnapshot, pb.CreateSnapshotRequest(
+        name="snapshot-2", source_volume_id=source,
+        parameters={"freeze": "false"})).snapshot
+
+    listed = csi.call(c.ListSnapshots, pb.ListSnapshotsRequest())
+    assert [e.snapshot.snapshot_id for e in listed.entries] == [
+        "pvc-src@snapshot-1", "pvc-src@snapshot-2"]
+    page = csi.call(c.ListSnapshots, pb.ListSnapshotsRequest(max_entries=1))
+    assert len(page.entries) == 1 and page.next_token
+    rest = csi.call(c.ListSnapshots, pb.ListSnapshotsRequest(starting_token=page.next_token))
+    assert [e.snapshot.snapshot_id for e in rest.entries] == ["pvc-src@snapshot-2"]
+    csi.fails(Code.ABORTED, c.ListSnapshots, pb.ListSnapshotsRequest(starting_token="bogus"))
+    by_id = csi.call(c.ListSnapshots, pb.ListSnapshotsRequest(snapshot_id=second.snapshot_id))
+    assert [e.snapshot for e in by_id.entries] == [second]
+    assert not csi.call(c.ListSnapshots, pb.ListSnapshotsRequest(snapshot_id="nope")).entries
+    assert not csi.call(c.ListSnapshots, pb.ListSnapshotsRequest(
+        source_volume_id=other)).entries
+    assert csi.call(c.GetSnapshot, pb.GetSnapshotRequest(
+        snapshot_id=snap.snapshot_id)).snapshot == snap
+    csi.fails(Code.NOT_FOUND, c.GetSnapshot, pb.GetSnapshotRequest(snapshot_id="pvc-src@no"))
+
+    _write_through_csi(csi, tmp_path, source, "f", os.urandom(4 * MIB))  # the source moves on
+    from_snapshot = pb.VolumeContentSource(
+        snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot_id))
+    restored = csi.call(c.CreateVolume, pb.CreateVolumeRequest(
+        name="pvc-restored", volume_capabilities=[mount_cap()],
+        capacity_range=pb.CapacityRange(required_bytes=256 * MIB),  # larger: grown
+        volume_content_source=from_snapshot)).volume
+    assert restored.content_source == from_snapshot and restored.capacity_bytes == 256 * MIB
+    assert _write_through_csi(csi, tmp_path, restored.volume_id, "f", None) == first
+    csi.fails(Code.OUT_OF_RANGE, c.CreateVolume, pb.CreateVolumeRequest(
+        name="pvc-small", volume_capabilities=[mount_cap()],
+        capacity_range=pb.CapacityRange(limit_bytes=64 * MIB),
+        volume_content_source=from_snapshot))
+    from_volume = pb.VolumeContentSource(
+        volume=pb.VolumeContentSource.VolumeSource(volume_id=source))
+    cloned = csi.call(c.CreateVolume, pb.CreateVolumeRequest(
+        name="pvc-clone", volume_capabilities=[mount_cap()],
+        volume_content_source=from_volume)).volume
+    assert cloned.content_source == from_volume and cloned.capacity_bytes == 128 * MIB
+    assert _write_through_csi(csi, tmp_path, cloned.volume_id, "f", None) != first
+
+    # a volume with snapshots is not deleted (the spec's FAILED_PRECONDITION)
+    csi.fails(Code.FAILED_PRECONDITION, c.DeleteVolume, pb.DeleteVolumeRequest(volume_id=source))
+
+    group_stub = stubs.GroupControllerStub(csi.channel)
+    group = csi.call(group_stub.CreateVolumeGroupSnapshot, pb.CreateVolumeGroupSnapshotRequest(
+        name="groupsnapshot-1", source_volume_ids=[source, other])).group_snapshot
+    assert group.group_snapshot_id == "groupsnapshot-1" and group.ready_to_use
+    assert sorted(s.snapshot_id for s in group.snapshots) == [
+        "pvc-other@groupsnapshot-1", "pvc-src@groupsnapshot-1"]
+    assert all(s.group_snapshot_id == "groupsnapshot-1" for s in group.snapshots)
+    same = csi.call(group_stub.CreateVolumeGroupSnapshot, pb.CreateVolumeGroupSnapshotRequest(
+        name="groupsnapshot-1", source_volume_ids=[other, source])).group_snapshot
+    assert sorted(s.snapshot_id for s in same.snapshots) == sorted(
+        s.snapshot_id for s in group.snapshots)
+    csi.fails(Code.ALREADY_EXISTS, group_stub.CreateVolumeGroupSnapshot,
+              pb.CreateVolumeGroupSnapshotRequest(name="groupsnapshot-1",
+                                                  source_volume_ids=[source]))
+    fetched = csi.call(group_stub.GetVolumeGroupSnapshot, pb.GetVolumeGroupSnapshotRequest(
+        group_snapshot_id="groupsnapshot-1")).group_snapshot
+    assert fetched.group_snapshot_id == "groupsnapshot-1" and len(fetched.snapshots) == 2
+    csi.fails(Code.FAILED_PRECONDITION, c.DeleteSnapshot, pb.DeleteSnapshotRequest(
+        snapshot_id="pvc-src@groupsnapshot-1"))  # a member goes with its group
+    csi.call(group_stub.DeleteVolumeGroupSnapshot, pb.DeleteVolumeGroupSnapshotRequest(
+        group_snapshot_id="groupsnapshot-1"))
+    csi.call(group_stub.DeleteVolumeGroupSnapshot, pb.DeleteVolumeGroupSnapshotRequest(
+        group_snapshot_id="groupsnapshot-1"))  # again: fine
+    csi.fails(Code.NOT_FOUND, group_stub.GetVolumeGroupSnapshot,
+              pb.GetVolumeGroupSnapshotRequest(group_snapshot_id="groupsnapshot-1"))
+
+    # replicas changed through a VolumeAttributesClass
+    csi.call(c.ControllerModifyVolume, pb.ControllerModifyVolumeRequest(
+        volume_id=other, mutable_parameters={"replicas": "3"}))
+    assert _inspect(csi.node, other)["replica_count"] == 3
+    csi.fails(Code.INVALID_ARGUMENT, c.ControllerModifyVolume, pb.ControllerModifyVolumeRequest(
+        volume_id=other, mutable_parameters={"color": "red"}))
+    csi.fails(Code.NOT_FOUND, c.ControllerModifyVolume, pb.ControllerModifyVolumeRequest(
+        volume_id="no-such-volume", mutable_parameters={"replicas": "3"}))
+
+    for snapshot_id in (snap.snapshot_id, second.snapshot_id):
+        csi.call(c.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id=snapshot_id))
+        csi.call(c.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id=snapshot_id))  # again
+    assert not csi.call(c.ListSnapshots, pb.ListSnapshotsRequest()).entries
+    csi.call(c.DeleteVolume, pb.DeleteVolumeRequest(volume_id=source))

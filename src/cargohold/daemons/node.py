@@ -175,7 +175,7 @@ class NodeDaemon:
             if config.csi_endpoint is not None:
                 csi_server = await serve_csi(config.csi_endpoint.path, catalog, volumes, agent,
                                              lambda: services.ready, config.csi_kubelet_dir,
-                                             audit)
+                                             services.snapshots, services.clones, audit)
             services.ready = True
             log.info("node %s ready: %d data servers, API on %s", config.name,
                      len(self.processes), ", ".join(e.url for e in config.api))

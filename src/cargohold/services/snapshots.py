@@ -27,6 +27,7 @@ from cargohold.errors import (
     InvalidArgument,
     SnapshotExists,
     SnapshotFailed,
+    SnapshotInGroup,
     TooManySnapshots,
     VolumeBusy,
 )
@@ -240,9 +241,7 @@ class SnapshotService:
         if snapshot.state is SnapshotState.CUTTING:
             raise VolumeBusy(name=snapshot.ref, state="being cut")
         if snapshot.group and not group_ok:
-            raise VolumeBusy(name=snapshot.ref, state=f"part of group snapshot "
-                             f"{snapshot.group!r} (remove the group: 'cargohold snapshot rm "
-                             f"--group {snapshot.group}')")
+            raise SnapshotInGroup(name=snapshot.ref, group=snapshot.group)
 
         def deleting(s: Snapshot) -> Snapshot | None:
             if s.id != snapshot.id:

@@ -1,4 +1,5 @@
-"""The CSI Controller service: create, delete, publish, list, expand and report capacity."""
+"""The CSI Controller service: create (also from a snapshot or a volume), delete, publish,
+list, expand, modify and report capacity; its snapshot calls are in :mod:`.snapshots`."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from cargohold.adapters.csi.rpc import (
     expanded_size,
     fits,
     flag,
+    mutable,
     page_token,
     parameters,
     refused,
@@ -35,17 +37,21 @@ from cargohold.adapters.csi.rpc import (
     volume_name,
     volume_size,
 )
+from cargohold.adapters.csi.snapshots import SnapshotCalls, find_snapshot
 from cargohold.core.cipher import read_key
-from cargohold.core.models import ServerState, Volume
-from cargohold.core.sizes import MAX_VOLUME_SIZE, format_size
+from cargohold.core.models import ServerState, SnapshotState, Volume
+from cargohold.core.sizes import MAX_VOLUME_SIZE, MIB, format_size
 from cargohold.errors import (
     CargoholdError,
     InvalidArgument,
     InvalidOption,
     NodeNotFound,
+    SnapshotNotFound,
     VolumeNotFound,
 )
 from cargohold.services.agent import Agent
+from cargohold.services.clones import CloneService
+from cargohold.services.snapshots import SnapshotService
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
@@ -53,12 +59,15 @@ from cargohold.stores.catalog import Catalog
 log = logging.getLogger(__name__)
 
 
-class CsiController(pb_grpc.ControllerServicer):
+class CsiController(SnapshotCalls, pb_grpc.ControllerServicer):
     def __init__(self, catalog: Catalog, volumes: VolumeService, agent: Agent,
-                 locks: Locks, audit: AuditLog | None = None) -> None:
+                 locks: Locks, snapshots: SnapshotService, clones: CloneService,
+                 audit: AuditLog | None = None) -> None:
         self.audit = audit  # every change is written there (``rpc``)
         self.catalog = catalog
         self.volumes = volumes
+        self.snapshots = snapshots
+        self.clones = clones
         self.agent = agent
         self.lock = locks
 
@@ -67,15 +76,13 @@ class CsiController(pb_grpc.ControllerServicer):
         csi_name = required(request.name, "name")
         if not request.volume_capabilities:
             raise InvalidArgument(what="request", detail="volume_capabilities is missing")
-        if request.HasField("volume_content_source"):
-            raise InvalidArgument(what="volume_content_source", detail="cargohold cannot yet "
-                                  "create a volume from a snapshot or another volume")
-        if request.mutable_parameters:
-            raise InvalidArgument(what="mutable_parameters", detail="not supported")
+        source = await self._content_source(request)
         params = parameters(request.parameters)
+        params.update(mutable(request.mutable_parameters))
         fs_types = {c.mount.fs_type for c in request.volume_capabilities
                     if access_type(c) == "mount" and c.mount.fs_type}
-        fs = params.get("fs") or (fs_types.pop() if len(fs_types) == 1 else PARAMETERS["fs"])
+        named = params.get("fs") or (fs_types.pop() if len(fs_types) == 1 else "")
+        fs = named or PARAMETERS["fs"]
         for cap in request.volume_capabilities:
             problem = capability_problem(required_capability(cap, True), fs)
             if problem:
@@ -112,13 +119,59 @@ class CsiController(pb_grpc.ControllerServicer):
                                    f"{'+'.join(access)}")
                 size = existing.size
             try:
-                volume = await self.volumes.create(name, size, replicas, fs, exist_ok=True,
-                                                   encrypt=encrypt, key=key)
+                if source is not None:
+                    volume = await self._clone(name, source, request, named, replicas)
+                else:
+                    volume = await self.volumes.create(name, size, replicas, fs, exist_ok=True,
+                                                       encrypt=encrypt, key=key)
             except CargoholdError:
                 if existing is None and await self.catalog.find_volume(name) is None:
                     await self.catalog.drop_csi_record("volumes", name)  # the name is free again
                 raise
-        return pb.CreateVolumeResponse(volume=self._volume(volume, nodes))
+        made = self._volume(volume, nodes)
+        if request.HasField("volume_content_source"):
+            made.content_source.CopyFrom(request.volume_content_source)
+        return pb.CreateVolumeResponse(volume=made)
+
+    async def _content_source(self, request: pb.CreateVolumeRequest) -> str | None:
+        """What a volume is made from: a snapshot id or a volume name (None: empty)."""
+        if not request.HasField("volume_content_source"):
+            return None
+        source = request.volume_content_source
+        kind = source.WhichOneof("type")
+        if kind == "snapshot":
+            snapshot = await find_snapshot(self.catalog, source.snapshot.snapshot_id)
+            if snapshot is None or snapshot.state is not SnapshotState.READY:
+                raise SnapshotNotFound(name=source.snapshot.snapshot_id)
+            return snapshot.ref
+        if kind == "volume":
+            if await self.catalog.find_volume(source.volume.volume_id) is None:
+                raise VolumeNotFound(name=source.volume.volume_id)
+            return source.volume.volume_id
+        raise InvalidArgument(what="volume_content_source", detail="names no snapshot or volume")
+
+    async def _clone(self, name: str, source: str, request: pb.CreateVolumeRequest, fs: str,
+                     replicas: int) -> Volume:
+        """A volume made from ``source``: at least the source's size (a larger one grows);
+        OUT_OF_RANGE when the source does not fit the limit."""
+        existing = await self.catalog.find_volume(name)
+        if existing is not None:
+            if existing.source != source and not existing.source.startswith(f"{source}@"):
+                raise refused(Code.ALREADY_EXISTS, f"volume {name!r} exists, made from "
+                              f"{existing.source or 'nothing'}")
+            return existing
+        volume_of, _, snapshot_of = source.partition("@")
+        origin = await self.catalog.volume(volume_of)
+        size = (await self.catalog.snapshot(volume_of, snapshot_of)).size if snapshot_of \
+            else origin.size
+        if size > (request.capacity_range.limit_bytes or size):
+            raise refused(Code.OUT_OF_RANGE, f"the source is {size} bytes, above "
+                          f"limit_bytes {request.capacity_range.limit_bytes}")
+        if fs and fs != origin.fs:  # a clone holds its source's file system
+            raise InvalidArgument(what="volume_capabilities", detail=f"the source holds "
+                                  f"{origin.fs}, not {fs}")
+        size = max(size, -(-request.capacity_range.required_bytes // MIB) * MIB)
+        return await self.clones.clone(name, source, size, replicas, exist_ok=True)
 
     async def _accessible(self, requirement: pb.TopologyRequirement) -> list[str]:
         """The nodes a new volume is accessible from: every node (attach works anywhere),
@@ -258,14 +311,12 @@ class CsiController(pb_grpc.ControllerServicer):
                                         ) -> Any:
         rpc = pb.ControllerServiceCapability.RPC
         kinds = (rpc.CREATE_DELETE_VOLUME, rpc.PUBLISH_UNPUBLISH_VOLUME, rpc.LIST_VOLUMES,
-                 rpc.GET_CAPACITY, rpc.LIST_VOLUMES_PUBLISHED_NODES, rpc.EXPAND_VOLUME)
+                 rpc.GET_CAPACITY, rpc.LIST_VOLUMES_PUBLISHED_NODES, rpc.EXPAND_VOLUME,
+                 rpc.CREATE_DELETE_SNAPSHOT, rpc.LIST_SNAPSHOTS, rpc.CLONE_VOLUME,
+                 rpc.GET_SNAPSHOT, rpc.MODIFY_VOLUME)
         return pb.ControllerGetCapabilitiesResponse(capabilities=[
             pb.ControllerServiceCapability(rpc=rpc(type=kind)) for kind in kinds])
 
-    CreateSnapshot = unimplemented("snapshots")
-    DeleteSnapshot = unimplemented("snapshots")
-    ListSnapshots = unimplemented("snapshots")
-    GetSnapshot = unimplemented("snapshots")
     @rpc
     async def ControllerExpandVolume(self, request: pb.ControllerExpandVolumeRequest) -> Any:
         """Grow the volume (replicas and record). A mount volume's file system grows in
@@ -296,6 +347,17 @@ class CsiController(pb_grpc.ControllerServicer):
         att = volume.attachment
         return "block" if att is not None and att.device and not att.mountpoint else "mount"
     ControllerGetVolume = unimplemented("ControllerGetVolume")
-    ControllerModifyVolume = unimplemented("volume modification")
+
+    @rpc
+    async def ControllerModifyVolume(self, request: pb.ControllerModifyVolumeRequest) -> Any:
+        """The mutable parameter ``replicas`` (a VolumeAttributesClass): the replica count
+        changes online."""
+        name = required(request.volume_id, "volume_id")
+        wanted = mutable(request.mutable_parameters)
+        async with self.lock(name):
+            volume = await self.catalog.volume(name)
+            if "replicas" in wanted and replica_count(wanted["replicas"]) != volume.replica_count:
+                await self.volumes.set_replicas(name, replica_count(wanted["replicas"]))
+        return pb.ControllerModifyVolumeResponse()
 
 

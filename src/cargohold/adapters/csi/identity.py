@@ -37,7 +37,8 @@ class CsiIdentity(pb_grpc.IdentityServicer):
         expansion = pb.PluginCapability.VolumeExpansion
         return pb.GetPluginCapabilitiesResponse(capabilities=[
             *(pb.PluginCapability(service=service(type=kind))
-              for kind in (service.CONTROLLER_SERVICE, service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
+              for kind in (service.CONTROLLER_SERVICE, service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
+                           service.GROUP_CONTROLLER_SERVICE)),
             pb.PluginCapability(volume_expansion=expansion(type=expansion.ONLINE))])
 
     @rpc

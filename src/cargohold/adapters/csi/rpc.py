@@ -91,7 +91,9 @@ Handler = Callable[[Any, Any], Awaitable[Any]]
 CHANGES = frozenset({"CreateVolume", "DeleteVolume", "ControllerPublishVolume",
                      "ControllerUnpublishVolume", "ControllerExpandVolume", "NodeStageVolume",
                      "NodeUnstageVolume", "NodePublishVolume", "NodeUnpublishVolume",
-                     "NodeExpandVolume"})
+                     "NodeExpandVolume", "ControllerModifyVolume", "CreateSnapshot",
+                     "DeleteSnapshot", "CreateVolumeGroupSnapshot",
+                     "DeleteVolumeGroupSnapshot"})
 
 
 def rpc(method: Handler) -> Callable[[Any, Any, Any], Awaitable[Any]]:
@@ -236,6 +238,14 @@ def parameters(given: Mapping[str, str]) -> dict[str, str]:
             raise InvalidOption(option=key, known=", ".join(sorted(PARAMETERS)))
         chosen[key] = value
     return chosen
+
+
+def mutable(given: Mapping[str, str]) -> dict[str, str]:
+    """Mutable parameters (a VolumeAttributesClass): ``replicas`` only."""
+    unknown = sorted(set(given) - {"replicas"})
+    if unknown:
+        raise InvalidOption(option=", ".join(unknown), known="replicas")
+    return dict(given)
 
 
 def flag(name: str, value: str) -> bool:
