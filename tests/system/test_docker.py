@@ -100,7 +100,25 @@ def test_an_encrypted_volume_through_docker(cluster: tuple[Node, DockerHost, str
     out = docker.docker("run", "--rm", "--network", "none", "-v", "vault:/data", image, "cat",
                         "/data/f").stdout
     assert out.strip() == "secret-words"
-    for name in ("vault", "vault2"):
+    # a clone of a snapshot, through docker: it keeps the source's key
+    node.cli("snapshot", "create", "vault@v1")
+    docker.docker("run", "--rm", "--network", "none", "-v", "vault:/data", image, "sh", "-c",
+                  "echo later > /data/f")
+    docker.docker("volume", "create", "-d", "cargohold", "--name", "vault-v1",
+                  "-o", "from=vault@v1")
+    clone = node.json("volume", "inspect", "vault-v1")
+    assert clone["source"] == "vault@v1" and clone["encryption"]  # type: ignore[index]
+    out = docker.docker("run", "--rm", "--network", "none", "-v", "vault-v1:/data", image,
+                        "cat", "/data/f").stdout
+    assert out.strip() == "secret-words"
+    refused = docker.docker("volume", "create", "-d", "cargohold", "--name", "bad-clone",
+                            "-o", "from=vault@v1", "-o", "fs=xfs", check=False)
+    assert refused.returncode != 0 and "from" in refused.stderr
+    missing = docker.docker("volume", "create", "-d", "cargohold", "--name", "bad-clone",
+                            "-o", "from=vault@nope", check=False)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    node.cli("snapshot", "rm", "vault@v1")
+    for name in ("vault", "vault2", "vault-v1"):
         docker.docker("volume", "rm", name)
 
 

@@ -25,6 +25,7 @@ from cargohold.core.cipher import read_key
 from cargohold.core.sizes import parse_size
 from cargohold.errors import CargoholdError, InvalidArgument, InvalidOption, VolumeExists
 from cargohold.services.agent import Agent
+from cargohold.services.clones import CloneService
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
@@ -32,7 +33,8 @@ from cargohold.stores.catalog import Catalog
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
-OPTIONS = {"size": "1G", "replicas": "2", "fs": "ext4", "encrypt": "false", "key-file": ""}
+OPTIONS = {"size": "1G", "replicas": "2", "fs": "ext4", "encrypt": "false", "key-file": "",
+           "from": ""}  # from: VOLUME@SNAPSHOT or VOLUME, a clone
 _TRUTH = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
@@ -61,9 +63,10 @@ class MountRefs:
 
 class DockerPlugin:
     def __init__(self, catalog: Catalog, volumes: VolumeService, agent: Agent,
-                 refs_file: Path) -> None:
+                 refs_file: Path, clones: CloneService | None = None) -> None:
         self.catalog = catalog
         self.volumes = volumes
+        self.clones = clones
         self.agent = agent
         self.refs = MountRefs(refs_file)
         self._locks: dict[str, asyncio.Lock] = {}
@@ -93,6 +96,8 @@ class DockerPlugin:
         if encrypt is None:
             raise InvalidArgument(what="encrypt", detail="true or false")
         key = _key(opts["key-file"]) if opts["key-file"] else None
+        if given.get("from"):
+            return await self._clone(name, given)
         try:
             await self.volumes.create(name, opts["size"], opts["replicas"], opts["fs"],
                                       exist_ok=True, encrypt=encrypt, key=key)
@@ -104,6 +109,19 @@ class DockerPlugin:
                     f"{existing.size}, {existing.replica_count} replicas and {existing.fs}; "
                     f"asked for {size}, {opts['replicas']} and {opts['fs']}") from None
             raise
+        return {"Err": ""}
+
+    async def _clone(self, name: str, given: dict[str, str]) -> dict[str, Any]:
+        """``-o from=VOLUME@SNAPSHOT`` (or ``from=VOLUME``): size (at least the source's)
+        and replicas may be given; the clone keeps the source's file system and key."""
+        if self.clones is None:
+            raise InvalidArgument(what="from", detail="clones are not served here")
+        other = sorted(set(given) - {"from", "size", "replicas"})
+        if other:
+            raise InvalidArgument(what="options", detail=f"{', '.join(other)} cannot be given "
+                                  "with from: a clone takes them from its source")
+        await self.clones.clone(name, given["from"], given.get("size"), given.get("replicas"),
+                                exist_ok=True)
         return {"Err": ""}
 
     async def remove(self, body: dict[str, Any]) -> dict[str, Any]:

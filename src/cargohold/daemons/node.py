@@ -169,7 +169,7 @@ class NodeDaemon:
                                             tls if credentials else None))
             if config.docker_socket is not None:
                 plugin = DockerPlugin(catalog, volumes, agent,
-                                      config.state_dir / "docker-mounts.json")
+                                      config.state_dir / "docker-mounts.json", services.clones)
                 docker = Endpoint(url=f"unix://{config.docker_socket}")
                 servers.append(await _serve(create_plugin_app(plugin, audit), docker))
             if config.csi_endpoint is not None:
