@@ -248,7 +248,7 @@ _op = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=int(os.environ.get("MODEL_EXAMPLES", "60")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(_op, max_size=40))
 def test_the_disk_store_matches_the_reference(tmp_path_factory: pytest.TempPathFactory,

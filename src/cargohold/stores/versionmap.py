@@ -22,8 +22,13 @@ Files, made at the first snapshot (``snapshots.json`` last: its presence turns t
   at ``birth`` until the write at ``death``; snapshot n holds it when birth < n <= death.
 - ``extra``: the slots, 4 KiB each, reused once free.
 
-Deleting a snapshot drops the versions no other kept snapshot holds (after making the
-deletion durable), rewrites the log without them and punches their blocks.
+Deleting a snapshot drops the versions no other kept snapshot holds, after making the
+deletion durable, and punches their blocks. Only versions superseded between it and the next
+kept snapshot can be held by it alone: they are found by the seq that superseded them (the
+index ``_by_death``), so a deletion costs what was written around that snapshot, not what
+the volume holds. Their records stay in the log, held by no snapshot, until it is rewritten
+(when most of it is such records); a record held by no snapshot is skipped at load, and its
+place punched unless something uses it now.
 """
 
 from __future__ import annotations
@@ -132,7 +137,9 @@ class VersionMap:
         self._map_heads()
         self._dirty: set[int] = set()  # pages of heads changed since the last flush
         self._versions: dict[int, list[Version]] = {}
+        self._by_death: dict[int, set[int]] = {}  # seq that superseded them → blocks
         self._log_size = 0
+        self._log_live = 0  # records in the log a kept snapshot still holds
         self._free: list[int] = []
         self._next_slot = 1
         self._load(sums)
@@ -182,25 +189,34 @@ class VersionMap:
                 continue
             kept[(block, version.birth)] = version
         for (block, _), version in sorted(kept.items()):
-            self._versions.setdefault(block, []).append(version)
-        if dropped or torn or orphans or len(raw) % _RECORD_SIZE:
+            self._add(block, version)
+        if dropped or torn or len(raw) % _RECORD_SIZE:
             log.info("replica %s: versions log: %d records of writes lost in a crash, %d "
-                     "torn, %d of deleted snapshots", self.volume_id, dropped, torn,
-                     len(orphans))
+                     "torn", self.volume_id, dropped, torn)
             self._rewrite_log()
         else:
             self._log_size = len(raw)
-        self._find_free_slots()
-        self._release(orphans)
+            self._log_live = len(kept)
+        used = self._find_free_slots()
+        # versions of deleted snapshots: punched already, or not yet (a crash); their
+        # places may have been given to new data since: only what nothing uses is punched
+        self._release([(b, v) for b, v in orphans if v.location not in used
+                       and not (v.location == HOME and heads[2 * b] == HOME)], free=False)
 
-    def _find_free_slots(self) -> None:
+    def _add(self, block: int, version: Version) -> None:
+        self._versions.setdefault(block, []).append(version)
+        self._by_death.setdefault(version.death, set()).add(block)
+
+    def _find_free_slots(self) -> set[int]:
+        """Find the slots in use and the free ones; return the slots in use."""
         extra_size = os.fstat(self._extra_fd).st_size
         if not extra_size:
-            return
-        used = {loc for loc in self._heads[0::2] if loc not in (HOME, NOWHERE)}
+            return set()
+        used = {loc for loc in self._heads[0::2].tolist() if loc not in (HOME, NOWHERE)}
         used.update(v.location for vs in self._versions.values() for v in vs if v.location)
         self._next_slot = max(used, default=0) + 1
         self._free = sorted(set(range(1, self._next_slot)) - used, reverse=True)
+        return used
 
     def _rewrite_log(self) -> None:
         """Replace the log with the versions kept now (atomically)."""
@@ -220,6 +236,7 @@ class VersionMap:
         os.close(self._log_fd)
         self._log_fd = fd
         self._log_size = len(records)
+        self._log_live = len(records) // _RECORD_SIZE
 
     # --- snapshots ---------------------------------------------------------------------
 
@@ -260,22 +277,36 @@ class VersionMap:
         self._save(kept, self.seq)
         self._kept = kept
         self._numbers.remove(gone.number)
+        at = bisect.bisect_left(self._numbers, gone.number)
+        before = self._numbers[at - 1] if at else 0
+        after = self._numbers[at] if at < len(self._numbers) else self.seq + 1
         garbage: list[tuple[int, Version]] = []
-        for block, versions in list(self._versions.items()):
-            keep = [v for v in versions if self._held(v)]
-            if len(keep) == len(versions):
+        for death in range(gone.number, after):  # superseded before the next kept one
+            blocks = self._by_death.get(death)
+            if not blocks:
                 continue
-            garbage.extend((block, v) for v in versions if not self._held(v))
-            if keep:
-                self._versions[block] = keep
-            else:
-                del self._versions[block]
-        if garbage:
-            self._rewrite_log()
+            for block in list(blocks):
+                versions = self._versions[block]
+                alone = [v for v in versions if v.death == death and v.birth >= before]
+                if not alone:
+                    continue
+                garbage.extend((block, v) for v in alone)
+                rest = [v for v in versions if v not in alone]
+                if rest:
+                    self._versions[block] = rest
+                else:
+                    del self._versions[block]
+                if not any(v.death == death for v in rest):
+                    blocks.discard(block)
+            if not blocks:
+                del self._by_death[death]
+        self._log_live -= len(garbage)
+        if self._log_size > 4 * max(self._log_live * _RECORD_SIZE, 1 << 20):
+            self._rewrite_log()  # mostly records of deleted snapshots: make it small again
         self._release(garbage)
         return len(garbage) * BLOCK_SIZE
 
-    def _release(self, garbage: list[tuple[int, Version]]) -> None:
+    def _release(self, garbage: list[tuple[int, Version]], free: bool = True) -> None:
         """Punch the blocks of versions no snapshot holds and free their slots."""
         homes = sorted(block for block, v in garbage if v.location == HOME)
         slots = sorted(v.location for _, v in garbage if v.location not in (HOME, NOWHERE))
@@ -287,8 +318,9 @@ class VersionMap:
         except OSError as exc:  # the space stays taken; the data is no one's
             log.warning("replica %s: cannot punch the blocks of deleted snapshots: %s",
                         self.volume_id, exc)
-        self._free.extend(slots)
-        self._free.sort(reverse=True)
+        if free:
+            self._free.extend(slots)
+            self._free.sort(reverse=True)
 
     def unique_bytes(self) -> dict[str, int]:
         """Per kept snapshot, the bytes of data only it holds (freed when it is deleted)."""
@@ -349,7 +381,7 @@ class VersionMap:
             self._free.sort(reverse=True)
             raise
         for i, version in moved:
-            self._versions.setdefault(i, []).append(version)
+            self._add(i, version)
         for k, place in enumerate(places):
             heads[2 * (first + k)] = place
             heads[2 * (first + k) + 1] = seq
@@ -375,7 +407,7 @@ class VersionMap:
         if moved:
             self._append(b"".join(_record(i, v) for i, v in moved))
             for i, version in moved:
-                self._versions.setdefault(i, []).append(version)
+                self._add(i, version)
                 heads[2 * i] = NOWHERE
         for i in range(first, first + count):
             heads[2 * i + 1] = seq
@@ -392,6 +424,7 @@ class VersionMap:
             os.ftruncate(self._log_fd, self._log_size)
             raise
         self._log_size += len(records)
+        self._log_live += len(records) // _RECORD_SIZE
 
     def _write_places(self, first: int, places: list[int], data: memoryview) -> None:
         for k, run, fd, at in self._runs_of(first, places):
@@ -518,6 +551,10 @@ class VersionMap:
 
     def used(self) -> int:
         return os.fstat(self._extra_fd).st_blocks * 512
+
+    @property
+    def extra_fd(self) -> int:
+        return self._extra_fd
 
     def close(self) -> None:
         self._heads.release()

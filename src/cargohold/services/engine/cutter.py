@@ -95,15 +95,19 @@ class Cutter:
         error = ""
         servers: list[str] = []
         frozen = holding = False
+        steps: dict[str, float] = {}
         try:
             if mountpoint:
                 await asyncio.to_thread(kernel.freeze, mountpoint)
                 frozen = True
+            steps["freeze"] = time.monotonic() - started
             await self.replicas.hold()
             holding = True
             if snapshot.group:
                 await self._hold_for_group(snapshot)
+            steps["barrier"] = time.monotonic() - started
             servers = await self.replicas.cut(snapshot.id, snapshot.created)
+            steps["cut"] = time.monotonic() - started
         except CargoholdError as e:
             error = str(e)
         finally:
@@ -118,8 +122,9 @@ class Cutter:
         if error:
             log.error("%s: snapshot %s failed: %s", self.name, snapshot.name, error)
         else:
-            log.info("%s: snapshot %s cut on %s; writes held %.1f ms", self.name,
-                     snapshot.name, servers, held * 1000)
+            log.info("%s: snapshot %s cut on %s; writes held %.1f ms (%s)", self.name,
+                     snapshot.name, servers, held * 1000,
+                     ", ".join(f"{k} at {v * 1000:.1f}" for k, v in steps.items()))
 
         def outcome(s: Snapshot) -> Snapshot | None:
             if not self._mine(s) or s.id != snapshot.id:

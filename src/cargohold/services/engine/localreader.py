@@ -35,6 +35,11 @@ class LocalReplicaReader:
       and the data server would refuse this engine (invariant 2 holds for reads too).
 
     Writes never come this way: they go through the data server, which fences them.
+
+    A replica with snapshots keeps some blocks in ``extra`` (:mod:`cargohold.stores.versionmap`):
+    where each lies is read from ``heads`` as of the data server's last flush (it writes the
+    file then); a block moved since reads elsewhere than its checksum says, and is asked of
+    the data server like any block that does not match.
     """
 
     def __init__(self, root: Path, volume_id: str, epoch: int) -> None:
@@ -55,6 +60,9 @@ class LocalReplicaReader:
             raise
         self._epoch_seen = b""
         self._flags = os.RWF_NOWAIT
+        self._path = path
+        self._heads: memoryview | None = None  # the replica's heads, once it has snapshots
+        self._extra_fd = -1
         if not self._still_ours():
             current = self._newest_epoch()
             self.close()
@@ -95,12 +103,18 @@ class LocalReplicaReader:
         count = length // BLOCK_SIZE
         if first + count > self._blocks or not self._still_ours():
             return None
+        if self._heads is not None and any(self._heads[2 * first:2 * (first + count):2]):
+            return self._read_moved(first, count)
         if count == 1:  # the common small read, without lists
             want = self._sums[first]
             if not want:
                 return ZERO_BLOCK
             data = self._cached(offset, length)
-            return data if data is not None and (crc32(data) or 1) == want else None
+            if data is not None and (crc32(data) or 1) == want:
+                return data
+            if self._heads is None and self._map_heads():
+                return self.read(offset, length)
+            return None
         stored = self._sums[first : first + count].tolist()
         if not any(stored):
             return bytes(length)
@@ -111,27 +125,65 @@ class LocalReplicaReader:
         for k, want in enumerate(stored):
             block = view[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE]
             if (crc32(block) or 1) != want if want else block != ZERO_BLOCK:
+                if self._heads is None and self._map_heads():
+                    return self.read(offset, length)
                 return None
         return data
 
-    def _cached(self, offset: int, length: int) -> bytearray | None:
+    def _map_heads(self) -> bool:
+        """Map the replica's heads and extra once it has them (its first snapshot)."""
+        if not (self._path / "snapshots.json").exists():
+            return False
+        try:
+            heads_fd = self._open(self._path / "heads")
+            self._extra_fd = self._open(self._path / "extra")
+            if os.fstat(heads_fd).st_size < self._blocks * 8:
+                return False
+            self._heads = memoryview(self._map(heads_fd, self._blocks * 8)).cast("I")
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def _read_moved(self, first: int, count: int) -> BytesLike | None:
+        """Blocks some of which lie in extra, block by block (checksums decide)."""
+        assert self._heads is not None
+        out = bytearray()
+        for i in range(first, first + count):
+            want, place = self._sums[i], self._heads[2 * i]
+            if not want:
+                out += ZERO_BLOCK
+                continue
+            if place == 0:
+                data = self._cached(i * BLOCK_SIZE, BLOCK_SIZE)
+            elif place == 0xFFFFFFFF:
+                return None
+            else:
+                data = self._cached((place - 1) * BLOCK_SIZE, BLOCK_SIZE, self._extra_fd)
+            if data is None or (crc32(data) or 1) != want:
+                return None
+            out += data
+        return out
+
+    def _cached(self, offset: int, length: int, fd: int = -1) -> bytearray | None:
         """The bytes if the page cache holds them all; None rather than wait for the disk
         (the engine's event loop must not block: its data server reads a miss instead)."""
         data = bytearray(length)
         try:
-            done = os.preadv(self._data_fd, [data], offset, self._flags)
+            done = os.preadv(self._data_fd if fd < 0 else fd, [data], offset, self._flags)
         except BlockingIOError:
             return None
         except OSError as exc:
             if exc.errno != errno.EOPNOTSUPP or not self._flags:
                 return None  # the data server reads it, and says what is wrong
             self._flags = 0  # a file system without RWF_NOWAIT (tmpfs: never waits anyway)
-            return self._cached(offset, length)
+            return self._cached(offset, length, fd)
         return data if done == length else None
 
     def close(self) -> None:
         if hasattr(self, "_sums"):
             self._sums.release()
+        if getattr(self, "_heads", None) is not None:
+            self._heads.release()  # type: ignore[union-attr]
         for mapped in self._maps:
             mapped.close()
         for fd in self._fds:
