@@ -161,6 +161,9 @@ def test_deleting_the_snapshot_punches_what_it_held(tmp_path: Path) -> None:
         replica.flush()
         assert replica.info().used >= 8 * MIB
         assert replica.delete_snapshot(s) == 4 * MIB
+        assert replica.info().used >= 8 * MIB  # punched later, a little at a time
+        assert replica.reclaim(1) == 4 * MIB  # one run: the whole 4 MiB lay in one
+        assert replica.reclaim(1) == 0
         assert replica.info().used <= 4 * MIB + 64 * 1024
         replica.write(0, fill(3, 1024), 3)  # reuses the freed space; no snapshot: in place
         assert replica.read(0, 4 * MIB) == fill(3, 1024)
@@ -245,6 +248,7 @@ _op = st.one_of(
     st.tuples(st.just("snap"), st.just(0), st.just(0), st.just(0)),
     st.tuples(st.just("delete"), st.integers(0, 20), st.just(0), st.just(0)),
     st.tuples(st.just("reopen"), st.just(0), st.just(0), st.just(0)),
+    st.tuples(st.just("reclaim"), st.integers(1, 3), st.just(0), st.just(0)),
 )
 
 
@@ -276,6 +280,8 @@ def test_the_disk_store_matches_the_reference(tmp_path_factory: pytest.TempPathF
             elif op == "delete" and taken:
                 gone = taken.pop(at % len(taken))
                 assert got.delete_snapshot(gone) == want.delete_snapshot(gone)
+            elif op == "reclaim":  # space of deleted snapshots, punched a little at a time
+                got.reclaim(at)
             elif op == "reopen":
                 got.flush()
                 disk.close()
@@ -287,6 +293,8 @@ def test_the_disk_store_matches_the_reference(tmp_path_factory: pytest.TempPathF
             assert got.read_snapshot(snapshot, 0, SIZE) == want.read_snapshot(snapshot, 0, SIZE)
         for snapshot in list(taken):
             got.delete_snapshot(snapshot)
+        while got.reclaim(3):
+            pass
         got.flush()
         # all deleted: what is left on disk is the head's blocks only (and at most a block
         # of ext4's extent tree in each of data and extra, counted in st_blocks too)

@@ -49,8 +49,7 @@ class SnapshotService:
         self.catalog = catalog
         self.access = access
 
-    async def create(self, volume: str, name: str, freeze: bool = True,
-                     group: str = "") -> Snapshot:
+    async def create(self, volume: str, name: str, freeze: bool = True) -> Snapshot:
         """Take snapshot ``volume@name``. The same name again returns the snapshot taken
         before (idempotent, as CSI asks); it blocks until the snapshot is cut."""
         check_name(volume)
@@ -65,7 +64,7 @@ class SnapshotService:
             raise VolumeBusy(name=volume, state="without a replica in sync (nothing to cut)")
         att = source.attachment
         snapshot = Snapshot(id=uuid.uuid4().hex, name=name, volume=volume,
-                            volume_id=source.id, size=source.size, freeze=freeze, group=group)
+                            volume_id=source.id, size=source.size, freeze=freeze)
         if att is not None and source.state is VolumeState.ATTACHED:
             snapshot.node, snapshot.epoch = att.node, att.epoch
             await self.catalog.add_snapshot(snapshot)

@@ -281,6 +281,11 @@ class StoredReplica(ABC):
         seconds, and the loop device holds every other request of the volume while it does.
         """
 
+    def reclaim(self, runs_at_most: int) -> int:  # noqa: B027 - nothing left in memory
+        """Free a little more of the space deleted snapshots held (thread safe): at most
+        ``runs_at_most`` runs of blocks; return the bytes freed (0: nothing left)."""
+        return 0
+
     def grow(self, size: int) -> int:
         """Make the replica at least ``size`` bytes long; return its size afterwards.
 

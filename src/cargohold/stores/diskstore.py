@@ -493,6 +493,13 @@ class DiskReplica(StoredReplica):
         return [SnapshotInfo(k.id, k.number, k.created, alone[k.id])
                 for k in self._snaps.kept()]
 
+    def reclaim(self, runs_at_most: int) -> int:
+        snaps = self._snaps
+        if snaps is None or not snaps.reclaim_pending():
+            return 0
+        with self._lock:  # not while the replica closes
+            return 0 if self._closed else snaps.reclaim(runs_at_most)
+
     def _take_snapshot(self, snapshot_id: str, created: float) -> None:
         try:
             if self._snaps is None:

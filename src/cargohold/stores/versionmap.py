@@ -39,10 +39,10 @@ import logging
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 from cargohold.core.layout import BLOCK_SIZE, runs
 from cargohold.errors import SnapshotNotFound
@@ -65,11 +65,11 @@ _PAGE = mmap.PAGESIZE
 _BLOCKS_PER_PAGE = _PAGE // 8
 
 
-class Version(NamedTuple):
-    birth: int
-    death: int
-    location: int
-    crc: int
+#: A version: (birth, death, location, crc). Plain tuples of ints, which the garbage
+#: collector stops tracking: a replica may keep millions of them, and tracked objects (a
+#: NamedTuple's instances are) made every full collection walk them all.
+Version = tuple[int, int, int, int]
+BIRTH, DEATH, LOCATION, CRC = range(4)
 
 
 @dataclass(frozen=True)
@@ -136,12 +136,17 @@ class VersionMap:
         self._heads_fd, self._log_fd, self._extra_fd = fds
         self._map_heads()
         self._dirty: set[int] = set()  # pages of heads changed since the last flush
-        self._versions: dict[int, list[Version]] = {}
+        self._versions: dict[int, tuple[Version, ...]] = {}
         self._by_death: dict[int, set[int]] = {}  # seq that superseded them → blocks
         self._log_size = 0
         self._log_live = 0  # records in the log a kept snapshot still holds
         self._free: list[int] = []
         self._next_slot = 1
+        # what deletions left to punch, punched a little at a time (``reclaim``) by another
+        # thread; slots are free again only once punched
+        self._reclaim_lock = threading.Lock()
+        self._to_punch: list[tuple[int, Version]] = []
+        self._punched: list[int] = []
         self._load(sums)
 
     def _map_heads(self) -> None:
@@ -176,18 +181,18 @@ class VersionMap:
                 torn += 1
                 continue
             block, *fields = _RECORD.unpack(body)
-            version = Version(*fields)
+            version: Version = (fields[0], fields[1], fields[2], fields[3])
             if block >= self._blocks:
                 dropped += 1
                 continue
-            if heads[2 * block + 1] < version.death:
+            if heads[2 * block + 1] < version[DEATH]:
                 dropped += 1  # its write never reached heads: the data is still the head's
-                sums[block] = version.crc
+                sums[block] = version[CRC]
                 continue
             if not self._held(version):
                 orphans.append((block, version))  # a deletion stopped before the punch
                 continue
-            kept[(block, version.birth)] = version
+            kept[(block, version[BIRTH])] = version
         for (block, _), version in sorted(kept.items()):
             self._add(block, version)
         if dropped or torn or len(raw) % _RECORD_SIZE:
@@ -200,12 +205,12 @@ class VersionMap:
         used = self._find_free_slots()
         # versions of deleted snapshots: punched already, or not yet (a crash); their
         # places may have been given to new data since: only what nothing uses is punched
-        self._release([(b, v) for b, v in orphans if v.location not in used
-                       and not (v.location == HOME and heads[2 * b] == HOME)], free=False)
+        self._release([(b, v) for b, v in orphans if v[LOCATION] not in used
+                       and not (v[LOCATION] == HOME and heads[2 * b] == HOME)], free=False)
 
     def _add(self, block: int, version: Version) -> None:
-        self._versions.setdefault(block, []).append(version)
-        self._by_death.setdefault(version.death, set()).add(block)
+        self._versions[block] = (*self._versions.get(block, ()), version)
+        self._by_death.setdefault(version[DEATH], set()).add(block)
 
     def _find_free_slots(self) -> set[int]:
         """Find the slots in use and the free ones; return the slots in use."""
@@ -213,7 +218,7 @@ class VersionMap:
         if not extra_size:
             return set()
         used = {loc for loc in self._heads[0::2].tolist() if loc not in (HOME, NOWHERE)}
-        used.update(v.location for vs in self._versions.values() for v in vs if v.location)
+        used.update(v[LOCATION] for vs in self._versions.values() for v in vs if v[LOCATION])
         self._next_slot = max(used, default=0) + 1
         self._free = sorted(set(range(1, self._next_slot)) - used, reverse=True)
         return used
@@ -251,8 +256,8 @@ class VersionMap:
 
     def _held(self, version: Version) -> bool:
         """Whether a kept snapshot holds ``version`` (a number in (birth, death])."""
-        at = bisect.bisect_right(self._numbers, version.birth)
-        return at < len(self._numbers) and self._numbers[at] <= version.death
+        at = bisect.bisect_right(self._numbers, version[BIRTH])
+        return at < len(self._numbers) and self._numbers[at] <= version[DEATH]
 
     def take(self, snapshot_id: str, created: float) -> Kept:
         """Record a new snapshot of the heads as they are (the caller flushed them)."""
@@ -287,29 +292,57 @@ class VersionMap:
                 continue
             for block in list(blocks):
                 versions = self._versions[block]
-                alone = [v for v in versions if v.death == death and v.birth >= before]
+                alone = [v for v in versions if v[DEATH] == death and v[BIRTH] >= before]
                 if not alone:
                     continue
                 garbage.extend((block, v) for v in alone)
-                rest = [v for v in versions if v not in alone]
+                rest = tuple(v for v in versions if v not in alone)
                 if rest:
                     self._versions[block] = rest
                 else:
                     del self._versions[block]
-                if not any(v.death == death for v in rest):
+                if not any(v[DEATH] == death for v in rest):
                     blocks.discard(block)
             if not blocks:
                 del self._by_death[death]
         self._log_live -= len(garbage)
         if self._log_size > 4 * max(self._log_live * _RECORD_SIZE, 1 << 20):
             self._rewrite_log()  # mostly records of deleted snapshots: make it small again
-        self._release(garbage)
+        with self._reclaim_lock:
+            self._to_punch.extend(garbage)
         return len(garbage) * BLOCK_SIZE
+
+    def reclaim_pending(self) -> bool:
+        return bool(self._to_punch)
+
+    def reclaim(self, runs_at_most: int) -> int:
+        """Punch up to ``runs_at_most`` runs of what deleted snapshots held (any thread);
+        return the bytes punched. Bounded so that a big deletion frees its space over a
+        while instead of in one storm of file system work."""
+        with self._reclaim_lock:
+            batch = sorted(self._to_punch, key=lambda g: (g[1][LOCATION] != HOME,
+                                                          g[1][LOCATION] or g[0]))
+            taken: list[tuple[int, Version]] = []
+            count = 0
+            previous = None
+            for item in batch:
+                key = (item[1][LOCATION] != HOME, item[1][LOCATION] or item[0])
+                if previous is None or key[0] != previous[0] or key[1] != previous[1] + 1:
+                    count += 1
+                    if count > runs_at_most:
+                        break
+                taken.append(item)
+                previous = key
+            self._to_punch = batch[len(taken):]
+        self._release(taken, free=False)
+        slots = [v[LOCATION] for _, v in taken if v[LOCATION] not in (HOME, NOWHERE)]
+        self._punched.extend(slots)  # the event loop thread takes them in ``_allocate``
+        return len(taken) * BLOCK_SIZE
 
     def _release(self, garbage: list[tuple[int, Version]], free: bool = True) -> None:
         """Punch the blocks of versions no snapshot holds and free their slots."""
-        homes = sorted(block for block, v in garbage if v.location == HOME)
-        slots = sorted(v.location for _, v in garbage if v.location not in (HOME, NOWHERE))
+        homes = sorted(block for block, v in garbage if v[LOCATION] == HOME)
+        slots = sorted(v[LOCATION] for _, v in garbage if v[LOCATION] not in (HOME, NOWHERE))
         try:
             for first, count in runs(homes):
                 punch_hole(self._data_fd, first * BLOCK_SIZE, count * BLOCK_SIZE)
@@ -328,8 +361,8 @@ class VersionMap:
         numbers = self._numbers
         for versions in self._versions.values():
             for v in versions:
-                lo = bisect.bisect_right(numbers, v.birth)
-                hi = bisect.bisect_right(numbers, v.death)
+                lo = bisect.bisect_right(numbers, v[BIRTH])
+                hi = bisect.bisect_right(numbers, v[DEATH])
                 if hi - lo == 1:
                     by_number[numbers[lo]] += BLOCK_SIZE
         return {k.id: by_number[k.number] for k in self._kept.values()}
@@ -340,6 +373,10 @@ class VersionMap:
     # --- I/O ---------------------------------------------------------------------------
 
     def _allocate(self) -> int:
+        if not self._free and self._punched:
+            with self._reclaim_lock:
+                punched, self._punched = self._punched, []
+            self._free = sorted(punched, reverse=True)
         if self._free:
             return self._free.pop()
         slot = self._next_slot
@@ -365,7 +402,7 @@ class VersionMap:
         for i in range(first, first + count):
             place, birth = heads[2 * i], heads[2 * i + 1]
             if birth < latest and sums[i]:
-                moved.append((i, Version(birth, seq, place, sums[i])))
+                moved.append((i, (birth, seq, place, sums[i])))
                 place = self._allocate()
                 fresh.append(place)
             elif place == NOWHERE:
@@ -399,7 +436,7 @@ class VersionMap:
         for i in range(first, first + count):
             place, birth = heads[2 * i], heads[2 * i + 1]
             if birth < latest and sums[i]:
-                moved.append((i, Version(birth, seq, place, sums[i])))
+                moved.append((i, (birth, seq, place, sums[i])))
             elif place == HOME:
                 homes.append(i)
             elif place != NOWHERE:
@@ -484,8 +521,8 @@ class VersionMap:
             else:
                 place, crc = NOWHERE, 0
                 for v in self._versions.get(i, ()):
-                    if v.birth < number <= v.death:
-                        place, crc = v.location, v.crc
+                    if v[BIRTH] < number <= v[DEATH]:
+                        place, crc = v[LOCATION], v[CRC]
                         break
             places.append(place if crc else NOWHERE)
             crcs.append(crc)
@@ -506,7 +543,7 @@ class VersionMap:
         births = self._heads[1::2].tolist()
         found = {i for i, birth in enumerate(births) if since <= birth < end}
         for block, versions in self._versions.items():
-            if any(since <= v.birth < end or since <= v.death < end for v in versions):
+            if any(since <= v[BIRTH] < end or since <= v[DEATH] < end for v in versions):
                 found.add(block)
         return found
 
@@ -515,7 +552,7 @@ class VersionMap:
         births = self._heads[1::2].tolist()
         found = {i for i, birth in enumerate(births) if birth < number and sums[i]}
         for block, versions in self._versions.items():
-            if any(v.birth < number <= v.death for v in versions):
+            if any(v[BIRTH] < number <= v[DEATH] for v in versions):
                 found.add(block)
         return found
 

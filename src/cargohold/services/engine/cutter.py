@@ -4,10 +4,12 @@ Whoever asks for a snapshot of an attached volume (:mod:`cargohold.services.snap
 puts its record in the metadata store, in state *cutting* and naming this attachment's node
 and epoch. The engine watches its volume's snapshots and, for each such record: freezes the
 mounted file system (FIFREEZE: it writes its dirty data and journal, and holds new writes),
-cuts the snapshot on every in-sync replica at one barrier (``ReplicaSet.snapshot``), thaws,
-and records the outcome: *ready*, with the data servers that keep it and how long writers
-waited, or *failed* and why (the asker removes that record). A record gone by then (its
-asker gave up) is forgotten on the replicas again, so nothing is kept that no record names.
+cuts the snapshot on every in-sync replica with writes held (``ReplicaSet.hold``, ``cut``),
+thaws, and records the outcome: *ready*, with the data servers that keep it and how long
+writers waited, or *failed* and why (the asker removes that record). A record gone by then
+(its asker gave up) is forgotten on the replicas again, so nothing is kept that no record
+names. A group snapshot's members each hold their writes until all are held
+(``_hold_for_group``).
 """
 
 from __future__ import annotations
