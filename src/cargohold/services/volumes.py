@@ -22,7 +22,15 @@ from cargohold.clients.dataclient import CONTROL_TIMEOUT, DataClient
 from cargohold.core import placement
 from cargohold.core.cipher import CIPHER, new_key, read_key, wrap_key
 from cargohold.core.layout import generation_table
-from cargohold.core.models import DataServer, Replica, ReplicaState, Volume, VolumeState
+from cargohold.core.models import (
+    DataServer,
+    Replica,
+    ReplicaState,
+    Snapshot,
+    SnapshotState,
+    Volume,
+    VolumeState,
+)
 from cargohold.core.names import check_name
 from cargohold.core.retry import Backoff, retry
 from cargohold.core.sizes import format_size, volume_size
@@ -53,6 +61,9 @@ MAX_REPLICAS = 5
 CREATE_WAIT = Backoff(first=0.05, most=0.05, timeout=30.0)
 #: A record still *creating* this long after it was made belongs to a create that died.
 ABANDONED_AFTER = 300.0
+#: A snapshot record still being cut this long after it was made was given up by its asker
+#: (which waits 60 s at most).
+STALE_CUT = 300.0
 
 
 class VolumeService:
@@ -421,6 +432,39 @@ class VolumeService:
             await self.catalog.drop_garbage(server_id, volume_id)
             deleted += 1
         return deleted
+
+    async def collect_stale_snapshots(self, older_than: float = STALE_CUT) -> list[str]:
+        """Remove snapshot records whose cut was never finished nor given up (their asker
+        died: a request still *cutting*, or *failed*, ``older_than`` seconds after it was
+        made), forgetting the snapshot on the volume's replicas too (a cut may have reached
+        some). Return their names."""
+        removed = []
+        servers = {s.id: s for s in await self.catalog.servers()}
+        for snapshot in await self.catalog.snapshots():
+            if snapshot.state not in (SnapshotState.CUTTING, SnapshotState.FAILED) \
+                    or time.time() - snapshot.created < older_than:
+                continue
+            volume = await self.catalog.find_volume(snapshot.volume)
+            if volume is not None and volume.id == snapshot.volume_id:
+                epoch = volume.attachment.epoch if volume.attachment else volume.epoch
+                for replica in volume.replicas:
+                    server = servers.get(replica.server)
+                    if server is None or not epoch:
+                        continue
+                    try:
+                        async with ServerSession(server, self.access) as client:
+                            await client.delete_snapshot(volume.id, epoch, snapshot.id)
+                    except CargoholdError as e:
+                        log.warning("stale snapshot %s left on %s: %s", snapshot.ref,
+                                    server.id, e)
+            def same(s: Snapshot, known: str = snapshot.id) -> bool:
+                return s.id == known
+
+            if await self.catalog.remove_snapshot_if(snapshot, same):
+                log.warning("snapshot %s was never finished (%s since %.0f s): removed",
+                            snapshot.ref, snapshot.state.value, time.time() - snapshot.created)
+                removed.append(snapshot.ref)
+        return removed
 
     async def usage(self, volume: Volume) -> dict[str, Any]:
         """Bytes each replica really takes on disk (thin: written blocks only)."""

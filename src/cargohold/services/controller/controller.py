@@ -132,6 +132,8 @@ class Controller:
             await self.volumes.collect_abandoned()
         if self.leading:
             await self.volumes.collect_garbage()
+        if self.leading:
+            await self.volumes.collect_stale_snapshots()
         if self.leading and self.scrub_every > 0:
             await self.scrub.run_once(self.scrub_every)
 
