@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         status = 1
     finally:
         left = bench.cleanup()
-        if left.get("clean", True) is False or any(left.get(k) for k in ("mounts", "loops", "processes")):
+        if any(left.get(k) for k in ("mounts", "loops", "processes")):
             fb.log(f"LEFT OVER: {left}")
             status = status or 1
     return status
