@@ -243,6 +243,9 @@ class DiskClient(FakeClient):
     async def stat(self, _vid: str, timeout: float = 0.0) -> dict[str, int]:
         return {"size": SIZE}
 
+    async def snapshots(self, _vid: str, timeout: float = 0.0) -> list[dict[str, object]]:
+        return []  # no snapshots here: a catch-up gives none first
+
     async def write(self, _vid: str, _epoch: int, offset: int, data: bytes, gen: int) -> None:
         await asyncio.sleep(0)
         if self.fail:
