@@ -348,7 +348,7 @@ def test_fencing_needs_no_free_space(make_disk: Callable[[], DiskChunkStore],
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(diskstore, "write_json_atomic", full)
-    monkeypatch.setattr(diskstore, "_make_epoch_file", full)
+    monkeypatch.setattr(diskstore, "make_epoch_file", full)
     replica = make_disk().replica(v)
     for epoch in (3, 4, 7):
         replica.fence(epoch)

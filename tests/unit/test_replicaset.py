@@ -246,6 +246,10 @@ class DiskClient(FakeClient):
     async def snapshots(self, _vid: str, timeout: float = 0.0) -> list[dict[str, object]]:
         return []  # no snapshots here: a catch-up gives none first
 
+    async def scrub_snapshots(self, _vid: str, _epoch: int,
+                              timeout: float | None = 0.0) -> list[tuple[str, int]]:
+        return []  # no snapshot blocks apart from the head to read
+
     async def write(self, _vid: str, _epoch: int, offset: int, data: bytes, gen: int) -> None:
         await asyncio.sleep(0)
         if self.fail:

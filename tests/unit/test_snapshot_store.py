@@ -341,3 +341,27 @@ def test_changed_chunks_between_snapshots(store: ChunkStore) -> None:
     assert replica.changed_chunks(a, "") == [2, 5, 7]
     with pytest.raises(SnapshotNotFound):
         replica.changed_chunks(sid(), "")
+
+
+def test_scrub_finds_and_repair_mends_a_damaged_snapshot_block(tmp_path: Path) -> None:
+    disk = DiskChunkStore(tmp_path)
+    try:
+        v, s = sid(), sid()
+        replica = disk.create(v, 4 * MIB)
+        replica.write(0, fill(1, 2), 1)
+        replica.take_snapshot(s, 0.0)
+        replica.write(0, fill(2, 2), 2)  # the snapshot's blocks stay home, the head moves
+        replica.flush()
+        assert replica.scrub_snapshots() == []
+        with open(tmp_path / "replicas" / v / "data", "r+b") as f:  # a bad disk, home block 1
+            f.seek(B)
+            f.write(b"\xff")
+        assert replica.scrub_snapshots() == [(s, B)]
+        assert replica.read(0, 2 * B) == fill(2, 2)  # the head is not hurt
+        with pytest.raises(InvalidArgument):
+            replica.repair_snapshot(s, B, fill(7))  # not what the checksum says
+        replica.repair_snapshot(s, B, fill(1))
+        assert replica.scrub_snapshots() == []
+        assert replica.read_snapshot(s, 0, 2 * B) == fill(1, 2)
+    finally:
+        disk.close()

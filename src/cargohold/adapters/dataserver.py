@@ -495,6 +495,22 @@ class _Connection(asyncio.BufferedProtocol):
             raise InvalidArgument(what="length", detail=f"reads are limited to {MAX_PAYLOAD}")
         return replica.read_snapshot(body["id"], header.offset, header.length)
 
+    def _scrub_snapshots(self, header: RequestHeader, payload: memoryview) -> object:
+        """Read every block the snapshots hold apart (in a worker thread)."""
+        replica = self._io_replica(header)
+        done = asyncio.get_running_loop().run_in_executor(None, replica.scrub_snapshots)
+        self._server.flushes.add(done)
+        done.add_done_callback(partial(self._flushed, header))
+        return _LATER
+
+    def _repair_snapshot(self, header: RequestHeader, payload: memoryview) -> bytes:
+        if len(payload) != 32 + header.length:
+            raise InvalidArgument(what="payload", detail="SNAPSHOT_REPAIR takes the snapshot "
+                                  "id (32 hex characters) and the block")
+        snapshot_id = bytes(payload[:32]).decode("ascii", "replace")
+        self._io_replica(header).repair_snapshot(snapshot_id, header.offset, payload[32:])
+        return b""
+
     def _snapshot_diff(self, header: RequestHeader, payload: memoryview) -> bytes:
         body = decode_json(payload)
         if not isinstance(body, dict) or not all(
@@ -523,7 +539,9 @@ class _Connection(asyncio.BufferedProtocol):
         if exc is None:
             result = done.result()
             body = (encode_json(result.to_dict()) if hasattr(result, "to_dict")
-                    else encode_json({"changed": result}) if isinstance(result, int) else b"")
+                    else encode_json({"changed": result}) if isinstance(result, int)
+                    else encode_json([{"snapshot": sid, "offset": at} for sid, at in result])
+                    if isinstance(result, list) else b"")
             self._queue(Status.OK, header.request_id, body)
         else:
             status, body = _error_response(exc, header, self._store)
@@ -552,6 +570,8 @@ _HANDLERS: dict[int, Handler] = {
     Op.READ_SNAPSHOT: _Connection._read_snapshot,
     Op.REVERT: _Connection._revert,
     Op.SNAPSHOT_DIFF: _Connection._snapshot_diff,
+    Op.SNAPSHOT_SCRUB: _Connection._scrub_snapshots,
+    Op.SNAPSHOT_REPAIR: _Connection._repair_snapshot,
 }
 
 

@@ -475,6 +475,20 @@ class DataClient:
             payload=encode_json({"since": since, "until": until})))
         return found
 
+    async def scrub_snapshots(self, volume_id: str, epoch: int, *,
+                              timeout: float | None = None) -> list[tuple[str, int]]:
+        """(snapshot id, byte offset) of each block the snapshots hold whose checksum
+        fails on this replica."""
+        found = decode_json(await self._call(Op.SNAPSHOT_SCRUB, volume_id, epoch=epoch,
+                                             timeout=timeout))
+        return [(str(f["snapshot"]), int(f["offset"])) for f in found]
+
+    async def repair_snapshot(self, volume_id: str, epoch: int, snapshot_id: str, offset: int,
+                              data: bytes, *, timeout: float | None = None) -> None:
+        await self._call(Op.SNAPSHOT_REPAIR, volume_id, epoch=epoch, offset=offset,
+                         length=len(data), timeout=timeout,
+                         payload=snapshot_id.encode() + data)
+
     # --- machinery ------------------------------------------------------------------------
 
     async def _call(

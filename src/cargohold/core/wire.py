@@ -85,6 +85,8 @@ class Op(IntEnum):
     READ_SNAPSHOT = 18  # offset, length; payload JSON {"id"} -> the snapshot's data
     REVERT = 19  # generation; payload JSON {"id"}: read as the snapshot again -> {"changed"}
     SNAPSHOT_DIFF = 20  # payload JSON {"since", "until"} ("": none / now) -> JSON chunk list
+    SNAPSHOT_SCRUB = 21  # read what snapshots hold apart -> JSON [{"snapshot", "offset"}] bad
+    SNAPSHOT_REPAIR = 22  # offset, length 4096; payload: snapshot id (32 hex) + the block
 
 
 class Status(IntEnum):

@@ -42,6 +42,8 @@ from cargohold.stores.catalog import Catalog
 log = logging.getLogger(__name__)
 
 _ZERO_CHUNK = bytes(CHUNK_SIZE)
+#: A replica reads and rewrites all of itself in a revert: it answers within this.
+REVERT_TIMEOUT = 3600.0
 
 
 class CloneService:
@@ -162,7 +164,7 @@ class CloneService:
         async def one(server_id: str) -> int:
             async with ServerSession(servers[server_id], self.access) as client:
                 return await client.revert(volume.id, volume.epoch, snapshot.id, generation,
-                                           timeout=None)
+                                           timeout=REVERT_TIMEOUT)
 
         results = await asyncio.gather(*(one(sid) for sid in targets), return_exceptions=True)
         failed = {sid: str(r) for sid, r in zip(targets, results, strict=True)

@@ -9,15 +9,21 @@ report.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from cargohold.clients.dataclient import DataClient
-from cargohold.core.layout import CHUNK_SIZE
+from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
 from cargohold.core.wire import BytesLike
+from cargohold.errors import CargoholdError
 
+log = logging.getLogger(__name__)
+
+#: A replica reading every block its snapshots hold apart answers within this.
+SCRUB_TIMEOUT = 3600.0
 WINDOW = 8  # chunks copied at once (the data client pipelines requests)
 _ZEROS = memoryview(bytes(CHUNK_SIZE))
 
@@ -118,3 +124,34 @@ async def replay_snapshots(source: DataClient, target: DataClient, volume_id: st
         previous = snapshot["id"]
         given += 1
     return given
+
+
+async def scrub_snapshots(clients: dict[str, DataClient], volume_id: str, epoch: int,
+                          report: ScrubReport) -> None:
+    """Have every replica read what its snapshots hold apart from the head; a block whose
+    checksum fails is written back from another replica's copy of that snapshot (whose
+    read is verified), or counted lost when no replica has a good one."""
+    for sid, client in clients.items():
+        try:
+            bad = await client.scrub_snapshots(volume_id, epoch, timeout=SCRUB_TIMEOUT)
+        except CargoholdError as e:
+            report.skipped.append(sid)
+            log.warning("scrub of the snapshots of %s on %s: %s", volume_id, sid, e)
+            continue
+        for snapshot_id, offset in bad:
+            good = None
+            for other, source in clients.items():
+                if other == sid:
+                    continue
+                try:
+                    good = await source.read_snapshot(volume_id, epoch, snapshot_id, offset,
+                                                      BLOCK_SIZE)
+                    break
+                except CargoholdError:
+                    continue
+            if good is None:
+                report.lost.append(offset // CHUNK_SIZE)
+                continue
+            await client.repair_snapshot(volume_id, epoch, snapshot_id, offset, good)
+            report.repaired.append({"chunk": offset // CHUNK_SIZE, "server": sid,
+                                    "snapshot": snapshot_id})

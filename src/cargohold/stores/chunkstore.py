@@ -212,6 +212,18 @@ class StoredReplica(ABC):
             return b""
         return self._read_snapshot(snapshot_id, offset, length)
 
+    def scrub_snapshots(self) -> list[tuple[str, int]]:
+        """Read every block the snapshots hold apart from the head (thread safe: a worker
+        thread may run it while the replica is written); return, for each whose checksum
+        fails, a snapshot that holds it and its byte offset."""
+        return []
+
+    def repair_snapshot(self, snapshot_id: str, offset: int, data: BytesLike) -> None:
+        """Write back the block snapshot ``snapshot_id`` holds at ``offset`` from a good
+        copy (``data``, which must match the checksum recorded for it); a block the head
+        still shares is the head's to repair (a write), and is left alone here."""
+        raise InvalidArgument(what="repair", detail="this store keeps no snapshot blocks apart")
+
     def changed_chunks(self, since: str = "", until: str = "") -> list[int]:
         """The chunks whose contents may differ between snapshot ``since`` ("": an empty
         volume) and snapshot ``until`` ("": the replica as it is now), in order. What a

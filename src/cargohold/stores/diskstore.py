@@ -16,7 +16,6 @@ import mmap
 import os
 import secrets
 import shutil
-import struct
 import sys
 import threading
 import uuid
@@ -41,6 +40,7 @@ except ImportError:  # pragma: no cover - isal is optional
 from cargohold.stores import versionmap
 from cargohold.stores.chunkstore import (
     ZERO_BLOCK,
+    BytesLike,
     ChunkStore,
     ReplicaInfo,
     SnapshotInfo,
@@ -49,6 +49,13 @@ from cargohold.stores.chunkstore import (
     check_existing_size,
     check_volume_id,
     le_u64,
+)
+from cargohold.stores.epochfile import (
+    EPOCH_FILE,
+    EPOCH_SLOTS,
+    epoch_record,
+    make_epoch_file,
+    read_epoch_slots,
 )
 from cargohold.stores.sparsefile import (
     allocate_keep_size,
@@ -60,6 +67,8 @@ from cargohold.stores.sparsefile import (
 from cargohold.stores.versionmap import VersionMap
 
 log = logging.getLogger(__name__)
+
+REPLICAS_DIR = "replicas"  # under a disk store's root, one directory per replica
 
 _ZERO_PAGE = bytes(mmap.PAGESIZE)
 #: Large writes reach the data file in pieces of this size, so that the page cache holds it
@@ -84,46 +93,6 @@ def _reraise(exc: OSError, server: str) -> NoReturn:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         raise NoSpace(server=server, detail=exc.strerror or str(exc)) from exc
     raise exc
-
-
-#: The epoch file: two slots of (epoch u64, crc32 u32) in sectors of their own, in one
-#: block that is written whole when the replica is made, so that fencing later overwrites
-#: allocated space only and works on a full disk. ``fence`` overwrites the older slot: a
-#: crash in the middle leaves the newer one intact (that fence never returned).
-REPLICAS_DIR = "replicas"  # under a disk store's root, one directory per replica
-EPOCH_FILE = "epoch"
-EPOCH_SLOT = struct.Struct("<QI")
-EPOCH_SLOTS = (0, 512)
-EPOCH_BYTES = EPOCH_SLOTS[-1] + EPOCH_SLOT.size  # the part of the file the slots use
-
-
-def _epoch_record(epoch: int) -> bytes:
-    return EPOCH_SLOT.pack(epoch, crc32(epoch.to_bytes(8, "little")))
-
-
-def _make_epoch_file(path: Path, epoch: int) -> None:
-    """Write ``path`` whole (every byte allocated), both slots holding ``epoch``."""
-    block = bytearray(BLOCK_SIZE)
-    for at in EPOCH_SLOTS:
-        EPOCH_SLOT.pack_into(block, at, *EPOCH_SLOT.unpack(_epoch_record(epoch)))
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.pwrite(fd, block, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_epoch_slots(data: bytes) -> list[int | None]:
-    """Each slot's epoch, or None where its checksum fails (a torn write)."""
-    found: list[int | None] = []
-    for at in EPOCH_SLOTS:
-        if len(data) < at + EPOCH_SLOT.size:
-            found.append(None)
-            continue
-        epoch, crc = EPOCH_SLOT.unpack_from(data, at)
-        found.append(epoch if crc == crc32(epoch.to_bytes(8, "little")) else None)
-    return found
 
 
 class SpaceReserve:
@@ -251,7 +220,7 @@ class DiskReplica(StoredReplica):
         if not path.exists():
             tmp = path.with_name(f".{EPOCH_FILE}.{secrets.token_hex(4)}.tmp")
             try:
-                _make_epoch_file(tmp, self._epoch)
+                make_epoch_file(tmp, self._epoch)
                 os.rename(tmp, path)
                 fsync_dir(self._path)
             except OSError as exc:
@@ -282,7 +251,7 @@ class DiskReplica(StoredReplica):
             # overwrite a torn slot, else the older one: the newest stays whole
             ranks = [-1 if e is None else e for e in slots]
             older = ranks.index(min(ranks))
-            os.pwrite(self._epoch_fd, _epoch_record(epoch), EPOCH_SLOTS[older])
+            os.pwrite(self._epoch_fd, epoch_record(epoch), EPOCH_SLOTS[older])
             os.fdatasync(self._epoch_fd)
         except OSError as exc:
             _reraise(exc, self.server)
@@ -492,6 +461,25 @@ class DiskReplica(StoredReplica):
         alone = self._snaps.unique_bytes()
         return [SnapshotInfo(k.id, k.number, k.created, alone[k.id])
                 for k in self._snaps.kept()]
+
+    def scrub_snapshots(self) -> list[tuple[str, int]]:
+        snaps = self._snaps
+        if snaps is None:
+            return []
+        ids = {k.number: k.id for k in snaps.kept()}
+        return [(ids[number], block * BLOCK_SIZE) for number, block in snaps.damaged()
+                if number in ids]
+
+    def repair_snapshot(self, snapshot_id: str, offset: int, data: BytesLike) -> None:
+        if self._snaps is None or len(data) != BLOCK_SIZE or offset % BLOCK_SIZE:
+            raise InvalidArgument(what="repair", detail="one block of a kept snapshot")
+        try:
+            self._snaps.repair(self._snaps.find(snapshot_id).number, offset // BLOCK_SIZE,
+                               bytes(data))
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise InvalidArgument(what="repair", detail=str(exc.strerror)) from exc
+            _reraise(exc, self.server)
 
     def reclaim(self, runs_at_most: int) -> int:
         snaps = self._snaps
@@ -713,7 +701,7 @@ class DiskChunkStore(ChunkStore):
             self._make_file(tmp / "data", size)
             self._make_file(tmp / "sums", size // BLOCK_SIZE * 4)
             self._make_file(tmp / "gens", chunk_count(size) * 8)
-            _make_epoch_file(tmp / EPOCH_FILE, 0)
+            make_epoch_file(tmp / EPOCH_FILE, 0)
             write_json_atomic(
                 tmp / "meta.json", {"volume_id": volume_id, "size": size, "epoch": 0}
             )

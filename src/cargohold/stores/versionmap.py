@@ -534,6 +534,38 @@ class VersionMap:
         births = self._heads[2 * first + 1 : 2 * (first + count) : 2]
         return [first + k for k, birth in enumerate(births) if birth >= number]
 
+    def _place(self, block: int, location: int) -> tuple[int, int]:
+        if location == HOME:
+            return self._data_fd, block * BLOCK_SIZE
+        return self._extra_fd, (location - 1) * BLOCK_SIZE
+
+    def damaged(self) -> list[tuple[int, int]]:
+        """(a snapshot number holding it, block) of every version whose data fails its
+        checksum. Runs in a worker thread: it reads a copy of the index, and a version
+        dropped meanwhile (its place may be punched already) is not reported."""
+        found = []
+        for block, versions in list(self._versions.items()):
+            for v in versions:
+                fd, at = self._place(block, v[LOCATION])
+                if (crc32(os.pread(fd, BLOCK_SIZE, at)) or 1) == v[CRC]:
+                    continue
+                if v in self._versions.get(block, ()):
+                    number = self._numbers[bisect.bisect_right(self._numbers, v[BIRTH])]
+                    found.append((number, block))
+        return found
+
+    def repair(self, number: int, block: int, data: bytes) -> bool:
+        """Write ``data`` back where snapshot ``number``'s version of ``block`` lies; False
+        when the snapshot reads the head there (the head's to repair)."""
+        for v in self._versions.get(block, ()):
+            if v[BIRTH] < number <= v[DEATH]:
+                if (crc32(data) or 1) != v[CRC]:
+                    raise OSError(22, "the data does not match the block's checksum")
+                fd, at = self._place(block, v[LOCATION])
+                os.pwrite(fd, data, at)
+                return True
+        return False
+
     def written_between(self, since: int, until: int) -> set[int]:
         """Blocks written at a seq in [since, until) (until 0: up to now): where snapshot
         ``since`` and snapshot ``until`` (or the heads) may differ. A write's seq is the

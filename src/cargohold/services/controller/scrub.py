@@ -22,7 +22,7 @@ from cargohold.core.layout import CHUNK_SIZE, generation_table
 from cargohold.core.models import Volume, VolumeState, server_up
 from cargohold.errors import CargoholdError, ChecksumMismatch, VolumeBusy
 from cargohold.services.controller.resync import claim_detached
-from cargohold.services.copies import Budget, ScrubReport
+from cargohold.services.copies import Budget, ScrubReport, scrub_snapshots
 from cargohold.stores.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ class Scrub:
                     assert good is not None
                     await clients[sid].write(volume.id, epoch, offset, good, newest)
                     report.repaired.append({"chunk": chunk, "server": sid})
+            await scrub_snapshots(clients, volume.id, epoch, report)
             await asyncio.gather(*(c.flush(volume.id, epoch) for c in clients.values()))
         finally:
             await asyncio.gather(*(c.close() for c in clients.values()))

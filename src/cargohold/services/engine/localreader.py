@@ -18,7 +18,8 @@ except ImportError:  # pragma: no cover - isal is optional
     from zlib import crc32
 
 from cargohold.stores.chunkstore import ZERO_BLOCK, BytesLike, check_volume_id
-from cargohold.stores.diskstore import EPOCH_BYTES, EPOCH_FILE, REPLICAS_DIR, read_epoch_slots
+from cargohold.stores.diskstore import REPLICAS_DIR
+from cargohold.stores.epochfile import EPOCH_BYTES, EPOCH_FILE, read_epoch_slots
 
 
 class LocalReplicaReader:

@@ -440,7 +440,9 @@ class ReplicaSet:
         finally:
             self._scrubbing = False
             self._update_careful()
-        report.skipped = [m.server.id for m in members if m not in self.members]
+        await copies.scrub_snapshots({m.server.id: m.client for m in self.members},
+                                     self.volume_id, self.epoch, report)
+        report.skipped += [m.server.id for m in members if m not in self.members]
         report.seconds = round(asyncio.get_running_loop().time() - started, 3)
         return report
 
