@@ -359,9 +359,7 @@ def _run_client(args: argparse.Namespace) -> int:
             return _snapshot(api, args, as_json)
         name: str = getattr(args, "name", "")
         if args.action == "create" and args.source:
-            volume = api.request("POST", "/v1/clones", {
-                "name": args.name, "from": args.source, "size": args.size,
-                "replicas": args.replicas})
+            volume = _clone(api, args)
             _emit(volume, as_json, f"{volume['name']} (from {volume['source']})")
         elif args.action == "create":
             if not args.size:
@@ -407,6 +405,43 @@ def _run_client(args: argparse.Namespace) -> int:
             api.request("DELETE", f"/v1/volumes/{name}")
             _emit({"name": name, "removed": True}, as_json, name)
     return 0
+
+
+def _clone(api: ApiClient, args: argparse.Namespace) -> Any:
+    """Create a clone, showing how much of its source is copied (on stderr) meanwhile."""
+    import threading
+
+    from cargohold.clients.api import ApiClient as Watcher
+
+    answer: dict[str, Any] = {}
+
+    def create() -> None:
+        try:
+            answer["volume"] = api.request("POST", "/v1/clones", {
+                "name": args.name, "from": args.source, "size": args.size,
+                "replicas": args.replicas})
+        except CargoholdError as e:
+            answer["error"] = e
+
+    worker = threading.Thread(target=create, daemon=True)
+    worker.start()
+    shown = False
+    with Watcher(client_config(args.host, args.token_file, args.ca)) as watch:
+        while worker.is_alive():
+            worker.join(1.0)
+            try:
+                filled = float(watch.request("GET", f"/v1/volumes/{args.name}")["filled"])
+            except CargoholdError:
+                continue
+            if worker.is_alive():
+                shown = True
+                print(f"\rcloning {args.name} [{'#' * int(30 * filled):<30}] "
+                      f"{filled * 100:3.0f}%", end="", file=sys.stderr, flush=True)
+    if shown:
+        print(f"\rcloning {args.name} [{'#' * 30}] done", file=sys.stderr)
+    if "error" in answer:
+        raise answer["error"]
+    return answer["volume"]
 
 
 def _snapshot(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:

@@ -73,6 +73,7 @@ class Volume(Record):
     # the cluster key}; None: stored as written
     encryption: dict[str, str] | None = None
     source: str = ""  # a clone: the snapshot (VOLUME@SNAPSHOT) it was made from
+    filled: float = 0.0  # a clone being made: the fraction of its source copied so far
 
     def in_sync(self) -> list[Replica]:
         return [r for r in self.replicas if r.state is ReplicaState.IN_SYNC]

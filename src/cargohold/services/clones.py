@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from contextlib import AsyncExitStack
 
@@ -112,6 +113,7 @@ class CloneService:
         epoch = source.attachment.epoch if source.attachment is not None else source.epoch
         generation = (clone.epoch << 32) + 1
         copied = 0
+        reported = time.monotonic()
         async with AsyncExitStack() as stack:
             reader = await self._first_answering(holders, stack)
             writers = [await stack.enter_async_context(ServerSession(servers[r.server],
@@ -128,8 +130,21 @@ class CloneService:
                                                    view[at:at + run], generation)
                                            for w in writers))
                     copied += run
+                if time.monotonic() - reported >= 1.0:  # for the CLI's progress bar
+                    reported = time.monotonic()
+                    await self._progress(clone.name, (offset + length) / snapshot.size)
             await asyncio.gather(*(w.flush(clone.id, clone.epoch) for w in writers))
         log.info("clone %s of %s: %d bytes copied", clone.name, snapshot.ref, copied)
+
+    async def _progress(self, name: str, done: float) -> None:
+        def record(v: Volume) -> Volume:
+            v.filled = round(done, 3)
+            return v
+
+        try:
+            await self.catalog.update_volume(name, record)
+        except CargoholdError as e:  # progress only: the copy goes on
+            log.debug("clone %s: progress not recorded: %s", name, e)
 
     async def _first_answering(self, holders: list[DataServer],
                                stack: AsyncExitStack) -> DataClient:
