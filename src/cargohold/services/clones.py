@@ -36,13 +36,13 @@ from cargohold.errors import (
     VolumeInUse,
 )
 from cargohold.services.controller.resync import claim_detached
+from cargohold.services.copies import WINDOW, together
 from cargohold.services.snapshots import SnapshotService
 from cargohold.services.volumes import ServerSession, VolumeService
 from cargohold.stores.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
-_ZERO_CHUNK = bytes(CHUNK_SIZE)
 #: A replica reads and rewrites all of itself in a revert: it answers within this.
 REVERT_TIMEOUT = 3600.0
 
@@ -119,20 +119,31 @@ class CloneService:
             writers = [await stack.enter_async_context(ServerSession(servers[r.server],
                                                                      self.access))
                        for r in clone.replicas]
-            for offset in range(0, snapshot.size, CHUNK_SIZE):
-                length = min(CHUNK_SIZE, snapshot.size - offset)
-                data = await reader.read_snapshot(source.id, epoch, snapshot.id, offset, length)
-                if data == _ZERO_CHUNK[:length]:
-                    continue
-                view = memoryview(data)
-                for at, run in _data_runs(view):
-                    await asyncio.gather(*(w.write(clone.id, clone.epoch, offset + at,
-                                                   view[at:at + run], generation)
-                                           for w in writers))
-                    copied += run
-                if time.monotonic() - reported >= 1.0:  # for the CLI's progress bar
-                    reported = time.monotonic()
-                    await self._progress(clone.name, (offset + length) / snapshot.size)
+            # only the chunks the snapshot holds data in (from the seqs, no data read)
+            chunks = [c for c in await reader.snapshot_diff(source.id, "", snapshot.id)
+                      if c * CHUNK_SIZE < snapshot.size]
+            pending = iter(chunks)
+            done = 0
+
+            async def copier() -> None:  # WINDOW of these keep chunks in flight
+                nonlocal copied, done, reported
+                for chunk in pending:
+                    offset = chunk * CHUNK_SIZE
+                    length = min(CHUNK_SIZE, snapshot.size - offset)
+                    data = await reader.read_snapshot(source.id, epoch, snapshot.id, offset,
+                                                      length)
+                    view = memoryview(data)
+                    for at, run in _data_runs(view):
+                        await asyncio.gather(*(w.write(clone.id, clone.epoch, offset + at,
+                                                       view[at:at + run], generation)
+                                               for w in writers))
+                        copied += run
+                    done += 1
+                    if time.monotonic() - reported >= 1.0:  # for the CLI's progress bar
+                        reported = time.monotonic()
+                        await self._progress(clone.name, done / len(chunks))
+
+            await together([copier() for _ in range(WINDOW)])
             await asyncio.gather(*(w.flush(clone.id, clone.epoch) for w in writers))
         log.info("clone %s of %s: %d bytes copied", clone.name, snapshot.ref, copied)
 
