@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 RECHECK = 2.0
 #: The longest an engine holds its volume's writes waiting for the rest of a group snapshot.
 GROUP_HOLD = 10.0
+#: The longest a freeze may take (the file system writes what it holds first).
+FREEZE_TIMEOUT = 30.0
 
 
 class Cutter:
@@ -100,7 +102,7 @@ class Cutter:
         steps: dict[str, float] = {}
         try:
             if mountpoint:
-                await asyncio.to_thread(kernel.freeze, mountpoint)
+                await self._freeze(mountpoint)
                 frozen = True
             steps["freeze"] = time.monotonic() - started
             await self.replicas.hold()
@@ -143,6 +145,23 @@ class Cutter:
             await self._forget(snapshot.id)
             return 0
         return 0 if error else 1
+
+    async def _freeze(self, mountpoint: str) -> None:
+        """FIFREEZE, given up after ``FREEZE_TIMEOUT`` (a file system that cannot write
+        what it holds, say a replica stalls): writers must not wait on it for long. A freeze
+        that ends later is thawed at once."""
+        freezing = asyncio.ensure_future(asyncio.to_thread(kernel.freeze, mountpoint))
+        try:
+            await asyncio.wait_for(asyncio.shield(freezing), FREEZE_TIMEOUT)
+        except TimeoutError:
+            def thaw_late(done: asyncio.Future[None]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    log.warning("%s: the freeze given up ended: thawing", self.name)
+                    asyncio.ensure_future(asyncio.to_thread(kernel.thaw, mountpoint))
+
+            freezing.add_done_callback(thaw_late)
+            raise SnapshotFailed(name=self.name, detail=f"the file system at {mountpoint} "
+                                 f"did not freeze within {FREEZE_TIMEOUT:g} s") from None
 
     async def _hold_for_group(self, snapshot: Snapshot) -> None:
         """Say this volume is held, then wait (writes held) until every volume of the group
