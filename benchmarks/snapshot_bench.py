@@ -132,6 +132,7 @@ class SnapshotBench:
         for n in range(taken):
             node.cli("snapshot", "rm", f"bench@s{n}")
         found["delete_all_s"] = time.monotonic() - started
+        found["reclaim_s"] = self.settle("bench")  # the space is punched in the background
         found["pause"] = self.pause(mnt)
         node.detach("bench")
         node.remove("bench")
@@ -195,6 +196,7 @@ class SnapshotBench:
         for n in range(count):
             node.cli("snapshot", "rm", f"space@s{n}")
         deleted_s = time.monotonic() - started
+        reclaimed_s = self.settle("space")
         left = self.used("space")
         node.detach("space")
         node.remove("space")
@@ -204,7 +206,21 @@ class SnapshotBench:
                 "snapshot_space_mib": (after - before) / MIB, "ideal_mib": ideal / MIB,
                 "space_ratio": (after - before) / ideal if ideal else None,
                 "unique_sum_mib": sum(s["unique"] or 0 for s in listed) / MIB,
-                "delete_all_s": deleted_s, "used_after_delete_mib": left / MIB}
+                "delete_all_s": deleted_s, "reclaim_s": reclaimed_s,
+                "used_after_delete_mib": left / MIB}
+
+    def settle(self, name: str, limit: float = 300.0) -> float:
+        """Wait until the space of deleted snapshots is punched (``used`` stops falling);
+        return how long that took."""
+        started = time.monotonic()
+        last = self.used(name)
+        while time.monotonic() - started < limit:
+            time.sleep(2.0)
+            now = self.used(name)
+            if now >= last:
+                break
+            last = now
+        return time.monotonic() - started
 
     def used(self, name: str) -> int:
         assert self.node is not None
@@ -259,14 +275,16 @@ def report(result: dict[str, Any]) -> str:
               f"{pause['clat_max_ms_without']:.1f}), p99.9 {pause['clat_p999_ms_with_cuts']:.1f}"
               f" ms ({pause['clat_p999_ms_without']:.1f}); IOPS {pause['iops_with_cuts']:.0f} "
               f"with cuts, {pause['iops_without']:.0f} without",
-              f"deleting 64 snapshots: {result['cargohold']['delete_all_s']:.1f} s"]
+              f"deleting 64 snapshots: {result['cargohold']['delete_all_s']:.1f} s, their space "
+              f"punched in the background within {result['cargohold']['reclaim_s']:.0f} s"]
     space = result["space"]
     lines += ["", f"space: {space['file_mib']:.0f} MiB file, {space['snapshots']} snapshots, "
               f"{space['rewritten_pct']}% rewritten between them: snapshots hold "
               f"{space['snapshot_space_mib']:.1f} MiB (ideal {space['ideal_mib']:.1f}, ratio "
               f"{space['space_ratio']:.2f}); snapshot ls says {space['unique_sum_mib']:.1f} MiB "
-              f"held alone; deleting them all took {space['delete_all_s']:.1f} s, the volume "
-              f"then takes {space['used_after_delete_mib']:.1f} MiB"]
+              f"held alone; deleting them all took {space['delete_all_s']:.1f} s (space punched "
+              f"within {space['reclaim_s']:.0f} s more), the volume then takes "
+              f"{space['used_after_delete_mib']:.1f} MiB"]
     return "\n".join(lines)
 
 
