@@ -69,6 +69,19 @@ def _until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
+def _lose_a_holder(nodes: dict[str, Node], name: str) -> tuple[str, str, Node]:
+    """Kill the first host holding a replica of ``name`` and wait until its replica is
+    rebuilt on the third host (and the old one dropped); return the host that kept its
+    replica, the spare one and its node."""
+    lost, kept = sorted(_holders(nodes["h1"], name))
+    spare = ({"h1", "h2", "h3"} - {lost, kept}).pop()
+    _kill_host(nodes[lost])
+    watcher = nodes[spare]
+    _until(lambda: _holders(watcher, name) == {kept: "in_sync", spare: "in_sync"},
+           "the replica on the lost host rebuilt on the spare one and the old one dropped")
+    return kept, spare, watcher
+
+
 def _fill(node: Node, name: str) -> str:
     mountpoint = Path(node.cli("volume", "attach", name).stdout.strip())
     data = os.urandom(16 * MIB)
@@ -91,13 +104,7 @@ def test_a_lost_host_is_rebuilt_elsewhere_and_survives_losing_the_other(
     any_node = three_nodes["h1"]
     any_node.cli("volume", "create", "rb", "--size", "128M", "--replicas", "2")
     digest = _fill(any_node, "rb")
-    lost, kept = sorted(_holders(any_node, "rb"))
-    spare = ({"h1", "h2", "h3"} - {lost, kept}).pop()
-    _kill_host(three_nodes[lost])
-
-    watcher = three_nodes[spare]
-    _until(lambda: _holders(watcher, "rb") == {kept: "in_sync", spare: "in_sync"},
-           "the replica on the lost host rebuilt on the spare one and the old one dropped")
+    kept, spare, watcher = _lose_a_holder(three_nodes, "rb")
     log = "\n".join(n.logs() for n in three_nodes.values())
     assert "replacing the replica of rb" in log and "resync of rb done" in log
 
@@ -211,13 +218,7 @@ def test_snapshots_survive_a_rebuild_and_the_loss_of_the_other_copy(
     any_node.cli("snapshot", "create", "sn@before")
     later = _fill(any_node, "sn")  # the head moves on: the snapshot keeps the old bytes
     assert later != digest
-    lost, kept = sorted(_holders(any_node, "sn"))
-    spare = ({"h1", "h2", "h3"} - {lost, kept}).pop()
-    _kill_host(three_nodes[lost])
-
-    watcher = three_nodes[spare]
-    _until(lambda: _holders(watcher, "sn") == {kept: "in_sync", spare: "in_sync"},
-           "the replica on the lost host rebuilt on the spare one")
+    kept, spare, watcher = _lose_a_holder(three_nodes, "sn")
     [snapshot] = watcher.json("snapshot", "ls", "sn")  # type: ignore[misc]
     servers = {s["server"]: s["node"] for s in watcher.json("volume", "inspect", "sn")["replicas"]}
     assert sorted(servers[s] for s in snapshot["servers"]) == sorted([kept, spare])

@@ -20,11 +20,13 @@ RECORD = 512  # bytes: "%08d" and padding, so records never straddle a write uni
 
 
 class Appender:
-    """Appends numbered records to a file with fsync after each, in a thread; ``acked`` is
-    how many were acknowledged (their fsync returned)."""
+    """Appends record n to each of ``paths`` in turn, fsync after each (the record in a later
+    file is written only once the earlier one was acknowledged), in a thread; ``acked``: the
+    rounds acknowledged. A cut at one instant holds as many records in an earlier file as in
+    a later one, or one more."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, *paths: Path) -> None:
+        self.paths = paths
         self.acked = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -33,12 +35,17 @@ class Appender:
 
     def _run(self) -> None:
         try:
-            with open(self.path, "ab") as f:
+            files = [open(path, "ab") for path in self.paths]  # noqa: SIM115 - closed below
+            try:
                 while not self._stop.is_set():
-                    f.write(b"%08d" % self.acked + b"." * (RECORD - 9) + b"\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+                    for f in files:
+                        f.write(b"%08d" % self.acked + b"." * (RECORD - 9) + b"\n")
+                        f.flush()
+                        os.fsync(f.fileno())
                     self.acked += 1
+            finally:
+                for f in files:
+                    f.close()
         except BaseException as e:  # noqa: BLE001 - the test checks it
             self.error = e
 
@@ -191,44 +198,14 @@ def test_replica_count_changes_online_and_new_replicas_get_the_snapshots(node: N
     node.cli("volume", "detach", "rc-then")
 
 
-class Pair:
-    """Writes record n to file A, fsync, then record n to file B, fsync (B's n-th record is
-    written only once A's was acknowledged): a cut at one instant holds as many records in
-    A as in B, or one more."""
-
-    def __init__(self, a: Path, b: Path) -> None:
-        self.paths = (a, b)
-        self.count = 0
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            with open(self.paths[0], "ab") as fa, open(self.paths[1], "ab") as fb:
-                while not self._stop.is_set():
-                    for f in (fa, fb):
-                        f.write(b"%08d" % self.count + b"." * (RECORD - 9) + b"\n")
-                        f.flush()
-                        os.fsync(f.fileno())
-                    self.count += 1
-        except BaseException as e:  # noqa: BLE001 - the test checks it
-            self.error = e
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(60)
-
-
 def test_a_group_snapshot_is_one_instant_across_volumes(node: Node) -> None:
     for name in ("db", "wal", "cold"):
         node.cli("volume", "create", name, "--size", "128M")
     db = Path(node.cli("volume", "attach", "db").stdout.strip())
     wal = Path(node.cli("volume", "attach", "wal").stdout.strip())
-    pair = Pair(db / "log", wal / "log")
+    pair = Appender(db / "log", wal / "log")
     try:
-        while pair.count < 100 and pair.error is None:
+        while pair.acked < 100 and pair.error is None:
             time.sleep(0.01)
         taken: Any = node.json("snapshot", "create", "--group", "nightly", "db", "wal", "cold")
         again: Any = node.json("snapshot", "create", "--group", "nightly", "db", "wal", "cold")
