@@ -69,3 +69,24 @@ def test_state_changes_become_events() -> None:
     assert events[1]["message"] == "volume v is attached on node a (epoch 3)"
     assert events[2]["message"] == "replica of v on s2 is out of sync (gone)"
     assert [e["revision"] for e in events] == sorted(e["revision"] for e in events)
+
+
+def test_snapshot_changes_become_events() -> None:
+    from cargohold.core.models import Snapshot, SnapshotState, snapshot_key
+    from cargohold.services.events import describe
+
+    cutting = Snapshot(id="1" * 32, name="s", volume="v", volume_id="0" * 32, size=1)
+    ready = cutting.model_copy(update={"state": SnapshotState.READY, "held": 0.0421})
+    failed = cutting.model_copy(update={"state": SnapshotState.FAILED, "error": "boom"})
+    deleting = ready.model_copy(update={"state": SnapshotState.DELETING})
+    key = snapshot_key("v", "s")
+    assert describe(key, None, cutting.dump()) == []  # asked, not taken yet
+    [taken] = describe(key, cutting.dump(), ready.dump())
+    assert (taken["kind"], taken["name"], taken["event"]) == ("snapshot", "v@s", "taken")
+    assert taken["message"] == "snapshot v@s taken; writes held 42 ms"
+    [bad] = describe(key, cutting.dump(), failed.dump())
+    assert bad["event"] == "failed" and "boom" in bad["message"]
+    assert describe(key, ready.dump(), deleting.dump()) == []
+    [gone] = describe(key, deleting.dump(), None)
+    assert gone["event"] == "removed"
+    assert describe(key, failed.dump(), None) == []  # a failed cut: said when it failed

@@ -2,12 +2,13 @@
 
 Built from the metadata store's watch, so every node serves the same stream whichever node
 made the change: a volume created, attached (node, epoch), detached, removed; a replica out
-of sync, resyncing, back in sync, added by a rebuild, dropped; a data server up or down; a
-node's lease taken or lost; the controller moving; a drain started or stopped.
+of sync, resyncing, back in sync, added by a rebuild, dropped; a snapshot taken (with how
+long writers waited), failed, removed; a data server up or down; a node's lease taken or
+lost; the controller moving; a drain started or stopped.
 
 Each event is a dict: ``time`` (seconds), ``revision`` (the store's), ``kind`` (volume,
-replica, server, node, controller), ``name``, ``event`` (a short verb such as ``attached``)
-and ``message`` (a sentence).
+replica, snapshot, server, node, controller), ``name``, ``event`` (a short verb such as
+``attached``) and ``message`` (a sentence).
 """
 
 from __future__ import annotations
@@ -19,15 +20,19 @@ from typing import Any
 from cargohold.core.models import (
     DRAIN_PREFIX,
     LIVENESS_PREFIX,
+    SNAPSHOT_PREFIX,
     DataServer,
     ReplicaState,
+    Snapshot,
+    SnapshotState,
     Volume,
 )
 from cargohold.stores.metadata import MetadataStore
 
 Event = dict[str, Any]
 
-PREFIXES = ("volumes/", "dataservers/", LIVENESS_PREFIX, "controller/", DRAIN_PREFIX)
+PREFIXES = ("volumes/", "dataservers/", LIVENESS_PREFIX, "controller/", DRAIN_PREFIX,
+            SNAPSHOT_PREFIX)
 
 
 class EventFeed:
@@ -67,6 +72,9 @@ def describe(key: str, old: bytes | None, new: bytes | None) -> list[Event]:
     if key.startswith("volumes/"):
         return _volume(Volume.model_validate_json(old) if old else None,
                        Volume.model_validate_json(new) if new else None)
+    if key.startswith(SNAPSHOT_PREFIX):
+        return _snapshot(Snapshot.model_validate_json(old) if old else None,
+                         Snapshot.model_validate_json(new) if new else None)
     if key.startswith("dataservers/"):
         return _server(DataServer.model_validate_json(old) if old else None,
                        DataServer.model_validate_json(new) if new else None)
@@ -146,4 +154,21 @@ def _server(old: DataServer | None, new: DataServer | None) -> list[Event]:
     if old.state != new.state:
         return [_event("server", new.id, new.state.value, f"data server {new.id} of node "
                        f"{new.node} is {new.state.value}", node=new.node)]
+    return []
+
+
+def _snapshot(old: Snapshot | None, new: Snapshot | None) -> list[Event]:
+    if new is None:
+        if old is None or old.state is not SnapshotState.DELETING:
+            return []  # a cut given up or failed: said when it failed
+        return [_event("snapshot", old.ref, "removed", f"snapshot {old.ref} removed")]
+    if old is not None and old.state is new.state:
+        return []
+    if new.state is SnapshotState.READY:
+        group = f" (group {new.group})" if new.group else ""
+        return [_event("snapshot", new.ref, "taken", f"snapshot {new.ref} taken{group}; "
+                       f"writes held {new.held * 1000:.0f} ms", held=new.held)]
+    if new.state is SnapshotState.FAILED:
+        return [_event("snapshot", new.ref, "failed",
+                       f"snapshot {new.ref} failed: {new.error}")]
     return []
