@@ -86,6 +86,17 @@ def _fill(path: Path, limit: int = 200) -> OSError | None:
     return None
 
 
+def _take_the_rest(path: Path) -> None:
+    """Fill the file system holding ``path`` with a file until it says ENOSPC."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"t" * (64 << 10))
+                f.flush()
+        except OSError:
+            pass
+
+
 def _data_dir_used(node: Node) -> int:
     st = os.statvfs(node.data_dirs[0])
     return (st.f_blocks - st.f_bfree) * st.f_frsize
@@ -101,7 +112,9 @@ def test_a_full_data_server_recovers_after_delete_and_fstrim(small_disk_node: No
     failure = _fill(mountpoint / "filler")
     assert failure is not None and failure.errno == errno.ENOSPC, f"{failure!r}\n{node.logs()}"
     full = _data_dir_used(node)
-    assert full > 90 * MIB
+    # full as the data server lets itself get: new chunks stop at its reserve (an eighth of
+    # this 96 MiB disk), writes into chunks in use go on, so how much is left varies
+    assert full > 78 * MIB, full
 
     (mountpoint / "filler").unlink()
     # ext4 frees a deleted file's blocks at the journal commit of the unlink (fsync of the
@@ -139,7 +152,10 @@ def test_a_full_data_server_keeps_the_replica_in_sync_and_attachable(
     kept = write_random(mountpoint / "kept", 16 * MIB)
     assert _fill(mountpoint / "filler") is not None
     node.cli("volume", "detach", "full")
-    assert os.statvfs(node.data_dirs[0]).f_bavail * 4096 < MIB  # still full
+    # what the space reserve kept back (it refuses new chunks, not writes into chunks in
+    # use, so how much is left varies) is taken by another tenant of the disk: none left
+    _take_the_rest(node.data_dirs[0] / "other-tenant")
+    assert os.statvfs(node.data_dirs[0]).f_bavail * 4096 < MIB  # full
 
     attached = node.cli("volume", "attach", "full", check=False)
     volume = node.json("volume", "inspect", "full")
