@@ -284,6 +284,7 @@ class ReplicaSet:
         if not self.members:
             raise NoReplicaLeft(name=self.name)  # nothing to copy from
         member = Member(server, self.client_for(server))
+        counted = False  # in _catching_up (cuts wait for it)
         client = member.client
         try:
             await client.connect(timeout=CONNECT_TIMEOUT)
@@ -294,6 +295,7 @@ class ReplicaSet:
             # Its snapshots first, from a member (snapshots do not change: no write of
             # ours touches them); no snapshot is cut until it has joined and caught up.
             self._catching_up += 1
+            counted = True
             await copies.replay_snapshots(self.members[0].client, client, self.volume_id,
                                           self.epoch, self.size)
             # Its generations before it gets any write: a chunk that differs from the
@@ -355,7 +357,8 @@ class ReplicaSet:
             await client.close()
             raise
         finally:
-            self._catching_up = max(0, self._catching_up - 1)
+            if counted:
+                self._catching_up -= 1
 
     def _still_joining(self, member: Member) -> None:
         if self.fenced is not None:
