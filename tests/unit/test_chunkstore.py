@@ -9,6 +9,7 @@ import struct
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -565,3 +566,26 @@ def test_runs_of_chunks_for_writeback() -> None:
     assert list(runs([])) == []
     assert list(runs([3])) == [(3, 1)]
     assert list(runs([0, 1, 2, 5, 7, 8])) == [(0, 3), (5, 1), (7, 2)]
+
+
+def test_the_reserve_sees_space_freed_before_it_refuses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below the reserve new chunks are refused; once space is freed (a delete and fstrim
+    in the volume), the next write reads the free space again instead of being refused
+    until the next timer turn."""
+    free = [10 * MIB]
+    real = os.statvfs
+
+    def statvfs(path: Any) -> Any:
+        st = real(path)
+        return os.statvfs_result((st.f_bsize, 4096, 1 << 20, free[0] // 4096,
+                                  free[0] // 4096, *tuple(st)[5:]))
+
+    monkeypatch.setattr(diskstore.os, "statvfs", statvfs)
+    monkeypatch.setattr(diskstore.SpaceReserve, "RECHECK_SHORT", 0.0)
+    reserve = diskstore.SpaceReserve(tmp_path, 64 * MIB)
+    with pytest.raises(NoSpace, match="reserve"):
+        reserve.allocate(CHUNK_SIZE, "s")
+    free[0] = 1 << 30  # freed
+    reserve.allocate(CHUNK_SIZE, "s")  # read again, not refused
+    assert not reserve.short

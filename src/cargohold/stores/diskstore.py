@@ -18,6 +18,7 @@ import secrets
 import shutil
 import sys
 import threading
+import time
 import uuid
 from array import array
 from pathlib import Path
@@ -103,12 +104,14 @@ class SpaceReserve:
     a never-written chunk (new data) is refused with ``NoSpace`` (the application sees
     ENOSPC), while writes into chunks already written (journals, inode tables, overwritten
     data) still land, so a file system's metadata is not the write that meets a full disk.
-    Free space is read at start, every ``CHECK_EVERY`` bytes of new chunks, and by the
-    server's writeback turn (``refresh``). ``reserve`` -1: 1% of the disk, 64 MiB to 4 GiB,
-    and never more than an eighth of a small disk.
+    Free space is read at start, every ``CHECK_EVERY`` bytes of new chunks, by the server's
+    writeback turn (``refresh``), and before refusing once it was short (at most every
+    ``RECHECK_SHORT``): space freed by a delete and fstrim is writable at once. ``reserve``
+    -1: 1% of the disk, 64 MiB to 4 GiB, and never more than an eighth of a small disk.
     """
 
     CHECK_EVERY = 16 * CHUNK_SIZE
+    RECHECK_SHORT = 0.1  # seconds: below the reserve, free space is read again this often
 
     def __init__(self, root: Path, reserve: int = -1) -> None:
         self.root = root
@@ -119,11 +122,13 @@ class SpaceReserve:
         self.reserve = reserve
         self.short = False
         self._since = 0
+        self._checked = 0.0
         self.refresh()
 
     def refresh(self) -> None:
         if not self.reserve:
             return
+        self._checked = time.monotonic()
         usage = os.statvfs(self.root)
         was, self.short = self.short, usage.f_bavail * usage.f_frsize < self.reserve
         if self.short and not was:
@@ -133,8 +138,9 @@ class SpaceReserve:
     def allocate(self, length: int, server: str) -> None:
         """Called before a write that makes new chunks; NoSpace once the reserve is hit."""
         self._since += length
-        if self._since >= self.CHECK_EVERY:
-            self._since = 0
+        if self._since >= self.CHECK_EVERY or (
+                self.short and time.monotonic() - self._checked > self.RECHECK_SHORT):
+            self._since = 0  # short: read again before refusing (space may be free again)
             self.refresh()
         if self.short:
             raise NoSpace(server=server, detail=f"the disk is down to its reserve of "
