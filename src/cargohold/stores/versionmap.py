@@ -367,9 +367,6 @@ class VersionMap:
                     by_number[numbers[lo]] += BLOCK_SIZE
         return {k.id: by_number[k.number] for k in self._kept.values()}
 
-    def version_count(self) -> int:
-        return sum(len(vs) for vs in self._versions.values())
-
     # --- I/O ---------------------------------------------------------------------------
 
     def _allocate(self) -> int:
@@ -568,12 +565,6 @@ class VersionMap:
             places.append(place if crc else NOWHERE)
             crcs.append(crc)
         return self._read_places(first, places), crcs
-
-    def changed_since(self, number: int, first: int, count: int) -> list[int]:
-        """The blocks among ``count`` from ``first`` whose head was written after snapshot
-        ``number`` was taken."""
-        births = self._heads[2 * first + 1 : 2 * (first + count) : 2]
-        return [first + k for k, birth in enumerate(births) if birth >= number]
 
     def _place(self, block: int, location: int) -> tuple[int, int]:
         if location == HOME:
