@@ -434,11 +434,7 @@ class _Connection(asyncio.BufferedProtocol):
         return b""
 
     def _flush(self, header: RequestHeader, payload: memoryview) -> object:
-        replica = self._io_replica(header)
-        done = asyncio.get_running_loop().run_in_executor(None, replica.flush)
-        self._server.flushes.add(done)
-        done.add_done_callback(partial(self._flushed, header))
-        return _LATER
+        return self._in_worker(header, _empty, self._io_replica(header).flush)
 
     def _snapshot(self, header: RequestHeader, payload: memoryview) -> object:
         """Keep the replica as it is now (after a flush: in a worker thread, like FLUSH;
@@ -447,12 +443,9 @@ class _Connection(asyncio.BufferedProtocol):
         body = decode_json(payload)
         if not isinstance(body, dict) or not isinstance(body.get("created"), int | float):
             raise InvalidArgument(what="payload", detail='SNAPSHOT needs {"id", "created"}')
-        snapshot_id = str(body.get("id"))
-        done = asyncio.get_running_loop().run_in_executor(
-            None, replica.take_snapshot, snapshot_id, float(body["created"]))
-        self._server.flushes.add(done)
-        done.add_done_callback(partial(self._flushed, header))
-        return _LATER
+        return self._in_worker(header, lambda info: encode_json(info.to_dict()),
+                               replica.take_snapshot, str(body.get("id")),
+                               float(body["created"]))
 
     def _snapshots(self, header: RequestHeader, payload: memoryview) -> bytes:
         replica = self._store.replica(header.volume_id)
@@ -465,10 +458,8 @@ class _Connection(asyncio.BufferedProtocol):
         if not isinstance(body, dict) or not isinstance(body.get("id"), str):
             raise InvalidArgument(what="payload", detail='SNAPSHOT_DELETE needs {"id"}')
         replica = self._io_replica(header)
-        done = asyncio.get_running_loop().run_in_executor(None, replica.flush)
-        self._server.flushes.add(done)
-        done.add_done_callback(partial(self._flushed_for_delete, header, replica, body["id"]))
-        return _LATER
+        return self._in_worker(header, _empty, replica.flush, then=partial(
+            self._flushed_for_delete, header, replica, body["id"]))
 
     def _flushed_for_delete(self, header: RequestHeader, replica: StoredReplica,
                             snapshot_id: str, done: asyncio.Future[Any]) -> None:
@@ -497,11 +488,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _scrub_snapshots(self, header: RequestHeader, payload: memoryview) -> object:
         """Read every block the snapshots hold apart (in a worker thread)."""
-        replica = self._io_replica(header)
-        done = asyncio.get_running_loop().run_in_executor(None, replica.scrub_snapshots)
-        self._server.flushes.add(done)
-        done.add_done_callback(partial(self._flushed, header))
-        return _LATER
+        return self._in_worker(
+            header, lambda bad: encode_json([{"snapshot": s, "offset": at} for s, at in bad]),
+            self._io_replica(header).scrub_snapshots)
 
     def _repair_snapshot(self, header: RequestHeader, payload: memoryview) -> bytes:
         if len(payload) != 32 + header.length:
@@ -526,23 +515,27 @@ class _Connection(asyncio.BufferedProtocol):
         body = decode_json(payload)
         if not isinstance(body, dict) or not isinstance(body.get("id"), str):
             raise InvalidArgument(what="payload", detail='REVERT needs {"id"}')
-        replica = self._io_replica(header)
-        done = asyncio.get_running_loop().run_in_executor(
-            None, replica.revert, body["id"], header.generation)
+        return self._in_worker(header, lambda changed: encode_json({"changed": changed}),
+                               self._io_replica(header).revert, body["id"],
+                               header.generation)
+
+    def _in_worker(self, header: RequestHeader, encode: Callable[[Any], bytes],
+                   work: Callable[..., Any], *args: Any,
+                   then: Callable[[asyncio.Future[Any]], None] | None = None) -> object:
+        """Run ``work(*args)`` in a worker thread (a flush, a snapshot, a revert: the
+        event loop serves other requests meanwhile); answer with ``encode(result)``, or let
+        ``then`` go on from its future. Shutdown waits for these (``flushes``)."""
+        done = asyncio.get_running_loop().run_in_executor(None, work, *args)
         self._server.flushes.add(done)
-        done.add_done_callback(partial(self._flushed, header))
+        done.add_done_callback(then or partial(self._answered, header, encode))
         return _LATER
 
-    def _flushed(self, header: RequestHeader, done: asyncio.Future[Any]) -> None:
+    def _answered(self, header: RequestHeader, encode: Callable[[Any], bytes],
+                  done: asyncio.Future[Any]) -> None:
         self._server.flushes.discard(done)
         exc = done.exception() if not done.cancelled() else CargoholdError(detail="cancelled")
         if exc is None:
-            result = done.result()
-            body = (encode_json(result.to_dict()) if hasattr(result, "to_dict")
-                    else encode_json({"changed": result}) if isinstance(result, int)
-                    else encode_json([{"snapshot": sid, "offset": at} for sid, at in result])
-                    if isinstance(result, list) else b"")
-            self._queue(Status.OK, header.request_id, body)
+            self._queue(Status.OK, header.request_id, encode(done.result()))
         else:
             status, body = _error_response(exc, header, self._store)
             self._queue(status, header.request_id, body)
@@ -730,6 +723,10 @@ class DataProtocolServer:
             await self._unix_server.wait_closed()
         if self.flushes:
             await asyncio.gather(*self.flushes, return_exceptions=True)
+
+
+def _empty(_result: object) -> bytes:
+    return b""
 
 
 def _start_writebacks(replicas: list[StoredReplica]) -> None:
