@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                         "the source's)")
     create.add_argument("--from", dest="source", metavar="VOLUME[@SNAPSHOT]",
                         help="a clone: the snapshot's contents, or the volume's current ones")
+    create.add_argument("--wait", action="store_true",
+                        help="with --from: show progress until the clone is filled (it is "
+                             "usable at once, and depends on its source until then)")
     create.add_argument("--fs", default="ext4", help="ext4 (default) or xfs")
     create.add_argument("--encrypt", action="store_true",
                         help="encrypt at rest (AES-256-XTS in the engine: data servers, the "
@@ -360,7 +363,8 @@ def _run_client(args: argparse.Namespace) -> int:
         name: str = getattr(args, "name", "")
         if args.action == "create" and args.source:
             volume = _clone(api, args)
-            _emit(volume, as_json, f"{volume['name']} (from {volume['source']})")
+            _emit(volume, as_json, f"{volume['name']} (from {volume['source']}"
+                  f"{', filling in the background' if volume.get('origin') else ''})")
         elif args.action == "create":
             if not args.size:
                 raise InvalidArgument(what="--size", detail="a new volume needs a size")
@@ -408,40 +412,20 @@ def _run_client(args: argparse.Namespace) -> int:
 
 
 def _clone(api: ApiClient, args: argparse.Namespace) -> Any:
-    """Create a clone, showing how much of its source is copied (on stderr) meanwhile."""
-    import threading
-
-    from cargohold.clients.api import ApiClient as Watcher
-
-    answer: dict[str, Any] = {}
-
-    def create() -> None:
-        try:
-            answer["volume"] = api.request("POST", "/v1/clones", {
-                "name": args.name, "from": args.source, "size": args.size,
-                "replicas": args.replicas})
-        except CargoholdError as e:
-            answer["error"] = e
-
-    worker = threading.Thread(target=create, daemon=True)
-    worker.start()
-    shown = False
-    with Watcher(client_config(args.host, args.token_file, args.ca)) as watch:
-        while worker.is_alive():
-            worker.join(1.0)
-            try:
-                filled = float(watch.request("GET", f"/v1/volumes/{args.name}")["filled"])
-            except CargoholdError:
-                continue
-            if worker.is_alive():
-                shown = True
-                print(f"\rcloning {args.name} [{'#' * int(30 * filled):<30}] "
-                      f"{filled * 100:3.0f}%", end="", file=sys.stderr, flush=True)
-    if shown:
-        print(f"\rcloning {args.name} [{'#' * 30}] done", file=sys.stderr)
-    if "error" in answer:
-        raise answer["error"]
-    return answer["volume"]
+    """Create a clone (usable at once); with ``--wait``, show how much of its source is
+    copied (on stderr) until it depends on it no more."""
+    volume = api.request("POST", "/v1/clones", {
+        "name": args.name, "from": args.source, "size": args.size, "replicas": args.replicas})
+    if not args.wait:
+        return volume
+    while volume.get("origin"):
+        filled = float(volume.get("filled", 0.0))
+        print(f"\rfilling {args.name} [{'#' * int(30 * filled):<30}] {filled * 100:3.0f}%",
+              end="", file=sys.stderr, flush=True)
+        time.sleep(1)
+        volume = api.request("GET", f"/v1/volumes/{args.name}")
+    print(f"\rfilling {args.name} [{'#' * 30}] done", file=sys.stderr)
+    return volume
 
 
 def _snapshot(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:
@@ -616,6 +600,11 @@ def _print_inspect(volume: dict[str, Any], as_json: bool) -> None:
              f"Filesystem:  {volume['fs']}", f"State:       {volume['state']}",
              f"Attached:    {att.get('node', '-')} {att.get('mountpoint', '')}".rstrip(),
              f"Replicas:    {volume['in_sync']} of {volume['replica_count']} in sync"]
+    if volume.get("origin"):
+        lines.append(f"Clone of:    {volume['source']} (filling, {volume['filled']:.0%} "
+                     "copied: depends on it until filled)")
+    elif volume.get("source"):
+        lines.append(f"Clone of:    {volume['source']}")
     if volume.get("last_error"):
         lines.append(f"Last error:  {volume['last_error']}")
     print("\n".join(lines))

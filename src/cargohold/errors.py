@@ -156,6 +156,22 @@ class SnapshotInGroup(CargoholdError):
     kind = Kind.CONFLICT
 
 
+class SnapshotHasClones(CargoholdError):
+    """Snapshot {name!r} is the source of {clones}, still being filled from it. It can go
+    once they are filled ('cargohold volume inspect CLONE' shows how far)."""
+
+    code = "snapshot_has_clones"
+    kind = Kind.CONFLICT
+
+
+class CloneFilling(CargoholdError):
+    """Volume {name!r} is a clone still being filled from {source} ({done} copied). Wait
+    until it is ('cargohold volume inspect {name}') before {what}."""
+
+    code = "clone_filling"
+    kind = Kind.CONFLICT
+
+
 class TooManySnapshots(CargoholdError):
     """Volume {name!r} keeps {count} snapshots, the most a volume may keep. Remove some
     ('cargohold snapshot rm') before taking more."""

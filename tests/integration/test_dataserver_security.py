@@ -179,3 +179,38 @@ def test_the_unix_socket_takes_only_this_nodes_capabilities(server: ServerProces
                 await client.read(vid, 1, 0, 4096)
 
     run(body)
+
+
+def test_a_snapshot_reads_capability_reads_snapshots_and_nothing_else(
+        server: ServerProcess, authority: Path) -> None:
+    """What a clone's engine holds for its source: epoch 0, which fences nobody."""
+    vid, snap = uuid.uuid4().hex, uuid.uuid4().hex
+    own = Credentials.from_dir(authority / NODE)
+
+    async def body() -> None:
+        async with DataClient(server.address, "s", access=access(authority / NODE),
+                              peer=NODE) as admin:
+            await admin.create(vid, 4 * MIB)
+            await admin.write(vid, 7, 0, b"s" * 4096, 1)
+            await admin.snapshot(vid, 7, snap, 1.0)
+            await admin.write(vid, 7, 0, b"h" * 4096, 2)
+        reader = Access(tls=own.client_context(), node=NODE, granted={
+            (vid, 0): Capability(vid, 0, NODE).sign(own.cluster_key)})
+        async with DataClient(server.address, "s", access=reader, peer=NODE) as client:
+            assert await client.read_snapshot(vid, 0, snap, 0, 4096) == b"s" * 4096
+            with pytest.raises(NotAuthorized):
+                await client.read(vid, 7, 0, 4096)
+            with pytest.raises(NotAuthorized):
+                await client.write(vid, 7, 0, b"x" * 4096, 3)
+            with pytest.raises(NotAuthorized):
+                await client.fill(vid, 7, 0, b"x" * 4096, 1)
+            with pytest.raises(NotAuthorized):
+                await client.read_snapshot(vid, 7, snap, 0, 4096)
+            assert (await client.stat(vid))["epoch"] == 7  # nobody fenced
+        stranger = Access(tls=own.client_context(), node=NODE, granted={
+            (vid, 0): Capability(vid, 0, "node-b").sign(own.cluster_key)})
+        async with DataClient(server.address, "s", access=stranger, peer=NODE) as client:
+            with pytest.raises(NotAuthorized):
+                await client.read_snapshot(vid, 0, snap, 0, 4096)
+
+    run(body)

@@ -589,3 +589,28 @@ def test_the_reserve_sees_space_freed_before_it_refuses(
     free[0] = 1 << 30  # freed
     reserve.allocate(CHUNK_SIZE, "s")  # read again, not refused
     assert not reserve.short
+
+
+def test_fill_writes_only_chunks_never_written_and_keeps_holes(store: ChunkStore) -> None:
+    """A clone's first contents: never over what its writer wrote, zeros stay holes."""
+    v = vid()
+    replica = store.create(v, 3 * MIB + 64 * 1024)
+    replica.write(MIB + 4096, b"w" * 4096, 5)  # the writer came first in chunk 1
+    source = bytearray(os.urandom(MIB))
+    source[8192:16384] = bytes(8192)
+    assert replica.fill(0, source, 1) is True
+    assert replica.fill(MIB, b"s" * MIB, 1) is False
+    assert replica.fill(0, b"t" * MIB, 1) is False  # filled already: a second fill loses
+    assert replica.read(0, MIB) == source
+    assert replica.read(MIB, 3 * 4096) == bytes(4096) + b"w" * 4096 + bytes(4096)
+    used = replica.info().used
+    assert replica.fill(2 * MIB, bytes(MIB), 1) is True  # all zeros: filled, nothing stored
+    assert replica.info().used == used
+    assert replica.fill(3 * MIB, b"e" * 65536, 1) is True  # the short last chunk
+    assert gens(replica.generations()) == [1, 5, 1, 1]
+    assert used <= MIB - 8192 + MIB  # the zero blocks of chunk 0 were not stored
+    for offset, data in [(4096, b"x" * 4096), (0, b"x" * 100), (0, b"x" * (MIB + 4096))]:
+        with pytest.raises(InvalidArgument):
+            replica.fill(offset, data, 1)
+    with pytest.raises(InvalidArgument):
+        replica.fill(4 * MIB, b"x" * 4096, 1)  # past the end

@@ -29,7 +29,7 @@ from typing import Any, cast
 
 from cargohold.clients.sockets import unix_listener, widen_send_buffer
 from cargohold.config import FRAME_TIMEOUT, MAX_CONNECTIONS
-from cargohold.core.capability import Capability
+from cargohold.core.capability import SNAPSHOT_READS, Capability
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.periodic import Periodic
 from cargohold.core.sizes import format_size
@@ -334,6 +334,11 @@ class _Connection(asyncio.BufferedProtocol):
         replica.write(header.offset, payload, header.generation)
         return b""
 
+    def _fill(self, header: RequestHeader, payload: memoryview) -> bytes:
+        """A clone's first contents for one chunk, written only if it never was."""
+        replica = self._io_replica(header)
+        return encode_json({"written": replica.fill(header.offset, payload, header.generation)})
+
     def _share(self, header: RequestHeader, payload: memoryview) -> bytes:
         """Map the client's write buffers, a memory file on this host, read-only.
 
@@ -481,7 +486,11 @@ class _Connection(asyncio.BufferedProtocol):
         body = decode_json(payload)
         if not isinstance(body, dict) or not isinstance(body.get("id"), str):
             raise InvalidArgument(what="payload", detail='READ_SNAPSHOT needs {"id"}')
-        replica = self._io_replica(header)
+        if header.epoch == SNAPSHOT_READS:  # a snapshot never changes: no fencing
+            self._check_grant(header)
+            replica = self._store.replica(header.volume_id)
+        else:
+            replica = self._io_replica(header)
         if header.length > MAX_PAYLOAD:
             raise InvalidArgument(what="length", detail=f"reads are limited to {MAX_PAYLOAD}")
         return replica.read_snapshot(body["id"], header.offset, header.length)
@@ -565,6 +574,7 @@ _HANDLERS: dict[int, Handler] = {
     Op.SNAPSHOT_DIFF: _Connection._snapshot_diff,
     Op.SNAPSHOT_SCRUB: _Connection._scrub_snapshots,
     Op.SNAPSHOT_REPAIR: _Connection._repair_snapshot,
+    Op.FILL: _Connection._fill,
 }
 
 

@@ -296,8 +296,9 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
 
     @app.post("/v1/clones", status_code=201)
     async def create_clone(body: CreateClone) -> dict[str, Any]:
-        """Create a volume from a snapshot (or a volume's current contents): its data is
-        copied before it is ready, and it depends on nothing afterwards."""
+        """Create a volume from a snapshot (or a volume's current contents), usable at
+        once: while ``origin`` is set it reads what it lacks from there and is filled in the
+        background (``filled``: the fraction copied); then it depends on nothing."""
         volume = await services.clones.clone(body.name, body.source, body.size, body.replicas,
                                              body.exist_ok)
         return volume_view(volume, await servers())

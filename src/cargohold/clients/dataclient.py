@@ -458,6 +458,16 @@ class DataClient:
                                 length=length, timeout=timeout,
                                 payload=encode_json({"id": snapshot_id}))
 
+    async def fill(self, volume_id: str, epoch: int, offset: int, data: BytesLike,
+                   generation: int, *, timeout: float | None = None) -> bool:
+        """Write one chunk's first contents (a clone's) only if that chunk was never
+        written; return whether it was."""
+        view = memoryview(data).cast("B")
+        body = decode_json(await self._call(
+            Op.FILL, volume_id, epoch=epoch, offset=offset, length=len(view),
+            generation=generation, payload=view, timeout=timeout))
+        return bool(body["written"])
+
     async def revert(self, volume_id: str, epoch: int, snapshot_id: str, generation: int, *,
                      timeout: float | None = None) -> int:
         """Make the replica read as the snapshot again; return the bytes changed."""
@@ -505,7 +515,8 @@ class DataClient:
     ) -> bytes:
         if self._paused and self.connected:
             await self._wait_writable()
-        if epoch and self._access is not None and self._granted.get(volume_id) != epoch:
+        if ((epoch or op is Op.READ_SNAPSHOT) and self._access is not None
+                and self._granted.get(volume_id) != epoch):
             self._authorize(volume_id, epoch)
         future = self._submit(op, volume_id, epoch, offset, length, generation, payload)
         if timeout is None:

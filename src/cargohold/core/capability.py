@@ -10,7 +10,8 @@ payload; the volume and epoch travel in the frame header) is::
     u16 length of the node name | node name (utf-8) | 32 bytes of HMAC
 
 and the HMAC covers ``DOMAIN | volume id (16 bytes) | epoch (u64) | u16 length | node``,
-all integers big-endian.
+all integers big-endian. A capability at epoch 0 (``SNAPSHOT_READS``) lets its holder read
+the volume's snapshots and nothing else: no write or head read takes epoch 0.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from typing import NamedTuple
 from cargohold.errors import NotAuthorized
 
 DOMAIN = b"cargohold capability 1\0"
+#: The epoch of a capability that allows reading the volume's snapshots only (READ_SNAPSHOT
+#: at epoch 0: snapshots never change, so the reader need not hold the volume's epoch, and
+#: fences nobody). A clone's engine holds one for its source while the clone fills.
+SNAPSHOT_READS = 0
 MAC_SIZE = 32
 MAX_NODE = 255  # bytes of a node name
 

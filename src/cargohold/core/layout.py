@@ -56,6 +56,23 @@ def chunks(offset: int, length: int) -> range:
     return range(offset // CHUNK_SIZE, (offset + length - 1) // CHUNK_SIZE + 1)
 
 
+def data_runs(view: memoryview) -> list[tuple[int, int]]:
+    """(offset, length) of the runs of whole blocks in ``view`` that are not all zeros."""
+    found: list[tuple[int, int]] = []
+    zero = bytes(BLOCK_SIZE)
+    start = -1
+    for at in range(0, len(view), BLOCK_SIZE):
+        empty = view[at:at + BLOCK_SIZE] == zero
+        if not empty and start < 0:
+            start = at
+        elif empty and start >= 0:
+            found.append((start, at - start))
+            start = -1
+    if start >= 0:
+        found.append((start, len(view) - start))
+    return found
+
+
 def chunk_count(size: int) -> int:
     return -(-size // CHUNK_SIZE)
 

@@ -53,6 +53,26 @@ class Attachment(Record):
     since: float = Field(default_factory=time.time)
 
 
+class Origin(Record):
+    """What a clone reads from until its replicas hold all of it: the source snapshot.
+
+    While a volume has one, its engine reads the chunks its replicas lack from a replica
+    that keeps the snapshot, and copies one in before the first write to it; the
+    controller fills the rest in the background and then drops the origin. The snapshot
+    cannot be removed meanwhile."""
+
+    volume: str  # the source volume's name
+    volume_id: str
+    snapshot: str  # the snapshot's name
+    snapshot_id: str
+    size: int  # the snapshot's size: chunks beyond it have nothing to fill
+    temporary: bool = False  # taken for this clone (of a volume's contents): removed after
+
+    @property
+    def ref(self) -> str:
+        return f"{self.volume}@{self.snapshot}"
+
+
 class Volume(Record):
     id: str
     name: str
@@ -73,7 +93,8 @@ class Volume(Record):
     # the cluster key}; None: stored as written
     encryption: dict[str, str] | None = None
     source: str = ""  # a clone: the snapshot (VOLUME@SNAPSHOT) it was made from
-    filled: float = 0.0  # a clone being made: the fraction of its source copied so far
+    filled: float = 0.0  # a clone: the fraction of its source copied so far
+    origin: Origin | None = None  # a clone still filling: where its missing chunks are
 
     def in_sync(self) -> list[Replica]:
         return [r for r in self.replicas if r.state is ReplicaState.IN_SYNC]
@@ -105,6 +126,7 @@ class Snapshot(Record):
     epoch: int = 0  # at the attachment of this epoch
     held: float = 0.0  # seconds writes waited for the cut
     error: str = ""  # why the cut failed
+    for_clone: str = ""  # taken to clone a volume's contents into this one: goes once filled
 
     @property
     def ref(self) -> str:

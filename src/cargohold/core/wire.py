@@ -87,6 +87,7 @@ class Op(IntEnum):
     SNAPSHOT_DIFF = 20  # payload JSON {"since", "until"} ("": none / now) -> JSON chunk list
     SNAPSHOT_SCRUB = 21  # read what snapshots hold apart -> JSON [{"snapshot", "offset"}] bad
     SNAPSHOT_REPAIR = 22  # offset, length 4096; payload: snapshot id (32 hex) + the block
+    FILL = 23  # offset (chunk aligned), generation, payload = data: WRITE if never written
 
 
 class Status(IntEnum):

@@ -23,6 +23,7 @@ import uvloop
 
 from cargohold.clients.access import Access
 from cargohold.config import RESIZE_SIGNAL, EngineConfig, read_secret
+from cargohold.core.capability import SNAPSHOT_READS
 from cargohold.core.cipher import VolumeCipher
 from cargohold.errors import CargoholdError, InvalidArgument
 from cargohold.services.engine.engine import Engine
@@ -84,6 +85,9 @@ def _access(config: EngineConfig, held: dict[str, Any]) -> Access | None:
         try:
             granted[(str(held["volume_id"]), int(held["epoch"]))] = bytes.fromhex(
                 held["capability"])
+            if "origin" in held:  # a clone's source: its snapshots only
+                granted[(str(held["origin"]["volume_id"]), SNAPSHOT_READS)] = bytes.fromhex(
+                    held["origin"]["capability"])
         except (ValueError, KeyError, TypeError) as e:
             raise InvalidArgument(what="--capability-file",
                                   detail=f"{config.capability_file}: {e}") from None

@@ -192,6 +192,7 @@ class NodeDaemon:
                 controlling.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await controlling
+            await self.controller.fill.stop()
             if csi_server is not None:
                 await csi_server.stop(5)
             for server, _ in servers:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cargohold.clients import kernel
 from cargohold.config import ENGINE_MODULES, RESIZE_SIGNAL, EngineConfig, TlsFiles
-from cargohold.core.capability import Capability
+from cargohold.core.capability import SNAPSHOT_READS, Capability
 from cargohold.core.cipher import unwrap_key
 from cargohold.core.models import Attachment, Volume, VolumeState
 from cargohold.errors import (
@@ -226,14 +226,19 @@ class Agent:
         return child.pid
 
     def _write_capability(self, path: Path, volume: Volume) -> None:
-        """The engine's permission for its attachment's I/O, and the key of an encrypted
-        volume, for root only: it gets these, not the cluster key, so it can use no other
-        epoch and open no other volume."""
+        """The engine's permission for its attachment's I/O (and, for a clone still
+        filling, to read its source's snapshots), and the key of an encrypted volume, for
+        root only: it gets these, not the cluster key, so it can use no other epoch and open
+        no other volume."""
         assert volume.attachment is not None
         epoch = volume.attachment.epoch
         signed = Capability(volume.id, epoch, self.node).sign(self._cluster_key)
         held = {"volume_id": volume.id, "epoch": epoch, "node": self.node,
                 "capability": signed.hex()}
+        if volume.origin is not None:  # a clone filling reads its source's snapshot
+            held["origin"] = {"volume_id": volume.origin.volume_id, "capability": Capability(
+                volume.origin.volume_id, SNAPSHOT_READS, self.node).sign(
+                    self._cluster_key).hex()}
         if volume.encryption is not None:
             held["key"] = unwrap_key(self._cluster_key, volume.id,
                                      volume.encryption["key"]).hex()

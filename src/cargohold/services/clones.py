@@ -1,11 +1,13 @@
 """Clones and reverts: volumes made from snapshots, and volumes put back to one.
 
-A clone is a new volume, placed like any other, whose replicas are filled with a snapshot's
-data before anyone can attach it: each chunk is read from a replica that keeps the snapshot
-and written to the clone's replicas, blocks of zeros left out (the clone is as thin as the
-snapshot). Then it depends on nothing: the source and its snapshots may go. The clone keeps
-the source's file system (not formatted again) and, when encrypted, its key. Cloning a
-volume's current contents takes a snapshot first and removes it afterwards.
+A clone is a new volume, placed like any other, that can be attached and written at once:
+its record names its *origin*, the source snapshot, which its engine reads what its replicas
+lack from (:mod:`cargohold.services.engine.origin`) while the controller fills them in the
+background (:mod:`cargohold.services.controller.fill`), blocks of zeros left out (the clone
+is as thin as the snapshot). Once filled it depends on nothing; until then the snapshot
+cannot be removed. The clone keeps the source's file system (not formatted again) and,
+when encrypted, its key. Cloning a volume's current contents takes a snapshot for it,
+removed once the clone is filled.
 
 Reverting puts a detached volume back to one of its snapshots, on each in-sync replica in
 place (``StoredReplica.revert``): only the blocks that differ are written back, with one
@@ -16,19 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
-from contextlib import AsyncExitStack
 
 from cargohold.clients.access import Access
-from cargohold.clients.dataclient import DataClient
 from cargohold.core.cipher import unwrap_key
-from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
-from cargohold.core.models import DataServer, ReplicaState, Snapshot, SnapshotState, Volume
+from cargohold.core.models import Origin, ReplicaState, Snapshot, SnapshotState, Volume
 from cargohold.core.names import check_name, split_snapshot
 from cargohold.core.sizes import format_size, volume_size
 from cargohold.errors import (
-    CargoholdError,
     InvalidArgument,
     ShrinkRefused,
     SnapshotFailed,
@@ -36,7 +33,6 @@ from cargohold.errors import (
     VolumeInUse,
 )
 from cargohold.services.controller.resync import claim_detached
-from cargohold.services.copies import WINDOW, together
 from cargohold.services.snapshots import SnapshotService
 from cargohold.services.volumes import ServerSession, VolumeService
 from cargohold.stores.catalog import Catalog
@@ -58,8 +54,9 @@ class CloneService:
     async def clone(self, name: str, source: str, size: str | int | None = None,
                     replicas: int | str | None = None, exist_ok: bool = False) -> Volume:
         """Create volume ``name`` from snapshot ``VOLUME@SNAPSHOT``, or from volume
-        ``VOLUME``'s current contents. ``size`` (default: the snapshot's) may be larger;
-        ``replicas`` defaults to the source's count."""
+        ``VOLUME``'s current contents (a snapshot taken for it, removed once it is filled).
+        ``size`` (default: the snapshot's) may be larger; ``replicas`` defaults to the
+        source's count. The clone is usable at once; it fills in the background."""
         check_name(name)
         if "@" in source:
             volume_name, snapshot_name = split_snapshot(source)
@@ -70,14 +67,18 @@ class CloneService:
         existing = await self.catalog.find_volume(name)
         if existing is not None and exist_ok and existing.source.startswith(f"{source}@"):
             return existing  # made from this volume before (the same request again)
-        temporary = await self.snapshots.create(source, f"clone-{uuid.uuid4().hex[:12]}")
+        temporary = await self.snapshots.create(source, f"clone-{uuid.uuid4().hex[:12]}",
+                                                for_clone=name)
         try:
-            return await self._from_snapshot(name, temporary, size, replicas, exist_ok)
-        finally:
+            return await self._from_snapshot(name, temporary, size, replicas, exist_ok,
+                                             temporary=True)
+        except BaseException:
             await asyncio.shield(self.snapshots.remove(temporary.volume, temporary.name))
+            raise
 
     async def _from_snapshot(self, name: str, snapshot: Snapshot, size: str | int | None,
-                             replicas: int | str | None, exist_ok: bool) -> Volume:
+                             replicas: int | str | None, exist_ok: bool,
+                             temporary: bool = False) -> Volume:
         if snapshot.state is not SnapshotState.READY:
             raise VolumeBusy(name=snapshot.ref, state=snapshot.state.value)
         source = await self.catalog.volume(snapshot.volume)
@@ -93,79 +94,23 @@ class CloneService:
                 raise InvalidArgument(what="encryption", detail="cloning an encrypted volume "
                                       "needs the cluster key")
             key = unwrap_key(self.access.key, source.id, source.encryption["key"])
-        servers = {s.id: s for s in await self.catalog.servers()}
-        holders = [servers[sid] for sid in snapshot.servers if sid in servers]
-        if not holders:
-            raise SnapshotFailed(name=snapshot.ref, detail="no data server that keeps it is "
-                                 "registered")
-
-        async def fill(clone: Volume) -> None:
-            await self._copy(snapshot, source, holders, clone, servers)
-
-        return await self.volumes.create(
+        if not snapshot.servers:
+            raise SnapshotFailed(name=snapshot.ref, detail="no data server keeps it")
+        origin = Origin(volume=snapshot.volume, volume_id=snapshot.volume_id,
+                        snapshot=snapshot.name, snapshot_id=snapshot.id, size=snapshot.size,
+                        temporary=temporary)
+        clone = await self.volumes.create(
             name, size_bytes, replicas if replicas is not None else source.replica_count,
             source.fs, exist_ok=exist_ok, encrypt=key is not None, key=key,
-            source=snapshot.ref, fill=fill)
-
-    async def _copy(self, snapshot: Snapshot, source: Volume, holders: list[DataServer],
-                    clone: Volume, servers: dict[str, DataServer]) -> None:
-        """Copy every chunk of the snapshot that holds data into the clone's replicas."""
-        epoch = source.attachment.epoch if source.attachment is not None else source.epoch
-        generation = (clone.epoch << 32) + 1
-        copied = 0
-        reported = time.monotonic()
-        async with AsyncExitStack() as stack:
-            reader = await self._first_answering(holders, stack)
-            writers = [await stack.enter_async_context(ServerSession(servers[r.server],
-                                                                     self.access))
-                       for r in clone.replicas]
-            # only the chunks the snapshot holds data in (from the seqs, no data read)
-            chunks = [c for c in await reader.snapshot_diff(source.id, "", snapshot.id)
-                      if c * CHUNK_SIZE < snapshot.size]
-            pending = iter(chunks)
-            done = 0
-
-            async def copier() -> None:  # WINDOW of these keep chunks in flight
-                nonlocal copied, done, reported
-                for chunk in pending:
-                    offset = chunk * CHUNK_SIZE
-                    length = min(CHUNK_SIZE, snapshot.size - offset)
-                    data = await reader.read_snapshot(source.id, epoch, snapshot.id, offset,
-                                                      length)
-                    view = memoryview(data)
-                    for at, run in _data_runs(view):
-                        await asyncio.gather(*(w.write(clone.id, clone.epoch, offset + at,
-                                                       view[at:at + run], generation)
-                                               for w in writers))
-                        copied += run
-                    done += 1
-                    if time.monotonic() - reported >= 1.0:  # for the CLI's progress bar
-                        reported = time.monotonic()
-                        await self._progress(clone.name, done / len(chunks))
-
-            await together([copier() for _ in range(WINDOW)])
-            await asyncio.gather(*(w.flush(clone.id, clone.epoch) for w in writers))
-        log.info("clone %s of %s: %d bytes copied", clone.name, snapshot.ref, copied)
-
-    async def _progress(self, name: str, done: float) -> None:
-        def record(v: Volume) -> Volume:
-            v.filled = round(done, 3)
-            return v
-
-        try:
-            await self.catalog.update_volume(name, record)
-        except CargoholdError as e:  # progress only: the copy goes on
-            log.debug("clone %s: progress not recorded: %s", name, e)
-
-    async def _first_answering(self, holders: list[DataServer],
-                               stack: AsyncExitStack) -> DataClient:
-        problems = []
-        for server in holders:
-            try:
-                return await stack.enter_async_context(ServerSession(server, self.access))
-            except CargoholdError as e:
-                problems.append(f"{server.id}: {e}")
-        raise SnapshotFailed(name="clone source", detail="; ".join(problems))
+            source=snapshot.ref, origin=origin)
+        # The snapshot may have been marked for removal while the clone's record was made;
+        # a removal checks for clones after marking it, so one of us sees the other.
+        now = await self.catalog.find_snapshot(snapshot.volume, snapshot.name)
+        if now is None or now.id != snapshot.id or now.state is not SnapshotState.READY:
+            await asyncio.shield(self.volumes.remove(name))
+            raise VolumeBusy(name=snapshot.ref, state="being removed")
+        log.info("volume %s cloned from %s: it fills in the background", name, snapshot.ref)
+        return clone
 
     async def revert(self, name: str, ref: str) -> Volume:
         """Put detached volume ``name`` back to its snapshot ``ref`` (VOLUME@SNAPSHOT)."""
@@ -209,20 +154,3 @@ class CloneService:
         changed = max(r for r in results if isinstance(r, int))
         log.info("volume %s reverted to %s: %d bytes written back", name, ref, changed)
         return await self.catalog.volume(name)
-
-
-def _data_runs(view: memoryview) -> list[tuple[int, int]]:
-    """(offset, length) of the runs of blocks in ``view`` that are not all zeros."""
-    found: list[tuple[int, int]] = []
-    zero = bytes(BLOCK_SIZE)
-    start = -1
-    for at in range(0, len(view), BLOCK_SIZE):
-        empty = view[at:at + BLOCK_SIZE] == zero
-        if not empty and start < 0:
-            start = at
-        elif empty and start >= 0:
-            found.append((start, at - start))
-            start = -1
-    if start >= 0:
-        found.append((start, len(view) - start))
-    return found

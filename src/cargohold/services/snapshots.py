@@ -23,10 +23,12 @@ from cargohold.core.models import DataServer, Snapshot, SnapshotState, Volume, V
 from cargohold.core.names import check_name
 from cargohold.errors import (
     CargoholdError,
+    CloneFilling,
     DataServerUnavailable,
     InvalidArgument,
     SnapshotExists,
     SnapshotFailed,
+    SnapshotHasClones,
     SnapshotInGroup,
     TooManySnapshots,
     VolumeBusy,
@@ -49,22 +51,26 @@ class SnapshotService:
         self.catalog = catalog
         self.access = access
 
-    async def create(self, volume: str, name: str, freeze: bool = True) -> Snapshot:
+    async def create(self, volume: str, name: str, freeze: bool = True,
+                     for_clone: str = "") -> Snapshot:
         """Take snapshot ``volume@name``. The same name again returns the snapshot taken
-        before (idempotent, as CSI asks); it blocks until the snapshot is cut."""
+        before (idempotent, as CSI asks); it blocks until the snapshot is cut.
+        ``for_clone``: the clone it is taken for (removed once that is filled)."""
         check_name(volume)
         check_name(name)
         source = await self.catalog.volume(volume)
         existing = await self.catalog.find_snapshot(volume, name)
         if existing is not None:
             return await self._existing(existing, source)
+        _check_filled(source, "taking snapshots of it")
         if len(await self.catalog.snapshots(volume)) >= MAX_SNAPSHOTS:
             raise TooManySnapshots(name=volume, count=MAX_SNAPSHOTS)
         if not source.in_sync():
             raise VolumeBusy(name=volume, state="without a replica in sync (nothing to cut)")
         att = source.attachment
         snapshot = Snapshot(id=uuid.uuid4().hex, name=name, volume=volume,
-                            volume_id=source.id, size=source.size, freeze=freeze)
+                            volume_id=source.id, size=source.size, freeze=freeze,
+                            for_clone=for_clone)
         if att is not None and source.state is VolumeState.ATTACHED:
             snapshot.node, snapshot.epoch = att.node, att.epoch
             await self.catalog.add_snapshot(snapshot)
@@ -100,6 +106,7 @@ class SnapshotService:
         for source in sources:
             if await self.catalog.find_snapshot(source.name, group) is not None:
                 raise SnapshotExists(name=f"{source.name}@{group}")
+            _check_filled(source, "taking snapshots of it")
             if not source.in_sync():
                 raise VolumeBusy(name=source.name, state="without a replica in sync")
             if source.state not in (VolumeState.ATTACHED, VolumeState.DETACHED):
@@ -249,6 +256,18 @@ class SnapshotService:
             return s
 
         await self.catalog.update_snapshot(volume, name, deleting)
+        # after marking it (a clone made meanwhile checks the mark after its record exists)
+        clones = [v.name for v in await self.catalog.volumes()
+                  if v.origin is not None and v.origin.snapshot_id == snapshot.id]
+        if clones:
+            def ready(s: Snapshot) -> Snapshot | None:
+                if s.id != snapshot.id:
+                    return None
+                s.state = SnapshotState.READY
+                return s
+
+            await self.catalog.update_snapshot(volume, name, ready)
+            raise SnapshotHasClones(name=snapshot.ref, clones=", ".join(clones))
         source = await self.catalog.find_volume(volume)
         left: list[str] = []
         if source is not None and source.id == snapshot.volume_id and snapshot.servers:
@@ -294,6 +313,13 @@ class SnapshotService:
                         found[info["id"]] = int(info["unique"])
                 break
         return found
+
+
+def _check_filled(volume: Volume, what: str) -> None:
+    """A clone still filling has chunks only its source holds: a snapshot would miss them."""
+    if volume.origin is not None:
+        raise CloneFilling(name=volume.name, source=volume.origin.ref,
+                           done=f"{volume.filled:.0%}", what=what)
 
 
 def _is(snapshot_id: str, snapshot: Snapshot) -> bool:

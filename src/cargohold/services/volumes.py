@@ -13,7 +13,6 @@ import logging
 import time
 import uuid
 from array import array
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cargohold.clients import kernel
@@ -24,6 +23,7 @@ from cargohold.core.cipher import CIPHER, new_key, read_key, wrap_key
 from cargohold.core.layout import generation_table
 from cargohold.core.models import (
     DataServer,
+    Origin,
     Replica,
     ReplicaState,
     Snapshot,
@@ -76,13 +76,12 @@ class VolumeService:
     async def create(self, name: str, size: str | int, replicas: int | str = 2,
                      fs: str = "ext4", exist_ok: bool = False, encrypt: bool = False,
                      key: bytes | None = None, source: str = "",
-                     fill: Callable[[Volume], Awaitable[None]] | None = None) -> Volume:
+                     origin: Origin | None = None) -> Volume:
         """Create a thin volume; with ``exist_ok`` an identical existing volume is returned.
         ``encrypt``: encrypted at rest by its engines, with ``key`` (64 bytes) or a new
         random one, kept in the metadata store only wrapped under the cluster key.
-        ``fill``: writes the volume's first contents (a clone's, from snapshot ``source``)
-        once its replicas exist, at epoch 1, before anyone can attach it; a failure there
-        rolls the create back like any other."""
+        ``origin``: a clone's source snapshot (``source`` names it), which it reads from
+        until the controller filled it (see :mod:`cargohold.services.clones`)."""
         check_name(name)
         encrypt = encrypt or key is not None
         if encrypt and (self.access is None or not self.access.key):
@@ -102,7 +101,8 @@ class VolumeService:
                                  exclude=await self.catalog.draining_servers())
         volume = Volume(id=uuid.uuid4().hex, name=name, size=size_bytes, replica_count=count,
                         fs=fs, replicas=[Replica(server=s.id) for s in chosen],
-                        source=source, formatted=bool(source), epoch=1 if fill else 0)
+                        source=source, formatted=bool(source), origin=origin,
+                        epoch=1 if origin is not None else 0)  # a fill writes at once
         if encrypt:
             assert self.access is not None
             volume.encryption = {"cipher": CIPHER, "key": wrap_key(
@@ -120,8 +120,6 @@ class VolumeService:
                 asked.append(server)
                 async with ServerSession(server, self.access) as client:
                     await client.create(volume.id, size_bytes)
-            if fill is not None:
-                await fill(volume)
         except BaseException as e:  # a refusal, a bug, or the node stopping: leave nothing
             log.error("create of %s failed, rolling back: %s", name,
                       "interrupted" if isinstance(e, asyncio.CancelledError) else e)

@@ -32,7 +32,7 @@ from array import array
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, chunk_count, chunks
+from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, chunk_count, chunks, data_runs
 from cargohold.errors import (
     ChecksumMismatch,
     Fenced,
@@ -145,6 +145,26 @@ class StoredReplica(ABC):
         self._check_generation(generation)
         if length:
             self._write(offset, view, generation)
+
+    def fill(self, offset: int, data: BytesLike, generation: int) -> bool:
+        """Write ``data``, at most one chunk from a chunk's start, only if that chunk was
+        never written (generation 0); return whether it was. A clone's first contents,
+        copied in while its writer may already write: what the writer wrote is never
+        overwritten. Blocks of zeros stay holes; the generation is recorded either way."""
+        view = memoryview(data).cast("B")
+        if offset % CHUNK_SIZE or len(view) > CHUNK_SIZE or len(view) % BLOCK_SIZE:
+            raise InvalidArgument(what="fill", detail="at most one chunk, from its start, "
+                                  "in whole blocks")
+        self._check_range(offset, len(view))
+        self._check_generation(generation)
+        if not len(view) or self.generations(offset // CHUNK_SIZE, 1) != bytes(8):
+            return False
+        runs = data_runs(view)
+        if not runs:  # a chunk of zeros: nothing to store, but it is filled
+            self._trim(offset, len(view), generation, False)
+        for at, length in runs:
+            self._write(offset + at, view[at:at + length], generation)
+        return True
 
     def trim(self, offset: int, length: int, generation: int = 0, *,
              every_chunk: bool = False) -> None:

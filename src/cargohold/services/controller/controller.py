@@ -20,6 +20,8 @@ Duties (each pass is :meth:`Controller.run_once`, so tests converge without slee
   attached volume's engine does this itself, see :mod:`cargohold.services.engine.healer`);
 - creates that never finished (their node died half way) are rolled back, and replicas
   left behind by removals are deleted once their data server answers;
+- clones are filled from their source snapshots in the background
+  (:mod:`cargohold.services.controller.fill`);
 - with ``scrub_every`` set, a detached volume not scrubbed for that long is scrubbed
   (:mod:`cargohold.services.controller.scrub`), one a pass, at most ``scrub_rate`` bytes per second.
 """
@@ -34,10 +36,12 @@ from cargohold.clients.access import Access
 from cargohold.core.models import ServerState
 from cargohold.core.periodic import Periodic
 from cargohold.errors import LeaseExpired
+from cargohold.services.controller.fill import Fill
 from cargohold.services.controller.rebalance import Rebalance
 from cargohold.services.controller.rebuild import Rebuild
 from cargohold.services.controller.resync import Resync
 from cargohold.services.controller.scrub import Scrub
+from cargohold.services.snapshots import SnapshotService
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import Compare, MetadataStore, Put
@@ -59,6 +63,7 @@ class Controller:
         self.rebuild = Rebuild(catalog, rebuild_after, access)
         self.scrub = Scrub(catalog, scrub_rate, access)
         self.rebalance = Rebalance(catalog, self.rebuild)
+        self.fill = Fill(catalog, SnapshotService(catalog, access), rebuild_rate, access)
         self.auto_rebalance = auto_rebalance
         self.scrub_every = scrub_every
         self.node = node
@@ -120,6 +125,7 @@ class Controller:
     async def run_once(self) -> None:
         """One pass of every duty, if this node leads."""
         if not await self.campaign():
+            await self.fill.stop()  # the leader fills the clones
             return
         await self.mark_down_servers()
         if self.leading:
@@ -134,6 +140,8 @@ class Controller:
             await self.volumes.collect_garbage()
         if self.leading:
             await self.volumes.collect_stale_snapshots()
+        if self.leading:
+            await self.fill.run_once()
         if self.leading and self.scrub_every > 0:
             await self.scrub.run_once(self.scrub_every)
 

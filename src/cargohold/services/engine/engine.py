@@ -26,10 +26,12 @@ from cargohold.core.retry import Backoff, retry
 from cargohold.errors import CargoholdError, Fenced, InvalidArgument, LeaseLost
 from cargohold.services.engine.cutter import Cutter
 from cargohold.services.engine.encryption import EncryptedTarget
-from cargohold.services.engine.fuse import READ_BUFFER, FuseSession, unmount
+from cargohold.services.engine.fuse import READ_BUFFER, BlockTarget, FuseSession, unmount
 from cargohold.services.engine.healer import INTERVAL, Healer
 from cargohold.services.engine.leasewatch import INTERVAL as LEASE_INTERVAL
 from cargohold.services.engine.leasewatch import LeaseWatch
+from cargohold.services.engine.origin import REFRESH as ORIGIN_REFRESH
+from cargohold.services.engine.origin import OriginTarget
 from cargohold.services.engine.replicaset import ReplicaSet
 from cargohold.stores.catalog import Catalog
 
@@ -83,6 +85,7 @@ class Engine:
         self.replicas: ReplicaSet
         self.session: FuseSession
         self._shared: SharedMemory | None = None
+        self.origin: OriginTarget | None = None  # a clone's, while it fills
         self._resizing: asyncio.Task[None] | None = None
         self._resize_again = False
 
@@ -108,12 +111,22 @@ class Engine:
             raise InvalidArgument(what="volume key", detail=f"{self.name} is "
                                   f"{'' if volume_encrypted else 'not '}encrypted, and the "
                                   f"engine got {'a' if self.cipher else 'no'} key")
-        target = (EncryptedTarget(self.replicas, self.cipher) if self.cipher is not None
-                  else self.replicas)
+        if volume.origin is not None:  # a clone still filling
+            try:
+                self.origin = await OriginTarget.open(self.catalog, volume.origin,
+                                                      self.replicas)
+            except BaseException:
+                await self.replicas.close()
+                self._shared.close()
+                raise
+        plain: BlockTarget = self.origin if self.origin is not None else self.replicas
+        target = EncryptedTarget(plain, self.cipher) if self.cipher is not None else plain
         self.session = FuseSession(target, self.mountpoint, self._shared)
         try:
             self.session.start()
         except OSError:
+            if self.origin is not None:
+                await self.origin.close()
             await self.replicas.close()
             self._shared.close()
             raise
@@ -130,6 +143,10 @@ class Engine:
                      stop_on=(Fenced, LeaseLost)).run_forever())]
         cutter = Cutter(self.catalog, self.name, self.epoch, self.node, self.replicas)
         duties.append(asyncio.ensure_future(cutter.run_forever()))
+        if self.origin is not None:
+            duties.append(asyncio.ensure_future(
+                Periodic(f"chunks of {self.name} filled", self.origin.refresh, ORIGIN_REFRESH,
+                         wait_first=True).run_forever()))
         if self.lease_ttl:
             watch = LeaseWatch(self.catalog, self.node, self.lease_ttl,
                                self.replicas.lose_lease)
@@ -163,6 +180,8 @@ class Engine:
             except TimeoutError:
                 log.warning("the kernel kept the FUSE connection open; closing it")
                 self.session.close()
+        if self.origin is not None:
+            await self.origin.close()
         await self.replicas.close()
         if isinstance(self.session.target, EncryptedTarget):
             self.session.target.close()
