@@ -6,6 +6,7 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,13 @@ def test_snapshots_of_a_volume_in_use_hold_every_acknowledged_record(node: Node,
 
     for k, (ref, before) in enumerate(taken):
         clone = f"c{k}"
-        made: Any = node.json("volume", "create", clone, "--from", ref)
+        # frozen: filled first, and its image is clean without a journal replay; not
+        # frozen: attached while it still fills (read through to the snapshot)
+        made: Any = node.json("volume", "create", clone, "--from", ref,
+                              *(["--wait"] if freeze else []))
         assert made["source"] == ref and made["size"] == 256 * MIB
-        if freeze:  # frozen at the cut: the image is clean without a journal replay
+        assert (made["origin"] is None) == freeze
+        if freeze:
             check = subprocess.run(["e2fsck", "-fn", str(_replica_image(node, clone))],
                                    capture_output=True, text=True, check=False)
             assert check.returncode == 0, check.stdout + check.stderr
@@ -140,10 +145,12 @@ def test_revert_clone_and_refusals(node: Node) -> None:
     volumes: Any = node.json("volume", "ls")
     assert [v["name"] for v in volumes] == ["app"]  # nothing half made
 
-    # a clone of the current contents, taken while in use
-    node.json("volume", "create", "now", "--from", "app")
+    # a clone of the current contents, taken while in use: the snapshot taken for it goes
+    # once it is filled
+    node.json("volume", "create", "now", "--from", "app", "--wait")
     node.cli("volume", "detach", "app")
-    assert [s["name"] for s in node.json("snapshot", "ls", "app")] == ["one"]  # type: ignore
+    _until(lambda: [s["name"] for s in node.json("snapshot", "ls", "app")] == ["one"],  # type: ignore
+           "the snapshot taken for the clone removed")
 
     node.json("volume", "revert", "app", "--to", "app@one")
     mountpoint = Path(node.cli("volume", "attach", "app").stdout.strip())
@@ -162,6 +169,65 @@ def test_revert_clone_and_refusals(node: Node) -> None:
     node.cli("volume", "rm", "app")
     node.cli("volume", "rm", "now")
     assert node.json("snapshot", "ls") == []
+
+
+def _until(check: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not in {timeout:g} s: {what}"
+        time.sleep(0.2)
+
+
+def test_a_clone_is_usable_at_once_and_fills_in_the_background(tmp_path: Path) -> None:
+    node = Node(tmp_path, extra=("--rebuild-rate", "4M"))  # fills take seconds
+    try:
+        node.start()
+        node.cli("volume", "create", "src", "--size", "256M")
+        mountpoint = Path(node.cli("volume", "attach", "src").stdout.strip())
+        digest = write_random(mountpoint / "data.bin", 48 * MIB)
+        original = bytearray((mountpoint / "data.bin").read_bytes())
+        node.cli("snapshot", "create", "src@base")
+        write_random(mountpoint / "data.bin", 48 * MIB)  # the source moves on
+
+        made: Any = node.json("volume", "create", "fast", "--from", "src@base")
+        assert made["origin"]["snapshot"] == "base" and made["filled"] < 1
+        cloned = Path(node.cli("volume", "attach", "fast").stdout.strip())
+        assert sha256_of(cloned / "data.bin") == digest  # read through to the snapshot
+        with open(cloned / "data.bin", "r+b") as f:  # a write into chunks not filled yet
+            for at in (5 * MIB + 100, 40 * MIB - 7):
+                f.seek(at)
+                f.write(b"written while filling")
+                original[at:at + 21] = b"written while filling"
+            f.flush()
+            os.fsync(f.fileno())
+        filling: Any = node.json("volume", "inspect", "fast")
+        assert filling["origin"] is not None, "filled before the reads: nothing shown"
+        assert "Clone of:    src@base (filling" in node.cli("volume", "inspect", "fast").stdout
+        refused = node.cli("snapshot", "rm", "src@base", check=False)
+        assert refused.returncode != 0 and "snapshot_has_clones" in refused.stderr
+        refused = node.cli("snapshot", "create", "fast@early", check=False)
+        assert refused.returncode != 0 and "clone_filling" in refused.stderr
+
+        _until(lambda: node.json("volume", "inspect", "fast")["origin"] is None,  # type: ignore
+               "the clone filled")
+        node.cli("volume", "detach", "fast")
+        check = subprocess.run(["e2fsck", "-fn", str(_replica_image(node, "fast"))],
+                               capture_output=True, text=True, check=False)
+        assert check.returncode == 0, check.stdout + check.stderr
+        # the source goes entirely: the clone depends on nothing
+        node.cli("snapshot", "rm", "src@base")
+        node.cli("volume", "detach", "src")
+        node.cli("volume", "rm", "src")
+        cloned = Path(node.cli("volume", "attach", "fast").stdout.strip())
+        assert (cloned / "data.bin").read_bytes() == original
+        node.cli("snapshot", "create", "fast@now")  # a filled clone has snapshots like any
+        node.cli("volume", "detach", "fast")
+        node.cli("snapshot", "rm", "fast@now")
+        node.cli("volume", "rm", "fast")
+        node.stop()
+        assert leftovers(node.base) == {"mounts": [], "loops": [], "processes": []}
+    finally:
+        node.cleanup()
 
 
 def test_replica_count_changes_online_and_new_replicas_get_the_snapshots(node: Node) -> None:
@@ -220,7 +286,7 @@ def test_a_group_snapshot_is_one_instant_across_volumes(node: Node) -> None:
 
     counts = {}
     for name in ("db", "wal"):
-        node.cli("volume", "create", f"{name}-n", "--from", f"{name}@nightly")
+        node.cli("volume", "create", f"{name}-n", "--from", f"{name}@nightly", "--wait")
         mountpoint = Path(node.cli("volume", "attach", f"{name}-n").stdout.strip())
         counts[name] = _records(mountpoint / "log")
         node.cli("volume", "detach", f"{name}-n")
