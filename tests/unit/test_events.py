@@ -90,3 +90,18 @@ def test_snapshot_changes_become_events() -> None:
     [gone] = describe(key, deleting.dump(), None)
     assert gone["event"] == "removed"
     assert describe(key, failed.dump(), None) == []  # a failed cut: said when it failed
+
+
+def test_a_clone_filled_is_an_event() -> None:
+    from cargohold.core.models import Origin, volume_key
+    from cargohold.services.events import describe
+
+    origin = Origin(volume="src", volume_id="0" * 32, snapshot="s", snapshot_id="1" * 32,
+                    size=1 << 20)
+    filling = Volume(id="2" * 32, name="c", size=1 << 20, replica_count=2, fs="ext4",
+                     source="src@s", origin=origin, filled=0.5)
+    filled = filling.model_copy(update={"origin": None, "filled": 1.0})
+    assert describe(volume_key("c"), filling.dump(), filling.dump()) == []
+    [event] = describe(volume_key("c"), filling.dump(), filled.dump())
+    assert (event["kind"], event["name"], event["event"]) == ("volume", "c", "filled")
+    assert event["message"] == "clone c is filled: it no longer depends on src@s"

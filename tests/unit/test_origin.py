@@ -25,6 +25,7 @@ class FakeReplicas:
         self.calls: list[tuple[str, int, int]] = []
         self.name, self.volume_id, self.size = "clone", "c" * 32, SIZE
         self.members = [SimpleNamespace(client=self)]
+        self.joining: list[Any] = []
 
     async def generations(self, _vid: str) -> bytes:
         return array("Q", self.gens).tobytes()
@@ -59,6 +60,8 @@ class FakeReplicas:
 
 
 class FakeSource:
+    catalog = None
+
     def __init__(self) -> None:
         self.data = os.urandom(3 * CHUNK_SIZE)  # the snapshot: smaller than the clone
         self.origin = Origin(volume="src", volume_id="s" * 32, snapshot="snap",
@@ -162,3 +165,21 @@ def test_a_source_gone_after_the_fill_is_no_error_but_one_before_is() -> None:
 
     asyncio.run(run())
     assert target.absent == {1}
+
+
+def test_a_replica_that_joins_lacking_filled_chunks_is_not_read_for_them() -> None:
+    target, inner, source = _target({2})
+    newcomer = FakeReplicas()
+    newcomer.gens = [9, 0, 0, 0]  # caught up: chunk 0 (ours), not chunk 1 (filled later)
+    inner.joining = [SimpleNamespace(server=SimpleNamespace(id="s9"), client=newcomer)]
+    target.held = {0, 1, 2}
+
+    async def run() -> None:
+        await target.joining("s9")
+        assert target.absent == {1, 2}
+        assert await target.start_read(CHUNK_SIZE, 4096) == source.data[CHUNK_SIZE:
+                                                                          CHUNK_SIZE + 4096]
+        await target.joining("unknown")  # not joining: nothing changes
+
+    asyncio.run(run())
+    assert target.absent == {1, 2}

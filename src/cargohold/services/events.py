@@ -1,7 +1,8 @@
 """The event stream: every state change in the cluster, as it happens.
 
 Built from the metadata store's watch, so every node serves the same stream whichever node
-made the change: a volume created, attached (node, epoch), detached, removed; a replica out
+made the change: a volume created, attached (node, epoch), detached, removed, a clone
+filled; a replica out
 of sync, resyncing, back in sync, added by a rebuild, dropped; a snapshot taken (with how
 long writers waited), failed, removed; a data server up or down; a node's lease taken or
 lost; the controller moving; a drain started or stopped.
@@ -117,6 +118,9 @@ def _volume(old: Volume | None, new: Volume | None) -> list[Event]:
         events.append(_event("volume", name, new.state.value,
                              f"volume {name} is {new.state.value}{where}",
                              state=new.state.value))
+    if old is not None and old.origin is not None and new.origin is None:
+        events.append(_event("volume", name, "filled", f"clone {name} is filled: it no "
+                             f"longer depends on {old.origin.ref}"))
     if old is not None and old.size != new.size:
         events.append(_event("volume", name, "resized",
                              f"volume {name} grew from {old.size} to {new.size} bytes"))

@@ -137,7 +137,7 @@ class Engine:
         """Serve and heal until ``stop`` is set or the kernel ends the FUSE session (an
         unmount), then drain, flush every replica and let go of everything."""
         healer = Healer(self.catalog, self.name, self.epoch, self.replicas, self.heal_rate,
-                        self.scrub_rate)
+                        self.scrub_rate, self.origin.joining if self.origin else None)
         duties = [asyncio.ensure_future(
             Periodic(f"healing {self.name}", healer.run_once, INTERVAL,
                      stop_on=(Fenced, LeaseLost)).run_forever())]

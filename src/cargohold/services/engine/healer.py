@@ -62,15 +62,19 @@ class Healed:
 
 class Healer:
     def __init__(self, catalog: Catalog, name: str, epoch: int, replicas: Healable,
-                 rate: float = 0.0, scrub_rate: float = 0.0) -> None:
+                 rate: float = 0.0, scrub_rate: float = 0.0,
+                 joining: Callable[[str], Awaitable[None]] | None = None) -> None:
         """``rate``: bytes per second a catch-up copy may use, ``scrub_rate`` a scrub
-        (0: no limit)."""
+        (0: no limit). ``joining``: called with a caught-up replica's data server id
+        before it is recorded in sync (writes held; a clone's origin checks what it
+        lacks)."""
         self.catalog = catalog
         self.name = name
         self.epoch = epoch
         self.replicas = replicas
         self.rate = rate
         self.scrub_rate = scrub_rate
+        self.joining = joining
         self._retry_at: dict[str, float] = {}
 
     async def run_once(self) -> list[Healed]:
@@ -119,7 +123,7 @@ class Healer:
         try:
             copied, total = await self.replicas.catch_up(
                 server, lambda: self._record(server.id, _begin),
-                lambda: self._record(server.id, _promote),
+                lambda: self._promote(server.id),
                 lambda done: self._record(server.id, _progress(done)), self.rate)
         except BaseException as e:
             await self._give_up(server.id, "catching up stopped: the engine is stopping"
@@ -131,6 +135,11 @@ class Healer:
         log.info("%s: replica on data server %s back in sync while in use: %d of %d chunks "
                  "copied in %.1f s", self.name, server.id, copied, total, healed.seconds)
         return healed
+
+    async def _promote(self, server_id: str) -> None:
+        if self.joining is not None:
+            await self.joining(server_id)
+        await self._record(server_id, _promote)
 
     async def _give_up(self, server_id: str, reason: str) -> None:
         try:

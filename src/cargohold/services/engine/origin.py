@@ -98,9 +98,15 @@ class SnapshotSource:
 class OriginTarget:
     """A ``BlockTarget`` over the replica set that takes absent chunks from the source."""
 
-    def __init__(self, inner: ReplicaSet, source: SnapshotSource, absent: set[int]) -> None:
+    def __init__(self, inner: ReplicaSet, source: SnapshotSource, absent: set[int],
+                 held: set[int] | None = None) -> None:
+        """``held``: every chunk the source holds data in (``absent``: those the replicas
+        lack)."""
         self.inner = inner
+        self.catalog = source.catalog
         self.source: SnapshotSource | None = source
+        self.origin = source.origin
+        self.held = held if held is not None else set(absent)
         self.absent = absent
         self._locks: dict[int, asyncio.Lock] = {}
 
@@ -113,10 +119,10 @@ class OriginTarget:
         except BaseException:
             await source.close()
             raise
-        absent = {c for c in held if c * CHUNK_SIZE < min(origin.size, inner.size)
-                  and generations[c * 8:c * 8 + 8] in (b"", bytes(8))}
+        inside = {c for c in held if c * CHUNK_SIZE < min(origin.size, inner.size)}
+        absent = {c for c in inside if generations[c * 8:c * 8 + 8] in (b"", bytes(8))}
         log.info("%s: %d chunks still come from %s", inner.name, len(absent), origin.ref)
-        target = cls(inner, source, absent)
+        target = cls(inner, source, absent, inside)
         if not absent:
             await target._let_go()
         return target
@@ -227,6 +233,25 @@ class OriginTarget:
         self.absent -= filled
         if not self.absent:
             await self._let_go()
+
+    async def joining(self, server_id: str) -> None:
+        """A replica caught up and is about to be read (writes are held): the chunks the
+        source holds that it never got (filled on the others after its copy began; none
+        of ours, which it got too) are read from the source again until it has them."""
+        member = next((m for m in self.inner.joining if m.server.id == server_id), None)
+        if member is None:
+            return
+        table = await member.client.generations(self.inner.volume_id)
+        lacking = {c for c in self.held if table[c * 8:c * 8 + 8] in (b"", bytes(8))}
+        if not lacking - self.absent:
+            return
+        if self.source is None:  # let go already: take it again (raises if it is gone)
+            source = SnapshotSource(self.catalog, self.origin, self.inner)
+            await source.open()
+            self.source = source
+        log.info("%s: the replica on %s lacks %d chunks of %s: read from there until filled",
+                 self.inner.name, server_id, len(lacking - self.absent), self.origin.ref)
+        self.absent |= lacking
 
     async def _let_go(self) -> None:
         source, self.source = self.source, None
