@@ -149,6 +149,41 @@ def _parser() -> argparse.ArgumentParser:
     drop.add_argument("--group", metavar="NAME", help="remove every snapshot of a group")
     output(drop)
 
+    backup = commands.add_parser(
+        "backup", help="backups to S3: incremental, deduplicated, compressed, encrypted"
+    ).add_subparsers(dest="action", required=True)
+    target = backup.add_parser("target", help="where backups go").add_subparsers(
+        dest="target_action", required=True)
+    setting = target.add_parser("set", help="use an S3 bucket (credentials: the node's AWS "
+                                "environment or ~/.aws/credentials)")
+    setting.add_argument("url", metavar="s3://BUCKET/PREFIX")
+    setting.add_argument("--endpoint", default="", help="an S3-compatible server's URL")
+    setting.add_argument("--region", default="")
+    setting.add_argument("--encryption-key-file", type=Path,
+                         help="at least 32 random bytes: blocks sealed with AES-256-GCM")
+    output(setting)
+    output(target.add_parser("show", help="the target in use"))
+    taking = backup.add_parser("create", help="back a volume up (it stays in use)")
+    taking.add_argument("volume")
+    taking.add_argument("--snapshot", default="", help="this snapshot (default: one taken now)")
+    taking.add_argument("--wait", action="store_true", help="show progress until it is done")
+    output(taking)
+    listing = backup.add_parser("ls", help="backups (complete, running, failed)")
+    listing.add_argument("volume", nargs="?", default="")
+    output(listing)
+    for verb, text in (("inspect", "a backup's details"),
+                       ("verify", "fetch every block of a backup and check its hash"),
+                       ("rm", "remove a backup and the blocks nothing else references")):
+        sub = backup.add_parser(verb, help=text)
+        sub.add_argument("id")
+        output(sub)
+    restoring = backup.add_parser("restore", help="restore a backup into a new volume")
+    restoring.add_argument("id")
+    restoring.add_argument("--to", required=True, metavar="VOLUME")
+    restoring.add_argument("--replicas")
+    restoring.add_argument("--wait", action="store_true", help="show progress until it is done")
+    output(restoring)
+
     rebalance = commands.add_parser(
         "rebalance", help="spread replicas evenly over the data servers (e.g. after adding one)")
     rebalance.add_argument("--dry-run", action="store_true", help="only show the plan")
@@ -360,6 +395,8 @@ def _run_client(args: argparse.Namespace) -> int:
             return 0
         if args.command == "snapshot":
             return _snapshot(api, args, as_json)
+        if args.command == "backup":
+            return _backup(api, args, as_json)
         name: str = getattr(args, "name", "")
         if args.action == "create" and args.source:
             volume = _clone(api, args)
@@ -466,6 +503,71 @@ def _snapshot(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:
         api.request("DELETE", f"/v1/volumes/{volume}/snapshots/{name}")
         _emit({"ref": args.ref, "removed": True}, as_json, args.ref)
     return 0
+
+
+def _backup(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:
+    if args.action == "target":
+        if args.target_action == "set":
+            body = {"url": args.url, "endpoint": args.endpoint, "region": args.region}
+            if args.encryption_key_file:
+                body["key"] = args.encryption_key_file.read_bytes().hex()
+            shown = api.request("PUT", "/v1/backup-target", body)
+        else:
+            shown = api.request("GET", "/v1/backup-target")
+        _emit(shown, as_json, f"{shown['url']} at {shown['endpoint'] or 'AWS'}"
+              f"{' (encrypted)' if shown['encrypted'] else ''}")
+    elif args.action == "create":
+        job = api.request("POST", "/v1/backups", {"volume": args.volume,
+                                                  "snapshot": args.snapshot})
+        job = _follow(api, job, f"backing up {args.volume}") if args.wait else job
+        _emit(job, as_json, f"backup {job['id']} of {args.volume}: {job['state']}"
+              + (f" ({format_size(job['bytes'])}, {format_size(job['new_bytes'])} new)"
+                 if job["state"] == "complete" else ""))
+    elif args.action == "ls":
+        found = api.request("GET", "/v1/backups" + (f"?volume={args.volume}"
+                                                      if args.volume else ""))
+        if as_json:
+            print(json.dumps(found, indent=2))
+        else:
+            print(_table([[b["id"], b["volume"], b["snapshot"],
+                           time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["created"])),
+                           b["state"], format_size(b["bytes"]), format_size(b["new_bytes"])]
+                          for b in found],
+                         ["ID", "VOLUME", "SNAPSHOT", "CREATED", "STATE", "SIZE", "NEW"]))
+    elif args.action == "inspect":
+        shown = api.request("GET", f"/v1/backups/{args.id}")
+        _emit(shown, as_json, "\n".join(f"{k + ':':<12} {v}" for k, v in shown.items()))
+    elif args.action == "verify":
+        shown = api.request("POST", f"/v1/backups/{args.id}/verify")
+        _emit(shown, as_json, f"backup {args.id}: {shown['blocks']} blocks checked, "
+              + ("all good" if shown["ok"] else "bad: " + "; ".join(
+                  f"{name}: {why}" for name, why in shown["bad"].items())))
+        return 0 if shown["ok"] else EXIT_WARNING
+    elif args.action == "rm":
+        shown = api.request("DELETE", f"/v1/backups/{args.id}")
+        _emit(shown, as_json, f"backup {args.id} removed; "
+              + ("its blocks are collected once no backup runs" if shown["deferred"]
+                 else f"{shown['deleted']} blocks no backup needs deleted"))
+    elif args.action == "restore":
+        job = api.request("POST", f"/v1/backups/{args.id}/restore",
+                          {"to": args.to, "replicas": args.replicas})
+        job = _follow(api, job, f"restoring {args.to}") if args.wait else job
+        _emit(job, as_json, f"{args.to} from backup {args.id}: {job['state']}")
+    failed = args.action in ("create", "restore") and args.wait and job["state"] == "failed"
+    return EXIT_WARNING if failed else 0
+
+
+def _follow(api: ApiClient, job: dict[str, Any], what: str) -> dict[str, Any]:
+    """Show a backup or restore job's progress (on stderr) until it ends."""
+    while job["state"] == "running":
+        done = float(job.get("progress", 0.0))
+        print(f"\r{what} [{'#' * int(30 * done):<30}] {done * 100:3.0f}%", end="",
+              file=sys.stderr, flush=True)
+        time.sleep(0.5)
+        job = api.request("GET", f"/v1/backup-jobs/{job['id']}")
+    print(f"\r{what} [{'#' * 30}] {job['state']}" + (f": {job['error']}" if job["error"]
+                                                     else ""), file=sys.stderr)
+    return job
 
 
 def _rebuild(api: ApiClient, name: str, wait: bool, as_json: bool) -> int:
@@ -605,6 +707,16 @@ def _print_inspect(volume: dict[str, Any], as_json: bool) -> None:
                      "copied: depends on it until filled)")
     elif volume.get("source"):
         lines.append(f"Clone of:    {volume['source']}")
+    if volume.get("restoring"):
+        lines.append(f"Restoring:   from backup {volume['restoring']} (not attachable yet)")
+    last = volume.get("last_backup")
+    if last:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["finished"] or
+                                                                   last["started"]))
+        lines.append(f"Backup:      {last['id']} {last['state']} {when}"
+                     + (f" ({format_size(last['bytes'])}, {format_size(last['new_bytes'])} "
+                        "new)" if last["state"] == "complete" else "")
+                     + (f": {last['error']}" if last["error"] else ""))
     if volume.get("last_error"):
         lines.append(f"Last error:  {volume['last_error']}")
     print("\n".join(lines))

@@ -32,7 +32,8 @@ class CargoholdError(Exception):
 
     def __init__(self, **fields: Any) -> None:
         self.fields = fields
-        template = (self.__doc__ or self.code).strip().splitlines()[0]
+        # the docstring's first paragraph, its lines joined
+        template = " ".join((self.__doc__ or self.code).strip().split("\n\n")[0].split())
         try:
             message = template.format(**fields)
         except (KeyError, IndexError):
@@ -423,3 +424,56 @@ def from_dict(body: dict[str, Any]) -> CargoholdError:
     Exception.__init__(err, str(body.get("message", "")))
     err.fields = {}
     return err
+
+
+# --- backups ---------------------------------------------------------------------------
+
+
+class BackupTargetNotSet(CargoholdError):
+    """No backup target is set. Set one first ('cargohold backup target set s3://BUCKET/PREFIX --endpoint URL')."""  # noqa: E501
+
+    code = "backup_target_not_set"
+    kind = Kind.CONFLICT
+
+
+class BackupTargetUnavailable(CargoholdError):
+    """The backup target {target} did not answer: {detail}"""
+
+    code = "backup_target_unavailable"
+    kind = Kind.UNAVAILABLE
+    temporary = True
+
+
+class BackupNotAuthorized(CargoholdError):
+    """The backup target {target} refused the credentials: {detail}. cargohold takes them as AWS tools do: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the node's environment, or the shared credentials file (~/.aws/credentials, AWS_PROFILE)."""  # noqa: E501
+
+    code = "backup_not_authorized"
+    kind = Kind.INVALID
+
+
+class BackupBucketMissing(CargoholdError):
+    """The backup target's bucket {bucket!r} does not exist at {endpoint}. Create it, or set another target."""  # noqa: E501
+
+    code = "backup_bucket_missing"
+    kind = Kind.NOT_FOUND
+
+
+class BackupNotFound(CargoholdError):
+    """Backup {id!r} does not exist in the backup target (or is not complete)."""
+
+    code = "backup_not_found"
+    kind = Kind.NOT_FOUND
+
+
+class BackupCorrupt(CargoholdError):
+    """In the backup target, {what} is damaged or missing: {detail}"""
+
+    code = "backup_corrupt"
+    kind = Kind.INTERNAL
+
+
+class BackupRunning(CargoholdError):
+    """A backup of volume {name!r} is running already ({id}). Wait for it ('cargohold backup ls {name}')."""  # noqa: E501
+
+    code = "backup_running"
+    kind = Kind.CONFLICT

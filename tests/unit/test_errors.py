@@ -35,3 +35,11 @@ def test_error_round_trips_through_an_api_body() -> None:
     assert isinstance(back, errors.NotEnoughDataServers)
     assert back.message == err.message and back.kind is errors.Kind.CONFLICT
     assert type(errors.from_dict({"code": "nonsense", "message": "x"})) is errors.CargoholdError
+
+
+def test_a_message_is_the_whole_first_paragraph_of_the_docstring() -> None:
+    from cargohold.errors import TooManySnapshots
+
+    message = TooManySnapshots(name="pg", count=1024).message
+    assert message == ("Volume 'pg' keeps 1024 snapshots, the most a volume may keep. Remove "
+                       "some ('cargohold snapshot rm') before taking more.")

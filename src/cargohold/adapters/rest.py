@@ -23,19 +23,23 @@ from cargohold import __version__
 from cargohold.config import ApiToken
 from cargohold.core.models import DataServer, Node, Volume
 from cargohold.errors import (
+    BackupNotFound,
     CargoholdError,
     Forbidden,
+    InvalidArgument,
     Kind,
     NodeNotFound,
     SnapshotNotFound,
     Unauthorized,
 )
 from cargohold.services.agent import Agent
+from cargohold.services.backups import BackupService
 from cargohold.services.clones import CloneService
 from cargohold.services.controller.controller import Controller
 from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
 from cargohold.services.nodes import NodeRemoval
+from cargohold.services.restores import RestoreService
 from cargohold.services.snapshots import SnapshotService, snapshot_view
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.auditlog import AuditLog
@@ -153,6 +157,35 @@ class CreateSnapshot(BaseModel):
                        "a clone mounts without journal replay"})
 
 
+class SetBackupTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(json_schema_extra={"description": "s3://BUCKET/PREFIX",
+                                        "examples": ["s3://backups/cluster-a"]})
+    endpoint: str = Field(default="", json_schema_extra={
+        "description": "an S3-compatible server's URL (default: AWS)"})
+    region: str = ""
+    key: str | None = Field(default=None, repr=False, json_schema_extra={
+        "description": "the encryption key file's contents as hex (at least 32 bytes): "
+                       "blocks sealed with AES-256-GCM, names keyed",
+        "pattern": "^([0-9a-fA-F]{2}){32,1024}$"})
+
+
+class CreateBackup(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    volume: str = NAME_DOC
+    snapshot: str = Field(default="", json_schema_extra={
+        "description": "back up this snapshot of the volume (default: one taken now)"})
+    wait: bool = False
+
+
+class RestoreBackup(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: str = Field(json_schema_extra={"description": "the new volume's name"})
+    replicas: int | str | None = Field(default=None, json_schema_extra={
+        "description": "default: 2"})
+    wait: bool = False
+
+
 class ResizeVolume(BaseModel):
     model_config = ConfigDict(extra="forbid")
     size: str | int = SIZE_DOC
@@ -173,6 +206,8 @@ class Services:
     stale_after: float  # seconds without a report before a node or data server is down
     snapshots: SnapshotService
     clones: CloneService
+    backups: BackupService | None = None
+    restores: RestoreService | None = None
     ready: bool = False
 
 
@@ -386,6 +421,62 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
     async def remove_snapshot(name: str, snapshot: str) -> Response:
         await services.snapshots.remove(name, snapshot)
         return Response(status_code=204)
+
+    def backups() -> tuple[BackupService, RestoreService]:
+        if services.backups is None or services.restores is None:
+            raise InvalidArgument(what="backups", detail="not served by this node")
+        return services.backups, services.restores
+
+    @app.put("/v1/backup-target")
+    async def set_backup_target(body: SetBackupTarget) -> dict[str, Any]:
+        """Where backups go (checked: the bucket answers the node's AWS credentials)."""
+        return await backups()[0].set_target(
+            body.url, body.endpoint, body.region,
+            bytes.fromhex(body.key) if body.key is not None else None)
+
+    @app.get("/v1/backup-target")
+    async def get_backup_target() -> dict[str, Any]:
+        return await backups()[0].target()
+
+    @app.post("/v1/backups", status_code=202)
+    async def create_backup(body: CreateBackup) -> dict[str, Any]:
+        """Back a volume up from a snapshot (it stays in use); the job runs on (``wait``:
+        answered once it ended)."""
+        job = await backups()[0].create(body.volume, body.snapshot, body.wait)
+        return job.model_dump(mode="json")
+
+    @app.get("/v1/backups")
+    async def list_backups(volume: str = "") -> list[dict[str, Any]]:
+        """Complete backups in the target, then running and failed ones, oldest first."""
+        return await backups()[0].listing(volume)
+
+    @app.get("/v1/backups/{backup_id}")
+    async def inspect_backup(backup_id: str) -> dict[str, Any]:
+        return await backups()[0].inspect(backup_id)
+
+    @app.delete("/v1/backups/{backup_id}")
+    async def remove_backup(backup_id: str) -> dict[str, Any]:
+        """Remove a backup, then the blocks no other references (at once, or once no
+        backup runs: ``deferred``)."""
+        return await backups()[0].remove(backup_id)
+
+    @app.post("/v1/backups/{backup_id}/verify")
+    async def verify_backup(backup_id: str) -> dict[str, Any]:
+        """Fetch every block of the backup and check its hash; ``bad`` names the others."""
+        return await backups()[1].verify(backup_id)
+
+    @app.post("/v1/backups/{backup_id}/restore", status_code=202)
+    async def restore_backup(backup_id: str, body: RestoreBackup) -> dict[str, Any]:
+        """Restore into a new volume (not attachable until done); the job runs on."""
+        job = await backups()[1].restore(backup_id, body.to, body.replicas, body.wait)
+        return job.model_dump(mode="json")
+
+    @app.get("/v1/backup-jobs/{job_id}")
+    async def backup_job(job_id: str) -> dict[str, Any]:
+        job = await services.catalog.backup_job(job_id)
+        if job is None:
+            raise BackupNotFound(id=job_id)
+        return job.model_dump(mode="json")
 
     @app.post("/v1/volumes/{name}/scrub")
     async def scrub_volume(name: str) -> dict[str, Any]:

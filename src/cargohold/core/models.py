@@ -73,6 +73,34 @@ class Origin(Record):
         return f"{self.volume}@{self.snapshot}"
 
 
+class BackupState(StrEnum):
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+class LastBackup(Record):
+    """What ``volume inspect`` shows of a volume's newest backup (or restore into it)."""
+
+    id: str
+    state: BackupState
+    started: float
+    finished: float = 0.0
+    snapshot: str = ""
+    bytes: int = 0  # data in the volume's blocks that hold any
+    new_bytes: int = 0  # of which were uploaded (the rest: already in the target)
+    error: str = ""
+
+
+class BackupBase(Record):
+    """The snapshot the next backup of a volume is taken against (what changed since)."""
+
+    backup: str  # the backup taken from it
+    snapshot: str  # its name
+    snapshot_id: str
+    own: bool  # taken for that backup: removed once a newer backup is complete
+
+
 class Volume(Record):
     id: str
     name: str
@@ -95,6 +123,9 @@ class Volume(Record):
     source: str = ""  # a clone: the snapshot (VOLUME@SNAPSHOT) it was made from
     filled: float = 0.0  # a clone: the fraction of its source copied so far
     origin: Origin | None = None  # a clone still filling: where its missing chunks are
+    restoring: str = ""  # the backup being restored into it: not attachable meanwhile
+    last_backup: LastBackup | None = None
+    backup_base: BackupBase | None = None
 
     def in_sync(self) -> list[Replica]:
         return [r for r in self.replicas if r.state is ReplicaState.IN_SYNC]
@@ -131,6 +162,48 @@ class Snapshot(Record):
     @property
     def ref(self) -> str:
         return f"{self.volume}@{self.name}"
+
+
+class BackupTarget(Record):
+    """Where backups go: one S3 bucket and prefix for the whole cluster."""
+
+    url: str  # s3://BUCKET/PREFIX
+    endpoint: str = ""  # an S3-compatible server's URL ("": AWS)
+    region: str = ""
+    key: str = ""  # the encryption key file's secret, wrapped under the cluster key
+    set_at: float = Field(default_factory=time.time)
+
+
+class BackupJob(Record):
+    """A backup or restore being run (by ``node``), and how it ended."""
+
+    id: str
+    kind: str  # "backup" or "restore"
+    volume: str  # backed up, or restored into
+    backup: str = ""  # a restore's backup
+    snapshot: str = ""  # a backup's snapshot
+    node: str = ""
+    state: BackupState = BackupState.RUNNING
+    progress: float = 0.0
+    started: float = Field(default_factory=time.time)
+    finished: float = 0.0
+    bytes: int = 0
+    new_bytes: int = 0
+    stored: int = 0  # bytes sent to the target (compressed, sealed)
+    error: str = ""
+
+
+BACKUP_TARGET_KEY = "backup/target"
+BACKUP_JOB_PREFIX = "backup/jobs/"
+
+
+def backup_job_key(job_id: str) -> str:
+    return f"{BACKUP_JOB_PREFIX}{job_id}"
+
+
+def backup_running_key(volume: str) -> str:
+    """Present while a backup of ``volume`` runs (value: its job id)."""
+    return f"backup/running/{volume}"
 
 
 class ServerState(StrEnum):

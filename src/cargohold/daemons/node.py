@@ -37,11 +37,13 @@ from cargohold.core.periodic import Periodic
 from cargohold.daemons.supervisor import DataServerProcess
 from cargohold.errors import CargoholdError, InvalidArgument, LeaseExpired
 from cargohold.services.agent import Agent
+from cargohold.services.backups import BackupService
 from cargohold.services.clones import CloneService
 from cargohold.services.controller.controller import Controller
 from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
 from cargohold.services.nodes import NodeRemoval
+from cargohold.services.restores import RestoreService
 from cargohold.services.snapshots import SnapshotService
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.auditlog import AuditLog
@@ -143,10 +145,12 @@ class NodeDaemon:
                       config.lease_ttl if etcd_hosts(config.metadata) else 0.0,
                       config.etcd_password_file)
         volumes = VolumeService(catalog, self.access)
+        self.backups = BackupService(catalog, SnapshotService(catalog, self.access),
+                                     self.access, config.name)
         self.controller = Controller(store, catalog, volumes, config.name,
                                      config.rebuild_after, config.scrub_every,
                                      config.scrub_rate, config.auto_rebalance,
-                                     config.rebuild_rate, self.access)
+                                     config.rebuild_rate, self.access, self.backups)
         try:
             if credentials is not None:
                 await _check_trust(catalog, credentials)
@@ -161,7 +165,9 @@ class NodeDaemon:
                                 stale_after=max(config.lease_ttl,
                                                 3 * config.server_check_interval),
                                 snapshots=snapshots,
-                                clones=CloneService(catalog, volumes, snapshots, self.access))
+                                clones=CloneService(catalog, volumes, snapshots, self.access),
+                                backups=self.backups,
+                                restores=RestoreService(self.backups, volumes))
             audit = AuditLog(config.state_dir / "audit.log")
             for endpoint in config.api:
                 tokens = [] if endpoint.is_unix else config.api_tokens()
@@ -193,6 +199,7 @@ class NodeDaemon:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await controlling
             await self.controller.fill.stop()
+            await self.backups.stop()
             if csi_server is not None:
                 await csi_server.stop(5)
             for server, _ in servers:

@@ -173,6 +173,9 @@ class Agent:
         """
         if volume.state in (VolumeState.CREATING, VolumeState.DELETING):
             raise VolumeBusy(name=volume.name, state=volume.state.value)
+        if volume.restoring:
+            raise VolumeBusy(name=volume.name, state=f"being restored from backup "
+                             f"{volume.restoring}")
         if volume.attachment is not None:
             if volume.attachment.node != self.node:
                 if volume.attachment.node != down:

@@ -320,6 +320,9 @@ def _check_filled(volume: Volume, what: str) -> None:
     if volume.origin is not None:
         raise CloneFilling(name=volume.name, source=volume.origin.ref,
                            done=f"{volume.filled:.0%}", what=what)
+    if volume.restoring:
+        raise VolumeBusy(name=volume.name, state=f"being restored from backup "
+                         f"{volume.restoring}")
 
 
 def _is(snapshot_id: str, snapshot: Snapshot) -> bool:

@@ -76,12 +76,13 @@ class VolumeService:
     async def create(self, name: str, size: str | int, replicas: int | str = 2,
                      fs: str = "ext4", exist_ok: bool = False, encrypt: bool = False,
                      key: bytes | None = None, source: str = "",
-                     origin: Origin | None = None) -> Volume:
+                     origin: Origin | None = None, restoring: str = "") -> Volume:
         """Create a thin volume; with ``exist_ok`` an identical existing volume is returned.
         ``encrypt``: encrypted at rest by its engines, with ``key`` (64 bytes) or a new
         random one, kept in the metadata store only wrapped under the cluster key.
         ``origin``: a clone's source snapshot (``source`` names it), which it reads from
-        until the controller filled it (see :mod:`cargohold.services.clones`)."""
+        until the controller filled it (see :mod:`cargohold.services.clones`).
+        ``restoring``: the backup it is restored from (not attachable until it is)."""
         check_name(name)
         encrypt = encrypt or key is not None
         if encrypt and (self.access is None or not self.access.key):
@@ -102,6 +103,7 @@ class VolumeService:
         volume = Volume(id=uuid.uuid4().hex, name=name, size=size_bytes, replica_count=count,
                         fs=fs, replicas=[Replica(server=s.id) for s in chosen],
                         source=source, formatted=bool(source), origin=origin,
+                        restoring=restoring,
                         epoch=1 if origin is not None else 0)  # a fill writes at once
         if encrypt:
             assert self.access is not None

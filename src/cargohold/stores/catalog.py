@@ -12,15 +12,22 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cargohold.core.models import (
+    BACKUP_JOB_PREFIX,
+    BACKUP_TARGET_KEY,
     DRAIN_PREFIX,
     LIVENESS_PREFIX,
     SNAPSHOT_PREFIX,
+    BackupJob,
+    BackupState,
+    BackupTarget,
     DataServer,
     Node,
     Snapshot,
     SnapshotState,
     Volume,
     VolumeState,
+    backup_job_key,
+    backup_running_key,
     drain_key,
     garbage_key,
     liveness_key,
@@ -309,3 +316,51 @@ class Catalog:
         prefix = f"csi/{kind}/"
         return {kv.key[len(prefix):]: json.loads(kv.value)
                 for kv in await self.store.range(prefix)}
+
+    # -- backups ---------------------------------------------------------------------------
+    async def backup_target(self) -> BackupTarget | None:
+        kv = await self.store.get(BACKUP_TARGET_KEY)
+        return None if kv is None else BackupTarget.model_validate_json(kv.value)
+
+    async def set_backup_target(self, target: BackupTarget) -> None:
+        await self.store.put(BACKUP_TARGET_KEY, target.dump())
+
+    async def start_backup_job(self, job: BackupJob) -> str:
+        """Record ``job`` as running; a backup only while no other of its volume runs.
+        Returns "" when recorded, else the id of the backup of that volume that runs."""
+        puts = [Put(backup_job_key(job.id), job.dump())]
+        guards = []
+        if job.kind == "backup":
+            running = backup_running_key(job.volume)
+            guards.append(Compare.absent(running))
+            puts.append(Put(running, job.id.encode()))
+        if (await self.store.txn(guards, puts)).succeeded:
+            return ""
+        kv = await self.store.get(backup_running_key(job.volume))
+        return kv.value.decode() if kv is not None else "?"
+
+    async def backup_job(self, job_id: str) -> BackupJob | None:
+        kv = await self.store.get(backup_job_key(job_id))
+        return None if kv is None else BackupJob.model_validate_json(kv.value)
+
+    async def backup_jobs(self) -> list[BackupJob]:
+        return [BackupJob.model_validate_json(kv.value)
+                for kv in await self.store.range(BACKUP_JOB_PREFIX)]
+
+    async def put_backup_job(self, job: BackupJob) -> None:
+        """Store the job's progress; once it has ended, its volume may be backed up again."""
+        ops: list[Put | Delete] = [Put(backup_job_key(job.id), job.dump())]
+        if job.state is not BackupState.RUNNING and job.kind == "backup":
+            running = backup_running_key(job.volume)
+            kv = await self.store.get(running)
+            if kv is not None and kv.value.decode() == job.id:
+                ops.append(Delete(running))
+        await self.store.txn([], ops)
+
+    async def drop_backup_job(self, job_id: str, volume: str) -> None:
+        """Forget a job that never started (and its volume's running mark, if its)."""
+        ops = [Delete(backup_job_key(job_id))]
+        kv = await self.store.get(backup_running_key(volume))
+        if kv is not None and kv.value.decode() == job_id:
+            ops.append(Delete(backup_running_key(volume)))
+        await self.store.txn([], ops)

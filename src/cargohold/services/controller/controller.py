@@ -22,6 +22,8 @@ Duties (each pass is :meth:`Controller.run_once`, so tests converge without slee
   left behind by removals are deleted once their data server answers;
 - clones are filled from their source snapshots in the background
   (:mod:`cargohold.services.controller.fill`);
+- backup blocks no backup references any more are deleted once no backup runs
+  (:mod:`cargohold.services.backups`), when a removal left that pending;
 - with ``scrub_every`` set, a detached volume not scrubbed for that long is scrubbed
   (:mod:`cargohold.services.controller.scrub`), one a pass, at most ``scrub_rate`` bytes per second.
 """
@@ -36,6 +38,7 @@ from cargohold.clients.access import Access
 from cargohold.core.models import ServerState
 from cargohold.core.periodic import Periodic
 from cargohold.errors import LeaseExpired
+from cargohold.services.backups import BackupService
 from cargohold.services.controller.fill import Fill
 from cargohold.services.controller.rebalance import Rebalance
 from cargohold.services.controller.rebuild import Rebuild
@@ -55,7 +58,8 @@ class Controller:
     def __init__(self, store: MetadataStore, catalog: Catalog, volumes: VolumeService,
                  node: str, rebuild_after: float = 600.0, scrub_every: float = 0.0,
                  scrub_rate: float = 0.0, auto_rebalance: bool = False,
-                 rebuild_rate: float = 0.0, access: Access | None = None) -> None:
+                 rebuild_rate: float = 0.0, access: Access | None = None,
+                 backups: BackupService | None = None) -> None:
         self.store = store
         self.catalog = catalog
         self.volumes = volumes
@@ -64,6 +68,7 @@ class Controller:
         self.scrub = Scrub(catalog, scrub_rate, access)
         self.rebalance = Rebalance(catalog, self.rebuild)
         self.fill = Fill(catalog, SnapshotService(catalog, access), rebuild_rate, access)
+        self.backups = backups
         self.auto_rebalance = auto_rebalance
         self.scrub_every = scrub_every
         self.node = node
@@ -142,6 +147,8 @@ class Controller:
             await self.volumes.collect_stale_snapshots()
         if self.leading:
             await self.fill.run_once()
+        if self.leading and self.backups is not None:
+            await self.backups.collect_pending()
         if self.leading and self.scrub_every > 0:
             await self.scrub.run_once(self.scrub_every)
 

@@ -173,6 +173,10 @@ class Resync:
             log.warning("resync of %s: cannot record the outcome: %s", name, e)
 
 
+#: What a restore claims its new volume as (the only claim a volume being restored takes).
+RESTORE = "a restore"
+
+
 async def claim_detached(catalog: Catalog, name: str, what: str,
                          change: Callable[[Volume], None] | None = None) -> Volume:
     """Take a new epoch on detached volume ``name`` for ``what`` (a resync, a scrub), with
@@ -182,6 +186,8 @@ async def claim_detached(catalog: Catalog, name: str, what: str,
     def claim(v: Volume) -> Volume:
         if v.attachment is not None or v.state is not VolumeState.DETACHED:
             raise VolumeBusy(name=name, state=f"{v.state.value} ({what} needs it detached)")
+        if v.restoring and what != RESTORE:
+            raise VolumeBusy(name=name, state=f"being restored from backup {v.restoring}")
         if change is not None:
             change(v)
         v.epoch += 1

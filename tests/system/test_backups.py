@@ -1,0 +1,234 @@
+"""Backups of real volumes to real S3 servers (SeaweedFS and moto's server, on loopback)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import blake3
+import pytest
+
+from tests.conftest import Node, leftovers, needs_root, sha256_of, write_random
+from tests.s3servers import Moto, S3Server, Seaweed
+
+pytestmark = [needs_root(), pytest.mark.system]
+
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
+    server = Seaweed(tmp_path_factory.mktemp("seaweed"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
+    server = Moto(tmp_path_factory.mktemp("moto"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def _node(tmp_path: Path, server: S3Server, **env: str) -> Node:
+    node = Node(tmp_path, env={**server.env(), **env})
+    node.start()
+    return node
+
+
+def _write_mixed(path: Path, random_mib: int, text_mib: int) -> str:
+    """Incompressible then compressible data, fsync'd; returns the sha256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(random_mib):
+            piece = os.urandom(MIB)
+            f.write(piece)
+            digest.update(piece)
+        line = b"2026-12-06 a compressible log line of a database that goes on\n"
+        text = (line * (MIB // len(line) + 1))[:MIB]
+        for _ in range(text_mib):
+            f.write(text)
+            digest.update(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def test_incremental_deduplicated_backups_restore_and_collection(seaweed: Seaweed,
+                                                                tmp_path: Path) -> None:
+    seaweed.make_bucket("nightly")
+    node = _node(tmp_path, seaweed)
+    try:
+        shown: Any = node.json("backup", "target", "set", "s3://nightly/cluster-a",
+                               "--endpoint", seaweed.endpoint)
+        assert shown["encrypted"] is False and shown["url"] == "s3://nightly/cluster-a"
+        node.cli("volume", "create", "pg", "--size", "256M")
+        mountpoint = Path(node.cli("volume", "attach", "pg").stdout.strip())
+        first = _write_mixed(mountpoint / "data.bin", 16, 16)
+
+        full: Any = node.json("backup", "create", "pg", "--wait")
+        assert full["state"] == "complete", full
+        assert full["new_bytes"] >= 32 * MIB and full["stored"] < full["new_bytes"] - 12 * MIB
+        # 1 MiB of 4 KiB random writes in one region: only the chunks they touched are read
+        with open(mountpoint / "data.bin", "r+b") as f:
+            for n in range(256):
+                f.seek(8 * MIB + n * 4096)
+                f.write(os.urandom(4096))
+            f.flush()
+            os.fsync(f.fileno())
+        later = sha256_of(mountpoint / "data.bin")
+        incremental: Any = node.json("backup", "create", "pg", "--wait")
+        assert incremental["state"] == "complete", incremental
+        assert incremental["new_bytes"] <= 4 * MIB, incremental  # the chunks written, + fs
+        inspected: Any = node.json("volume", "inspect", "pg")
+        assert inspected["last_backup"]["id"] == incremental["id"]
+        assert inspected["last_backup"]["state"] == "complete"
+        snapshots = [s["name"] for s in node.json("snapshot", "ls", "pg")]  # type: ignore
+        assert snapshots == [f"backup-{incremental['id']}"]  # the base of the next one only
+
+        # the same contents in another volume: nothing new to upload
+        node.cli("volume", "create", "pg-copy", "--from", "pg", "--wait")
+        copy: Any = node.json("backup", "create", "pg-copy", "--wait")
+        assert copy["state"] == "complete" and copy["new_bytes"] == 0, copy
+
+        listed: Any = node.json("backup", "ls")
+        assert [b["id"] for b in listed] == [full["id"], incremental["id"], copy["id"]]
+        assert all(b["state"] == "complete" for b in listed)
+        checked: Any = node.json("backup", "verify", full["id"])
+        assert checked["ok"] and checked["blocks"] >= 32
+
+        restored: Any = node.json("backup", "restore", full["id"], "--to", "pg-old", "--wait")
+        assert restored["state"] == "complete", restored
+        old = Path(node.cli("volume", "attach", "pg-old").stdout.strip())
+        assert sha256_of(old / "data.bin") == first
+        node.cli("volume", "detach", "pg-old")
+
+        removed: Any = node.json("backup", "rm", full["id"])
+        assert removed["deferred"] is False and removed["deleted"] >= 1  # only it held them
+        assert [b["id"] for b in node.json("backup", "ls", "pg")] == [  # type: ignore
+            incremental["id"]]
+        assert node.json("backup", "verify", incremental["id"])["ok"]  # type: ignore
+        node.json("backup", "restore", incremental["id"], "--to", "pg-new", "--replicas",
+                  "1", "--wait")
+        new = Path(node.cli("volume", "attach", "pg-new").stdout.strip())
+        assert sha256_of(new / "data.bin") == later
+        for name in ("pg-new", "pg"):
+            node.cli("volume", "detach", name)
+        node.stop()
+        assert leftovers(node.base) == {"mounts": [], "loops": [], "processes": []}
+    finally:
+        node.cleanup()
+
+
+def test_an_encrypted_target_learns_nothing_and_damage_is_named(moto: Moto,
+                                                                tmp_path: Path) -> None:
+    moto.make_bucket("sealed")
+    key = tmp_path / "backup.key"
+    key.write_bytes(os.urandom(32))
+    node = _node(tmp_path, moto)
+    try:
+        shown: Any = node.json("backup", "target", "set", "s3://sealed", "--endpoint",
+                               moto.endpoint, "--encryption-key-file", str(key))
+        assert shown["encrypted"] is True
+        node.cli("volume", "create", "vault", "--size", "64M", "--encrypt")
+        mountpoint = Path(node.cli("volume", "attach", "vault").stdout.strip())
+        secret = b"the launch codes are 0000\n" * 40_000
+        (mountpoint / "codes.txt").write_bytes(secret)
+        os.sync()
+        done: Any = node.json("backup", "create", "vault", "--wait")
+        assert done["state"] == "complete", done
+        stored = moto.objects("sealed")
+        assert not any(b"launch codes" in blob for blob in stored.values())
+        names = {k.rpartition("/")[2] for k in stored if k.startswith("blocks/")}
+        assert blake3.blake3(secret[:MIB]).hexdigest() not in names
+
+        # a block damaged in the store: verify names it, a restore fails and leaves nothing
+        victim = sorted(k for k in stored if k.startswith("blocks/"))[0]
+        blob = bytearray(stored[victim])
+        blob[-1] ^= 0xFF
+        moto.client().put_object(Bucket="sealed", Key=victim, Body=bytes(blob))
+        checked = node.cli("backup", "verify", done["id"], "-o", "json", check=False)
+        assert checked.returncode == 1
+        assert victim.rpartition("/")[2] in checked.stdout
+        failed: Any = node.json("backup", "restore", done["id"], "--to", "vault-back",
+                                "--wait")
+        assert failed["state"] == "failed" and victim.rpartition("/")[2] in failed["error"]
+        assert [v["name"] for v in node.json("volume", "ls")] == ["vault"]  # type: ignore
+        taken = node.cli("backup", "restore", done["id"], "--to", "vault", check=False)
+        assert taken.returncode != 0 and "volume_exists" in taken.stderr
+
+        # the block put back whole: the restore goes through, with the volume's key
+        moto.client().put_object(Bucket="sealed", Key=victim, Body=stored[victim])
+        node.json("backup", "restore", done["id"], "--to", "vault-back", "--wait")
+        back = Path(node.cli("volume", "attach", "vault-back").stdout.strip())
+        assert (back / "codes.txt").read_bytes() == secret
+        inspected: Any = node.json("volume", "inspect", "vault-back")
+        assert inspected["encryption"]  # restored with the volume's key
+        for name in ("vault-back", "vault"):
+            node.cli("volume", "detach", name)
+    finally:
+        node.cleanup()
+
+
+def test_bad_targets_and_a_server_killed_mid_backup(seaweed: Seaweed, tmp_path: Path) -> None:
+    seaweed.make_bucket("faults")
+    node = _node(tmp_path / "bad", seaweed, AWS_SECRET_ACCESS_KEY="wrong")
+    try:
+        refused = node.cli("backup", "target", "set", "s3://faults", "--endpoint",
+                           seaweed.endpoint, check=False)
+        assert refused.returncode != 0 and "backup_not_authorized" in refused.stderr
+        unset = node.cli("backup", "create", "nothing", check=False)
+        assert unset.returncode != 0
+    finally:
+        node.cleanup()
+    node = _node(tmp_path / "good", seaweed)
+    try:
+        missing = node.cli("backup", "target", "set", "s3://no-such-bucket", "--endpoint",
+                           seaweed.endpoint, check=False)
+        assert missing.returncode != 0 and "backup_bucket_missing" in missing.stderr
+        node.cli("backup", "target", "set", "s3://faults/x", "--endpoint", seaweed.endpoint)
+        node.cli("volume", "create", "big", "--size", "512M")
+        mountpoint = Path(node.cli("volume", "attach", "big").stdout.strip())
+        digest = write_random(mountpoint / "data.bin", 192 * MIB)
+        started: Any = node.json("backup", "create", "big")
+        while True:  # kill the server once the upload is under way
+            job: Any = node.json("backup", "ls", "big")[-1]  # type: ignore[index]
+            if job["state"] != "running" or job.get("progress", 0) > 0:
+                break
+        seaweed.stop(signal.SIGKILL)
+        try:
+            ended = _wait_job(node, started["id"])
+            assert ended["state"] == "failed" and ended["error"], ended
+            assert all(b["state"] != "complete" for b in node.json("backup", "ls", "big"))  # type: ignore
+        finally:
+            seaweed.start()
+        again: Any = node.json("backup", "create", "big", "--wait")
+        assert again["state"] == "complete", again
+        node.cli("volume", "detach", "big")
+        node.json("backup", "restore", again["id"], "--to", "big-back", "--wait")
+        back = Path(node.cli("volume", "attach", "big-back").stdout.strip())
+        assert sha256_of(back / "data.bin") == digest
+        node.cli("volume", "detach", "big-back")
+    finally:
+        node.cleanup()
+
+
+def _wait_job(node: Node, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [b for b in node.json("backup", "ls") if b["id"] == job_id]  # type: ignore
+        if found and found[0]["state"] != "running":
+            return found[0]  # type: ignore[no-any-return]
+        assert time.monotonic() < deadline, f"backup {job_id} still running"
+        time.sleep(0.5)
