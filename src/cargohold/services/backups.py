@@ -402,8 +402,8 @@ class BackupService:
         found = [s for s in summaries if not volume or s["volume"] == volume]
         complete = {s["id"] for s in found}
         for job in await self.catalog.backup_jobs():
-            if job.kind == "backup" and job.id not in complete and (
-                    not volume or job.volume == volume):
+            if job.kind == "backup" and job.state is not BackupState.COMPLETE and (
+                    job.id not in complete) and (not volume or job.volume == volume):
                 found.append({"id": job.id, "volume": job.volume, "snapshot": job.snapshot,
                               "created": job.started, "state": job.state.value,
                               "progress": job.progress, "bytes": job.bytes,
@@ -446,6 +446,9 @@ class BackupService:
             await self._summary(backup_id, target)
             await target.store.delete([fmt.summary_key(backup_id)])
             await target.store.delete([fmt.manifest_key(backup_id)])
+        job = await self.catalog.backup_job(backup_id)
+        if job is not None:
+            await self.catalog.drop_backup_job(backup_id, job.volume)
         log.info("backup %s removed", backup_id)
         return await self.collect()
 
