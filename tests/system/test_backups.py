@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import time
@@ -164,8 +165,10 @@ def test_an_encrypted_target_learns_nothing_and_damage_is_named(moto: Moto,
         checked = node.cli("backup", "verify", done["id"], "-o", "json", check=False)
         assert checked.returncode == 1
         assert victim.rpartition("/")[2] in checked.stdout
-        failed: Any = node.json("backup", "restore", done["id"], "--to", "vault-back",
-                                "--wait")
+        failing = node.cli("backup", "restore", done["id"], "--to", "vault-back", "--wait",
+                           "-o", "json", check=False)
+        assert failing.returncode == 1
+        failed = json.loads(failing.stdout)
         assert failed["state"] == "failed" and victim.rpartition("/")[2] in failed["error"]
         assert [v["name"] for v in node.json("volume", "ls")] == ["vault"]  # type: ignore
         taken = node.cli("backup", "restore", done["id"], "--to", "vault", check=False)
