@@ -139,7 +139,8 @@ class Seaweed(S3Server):
         while True:
             try:
                 s3 = self.client()
-                s3.create_bucket(Bucket="ready-check")
+                if "ready-check" not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+                    s3.create_bucket(Bucket="ready-check")
                 s3.put_object(Bucket="ready-check", Key="k", Body=b"x")
                 return
             except Exception:  # noqa: BLE001 - not ready yet

@@ -405,25 +405,6 @@ class NotAuthorized(CargoholdError):
     kind = Kind.INVALID
 
 
-_BY_CODE: dict[str, type[CargoholdError]] = {}
-
-
-def _register(cls: type[CargoholdError]) -> None:
-    _BY_CODE[cls.code] = cls
-    for sub in cls.__subclasses__():
-        _register(sub)
-
-
-_register(CargoholdError)
-
-
-def from_dict(body: dict[str, Any]) -> CargoholdError:
-    """Rebuild an error received over an API, keeping its code and message."""
-    cls = _BY_CODE.get(str(body.get("code")), CargoholdError)
-    err = cls.__new__(cls)
-    Exception.__init__(err, str(body.get("message", "")))
-    err.fields = {}
-    return err
 
 
 # --- backups ---------------------------------------------------------------------------
@@ -477,3 +458,24 @@ class BackupRunning(CargoholdError):
 
     code = "backup_running"
     kind = Kind.CONFLICT
+
+
+_BY_CODE: dict[str, type[CargoholdError]] = {}
+
+
+def _register(cls: type[CargoholdError]) -> None:
+    _BY_CODE[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+_register(CargoholdError)
+
+
+def from_dict(body: dict[str, Any]) -> CargoholdError:
+    """Rebuild an error received over an API, keeping its code and message."""
+    cls = _BY_CODE.get(str(body.get("code")), CargoholdError)
+    err = cls.__new__(cls)
+    Exception.__init__(err, str(body.get("message", "")))
+    err.fields = {}
+    return err

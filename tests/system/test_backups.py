@@ -43,6 +43,7 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
 
 
 def _node(tmp_path: Path, server: S3Server, **env: str) -> Node:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     node = Node(tmp_path, env={**server.env(), **env})
     node.start()
     return node
@@ -214,11 +215,15 @@ def test_bad_targets_and_a_server_killed_mid_backup(seaweed: Seaweed, tmp_path: 
                 break
         seaweed.stop(signal.SIGKILL)
         try:
-            ended = _wait_job(node, started["id"])
-            assert ended["state"] == "failed" and ended["error"], ended
-            assert all(b["state"] != "complete" for b in node.json("backup", "ls", "big"))  # type: ignore
+            ended = _wait_job(node, "big", started["id"])
+            assert ended["state"] == "failed" and "did not answer" in ended["error"], ended
+            down = node.cli("backup", "ls", check=False)
+            assert down.returncode != 0 and "backup_target_unavailable" in down.stderr
         finally:
             seaweed.start()
+        listed: Any = node.json("backup", "ls", "big")
+        assert [(b["id"], b["state"]) for b in listed] == [(started["id"], "failed")]
+        assert "lost its lease" not in node.logs()  # the node went on meanwhile
         again: Any = node.json("backup", "create", "big", "--wait")
         assert again["state"] == "complete", again
         node.cli("volume", "detach", "big")
@@ -230,11 +235,13 @@ def test_bad_targets_and_a_server_killed_mid_backup(seaweed: Seaweed, tmp_path: 
         node.cleanup()
 
 
-def _wait_job(node: Node, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
+def _wait_job(node: Node, volume: str, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    """The volume's last backup once it ended (from the cluster: the target may be down)."""
     deadline = time.monotonic() + timeout
     while True:
-        found = [b for b in node.json("backup", "ls") if b["id"] == job_id]  # type: ignore
-        if found and found[0]["state"] != "running":
-            return found[0]  # type: ignore[no-any-return]
+        found: Any = node.json("volume", "inspect", volume)
+        last = found["last_backup"]
+        if last["id"] == job_id and last["state"] != "running":
+            return last  # type: ignore[no-any-return]
         assert time.monotonic() < deadline, f"backup {job_id} still running"
         time.sleep(0.5)

@@ -43,3 +43,13 @@ def test_a_message_is_the_whole_first_paragraph_of_the_docstring() -> None:
     message = TooManySnapshots(name="pg", count=1024).message
     assert message == ("Volume 'pg' keeps 1024 snapshots, the most a volume may keep. Remove "
                        "some ('cargohold snapshot rm') before taking more.")
+
+
+def test_every_error_is_rebuilt_from_its_code() -> None:
+    from cargohold import errors
+
+    def every(cls: type[errors.CargoholdError]) -> list[type[errors.CargoholdError]]:
+        return [cls] + [found for sub in cls.__subclasses__() for found in every(sub)]
+
+    for cls in every(errors.CargoholdError):
+        assert type(errors.from_dict({"code": cls.code, "message": "m"})).code == cls.code

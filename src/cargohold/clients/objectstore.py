@@ -10,6 +10,7 @@ that does not answer (after botocore's own retries), a missing object.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -46,22 +47,35 @@ def parse_url(url: str) -> tuple[str, str]:
 class ObjectStore:
     def __init__(self, url: str, endpoint: str = "", region: str = "",
                  parallel: int = PARALLEL) -> None:
-        import boto3
-        from botocore.config import Config
-
         self.url = url
         self.endpoint = endpoint
+        self.region = region
         self.bucket, self.prefix = parse_url(url)
-        config = Config(retries={"max_attempts": 4, "mode": "standard"}, connect_timeout=5,
-                        read_timeout=60, max_pool_connections=parallel,
-                        s3={"addressing_style": "path"} if endpoint else {})
-        session = boto3.session.Session()
-        self._s3 = session.client("s3", endpoint_url=endpoint or None,
-                                  region_name=region or None, config=config)
+        self._parallel = parallel
+        self._client: Any = None  # made in a worker thread (boto3 loads its models: slow)
+        self._made = threading.Lock()
         self._pool = ThreadPoolExecutor(parallel, thread_name_prefix="s3")
 
+    @property
+    def _s3(self) -> Any:
+        with self._made:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                config = Config(retries={"max_attempts": 4, "mode": "standard"},
+                                connect_timeout=5, read_timeout=60,
+                                max_pool_connections=self._parallel,
+                                s3={"addressing_style": "path"} if self.endpoint else {})
+                self._client = boto3.session.Session().client(
+                    "s3", endpoint_url=self.endpoint or None, region_name=self.region or None,
+                    config=config)
+            return self._client
+
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Let go of the threads; calls still in flight end on their own (never wait for
+        them here: the event loop must not block on a target that does not answer)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._guard, call)
@@ -93,7 +107,11 @@ class ObjectStore:
 
     async def check(self) -> None:
         """The bucket exists and the credentials are good (raises what is wrong)."""
-        await self._run(lambda: self._s3.head_bucket(Bucket=self.bucket))
+        try:
+            await self._run(lambda: self._s3.head_bucket(Bucket=self.bucket))
+        except BackupCorrupt:  # HEAD has no body: a 404 is all it says
+            raise BackupBucketMissing(bucket=self.bucket,
+                                      endpoint=self.endpoint or "AWS") from None
 
     async def put(self, key: str, data: bytes) -> None:
         await self._run(lambda: self._s3.put_object(Bucket=self.bucket, Key=self.prefix + key,
