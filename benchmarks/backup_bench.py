@@ -53,7 +53,9 @@ class BackupBench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.size = parse_size(args.size)
         self.tmp = Path(tempfile.mkdtemp(prefix="cargohold-backupbench-", dir=args.tmp_parent))
-        self.server = Seaweed(self.tmp / "s3")
+        # room for the payload twice (plain and backed up) and then some
+        self.server = Seaweed(self.tmp / "s3", volume_mib=1024,
+                              volumes=max(8, 3 * self.size // (1 << 30) + 4))
         self.node: fb.Node | None = None
         self.result: dict[str, Any] = {"started": dt.datetime.now().isoformat(),
                                        "size": self.size}
@@ -103,7 +105,9 @@ class BackupBench:
         fb.log("plain multipart PUT and GET of the same bytes")
         put, get = self.plain(payload)
         self.result["put_mbps"], self.result["get_mbps"] = put, get
+        fb.log(f"plain PUT {put:.0f} MB/s, GET {get:.0f} MB/s")
 
+        (self.tmp / "node").mkdir()
         self.node = node = fb.Node(self.tmp / "node", disks=1)
         node.start()
         node.cli("backup", "target", "set", "s3://backups/bench", "--endpoint",

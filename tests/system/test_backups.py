@@ -245,3 +245,32 @@ def _wait_job(node: Node, volume: str, job_id: str, timeout: float = 120.0) -> d
             return last  # type: ignore[no-any-return]
         assert time.monotonic() < deadline, f"backup {job_id} still running"
         time.sleep(0.5)
+
+
+def test_a_schedule_outlives_its_controller_and_never_runs_twice(moto: Moto,
+                                                                 tmp_path: Path) -> None:
+    moto.make_bucket("scheduled")
+    node = _node(tmp_path, moto)
+    try:
+        node.cli("backup", "target", "set", "s3://scheduled", "--endpoint", moto.endpoint)
+        node.cli("volume", "create", "app", "--size", "64M")
+        short = node.cli("backup", "schedule", "app", "--every", "5s", check=False)
+        assert short.returncode != 0 and "--every" in short.stderr
+        shown: Any = node.json("backup", "schedule", "app", "--every", "1h", "--keep", "3")
+        assert shown["every"] == 3600 and shown["keep"] == 3
+        deadline = time.monotonic() + 60  # the first is due at once: the next pass starts it
+        while not [b for b in node.json("backup", "ls", "app")  # type: ignore[attr-defined]
+                   if b["state"] == "complete"]:
+            assert time.monotonic() < deadline, "no scheduled backup"
+            time.sleep(0.5)
+        node.stop()  # the controller goes; the one that comes reads the schedule
+        node.start()
+        time.sleep(4)  # several controller passes
+        taken: Any = node.json("backup", "ls", "app")
+        assert len(taken) == 1 and taken[0]["state"] == "complete", taken
+        [schedule] = node.json("backup", "schedules")  # type: ignore[misc]
+        assert schedule["last_job"] == taken[0]["id"]
+        node.cli("backup", "schedule", "app", "--off")
+        assert node.json("backup", "schedules") == []
+    finally:
+        node.cleanup()

@@ -40,6 +40,7 @@ from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
 from cargohold.services.nodes import NodeRemoval
 from cargohold.services.restores import RestoreService
+from cargohold.services.schedules import BackupSchedules
 from cargohold.services.snapshots import SnapshotService, snapshot_view
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.auditlog import AuditLog
@@ -178,6 +179,15 @@ class CreateBackup(BaseModel):
     wait: bool = False
 
 
+class ScheduleBackups(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    every: str | int = Field(json_schema_extra={
+        "description": "seconds, or a number with s, m, h or d (at least 60 s)",
+        "examples": ["1h"]})
+    keep: int = Field(default=0, ge=0, le=10_000, json_schema_extra={
+        "description": "backups of the volume kept (the newest); 0: all"})
+
+
 class RestoreBackup(BaseModel):
     model_config = ConfigDict(extra="forbid")
     to: str = Field(json_schema_extra={"description": "the new volume's name"})
@@ -208,6 +218,7 @@ class Services:
     clones: CloneService
     backups: BackupService | None = None
     restores: RestoreService | None = None
+    schedules: BackupSchedules | None = None
     ready: bool = False
 
 
@@ -470,6 +481,26 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
         """Restore into a new volume (not attachable until done); the job runs on."""
         job = await backups()[1].restore(backup_id, body.to, body.replicas, body.wait)
         return job.model_dump(mode="json")
+
+    def schedules() -> BackupSchedules:
+        if services.schedules is None:
+            raise InvalidArgument(what="backups", detail="not served by this node")
+        return services.schedules
+
+    @app.put("/v1/backup-schedules/{volume}")
+    async def schedule_backups(volume: str, body: ScheduleBackups) -> dict[str, Any]:
+        """Back the volume up every so often (run by the controller), keeping the newest."""
+        return await schedules().set(volume, body.every, body.keep)
+
+    @app.get("/v1/backup-schedules")
+    async def list_backup_schedules() -> list[dict[str, Any]]:
+        return await schedules().listing()
+
+    @app.delete("/v1/backup-schedules/{volume}", status_code=204)
+    async def unschedule_backups(volume: str) -> Response:
+        if not await schedules().remove(volume):
+            raise InvalidArgument(what="volume", detail=f"{volume!r} has no backup schedule")
+        return Response(status_code=204)
 
     @app.get("/v1/backup-jobs/{job_id}")
     async def backup_job(job_id: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ that does not answer (after botocore's own retries), a missing object.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,8 @@ from cargohold.errors import (
 )
 
 T = TypeVar("T")
+#: An S3 bucket name (the rules S3 states, lower case: 3-63 characters).
+BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 #: Requests in flight at once (threads of the pool).
 PARALLEL = 16
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden",
@@ -33,20 +36,42 @@ _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbi
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 
 
+def check_endpoint(endpoint: str) -> None:
+    """An S3 server's URL: http(s)://HOST[:PORT] ("" is AWS)."""
+    if not endpoint:
+        return
+    try:
+        parsed = urlparse(endpoint)
+        port = parsed.port
+    except ValueError:
+        parsed, port = None, None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname or \
+            parsed.path not in ("", "/") or parsed.query or parsed.fragment or port == 0:
+        raise InvalidArgument(what="endpoint", detail=f"{endpoint!r} is not "
+                              "http(s)://HOST[:PORT]")
+
+
 def parse_url(url: str) -> tuple[str, str]:
     """(bucket, prefix) of ``s3://BUCKET[/PREFIX]``; the prefix ends with ``/`` (or is
     empty)."""
     parsed = urlparse(url)
-    if parsed.scheme != "s3" or not parsed.netloc or parsed.query or parsed.fragment:
+    if parsed.scheme != "s3" or not BUCKET.fullmatch(parsed.netloc) or parsed.query or \
+            parsed.fragment or parsed.params:
         raise InvalidArgument(what="backup target", detail=f"{url!r} is not "
                               "s3://BUCKET[/PREFIX]")
     prefix = parsed.path.strip("/")
+    if not re.fullmatch(r"[A-Za-z0-9._/-]{0,512}", prefix) or "//" in prefix:
+        raise InvalidArgument(what="backup target", detail=f"prefix {prefix!r}: use letters, "
+                              "digits, '.', '_', '-' and single '/'")
     return parsed.netloc, f"{prefix}/" if prefix else ""
 
 
 class ObjectStore:
     def __init__(self, url: str, endpoint: str = "", region: str = "",
                  parallel: int = PARALLEL) -> None:
+        check_endpoint(endpoint)
+        if region and not re.fullmatch(r"[a-z0-9-]{1,32}", region):
+            raise InvalidArgument(what="region", detail=f"{region!r} is not an S3 region")
         self.url = url
         self.endpoint = endpoint
         self.region = region
@@ -81,12 +106,14 @@ class ObjectStore:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._guard, call)
 
     def _guard(self, call: Callable[[], T]) -> T:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
         try:
             return call()
         except ClientError as e:
             raise self._error(e) from None
+        except (ParamValidationError, ValueError) as e:
+            raise InvalidArgument(what="backup target", detail=str(e)) from None
         except BotoCoreError as e:
             if "credentials" in type(e).__name__.lower():
                 raise BackupNotAuthorized(target=self.url, detail=str(e)) from None

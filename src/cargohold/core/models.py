@@ -193,7 +193,19 @@ class BackupJob(Record):
     error: str = ""
 
 
+class BackupSchedule(Record):
+    """Back ``volume`` up every ``every`` seconds, keeping its ``keep`` newest backups."""
+
+    volume: str
+    every: float
+    keep: int = 0  # 0: keep every backup
+    last_started: float = 0.0  # when the controller last started one (survives failover)
+    last_job: str = ""
+    retained: bool = True  # retention was applied after ``last_job`` ended
+
+
 BACKUP_TARGET_KEY = "backup/target"
+BACKUP_SCHEDULE_PREFIX = "backup/schedules/"
 BACKUP_JOB_PREFIX = "backup/jobs/"
 
 

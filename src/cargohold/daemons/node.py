@@ -44,6 +44,7 @@ from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
 from cargohold.services.nodes import NodeRemoval
 from cargohold.services.restores import RestoreService
+from cargohold.services.schedules import BackupSchedules
 from cargohold.services.snapshots import SnapshotService
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.auditlog import AuditLog
@@ -147,10 +148,11 @@ class NodeDaemon:
         volumes = VolumeService(catalog, self.access)
         self.backups = BackupService(catalog, SnapshotService(catalog, self.access),
                                      self.access, config.name)
+        self.schedules = BackupSchedules(self.backups)
         self.controller = Controller(store, catalog, volumes, config.name,
                                      config.rebuild_after, config.scrub_every,
                                      config.scrub_rate, config.auto_rebalance,
-                                     config.rebuild_rate, self.access, self.backups)
+                                     config.rebuild_rate, self.access, self.schedules)
         try:
             if credentials is not None:
                 await _check_trust(catalog, credentials)
@@ -167,7 +169,8 @@ class NodeDaemon:
                                 snapshots=snapshots,
                                 clones=CloneService(catalog, volumes, snapshots, self.access),
                                 backups=self.backups,
-                                restores=RestoreService(self.backups, volumes))
+                                restores=RestoreService(self.backups, volumes),
+                                schedules=self.schedules)
             audit = AuditLog(config.state_dir / "audit.log")
             for endpoint in config.api:
                 tokens = [] if endpoint.is_unix else config.api_tokens()

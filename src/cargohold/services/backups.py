@@ -439,18 +439,23 @@ class BackupService:
 
     # -- removing ------------------------------------------------------------------------
 
-    async def remove(self, backup_id: str) -> dict[str, Any]:
+    async def remove(self, backup_id: str, collect: bool = True) -> dict[str, Any]:
         """Remove a backup (its summary first: it is no longer complete), then collect
-        the blocks nothing references any more."""
+        the blocks nothing references any more. A failed backup's record goes too."""
+        job = await self.catalog.backup_job(backup_id)
+        if job is not None and job.state is BackupState.FAILED:
+            await self.catalog.drop_backup_job(backup_id, job.volume)
+            return {"deferred": False, "deleted": 0}
+        if job is not None and job.state is BackupState.RUNNING and await self._alive(job):
+            raise BackupRunning(name=job.volume, id=backup_id)
         async with self.open_target() as target:
             await self._summary(backup_id, target)
             await target.store.delete([fmt.summary_key(backup_id)])
             await target.store.delete([fmt.manifest_key(backup_id)])
-        job = await self.catalog.backup_job(backup_id)
         if job is not None:
             await self.catalog.drop_backup_job(backup_id, job.volume)
         log.info("backup %s removed", backup_id)
-        return await self.collect()
+        return await self.collect() if collect else {"deferred": True, "deleted": 0}
 
     async def collect(self, wait: float = COLLECT_WAIT) -> dict[str, Any]:
         """Delete the blocks no complete backup references, once no backup runs (waiting

@@ -13,11 +13,13 @@ from typing import Any
 
 from cargohold.core.models import (
     BACKUP_JOB_PREFIX,
+    BACKUP_SCHEDULE_PREFIX,
     BACKUP_TARGET_KEY,
     DRAIN_PREFIX,
     LIVENESS_PREFIX,
     SNAPSHOT_PREFIX,
     BackupJob,
+    BackupSchedule,
     BackupState,
     BackupTarget,
     DataServer,
@@ -364,3 +366,33 @@ class Catalog:
         if kv is not None and kv.value.decode() == job_id:
             ops.append(Delete(backup_running_key(volume)))
         await self.store.txn([], ops)
+
+    async def backup_schedules(self) -> list[BackupSchedule]:
+        return [BackupSchedule.model_validate_json(kv.value)
+                for kv in await self.store.range(BACKUP_SCHEDULE_PREFIX)]
+
+    async def put_backup_schedule(self, schedule: BackupSchedule) -> None:
+        await self.store.put(BACKUP_SCHEDULE_PREFIX + schedule.volume, schedule.dump())
+
+    async def drop_backup_schedule(self, volume: str) -> bool:
+        key = BACKUP_SCHEDULE_PREFIX + volume
+        if await self.store.get(key) is None:
+            return False
+        await self.store.delete(key)
+        return True
+
+    async def update_backup_schedule(
+            self, volume: str, change: Callable[[BackupSchedule], BackupSchedule | None]
+    ) -> BackupSchedule | None:
+        """Apply ``change`` atomically (compare-and-swap, once: None when the record moved
+        meanwhile, is gone, or ``change`` left it)."""
+        key = BACKUP_SCHEDULE_PREFIX + volume
+        kv = await self.store.get(key)
+        if kv is None:
+            return None
+        updated = change(BackupSchedule.model_validate_json(kv.value))
+        if updated is None:
+            return None
+        result = await self.store.txn([Compare.revision(key, kv.mod_revision)],
+                                      [Put(key, updated.dump())])
+        return updated if result.succeeded else None

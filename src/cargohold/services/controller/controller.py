@@ -22,8 +22,9 @@ Duties (each pass is :meth:`Controller.run_once`, so tests converge without slee
   left behind by removals are deleted once their data server answers;
 - clones are filled from their source snapshots in the background
   (:mod:`cargohold.services.controller.fill`);
-- backup blocks no backup references any more are deleted once no backup runs
-  (:mod:`cargohold.services.backups`), when a removal left that pending;
+- scheduled backups are started when due, older ones removed past the count kept
+  (:mod:`cargohold.services.schedules`), and backup blocks no backup references any more
+  are deleted once no backup runs, when a removal left that pending;
 - with ``scrub_every`` set, a detached volume not scrubbed for that long is scrubbed
   (:mod:`cargohold.services.controller.scrub`), one a pass, at most ``scrub_rate`` bytes per second.
 """
@@ -38,12 +39,12 @@ from cargohold.clients.access import Access
 from cargohold.core.models import ServerState
 from cargohold.core.periodic import Periodic
 from cargohold.errors import LeaseExpired
-from cargohold.services.backups import BackupService
 from cargohold.services.controller.fill import Fill
 from cargohold.services.controller.rebalance import Rebalance
 from cargohold.services.controller.rebuild import Rebuild
 from cargohold.services.controller.resync import Resync
 from cargohold.services.controller.scrub import Scrub
+from cargohold.services.schedules import BackupSchedules
 from cargohold.services.snapshots import SnapshotService
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.catalog import Catalog
@@ -59,7 +60,7 @@ class Controller:
                  node: str, rebuild_after: float = 600.0, scrub_every: float = 0.0,
                  scrub_rate: float = 0.0, auto_rebalance: bool = False,
                  rebuild_rate: float = 0.0, access: Access | None = None,
-                 backups: BackupService | None = None) -> None:
+                 schedules: BackupSchedules | None = None) -> None:
         self.store = store
         self.catalog = catalog
         self.volumes = volumes
@@ -68,7 +69,7 @@ class Controller:
         self.scrub = Scrub(catalog, scrub_rate, access)
         self.rebalance = Rebalance(catalog, self.rebuild)
         self.fill = Fill(catalog, SnapshotService(catalog, access), rebuild_rate, access)
-        self.backups = backups
+        self.schedules = schedules
         self.auto_rebalance = auto_rebalance
         self.scrub_every = scrub_every
         self.node = node
@@ -147,8 +148,10 @@ class Controller:
             await self.volumes.collect_stale_snapshots()
         if self.leading:
             await self.fill.run_once()
-        if self.leading and self.backups is not None:
-            await self.backups.collect_pending()
+        if self.leading and self.schedules is not None:
+            await self.schedules.run_once()
+        if self.leading and self.schedules is not None:
+            await self.schedules.backups.collect_pending()
         if self.leading and self.scrub_every > 0:
             await self.scrub.run_once(self.scrub_every)
 
