@@ -53,9 +53,8 @@ class BackupBench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.size = parse_size(args.size)
         self.tmp = Path(tempfile.mkdtemp(prefix="cargohold-backupbench-", dir=args.tmp_parent))
-        # room for the payload twice (plain and backed up) and then some
-        self.server = Seaweed(self.tmp / "s3", volume_mib=1024,
-                              volumes=max(8, 3 * self.size // (1 << 30) + 4))
+        # every bucket grows volumes of its own, several at a time: plenty of slots
+        self.server = Seaweed(self.tmp / "s3", volume_mib=512, volumes=400)
         self.node: fb.Node | None = None
         self.result: dict[str, Any] = {"started": dt.datetime.now().isoformat(),
                                        "size": self.size}

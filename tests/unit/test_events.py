@@ -105,3 +105,23 @@ def test_a_clone_filled_is_an_event() -> None:
     [event] = describe(volume_key("c"), filling.dump(), filled.dump())
     assert (event["kind"], event["name"], event["event"]) == ("volume", "c", "filled")
     assert event["message"] == "clone c is filled: it no longer depends on src@s"
+
+
+def test_a_backup_ended_is_an_event() -> None:
+    from cargohold.core.models import BackupState, LastBackup, volume_key
+    from cargohold.services.events import describe
+
+    running = Volume(id="2" * 32, name="pg", size=1 << 20, replica_count=2, fs="ext4",
+                     last_backup=LastBackup(id="b1", state=BackupState.RUNNING, started=1.0))
+    done = running.model_copy(update={"last_backup": LastBackup(
+        id="b1", state=BackupState.COMPLETE, started=1.0, finished=2.0, bytes=10,
+        new_bytes=4)})
+    failed = running.model_copy(update={"last_backup": LastBackup(
+        id="b2", state=BackupState.FAILED, started=3.0, error="the target did not answer")})
+    assert describe(volume_key("pg"), None, running.dump())[1:] == []  # created only
+    [event] = describe(volume_key("pg"), running.dump(), done.dump())
+    assert (event["kind"], event["event"]) == ("backup", "complete")
+    assert event["message"] == "backup b1 of pg complete: 10 bytes, 4 new"
+    assert describe(volume_key("pg"), done.dump(), done.dump()) == []
+    [bad] = describe(volume_key("pg"), done.dump(), failed.dump())
+    assert bad["event"] == "failed" and "did not answer" in bad["message"]

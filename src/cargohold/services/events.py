@@ -2,13 +2,13 @@
 
 Built from the metadata store's watch, so every node serves the same stream whichever node
 made the change: a volume created, attached (node, epoch), detached, removed, a clone
-filled; a replica out
+filled, a backup of it complete or failed; a replica out
 of sync, resyncing, back in sync, added by a rebuild, dropped; a snapshot taken (with how
 long writers waited), failed, removed; a data server up or down; a node's lease taken or
 lost; the controller moving; a drain started or stopped.
 
 Each event is a dict: ``time`` (seconds), ``revision`` (the store's), ``kind`` (volume,
-replica, snapshot, server, node, controller), ``name``, ``event`` (a short verb such as
+replica, snapshot, backup, server, node, controller), ``name``, ``event`` (a short verb such as
 ``attached``) and ``message`` (a sentence).
 """
 
@@ -121,6 +121,13 @@ def _volume(old: Volume | None, new: Volume | None) -> list[Event]:
     if old is not None and old.origin is not None and new.origin is None:
         events.append(_event("volume", name, "filled", f"clone {name} is filled: it no "
                              f"longer depends on {old.origin.ref}"))
+    done, earlier = new.last_backup, old.last_backup if old is not None else None
+    if done is not None and done.state.value != "running" and (
+            earlier is None or (earlier.id, earlier.state) != (done.id, done.state)):
+        what = (f"complete: {done.bytes} bytes, {done.new_bytes} new" if not done.error
+                else f"failed: {done.error}")
+        events.append(_event("backup", name, done.state.value,
+                             f"backup {done.id} of {name} {what}", backup=done.id))
     if old is not None and old.size != new.size:
         events.append(_event("volume", name, "resized",
                              f"volume {name} grew from {old.size} to {new.size} bytes"))
