@@ -172,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("volume", nargs="?", default="")
     output(listing)
     for verb, text in (("inspect", "a backup's details"),
+                       ("job", "a backup's or restore's job: state, progress, error"),
                        ("verify", "fetch every block of a backup and check its hash"),
                        ("rm", "remove a backup and the blocks nothing else references")):
         sub = backup.add_parser(verb, help=text)
@@ -545,6 +546,10 @@ def _backup(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:
     elif args.action == "inspect":
         shown = api.request("GET", f"/v1/backups/{args.id}")
         _emit(shown, as_json, "\n".join(f"{k + ':':<12} {v}" for k, v in shown.items()))
+    elif args.action == "job":
+        job = api.request("GET", f"/v1/backup-jobs/{args.id}")
+        _emit(job, as_json, f"{job['kind']} {job['id']} of {job['volume']}: {job['state']} "
+              f"{job['progress']:.0%}" + (f": {job['error']}" if job["error"] else ""))
     elif args.action == "verify":
         shown = api.request("POST", f"/v1/backups/{args.id}/verify")
         _emit(shown, as_json, f"backup {args.id}: {shown['blocks']} blocks checked, "

@@ -227,6 +227,24 @@ def test_bad_targets_and_a_server_killed_mid_backup(seaweed: Seaweed, tmp_path: 
         again: Any = node.json("backup", "create", "big", "--wait")
         assert again["state"] == "complete", again
         node.cli("volume", "detach", "big")
+        # the target frozen, then killed, while a restore waits for its blocks: the restore
+        # fails and leaves no volume behind
+        restore: Any = node.json("backup", "restore", again["id"], "--to", "big-half")
+        assert seaweed.proc is not None
+        os.killpg(seaweed.proc.pid, signal.SIGSTOP)
+        seaweed.stop(signal.SIGKILL)
+        try:
+            deadline = time.monotonic() + 120
+            halted: Any = node.json("backup", "job", restore["id"])
+            while halted["state"] == "running":
+                assert time.monotonic() < deadline, "the restore did not end"
+                time.sleep(0.5)
+                halted = node.json("backup", "job", restore["id"])
+            assert halted["state"] == "failed" and halted["error"], halted
+            names = [v["name"] for v in node.json("volume", "ls")]  # type: ignore[attr-defined]
+            assert "big-half" not in names
+        finally:
+            seaweed.start()
         node.json("backup", "restore", again["id"], "--to", "big-back", "--wait")
         back = Path(node.cli("volume", "attach", "big-back").stdout.strip())
         assert sha256_of(back / "data.bin") == digest
