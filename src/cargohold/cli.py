@@ -117,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
                          ("scrub", "read every copy of a volume, repair bad ones"),
                          ("rebuild", "show (or --wait for) the resync/rebuild of its replicas"),
                          ("salvage", "bring back a volume none of whose copies is in sync "
-                                     "(the newest copy)")):
+                                     "(the newest copy)"),
+                         ("activate", "make a standby restore a volume of its own")):
         sub = volume.add_parser(action, help=text)
         sub.add_argument("name")
         if action == "rebuild":
@@ -190,6 +191,9 @@ def _parser() -> argparse.ArgumentParser:
     restoring.add_argument("id")
     restoring.add_argument("--to", required=True, metavar="VOLUME")
     restoring.add_argument("--replicas")
+    restoring.add_argument("--standby", action="store_true",
+                           help="then take each later backup of the same volume; attachable "
+                                "only after 'volume activate'")
     restoring.add_argument("--wait", action="store_true", help="show progress until it is done")
     output(restoring)
 
@@ -438,6 +442,9 @@ def _run_client(args: argparse.Namespace) -> int:
         elif args.action == "update":
             api.request("PATCH", f"/v1/volumes/{name}", {"replicas": args.replicas})
             return _rebuild(api, name, args.wait, as_json)
+        elif args.action == "activate":
+            volume = api.request("POST", f"/v1/volumes/{name}/activate")
+            _emit(volume, as_json, f"{name} is a volume of its own now")
         elif args.action == "revert":
             volume = api.request("POST", f"/v1/volumes/{name}/revert", {"to": args.to})
             _emit(volume, as_json, f"{name} is {args.to} again")
@@ -583,7 +590,7 @@ def _backup(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:
                           for s in found], ["VOLUME", "EVERY", "KEEP", "LAST STARTED", "JOB"]))
     elif args.action == "restore":
         job = api.request("POST", f"/v1/backups/{args.id}/restore",
-                          {"to": args.to, "replicas": args.replicas})
+                          {"to": args.to, "replicas": args.replicas, "standby": args.standby})
         job = _follow(api, job, f"restoring {args.to}") if args.wait else job
         _emit(job, as_json, f"{args.to} from backup {args.id}: {job['state']}")
     failed = args.action in ("create", "restore") and args.wait and job["state"] == "failed"
@@ -740,7 +747,10 @@ def _print_inspect(volume: dict[str, Any], as_json: bool) -> None:
                      "copied: depends on it until filled)")
     elif volume.get("source"):
         lines.append(f"Clone of:    {volume['source']}")
-    if volume.get("restoring"):
+    if volume.get("standby"):
+        lines.append(f"Standby:     follows the backups of {volume['standby']}, holds "
+                     f"{volume['restoring']} (activate to attach)")
+    elif volume.get("restoring"):
         lines.append(f"Restoring:   from backup {volume['restoring']} (not attachable yet)")
     last = volume.get("last_backup")
     if last:

@@ -292,3 +292,37 @@ def test_a_schedule_outlives_its_controller_and_never_runs_twice(moto: Moto,
         assert node.json("backup", "schedules") == []
     finally:
         node.cleanup()
+
+
+def test_a_standby_follows_the_backups_until_activated(moto: Moto, tmp_path: Path) -> None:
+    moto.make_bucket("standby")
+    node = _node(tmp_path, moto)
+    try:
+        node.cli("backup", "target", "set", "s3://standby", "--endpoint", moto.endpoint)
+        node.cli("volume", "create", "db", "--size", "128M")
+        mountpoint = Path(node.cli("volume", "attach", "db").stdout.strip())
+        write_random(mountpoint / "base.bin", 16 * MIB)
+        first: Any = node.json("backup", "create", "db", "--wait")
+        node.json("backup", "restore", first["id"], "--to", "db-dr", "--standby", "--wait")
+        refused = node.cli("volume", "attach", "db-dr", check=False)
+        assert refused.returncode != 0 and "activate" in refused.stderr
+        # the source moves on: a file rewritten, another removed and trimmed
+        later = write_random(mountpoint / "base.bin", 16 * MIB)
+        (mountpoint / "new.txt").write_text("after the first backup\n")
+        os.sync()
+        node.cli("volume", "detach", "db")  # its last writes (the journal) in the backup too
+        second: Any = node.json("backup", "create", "db", "--wait")
+        deadline = time.monotonic() + 60  # the controller looks every 10 s
+        while node.json("volume", "inspect", "db-dr")["restoring"] != second["id"]:  # type: ignore[index]
+            assert time.monotonic() < deadline, "the standby did not take the new backup"
+            time.sleep(0.5)
+        assert "Standby:" in node.cli("volume", "inspect", "db-dr").stdout
+        node.json("volume", "activate", "db-dr")
+        dr = Path(node.cli("volume", "attach", "db-dr").stdout.strip())
+        assert sha256_of(dr / "base.bin") == later
+        assert (dr / "new.txt").read_text() == "after the first backup\n"
+        node.cli("volume", "detach", "db-dr")
+        again = node.cli("volume", "activate", "db-dr", check=False)
+        assert again.returncode != 0 and "not a standby" in again.stderr
+    finally:
+        node.cleanup()

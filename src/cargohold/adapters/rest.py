@@ -193,6 +193,9 @@ class RestoreBackup(BaseModel):
     to: str = Field(json_schema_extra={"description": "the new volume's name"})
     replicas: int | str | None = Field(default=None, json_schema_extra={
         "description": "default: 2"})
+    standby: bool = Field(default=False, json_schema_extra={
+        "description": "follow the later backups of the same volume; not attachable until "
+                       "POST /v1/volumes/{name}/activate"})
     wait: bool = False
 
 
@@ -479,8 +482,14 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
     @app.post("/v1/backups/{backup_id}/restore", status_code=202)
     async def restore_backup(backup_id: str, body: RestoreBackup) -> dict[str, Any]:
         """Restore into a new volume (not attachable until done); the job runs on."""
-        job = await backups()[1].restore(backup_id, body.to, body.replicas, body.wait)
+        job = await backups()[1].restore(backup_id, body.to, body.replicas, body.wait,
+                                         body.standby)
         return job.model_dump(mode="json")
+
+    @app.post("/v1/volumes/{name}/activate")
+    async def activate_volume(name: str) -> dict[str, Any]:
+        """Make a standby (a restore that follows a volume's backups) a volume of its own."""
+        return volume_view(await backups()[1].activate(name), await servers())
 
     def schedules() -> BackupSchedules:
         if services.schedules is None:

@@ -124,6 +124,8 @@ class Volume(Record):
     filled: float = 0.0  # a clone: the fraction of its source copied so far
     origin: Origin | None = None  # a clone still filling: where its missing chunks are
     restoring: str = ""  # the backup being restored into it: not attachable meanwhile
+    standby: str = ""  # a standby: the volume whose backups it follows (``restoring``: the
+    # newest applied); not attachable until activated
     last_backup: LastBackup | None = None
     backup_base: BackupBase | None = None
 

@@ -149,10 +149,12 @@ class NodeDaemon:
         self.backups = BackupService(catalog, SnapshotService(catalog, self.access),
                                      self.access, config.name)
         self.schedules = BackupSchedules(self.backups)
+        self.restores = RestoreService(self.backups, volumes)
         self.controller = Controller(store, catalog, volumes, config.name,
                                      config.rebuild_after, config.scrub_every,
                                      config.scrub_rate, config.auto_rebalance,
-                                     config.rebuild_rate, self.access, self.schedules)
+                                     config.rebuild_rate, self.access, self.schedules,
+                                     self.restores)
         try:
             if credentials is not None:
                 await _check_trust(catalog, credentials)
@@ -169,7 +171,7 @@ class NodeDaemon:
                                 snapshots=snapshots,
                                 clones=CloneService(catalog, volumes, snapshots, self.access),
                                 backups=self.backups,
-                                restores=RestoreService(self.backups, volumes),
+                                restores=self.restores,
                                 schedules=self.schedules)
             audit = AuditLog(config.state_dir / "audit.log")
             for endpoint in config.api:

@@ -173,6 +173,10 @@ class Agent:
         """
         if volume.state in (VolumeState.CREATING, VolumeState.DELETING):
             raise VolumeBusy(name=volume.name, state=volume.state.value)
+        if volume.standby:
+            raise VolumeBusy(name=volume.name, state=f"a standby following the backups of "
+                             f"{volume.standby} ('cargohold volume activate {volume.name}' "
+                             "to use it)")
         if volume.restoring:
             raise VolumeBusy(name=volume.name, state=f"being restored from backup "
                              f"{volume.restoring}")

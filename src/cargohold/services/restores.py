@@ -7,6 +7,11 @@ fetched once, its hash checked, and written to every replica (one download for N
 replicas). Blocks the backup does not list stay holes. Once every replica has flushed, the
 mark goes and the volume is usable. A restore that fails (a block missing or damaged, the
 target gone, a data server full) removes the half-made volume, and says why.
+
+A *standby* restore stays marked: it follows the backups of its source volume. The
+controller looks for a newer complete backup every ``FOLLOW_EVERY`` seconds and applies it
+incrementally (the blocks whose names differ from the backup held, and holes trimmed), so a
+standby is one backup behind at most; ``activate`` makes it a volume of its own.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -23,7 +29,13 @@ from cargohold.core import backupformat as fmt
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.models import BackupJob, BackupState, Volume
 from cargohold.core.names import check_name
-from cargohold.errors import BackupCorrupt, CargoholdError, VolumeExists
+from cargohold.errors import (
+    BackupCorrupt,
+    CargoholdError,
+    InvalidArgument,
+    VolumeBusy,
+    VolumeExists,
+)
 from cargohold.services.backups import PROGRESS_EVERY, BackupService, Target
 from cargohold.services.controller.resync import RESTORE, claim_detached
 from cargohold.services.copies import WINDOW, together
@@ -32,16 +44,22 @@ from cargohold.services.volumes import ServerSession, VolumeService
 log = logging.getLogger(__name__)
 
 
+#: Seconds between a standby's looks for a newer backup.
+FOLLOW_EVERY = 10.0
+
+
 class RestoreService:
     def __init__(self, backups: BackupService, volumes: VolumeService) -> None:
         self.backups = backups
         self.volumes = volumes
         self.catalog = backups.catalog
+        self._next_look: dict[str, float] = {}
 
     async def restore(self, backup_id: str, to: str, replicas: int | str | None = None,
-                      wait: bool = False) -> BackupJob:
+                      wait: bool = False, standby: bool = False) -> BackupJob:
         """Restore backup ``backup_id`` into a new volume ``to``; returns the job (done,
-        with ``wait``)."""
+        with ``wait``). A ``standby`` then takes each newer backup of the same volume as
+        it comes (``follow``), and cannot be attached until ``activate``."""
         check_name(to)
         if await self.catalog.find_volume(to) is not None:
             raise VolumeExists(name=to)
@@ -55,12 +73,14 @@ class RestoreService:
         job = BackupJob(id=f"restore-{uuid.uuid4().hex[:12]}", kind="restore", volume=to,
                         backup=backup_id, node=self.backups.node)
         await self.catalog.start_backup_job(job)
-        return await self.backups.launch(self._run(job, volume, blocks), job, wait)
+        follows = str(manifest["volume"]) if standby else ""
+        return await self.backups.launch(self._run(job, volume, blocks, follows), job, wait)
 
-    async def _run(self, job: BackupJob, volume: Volume, blocks: dict[int, str]) -> None:
+    async def _run(self, job: BackupJob, volume: Volume, blocks: dict[int, str],
+                   follows: str) -> None:
         try:
             async with self.backups.open_target() as target:
-                await self._write(job, volume, blocks, target)
+                await self._write(job, volume, blocks, target, (), follows)
         except BaseException as e:
             reason = "interrupted" if isinstance(e, asyncio.CancelledError) else str(e)
             log.error("restore of backup %s into %s failed: %s", job.backup, job.volume,
@@ -74,7 +94,9 @@ class RestoreService:
                 raise
 
     async def _write(self, job: BackupJob, volume: Volume, blocks: dict[int, str],
-                     target: Target) -> None:
+                     target: Target, holes: Sequence[int], follows: str) -> None:
+        """Write ``blocks`` (and trim the chunks ``holes``) into every replica; then the
+        volume is usable, or a standby of ``follows`` that holds backup ``job.backup``."""
         claimed = await claim_detached(self.catalog, volume.name, RESTORE)
         epoch = claimed.epoch
         generation = (epoch << 32) + 1
@@ -106,10 +128,15 @@ class RestoreService:
                         await self.catalog.put_backup_job(job)
 
             await together([restorer() for _ in range(WINDOW)])
+            for index in holes:  # chunks the newer backup has no data in
+                offset = index * CHUNK_SIZE
+                length = min(CHUNK_SIZE, claimed.size - offset)
+                await asyncio.gather(*(w.trim(claimed.id, epoch, offset, length, generation)
+                                       for w in writers))
             await asyncio.gather(*(w.flush(claimed.id, epoch) for w in writers))
 
         def usable(v: Volume) -> Volume:
-            v.restoring = ""
+            v.restoring, v.standby = (job.backup, follows) if follows else ("", "")
             return v
 
         await self.catalog.update_volume(volume.name, usable)
@@ -137,3 +164,72 @@ class RestoreService:
             await together([checker() for _ in range(WINDOW)])
         return {"id": backup_id, "blocks": len(set(blocks.values())), "bad": bad,
                 "ok": not bad, "seconds": round(time.monotonic() - started, 3)}
+
+    async def follow(self, name: str) -> str:
+        """Bring standby ``name`` to the newest complete backup of the volume it follows:
+        only the blocks that differ from the backup it holds are written (and the chunks
+        that became holes trimmed). Returns the backup applied ("" if it was up to date)."""
+        volume = await self.catalog.volume(name)
+        if not volume.standby:
+            raise InvalidArgument(what="volume", detail=f"{name!r} is not a standby")
+        newer = [b for b in await self.backups.listing(volume.standby)
+                 if b["state"] == "complete"]
+        if not newer or newer[-1]["id"] == volume.restoring:
+            return ""
+        latest = newer[-1]["id"]
+        async with self.backups.open_target() as target:
+            held = fmt.blocks_of(await self.backups.manifest(volume.restoring, target),
+                                 volume.restoring)
+            wanted_manifest = await self.backups.manifest(latest, target)
+        wanted = fmt.blocks_of(wanted_manifest, latest)
+        if int(wanted_manifest["size"]) != volume.size:
+            raise InvalidArgument(what="standby", detail=f"backup {latest} of "
+                                  f"{volume.standby} has another size than {name} (resized "
+                                  "since): restore it into a new volume")
+        job = BackupJob(id=f"restore-{uuid.uuid4().hex[:12]}", kind="restore", volume=name,
+                        backup=latest, node=self.backups.node)
+        await self.catalog.start_backup_job(job)
+        changed = {i: n for i, n in wanted.items() if held.get(i) != n}
+        holes = sorted(held.keys() - wanted.keys())
+        try:
+            async with self.backups.open_target() as target:
+                await self._write(job, volume, changed, target, holes, volume.standby)
+        except BaseException as e:  # the standby keeps what it held: the next turn retries
+            job.state, job.error, job.finished = BackupState.FAILED, str(e), time.time()
+            with contextlib.suppress(CargoholdError):
+                await asyncio.shield(self.catalog.put_backup_job(job))
+            raise
+        log.info("standby %s follows %s: backup %s applied (%d blocks written, %d trimmed)",
+                 name, volume.standby, latest, len(changed), len(holes))
+        return latest
+
+    async def follow_all(self) -> None:
+        """The controller's turn: each standby takes the newest backup, at most every
+        ``FOLLOW_EVERY`` seconds each."""
+        now = time.monotonic()
+        for volume in await self.catalog.volumes():
+            if not volume.standby or now < self._next_look.get(volume.name, 0.0):
+                continue
+            self._next_look[volume.name] = now + FOLLOW_EVERY
+            try:
+                await self.follow(volume.name)
+            except CargoholdError as e:
+                log.warning("standby %s not brought up to date now: %s", volume.name, e)
+
+    async def activate(self, name: str) -> Volume:
+        """Make standby ``name`` a volume of its own: it follows no backups any more and can
+        be attached."""
+        running = [j for j in await self.catalog.backup_jobs() if j.volume == name
+                   and j.kind == "restore" and j.state is BackupState.RUNNING]
+        if running:
+            raise VolumeBusy(name=name, state=f"applying backup {running[0].backup}")
+
+        def active(v: Volume) -> Volume:
+            if not v.standby:
+                raise InvalidArgument(what="volume", detail=f"{name!r} is not a standby")
+            v.standby, v.restoring = "", ""
+            return v
+
+        volume = await self.catalog.update_volume(name, active)
+        log.info("standby %s activated", name)
+        return volume

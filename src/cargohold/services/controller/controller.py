@@ -24,7 +24,8 @@ Duties (each pass is :meth:`Controller.run_once`, so tests converge without slee
   (:mod:`cargohold.services.controller.fill`);
 - scheduled backups are started when due, older ones removed past the count kept
   (:mod:`cargohold.services.schedules`), and backup blocks no backup references any more
-  are deleted once no backup runs, when a removal left that pending;
+  are deleted once no backup runs, when a removal left that pending; standby restores
+  take the newest backup of the volume they follow;
 - with ``scrub_every`` set, a detached volume not scrubbed for that long is scrubbed
   (:mod:`cargohold.services.controller.scrub`), one a pass, at most ``scrub_rate`` bytes per second.
 """
@@ -44,6 +45,7 @@ from cargohold.services.controller.rebalance import Rebalance
 from cargohold.services.controller.rebuild import Rebuild
 from cargohold.services.controller.resync import Resync
 from cargohold.services.controller.scrub import Scrub
+from cargohold.services.restores import RestoreService
 from cargohold.services.schedules import BackupSchedules
 from cargohold.services.snapshots import SnapshotService
 from cargohold.services.volumes import VolumeService
@@ -60,7 +62,8 @@ class Controller:
                  node: str, rebuild_after: float = 600.0, scrub_every: float = 0.0,
                  scrub_rate: float = 0.0, auto_rebalance: bool = False,
                  rebuild_rate: float = 0.0, access: Access | None = None,
-                 schedules: BackupSchedules | None = None) -> None:
+                 schedules: BackupSchedules | None = None,
+                 restores: RestoreService | None = None) -> None:
         self.store = store
         self.catalog = catalog
         self.volumes = volumes
@@ -70,6 +73,7 @@ class Controller:
         self.rebalance = Rebalance(catalog, self.rebuild)
         self.fill = Fill(catalog, SnapshotService(catalog, access), rebuild_rate, access)
         self.schedules = schedules
+        self.restores = restores
         self.auto_rebalance = auto_rebalance
         self.scrub_every = scrub_every
         self.node = node
@@ -152,6 +156,8 @@ class Controller:
             await self.schedules.run_once()
         if self.leading and self.schedules is not None:
             await self.schedules.backups.collect_pending()
+        if self.leading and self.restores is not None:
+            await self.restores.follow_all()
         if self.leading and self.scrub_every > 0:
             await self.scrub.run_once(self.scrub_every)
 
