@@ -82,3 +82,39 @@ def test_a_key_file_must_hold_enough_randomness() -> None:
     fmt.Codec(fmt.Keys.from_secret(SECRET)).check_marker(marker)
     with pytest.raises(BackupCorrupt):
         fmt.Codec(fmt.Keys.from_secret(b"\x01" * 32)).check_marker(marker)
+
+
+@pytest.mark.parametrize("keys", [None, fmt.Keys.from_secret(SECRET)])
+def test_a_block_stored_as_the_pieces_that_differ_from_its_base(keys: fmt.Keys | None) -> None:
+    codec = fmt.Codec(keys)
+    base = os.urandom(fmt.BLOCK)
+    new = bytearray(base)
+    new[8192:12288] = os.urandom(4096)
+    new[-4096:] = bytes(4096)
+    base_name, name = codec.name(base), codec.name(bytes(new))
+    blob = codec.encode_delta(name, base_name, new, [2, 255])
+    assert len(blob) < 3 * 4096 + 200  # two pieces and a header
+    found_base, pieces = codec.decode_delta(name, blob)
+    assert found_base == base_name and sorted(pieces) == [2, 255]
+    assert codec.apply(name, base, pieces) == bytes(new)
+    with pytest.raises(BackupCorrupt, match="do not hash"):
+        codec.apply(name, os.urandom(fmt.BLOCK), pieces)  # another base
+    if keys is not None:  # sealed for its own name (unsealed: ``apply`` checks the hash)
+        with pytest.raises(BackupCorrupt):
+            codec.decode_delta(base_name, blob)
+    assert fmt.delta_key(name, base_name) == f"deltas/{name[:2]}/{name}.{base_name}"
+
+
+def test_manifests_carry_the_bases_of_their_deltas_and_chains_are_bounded() -> None:
+    a, b, c, d = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
+    found = fmt.manifest("b1", "pg", "0" * 32, "s", 1.0, 4 << 20, "ext4", {0: c, 1: d}, "",
+                         None, {c: b, b: a, "e" * 64: a})
+    assert found["bases"] == {b: a, c: b}  # what its blocks need, transitively
+    assert fmt.bases_of(found, "b1") == {b: a, c: b} and fmt.depth(c, found["bases"]) == 2
+    deep = {f"{i:064x}": f"{i + 1:064x}" for i in range(fmt.MAX_CHAIN + 1)}
+    with pytest.raises(BackupCorrupt, match="deeper"):
+        fmt.bases_of({"bases": deep}, "b2")
+    with pytest.raises(BackupCorrupt, match="deeper"):
+        fmt.bases_of({"bases": {a: b, b: a}}, "b3")  # a circle
+    with pytest.raises(BackupCorrupt, match="malformed"):
+        fmt.bases_of({"bases": {a: "short"}}, "b4")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,12 @@ BLOCK_MAGIC = b"CHB1"
 MANIFEST_MAGIC = b"CHM1"
 SUMMARY_MAGIC = b"CHS1"
 TARGET_MAGIC = b"CHT1"
+DELTA_MAGIC = b"CHD1"
+#: A delta stores the 4 KiB pieces of a block that differ from its base block.
+PIECE = 4096
+#: Deltas on deltas at most this deep: then the whole block is stored again.
+MAX_CHAIN = 8
+_NAME = 64
 COMPRESSED = 1
 SEALED = 2
 NONCE = 12
@@ -56,6 +63,12 @@ MARKER = "cargohold-backup"  # the target's own envelope: format and key check
 
 def block_key(name: str) -> str:
     return f"blocks/{name[:2]}/{name}"
+
+
+def delta_key(name: str, base: str) -> str:
+    """A delta's key names its base too: equal blocks stored as deltas on different bases
+    (two volumes, two backups at once) never overwrite each other."""
+    return f"deltas/{name[:2]}/{name}.{base}"
 
 
 def manifest_key(backup_id: str) -> str:
@@ -156,6 +169,45 @@ class Codec:
                                 "name")
         return data
 
+    def encode_delta(self, name: str, base: str, block: BytesLike,
+                     pieces: list[int]) -> bytes:
+        """Block ``name`` stored as its ``pieces`` (indexes of 4 KiB pieces) that differ
+        from block ``base`` (of the same length): body = base name (64 ASCII hex) |
+        count u16 | piece indexes u16 each | those pieces."""
+        view = memoryview(block).cast("B")
+        body = b"".join([base.encode(), struct.pack(f">H{len(pieces)}H", len(pieces), *pieces),
+                         *(view[i * PIECE:(i + 1) * PIECE] for i in pieces)])
+        return self.seal(DELTA_MAGIC, body, name.encode())
+
+    def decode_delta(self, name: str, blob: BytesLike) -> tuple[str, dict[int, bytes]]:
+        """(base name, pieces by index) of a delta; its result is checked by the caller
+        (``apply``: the hash of the whole block)."""
+        body = self.open(DELTA_MAGIC, blob, name.encode(), f"block {name}", limit=2 * BLOCK)
+        try:
+            base = body[:_NAME].decode("ascii")
+            (count,) = struct.unpack_from(">H", body, _NAME)
+            indexes = struct.unpack_from(f">{count}H", body, _NAME + 2)
+            start = _NAME + 2 + 2 * count
+            pieces = {i: body[start + k * PIECE:start + (k + 1) * PIECE]
+                      for k, i in enumerate(indexes)}
+        except (UnicodeDecodeError, struct.error):
+            raise BackupCorrupt(what=f"block {name}", detail="a malformed delta") from None
+        if len(body) != start + count * PIECE or len(base) != _NAME:
+            raise BackupCorrupt(what=f"block {name}", detail="a malformed delta")
+        return base, pieces
+
+    def apply(self, name: str, base: bytes, pieces: dict[int, bytes]) -> bytes:
+        """Block ``name`` from its base's bytes and its delta's pieces, its hash checked."""
+        block = bytearray(base)
+        for index, piece in pieces.items():
+            if (index + 1) * PIECE > len(block):
+                raise BackupCorrupt(what=f"block {name}", detail="a piece past its end")
+            block[index * PIECE:(index + 1) * PIECE] = piece
+        if self.name(block) != name:
+            raise BackupCorrupt(what=f"block {name}", detail="its contents do not hash to "
+                                "its name")
+        return bytes(block)
+
     def encode_json(self, magic: bytes, backup_id: str, value: Any) -> bytes:
         return self.seal(magic, json.dumps(value, separators=(",", ":")).encode(),
                          backup_id.encode())
@@ -181,13 +233,45 @@ class Codec:
 
 def manifest(backup_id: str, volume: str, volume_id: str, snapshot: str, created: float,
              size: int, fs: str, blocks: dict[int, str], parent: str,
-             volume_key: bytes | None) -> dict[str, Any]:
-    """A backup's manifest: everything needed to restore it, alone."""
+             volume_key: bytes | None, bases: dict[str, str] | None = None) -> dict[str, Any]:
+    """A backup's manifest: everything needed to restore it, alone. ``bases``: for each
+    block stored as a delta (among the blocks, and their bases, transitively), its base."""
+    needed: dict[str, str] = {}
+    for name in set(blocks.values()):
+        while bases and name in bases and name not in needed:
+            needed[name] = bases[name]
+            name = bases[name]
     return {"format": FORMAT, "id": backup_id, "volume": volume, "volume_id": volume_id,
             "snapshot": snapshot, "created": created, "size": size, "fs": fs,
             "block_size": BLOCK, "parent": parent,
             "volume_key": volume_key.hex() if volume_key is not None else None,
-            "blocks": [[index, blocks[index]] for index in sorted(blocks)]}
+            "blocks": [[index, blocks[index]] for index in sorted(blocks)],
+            "bases": dict(sorted(needed.items()))}
+
+
+def bases_of(found: dict[str, Any], what: str) -> dict[str, str]:
+    """A manifest's deltas and their bases, checked (no cycle, chains at most MAX_CHAIN)."""
+    raw = found.get("bases", {})
+    if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) == len(v) == _NAME
+            for k, v in raw.items()):
+        raise BackupCorrupt(what=what, detail="its delta bases are malformed")
+    for name in raw:
+        depth, at = 0, name
+        while at in raw:
+            at, depth = raw[at], depth + 1
+            if depth > MAX_CHAIN:
+                raise BackupCorrupt(what=what, detail=f"block {name}'s deltas go deeper "
+                                    f"than {MAX_CHAIN} (or round in a circle)")
+    return dict(raw)
+
+
+def depth(name: str, bases: dict[str, str]) -> int:
+    """How many deltas lie between block ``name`` and a whole block."""
+    count = 0
+    while name in bases and count <= MAX_CHAIN:  # (a circle counts as too deep)
+        name, count = bases[name], count + 1
+    return count
 
 
 def blocks_of(found: dict[str, Any], what: str) -> dict[int, str]:

@@ -241,7 +241,28 @@ class BackupService:
         volume = await self.catalog.volume(job.volume)
         previous, chunks = await self._changes(volume, snapshot, target)
         chunks = [c for c in chunks if c * CHUNK_SIZE < snapshot.size]
-        known = {k.rpartition("/")[2] for k in await target.store.names("blocks/")}
+        whole = {k.rpartition("/")[2] for k in await target.store.names("blocks/")}
+        listed: dict[str, str] = {}  # deltas in the target (their keys name their bases)
+        for found in await target.store.names("deltas/"):
+            delta, _, base = found.rpartition("/")[2].partition(".")
+            listed.setdefault(delta, base)
+        bases = dict(previous.bases)  # the deltas this backup's manifest refers to
+        claimed: set[str] = set()  # uploaded (or being uploaded) by this run
+
+        def kept(name: str) -> bool:
+            """Whether the target holds block ``name``: whole, or as deltas that end in a
+            whole block within MAX_CHAIN (their bases then go into the manifest)."""
+            chain: dict[str, str] = {}
+            at = name
+            while at not in whole:
+                base = bases.get(at) or listed.get(at)
+                if base is None or len(chain) >= fmt.MAX_CHAIN:
+                    return False
+                chain[at] = base
+                at = base
+            bases.update(chain)
+            return True
+
         blocks = {c: n for c, n in previous.blocks.items() if c * CHUNK_SIZE < snapshot.size}
         stored = 0
         reported = time.monotonic()
@@ -261,11 +282,14 @@ class BackupService:
                     else:
                         name = await asyncio.to_thread(target.codec.name, data)
                         blocks[chunk] = name
-                        if name not in known:
-                            known.add(name)  # another uploader of this run sees it too
-                            _, blob = await asyncio.to_thread(target.codec.encode_block, data)
-                            await target.store.put(fmt.block_key(name), blob)
-                            job.new_bytes += len(data)
+                        if name not in claimed and not kept(name):
+                            claimed.add(name)  # another uploader of this run sees it too
+                            key, blob, new = await self._encode(
+                                reader, snapshot, previous, chunk, name, data, bases, target)
+                            await target.store.put(key, blob)
+                            if key == fmt.block_key(name):
+                                whole.add(name)
+                            job.new_bytes += new
                             stored += len(blob)
                     done += 1
                     if time.monotonic() - reported >= PROGRESS_EVERY:
@@ -275,14 +299,14 @@ class BackupService:
                         await self.catalog.put_backup_job(job)
 
             await together([uploader() for _ in range(WINDOW)])
-        key = None
+        volume_key = None
         if volume.encryption is not None:
-            key = await self._volume_key(volume, target)
+            volume_key = await self._volume_key(volume, target)
         job.bytes = sum(min(CHUNK_SIZE, snapshot.size - c * CHUNK_SIZE) for c in blocks)
         job.stored = stored
         manifest = fmt.manifest(job.id, volume.name, volume.id, snapshot.name,
                                 snapshot.created, snapshot.size, volume.fs, blocks,
-                                previous.id, key)
+                                previous.id, volume_key, bases)
         await target.store.put(fmt.manifest_key(job.id),
                                target.codec.encode_json(fmt.MANIFEST_MAGIC, job.id, manifest))
         job.state, job.progress, job.finished = BackupState.COMPLETE, 1.0, time.time()
@@ -298,20 +322,57 @@ class BackupService:
         log.info("backup %s of %s complete: %d chunks read, %d bytes new, %d stored",
                  job.id, volume.name, len(chunks), job.new_bytes, stored)
 
+    async def _encode(self, reader: DataClient, snapshot: Snapshot, previous: Previous,
+                      chunk: int, name: str, data: bytes, bases: dict[str, str],
+                      target: Target) -> tuple[str, bytes, int]:
+        """(key, object, new bytes) of a block the target lacks: a delta against the
+        chunk's block in the previous backup when few 4 KiB pieces changed (read from the
+        previous backup's snapshot, kept for this), else the whole block."""
+        old = previous.blocks.get(chunk)
+        if previous.snapshot_id and old is not None and fmt.depth(old, bases) < fmt.MAX_CHAIN:
+            before = await reader.read_snapshot(snapshot.volume_id, SNAPSHOT_READS,
+                                                previous.snapshot_id, chunk * CHUNK_SIZE,
+                                                len(data))
+            if len(before) == len(data):
+                pieces = [i for i in range(-(-len(data) // fmt.PIECE))
+                          if before[i * fmt.PIECE:(i + 1) * fmt.PIECE]
+                          != data[i * fmt.PIECE:(i + 1) * fmt.PIECE]]
+                if len(pieces) <= fmt.BLOCK // fmt.PIECE // 2:
+                    bases[name] = old
+                    blob = await asyncio.to_thread(target.codec.encode_delta, name, old, data,
+                                                   pieces)
+                    return fmt.delta_key(name, old), blob, len(pieces) * fmt.PIECE
+        _, blob = await asyncio.to_thread(target.codec.encode_block, data)
+        return fmt.block_key(name), blob, len(data)
+
+    async def content(self, name: str, bases: dict[str, str], target: Target) -> bytes:
+        """Block ``name``'s bytes, its hash checked (a delta: applied to its base's)."""
+        if name not in bases:
+            return await asyncio.to_thread(target.codec.decode_block, name,
+                                           await target.store.get(fmt.block_key(name)))
+        blob = await target.store.get(fmt.delta_key(name, bases[name]))
+        base, pieces = await asyncio.to_thread(target.codec.decode_delta, name, blob)
+        if base != bases[name]:
+            raise BackupCorrupt(what=f"block {name}", detail="its delta names another base "
+                                "than the manifest")
+        return await asyncio.to_thread(target.codec.apply, name,
+                                       await self.content(base, bases, target), pieces)
+
     async def _changes(self, volume: Volume, snapshot: Snapshot,
                        target: Target) -> tuple[Previous, list[int]]:
         """The previous backup to build on (if its snapshot is still kept) and the chunks
         to read: those written since its snapshot, else all that hold data."""
         base = volume.backup_base
         since = ""
-        previous = Previous("", {})
+        previous = Previous("", {}, {}, "")
         if base is not None:
             kept = await self.catalog.find_snapshot(volume.name, base.snapshot)
             if kept is not None and kept.id == base.snapshot_id and \
                     kept.state is SnapshotState.READY:
                 try:
                     found = await self.manifest(base.backup, target)
-                    previous = Previous(base.backup, fmt.blocks_of(found, base.backup))
+                    previous = Previous(base.backup, fmt.blocks_of(found, base.backup),
+                                        fmt.bases_of(found, base.backup), base.snapshot_id)
                     since = base.snapshot_id
                 except (BackupNotFound, BackupCorrupt) as e:
                     log.warning("backup of %s: the previous one (%s) is unusable, reading "
@@ -476,13 +537,21 @@ class BackupService:
                     return {"deferred": True, "deleted": 0}
                 await asyncio.sleep(_POLL)
             async with self.open_target() as target:
-                referenced: set[str] = set()
+                whole: set[str] = set()  # blocks referenced, stored whole
+                deltas: set[str] = set()  # and as deltas
                 for key in await target.store.names("index/"):
                     backup_id = key.rpartition("/")[2]
-                    referenced.update(fmt.blocks_of(await self.manifest(backup_id, target),
-                                                    backup_id).values())
-                stored = await target.store.names("blocks/")
-                doomed = [k for k in stored if k.rpartition("/")[2] not in referenced]
+                    found = await self.manifest(backup_id, target)
+                    bases = fmt.bases_of(found, backup_id)
+                    for name in set(fmt.blocks_of(found, backup_id).values()):
+                        while name in bases:
+                            deltas.add(f"{name}.{bases[name]}")
+                            name = bases[name]
+                        whole.add(name)
+                stored = await target.store.names("blocks/") + await target.store.names(
+                    "deltas/")
+                doomed = [k for k in stored if k.rpartition("/")[2] not in (
+                    deltas if k.startswith("deltas/") else whole)]
                 manifests = {k.rpartition("/")[2] for k in await target.store.names("manifests/")}
                 complete = {k.rpartition("/")[2] for k in await target.store.names("index/")}
                 orphans = [fmt.manifest_key(m) for m in manifests - complete
@@ -527,8 +596,12 @@ class BackupService:
 
 @dataclass
 class Previous:
+    """The backup an incremental builds on."""
+
     id: str  # "" : none
     blocks: dict[int, str]
+    bases: dict[str, str]  # its deltas' bases
+    snapshot_id: str  # the snapshot it was taken from (still kept)
 
 
 def summary_of(job: BackupJob, snapshot: Snapshot, parent: str, blocks: int) -> dict[str, Any]:

@@ -66,6 +66,7 @@ class RestoreService:
         async with self.backups.open_target() as target:
             manifest = await self.backups.manifest(backup_id, target)
         blocks = fmt.blocks_of(manifest, backup_id)
+        bases = fmt.bases_of(manifest, backup_id)
         key = bytes.fromhex(manifest["volume_key"]) if manifest.get("volume_key") else None
         volume = await self.volumes.create(
             to, int(manifest["size"]), replicas if replicas is not None else 2,
@@ -74,13 +75,14 @@ class RestoreService:
                         backup=backup_id, node=self.backups.node)
         await self.catalog.start_backup_job(job)
         follows = str(manifest["volume"]) if standby else ""
-        return await self.backups.launch(self._run(job, volume, blocks, follows), job, wait)
+        return await self.backups.launch(self._run(job, volume, blocks, bases, follows), job,
+                                         wait)
 
     async def _run(self, job: BackupJob, volume: Volume, blocks: dict[int, str],
-                   follows: str) -> None:
+                   bases: dict[str, str], follows: str) -> None:
         try:
             async with self.backups.open_target() as target:
-                await self._write(job, volume, blocks, target, (), follows)
+                await self._write(job, volume, blocks, bases, target, (), follows)
         except BaseException as e:
             reason = "interrupted" if isinstance(e, asyncio.CancelledError) else str(e)
             log.error("restore of backup %s into %s failed: %s", job.backup, job.volume,
@@ -94,7 +96,8 @@ class RestoreService:
                 raise
 
     async def _write(self, job: BackupJob, volume: Volume, blocks: dict[int, str],
-                     target: Target, holes: Sequence[int], follows: str) -> None:
+                     bases: dict[str, str], target: Target, holes: Sequence[int],
+                     follows: str) -> None:
         """Write ``blocks`` (and trim the chunks ``holes``) into every replica; then the
         volume is usable, or a standby of ``follows`` that holds backup ``job.backup``."""
         claimed = await claim_detached(self.catalog, volume.name, RESTORE)
@@ -112,8 +115,7 @@ class RestoreService:
             async def restorer() -> None:
                 nonlocal done, reported
                 for index, name in pending:
-                    blob = await target.store.get(fmt.block_key(name))
-                    data = await asyncio.to_thread(target.codec.decode_block, name, blob)
+                    data = await self.backups.content(name, bases, target)
                     offset = index * CHUNK_SIZE
                     if len(data) != min(CHUNK_SIZE, claimed.size - offset):
                         raise BackupCorrupt(what=f"block {name}", detail=f"{len(data)} bytes "
@@ -150,14 +152,15 @@ class RestoreService:
         started = time.monotonic()
         bad: dict[str, str] = {}
         async with self.backups.open_target() as target:
-            blocks = fmt.blocks_of(await self.backups.manifest(backup_id, target), backup_id)
+            found = await self.backups.manifest(backup_id, target)
+            blocks = fmt.blocks_of(found, backup_id)
+            bases = fmt.bases_of(found, backup_id)
             pending = iter(sorted(set(blocks.values())))
 
             async def checker() -> None:
                 for name in pending:
-                    try:
-                        blob = await target.store.get(fmt.block_key(name))
-                        await asyncio.to_thread(target.codec.decode_block, name, blob)
+                    try:  # a delta: checked with its bases, as a restore reads it
+                        await self.backups.content(name, bases, target)
                     except BackupCorrupt as e:
                         bad[name] = e.message
 
@@ -182,6 +185,7 @@ class RestoreService:
                                  volume.restoring)
             wanted_manifest = await self.backups.manifest(latest, target)
         wanted = fmt.blocks_of(wanted_manifest, latest)
+        bases = fmt.bases_of(wanted_manifest, latest)
         if int(wanted_manifest["size"]) != volume.size:
             raise InvalidArgument(what="standby", detail=f"backup {latest} of "
                                   f"{volume.standby} has another size than {name} (resized "
@@ -193,7 +197,8 @@ class RestoreService:
         holes = sorted(held.keys() - wanted.keys())
         try:
             async with self.backups.open_target() as target:
-                await self._write(job, volume, changed, target, holes, volume.standby)
+                await self._write(job, volume, changed, bases, target, holes,
+                                  volume.standby)
         except BaseException as e:  # the standby keeps what it held: the next turn retries
             job.state, job.error, job.finished = BackupState.FAILED, str(e), time.time()
             with contextlib.suppress(CargoholdError):
