@@ -12,7 +12,10 @@ derived from its contents, so equal blocks of any volume of the target are store
   learns nothing from names, and the body is sealed with AES-256-GCM under its *data key*
   (both derived from the key file with HKDF-SHA256), the name as associated data.
 
-Every object (block, manifest, summary) is an *envelope*::
+A block that changed in few of its 4 KiB pieces since the previous backup is stored as a
+*delta*: those pieces and the name of the block they apply to (``encode_delta``).
+
+Every object (block, delta, manifest, summary) is an *envelope*::
 
     magic (4 bytes) | flags u8 | [nonce 12 bytes, if encrypted] | body
 

@@ -7,7 +7,9 @@ own records of what each snapshot wrote (SNAPSHOT_DIFF), never by reading the vo
 snapshot is kept until the next backup is complete (it holds what was overwritten since,
 like any snapshot). The first backup, or one whose previous snapshot is gone, reads every
 chunk that holds data. Each block is named by its (keyed) hash and uploaded only if the
-target has no block of that name yet, from any volume. The manifest lists every block of
+target has no block of that name yet, from any volume; a chunk in which at most half of
+the 4 KiB pieces changed is uploaded as a delta on the previous backup's block (the
+previous snapshot, still kept, says which pieces changed). The manifest lists every block of
 the volume (restorable alone); the summary, written last, makes the backup complete: a
 backup that failed midway shows as failed (from its job), never as complete, and leaves
 at most blocks that the next collection removes or a retry reuses.
