@@ -143,7 +143,8 @@ class BackupBench:
         node.detach("v1")
 
         fb.log("a second volume with the same contents")
-        node.cli("volume", "create", "v2", "--from", "v1", "--wait", timeout=3600)
+        node.cli("volume", "create", "v2", "--from", f"v1@backup-{incremental['id']}",
+                 "--wait", timeout=3600)  # a clone of what the last backup holds
         dedup, seconds = self.timed_json("backup", "create", "v2", "--wait")
         self.result["dedup"] = {"seconds": seconds, "new_bytes": dedup["new_bytes"],
                                 "stored": dedup["stored"]}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -328,3 +330,42 @@ def test_a_standby_follows_the_backups_until_activated(moto: Moto, tmp_path: Pat
         assert again.returncode != 0 and "not a standby" in again.stderr
     finally:
         node.cleanup()
+
+
+def test_another_cluster_restores_and_a_full_data_server_fails_cleanly(moto: Moto,
+                                                                       tmp_path: Path) -> None:
+    moto.make_bucket("elsewhere")
+    source = _node(tmp_path / "a", moto)
+    small = Node(tmp_path / "b", data_servers=1, extra=("--overprovision", "4"),
+                 env=moto.env())
+    disk = small.data_dirs[0]
+    try:
+        source.cli("backup", "target", "set", "s3://elsewhere", "--endpoint", moto.endpoint)
+        source.cli("volume", "create", "big", "--size", "256M")
+        mountpoint = Path(source.cli("volume", "attach", "big").stdout.strip())
+        write_random(mountpoint / "data.bin", 120 * MIB)
+        done: Any = source.json("backup", "create", "big", "--wait")
+        assert done["state"] == "complete", done
+        # a cluster of its own, whose one data server has 96 MiB
+        disk.mkdir(parents=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(disk)],
+                       check=True)
+        small.start()
+        small.cli("backup", "target", "set", "s3://elsewhere", "--endpoint", moto.endpoint)
+        listed: Any = small.json("backup", "ls")
+        assert [b["id"] for b in listed] == [done["id"]]  # the target says what it holds
+        failing = small.cli("backup", "restore", done["id"], "--to", "back", "--replicas",
+                            "1", "--wait", "-o", "json", check=False)
+        assert failing.returncode == 1, failing.stdout + failing.stderr
+        job = json.loads(failing.stdout)
+        assert job["state"] == "failed" and "space" in job["error"].lower(), job
+        assert small.json("volume", "ls") == []  # nothing half made
+        assert shutil.disk_usage(disk).used < 8 * MIB  # the replica went with it
+        victim = sorted(k for k in moto.objects("elsewhere") if k.startswith("blocks/"))[0]
+        moto.client().delete_object(Bucket="elsewhere", Key=victim)
+        checked = small.cli("backup", "verify", done["id"], "-o", "json", check=False)
+        assert checked.returncode == 1 and victim.rpartition("/")[2] in checked.stdout
+    finally:
+        small.cleanup()
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, check=False)
+        source.cleanup()

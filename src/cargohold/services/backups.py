@@ -60,12 +60,10 @@ from cargohold.errors import (
     BackupTargetNotSet,
     CargoholdError,
     InvalidArgument,
-    SnapshotFailed,
     VolumeBusy,
 )
-from cargohold.services.copies import WINDOW, together
+from cargohold.services.copies import WINDOW, snapshot_reader, together
 from cargohold.services.snapshots import SnapshotService
-from cargohold.services.volumes import ServerSession
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import Compare, Delete
 
@@ -386,23 +384,8 @@ class BackupService:
     @contextlib.asynccontextmanager
     async def _reader(self, snapshot: Snapshot) -> AsyncIterator[DataClient]:
         servers = {s.id: s for s in await self.catalog.servers()}
-        problems = []
-        for sid in snapshot.servers:
-            if sid not in servers:
-                continue
-            session = ServerSession(servers[sid], self.access)
-            try:
-                client = await session.__aenter__()
-            except CargoholdError as e:
-                problems.append(f"{sid}: {e}")
-                continue
-            try:
-                yield client
-                return
-            finally:
-                await session.__aexit__(None, None, None)
-        raise SnapshotFailed(name=snapshot.ref, detail="no data server that keeps it "
-                             f"answers: {'; '.join(problems) or 'none is registered'}")
+        async with contextlib.AsyncExitStack() as stack:
+            yield await snapshot_reader(snapshot, servers, self.access, stack)
 
     async def _volume_key(self, volume: Volume, target: Target) -> bytes:
         """An encrypted volume's blocks are its ciphertext: its key goes with them, into the

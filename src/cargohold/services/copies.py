@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from cargohold.clients.dataclient import DataClient
+from cargohold.clients.access import Access
+from cargohold.clients.dataclient import CONTROL_TIMEOUT, DataClient
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
+from cargohold.core.models import DataServer, Snapshot
 from cargohold.core.wire import BytesLike
-from cargohold.errors import CargoholdError
+from cargohold.errors import CargoholdError, SnapshotFailed
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,29 @@ async def put_copy(client: DataClient, volume_id: str, epoch: int, offset: int,
         await client.trim(volume_id, epoch, offset, len(data), generation, copy=True)
     else:
         await client.write(volume_id, epoch, offset, data, generation)
+
+
+async def snapshot_reader(snapshot: Snapshot, servers: Mapping[str, DataServer],
+                          access: Access | None, stack: AsyncExitStack) -> DataClient:
+    """A connection (closed with ``stack``) to the first data server keeping ``snapshot``
+    that answers; ``SnapshotFailed`` saying why none did."""
+    problems = []
+    for sid in snapshot.servers:
+        server = servers.get(sid)
+        if server is None:
+            continue
+        client = DataClient(server.address, server.id, call_timeout=CONTROL_TIMEOUT,
+                            access=access, peer=server.node)
+        try:
+            await client.connect()
+        except CargoholdError as e:
+            await client.close()
+            problems.append(f"{sid}: {e}")
+            continue
+        stack.push_async_callback(client.close)
+        return client
+    raise SnapshotFailed(name=snapshot.ref, detail="no data server that keeps it answers: "
+                         + ("; ".join(problems) or "none is registered"))
 
 
 async def together(workers: list[Coroutine[Any, Any, None]]) -> None:

@@ -117,8 +117,9 @@ class SnapshotCalls:
             found = [one] if one is not None else []
         else:
             found = await self.catalog.snapshots(request.source_volume_id)
+        # (a snapshot taken for a clone of a volume's contents is cargohold's own: not listed)
         ready = sorted((s for s in found if s.state is SnapshotState.READY and s.ref > after
-                        and (not request.source_volume_id
+                        and not s.for_clone and (not request.source_volume_id
                              or s.volume == request.source_volume_id)),
                        key=lambda s: s.ref)
         next_token = ""

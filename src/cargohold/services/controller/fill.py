@@ -29,7 +29,7 @@ from cargohold.core.capability import SNAPSHOT_READS
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.models import Origin, Snapshot, Volume, VolumeState
 from cargohold.errors import CargoholdError, Fenced, SnapshotFailed, SnapshotNotFound
-from cargohold.services.copies import WINDOW, Budget, together
+from cargohold.services.copies import WINDOW, Budget, snapshot_reader, together
 from cargohold.services.snapshots import SnapshotService
 from cargohold.services.volumes import STALE_CUT, ServerSession
 from cargohold.stores.catalog import Catalog
@@ -102,7 +102,8 @@ class Fill:
             raise SnapshotNotFound(name=origin.ref)
         servers = {s.id: s for s in await self.catalog.servers()}
         async with AsyncExitStack() as stack:
-            reader, held = await self._open_source(snapshot, origin, servers, stack)
+            reader = await snapshot_reader(snapshot, servers, self.access, stack)
+            held = await reader.snapshot_diff(origin.volume_id, "", origin.snapshot_id)
             limit = min(origin.size, volume.size)
             held = [c for c in held if c * CHUNK_SIZE < limit]
             writers: dict[str, DataClient] = {}
@@ -131,22 +132,6 @@ class Fill:
                 return await self._done(volume, origin, writers)
             await self._copy(volume, origin, reader, writers, missing, len(held))
         return False
-
-    async def _open_source(self, snapshot: Snapshot, origin: Origin, servers: dict,
-                           stack: AsyncExitStack) -> tuple[DataClient, list[int]]:
-        problems = []
-        for sid in snapshot.servers:
-            if sid not in servers:
-                continue
-            try:
-                client = await stack.enter_async_context(ServerSession(servers[sid],
-                                                                       self.access))
-                return client, await client.snapshot_diff(origin.volume_id, "",
-                                                          origin.snapshot_id)
-            except CargoholdError as e:
-                problems.append(f"{sid}: {e}")
-        raise SnapshotFailed(name=origin.ref, detail="no data server that keeps it answers: "
-                             + ("; ".join(problems) or "none is registered"))
 
     async def _copy(self, volume: Volume, origin: Origin, reader: DataClient,
                     writers: dict[str, DataClient], missing: dict[int, list[str]],
