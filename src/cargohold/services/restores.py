@@ -2,7 +2,7 @@
 
 A restore makes a new volume (placed like any, with the backup's size and file system; an
 encrypted volume's backup brings its key), marked *restoring* so that nobody attaches it,
-takes a new epoch on it, and fetches the backup's blocks ``WINDOW`` at a time: each is
+takes a new epoch on it, and fetches the backup's blocks ``FETCHES`` at a time: each is
 fetched once, its hash checked, and written to every replica (one download for N
 replicas). Blocks the backup does not list stay holes. Once every replica has flushed, the
 mark goes and the volume is usable. A restore that fails (a block missing or damaged, the
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
+from cargohold.clients.objectstore import PARALLEL
 from cargohold.core import backupformat as fmt
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.models import BackupJob, BackupState, Volume
@@ -38,12 +39,14 @@ from cargohold.errors import (
 )
 from cargohold.services.backups import PROGRESS_EVERY, BackupService, Target
 from cargohold.services.controller.resync import RESTORE, claim_detached
-from cargohold.services.copies import WINDOW, together
+from cargohold.services.copies import together
 from cargohold.services.volumes import ServerSession, VolumeService
 
 log = logging.getLogger(__name__)
 
 
+#: Blocks fetched at once: as many as the target's client has connections.
+FETCHES = PARALLEL
 #: Seconds between a standby's looks for a newer backup.
 FOLLOW_EVERY = 10.0
 
@@ -129,7 +132,7 @@ class RestoreService:
                         job.progress = round(min(done / len(blocks), 0.999), 3)
                         await self.catalog.put_backup_job(job)
 
-            await together([restorer() for _ in range(WINDOW)])
+            await together([restorer() for _ in range(FETCHES)])
             for index in holes:  # chunks the newer backup has no data in
                 offset = index * CHUNK_SIZE
                 length = min(CHUNK_SIZE, claimed.size - offset)
@@ -164,7 +167,7 @@ class RestoreService:
                     except BackupCorrupt as e:
                         bad[name] = e.message
 
-            await together([checker() for _ in range(WINDOW)])
+            await together([checker() for _ in range(FETCHES)])
         return {"id": backup_id, "blocks": len(set(blocks.values())), "bad": bad,
                 "ok": not bad, "seconds": round(time.monotonic() - started, 3)}
 
