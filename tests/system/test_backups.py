@@ -11,7 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import blake3
 import pytest
@@ -22,26 +22,25 @@ from tests.s3servers import Moto, S3Server, Seaweed
 pytestmark = [needs_root(), pytest.mark.system]
 
 MIB = 1 << 20
+T = TypeVar("T", bound=S3Server)
+
+
+def _serving(server: T) -> Iterator[T]:
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
-    server = Seaweed(tmp_path_factory.mktemp("seaweed"))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(Seaweed(tmp_path_factory.mktemp("seaweed")))
 
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
-    server = Moto(tmp_path_factory.mktemp("moto"))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(Moto(tmp_path_factory.mktemp("moto")))
 
 
 def _node(tmp_path: Path, server: S3Server, **env: str) -> Node:

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -62,7 +63,7 @@ class SnapshotService:
         existing = await self.catalog.find_snapshot(volume, name)
         if existing is not None:
             return await self._existing(existing, source)
-        _check_filled(source, "taking snapshots of it")
+        _check_whole(source)
         if len(await self.catalog.snapshots(volume)) >= MAX_SNAPSHOTS:
             raise TooManySnapshots(name=volume, count=MAX_SNAPSHOTS)
         if not source.in_sync():
@@ -106,7 +107,7 @@ class SnapshotService:
         for source in sources:
             if await self.catalog.find_snapshot(source.name, group) is not None:
                 raise SnapshotExists(name=f"{source.name}@{group}")
-            _check_filled(source, "taking snapshots of it")
+            _check_whole(source)
             if not source.in_sync():
                 raise VolumeBusy(name=source.name, state="without a replica in sync")
             if source.state not in (VolumeState.ATTACHED, VolumeState.DETACHED):
@@ -249,24 +250,14 @@ class SnapshotService:
         if snapshot.group and not group_ok:
             raise SnapshotInGroup(name=snapshot.ref, group=snapshot.group)
 
-        def deleting(s: Snapshot) -> Snapshot | None:
-            if s.id != snapshot.id:
-                return None
-            s.state = SnapshotState.DELETING
-            return s
-
-        await self.catalog.update_snapshot(volume, name, deleting)
+        await self.catalog.update_snapshot(volume, name,
+                                           _to_state(snapshot.id, SnapshotState.DELETING))
         # after marking it (a clone made meanwhile checks the mark after its record exists)
         clones = [v.name for v in await self.catalog.volumes()
                   if v.origin is not None and v.origin.snapshot_id == snapshot.id]
         if clones:
-            def ready(s: Snapshot) -> Snapshot | None:
-                if s.id != snapshot.id:
-                    return None
-                s.state = SnapshotState.READY
-                return s
-
-            await self.catalog.update_snapshot(volume, name, ready)
+            await self.catalog.update_snapshot(volume, name,
+                                               _to_state(snapshot.id, SnapshotState.READY))
             raise SnapshotHasClones(name=snapshot.ref, clones=", ".join(clones))
         source = await self.catalog.find_volume(volume)
         left: list[str] = []
@@ -315,11 +306,25 @@ class SnapshotService:
         return found
 
 
-def _check_filled(volume: Volume, what: str) -> None:
-    """A clone still filling has chunks only its source holds: a snapshot would miss them."""
+def _to_state(snapshot_id: str, state: SnapshotState) -> Callable[[Snapshot],
+                                                                   Snapshot | None]:
+    """The change that puts snapshot ``snapshot_id``'s record (not a newer namesake's) in
+    ``state``."""
+    def change(s: Snapshot) -> Snapshot | None:
+        if s.id != snapshot_id:
+            return None
+        s.state = state
+        return s
+
+    return change
+
+
+def _check_whole(volume: Volume) -> None:
+    """A clone still filling has chunks only its source holds, a volume being restored
+    blocks not written yet: a snapshot would miss them."""
     if volume.origin is not None:
         raise CloneFilling(name=volume.name, source=volume.origin.ref,
-                           done=f"{volume.filled:.0%}", what=what)
+                           done=f"{volume.filled:.0%}", what="taking snapshots of it")
     if volume.restoring:
         raise VolumeBusy(name=volume.name, state=f"being restored from backup "
                          f"{volume.restoring}")
