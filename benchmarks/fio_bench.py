@@ -76,8 +76,10 @@ MIB = 1 << 20
 
 CONFIGS = [("raw", "raw", 0), ("r1", "1 replica", 1), ("r2", "2 replicas", 2),
            ("r2enc", "2 encrypted", 2), ("r2tls", "2 remote TLS", 2),
-           ("r2plain", "2 remote plain", 2)]
+           ("r2plain", "2 remote plain", 2), ("r2nomet", "2, no metrics", 2)]
 #: ``r2enc``: as ``r2``, the volume encrypted at rest (``--encrypt``).
+#: ``r2nomet``: as ``r2``, on a node whose engines keep no request counts for /metrics
+#: (``--no-engine-metrics``): what measuring costs.
 #: Configurations whose engine runs on a second node without data servers, so that it reaches
 #: both replicas over TCP (as on a host without a replica): with TLS and capabilities (the
 #: default) or with ``--insecure-plaintext``. Their ratio is what TLS costs on the data path.
@@ -432,6 +434,7 @@ class Bench:
         self.runs = args.runs or (1 if args.quick else 3)
         self.tmp = Path(tempfile.mkdtemp(prefix="cargohold-bench-", dir=args.tmp_parent))
         self.node: Node | None = None
+        self.unmetered: Node | None = None  # for r2nomet
         self.pairs: dict[str, tuple[Node, Node]] = {}  # REMOTE config → (storage, client)
         self.raw_mount: Path | None = None
         self.first_touch: float | None = None  # us per page of fresh memory (main)
@@ -605,6 +608,9 @@ class Bench:
                       ) -> dict[str, Any]:
         if key in REMOTE:
             storage, client = self.remote_pair(key)
+        elif key == "r2nomet":
+            assert self.unmetered is not None
+            storage = client = self.unmetered
         else:
             assert self.node is not None
             storage = client = self.node
@@ -761,7 +767,12 @@ class Bench:
                 if key == "raw":
                     results[key] = self.run_raw(index)
                     continue
-                if self.node is None and key not in REMOTE:
+                if key == "r2nomet" and self.unmetered is None:
+                    self.unmetered = Node(self.tmp / "unmetered", "bench-unmetered",
+                                          extra=("--no-engine-metrics",))
+                    self.unmetered.base.mkdir()
+                    self.unmetered.start()
+                elif self.node is None and key not in REMOTE and key != "r2nomet":
                     self.node = Node(self.tmp / "node")
                     self.node.base.mkdir()
                     self.node.start()
@@ -779,8 +790,7 @@ class Bench:
         base = str(self.tmp)
         steps: list[str] = []
         nodes = [n for pair in self.pairs.values() for n in reversed(pair)]
-        if self.node is not None:
-            nodes.append(self.node)
+        nodes += [n for n in (self.node, self.unmetered) if n is not None]
         for node in nodes:
             try:
                 node.stop()
@@ -1069,6 +1079,16 @@ def report(result: dict[str, Any], runs: int) -> str:
                 rows.append([job.name, title, fmt(plain), fmt(sealed),
                              f"{sealed / plain:.2f}" if plain else "-"])
         lines += table(rows, ["job", "metric", "plain", "encrypted", "enc/plain"])
+    if "r2nomet" in med and "r2" in med:
+        lines += ["", "what the engine's request counts for /metrics cost (2 replicas: "
+                  "counted / not)", ""]
+        rows = []
+        for job in JOBS:
+            for metric, title in METRICS:
+                off, on = (med[k]["jobs"][job.name][metric] for k in ("r2nomet", "r2"))
+                rows.append([job.name, title, fmt(off), fmt(on),
+                             f"{on / off:.3f}" if off else "-"])
+        lines += table(rows, ["job", "metric", "no metrics", "metrics", "on/off"])
     touch = result.get("meta", {}).get("first_touch_us_per_page")
     if touch is not None:
         lines += ["", f"fresh memory: {touch:.1f} us per 4 KiB page to fault in, i.e. "
@@ -1134,9 +1154,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runtime", type=int, default=0,
                    help="seconds per random job (default 20; 5 with --quick)")
     p.add_argument("--configs", default="raw,r1,r2",
-                   help="comma-separated subset of raw,r1,r2,r2enc,r2tls,r2plain (default "
-                        "raw,r1,r2; r2enc: encrypted at rest; r2tls,r2plain: the engine on a "
-                        "second node, both replicas over TCP with TLS or in plaintext)")
+                   help="comma-separated subset of raw,r1,r2,r2enc,r2tls,r2plain,r2nomet "
+                        "(default raw,r1,r2; r2enc: encrypted at rest; r2tls,r2plain: the "
+                        "engine on a second node, both replicas over TCP with TLS or in "
+                        "plaintext; r2nomet: engines without request counts)")
     p.add_argument("--no-settle", dest="settle", action="store_false",
                    help="do not sync the file system (untimed) after each write job: the "
                         "next job then pays for the previous job's flush")

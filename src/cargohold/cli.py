@@ -227,6 +227,9 @@ def _parser() -> argparse.ArgumentParser:
                            "capacity (default 2; 0: no limit)")
     node.add_argument("--auto-rebalance", action="store_true",
                       help="move replicas onto new data servers without being asked")
+    node.add_argument("--no-engine-metrics", dest="engine_metrics", action="store_false",
+                      help="engines do not count requests and their latencies (/metrics "
+                           "then has no per-volume I/O)")
     node.add_argument("--rebuild-rate", default="0",
                       help="bytes per second resync and rebuild copies may use, e.g. 200M "
                            "(default 0: no limit)")
@@ -328,6 +331,7 @@ def _run_node(args: argparse.Namespace) -> int:
                               "scrub_every": args.scrub_every,
                               "overprovision": args.overprovision,
                               "auto_rebalance": args.auto_rebalance,
+                              "engine_metrics": args.engine_metrics,
                               "rebuild_rate": (0 if args.rebuild_rate == "0"
                                                else parse_size(args.rebuild_rate)),
                               "scrub_rate": parse_size(args.scrub_rate)}

@@ -224,6 +224,7 @@ class NodeConfig(BaseModel):
     rebuild_after: float = Field(default=600.0, ge=0.0)  # seconds down before a rebuild
     rebuild_rate: float = Field(default=0.0, ge=0.0)  # bytes/s of resync copies; 0: any
     auto_rebalance: bool = False  # move replicas onto new data servers by themselves
+    engine_metrics: bool = True  # engines count requests and latencies for /metrics
     scrub_every: float = Field(default=7 * 86400.0, ge=0.0)  # 0: no background scrub
     scrub_rate: float = Field(default=50 << 20, ge=0.0)  # bytes/s of a background scrub; 0: any
     # TLS between hosts and the cluster key (``stores/pki.py``): the files of ``tls_dir``
@@ -384,6 +385,7 @@ class EngineConfig(BaseModel):
     capability_file: Path | None = None  # the attachment's capability (JSON, 0600)
     lease_ttl: float = Field(default=0.0, ge=0.0)  # watch the node's lease (0: do not)
     etcd_password_file: Path | None = None  # as the node's
+    stats_file: Path | None = None  # where to keep the I/O counts (None: do not count)
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", ENGINE_MODULE, "--metadata", self.metadata,
@@ -397,6 +399,8 @@ class EngineConfig(BaseModel):
             argv += ["--lease-ttl", str(self.lease_ttl)]
         if self.etcd_password_file is not None:
             argv += ["--etcd-password-file", str(self.etcd_password_file)]
+        if self.stats_file is not None:
+            argv += ["--stats-file", str(self.stats_file)]
         return argv
 
     @classmethod
@@ -419,6 +423,9 @@ class EngineConfig(BaseModel):
                                  "(0: never)")
         parser.add_argument("--etcd-password-file", type=Path,
                             help="the password of the etcd user in --metadata")
+        parser.add_argument("--stats-file", type=Path,
+                            help="count requests and their latencies, written here every "
+                                 "2 s (JSON) for the node's /metrics")
         _add_tls_arguments(parser)
         args = parser.parse_args(argv)
         tls = _tls_files(parser.prog, args)

@@ -30,7 +30,7 @@ from typing import Any, cast
 from cargohold.clients.sockets import unix_listener, widen_send_buffer
 from cargohold.config import FRAME_TIMEOUT, MAX_CONNECTIONS
 from cargohold.core.capability import SNAPSHOT_READS, Capability
-from cargohold.core.layout import CHUNK_SIZE
+from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
 from cargohold.core.periodic import Periodic
 from cargohold.core.sizes import format_size
 from cargohold.core.wire import (
@@ -210,9 +210,11 @@ class _Connection(asyncio.BufferedProtocol):
                 raise InvalidArgument(what="op", detail=f"unknown op {header.op}")
             result = handler(self, header, payload)
         except Exception as exc:  # every failure becomes a status; the server goes on
-            status, body = _error_response(exc, header, self._store)
+            status, body = _error_response(exc, header, self._store, self._server.faults)
             self._queue(status, header.request_id, body)
             return
+        if self._server.faults.bad and header.op in REWRITES:
+            self._server.faults.rewritten(header.volume_id, header.offset, header.length)
         if result is not _LATER:
             assert isinstance(result, bytes)
             out = self._out
@@ -289,6 +291,7 @@ class _Connection(asyncio.BufferedProtocol):
                 "provisioned": store.provisioned(),
                 "reserve": store.reserve(),
                 "replicas": store.replica_ids(),
+                "faults": self._server.faults.to_dict(),
             }
         )
 
@@ -476,7 +479,7 @@ class _Connection(asyncio.BufferedProtocol):
                 raise done.exception()  # type: ignore[misc]
             body = encode_json({"freed": replica.delete_snapshot(snapshot_id)})
         except Exception as exc:
-            status, text = _error_response(exc, header, self._store)
+            status, text = _error_response(exc, header, self._store, self._server.faults)
             self._queue(status, header.request_id, text)
         else:
             self._queue(Status.OK, header.request_id, body)
@@ -546,7 +549,7 @@ class _Connection(asyncio.BufferedProtocol):
         if exc is None:
             self._queue(Status.OK, header.request_id, encode(done.result()))
         else:
-            status, body = _error_response(exc, header, self._store)
+            status, body = _error_response(exc, header, self._store, self._server.faults)
             self._queue(status, header.request_id, body)
         self._send()
 
@@ -595,12 +598,13 @@ def _identity(transport: asyncio.BaseTransport, guard: Guard | None) -> str | No
 
 
 def _error_response(exc: BaseException, header: RequestHeader,
-                    store: ChunkStore) -> tuple[Status, bytes]:
-    """The one place where errors become wire statuses."""
+                    store: ChunkStore, faults: Faults) -> tuple[Status, bytes]:
+    """The one place where errors become wire statuses (and are counted in ``faults``)."""
     if isinstance(exc, Fenced):
         return Status.FENCED, encode_u64(int(exc.fields["current"]))
     if isinstance(exc, ChecksumMismatch):
         log.warning("%s", exc)
+        faults.found(header.volume_id, int(exc.fields["offset"]))
         return Status.CHECKSUM, encode_u64(int(exc.fields["offset"]))
     if isinstance(exc, ReplicaNotFound):
         return Status.NOT_FOUND, encode_text(str(exc))
@@ -618,11 +622,51 @@ def _error_response(exc: BaseException, header: RequestHeader,
         what, detail = exc.fields.get("what"), exc.fields.get("detail")
         text = f"{what}: {detail}" if what is not None and detail is not None else str(exc)
         return Status.INVALID, encode_text(text)
+    faults.io_errors += 1
     if isinstance(exc, CargoholdError | OSError):
         log.error("%s on volume %s failed: %s", _op_name(header.op), header.volume_id, exc)
     else:
         log.error("%s on volume %s failed", _op_name(header.op), header.volume_id, exc_info=exc)
     return Status.IO_ERROR, encode_text(str(exc) or type(exc).__name__)
+
+
+#: Ops that write blocks anew: they repair a block found bad (``Faults``).
+REWRITES = frozenset({Op.WRITE, Op.WRITE_SHARED, Op.FILL, Op.TRIM})
+
+
+class Faults:
+    """What went wrong on this data server since it started, for the node's metrics:
+    failed requests (``io_errors``), blocks that failed their checksum (``checksum_errors``)
+    and how many of those were written anew since (``repaired``: the engine or a scrub
+    rewrites a bad copy from a good one)."""
+
+    def __init__(self) -> None:
+        self.io_errors = 0
+        self.checksum_errors = 0
+        self.repaired = 0
+        self.bad: dict[str, set[int]] = {}  # volume id → offsets of blocks found bad
+
+    def found(self, volume_id: str, offset: int) -> None:
+        blocks = self.bad.setdefault(volume_id, set())
+        block = offset - offset % BLOCK_SIZE
+        if block not in blocks:  # the same bad block read again is no new error
+            blocks.add(block)
+            self.checksum_errors += 1
+
+    def rewritten(self, volume_id: str, offset: int, length: int) -> None:
+        blocks = self.bad.get(volume_id)
+        if not blocks:
+            return
+        gone = {b for b in blocks if offset <= b and b + BLOCK_SIZE <= offset + length}
+        if gone:
+            blocks -= gone
+            self.repaired += len(gone)
+            if not blocks:
+                del self.bad[volume_id]
+
+    def to_dict(self) -> dict[str, int]:
+        return {"io_errors": self.io_errors, "checksum_errors": self.checksum_errors,
+                "repaired": self.repaired}
 
 
 def _space(store: ChunkStore) -> str:
@@ -658,6 +702,7 @@ class DataProtocolServer:
         self.frame_timeout = frame_timeout
         self.connections: set[_Connection] = set()
         self.flushes: set[asyncio.Future[Any]] = set()
+        self.faults = Faults()
         self.host = ""
         self.port = 0
         self.socket_path: Path | None = None

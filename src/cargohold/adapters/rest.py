@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -46,6 +46,7 @@ from cargohold.services.volumes import VolumeService
 from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
 
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # everything else changes something
 HTTP_STATUS = {
     Kind.INVALID: 400,
@@ -222,6 +223,7 @@ class Services:
     backups: BackupService | None = None
     restores: RestoreService | None = None
     schedules: BackupSchedules | None = None
+    metrics: Callable[[], Awaitable[bytes]] | None = None  # GET /metrics (adapters/metrics)
     ready: bool = False
 
 
@@ -322,6 +324,14 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", response_class=Response, responses={200: {
+        "content": {METRICS_TYPE: {}},
+        "description": "Prometheus text format: this node's figures, and the cluster's from "
+                       "the node that runs the controller"}})
+    async def metrics() -> Response:
+        body = await services.metrics() if services.metrics is not None else b""
+        return Response(body, media_type=METRICS_TYPE)
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:

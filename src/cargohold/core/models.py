@@ -238,6 +238,10 @@ class DataServer(Record):
     reserve: int = 0  # free bytes it keeps for chunks in use: no new replicas below it
     state: ServerState = ServerState.UP
     last_seen: float = Field(default_factory=time.time)
+    # since the data server process started (counters for /metrics):
+    io_errors: int = 0  # requests that failed with an I/O error
+    checksum_errors: int = 0  # blocks whose checksum failed when read
+    checksum_repaired: int = 0  # of those, written anew from a good copy since
 
 
 class Node(Record):

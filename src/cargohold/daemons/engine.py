@@ -16,7 +16,9 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -25,6 +27,8 @@ from cargohold.clients.access import Access
 from cargohold.config import RESIZE_SIGNAL, EngineConfig, read_secret
 from cargohold.core.capability import SNAPSHOT_READS
 from cargohold.core.cipher import VolumeCipher
+from cargohold.core.iostats import VolumeIo
+from cargohold.core.periodic import Periodic
 from cargohold.errors import CargoholdError, InvalidArgument
 from cargohold.services.engine.engine import Engine
 from cargohold.stores.catalog import Catalog
@@ -32,6 +36,9 @@ from cargohold.stores.opener import open_store
 from cargohold.stores.pki import client_context
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two writes of the stats file.
+STATS_INTERVAL = 2.0
 
 
 async def serve(config: EngineConfig) -> int:
@@ -41,10 +48,11 @@ async def serve(config: EngineConfig) -> int:
     try:
         held = _held(config)
         key = held.get("key")
+        io = VolumeIo() if config.stats_file is not None else None
         engine = Engine(Catalog(store), config.volume, config.epoch, config.node,
                         str(config.mountpoint), config.heal_rate, config.scrub_rate,
                         _access(config, held), config.lease_ttl,
-                        VolumeCipher(bytes.fromhex(key)) if key else None)
+                        VolumeCipher(bytes.fromhex(key)) if key else None, io)
         await engine.start()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(RESIZE_SIGNAL, engine.refresh_size)
@@ -54,10 +62,37 @@ async def serve(config: EngineConfig) -> int:
         tmp = config.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(config.mountpoint)}))
         tmp.rename(config.ready_file)
-        await engine.run(stop)
+        if io is not None and config.stats_file is not None:
+            stats = StatsFile(config.stats_file, config.volume, config.epoch, io)
+            writer = asyncio.ensure_future(
+                Periodic("writing the I/O statistics", stats.run_once, STATS_INTERVAL)
+                .run_forever())
+        try:
+            await engine.run(stop)
+        finally:
+            if io is not None:
+                writer.cancel()
         return 0
     finally:
         await store.close()
+
+
+class StatsFile:
+    """Where the engine's request counts go for the node to read (``/metrics``): one JSON
+    object, replaced whole."""
+
+    def __init__(self, path: Path, volume: str, epoch: int, io: VolumeIo) -> None:
+        self.path, self.volume, self.epoch, self.io = path, volume, epoch, io
+
+    async def run_once(self) -> None:
+        data = {"volume": self.volume, "epoch": self.epoch, "pid": os.getpid(),
+                "time": time.time(), "io": self.io.to_dict()}
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(data))
+            tmp.rename(self.path)
+        except OSError as e:
+            log.warning("cannot write %s: %s", self.path, e)
 
 
 def _held(config: EngineConfig) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -27,6 +27,7 @@ from cargohold import __version__
 from cargohold.adapters.csi.server import serve as serve_csi
 from cargohold.adapters.dockerplugin import DockerPlugin
 from cargohold.adapters.dockerplugin import create_app as create_plugin_app
+from cargohold.adapters.metrics import Metrics
 from cargohold.adapters.rest import Services, create_app
 from cargohold.clients.access import Access
 from cargohold.clients.dataclient import DataClient
@@ -50,6 +51,7 @@ from cargohold.services.volumes import VolumeService
 from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
 from cargohold.stores.metadata import MetadataStore
+from cargohold.stores.metered import MeteredStore
 from cargohold.stores.opener import open_store
 from cargohold.stores.pki import Credentials, ensure_own
 
@@ -130,8 +132,9 @@ class NodeDaemon:
                               key_file if credentials else None, config.name)
             for i, path in enumerate(config.data_dirs)
         ]
-        store = open_store(config.metadata, tls if credentials else None,
-                           read_secret(config.etcd_password_file, "--etcd-password-file"))
+        store = MeteredStore(open_store(
+            config.metadata, tls if credentials else None,
+            read_secret(config.etcd_password_file, "--etcd-password-file")))
         catalog = Catalog(store)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -144,7 +147,7 @@ class NodeDaemon:
                       config.rebuild_rate, config.scrub_rate, tls if credentials else None,
                       credentials.cluster_key if credentials else b"",
                       config.lease_ttl if etcd_hosts(config.metadata) else 0.0,
-                      config.etcd_password_file)
+                      config.etcd_password_file, config.engine_metrics)
         volumes = VolumeService(catalog, self.access)
         self.backups = BackupService(catalog, SnapshotService(catalog, self.access),
                                      self.access, config.name)
@@ -163,16 +166,18 @@ class NodeDaemon:
             await self.check_once(store, catalog)
             await agent.recover()
             snapshots = SnapshotService(catalog, self.access)
+            stale_after = max(config.lease_ttl, 3 * config.server_check_interval)
             services = Services(catalog, volumes, agent, self.controller,
                                 Scrub(catalog, access=self.access),
                                 EventFeed(store), NodeRemoval(catalog), config.name,
-                                stale_after=max(config.lease_ttl,
-                                                3 * config.server_check_interval),
+                                stale_after=stale_after,
                                 snapshots=snapshots,
                                 clones=CloneService(catalog, volumes, snapshots, self.access),
                                 backups=self.backups,
                                 restores=self.restores,
-                                schedules=self.schedules)
+                                schedules=self.schedules,
+                                metrics=self._metrics(catalog, volumes, agent, store,
+                                                      stale_after))
             audit = AuditLog(config.state_dir / "audit.log")
             for endpoint in config.api:
                 tokens = [] if endpoint.is_unix else config.api_tokens()
@@ -259,6 +264,17 @@ class NodeDaemon:
                                     api=",".join(e.url for e in self.config.api),
                                     data_servers=ids, started=self.started))
 
+    def _metrics(self, catalog: Catalog, volumes: VolumeService, agent: Agent,
+                 store: MeteredStore, stale_after: float) -> Callable[[], Awaitable[bytes]]:
+        """What answers GET /metrics."""
+        exporter = Metrics(catalog, volumes, self.config.name, stale_after)
+
+        async def scrape() -> bytes:
+            return await exporter.render(self.controller.lease_held, self.controller.leading,
+                                         store.requests, agent.engine_io())
+
+        return scrape
+
     async def _describe(self, process: DataServerProcess) -> DataServer:
         usage = shutil.disk_usage(process.path)
         record = DataServer(id=process.info["id"], node=self.config.name,
@@ -273,6 +289,10 @@ class NodeDaemon:
             record.used = int(hello.get("used", 0))
             record.provisioned = int(hello.get("provisioned", 0))
             record.reserve = int(hello.get("reserve", 0))
+            faults = hello.get("faults", {})
+            record.io_errors = int(faults.get("io_errors", 0))
+            record.checksum_errors = int(faults.get("checksum_errors", 0))
+            record.checksum_repaired = int(faults.get("repaired", 0))
         except CargoholdError as e:
             log.error("data server %s does not answer: %s", record.id, e)
             record.state = ServerState.DOWN

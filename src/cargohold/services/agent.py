@@ -27,6 +27,7 @@ from cargohold.clients import kernel
 from cargohold.config import ENGINE_MODULES, RESIZE_SIGNAL, EngineConfig, TlsFiles
 from cargohold.core.capability import SNAPSHOT_READS, Capability
 from cargohold.core.cipher import unwrap_key
+from cargohold.core.iostats import VolumeIo
 from cargohold.core.models import Attachment, Volume, VolumeState
 from cargohold.errors import (
     AttachFailed,
@@ -57,6 +58,7 @@ class EngineDir:
         self.ready_file = self.root / "ready.json"
         self.capability_file = self.root / "capability.json"
         self.log_file = self.root / "engine.log"
+        self.stats_file = self.root / "stats.json"
         self.mountpoint = state_dir / "mounts" / name
 
     def pid(self) -> int:
@@ -70,13 +72,16 @@ class Agent:
     def __init__(self, catalog: Catalog, node: str, state_dir: Path, metadata_url: str,
                  heal_rate: float = 0.0, scrub_rate: float = 0.0, tls: TlsFiles | None = None,
                  cluster_key: bytes = b"", lease_ttl: float = 0.0,
-                 etcd_password_file: Path | None = None) -> None:
+                 etcd_password_file: Path | None = None, engine_metrics: bool = False
+                 ) -> None:
         """``heal_rate``: bytes per second an engine may use to bring a replica back;
         ``scrub_rate``: to scrub its volume. ``tls``: the files engines connect to other
         hosts with (None: plaintext); ``cluster_key``: signs each engine's capability
         (empty: engines get none, for data servers that ask for none); ``lease_ttl``: engines
-        fail all I/O once the node's lease is lost (0: never, as on one host)."""
+        fail all I/O once the node's lease is lost (0: never, as on one host);
+        ``engine_metrics``: engines count requests for ``engine_io``."""
         self.lease_ttl = lease_ttl
+        self.engine_metrics = engine_metrics
         self.etcd_password_file = etcd_password_file
         self.catalog = catalog
         self.tls = tls
@@ -215,7 +220,9 @@ class Agent:
                             heal_rate=self.heal_rate, scrub_rate=self.scrub_rate,
                             tls=self.tls, capability_file=capability_file,
                             lease_ttl=self.lease_ttl,
-                            etcd_password_file=self.etcd_password_file).argv()
+                            etcd_password_file=self.etcd_password_file,
+                            stats_file=paths.stats_file if self.engine_metrics else None
+                            ).argv()
         with open(paths.log_file, "ab") as log_out:
             child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -426,6 +433,7 @@ class Agent:
             paths.pid_file.unlink(missing_ok=True)
             paths.capability_file.unlink(missing_ok=True)
             paths.ready_file.unlink(missing_ok=True)
+            paths.stats_file.unlink(missing_ok=True)
 
     async def _stop_engine(self, pid: int) -> None:
         if not pid or not self._alive(pid):
@@ -485,6 +493,24 @@ class Agent:
         for line in report:
             log.info("recovery: %s", line)
         return report
+
+    def engine_io(self) -> dict[str, VolumeIo]:
+        """The request counts of the engines running on this host, by volume name (as of
+        their last stats file: at most 2 s old)."""
+        found: dict[str, VolumeIo] = {}
+        engines = self.state_dir / "engines"
+        for root in sorted(engines.iterdir()) if engines.exists() else []:
+            paths = EngineDir(self.state_dir, root.name)
+            try:
+                data = json.loads(paths.stats_file.read_text())
+                if data["pid"] != paths.pid() or not self._alive(data["pid"]):
+                    continue  # a previous engine's
+                found[root.name] = VolumeIo.from_dict(data["io"])
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("%s: %s", paths.stats_file, e)
+        return found
 
     def engine_log(self, name: str) -> str:
         return _tail(EngineDir(self.state_dir, name).log_file, 4000)

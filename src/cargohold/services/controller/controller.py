@@ -85,6 +85,11 @@ class Controller:
     def leading(self) -> bool:
         return self._elected and time.monotonic() < self._valid_until
 
+    @property
+    def lease_held(self) -> bool:
+        """Whether the node's lease surely holds now (renewed within its TTL)."""
+        return bool(self.lease) and time.monotonic() < self._valid_until
+
     def renewed(self, lease: int, ttl: float, at: float) -> None:
         """The node's lease ``lease`` was granted or kept alive at ``at`` (monotonic) for
         ``ttl`` seconds."""

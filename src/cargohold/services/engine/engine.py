@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from cargohold.clients.access import Access
 from cargohold.clients.sharedmemory import SharedMemory
 from cargohold.core.cipher import VolumeCipher
+from cargohold.core.iostats import VolumeIo
 from cargohold.core.models import ReplicaState, Volume
 from cargohold.core.periodic import Periodic
 from cargohold.core.retry import Backoff, retry
@@ -69,10 +70,12 @@ class Engine:
     def __init__(self, catalog: Catalog, name: str, epoch: int, node: str, mountpoint: str,
                  heal_rate: float = 0.0, scrub_rate: float = 0.0,
                  access: Access | None = None, lease_ttl: float = 0.0,
-                 cipher: VolumeCipher | None = None) -> None:
+                 cipher: VolumeCipher | None = None, io: VolumeIo | None = None) -> None:
         """``lease_ttl``: watch the node's lease and fail all I/O once it is lost (0: do
-        not, as on one host, where no other can take the volume over)."""
+        not, as on one host, where no other can take the volume over); ``io``: count the
+        kernel's requests there (None: do not)."""
         self.catalog = catalog
+        self.io = io
         self.access = access
         self.lease_ttl = lease_ttl
         self.cipher = cipher  # an encrypted volume's (None: stored as written)
@@ -121,7 +124,7 @@ class Engine:
                 raise
         plain: BlockTarget = self.origin if self.origin is not None else self.replicas
         target = EncryptedTarget(plain, self.cipher) if self.cipher is not None else plain
-        self.session = FuseSession(target, self.mountpoint, self._shared)
+        self.session = FuseSession(target, self.mountpoint, self._shared, self.io)
         try:
             self.session.start()
         except OSError:

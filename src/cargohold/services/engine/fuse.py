@@ -22,9 +22,11 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
+from time import perf_counter
 from typing import Any, Protocol
 
 from cargohold.clients.sharedmemory import SharedMemory
+from cargohold.core.iostats import OpStats, VolumeIo
 from cargohold.core.wire import BytesLike
 from cargohold.errors import CargoholdError, NoSpace
 
@@ -139,8 +141,10 @@ class FuseSession:
     """Serves one mounted FUSE connection until it is unmounted."""
 
     def __init__(self, target: BlockTarget, mountpoint: str,
-                 shared: SharedMemory | None = None) -> None:
+                 shared: SharedMemory | None = None, io: VolumeIo | None = None) -> None:
+        """``io``: count every request and its latency there (None: do not)."""
         self.target = target
+        self.io = io
         self.mountpoint = mountpoint
         self.fd = -1
         self.finished: asyncio.Future[None] | None = None
@@ -301,8 +305,10 @@ class FuseSession:
         elif opcode == READDIR:
             self._readdir(unique, body)
         elif opcode == STATFS:
-            blocks = self.target.size // 4096
-            self._reply(unique, KSTATFS.pack(blocks, 0, 0, 2, 0, 4096, 255, 4096, 0))
+            # no blocks: ``df`` (and node_exporter's file system collector) leave out file
+            # systems of size 0 rather than list every attached volume's image as a full one
+            # (the volume's own file system, on the loop device, is listed with its use)
+            self._reply(unique, KSTATFS.pack(0, 0, 0, 2, 0, 4096, 255, 4096, 0))
         elif opcode in (RELEASE, RELEASEDIR, ACCESS):
             self._reply(unique, b"")
         elif opcode == DESTROY:
@@ -372,31 +378,38 @@ class FuseSession:
         if size == 0:
             self._reply(unique, b"")
             return
+        started = perf_counter()
         try:
             data = self.target.read_at_once(offset, size)
             if data is not None:
                 self._send([OUT_HEADER.pack(OUT_HEADER.size + len(data), 0, unique), data])
+                if self.io is not None:
+                    self.io.read.done(size, perf_counter() - started)
                 return
             future = self.target.start_read(offset, size)
         except Exception as e:  # noqa: BLE001 - every failure must become an errno
-            self._fail(unique, e)
+            self._fail(unique, e, self.io.read if self.io else None, started)
             return
         self._io.add(future)
-        future.add_done_callback(partial(self._read_done, unique))
+        future.add_done_callback(partial(self._read_done, unique, started))
 
-    def _read_done(self, unique: int, future: asyncio.Future[BytesLike]) -> None:
+    def _read_done(self, unique: int, started: float, future: asyncio.Future[BytesLike]
+                   ) -> None:
         self._io.discard(future)
         error = future.exception() if not future.cancelled() else asyncio.CancelledError()
         if error is not None:
-            self._fail(unique, error)
+            self._fail(unique, error, self.io.read if self.io else None, started)
             return
         data = future.result()
         self._send([OUT_HEADER.pack(OUT_HEADER.size + len(data), 0, unique), data])
+        if self.io is not None:
+            self.io.read.done(len(data), perf_counter() - started)
 
     def _write(self, unique: int, offset: int, data: BytesLike, slot: int = -1,
                shared_at: int = -1) -> None:
         """Start a write; ``slot``: the shared slot ``data`` lies in (at ``shared_at``),
         held by this request until it is answered."""
+        started = perf_counter()
         try:
             if offset + len(data) > self.target.size:
                 self._error(unique, errno.ENOSPC)
@@ -408,22 +421,22 @@ class FuseSession:
                 future = self.target.start_write(offset, data)
         except Exception as e:  # noqa: BLE001
             self._release(slot)
-            self._fail(unique, e)
+            self._fail(unique, e, self.io.write if self.io else None, started)
             return
         self._io.add(future)
-        future.add_done_callback(partial(self._write_done, unique, len(data), slot))
+        future.add_done_callback(partial(self._write_done, unique, len(data), slot, started))
 
     def _release(self, slot: int) -> None:
         if slot >= 0 and self._shared is not None:
             self._shared.release(slot)
 
-    def _write_done(self, unique: int, size: int, slot: int,
+    def _write_done(self, unique: int, size: int, slot: int, started: float,
                     future: asyncio.Future[None]) -> None:
         self._io.discard(future)
         self._release(slot)
         error = future.exception() if not future.cancelled() else asyncio.CancelledError()
         if error is not None:
-            self._fail(unique, error)
+            self._fail(unique, error, self.io.write if self.io else None, started)
             return
         if self.fd < 0:
             return
@@ -432,14 +445,19 @@ class FuseSession:
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENODEV):
                 log.error("replying to FUSE failed: %s", e)
+        if self.io is not None:
+            self.io.write.done(size, perf_counter() - started)
 
     async def _flush(self, unique: int) -> None:
+        started = perf_counter()
         try:
             await self.target.flush()
         except Exception as e:  # noqa: BLE001
-            self._fail(unique, e)
+            self._fail(unique, e, self.io.flush if self.io else None, started)
             return
         self._reply(unique, b"")
+        if self.io is not None:
+            self.io.flush.done(0, perf_counter() - started)
 
     async def _fallocate(self, unique: int, offset: int, length: int, mode: int) -> None:
         if mode == 0 or mode == FALLOC_FL_KEEP_SIZE:
@@ -449,15 +467,20 @@ class FuseSession:
             self._error(unique, errno.EOPNOTSUPP)
             return
         length = max(0, min(length, self.target.size - offset))
+        started = perf_counter()
+        stats = None if self.io is None else (
+            self.io.trim if mode & FALLOC_FL_PUNCH_HOLE else self.io.write)
         try:
             if mode & FALLOC_FL_PUNCH_HOLE:
                 await self.target.trim(offset, length)
             else:
                 await self._write_zeros(offset, length)
         except Exception as e:  # noqa: BLE001
-            self._fail(unique, e)
+            self._fail(unique, e, stats, started)
             return
         self._reply(unique, b"")
+        if stats is not None:
+            stats.done(length, perf_counter() - started)
 
     async def _write_zeros(self, offset: int, length: int) -> None:
         """Zero a range and keep it allocated (``FALLOC_FL_ZERO_RANGE``).
@@ -482,7 +505,11 @@ class FuseSession:
                     if isinstance(result, BaseException):
                         raise result
 
-    def _fail(self, unique: int, error: BaseException) -> None:
+    def _fail(self, unique: int, error: BaseException, stats: OpStats | None = None,
+              started: float = 0.0) -> None:
+        """Answer ``unique`` with the errno for ``error``; count it in ``stats``."""
+        if stats is not None:
+            stats.failed(perf_counter() - started)
         code = errno.ENOSPC if isinstance(error, NoSpace) else errno.EIO
         if isinstance(error, CargoholdError):
             text, now = str(error), time.monotonic()
