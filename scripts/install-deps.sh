@@ -6,17 +6,30 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # gcc and OpenSSL's headers build the block cipher of encrypted volumes (core/_xts.c)
 packages=(fuse3 util-linux mount e2fsprogs xfsprogs gcc libssl-dev)
+bare=()
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(fio docker.io etcd-server busybox-static iproute2 curl)
+  # metrics: a real Prometheus server and promtool; the dashboard: a real browser (without
+  # their recommends: node-exporter, fonts and the like)
+  bare=(prometheus chromium chromium-driver)
 fi
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
+absent() {
+  for p in "$@"; do
+    [[ -n "$p" ]] || continue
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"
+  done
+}
+mapfile -t missing < <(absent "${packages[@]}")
+mapfile -t missing_bare < <(absent "${bare[@]:-}")
+if ((${#missing[@]} + ${#missing_bare[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq "${missing[@]}" >/dev/null
+  if ((${#missing[@]})); then
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  if ((${#missing_bare[@]})); then
+    apt-get install -y -qq --no-install-recommends "${missing_bare[@]}" >/dev/null
+  fi
 fi
 extras=""
 [[ "${1:-}" == "--test" ]] && extras="[test]"

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import LiveWriter, Node, needs_root
@@ -20,6 +21,20 @@ MIB = 1 << 20
 def _scrub(node: Node, name: str) -> dict[str, Any]:
     report: dict[str, Any] = node.json("volume", "scrub", name)  # type: ignore[assignment]
     return report
+
+
+def _wait_for_metric(node: Node, line: str, timeout: float = 20.0) -> None:
+    """Until the node's /metrics has ``line`` (the data servers report every second)."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(node.socket))) as client:
+        while True:
+            text = client.get("http://n/metrics").text
+            if line in text.splitlines():
+                return
+            if time.monotonic() > deadline:
+                found = [t for t in text.splitlines() if t.startswith(line.split("{")[0])]
+                raise AssertionError(f"no {line!r} in /metrics: {found}")
+            time.sleep(0.2)
 
 
 def test_scrub_repairs_a_corrupted_copy_and_reports_it(tmp_path: Path) -> None:
@@ -53,6 +68,10 @@ def test_scrub_repairs_a_corrupted_copy_and_reports_it(tmp_path: Path) -> None:
         found = _scrub(node, "sc")
         assert found["repaired"] == [{"chunk": flipped // MIB, "server": victim["server"]}]
         assert found["lost"] == []
+        # the data server counted the bad block and its repair; /metrics says so
+        labels = f'{{node="{node.name}",server="{victim["server"]}"}}'
+        _wait_for_metric(node, f"cargohold_server_checksum_errors_total{labels} 1.0")
+        _wait_for_metric(node, f"cargohold_server_checksum_repaired_total{labels} 1.0")
         text = node.cli("volume", "scrub", "sc").stdout  # and now it is clean again
         assert "repaired: 0 copies" in text and "lost: 0 chunks" in text
 

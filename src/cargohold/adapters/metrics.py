@@ -116,17 +116,19 @@ def _requests(names: tuple[str, str, str, str], what: str, labels: list[str],
     ops_name, errors_name, bytes_name, duration_name = names
     ops = CounterMetricFamily(ops_name, f"Count of {what}.", labels=labels)
     errors = CounterMetricFamily(errors_name, f"Failed {what}.", labels=labels)
-    size = CounterMetricFamily(bytes_name, f"Bytes of {what}.", labels=labels)
+    size = CounterMetricFamily(bytes_name, f"Bytes of {what}.", labels=labels) if bytes_name \
+        else None
     latency = HistogramMetricFamily(duration_name, f"Latency of {what}.", labels=labels)
     for values, stats in rows:
         ops.add_metric(list(values), stats.ops)
         errors.add_metric(list(values), stats.errors)
-        size.add_metric(list(values), stats.bytes)
+        if size is not None:
+            size.add_metric(list(values), stats.bytes)
         latency.add_metric(list(values), [(_le(b), c) for b, c in stats.cumulative()],
                            stats.seconds)
     yield ops
     yield errors
-    if bytes_name:
+    if size is not None:
         yield size
     yield latency
 
