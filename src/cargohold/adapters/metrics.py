@@ -41,8 +41,6 @@ from cargohold.core.models import (
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.catalog import Catalog
 
-#: Seconds a volume's measured use is reused (it costs a request to each replica's server).
-USAGE_TTL = 30.0
 ROBUSTNESS = ("healthy", "degraded", "faulted")
 
 
@@ -267,7 +265,6 @@ class Metrics:
         self.volumes = volumes
         self.node = node
         self.stale_after = stale_after
-        self._usage: dict[str, tuple[float, int | None]] = {}  # volume id → (when, bytes)
 
     async def render(self, lease_alive: bool, controller: bool, metadata: dict[str, OpStats],
                      engines: dict[str, VolumeIo]) -> bytes:
@@ -283,19 +280,4 @@ class Metrics:
         alive = dict(zip([n.name for n in nodes], await asyncio.gather(
             *(catalog.node_alive(n.name) for n in nodes)), strict=True))
         return Cluster(volumes, servers, nodes, alive, snapshots, schedules,
-                       await self._used(volumes), self.stale_after)
-
-    async def _used(self, volumes: list[Volume]) -> dict[str, int | None]:
-        """Each volume's use, measured again once ``USAGE_TTL`` passed."""
-        now = time.monotonic()
-        stale = [v for v in volumes if v.state is not VolumeState.CREATING and (
-            v.id not in self._usage or now - self._usage[v.id][0] > USAGE_TTL)]
-        measured = await asyncio.gather(*(self.volumes.usage(v) for v in stale))
-        for volume, usage in zip(stale, measured, strict=True):
-            known = [u for u in usage.values() if u is not None]
-            self._usage[volume.id] = (now, max(known) if known else None)
-        ids = {v.id for v in volumes}
-        for gone in set(self._usage) - ids:
-            del self._usage[gone]
-        return {v.name: self._usage[v.id][1] if v.id in self._usage else None
-                for v in volumes}
+                       await self.volumes.recent_use(volumes), self.stale_after)

@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
+from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -227,6 +228,33 @@ class Services:
     ready: bool = False
 
 
+#: The dashboard's files (``ui/``), served without a token: they hold no data, and the page
+#: asks for the token before it reads anything.
+UI_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+            ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+
+
+def _public(path: str) -> bool:
+    return path == "/healthz" or path == "/ui" or path.startswith("/ui/")
+
+
+def _asset(name: str) -> Response:
+    folder = resources.files("cargohold.adapters") / "ui"
+    kind = UI_TYPES.get(name[name.rfind("."):]) if "." in name else None
+    if kind is None or "/" in name or name.startswith("."):
+        return JSONResponse({"error": {"code": "not_found", "message": "no such file"}},
+                            status_code=404)
+    try:
+        body = (folder / name).read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        return JSONResponse({"error": {"code": "not_found", "message": "no such file"}},
+                            status_code=404)
+    return Response(body, media_type=kind, headers={
+        "cache-control": "no-cache", "x-content-type-options": "nosniff",
+        "content-security-policy": "default-src 'self'; img-src 'self' data:; "
+                                   "style-src 'self'; frame-ancestors 'none'"})
+
+
 def health(last_seen: float, stale_after: float, alive: bool = True) -> str:
     """up: lease alive and seen lately; suspect: one of the two; down: neither."""
     recent = time.time() - last_seen <= stale_after
@@ -298,11 +326,11 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
         """On TCP: a known token, and an admin one for changes. Every change is audited."""
         method, path = request.method, request.url.path
         changes = method not in READ_METHODS
-        who, peer = "local", "unix"
+        who, role, peer = "local", "admin", "unix"
         if request.client is not None:  # on a unix socket: "uid=U,pid=P" (port 0)
             peer = (f"{request.client.host}:{request.client.port}" if request.client.port
                     else request.client.host)
-        if tokens and path != "/healthz":
+        if tokens and not _public(path):
             given = request.headers.get("authorization", "").encode()
             found = next((t for secret, t in by_secret.items()
                           if hmac.compare_digest(given, secret)), None)
@@ -310,12 +338,13 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
                 if changes and audit is not None:
                     audit.record("unknown", peer, method, path, 401)
                 return JSONResponse({"error": Unauthorized().to_dict()}, status_code=401)
-            who = found.name
+            who, role = found.name, found.role
             if changes and found.role != "admin":
                 if audit is not None:
                     audit.record(who, peer, method, path, 403)
                 error = Forbidden(name=who, method=method, path=path)
                 return JSONResponse({"error": error.to_dict()}, status_code=403)
+        request.state.who, request.state.role = who, role
         response: Response = await call_next(request)
         if changes and audit is not None:
             audit.record(who, peer, method, path, response.status_code)
@@ -342,9 +371,40 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
         return {s.id: s for s in await services.catalog.servers()}
 
     @app.get("/v1/volumes")
-    async def list_volumes() -> list[dict[str, Any]]:
+    async def list_volumes(usage: bool = False) -> list[dict[str, Any]]:
+        """Every volume; with ``usage``, each with ``used``: the bytes its fullest replica
+        takes, measured at most 30 s ago."""
         known = await servers()
-        return [volume_view(v, known) for v in await services.catalog.volumes()]
+        volumes = await services.catalog.volumes()
+        views = [volume_view(v, known) for v in volumes]
+        if usage:
+            used = await services.volumes.recent_use(volumes)
+            for view in views:
+                view["used"] = used.get(view["name"])
+        return views
+
+    @app.get("/v1/io")
+    async def io() -> dict[str, Any]:
+        """The requests of the volumes attached on this node so far (counts only grow;
+        rates come from two looks): ops, bytes, errors and seconds per kind."""
+        return {"node": services.node, "time": time.time(),
+                "volumes": {name: {kind: {k: v for k, v in stats.items() if k != "buckets"}
+                                   for kind, stats in counts.to_dict().items()}
+                            for name, counts in services.agent.engine_io().items()}}
+
+    @app.get("/v1/whoami")
+    async def whoami(request: Request) -> dict[str, str]:
+        """The token's name and role (admin or read-only); ``local`` on the unix socket."""
+        return {"name": request.state.who, "role": request.state.role,
+                "node": services.node}
+
+    @app.get("/ui", include_in_schema=False)
+    async def dashboard() -> Response:
+        return _asset("index.html")
+
+    @app.get("/ui/{name}", include_in_schema=False)
+    async def dashboard_asset(name: str) -> Response:
+        return _asset(name)
 
     @app.post("/v1/volumes", status_code=201)
     async def create_volume(body: CreateVolume) -> dict[str, Any]:

@@ -66,12 +66,16 @@ ABANDONED_AFTER = 300.0
 STALE_CUT = 300.0
 
 
+#: Seconds a volume's measured use is reused by ``recent_use``.
+USE_MAX_AGE = 30.0
+
 class VolumeService:
     def __init__(self, catalog: Catalog, access: Access | None = None) -> None:
         """``access``: how this node uses data servers (TLS, capabilities); None: in the
         clear, as in-process tests do."""
         self.catalog = catalog
         self.access = access
+        self._used: dict[str, tuple[float, int | None]] = {}  # volume id → (when, bytes)
 
     async def create(self, name: str, size: str | int, replicas: int | str = 2,
                      fs: str = "ext4", exist_ok: bool = False, encrypt: bool = False,
@@ -481,6 +485,23 @@ class VolumeService:
             except CargoholdError:
                 used[replica.server] = None
         return used
+
+
+    async def recent_use(self, volumes: list[Volume], max_age: float = USE_MAX_AGE
+                         ) -> dict[str, int | None]:
+        """Bytes each volume's fullest replica takes, by name (None: no replica answered),
+        measured again once ``max_age`` seconds passed: for lists, metrics and the
+        dashboard, which would otherwise ask every replica's data server on every look."""
+        now = time.monotonic()
+        stale = [v for v in volumes if v.state is not VolumeState.CREATING and (
+            v.id not in self._used or now - self._used[v.id][0] > max_age)]
+        measured = await asyncio.gather(*(self.usage(v) for v in stale))
+        for volume, usage in zip(stale, measured, strict=True):
+            known = [u for u in usage.values() if u is not None]
+            self._used[volume.id] = (now, max(known) if known else None)
+        for gone in set(self._used) - {v.id for v in volumes}:
+            del self._used[gone]
+        return {v.name: self._used[v.id][1] if v.id in self._used else None for v in volumes}
 
 
 def _check_growth(volume: Volume, size: int) -> None:
