@@ -50,7 +50,8 @@ function count(n) { return n >= 1000 ? `${(n / 1000).toFixed(1)}k` : String(Math
 
 function ago(seconds) {
   const d = new Date(seconds * 1000);
-  return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit",
+                                    hour12: false });
 }
 
 function toast(text, error = false) {
@@ -233,11 +234,9 @@ function renderCapacity() {
   const trend = $("used-trend");
   trend.replaceChildren();
   const points = state.usedTrend;
-  if (points.length > 1) {
-    const low = Math.min(...points), high = Math.max(...points);
-    const span = high - low || 1;
+  if (points.length > 1 && capacity) {  // share of the capacity in use, 0 at the bottom
     const path = points.map((v, i) =>
-      `${(i / (TREND_POINTS - 1)) * 300},${36 - ((v - low) / span) * 32}`).join(" ");
+      `${(i / (TREND_POINTS - 1)) * 300},${38 - (v / capacity) * 36}`).join(" ");
     trend.append(svg("polyline", { points: path, fill: "none", stroke: "#1f6feb",
                                    "stroke-width": 1.5, "vector-effect": "non-scaling-stroke" }));
   }
