@@ -759,7 +759,8 @@ class Bench:
         log(f"fresh memory costs {self.first_touch:.1f} us per 4 KiB page to fault in (the "
             f"page cache the data servers write into grows by such pages; raw does not)")
         runs: list[dict[str, Any]] = []
-        configs = [c for c in CONFIGS if c[0] in self.args.configs]
+        by_key = {c[0]: c for c in CONFIGS}
+        configs = [by_key[key] for key in self.args.configs]  # in the order asked
         for index in range(1, self.runs + 1):
             results: dict[str, Any] = {}
             for key, label, replicas in configs:
@@ -1154,10 +1155,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runtime", type=int, default=0,
                    help="seconds per random job (default 20; 5 with --quick)")
     p.add_argument("--configs", default="raw,r1,r2",
-                   help="comma-separated subset of raw,r1,r2,r2enc,r2tls,r2plain,r2nomet "
-                        "(default raw,r1,r2; r2enc: encrypted at rest; r2tls,r2plain: the "
-                        "engine on a second node, both replicas over TCP with TLS or in "
-                        "plaintext; r2nomet: engines without request counts)")
+                   help="comma-separated subset of raw,r1,r2,r2enc,r2tls,r2plain,r2nomet, "
+                        "run in that order (default raw,r1,r2; r2enc: encrypted at rest; "
+                        "r2tls,r2plain: the engine on a second node, both replicas over TCP "
+                        "with TLS or in plaintext; r2nomet: engines without request counts)")
     p.add_argument("--no-settle", dest="settle", action="store_false",
                    help="do not sync the file system (untimed) after each write job: the "
                         "next job then pays for the previous job's flush")
@@ -1197,7 +1198,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "this repository's src/; use a private copy to try a change)")
     p.add_argument("--no-save", action="store_true", help="do not write results/*.json")
     args = p.parse_args(argv)
-    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    args.configs = list(dict.fromkeys(c.strip() for c in args.configs.split(",") if c.strip()))
     args.profile = args.profile or args.profile_perf
     unknown = set(args.configs) - {c[0] for c in CONFIGS}
     if unknown or not args.configs:

@@ -9,9 +9,9 @@ packages=(fuse3 util-linux mount e2fsprogs xfsprogs gcc libssl-dev)
 bare=()
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(fio docker.io etcd-server busybox-static iproute2 curl)
-  # metrics: a real Prometheus server and promtool; the dashboard: a real browser (without
-  # their recommends: node-exporter, fonts and the like)
-  bare=(prometheus chromium chromium-driver)
+  # metrics: a real Prometheus server, promtool and node_exporter; the dashboard: a real
+  # browser (all without their recommends: fonts and the like)
+  bare=(prometheus prometheus-node-exporter chromium chromium-driver)
 fi
 absent() {
   for p in "$@"; do

@@ -119,6 +119,36 @@ def watched(tmp_path: Path) -> Iterator[tuple[Node, Prometheus, int]]:
         node.cleanup()
 
 
+def _node_exporter_sizes() -> dict[str, float] | None:
+    """node_filesystem_size_bytes by mount point, from Debian's node_exporter (None when it
+    is not installed)."""
+    binary = shutil.which("prometheus-node-exporter")
+    if binary is None:
+        return None
+    port = _port()
+    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}",
+                             "--collector.disable-defaults", "--collector.filesystem"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.labels["mountpoint"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "node_filesystem_size_bytes"}
+
+
 def _dashboard_queries() -> list[str]:
     board = json.loads((DEPLOY / "grafana" / "cargohold.json").read_text())
     found = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
@@ -168,6 +198,11 @@ def test_prometheus_sees_writes_and_a_degraded_volume(watched: tuple[Node, Prome
     listed = subprocess.run(["df", "--output=source,target"], capture_output=True,
                             text=True).stdout
     assert str(mountpoint) in listed and "/fuse" not in listed
+    # node_exporter lists the FUSE file with size 0 (avail/size is NaN: no "full" alert)
+    sizes = _node_exporter_sizes()
+    if sizes is not None:
+        fuse = str(node.state / "engines" / "pg" / "fuse")
+        assert sizes[fuse] == 0.0 and sizes[str(mountpoint)] > 200 << 20
 
     # a data server dies (both hold a replica): the volume reads as degraded, at least
     # until the node has started the data server again and the replica caught up

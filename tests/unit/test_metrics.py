@@ -117,7 +117,7 @@ def test_the_controllers_node_exports_the_cluster() -> None:
                           for_clone="x")]  # hidden: taken for a clone
     cluster = Cluster(volumes, servers, nodes, {"host1": True, "host2": True}, snapshots,
                       [BackupSchedule(volume="web", every=3600)], {"pg": 12345, "web": None},
-                      stale_after=10)
+                      stale_after=10, unique={"1" * 32: 4096, "2" * 32: 8192})
     samples = _samples(Scrape("host1", True, True, {}, {}, cluster))
     pg, web = (("volume", "pg"),), (("volume", "web"),)
     assert samples[("cargohold_volume_robustness", (("robustness", "degraded"), *pg))] == 1
@@ -131,6 +131,8 @@ def test_the_controllers_node_exports_the_cluster() -> None:
     assert samples[("cargohold_replica_resync_progress_ratio",
                     (("server", "s1"), *pg))] == 0.25
     assert samples[("cargohold_volume_snapshots", pg)] == 1
+    assert samples[("cargohold_snapshot_unique_bytes", (("snapshot", "a"), *pg))] == 4096
+    assert ("cargohold_snapshot_unique_bytes", (("snapshot", "b"), *pg)) not in samples
     s0, s1 = (("node", "host1"), ("server", "s0")), (("node", "host2"), ("server", "s1"))
     assert samples[("cargohold_server_up", s0)] == 1 and samples[("cargohold_server_up", s1)] == 0
     assert samples[("cargohold_server_checksum_errors_total", s0)] == 2

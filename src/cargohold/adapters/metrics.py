@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -38,10 +38,13 @@ from cargohold.core.models import (
     Volume,
     VolumeState,
 )
+from cargohold.services.snapshots import SnapshotService
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.catalog import Catalog
 
 ROBUSTNESS = ("healthy", "degraded", "faulted")
+#: Seconds the space of snapshots is reused (it costs a request per replica's server).
+SPACE_MAX_AGE = 60.0
 
 
 def robustness(volume: Volume) -> str:
@@ -64,6 +67,7 @@ class Cluster:
     schedules: list[BackupSchedule]
     used: dict[str, int | None]  # volume → bytes its fullest replica takes (None: unknown)
     stale_after: float
+    unique: dict[str, int | None] = field(default_factory=dict)  # snapshot id → bytes
 
 
 @dataclass
@@ -242,6 +246,11 @@ def _snapshots_and_backups(c: Cluster, volumes: list[Volume]) -> Iterator[Metric
             counts[snapshot.volume] += 1
     yield _gauge("cargohold_volume_snapshots", "Snapshots the volume has.", ["volume"],
                  (([name], n) for name, n in counts.items()))
+    yield _gauge("cargohold_snapshot_unique_bytes", "Bytes only this snapshot holds (what "
+                 "removing it frees), measured at most 60 s ago.", ["volume", "snapshot"],
+                 (([s.volume, s.name], unique) for s in c.snapshots
+                  if s.volume in counts and not s.for_clone
+                  and (unique := c.unique.get(s.id)) is not None))
     done = [(v, v.last_backup) for v in volumes if v.last_backup is not None]
     yield _gauge("cargohold_volume_last_backup_timestamp_seconds", "When the volume's last "
                  "backup ended (or began, while it runs).", ["volume"],
@@ -259,10 +268,13 @@ def _snapshots_and_backups(c: Cluster, volumes: list[Volume]) -> Iterator[Metric
 class Metrics:
     """What ``GET /metrics`` answers, for one node."""
 
-    def __init__(self, catalog: Catalog, volumes: VolumeService, node: str,
-                 stale_after: float) -> None:
+    def __init__(self, catalog: Catalog, volumes: VolumeService, snapshots: SnapshotService,
+                 node: str, stale_after: float) -> None:
         self.catalog = catalog
         self.volumes = volumes
+        self.snapshots = snapshots
+        self._unique: dict[str, int | None] = {}
+        self._unique_at = -SPACE_MAX_AGE
         self.node = node
         self.stale_after = stale_after
 
@@ -280,4 +292,15 @@ class Metrics:
         alive = dict(zip([n.name for n in nodes], await asyncio.gather(
             *(catalog.node_alive(n.name) for n in nodes)), strict=True))
         return Cluster(volumes, servers, nodes, alive, snapshots, schedules,
-                       await self.volumes.recent_use(volumes), self.stale_after)
+                       await self.volumes.recent_use(volumes), self.stale_after,
+                       await self._snapshot_space(snapshots))
+
+    async def _snapshot_space(self, snapshots: list[Snapshot]) -> dict[str, int | None]:
+        """Bytes only each snapshot holds, asked of the data servers again once
+        ``SPACE_MAX_AGE`` passed or the snapshots changed."""
+        now = time.monotonic()
+        if now - self._unique_at > SPACE_MAX_AGE or {s.id for s in snapshots} != set(
+                self._unique):
+            self._unique = await self.snapshots.usage(snapshots)
+            self._unique_at = now
+        return self._unique

@@ -62,6 +62,7 @@ async def serve(config: EngineConfig) -> int:
         tmp = config.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(config.mountpoint)}))
         tmp.rename(config.ready_file)
+        writer = None
         if io is not None and config.stats_file is not None:
             stats = StatsFile(config.stats_file, config.volume, config.epoch, io)
             writer = asyncio.ensure_future(
@@ -70,7 +71,7 @@ async def serve(config: EngineConfig) -> int:
         try:
             await engine.run(stop)
         finally:
-            if io is not None:
+            if writer is not None:
                 writer.cancel()
         return 0
     finally:

@@ -176,8 +176,8 @@ class NodeDaemon:
                                 backups=self.backups,
                                 restores=self.restores,
                                 schedules=self.schedules,
-                                metrics=self._metrics(catalog, volumes, agent, store,
-                                                      stale_after))
+                                metrics=self._metrics(catalog, volumes, snapshots, agent,
+                                                      store, stale_after))
             audit = AuditLog(config.state_dir / "audit.log")
             for endpoint in config.api:
                 tokens = [] if endpoint.is_unix else config.api_tokens()
@@ -264,10 +264,11 @@ class NodeDaemon:
                                     api=",".join(e.url for e in self.config.api),
                                     data_servers=ids, started=self.started))
 
-    def _metrics(self, catalog: Catalog, volumes: VolumeService, agent: Agent,
-                 store: MeteredStore, stale_after: float) -> Callable[[], Awaitable[bytes]]:
+    def _metrics(self, catalog: Catalog, volumes: VolumeService, snapshots: SnapshotService,
+                 agent: Agent, store: MeteredStore, stale_after: float
+                 ) -> Callable[[], Awaitable[bytes]]:
         """What answers GET /metrics."""
-        exporter = Metrics(catalog, volumes, self.config.name, stale_after)
+        exporter = Metrics(catalog, volumes, snapshots, self.config.name, stale_after)
 
         async def scrape() -> bytes:
             return await exporter.render(self.controller.lease_held, self.controller.leading,
