@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Node, needs_root
+from tests.conftest import LiveWriter, Node, needs_root
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = [needs_root(), pytest.mark.system,
@@ -79,6 +79,23 @@ class Browser:
                 raise AssertionError(f"no {what} in {timeout} s (screenshot: "
                                      f"{self.screenshot(what)})")
             time.sleep(0.2)
+
+    def click(self, selector: str, text: str, timeout: float = 30.0) -> None:
+        """Click the visible ``selector`` element reading ``text``; the tables are drawn
+        anew every 2 s, so an element found may be gone before the click: look again."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        def clicked() -> bool:
+            for element in self.css(selector):
+                if element.is_displayed() and element.text == text:
+                    try:
+                        element.click()
+                    except StaleElementReferenceException:
+                        return False
+                    return True
+            return False
+
+        self.until(clicked, f"{text!r} to click in {selector}", timeout)
 
     def text(self, selector: str) -> str:
         return " ".join(e.text for e in self.css(selector))
@@ -167,8 +184,7 @@ def test_a_volume_from_creation_through_a_lost_data_server_to_deletion(
         assert [v["name"] for v in node.json("volume", "ls")] == ["web"]  # type: ignore[attr-defined,index]
 
         # attach from the UI: the event list shows it without a reload
-        ui.until(lambda: next((b for b in ui.css(f"{row} button")
-                               if b.text == "Attach"), None), "Attach button").click()
+        ui.click(f"{row} button", "Attach")
         assert ui.until(lambda: ui.text(f"{row} [data-field=state]") == "attached", "attached")
         ui.until(lambda: "web" in ui.text("#events li[data-event=attached]"),
                  "an attached event")
@@ -176,6 +192,9 @@ def test_a_volume_from_creation_through_a_lost_data_server_to_deletion(
         # writes show as I/O; then a data server dies while writes go on
         mountpoint = Path(str(node.json("volume", "inspect", "web")["attachment"]  # type: ignore[index]
                               ["mountpoint"]))
+        with LiveWriter(mountpoint / "live"):  # fsync'd 4 KiB writes: live IOPS
+            ui.until(lambda: _iops(ui.text(f"{row} [data-field=iops]")) > 0, "IOPS of web")
+            ui.until(lambda: _iops(ui.one("#count-iops").text) > 0, "IOPS in the tile")
         _write(mountpoint / "a", 8 * MIB)
         os.kill(node.dataserver_pids()[0], 9)
         _write(mountpoint / "b", 48 * MIB)  # what the replica misses: resynced at 4 MiB/s
@@ -202,11 +221,9 @@ def test_a_volume_from_creation_through_a_lost_data_server_to_deletion(
         assert not any(b.is_displayed() for b in viewer.css("#new-volume, td.actions button"))
 
         # detach and delete, with confirmation
-        ui.until(lambda: next((b for b in ui.css(f"{row} button")
-                               if b.text == "Detach"), None), "Detach button").click()
+        ui.click(f"{row} button", "Detach")
         assert ui.until(lambda: ui.text(f"{row} [data-field=state]") == "detached", "detached")
-        ui.until(lambda: next((b for b in ui.css(f"{row} button")
-                               if b.text == "Delete"), None), "Delete button").click()
+        ui.click(f"{row} button", "Delete")
         ui.one("#ask-input").send_keys("wrong")
         ui.one("#ask-ok").click()
         assert "Type web" in ui.one("#ask-form .error").text  # not deleted
@@ -220,6 +237,14 @@ def test_a_volume_from_creation_through_a_lost_data_server_to_deletion(
         raise
     except Exception as e:  # selenium's own: keep the screenshot
         raise AssertionError(f"{e} (screenshot: {ui.screenshot('error')})") from e
+
+
+def _iops(text: str) -> float:
+    """The dashboard's figure: "350", "1.2k", or "–" (none)."""
+    text = text.strip()
+    if text.endswith("k"):
+        return float(text[:-1]) * 1000
+    return float(text) if text.replace(".", "", 1).isdigit() else 0.0
 
 
 def _write(path: Path, size: int) -> None:

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cargohold.adapters.dataserver import Faults
 from cargohold.adapters.metrics import Cluster, Scrape, robustness
-from cargohold.core.iostats import LATENCY_BOUNDS, OpStats, VolumeIo
+from cargohold.core.iostats import LATENCY_BOUNDS, IoRates, OpStats, VolumeIo
 from cargohold.core.models import (
     Attachment,
     BackupSchedule,
@@ -160,3 +160,24 @@ def test_faults_count_bad_blocks_once_and_their_repair() -> None:
     faults.rewritten("v", 0, 1 << 20)
     assert faults.repaired == 2 and faults.bad == {}
     assert faults.to_dict() == {"io_errors": 0, "checksum_errors": 2, "repaired": 2}
+
+
+def test_io_rates_come_from_two_different_counts() -> None:
+    rates = IoRates()
+
+    def counted(at: float, reads: int, writes: int) -> VolumeIo:
+        io = VolumeIo(at)
+        io.read.ops, io.read.bytes = reads, reads * 4096
+        io.write.ops, io.write.bytes = writes, writes * 4096
+        return io
+
+    assert rates.update({"pg": counted(100.0, 10, 0)})["pg"]["read_iops"] == 0  # first look
+    second = rates.update({"pg": counted(102.0, 210, 50)})["pg"]
+    assert second == {"read_iops": 100.0, "write_iops": 25.0, "read_bytes": 409600.0,
+                      "write_bytes": 102400.0}
+    assert rates.update({"pg": counted(102.0, 210, 50)})["pg"] == second  # not counted since
+    third = rates.update({"pg": counted(103.0, 210, 60)})["pg"]
+    assert third["read_iops"] == 0 and third["write_iops"] == 10.0
+    # a new engine (counts start again) and a volume gone
+    assert rates.update({"pg": counted(104.0, 5, 5)})["pg"]["write_iops"] == 0
+    assert rates.update({}) == {}

@@ -383,15 +383,6 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
                 view["used"] = used.get(view["name"])
         return views
 
-    @app.get("/v1/io")
-    async def io() -> dict[str, Any]:
-        """The requests of the volumes attached on this node so far (counts only grow;
-        rates come from two looks): ops, bytes, errors and seconds per kind."""
-        return {"node": services.node, "time": time.time(),
-                "volumes": {name: {kind: {k: v for k, v in stats.items() if k != "buckets"}
-                                   for kind, stats in counts.to_dict().items()}
-                            for name, counts in services.agent.engine_io().items()}}
-
     @app.get("/v1/whoami")
     async def whoami(request: Request) -> dict[str, str]:
         """The token's name and role (admin or read-only); ``local`` on the unix socket."""

@@ -70,12 +70,13 @@ class OpStats:
 
 
 class VolumeIo:
-    """An engine's requests from the kernel, by kind."""
+    """An engine's requests from the kernel, by kind (``at``: when counted, epoch seconds)."""
 
     KINDS = ("read", "write", "flush", "trim")
-    __slots__ = KINDS
+    __slots__ = (*KINDS, "at")
 
-    def __init__(self) -> None:
+    def __init__(self, at: float = 0.0) -> None:
+        self.at = at
         self.read = OpStats()
         self.write = OpStats()
         self.flush = OpStats()
@@ -85,9 +86,44 @@ class VolumeIo:
         return {kind: getattr(self, kind).to_dict() for kind in self.KINDS}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VolumeIo:
-        io = cls()
+    def from_dict(cls, data: dict[str, Any], at: float = 0.0) -> VolumeIo:
+        io = cls(at)
         for kind in cls.KINDS:
             if kind in data:
                 setattr(io, kind, OpStats.from_dict(data[kind]))
         return io
+
+
+class IoRates:
+    """Per-second rates of each volume's reads and writes, from successive counts."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, VolumeIo] = {}
+        self.rates: dict[str, dict[str, float]] = {}
+
+    def update(self, counts: dict[str, VolumeIo]) -> dict[str, dict[str, float]]:
+        """Take the latest counts (volume → counts); return the rates of every volume in
+        them: over the last two different counts, 0 for one counted only once."""
+        rates = {}
+        for name, now in counts.items():
+            before = self._last.get(name)
+            if before is None or now.at < before.at or now.read.ops < before.read.ops:
+                rates[name] = dict.fromkeys(RATES, 0.0)  # new, or a new engine
+            elif now.at == before.at:
+                rates[name] = self.rates.get(name, dict.fromkeys(RATES, 0.0))
+                continue  # not counted again since: keep the rate and the older counts
+            else:
+                seconds = now.at - before.at
+                rates[name] = {
+                    "read_iops": (now.read.ops - before.read.ops) / seconds,
+                    "write_iops": (now.write.ops - before.write.ops) / seconds,
+                    "read_bytes": (now.read.bytes - before.read.bytes) / seconds,
+                    "write_bytes": (now.write.bytes - before.write.bytes) / seconds}
+            self._last[name] = now
+        self._last = {name: io for name, io in self._last.items() if name in counts}
+        self.rates = rates
+        return rates
+
+
+#: What ``IoRates`` gives per volume, per second.
+RATES = ("read_iops", "write_iops", "read_bytes", "write_bytes")

@@ -251,6 +251,8 @@ class Node(Record):
     data_servers: list[str] = []
     started: float = Field(default_factory=time.time)
     last_seen: float = Field(default_factory=time.time)
+    # the volumes attached here: reads and writes per second (``core/iostats.RATES``)
+    io: dict[str, dict[str, float]] = {}
 
 
 def volume_key(name: str) -> str:

@@ -33,6 +33,7 @@ from cargohold.clients.access import Access
 from cargohold.clients.dataclient import DataClient
 from cargohold.clients.sockets import unix_listener
 from cargohold.config import Endpoint, NodeConfig, TlsFiles, etcd_hosts, read_secret
+from cargohold.core.iostats import IoRates
 from cargohold.core.models import DataServer, Node, ServerState, liveness_key
 from cargohold.core.periodic import Periodic
 from cargohold.daemons.supervisor import DataServerProcess
@@ -115,6 +116,8 @@ class NodeDaemon:
         self.access: Access | None = None
         self.lease = 0
         self.started = time.time()
+        self.agent: Agent | None = None  # once built: its engines' I/O goes in the node record
+        self.io_rates = IoRates()
         self.controller: Controller  # made in run(), with the store
 
     async def run(self) -> None:
@@ -148,6 +151,7 @@ class NodeDaemon:
                       credentials.cluster_key if credentials else b"",
                       config.lease_ttl if etcd_hosts(config.metadata) else 0.0,
                       config.etcd_password_file, config.engine_metrics)
+        self.agent = agent
         volumes = VolumeService(catalog, self.access)
         self.backups = BackupService(catalog, SnapshotService(catalog, self.access),
                                      self.access, config.name)
@@ -260,9 +264,12 @@ class NodeDaemon:
             self.lease = await store.grant_lease(self.config.lease_ttl)
             await store.put(liveness_key(self.config.name), b"", lease=self.lease)
         self.controller.renewed(self.lease, ttl, started)
+        io = self.io_rates.update(self.agent.engine_io()) if self.agent is not None else {}
         await catalog.put_node(Node(name=self.config.name, version=__version__,
                                     api=",".join(e.url for e in self.config.api),
-                                    data_servers=ids, started=self.started))
+                                    data_servers=ids, started=self.started,
+                                    io={name: {k: round(v, 1) for k, v in rates.items()}
+                                        for name, rates in io.items()}))
 
     def _metrics(self, catalog: Catalog, volumes: VolumeService, snapshots: SnapshotService,
                  agent: Agent, store: MeteredStore, stale_after: float

@@ -505,7 +505,7 @@ class Agent:
                 data = json.loads(paths.stats_file.read_text())
                 if data["pid"] != paths.pid() or not self._alive(data["pid"]):
                     continue  # a previous engine's
-                found[root.name] = VolumeIo.from_dict(data["io"])
+                found[root.name] = VolumeIo.from_dict(data["io"], float(data["time"]))
             except FileNotFoundError:
                 continue
             except (OSError, ValueError, KeyError, TypeError) as e:

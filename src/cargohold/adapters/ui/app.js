@@ -6,7 +6,7 @@ const POLL_MS = 2000;
 const TREND_POINTS = 150;
 const state = {
   token: sessionStorage.getItem("cargohold-token") || "",
-  role: "", node: "", volumes: [], nodes: [], io: null, lastIo: null, rates: {},
+  role: "", node: "", volumes: [], nodes: [], rates: {},
   usedTrend: [], events: [], stream: null, timer: 0, refreshing: false, again: false,
 };
 
@@ -131,11 +131,11 @@ async function refresh() {
   if (state.refreshing) { state.again = true; return; }
   state.refreshing = true;
   try {
-    const [volumes, nodes, io] = await Promise.all([
-      api("GET", "/v1/volumes?usage=true"), api("GET", "/v1/nodes"), api("GET", "/v1/io")]);
+    const [volumes, nodes] = await Promise.all([
+      api("GET", "/v1/volumes?usage=true"), api("GET", "/v1/nodes")]);
     state.volumes = volumes;
     state.nodes = nodes;
-    takeRates(io);
+    takeRates(nodes);
     render();
   } catch (e) {
     if (e.status !== 401) toast(`Refresh failed: ${e.message}`, true);
@@ -145,21 +145,12 @@ async function refresh() {
   }
 }
 
-function takeRates(io) {
-  const before = state.lastIo;
-  state.lastIo = io;
-  if (!before) return;
-  const seconds = io.time - before.time;
-  if (seconds <= 0) return;
-  const rates = {};
-  for (const [name, now] of Object.entries(io.volumes)) {
-    const then = before.volumes[name];
-    if (!then) continue;
-    const delta = (kind, field) => Math.max(0, now[kind][field] - then[kind][field]) / seconds;
-    rates[name] = {
-      iops: delta("read", "ops") + delta("write", "ops"),
-      throughput: delta("read", "bytes") + delta("write", "bytes"),
-    };
+function takeRates(nodes) {
+  const rates = {};  // each node reports the volumes attached on it, per second
+  for (const node of nodes.filter((n) => n.health === "up")) {
+    for (const [name, r] of Object.entries(node.io || {})) {
+      rates[name] = { iops: r.read_iops + r.write_iops, throughput: r.read_bytes + r.write_bytes };
+    }
   }
   state.rates = rates;
 }
@@ -279,7 +270,6 @@ function renderVolumes() {
 function volumeRow(v, names) {
   const health = robustness(v);
   const r = state.rates[v.name];
-  const local = v.attachment && v.attachment.node === state.node;
   const usedShare = v.used !== null && v.used !== undefined ? v.used / v.size : null;
   const fill = h("div", { class: "fill" });
   if (usedShare !== null) fill.style.width = `${Math.min(100, usedShare * 100)}%`;
@@ -303,8 +293,8 @@ function volumeRow(v, names) {
     h("td", { class: "use" }, usedShare === null ? "–" :
       [`${bytes(v.used)} `, h("span", { class: "sub" }, `${Math.round(usedShare * 100)}%`),
        h("div", { class: "bar" }, fill)]),
-    h("td", { class: "num" }, r ? count(r.iops) : local ? "0" : h("span", { class: "sub", title: "live I/O shows on the node it is attached to" }, "–")),
-    h("td", { class: "num" }, r ? rate(r.throughput) : "–"),
+    h("td", { class: "num", dataset: { field: "iops" } }, r ? count(r.iops) : "–"),
+    h("td", { class: "num", dataset: { field: "throughput" } }, r ? rate(r.throughput) : "–"),
     h("td", { class: "actions admin-only" }, actions(v)),
   );
 }
