@@ -1061,35 +1061,15 @@ def report(result: dict[str, Any], runs: int) -> str:
                      f"<= {ENGINE_MEMORY_TARGET_MIB} MiB",
                      "PASS" if hwm <= ENGINE_MEMORY_TARGET_MIB else "MISS"])
         lines += table(rows, ["target", "measured", "goal", ""])
-    if "r2tls" in med and "r2plain" in med:
-        lines += ["", "what TLS and capabilities cost (2 remote replicas: TLS / plaintext)", ""]
-        rows = []
-        for job in JOBS:
-            for metric, title in METRICS:
-                plain = med["r2plain"]["jobs"][job.name][metric]
-                tls = med["r2tls"]["jobs"][job.name][metric]
-                rows.append([job.name, title, fmt(plain), fmt(tls),
-                             f"{tls / plain:.2f}" if plain else "-"])
-        lines += table(rows, ["job", "metric", "plaintext", "TLS", "TLS/plain"])
-    if "r2enc" in med and "r2" in med:
-        lines += ["", "what encryption at rest costs (2 replicas: encrypted / not)", ""]
-        rows = []
-        for job in JOBS:
-            for metric, title in METRICS:
-                plain, sealed = (med[k]["jobs"][job.name][metric] for k in ("r2", "r2enc"))
-                rows.append([job.name, title, fmt(plain), fmt(sealed),
-                             f"{sealed / plain:.2f}" if plain else "-"])
-        lines += table(rows, ["job", "metric", "plain", "encrypted", "enc/plain"])
-    if "r2nomet" in med and "r2" in med:
-        lines += ["", "what the engine's request counts for /metrics cost (2 replicas: "
-                  "counted / not)", ""]
-        rows = []
-        for job in JOBS:
-            for metric, title in METRICS:
-                off, on = (med[k]["jobs"][job.name][metric] for k in ("r2nomet", "r2"))
-                rows.append([job.name, title, fmt(off), fmt(on),
-                             f"{on / off:.3f}" if off else "-"])
-        lines += table(rows, ["job", "metric", "no metrics", "metrics", "on/off"])
+    for base, other, what, names, digits in (
+            ("r2plain", "r2tls", "what TLS and capabilities cost (2 remote replicas: TLS / "
+             "plaintext)", ["plaintext", "TLS", "TLS/plain"], 2),
+            ("r2", "r2enc", "what encryption at rest costs (2 replicas: encrypted / not)",
+             ["plain", "encrypted", "enc/plain"], 2),
+            ("r2nomet", "r2", "what the engine's request counts for /metrics cost (2 "
+             "replicas: counted / not)", ["no metrics", "metrics", "on/off"], 3)):
+        if base in med and other in med:
+            lines += ["", what, ""] + comparison(med, base, other, names, digits)
     touch = result.get("meta", {}).get("first_touch_us_per_page")
     if touch is not None:
         lines += ["", f"fresh memory: {touch:.1f} us per 4 KiB page to fault in, i.e. "
@@ -1122,6 +1102,18 @@ def report(result: dict[str, Any], runs: int) -> str:
         f = profile["fio_during_profile"]
         lines += ["", f"(fio during profiling, not counted: {f['iops']:.0f} IOPS)"]
     return "\n".join(lines)
+
+
+def comparison(med: dict[str, Any], base: str, other: str, names: list[str],
+               digits: int) -> list[str]:
+    """A table of every job's figures in configurations ``base`` and ``other``, with their
+    ratio (other / base)."""
+    rows = []
+    for job in JOBS:
+        for metric, title in METRICS:
+            a, b = (med[k]["jobs"][job.name][metric] for k in (base, other))
+            rows.append([job.name, title, fmt(a), fmt(b), f"{b / a:.{digits}f}" if a else "-"])
+    return table(rows, ["job", "metric", *names])
 
 
 def table(rows: list[list[str]], header: list[str]) -> list[str]:

@@ -197,6 +197,18 @@ class Node:
         return [p for p in pids if Path(f"/proc/{p}").exists()]
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; waits for the end either way."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def write_random(path: Path, total: int, piece: int = 4 << 20) -> str:
     """Write ``total`` random bytes to ``path`` with fsync; return their sha256."""
     digest = hashlib.sha256()

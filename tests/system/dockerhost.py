@@ -10,6 +10,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from tests.conftest import stop_process
+
 BUSYBOX = "/bin/busybox"
 IMAGE = "cargohold-test/busybox"
 APPLETS = ["sh", "cat", "echo", "sleep", "ls", "date", "sync", "wc", "seq", "dd", "test",
@@ -97,12 +99,7 @@ class DockerHost:
             ids = self.docker("ps", "-aq", check=False).stdout.split()
             if ids:
                 self.docker("rm", "-f", *ids, check=False)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
         for proc in Path("/proc").iterdir():  # containerd and shims live on after dockerd
             if not proc.name.isdigit():
                 continue

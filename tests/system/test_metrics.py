@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Node, needs_root
+from tests.conftest import Node, needs_root, stop_process
 
 pytestmark = [needs_root(), pytest.mark.system,
               pytest.mark.skipif(shutil.which("prometheus") is None,
@@ -39,8 +39,11 @@ def _port() -> int:
 class Prometheus:
     """A Prometheus server of its own, scraping one target every second."""
 
-    def __init__(self, base: Path, target: str, ca: Path, token_file: Path) -> None:
+    def __init__(self, base: Path, target: str, ca: Path, token_file: Path,
+                 context: Callable[[], str] = str) -> None:
+        """``context``: what to show beside Prometheus' log when a wait fails."""
         self.base = base
+        self.context = context
         self.port = _port()
         base.mkdir(parents=True, exist_ok=True)
         shutil.copy(DEPLOY / "prometheus" / "alerts.yml", base / "alerts.yml")
@@ -82,17 +85,11 @@ class Prometheus:
                 return found
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"Prometheus: no {what} in {timeout} s\n"
-                                     f"{self.log.read_text()[-3000:]}")
+                                     f"{self.log.read_text()[-3000:]}\n{self.context()}")
             time.sleep(0.5)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture
@@ -102,8 +99,11 @@ def watched(tmp_path: Path) -> Iterator[tuple[Node, Prometheus, int]]:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"ops admin admin-secret-0123456789\nprometheus read-only {READER}\n")
     tokens.chmod(0o600)
+    # resyncs at 256 KiB/s: a replica that missed 4 MiB stays out of sync for seconds,
+    # whereas the node restarts a killed data server within one
     node = Node(tmp_path / "n", data_servers=2,
-                extra=("--api", f"tcp://127.0.0.1:{port}", "--tokens-file", str(tokens)))
+                extra=("--api", f"tcp://127.0.0.1:{port}", "--tokens-file", str(tokens),
+                       "--rebuild-rate", "256K"))
     node.base.mkdir()
     prometheus = None
     try:
@@ -111,7 +111,7 @@ def watched(tmp_path: Path) -> Iterator[tuple[Node, Prometheus, int]]:
         reader = tmp_path / "reader-token"
         reader.write_text(READER + "\n")
         prometheus = Prometheus(tmp_path / "prometheus", f"127.0.0.1:{port}",
-                                node.state / "tls" / "ca.crt", reader)
+                                node.state / "tls" / "ca.crt", reader, node.logs)
         yield node, prometheus, port
     finally:
         if prometheus is not None:
@@ -208,7 +208,7 @@ def test_prometheus_sees_writes_and_a_degraded_volume(watched: tuple[Node, Prome
     # until the node has started the data server again and the replica caught up
     os.kill(node.dataserver_pids()[0], signal.SIGKILL)
     with open(mountpoint / "g", "wb") as f:  # a write finds the replica gone
-        f.write(os.urandom(1 << 20))
+        f.write(os.urandom(4 << 20))
         f.flush()
         os.fsync(f.fileno())
     prometheus.wait_for(lambda: prometheus.query(

@@ -140,16 +140,18 @@ def _le(bound: float) -> str:
 
 
 def _gauge(name: str, doc: str, labels: list[str],
-           rows: Iterable[tuple[list[str], float]]) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, doc, labels=labels)
-    for values, value in rows:
-        family.add_metric(values, value)
-    return family
+           rows: Iterable[tuple[list[str], float]]) -> Metric:
+    return _family(GaugeMetricFamily, name, doc, labels, rows)
 
 
 def _counter(name: str, doc: str, labels: list[str],
-             rows: Iterable[tuple[list[str], float]]) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, doc, labels=labels)
+             rows: Iterable[tuple[list[str], float]]) -> Metric:
+    return _family(CounterMetricFamily, name, doc, labels, rows)
+
+
+def _family(kind: type[GaugeMetricFamily] | type[CounterMetricFamily], name: str, doc: str,
+            labels: list[str], rows: Iterable[tuple[list[str], float]]) -> Metric:
+    family = kind(name, doc, labels=labels)
     for values, value in rows:
         family.add_metric(values, value)
     return family
