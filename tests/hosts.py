@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import credentials
 from tests.system.dockerhost import BUSYBOX, busybox_rootfs
@@ -564,6 +565,43 @@ class Host:
             except subprocess.TimeoutExpired:
                 problems.append(f"{self.name}: pid {proc.pid} did not exit")
         return problems
+
+
+def _show(request: pytest.FixtureRequest, text: str) -> None:
+    """Write past pytest's capture (a fixture's teardown output is not shown otherwise)."""
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    if capman is None:
+        sys.stderr.write(text)
+        return
+    with capman.global_and_fixture_disabled():
+        sys.stderr.write(text)
+
+
+def hosts_for(request: pytest.FixtureRequest, docker: bool,
+              configure: Callable[[Hosts], None] | None = None) -> Iterator[Hosts]:
+    """Three started hosts for one test (a fixture's body): skipped when a binary is
+    missing, failed instead under CI; the logs shown when the test fails; everything removed
+    after, and checked to be gone. ``configure``: changes before the start (e.g. a host
+    without data servers)."""
+    reason = skip_reason(docker)
+    if reason and os.environ.get("CI"):
+        pytest.fail(f"CI must run this: {reason}")  # .ci/run installs everything it needs
+    if reason:
+        pytest.skip(reason)
+    hosts = Hosts(3, docker=docker, lease_ttl=LEASE_TTL_DEFAULT)
+    if configure is not None:
+        configure(hosts)
+    failed_before = request.session.testsfailed
+    try:
+        hosts.start()
+        yield hosts
+    finally:
+        if request.session.testsfailed > failed_before or sys.exc_info()[0] is not None:
+            _show(request, f"\n--- logs of {request.node.nodeid} ---\n{hosts.logs()}\n")
+        problems = hosts.close()
+        left = hosts.leftovers()
+    assert problems == []
+    assert all(v == [] for v in left.values()), left
 
 
 class Hosts:

@@ -52,6 +52,9 @@ EXIT_CODES = {
 }
 
 
+LOCALITY_HELP = ("best-effort (default: a replica is moved to the node it is attached on), "
+                 "strict (also: no attach on a node that cannot hold one) or off")
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cargohold", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -87,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="with --from: show progress until the clone is filled (it is "
                              "usable at once, and depends on its source until then)")
     create.add_argument("--fs", default="ext4", help="ext4 (default) or xfs")
+    create.add_argument("--locality", default="best-effort", help=LOCALITY_HELP)
     create.add_argument("--encrypt", action="store_true",
                         help="encrypt at rest (AES-256-XTS in the engine: data servers, the "
                              "network and copies hold ciphertext only), with a new random key "
@@ -102,9 +106,16 @@ def _parser() -> argparse.ArgumentParser:
                         "volumes only grow")
     output(resize)
     output(volume.add_parser("ls", help="list volumes"))
-    update = volume.add_parser("update", help="change a volume's replica count (online)")
+    update = volume.add_parser("update", help="change a volume's replica count (online) "
+                               "or locality")
     update.add_argument("name")
-    update.add_argument("--replicas", required=True, help="1 to 5")
+    update.add_argument("--replicas", help="1 to 5")
+    update.add_argument("--locality", help=LOCALITY_HELP)
+    move = volume.add_parser("move", help="prepare a replica on a node (one elsewhere goes)")
+    move.add_argument("name")
+    move.add_argument("--to", required=True, metavar="NODE")
+    move.add_argument("--wait", action="store_true", help="show progress until it is in sync")
+    output(move)
     update.add_argument("--wait", action="store_true",
                         help="show progress until the new replicas are in sync")
     output(update)
@@ -423,7 +434,7 @@ def _run_client(args: argparse.Namespace) -> int:
             if not args.size:
                 raise InvalidArgument(what="--size", detail="a new volume needs a size")
             body = {"name": args.name, "size": args.size, "replicas": args.replicas or "2",
-                    "fs": args.fs, "encrypt": args.encrypt}
+                    "fs": args.fs, "encrypt": args.encrypt, "locality": args.locality}
             if args.key_file:
                 body["key"] = _volume_key(args.key_file)
             volume = api.request("POST", "/v1/volumes", body)
@@ -444,7 +455,12 @@ def _run_client(args: argparse.Namespace) -> int:
         elif args.action == "rebuild":
             return _rebuild(api, name, args.wait, as_json)
         elif args.action == "update":
-            api.request("PATCH", f"/v1/volumes/{name}", {"replicas": args.replicas})
+            api.request("PATCH", f"/v1/volumes/{name}", {
+                k: v for k, v in (("replicas", args.replicas), ("locality", args.locality))
+                if v is not None})
+            return _rebuild(api, name, args.wait, as_json)
+        elif args.action == "move":
+            api.request("POST", f"/v1/volumes/{name}/move", {"to": args.to})
             return _rebuild(api, name, args.wait, as_json)
         elif args.action == "activate":
             volume = api.request("POST", f"/v1/volumes/{name}/activate")
@@ -745,7 +761,8 @@ def _print_inspect(volume: dict[str, Any], as_json: bool) -> None:
              f"{format_size(used) if used is not None else '?'} written)",
              f"Filesystem:  {volume['fs']}", f"State:       {volume['state']}",
              f"Attached:    {att.get('node', '-')} {att.get('mountpoint', '')}".rstrip(),
-             f"Replicas:    {volume['in_sync']} of {volume['replica_count']} in sync"]
+             f"Replicas:    {volume['in_sync']} of {volume['replica_count']} in sync",
+             f"Locality:    {volume.get('locality', 'best-effort')}"]
     if volume.get("origin"):
         lines.append(f"Clone of:    {volume['source']} (filling, {volume['filled']:.0%} "
                      "copied: depends on it until filled)")

@@ -460,6 +460,19 @@ class BackupRunning(CargoholdError):
     kind = Kind.CONFLICT
 
 
+class InvalidLocality(InvalidArgument):
+    """Invalid locality {locality!r}: choose best-effort (a replica is built where the volume is attached), strict (attach only where a replica can be local) or off."""  # noqa: E501
+
+    code = "invalid_locality"
+
+
+class NotLocal(CargoholdError):
+    """Volume {name!r} wants its data local (locality strict) and node {node!r} has no data server that can hold a replica of it. Attach it on a node with a data server, or set its locality to best-effort ('cargohold volume update {name} --locality best-effort')."""  # noqa: E501
+
+    code = "not_local"
+    kind = Kind.CONFLICT
+
+
 _BY_CODE: dict[str, type[CargoholdError]] = {}
 
 

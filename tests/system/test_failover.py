@@ -7,59 +7,27 @@ only cut off the network; etcd members are killed one and two at a time.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.hosts import LEASE_TTL_DEFAULT, Host, Hosts, skip_reason, swarm_failover, wait_for
+from tests.hosts import LEASE_TTL_DEFAULT, Host, Hosts, hosts_for, swarm_failover, wait_for
 
 pytestmark = [pytest.mark.system]
 
 SWARM_HEARTBEAT = "1s"
 
-def _show(request: pytest.FixtureRequest, text: str) -> None:
-    """Write past pytest's capture (a fixture's teardown output is not shown otherwise)."""
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    if capman is None:
-        sys.stderr.write(text)
-        return
-    with capman.global_and_fixture_disabled():
-        sys.stderr.write(text)
-
-
-def _hosts(request: pytest.FixtureRequest, docker: bool) -> Iterator[Hosts]:
-    reason = skip_reason(docker)
-    if reason and os.environ.get("CI"):
-        pytest.fail(f"CI must run this: {reason}")  # .ci/run installs everything it needs
-    if reason:
-        pytest.skip(reason)
-    hosts = Hosts(3, docker=docker, lease_ttl=LEASE_TTL_DEFAULT)
-    failed_before = request.session.testsfailed
-    try:
-        hosts.start()
-        yield hosts
-    finally:
-        if request.session.testsfailed > failed_before or sys.exc_info()[0] is not None:
-            _show(request, f"\n--- logs of {request.node.nodeid} ---\n{hosts.logs()}\n")
-        problems = hosts.close()
-        left = hosts.leftovers()
-    assert problems == []
-    assert all(v == [] for v in left.values()), left
-
-
 @pytest.fixture
 def hosts(request: pytest.FixtureRequest) -> Iterator[Hosts]:
     """Three hosts with etcd and cargohold (no Docker)."""
-    yield from _hosts(request, docker=False)
+    yield from hosts_for(request, docker=False)
 
 
 @pytest.fixture
 def docker_hosts(request: pytest.FixtureRequest) -> Iterator[Hosts]:
     """Three hosts with etcd, cargohold and a dockerd each."""
-    yield from _hosts(request, docker=True)
+    yield from hosts_for(request, docker=True)
 
 
 def test_swarm_service_survives_its_host_being_killed(docker_hosts: Hosts) -> None:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
 OPTIONS = {"size": "1G", "replicas": "2", "fs": "ext4", "encrypt": "false", "key-file": "",
+           "locality": "best-effort",
            "from": ""}  # from: VOLUME@SNAPSHOT or VOLUME, a clone
 _TRUTH = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
@@ -100,7 +101,8 @@ class DockerPlugin:
             return await self._clone(name, given)
         try:
             await self.volumes.create(name, opts["size"], opts["replicas"], opts["fs"],
-                                      exist_ok=True, encrypt=encrypt, key=key)
+                                      exist_ok=True, encrypt=encrypt, key=key,
+                                      locality=opts["locality"])
         except VolumeExists:
             if existing is not None:
                 size = parse_size(opts["size"])

@@ -113,6 +113,10 @@ class CreateVolume(BaseModel):
     fs: str = Field(default="ext4", json_schema_extra={"enum": ["ext4", "xfs"]})
     exist_ok: bool = False
     encrypt: bool = False  # encrypted at rest, with ``key`` or a new random key
+    locality: str = Field(default="best-effort", json_schema_extra={
+        "enum": ["best-effort", "strict", "off"],
+        "description": "best-effort: a replica is moved to the node the volume is attached "
+                       "on; strict: also no attach where none can be; off: replicas stay"})
     key: str | None = Field(default=None, repr=False, json_schema_extra={
         "description": "the volume key: 64 bytes as 128 hex digits (implies encrypt)",
         "pattern": "^[0-9a-fA-F]{128}$"})
@@ -133,10 +137,19 @@ class CreateClone(BaseModel):
 
 class UpdateVolume(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    replicas: int | str = Field(json_schema_extra=lambda schema: schema.update(
+    replicas: int | str | None = Field(default=None, json_schema_extra=lambda schema: schema.update(
         anyOf=[{"type": "integer", "minimum": 1, "maximum": 5},
                {"type": "string", "pattern": "^[1-5]$"}],
         description="replicas to keep; changed online, never below the smaller count"))
+    locality: str | None = Field(default=None, json_schema_extra={
+        "enum": ["best-effort", "strict", "off"],
+        "description": "best-effort: a replica is moved to the node the volume is attached "
+                       "on; strict: also no attach where none can be; off: replicas stay"})
+
+
+class MoveVolume(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: str = Field(json_schema_extra={"description": "the node to hold a replica"})
 
 
 class CreateGroupSnapshot(BaseModel):
@@ -401,7 +414,8 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
     async def create_volume(body: CreateVolume) -> dict[str, Any]:
         volume = await services.volumes.create(
             body.name, body.size, body.replicas, body.fs, exist_ok=body.exist_ok,
-            encrypt=body.encrypt, key=body.key.encode() if body.key is not None else None)
+            encrypt=body.encrypt, key=body.key.encode() if body.key is not None else None,
+            locality=body.locality)
         return volume_view(volume, await servers())
 
     @app.post("/v1/clones", status_code=201)
@@ -426,9 +440,27 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
     @app.patch("/v1/volumes/{name}")
     async def update_volume(name: str, body: UpdateVolume) -> dict[str, Any]:
         """Change a volume's replica count, attached or not (new replicas fill in the
-        background: see its replicas' states)."""
-        return volume_view(await services.volumes.set_replicas(name, body.replicas),
-                           await servers())
+        background: see its replicas' states), and its locality."""
+        if body.replicas is None and body.locality is None:
+            raise InvalidArgument(what="body", detail="give replicas or locality")
+        volume = None
+        if body.locality is not None:
+            volume = await services.volumes.set_locality(name, body.locality)
+        if body.replicas is not None:
+            volume = await services.volumes.set_replicas(name, body.replicas)
+        assert volume is not None
+        return volume_view(volume, await servers())
+
+    @app.post("/v1/volumes/{name}/move")
+    async def move_volume(name: str, body: MoveVolume) -> dict[str, Any]:
+        """Prepare a replica on node ``to`` (one elsewhere goes once it is in sync), e.g.
+        before the volume's consumer moves there; ``moving`` names the data servers, or is
+        null when a replica is there already."""
+        moved = await services.controller.locality.move(name, body.to,
+                                                        f"moving to node {body.to}")
+        view = volume_view(await services.catalog.volume(name), await servers())
+        view["moving"] = asdict(moved) if moved is not None else None
+        return view
 
     @app.delete("/v1/volumes/{name}", status_code=204)
     async def remove_volume(name: str) -> Response:

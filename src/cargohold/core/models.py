@@ -35,6 +35,14 @@ class Replica(Record):
     replaces: str = ""  # a rebuild: the data server whose replica this one replaces
 
 
+class Locality(StrEnum):
+    """Where an attached volume's data should be: see services/controller/locality.py."""
+
+    BEST_EFFORT = "best-effort"  # a replica is built on the attaching node (one remote goes)
+    STRICT = "strict"  # as best-effort, and no attach where no replica can be local
+    OFF = "off"  # replicas stay where placement put them
+
+
 class VolumeState(StrEnum):
     CREATING = "creating"
     DETACHED = "detached"
@@ -123,6 +131,7 @@ class Volume(Record):
     source: str = ""  # a clone: the snapshot (VOLUME@SNAPSHOT) it was made from
     filled: float = 0.0  # a clone: the fraction of its source copied so far
     origin: Origin | None = None  # a clone still filling: where its missing chunks are
+    locality: Locality = Locality.BEST_EFFORT
     restoring: str = ""  # the backup being restored into it: not attachable meanwhile
     standby: str = ""  # a standby: the volume whose backups it follows (``restoring``: the
     # newest applied); not attachable until activated

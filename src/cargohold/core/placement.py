@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from cargohold.core.models import DataServer, ServerState
+from cargohold.core.models import DataServer, ServerState, Volume
 from cargohold.core.sizes import format_size
 from cargohold.errors import NotEnoughDataServers, OverProvisioned
+
+
+def holds_replica_on(volume: Volume, servers: dict[str, DataServer], node: str) -> bool:
+    """Whether one of ``volume``'s replicas (in sync or on its way) lies on ``node``."""
+    return any((s := servers.get(r.server)) is not None and s.node == node
+               for r in volume.replicas)
 
 
 def place(

@@ -25,16 +25,18 @@ from pathlib import Path
 
 from cargohold.clients import kernel
 from cargohold.config import ENGINE_MODULES, RESIZE_SIGNAL, EngineConfig, TlsFiles
+from cargohold.core import placement
 from cargohold.core.capability import SNAPSHOT_READS, Capability
 from cargohold.core.cipher import unwrap_key
 from cargohold.core.iostats import VolumeIo
-from cargohold.core.models import Attachment, Volume, VolumeState
+from cargohold.core.models import Attachment, Locality, ServerState, Volume, VolumeState
 from cargohold.errors import (
     AttachFailed,
     CargoholdError,
     DetachFailed,
     ExpandFailed,
     HostCommandFailed,
+    NotLocal,
     VolumeBusy,
     VolumeInUse,
 )
@@ -114,6 +116,8 @@ class Agent:
                     if filesystem != bool(att.mountpoint):
                         raise VolumeInUse(name=name, node=self.node)  # the other way
                     return volume  # attaching twice on one host gives the same attachment
+            if volume.locality is Locality.STRICT:
+                await self._check_local(volume)
             down = await self._owner_down(volume)
             volume = await self.catalog.update_volume(name, lambda v: self._claim(v, down))
             assert volume.attachment is not None
@@ -161,6 +165,16 @@ class Agent:
                      volume.attachment.mountpoint or volume.attachment.device
                      if volume.attachment else "?")
             return volume
+
+    async def _check_local(self, volume: Volume) -> None:
+        """``NotLocal`` unless a replica of ``volume`` is on this node or one of its data
+        servers can take one (the controller then moves one here)."""
+        servers = {s.id: s for s in await self.catalog.servers()}
+        if placement.holds_replica_on(volume, servers, self.node):
+            return
+        if not any(s.node == self.node and s.state is ServerState.UP
+                   for s in servers.values()):
+            raise NotLocal(name=volume.name, node=self.node)
 
     async def _owner_down(self, volume: Volume) -> str:
         """The other node holding ``volume`` if its lease has expired (it is down), else ''."""

@@ -23,6 +23,7 @@ from cargohold.core.cipher import CIPHER, new_key, read_key, wrap_key
 from cargohold.core.layout import generation_table
 from cargohold.core.models import (
     DataServer,
+    Locality,
     Origin,
     Replica,
     ReplicaState,
@@ -40,6 +41,7 @@ from cargohold.errors import (
     DataServerUnavailable,
     InvalidArgument,
     InvalidFilesystem,
+    InvalidLocality,
     InvalidReplicas,
     NoReplicaLeft,
     NothingToSalvage,
@@ -80,7 +82,8 @@ class VolumeService:
     async def create(self, name: str, size: str | int, replicas: int | str = 2,
                      fs: str = "ext4", exist_ok: bool = False, encrypt: bool = False,
                      key: bytes | None = None, source: str = "",
-                     origin: Origin | None = None, restoring: str = "") -> Volume:
+                     origin: Origin | None = None, restoring: str = "",
+                     locality: str = Locality.BEST_EFFORT) -> Volume:
         """Create a thin volume; with ``exist_ok`` an identical existing volume is returned.
         ``encrypt``: encrypted at rest by its engines, with ``key`` (64 bytes) or a new
         random one, kept in the metadata store only wrapped under the cluster key.
@@ -94,6 +97,7 @@ class VolumeService:
                                   "with TLS credentials (not --insecure-plaintext)")
         size_bytes = volume_size(size)
         count = _replica_count(replicas)
+        wanted = locality_of(locality)
         if fs not in kernel.FILESYSTEMS:
             raise InvalidFilesystem(fs=fs, detail=f"choose one of {', '.join(kernel.FILESYSTEMS)}")
         if fs == "xfs" and size_bytes < kernel.MIN_XFS_SIZE:
@@ -107,7 +111,7 @@ class VolumeService:
         volume = Volume(id=uuid.uuid4().hex, name=name, size=size_bytes, replica_count=count,
                         fs=fs, replicas=[Replica(server=s.id) for s in chosen],
                         source=source, formatted=bool(source), origin=origin,
-                        restoring=restoring,
+                        restoring=restoring, locality=wanted,
                         epoch=1 if origin is not None else 0)  # a fill writes at once
         if encrypt:
             assert self.access is not None
@@ -318,6 +322,17 @@ class VolumeService:
                  format_size(size_bytes))
         return updated
 
+    async def set_locality(self, name: str, locality: str) -> Volume:
+        """Change where ``name``'s data should be when attached (the controller acts on it;
+        ``strict`` is checked at the next attach)."""
+        wanted = locality_of(locality)
+
+        def change(v: Volume) -> Volume:
+            v.locality = wanted
+            return v
+
+        return await self.catalog.update_volume(name, change)
+
     async def set_replicas(self, name: str, replicas: int | str) -> Volume:
         """Change how many replicas ``name`` keeps, attached or not, never going below the
         smaller count: new replicas are placed, created empty and added out of sync (the
@@ -511,6 +526,13 @@ def _check_growth(volume: Volume, size: int) -> None:
     if size < volume.size:
         raise ShrinkRefused(name=volume.name, current=format_size(volume.size),
                             size=format_size(size))
+
+
+def locality_of(text: str) -> Locality:
+    try:
+        return Locality(text)
+    except ValueError:
+        raise InvalidLocality(locality=text) from None
 
 
 def _replica_count(replicas: int | str) -> int:

@@ -122,8 +122,9 @@ class CsiController(SnapshotCalls, pb_grpc.ControllerServicer):
                 if source is not None:
                     volume = await self._clone(name, source, request, named, replicas)
                 else:
-                    volume = await self.volumes.create(name, size, replicas, fs, exist_ok=True,
-                                                       encrypt=encrypt, key=key)
+                    volume = await self.volumes.create(
+                        name, size, replicas, fs, exist_ok=True, encrypt=encrypt, key=key,
+                        locality=params.get("locality", PARAMETERS["locality"]))
             except CargoholdError:
                 if existing is None and await self.catalog.find_volume(name) is None:
                     await self.catalog.drop_csi_record("volumes", name)  # the name is free again
@@ -260,7 +261,9 @@ class CsiController(SnapshotCalls, pb_grpc.ControllerServicer):
         except InvalidOption as e:
             problems.append(e.message)
             params = {}
-        have = {"replicas": str(volume.replica_count), "fs": volume.fs}
+        have = {"replicas": str(volume.replica_count), "fs": volume.fs,
+                "encrypt": str(volume.encryption is not None).lower(),
+                "locality": volume.locality.value}
         problems += [f"the volume has {key}={have[key]}" for key, value in params.items()
                      if value != have[key]]
         if problems:

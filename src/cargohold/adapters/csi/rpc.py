@@ -37,7 +37,7 @@ DRIVER_NAME = "cargohold.io"
 TOPOLOGY_KEY = "cargohold.io/node"
 MAX_VOLUMES_PER_NODE = 64  # attached volumes: one engine process and one loop device each
 DEFAULT_SIZE = GIB
-PARAMETERS = {"replicas": "2", "fs": "ext4", "encrypt": "false"}
+PARAMETERS = {"replicas": "2", "fs": "ext4", "encrypt": "false", "locality": "best-effort"}
 #: The CSI secret (provisioner secret) that holds an encrypted volume's own key, as hex.
 KEY_SECRET = "encryptionKey"
 KUBERNETES_PARAMETERS = "csi.storage.k8s.io/"  # added by the external-provisioner; ignored

@@ -41,6 +41,7 @@ from cargohold.core.models import ServerState
 from cargohold.core.periodic import Periodic
 from cargohold.errors import LeaseExpired
 from cargohold.services.controller.fill import Fill
+from cargohold.services.controller.locality import LocalityKeeper
 from cargohold.services.controller.rebalance import Rebalance
 from cargohold.services.controller.rebuild import Rebuild
 from cargohold.services.controller.resync import Resync
@@ -71,6 +72,7 @@ class Controller:
         self.rebuild = Rebuild(catalog, rebuild_after, access)
         self.scrub = Scrub(catalog, scrub_rate, access)
         self.rebalance = Rebalance(catalog, self.rebuild)
+        self.locality = LocalityKeeper(catalog, self.rebuild)
         self.fill = Fill(catalog, SnapshotService(catalog, access), rebuild_rate, access)
         self.schedules = schedules
         self.restores = restores
@@ -145,6 +147,8 @@ class Controller:
         await self.mark_down_servers()
         if self.leading:
             await self.rebuild.run_once()
+        if self.leading:
+            await self.locality.run_once()
         if self.leading and self.auto_rebalance:
             await self.rebalance.run_once()
         if self.leading:
