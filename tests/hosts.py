@@ -856,6 +856,99 @@ def swarm_failover(hosts: Hosts, heartbeat: str = "1s", volume: str = "v",
     return result
 
 
+@dataclass
+class PlannedMove:
+    """What one planned move of a Swarm service with its volume saw (seconds)."""
+
+    source: str = ""
+    target: str = ""
+    baseline: float = 0.0  # a service without a volume moved the same way: Swarm's own cost
+    prepare: float = 0.0  # ``volume move --to TARGET --wait``: the replica made there
+    moved: float = 0.0  # service update -> the new task running on the target
+    mounted: float = 0.0  # service update -> the volume mounted on the target
+    acked: int = 0  # the writer's last acknowledged counter before the update
+    lost: list[int] = field(default_factory=list)
+    seed_ok: bool = False
+    local: bool = False  # a replica of the volume on the target when it was mounted there
+
+
+def _move_service(manager: Host, hosts: Hosts, service: str, source: Host,
+                  target: Host) -> None:
+    manager.docker("service", "update", "--detach", "--constraint-rm",
+                   f"node.hostname=={source.name}", "--constraint-add",
+                   f"node.hostname=={target.name}", service)
+
+
+def swarm_planned_move(hosts: Hosts, heartbeat: str = "1s", volume: str = "pm",
+                       min_writes: int = 20) -> PlannedMove:
+    """A one-replica Swarm service writing and fsyncing a counter on a cargohold volume runs
+    on worker h2; a replica is prepared on h3 (``volume move --to h3 --wait``); the service
+    is moved there with ``docker service update --constraint-add node.hostname==h3``.
+    Swarm's own cost is measured first with a service without a volume moved the same way.
+    Needs ``Hosts(docker=True)``."""
+    result = PlannedMove()
+    manager = hosts.swarm_manager or hosts.swarm(heartbeat)
+    source, target = hosts[1], hosts[2]
+    result.source, result.target = source.name, target.name
+    common = ["--detach", "--replicas", "1", "--restart-delay", "0s", "--no-resolve-image",
+              "--endpoint-mode", "dnsrr", "--constraint", f"node.hostname=={source.name}"]
+    manager.docker("service", "create", "--name", "idle", *common, IMAGE, "sh", "-c",
+                   "trap 'exit 0' TERM; while :; do sleep 0.05; done")  # stops as the writer
+    wait_for(lambda: task_host(manager, hosts, "idle") is source, 90, "the idle task")
+    t = time.monotonic()
+    _move_service(manager, hosts, "idle", source, target)
+    wait_for(lambda: task_host(manager, hosts, "idle") is target, 90, "the idle task moved",
+             interval=0.05)
+    result.baseline = time.monotonic() - t
+    manager.docker("service", "rm", "idle")
+
+    service = f"writer-{volume}"
+    manager.docker(
+        "service", "create", "--name", service, *common, "--env", "D=/data",
+        "--mount", f"type=volume,source={volume},target=/data,volume-driver=cargohold,"
+        "volume-opt=size=256M,volume-opt=replicas=2",
+        IMAGE, "sh", "-c", WRITER)
+    wait_for(lambda: task_host(manager, hosts, service) is source, 90, "the writer's task")
+    wait_for(lambda: (a := acked(source, volume)) is not None and a[1] >= min_writes, 60,
+             f"{min_writes} acknowledged writes")
+    t = time.monotonic()
+    manager.cli("volume", "move", volume, "--to", target.name, "--wait", timeout=300)
+    result.prepare = time.monotonic() - t
+    token, _ = acked(source, volume)  # type: ignore[misc]
+    t = time.monotonic()
+    _move_service(manager, hosts, service, source, target)
+    # the old task stops (the writer's last acknowledged line is then final)
+    wait_for(lambda: not source.mounted(volume), 90, f"{volume} released by {source.name}",
+             interval=0.05)
+    wait_for(lambda: target.mounted(volume), 90, f"{volume} mounted on {target.name}",
+             interval=0.05)
+    result.mounted = time.monotonic() - t
+    view = target.json("volume", "inspect", volume)
+    result.local = any(r["node"] == target.name and r["state"] == "in_sync"
+                       for r in view["replicas"])
+    wait_for(lambda: task_host(manager, hosts, service) is target, 60, "the moved task",
+             interval=0.05)
+    result.moved = time.monotonic() - t
+    # acknowledged on the source: every value up to the last one there is in the log
+    last = _last_acked_by(target, volume, token)
+    failover = Failover("planned", acked=last)
+    _check(failover, target, volume, token)
+    result.acked, result.lost, result.seed_ok = last, failover.lost, failover.seed_ok
+    manager.docker("service", "rm", service)
+    wait_for(lambda: target.json("volume", "inspect", volume)["state"] == "detached", 60,
+             f"{volume} released")
+    return result
+
+
+def _last_acked_by(host: Host, volume: str, token: str) -> int:
+    """The highest counter the first writer (``token``) had acknowledged, as read now."""
+    for line in reversed(host.read(f"{host.mountpoint(volume)}/log").splitlines()):
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == token:
+            return int(parts[1])
+    return 0
+
+
 def attach_failover(hosts: Hosts, volume: str = "v", min_writes: int = 20) -> Failover:
     """The scenario without Swarm: attach on h2 with the same writer in a shell there, kill
     h2, attach on h3 as soon as it is allowed (polling ``volume attach``)."""

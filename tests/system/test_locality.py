@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.hosts import Host, Hosts, hosts_for, wait_for
+from tests.hosts import Host, Hosts, hosts_for, swarm_planned_move, wait_for
 
 pytestmark = [pytest.mark.system]
 
@@ -21,6 +21,25 @@ def hosts(request: pytest.FixtureRequest) -> Iterator[Hosts]:
         hosts[2].data_dirs = []
 
     yield from hosts_for(request, docker=False, configure=no_disk_on_h3)
+
+
+@pytest.fixture
+def docker_hosts(request: pytest.FixtureRequest) -> Iterator[Hosts]:
+    yield from hosts_for(request, docker=True)
+
+
+def test_a_swarm_service_moves_to_a_prepared_replica(docker_hosts: Hosts) -> None:
+    """``volume move`` first, then ``docker service update --constraint-add``: the task
+    starts on the target with the volume's replica there, every write kept (the time it
+    costs against Swarm's own is measured by benchmarks/failover_bench.py --mode planned)."""
+    result = swarm_planned_move(docker_hosts)
+    print(f"\nplanned move {result.source} -> {result.target}: task running after "
+          f"{result.moved:.2f} s (volume mounted after {result.mounted:.2f} s); Swarm moves "
+          f"a service without a volume in {result.baseline:.2f} s; replica prepared in "
+          f"{result.prepare:.2f} s; {result.acked} writes before the move")
+    assert result.seed_ok and result.acked >= 20
+    assert result.lost == [], f"lost: {result.lost[:20]}"
+    assert result.local  # it read its own replica from the first read on
 
 
 def _replica_nodes(host: Host, name: str) -> list[str]:

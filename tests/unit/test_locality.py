@@ -101,6 +101,11 @@ def test_a_planned_move_prefers_a_stale_replica_and_says_why_it_cannot() -> None
         with pytest.raises(NodeNotFound):
             await keeper.move("pg", "n9", "asked")
         assert len(rebuild.asked) == 1
+        # attached on n1: the replica its consumer reads stays, though its disk is fuller
+        fuller = await _cluster(free={"s1": TIB // 8, "s2": TIB // 2})
+        await fuller.add_volume(_volume("web", ("s1", "s2"), node="n1"))
+        keeper = LocalityKeeper(fuller, Replacements())  # type: ignore[arg-type]
+        assert await keeper.move("web", "n3", "asked") == Moved("web", "s2", "s3")
 
     asyncio.run(run())
 

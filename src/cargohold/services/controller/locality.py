@@ -102,12 +102,15 @@ class LocalityKeeper:
 
 
 def _leaving(volume: Volume, servers: dict[str, DataServer]) -> str:
-    """The replica that makes room: one out of sync if any, else the one on the fullest
-    data server."""
+    """The replica that makes room: one out of sync if any, else one away from where the
+    volume is attached (its consumer reads that one), on the fullest data server."""
     def fullness(server_id: str) -> float:
         s = servers.get(server_id)
         return 2.0 if s is None else (1.0 - s.free / s.capacity if s.capacity else 1.0)
 
+    used_on = volume.attachment.node if volume.attachment is not None else ""
     stale = [r for r in volume.replicas if r.state is not ReplicaState.IN_SYNC]
-    pool = stale or volume.replicas
+    away = [r for r in volume.replicas
+            if (s := servers.get(r.server)) is None or s.node != used_on]
+    pool = stale or away or volume.replicas
     return max(pool, key=lambda r: (fullness(r.server), r.server)).server
