@@ -197,6 +197,28 @@ class Node:
         return [p for p in pids if Path(f"/proc/{p}").exists()]
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tcp_node(base: Path, tokens: str, *extra: str) -> tuple[Node, int]:
+    """A node (not started) with two data servers and, besides its unix socket, an HTTPS API
+    on a free port taking the named tokens ``tokens`` (lines ``NAME ROLE SECRET``)."""
+    port = free_port()
+    base.mkdir(parents=True, exist_ok=True)
+    tokens_file = base / "tokens"
+    tokens_file.write_text(tokens)
+    tokens_file.chmod(0o600)
+    node = Node(base / "n", data_servers=2,
+                extra=("--api", f"tcp://127.0.0.1:{port}", "--tokens-file", str(tokens_file),
+                       *extra))
+    node.base.mkdir()
+    return node, port
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     """SIGTERM, then SIGKILL after ``timeout`` seconds; waits for the end either way."""
     if proc.poll() is not None:

@@ -300,11 +300,12 @@ def _cluster(request: pytest.FixtureRequest, size: int, tls: Path | None = None,
         yield cluster
     finally:
         if request.session.testsfailed > failed_before:
-            _show(request, f"\n--- etcd logs of {request.node.nodeid} ---\n{cluster.logs()}\n")
+            show_past_capture(request, f"\n--- etcd logs of {request.node.nodeid} ---\n"
+                                       f"{cluster.logs()}\n")
         cluster.close()
 
 
-def _show(request: pytest.FixtureRequest, text: str) -> None:
+def show_past_capture(request: pytest.FixtureRequest, text: str) -> None:
     """Write past pytest's capture (a fixture's teardown output is not shown otherwise)."""
     capman = request.config.pluginmanager.getplugin("capturemanager")
     if capman is None:

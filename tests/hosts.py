@@ -52,6 +52,7 @@ import httpx
 import pytest
 
 from tests.conftest import credentials
+from tests.etcdcluster import show_past_capture
 from tests.system.dockerhost import BUSYBOX, busybox_rootfs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -567,16 +568,6 @@ class Host:
         return problems
 
 
-def _show(request: pytest.FixtureRequest, text: str) -> None:
-    """Write past pytest's capture (a fixture's teardown output is not shown otherwise)."""
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    if capman is None:
-        sys.stderr.write(text)
-        return
-    with capman.global_and_fixture_disabled():
-        sys.stderr.write(text)
-
-
 def hosts_for(request: pytest.FixtureRequest, docker: bool,
               configure: Callable[[Hosts], None] | None = None) -> Iterator[Hosts]:
     """Three started hosts for one test (a fixture's body): skipped when a binary is
@@ -597,7 +588,7 @@ def hosts_for(request: pytest.FixtureRequest, docker: bool,
         yield hosts
     finally:
         if request.session.testsfailed > failed_before or sys.exc_info()[0] is not None:
-            _show(request, f"\n--- logs of {request.node.nodeid} ---\n{hosts.logs()}\n")
+            show_past_capture(request, f"\n--- logs of {request.node.nodeid} ---\n{hosts.logs()}\n")
         problems = hosts.close()
         left = hosts.leftovers()
     assert problems == []
@@ -911,6 +902,10 @@ def swarm_planned_move(hosts: Hosts, heartbeat: str = "1s", volume: str = "pm",
     wait_for(lambda: task_host(manager, hosts, service) is source, 90, "the writer's task")
     wait_for(lambda: (a := acked(source, volume)) is not None and a[1] >= min_writes, 60,
              f"{min_writes} acknowledged writes")
+    # locality may be moving a replica to the source meanwhile: let it finish first
+    wait_for(lambda: not any(r["replaces"] or r["state"] != "in_sync" for r in
+                             manager.json("volume", "inspect", volume)["replicas"]), 120,
+             f"{volume}'s replicas settled")
     t = time.monotonic()
     manager.cli("volume", "move", volume, "--to", target.name, "--wait", timeout=300)
     result.prepare = time.monotonic() - t

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LiveWriter, Node, needs_root
+from tests.conftest import LiveWriter, Node, needs_root, tcp_node
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = [needs_root(), pytest.mark.system,
@@ -26,12 +25,6 @@ pytestmark = [needs_root(), pytest.mark.system,
 ADMIN = "admin-secret-0123456789"
 READER = "reader-secret-0123456789"
 MIB = 1 << 20
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Browser:
@@ -119,15 +112,9 @@ class Browser:
 @pytest.fixture
 def dashboard(tmp_path: Path, request: pytest.FixtureRequest
               ) -> Iterator[tuple[Node, Callable[[], Browser]]]:
-    port = _port()
-    tokens = tmp_path / "tokens"
-    tokens.write_text(f"ops admin {ADMIN}\nviewer read-only {READER}\n")
-    tokens.chmod(0o600)
     # resyncs at 4 MiB/s: slow enough to watch the progress move
-    node = Node(tmp_path / "n", data_servers=2,
-                extra=("--api", f"tcp://127.0.0.1:{port}", "--tokens-file", str(tokens),
-                       "--rebuild-rate", "4M"))
-    node.base.mkdir()
+    node, port = tcp_node(tmp_path, f"ops admin {ADMIN}\nviewer read-only {READER}\n",
+                          "--rebuild-rate", "4M")
     browsers: list[Browser] = []
     shots = Path(os.environ.get("CARGOHOLD_SCREENSHOTS", tmp_path / "screenshots"))
 

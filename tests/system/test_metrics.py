@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -20,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Node, needs_root, stop_process
+from tests.conftest import Node, free_port, needs_root, stop_process, tcp_node
 
 pytestmark = [needs_root(), pytest.mark.system,
               pytest.mark.skipif(shutil.which("prometheus") is None,
@@ -28,12 +27,6 @@ pytestmark = [needs_root(), pytest.mark.system,
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 READER = "prometheus-reader-0123456789"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Prometheus:
@@ -44,7 +37,7 @@ class Prometheus:
         """``context``: what to show beside Prometheus' log when a wait fails."""
         self.base = base
         self.context = context
-        self.port = _port()
+        self.port = free_port()
         base.mkdir(parents=True, exist_ok=True)
         shutil.copy(DEPLOY / "prometheus" / "alerts.yml", base / "alerts.yml")
         config = {
@@ -95,16 +88,10 @@ class Prometheus:
 @pytest.fixture
 def watched(tmp_path: Path) -> Iterator[tuple[Node, Prometheus, int]]:
     """A node with two data servers and a TCP API, and a Prometheus scraping it."""
-    port = _port()
-    tokens = tmp_path / "tokens"
-    tokens.write_text(f"ops admin admin-secret-0123456789\nprometheus read-only {READER}\n")
-    tokens.chmod(0o600)
     # resyncs at 256 KiB/s: a replica that missed 4 MiB stays out of sync for seconds,
     # whereas the node restarts a killed data server within one
-    node = Node(tmp_path / "n", data_servers=2,
-                extra=("--api", f"tcp://127.0.0.1:{port}", "--tokens-file", str(tokens),
-                       "--rebuild-rate", "256K"))
-    node.base.mkdir()
+    node, port = tcp_node(tmp_path, f"ops admin admin-secret-0123456789\n"
+                          f"prometheus read-only {READER}\n", "--rebuild-rate", "256K")
     prometheus = None
     try:
         node.start()
@@ -125,7 +112,7 @@ def _node_exporter_sizes() -> dict[str, float] | None:
     binary = shutil.which("prometheus-node-exporter")
     if binary is None:
         return None
-    port = _port()
+    port = free_port()
     proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}",
                              "--collector.disable-defaults", "--collector.filesystem"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -19,7 +19,7 @@ from cargohold.core.models import (
     Volume,
     VolumeState,
 )
-from cargohold.errors import InvalidLocality, NodeNotFound, NotLocal
+from cargohold.errors import InvalidLocality, NodeNotFound, NotLocal, VolumeBusy
 from cargohold.services.agent import Agent
 from cargohold.services.controller.locality import LocalityKeeper, Moved
 from cargohold.services.volumes import locality_of
@@ -101,6 +101,14 @@ def test_a_planned_move_prefers_a_stale_replica_and_says_why_it_cannot() -> None
         with pytest.raises(NodeNotFound):
             await keeper.move("pg", "n9", "asked")
         assert len(rebuild.asked) == 1
+        # the replica on n2 is on its way out (replaced by one on n3): a move there waits
+        leaving = _volume("db", ("s1", "s2"))
+        leaving.replicas.append(Replica(server="s3", state=ReplicaState.RESYNCING,
+                                        replaces="s2"))
+        await catalog.add_volume(leaving)
+        with pytest.raises(VolumeBusy, match="moving its replica off node n2"):
+            await keeper.move("db", "n2", "asked")
+        assert await keeper.move("db", "n3", "asked") is None  # on its way there
         # attached on n1: the replica its consumer reads stays, though its disk is fuller
         fuller = await _cluster(free={"s1": TIB // 8, "s2": TIB // 2})
         await fuller.add_volume(_volume("web", ("s1", "s2"), node="n1"))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from cargohold.core import placement
 from cargohold.core.models import DataServer, Locality, ReplicaState, Volume, VolumeState
-from cargohold.errors import CargoholdError, NodeNotFound, NotLocal
+from cargohold.errors import CargoholdError, NodeNotFound, NotLocal, VolumeBusy
 from cargohold.services.controller.rebuild import Rebuild
 from cargohold.stores.catalog import Catalog
 
@@ -84,7 +84,11 @@ class LocalityKeeper:
         if not any(s.node == node for s in servers.values()) and \
                 node not in {n.name for n in await self.catalog.nodes()}:
             raise NodeNotFound(name=node)
-        if placement.holds_replica_on(volume, servers, node):
+        on_node = [r.server for r in volume.replicas
+                   if (s := servers.get(r.server)) is not None and s.node == node]
+        if on_node and all(any(r.replaces == sid for r in volume.replicas) for sid in on_node):
+            raise VolumeBusy(name=name, state=f"moving its replica off node {node}")
+        if on_node:
             return None
         holders = {r.server for r in volume.replicas}
         draining = await self.catalog.draining_servers()
