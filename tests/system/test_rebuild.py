@@ -213,7 +213,8 @@ def test_a_node_removed_for_good_is_rebuilt_around_at_once(
 def test_snapshots_survive_a_rebuild_and_the_loss_of_the_other_copy(
         three_nodes: dict[str, Node]) -> None:
     any_node = three_nodes["h1"]
-    any_node.cli("volume", "create", "sn", "--size", "128M", "--replicas", "2")
+    any_node.cli("volume", "create", "sn", "--size", "128M", "--replicas", "2",
+                 "--locality", "off")  # attached on h1 to fill it: no replica moves there
     digest = _fill(any_node, "sn")
     any_node.cli("snapshot", "create", "sn@before")
     later = _fill(any_node, "sn")  # the head moves on: the snapshot keeps the old bytes

@@ -5,6 +5,7 @@ where no replica can be local."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,9 @@ def _volume(name: str, servers: tuple[str, ...], node: str = "",
     v = Volume(id=name.ljust(32, "0"), name=name, size=1 << 30, replica_count=len(servers),
                fs="ext4", state=VolumeState.DETACHED, locality=locality,
                replicas=[Replica(server=s) for s in servers])
-    if node:
-        v.state, v.attachment = VolumeState.ATTACHED, Attachment(node=node, epoch=1)
+    if node:  # attached a while ago (a fresh attachment waits SETTLE seconds)
+        v.state = VolumeState.ATTACHED
+        v.attachment = Attachment(node=node, epoch=1, since=time.time() - 60)
     return v
 
 
@@ -78,6 +80,10 @@ def test_an_attached_volume_gets_a_replica_where_it_is_used() -> None:
                                            replaces="s2"))
         for v in (degraded, rebuilding):
             await catalog.add_volume(v)
+        fresh = _volume("fresh", ("s1", "s2"), node="n3")
+        assert fresh.attachment is not None
+        fresh.attachment.since = time.time()  # attached just now: not yet
+        await catalog.add_volume(fresh)
         rebuild = Replacements()
         keeper = LocalityKeeper(catalog, rebuild)  # type: ignore[arg-type]
         assert await keeper.run_once() == [Moved("far", "s1", "s3")]

@@ -2,7 +2,8 @@
 
 A volume attached on a node that holds none of its replicas reads everything over the
 network. With locality ``best-effort`` (the default) or ``strict`` the controller moves one
-replica there: a replacement (:mod:`.rebuild`) placed on a data server of the attaching
+replica there once the volume has been attached for ``SETTLE`` seconds (a short attachment
+moves nothing): a replacement (:mod:`.rebuild`) placed on a data server of the attaching
 node, filled by the engine while the volume is in use (at ``--rebuild-rate``), after which
 the replica it replaces, on another node, is dropped. Redundancy never goes down: the new
 copy is an extra one until it is in sync. The engine's local reader then serves reads from
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds before a move that failed (no room on the node, say) is tried again.
 RETRY_AFTER = 60.0
+#: Seconds a volume stays attached on a node before a replica is moved there.
+SETTLE = 10.0
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,9 @@ class LocalityKeeper:
                 continue  # a rebuild or resync first
             if not any(s.node == att.node for s in servers.values()):
                 continue  # nowhere to go (strict refuses such an attach)
-            if time.monotonic() < self._refused.get(volume.name, 0.0):
-                continue
+            if time.time() - att.since < SETTLE or \
+                    time.monotonic() < self._refused.get(volume.name, 0.0):
+                continue  # a short attachment (a job, a check) moves nothing
             try:
                 moved = await self.move(volume.name, att.node,
                                         f"moving here: attached on node {att.node}")
