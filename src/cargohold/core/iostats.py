@@ -94,6 +94,10 @@ class VolumeIo:
         return io
 
 
+#: What ``IoRates`` gives per volume, per second.
+RATES = ("read_iops", "write_iops", "read_bytes", "write_bytes")
+
+
 class IoRates:
     """Per-second rates of each volume's reads and writes, from successive counts."""
 
@@ -123,7 +127,3 @@ class IoRates:
         self._last = {name: io for name, io in self._last.items() if name in counts}
         self.rates = rates
         return rates
-
-
-#: What ``IoRates`` gives per volume, per second.
-RATES = ("read_iops", "write_iops", "read_bytes", "write_bytes")
