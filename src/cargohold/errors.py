@@ -473,6 +473,49 @@ class NotLocal(CargoholdError):
     kind = Kind.CONFLICT
 
 
+class RemoteNotFound(CargoholdError):
+    """Remote cluster {name!r} is not known here. List them with 'cargohold remote ls', add one with 'cargohold remote add'."""  # noqa: E501
+
+    code = "remote_not_found"
+    kind = Kind.NOT_FOUND
+
+
+class RemoteExists(CargoholdError):
+    """Remote cluster {name!r} is known already. Remove it first ('cargohold remote rm {name}') to change it."""  # noqa: E501
+
+    code = "remote_exists"
+    kind = Kind.CONFLICT
+
+
+class RemoteUnavailable(CargoholdError):
+    """Cannot reach remote cluster {name!r} at {endpoint}: {detail}"""
+
+    code = "remote_unavailable"
+    kind = Kind.UNAVAILABLE
+    temporary = True
+
+
+class ReplicationBaseMissing(CargoholdError):
+    """Volume {name!r} here does not hold point {point!r} that the copy builds on ({detail}); the source sends the whole volume instead."""  # noqa: E501
+
+    code = "replication_base_missing"
+    kind = Kind.CONFLICT
+
+
+class VolumePromoted(CargoholdError):
+    """Volume {name!r} on this cluster was promoted ({detail}): it follows its source no more, and that source is fenced. To make the source follow it, replicate it back from here."""  # noqa: E501
+
+    code = "volume_promoted"
+    kind = Kind.CONFLICT
+
+
+class VolumeDemoted(CargoholdError):
+    """Volume {name!r} is fenced: {why}. It cannot be attached or written here. Use the promoted copy, replicate it back to follow it, or 'cargohold volume promote {name}' to make this copy writable again (the two then differ)."""  # noqa: E501
+
+    code = "volume_demoted"
+    kind = Kind.FENCED
+
+
 _BY_CODE: dict[str, type[CargoholdError]] = {}
 
 

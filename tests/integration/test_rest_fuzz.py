@@ -22,7 +22,8 @@ EXAMPLES = 60  # per operation
 STREAMS = {"/v1/events"}  # endless: not fuzzed here (tests/unit/test_events.py)
 #: Calls that reach out to a server named in the request (an S3 endpoint): its checks are
 #: tests/unit/test_objectstore.py's, the calls tests/system/test_backups.py's.
-OUTBOUND = {("PUT", "/v1/backup-target")}
+#: Adding a remote calls the cluster named (tests/system/test_replication.py's checks).
+OUTBOUND = {("PUT", "/v1/backup-target"), ("POST", "/v1/remotes")}
 
 pytestmark = pytest.mark.timeout(600)
 

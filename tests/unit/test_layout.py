@@ -23,7 +23,8 @@ LEVELS = {
 #: the modules directly in services/; the shared copy tools, services/copies.py, are free).
 NODE_SIDE = {"services.agent", "services.volumes", "services.nodes", "services.events",
              "services.snapshots", "services.clones", "services.backups", "services.restores",
-             "services.schedules"}
+             "services.schedules", "services.remotes", "services.replication",
+             "services.standbys"}
 MAX_LINES = 820  # "about 800": the engine's ReplicaSet is the largest
 
 

@@ -38,6 +38,7 @@ from cargohold.core.models import (
     Volume,
     VolumeState,
 )
+from cargohold.services.replication import lag
 from cargohold.services.snapshots import SnapshotService
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.catalog import Catalog
@@ -265,6 +266,21 @@ def _snapshots_and_backups(c: Cluster, volumes: list[Volume]) -> Iterator[Metric
     yield _gauge("cargohold_backup_schedule_interval_seconds", "Seconds between the "
                  "scheduled backups of the volume.", ["volume"],
                  (([s.volume], s.every) for s in c.schedules))
+    copied = [(v, v.replication) for v in volumes if v.replication is not None]
+    yield _gauge("cargohold_volume_replication_lag_seconds", "Age of the newest point of the "
+                 "volume the remote cluster holds whole: what promoting it would lose (absent "
+                 "before the first copy).", ["volume", "remote"],
+                 (([v.name, r.remote], age) for v, r in copied
+                  if (age := lag(v)) is not None))
+    yield _gauge("cargohold_volume_replication_interval_seconds", "Seconds between the "
+                 "volume's copies to the remote cluster.", ["volume", "remote"],
+                 (([v.name, r.remote], r.every) for v, r in copied))
+    yield _gauge("cargohold_volume_replication_failing", "1 while the volume's last copy to "
+                 "the remote cluster failed.", ["volume", "remote"],
+                 (([v.name, r.remote], int(bool(r.last_error))) for v, r in copied))
+    yield _gauge("cargohold_volume_replication_last_bytes", "Bytes the volume's last complete "
+                 "copy sent.", ["volume", "remote"],
+                 (([v.name, r.remote], r.last_bytes) for v, r in copied))
 
 
 class Metrics:

@@ -18,6 +18,7 @@ from cargohold.cli.output import (
     scrub_text,
 )
 from cargohold.cli.progress import drain, rebalance, rebuild
+from cargohold.cli.remotes import promote, remote_command, replicate
 from cargohold.cli.snapshots import snapshot_command
 from cargohold.config import (
     client_config,
@@ -58,6 +59,8 @@ def run_client(args: argparse.Namespace) -> int:
             return snapshot_command(api, args, as_json)
         if args.command == "backup":
             return backup_command(api, args, as_json)
+        if args.command == "remote":
+            return remote_command(api, args, as_json)
         name: str = getattr(args, "name", "")
         if args.action == "create" and args.source:
             volume = clone(api, args)
@@ -95,6 +98,10 @@ def run_client(args: argparse.Namespace) -> int:
         elif args.action == "move":
             api.request("POST", f"/v1/volumes/{name}/move", {"to": args.to})
             return rebuild(api, name, args.wait, as_json)
+        elif args.action == "replicate":
+            return replicate(api, args, as_json)
+        elif args.action == "promote":
+            return promote(api, name, as_json)
         elif args.action == "activate":
             volume = api.request("POST", f"/v1/volumes/{name}/activate")
             emit(volume, as_json, f"{name} is a volume of its own now")

@@ -28,6 +28,7 @@ def run_node(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s node %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request to a remote
     fields: dict[str, Any] = {"state_dir": args.state_dir, "data_dirs": args.data_dir,
                               "metadata": args.metadata, "data_host": args.data_host,
                               "lease_ttl": args.lease_ttl,

@@ -65,6 +65,17 @@ def print_inspect(volume: dict[str, Any], as_json: bool) -> None:
                      f"{volume['restoring']} (activate to attach)")
     elif volume.get("restoring"):
         lines.append(f"Restoring:   from backup {volume['restoring']} (not attachable yet)")
+    if volume.get("replication"):
+        lines.append(f"Replicated:  {replication_text(volume['replication'])}")
+    if volume.get("standby_state"):
+        lines.append(f"Standby:     {volume['standby_state']} on another cluster (promote to "
+                     "attach)")
+    if volume.get("promoted_from"):
+        came = volume["promoted_from"]
+        lines.append(f"Promoted:    from a standby of {came['volume']} (point {came['point']}) "
+                     + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(came["at"])))
+    if volume.get("fenced_by"):
+        lines.append(f"Fenced:      {volume['fenced_by']}")
     last = volume.get("last_backup")
     if last:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["finished"] or
@@ -105,3 +116,19 @@ def print_nodes(nodes: list[dict[str, Any]], as_json: bool) -> None:
                          format_size(server["used"]), format_size(server["provisioned"])])
     print(table(rows, ["NODE", "HEALTH", "LAST SEEN", "ROLE", "DATA SERVER", "CAPACITY",
                         "FREE", "USED", "PROVISIONED"]))
+
+
+def replication_text(rep: dict[str, Any]) -> str:
+    """One line on a volume's copy to another cluster."""
+    text = f"to {rep['remote']} every {rep['every']:g} s; "
+    if rep["point"]:
+        text += f"remote holds point {rep['point']}, lag {rep['lag']:.0f} s"
+        if rep["last_bytes"]:
+            text += f" (last copy {format_size(rep['last_bytes'])})"
+    else:
+        text += "no complete copy yet"
+    if rep["sending"]:
+        text += f"; sending {rep['progress']:.0%}"
+    if rep["last_error"]:
+        text += f"; last copy failed: {rep['last_error']}"
+    return text

@@ -91,7 +91,9 @@ def build() -> argparse.ArgumentParser:
                          ("rebuild", "show (or --wait for) the resync/rebuild of its replicas"),
                          ("salvage", "bring back a volume none of whose copies is in sync "
                                      "(the newest copy)"),
-                         ("activate", "make a standby restore a volume of its own")):
+                         ("activate", "make a standby restore a volume of its own"),
+                         ("promote", "make a standby of another cluster's volume writable "
+                                     "(its source is fenced out)")):
         sub = volume.add_parser(action, help=text)
         sub.add_argument("name")
         if action == "rebuild":
@@ -102,6 +104,36 @@ def build() -> argparse.ArgumentParser:
                              help="release a volume attached on a node that is down (refused "
                                   "while that node's lease is alive)")
         output(sub)
+
+    replicate = volume.add_parser("replicate", help="copy a volume to another cluster "
+                                  "every so often (asynchronous; shows the lag)")
+    replicate.add_argument("name")
+    replicate.add_argument("--to", metavar="REMOTE", help="the cluster ('remote add')")
+    replicate.add_argument("--every", default="60s",
+                           help="10s, 5m, 1h or seconds between copies (default 60s)")
+    replicate.add_argument("--now", action="store_true", help="start a copy now")
+    replicate.add_argument("--off", action="store_true", help="stop copying (the remote "
+                           "keeps its standby)")
+    replicate.add_argument("--wait", action="store_true",
+                           help="show progress until the next copy is complete")
+    output(replicate)
+
+    remote = commands.add_parser(
+        "remote", help="other clusters to copy volumes to").add_subparsers(
+        dest="action", required=True)
+    adding = remote.add_parser("add", help="add a cluster (checked: its API answers)")
+    adding.add_argument("name")
+    adding.add_argument("--endpoint", required=True, metavar="URL",
+                        help="https://HOST:PORT of one of its nodes' API")
+    adding.add_argument("--token-file", dest="remote_token", required=True, metavar="FILE",
+                        help="a file holding an admin token of its API")
+    adding.add_argument("--ca", dest="remote_ca", metavar="FILE",
+                        help="its API's CA certificate (default: the system's)")
+    output(adding)
+    output(remote.add_parser("ls", help="the clusters known here"))
+    dropping = remote.add_parser("rm", help="forget a cluster")
+    dropping.add_argument("name")
+    output(dropping)
 
     snapshot = commands.add_parser(
         "snapshot", help="point-in-time copies of volumes").add_subparsers(

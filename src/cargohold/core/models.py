@@ -109,6 +109,43 @@ class BackupBase(Record):
     own: bool  # taken for that backup: removed once a newer backup is complete
 
 
+class Replication(Record):
+    """A volume's asynchronous copy to another cluster (on the source's record)."""
+
+    remote: str  # the remote cluster's name here (``remote add``)
+    every: float  # seconds between rounds
+    point: str = ""  # the last point the remote holds whole (snapshot ``repl-POINT`` here)
+    point_created: float = 0.0  # when that point was cut: the remote's copy is this old
+    last_started: float = 0.0  # when the last round started (survives failover)
+    last_finished: float = 0.0
+    last_bytes: int = 0  # sent by the last complete round
+    last_error: str = ""  # why the last round failed ("" after a good one)
+    sending: str = ""  # the point a round is sending now
+    progress: float = 0.0  # the fraction of its chunks sent
+
+
+class ReplicaOf(Record):
+    """A standby fed by another cluster's replication (on the standby's record)."""
+
+    cluster: str  # the source cluster's id
+    volume: str  # the source volume's name there
+    volume_id: str
+    point: str = ""  # the last point held whole (snapshot ``repl-POINT`` here; "": none yet)
+    point_created: float = 0.0  # when the source cut it
+    receiving: str = ""  # a point being received: the volume is between points until commit
+    received: float = 0.0  # when the last point was committed here
+
+
+class PromotedFrom(Record):
+    """A volume that was a standby and was promoted: the source it followed is fenced out."""
+
+    cluster: str
+    volume: str
+    volume_id: str
+    point: str  # the point it held when promoted (kept as snapshot ``repl-POINT``)
+    at: float = Field(default_factory=time.time)
+
+
 class Volume(Record):
     id: str
     name: str
@@ -137,6 +174,10 @@ class Volume(Record):
     # newest applied); not attachable until activated
     last_backup: LastBackup | None = None
     backup_base: BackupBase | None = None
+    replication: Replication | None = None  # copied to another cluster
+    replica_of: ReplicaOf | None = None  # a standby of another cluster's volume
+    promoted_from: PromotedFrom | None = None  # was such a standby, promoted
+    fenced_by: str = ""  # its copy elsewhere was promoted: no attach, no writes (why)
 
     def in_sync(self) -> list[Replica]:
         return [r for r in self.replicas if r.state is ReplicaState.IN_SYNC]
@@ -216,6 +257,8 @@ class BackupSchedule(Record):
 
 
 BACKUP_TARGET_KEY = "backup/target"
+REMOTE_PREFIX = "remotes/"
+CLUSTER_ID_KEY = "cluster/id"
 BACKUP_SCHEDULE_PREFIX = "backup/schedules/"
 BACKUP_JOB_PREFIX = "backup/jobs/"
 
@@ -227,6 +270,21 @@ def backup_job_key(job_id: str) -> str:
 def backup_running_key(volume: str) -> str:
     """Present while a backup of ``volume`` runs (value: its job id)."""
     return f"backup/running/{volume}"
+
+
+class Remote(Record):
+    """Another cluster this one replicates or migrates volumes to."""
+
+    name: str
+    endpoint: str  # https://HOST:PORT of one of its nodes' API
+    token: str  # its API token, wrapped under this cluster's key (plain without one)
+    ca: str = ""  # PEM of the CA its API certificate is checked with ("": the system's)
+    cluster: str = ""  # its cluster id, learned when added
+    added: float = Field(default_factory=time.time)
+
+
+def remote_key(name: str) -> str:
+    return f"{REMOTE_PREFIX}{name}"
 
 
 class ServerState(StrEnum):

@@ -45,9 +45,12 @@ from cargohold.services.controller.controller import Controller
 from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
 from cargohold.services.nodes import NodeRemoval
+from cargohold.services.remotes import RemoteService
+from cargohold.services.replication import ReplicationService
 from cargohold.services.restores import RestoreService
 from cargohold.services.schedules import BackupSchedules
 from cargohold.services.snapshots import SnapshotService
+from cargohold.services.standbys import StandbyService
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
@@ -157,11 +160,16 @@ class NodeDaemon:
                                      self.access, config.name)
         self.schedules = BackupSchedules(self.backups)
         self.restores = RestoreService(self.backups, volumes)
+        snapshots = SnapshotService(catalog, self.access)
+        clones = CloneService(catalog, volumes, snapshots, self.access)
+        remotes = RemoteService(catalog, self.access)
+        self.replication = ReplicationService(snapshots, remotes, self.access)
+        self.standbys = StandbyService(volumes, snapshots, clones, self.access)
         self.controller = Controller(store, catalog, volumes, config.name,
                                      config.rebuild_after, config.scrub_every,
                                      config.scrub_rate, config.auto_rebalance,
                                      config.rebuild_rate, self.access, self.schedules,
-                                     self.restores)
+                                     self.restores, self.replication)
         try:
             if credentials is not None:
                 await _check_trust(catalog, credentials)
@@ -176,10 +184,12 @@ class NodeDaemon:
                                 EventFeed(store), NodeRemoval(catalog), config.name,
                                 stale_after=stale_after,
                                 snapshots=snapshots,
-                                clones=CloneService(catalog, volumes, snapshots, self.access),
+                                clones=clones,
                                 backups=self.backups,
                                 restores=self.restores,
                                 schedules=self.schedules,
+                                remotes=remotes, replication=self.replication,
+                                standbys=self.standbys,
                                 metrics=self._metrics(catalog, volumes, snapshots, agent,
                                                       store, stale_after))
             audit = AuditLog(config.state_dir / "audit.log")
@@ -214,6 +224,8 @@ class NodeDaemon:
                     await controlling
             await self.controller.fill.stop()
             await self.backups.stop()
+            await self.replication.stop_rounds()
+            await self.standbys.close()
             if csi_server is not None:
                 await csi_server.stop(5)
             for server, _ in servers:

@@ -38,6 +38,7 @@ from cargohold.errors import (
     HostCommandFailed,
     NotLocal,
     VolumeBusy,
+    VolumeDemoted,
     VolumeInUse,
 )
 from cargohold.stores.catalog import Catalog
@@ -199,6 +200,12 @@ class Agent:
         if volume.restoring:
             raise VolumeBusy(name=volume.name, state=f"being restored from backup "
                              f"{volume.restoring}")
+        if volume.replica_of is not None:
+            raise VolumeBusy(name=volume.name, state=f"a standby of volume "
+                             f"{volume.replica_of.volume} of another cluster ('cargohold "
+                             f"volume promote {volume.name}' to use it)")
+        if volume.fenced_by:
+            raise VolumeDemoted(name=volume.name, why=volume.fenced_by)
         if volume.attachment is not None:
             if volume.attachment.node != self.node:
                 if volume.attachment.node != down:

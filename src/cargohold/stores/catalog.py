@@ -8,6 +8,7 @@ so several nodes, agents and engines can update one volume without losing change
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,8 +16,10 @@ from cargohold.core.models import (
     BACKUP_JOB_PREFIX,
     BACKUP_SCHEDULE_PREFIX,
     BACKUP_TARGET_KEY,
+    CLUSTER_ID_KEY,
     DRAIN_PREFIX,
     LIVENESS_PREFIX,
+    REMOTE_PREFIX,
     SNAPSHOT_PREFIX,
     BackupJob,
     BackupSchedule,
@@ -24,6 +27,7 @@ from cargohold.core.models import (
     BackupTarget,
     DataServer,
     Node,
+    Remote,
     Snapshot,
     SnapshotState,
     Volume,
@@ -34,6 +38,7 @@ from cargohold.core.models import (
     garbage_key,
     liveness_key,
     node_key,
+    remote_key,
     server_key,
     snapshot_key,
     volume_key,
@@ -42,6 +47,8 @@ from cargohold.core.retry import Backoff, retry
 from cargohold.errors import (
     ConcurrentUpdate,
     MetadataUnavailable,
+    RemoteExists,
+    RemoteNotFound,
     SnapshotExists,
     SnapshotNotFound,
     VolumeExists,
@@ -396,3 +403,36 @@ class Catalog:
         result = await self.store.txn([Compare.revision(key, kv.mod_revision)],
                                       [Put(key, updated.dump())])
         return updated if result.succeeded else None
+
+    # -- other clusters ----------------------------------------------------------------------
+    async def cluster_id(self) -> str:
+        """This cluster's id (made by the first node that asks): how other clusters tell
+        the volumes this one replicates to them from another's."""
+        kv = await self.store.get(CLUSTER_ID_KEY)
+        if kv is not None:
+            return kv.value.decode()
+        made = uuid.uuid4().hex
+        await self.store.txn([Compare.absent(CLUSTER_ID_KEY)],
+                             [Put(CLUSTER_ID_KEY, made.encode())])
+        kv = await self.store.get(CLUSTER_ID_KEY)
+        return made if kv is None else kv.value.decode()
+
+    async def remotes(self) -> list[Remote]:
+        return [Remote.model_validate_json(kv.value)
+                for kv in await self.store.range(REMOTE_PREFIX)]
+
+    async def remote(self, name: str) -> Remote:
+        kv = await self.store.get(remote_key(name))
+        if kv is None:
+            raise RemoteNotFound(name=name)
+        return Remote.model_validate_json(kv.value)
+
+    async def add_remote(self, remote: Remote) -> None:
+        key = remote_key(remote.name)
+        if not (await self.store.txn([Compare.absent(key)], [Put(key, remote.dump())])
+                ).succeeded:
+            raise RemoteExists(name=remote.name)
+
+    async def drop_remote(self, name: str) -> None:
+        await self.remote(name)
+        await self.store.delete(remote_key(name))

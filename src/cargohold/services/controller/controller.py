@@ -46,6 +46,7 @@ from cargohold.services.controller.rebalance import Rebalance
 from cargohold.services.controller.rebuild import Rebuild
 from cargohold.services.controller.resync import Resync
 from cargohold.services.controller.scrub import Scrub
+from cargohold.services.replication import ReplicationService
 from cargohold.services.restores import RestoreService
 from cargohold.services.schedules import BackupSchedules
 from cargohold.services.snapshots import SnapshotService
@@ -64,7 +65,8 @@ class Controller:
                  scrub_rate: float = 0.0, auto_rebalance: bool = False,
                  rebuild_rate: float = 0.0, access: Access | None = None,
                  schedules: BackupSchedules | None = None,
-                 restores: RestoreService | None = None) -> None:
+                 restores: RestoreService | None = None,
+                 replication: ReplicationService | None = None) -> None:
         self.store = store
         self.catalog = catalog
         self.volumes = volumes
@@ -76,6 +78,7 @@ class Controller:
         self.fill = Fill(catalog, SnapshotService(catalog, access), rebuild_rate, access)
         self.schedules = schedules
         self.restores = restores
+        self.replication = replication
         self.auto_rebalance = auto_rebalance
         self.scrub_every = scrub_every
         self.node = node
@@ -167,6 +170,8 @@ class Controller:
             await self.schedules.backups.collect_pending()
         if self.leading and self.restores is not None:
             await self.restores.follow_all()
+        if self.leading and self.replication is not None:
+            await self.replication.run_once()
         if self.leading and self.scrub_every > 0:
             await self.scrub.run_once(self.scrub_every)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -21,8 +20,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cargohold import __version__
+from cargohold.adapters.rest.replication import router as replication_router
+from cargohold.adapters.rest.views import node_view, volume_view
 from cargohold.config import ApiToken
-from cargohold.core.models import DataServer, Node, Volume
+from cargohold.core.models import DataServer, Volume
 from cargohold.errors import (
     BackupNotFound,
     CargoholdError,
@@ -40,9 +41,12 @@ from cargohold.services.controller.controller import Controller
 from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
 from cargohold.services.nodes import NodeRemoval
+from cargohold.services.remotes import RemoteService
+from cargohold.services.replication import ReplicationService
 from cargohold.services.restores import RestoreService
 from cargohold.services.schedules import BackupSchedules
 from cargohold.services.snapshots import SnapshotService, snapshot_view
+from cargohold.services.standbys import StandbyService
 from cargohold.services.volumes import VolumeService
 from cargohold.stores.auditlog import AuditLog
 from cargohold.stores.catalog import Catalog
@@ -237,6 +241,9 @@ class Services:
     backups: BackupService | None = None
     restores: RestoreService | None = None
     schedules: BackupSchedules | None = None
+    remotes: RemoteService | None = None
+    replication: ReplicationService | None = None
+    standbys: StandbyService | None = None
     metrics: Callable[[], Awaitable[bytes]] | None = None  # GET /metrics (adapters/metrics)
     ready: bool = False
 
@@ -266,49 +273,6 @@ def _asset(name: str) -> Response:
         "cache-control": "no-cache", "x-content-type-options": "nosniff",
         "content-security-policy": "default-src 'self'; img-src 'self' data:; "
                                    "style-src 'self'; frame-ancestors 'none'"})
-
-
-def health(last_seen: float, stale_after: float, alive: bool = True) -> str:
-    """up: lease alive and seen lately; suspect: one of the two; down: neither."""
-    recent = time.time() - last_seen <= stale_after
-    if alive and recent:
-        return "up"
-    return "suspect" if alive or recent else "down"
-
-
-def volume_view(volume: Volume, servers: dict[str, DataServer],
-                usage: dict[str, Any] | None = None) -> dict[str, Any]:
-    view = volume.model_dump(mode="json")
-    for replica in view["replicas"]:
-        server = servers.get(replica["server"])
-        replica["node"] = server.node if server else None
-        replica["address"] = server.address if server else None
-        replica["path"] = server.path if server else None
-        if usage is not None:
-            replica["used"] = usage.get(replica["server"])
-    view["in_sync"] = len(volume.in_sync())
-    view["encryption"] = volume.encryption["cipher"] if volume.encryption else None
-    if usage is not None:
-        view["used"] = max((u for u in usage.values() if u is not None), default=None)
-    return view
-
-
-def node_view(node: Node, servers: list[DataServer], stale_after: float,
-              alive: bool) -> dict[str, Any]:
-    view = node.model_dump(mode="json")
-    view["health"] = health(node.last_seen, stale_after, alive)
-    view["lease"] = "alive" if alive else "expired"
-    view["data_servers"] = [
-        {**s.model_dump(mode="json"),
-         "health": "up" if s.state.value == "up" and health(s.last_seen, stale_after) == "up"
-         else "down"}
-        for s in servers if s.node == node.name
-    ]
-    view["capacity"] = sum(s.capacity for s in servers if s.node == node.name)
-    view["free"] = sum(s.free for s in servers if s.node == node.name)
-    view["used"] = sum(s.used for s in servers if s.node == node.name)
-    view["provisioned"] = sum(s.provisioned for s in servers if s.node == node.name)
-    return view
 
 
 def create_app(services: Services, tokens: Sequence[ApiToken] = (),
@@ -382,6 +346,13 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
 
     async def servers() -> dict[str, DataServer]:
         return {s.id: s for s in await services.catalog.servers()}
+
+    if services.remotes and services.replication and services.standbys:
+        async def view(volume: Volume) -> dict[str, Any]:
+            return volume_view(volume, await servers())
+
+        app.include_router(replication_router(services.catalog, services.remotes,
+                                              services.replication, services.standbys, view))
 
     @app.get("/v1/volumes")
     async def list_volumes(usage: bool = False) -> list[dict[str, Any]]:

@@ -1,0 +1,202 @@
+"""Replication between two real clusters (each a node with its own metadata, CA and
+tokens, talking HTTPS): a standby that only a promotion makes usable, copies of changed
+chunks only, fencing of a source whose copy was promoted, and the copy back."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    Node,
+    _env,
+    leftovers,
+    needs_root,
+    sha256_of,
+    tcp_node,
+    write_random,
+)
+
+pytestmark = [needs_root(), pytest.mark.system]
+
+MIB = 1 << 20
+ADMIN = "admin-secret-0123456789abcdef"
+
+
+@dataclass
+class Cluster:
+    name: str
+    node: Node
+    port: int
+    ca: Path
+    token: Path
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.node.cli(*args, check=check)
+
+    def json(self, *args: str) -> Any:
+        return self.node.json(*args)
+
+    def volume(self, name: str) -> dict[str, Any]:
+        return dict(self.json("volume", "inspect", name))
+
+    def add_remote(self, other: Cluster) -> None:
+        self.cli("remote", "add", other.name, "--endpoint", f"https://127.0.0.1:{other.port}",
+                 "--token-file", str(other.token), "--ca", str(other.ca))
+
+
+def _cluster(base: Path, name: str) -> Cluster:
+    node, port = tcp_node(base, f"ops admin {ADMIN}\n")
+    node.start()
+    token = base / "admin-token"
+    token.write_text(ADMIN + "\n")
+    token.chmod(0o600)
+    return Cluster(name, node, port, node.state / "tls" / "ca.crt", token)
+
+
+@pytest.fixture(scope="module")
+def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Cluster]]:
+    base = tmp_path_factory.mktemp("clusters")
+    made: list[Cluster] = []
+    try:
+        made.append(_cluster(base / "prod", "prod"))
+        made.append(_cluster(base / "dr", "dr"))
+        made[0].add_remote(made[1])
+        yield made[0], made[1]
+    finally:
+        for cluster in made:
+            cluster.node.cleanup()
+        assert leftovers(base) == {"mounts": [], "loops": [], "processes": []}
+
+
+def _until(check: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.3)
+
+
+def _attach(cluster: Cluster, name: str) -> Path:
+    return Path(cluster.json("volume", "attach", name)["attachment"]["mountpoint"])
+
+
+def test_a_remote_is_checked_before_it_is_kept(clusters: tuple[Cluster, Cluster],
+                                               tmp_path: Path) -> None:
+    prod, dr = clusters
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-token-0123456789\n")
+    done = prod.cli("remote", "add", "bad", "--endpoint", f"https://127.0.0.1:{dr.port}",
+                    "--token-file", str(wrong), "--ca", str(dr.ca), check=False)
+    assert done.returncode == 2 and "unauthorized" in done.stderr, done.stderr
+    done = prod.cli("remote", "add", "bad", "--endpoint", f"https://127.0.0.1:{dr.port}",
+                    "--token-file", str(dr.token), check=False)  # the system CAs: refused
+    assert done.returncode == 5 and "remote_unavailable" in done.stderr, done.stderr
+    done = prod.cli("remote", "add", "self", "--endpoint", f"https://127.0.0.1:{prod.port}",
+                    "--token-file", str(prod.token), "--ca", str(prod.ca), check=False)
+    assert done.returncode == 2 and "is this cluster" in done.stderr, done.stderr
+    assert [r["name"] for r in prod.json("remote", "ls")] == ["dr"]
+    shown = prod.cli("remote", "ls").stdout
+    assert "dr" in shown and ADMIN not in shown
+    raw = (prod.node.state / "meta.db").read_bytes()
+    assert ADMIN.encode() not in raw  # the token is kept wrapped
+    done = prod.cli("volume", "replicate", "nothing", "--to", "dr", check=False)
+    assert done.returncode == 3, done.stderr
+
+
+def test_copies_promotion_fencing_and_the_way_back(clusters: tuple[Cluster, Cluster]) -> None:
+    prod, dr = clusters
+    prod.cli("volume", "create", "pgdata", "--size", "256M")
+    mount = _attach(prod, "pgdata")
+    first = write_random(mount / "first.bin", 24 * MIB)
+    subprocess.run(["sync", "-f", str(mount / "first.bin")], check=True)
+
+    # the first copy is the whole volume
+    prod.cli("volume", "replicate", "pgdata", "--to", "dr", "--every", "1h", "--wait")
+    rep = prod.volume("pgdata")["replication"]
+    assert rep["point"] and rep["last_error"] == "", rep
+    assert rep["last_bytes"] >= 24 * MIB
+    standby = dr.volume("pgdata")
+    assert standby["replica_of"]["point"] == rep["point"]
+    assert "holds point" in dr.cli("volume", "inspect", "pgdata").stdout
+    done = dr.cli("volume", "attach", "pgdata", check=False)
+    assert done.returncode == 4 and "promote" in done.stderr, done.stderr
+
+    # the next copy sends only what changed
+    second = write_random(mount / "second.bin", 3 * MIB)
+    subprocess.run(["sync", "-f", str(mount / "second.bin")], check=True)
+    prod.cli("volume", "replicate", "pgdata", "--now", "--wait")
+    rep = prod.volume("pgdata")["replication"]
+    assert 3 * MIB <= rep["last_bytes"] <= 12 * MIB, rep
+    assert rep["lag"] is not None and rep["lag"] < 60
+    assert "lag" in prod.cli("volume", "inspect", "pgdata").stdout
+    scraped = _metrics(prod)
+    assert 'cargohold_volume_replication_lag_seconds{remote="dr",volume="pgdata"}' in scraped
+
+    # the disaster: the standby is promoted while the source is still attached and in use
+    promoted = dr.json("volume", "promote", "pgdata")
+    assert promoted["replica_of"] is None and promoted["promoted_from"]["volume"] == "pgdata"
+    there = _attach(dr, "pgdata")
+    assert sha256_of(there / "first.bin") == first
+    assert sha256_of(there / "second.bin") == second
+    third = write_random(there / "third.bin", 2 * MIB)
+    subprocess.run(["sync", "-f", str(there / "third.bin")], check=True)
+
+    # the source learns it at its next copy: fenced, its writes refused
+    prod.cli("volume", "replicate", "pgdata", "--now")
+    _until(lambda: bool(prod.volume("pgdata")["fenced_by"]), "the source to be fenced")
+    assert "promoted" in prod.volume("pgdata")["fenced_by"]
+    assert _write_fails(mount / "late.bin")
+    prod.cli("volume", "detach", "pgdata", check=False)
+    _until(lambda: prod.volume("pgdata")["attachment"] is None, "the source to detach")
+    done = prod.cli("volume", "attach", "pgdata", check=False)
+    assert done.returncode == 7 and "volume_demoted" in done.stderr, done.stderr
+
+    # the way back: the promoted copy replicates to the old source, which takes only what
+    # changed since the point both hold
+    dr.add_remote(prod)
+    dr.cli("volume", "detach", "pgdata")
+    dr.cli("volume", "replicate", "pgdata", "--to", "prod", "--every", "1h", "--wait")
+    back = dr.volume("pgdata")["replication"]
+    assert back["last_error"] == "" and back["last_bytes"] <= 12 * MIB, back
+    old = prod.volume("pgdata")
+    assert old["fenced_by"] == "" and old["replica_of"]["point"] == back["point"]
+    prod.cli("volume", "promote", "pgdata")
+    home = _attach(prod, "pgdata")
+    try:
+        assert sha256_of(home / "first.bin") == first
+        assert sha256_of(home / "third.bin") == third
+        assert not (home / "late.bin").exists() or (home / "late.bin").stat().st_size == 0
+    finally:
+        prod.cli("volume", "detach", "pgdata")
+
+
+def _write_fails(path: Path) -> bool:
+    """Whether writing and fsyncing a file on a fenced volume fails (EIO)."""
+    code = ("import os,sys\n"
+            "try:\n"
+            f"    fd = os.open({str(path)!r}, os.O_WRONLY | os.O_CREAT, 0o644)\n"
+            "    os.write(fd, os.urandom(1 << 20)); os.fsync(fd); os.close(fd)\n"
+            "except OSError as e:\n"
+            "    sys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,
+                          env=_env())
+    return done.returncode == 3
+
+
+def _metrics(cluster: Cluster) -> str:
+    context = ssl.create_default_context(cafile=str(cluster.ca))
+    request = urllib.request.Request(f"https://127.0.0.1:{cluster.port}/metrics",
+                                     headers={"Authorization": f"Bearer {ADMIN}"})
+    with urllib.request.urlopen(request, context=context, timeout=30) as answer:
+        return str(answer.read().decode())
+
