@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import (
+    LiveWriter,
     Node,
     _env,
     leftovers,
@@ -200,3 +201,36 @@ def _metrics(cluster: Cluster) -> str:
     with urllib.request.urlopen(request, context=context, timeout=30) as answer:
         return str(answer.read().decode())
 
+
+
+def test_a_live_migration_keeps_every_acknowledged_write(
+        clusters: tuple[Cluster, Cluster]) -> None:
+    prod, dr = clusters
+    prod.cli("volume", "create", "live", "--size", "256M")
+    mount = _attach(prod, "live")
+    bulk = write_random(mount / "bulk.bin", 40 * MIB)
+    with LiveWriter(mount / "records") as writer:
+        _until(lambda: writer.writes > 50, "the writer to start")
+        done = prod.cli("volume", "migrate", "live", "--to", "dr", "--wait")
+        writer.stop()
+    moved = prod.volume("live")["migration"]
+    assert moved["state"] == "done", moved
+    assert 0 < moved["held"] < 30, moved
+    assert moved["rounds"][0]["bytes"] >= 40 * MIB
+    assert "writes held" in done.stdout
+    assert writer.acked, "the writer got nothing acknowledged"
+    assert isinstance(writer.error, OSError), writer.error  # the source refuses writes
+    assert "migrated to dr" in prod.volume("live")["fenced_by"]
+    prod.cli("volume", "detach", "live", check=False)
+    _until(lambda: prod.volume("live")["attachment"] is None, "the source to detach")
+
+    there = dr.volume("live")
+    assert there["replica_of"] is None and there["promoted_from"]["volume"] == "live"
+    mounted = _attach(dr, "live")
+    try:
+        assert sha256_of(mounted / "bulk.bin") == bulk
+        content = (mounted / "records").read_bytes()
+        for block, data in writer.acked.items():  # every write acknowledged before the hold
+            assert content[block * 4096:(block + 1) * 4096] == data, block
+    finally:
+        dr.cli("volume", "detach", "live")

@@ -18,7 +18,7 @@ from cargohold.cli.output import (
     scrub_text,
 )
 from cargohold.cli.progress import drain, rebalance, rebuild
-from cargohold.cli.remotes import promote, remote_command, replicate
+from cargohold.cli.remotes import migrate, promote, remote_command, replicate
 from cargohold.cli.snapshots import snapshot_command
 from cargohold.config import (
     client_config,
@@ -100,6 +100,8 @@ def run_client(args: argparse.Namespace) -> int:
             return rebuild(api, name, args.wait, as_json)
         elif args.action == "replicate":
             return replicate(api, args, as_json)
+        elif args.action == "migrate":
+            return migrate(api, args, as_json)
         elif args.action == "promote":
             return promote(api, name, as_json)
         elif args.action == "activate":

@@ -74,6 +74,8 @@ def print_inspect(volume: dict[str, Any], as_json: bool) -> None:
         came = volume["promoted_from"]
         lines.append(f"Promoted:    from a standby of {came['volume']} (point {came['point']}) "
                      + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(came["at"])))
+    if volume.get("migration"):
+        lines.append(f"Migration:   {migration_text(volume['migration'])}")
     if volume.get("fenced_by"):
         lines.append(f"Fenced:      {volume['fenced_by']}")
     last = volume.get("last_backup")
@@ -131,4 +133,17 @@ def replication_text(rep: dict[str, Any]) -> str:
         text += f"; sending {rep['progress']:.0%}"
     if rep["last_error"]:
         text += f"; last copy failed: {rep['last_error']}"
+    return text
+
+
+def migration_text(moving: dict[str, Any]) -> str:
+    """One line on a volume's migration to another cluster."""
+    rounds = moving["rounds"]
+    sent = ", ".join(format_size(int(r["bytes"])) for r in rounds)
+    text = f"to {moving['remote']}: {moving['state']}; {len(rounds)} round(s)"
+    text += f" ({sent})" if rounds else ""
+    if moving["state"] == "done":
+        text += f"; writes held {moving['held'] * 1000:.0f} ms"
+    if moving["error"]:
+        text += f": {moving['error']}"
     return text

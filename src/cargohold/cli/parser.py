@@ -118,6 +118,14 @@ def build() -> argparse.ArgumentParser:
                            help="show progress until the next copy is complete")
     output(replicate)
 
+    migrate = volume.add_parser("migrate", help="move a volume to another cluster while in "
+                                "use (copies, then a short hold of its writes)")
+    migrate.add_argument("name")
+    migrate.add_argument("--to", required=True, metavar="REMOTE")
+    migrate.add_argument("--wait", action="store_true",
+                         help="show progress until it is done or failed")
+    output(migrate)
+
     remote = commands.add_parser(
         "remote", help="other clusters to copy volumes to").add_subparsers(
         dest="action", required=True)

@@ -1,4 +1,5 @@
-"""The commands between clusters: ``remote``, ``volume replicate`` and ``volume promote``."""
+"""The commands between clusters: ``remote``, ``volume replicate``, ``volume migrate`` and
+``volume promote``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cargohold.cli.output import emit, print_inspect, replication_text, table
+from cargohold.cli.output import (
+    emit,
+    migration_text,
+    print_inspect,
+    replication_text,
+    table,
+)
 from cargohold.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -92,6 +99,27 @@ def _follow(api: ApiClient, name: str, before: str) -> dict[str, Any]:
     end = "done" if ok else f"failed: {rep['last_error'] if rep else volume.get('fenced_by')}"
     print(f"\rcopying {name} [{'#' * 30}] {end}{' ' * 30}", file=sys.stderr)
     return volume
+
+
+def migrate(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:
+    name = args.name
+    volume = api.request("POST", f"/v1/volumes/{name}/migrate", {"to": args.to})
+    while args.wait and volume["migration"]["state"] in ("copying", "handover"):
+        moving = volume["migration"]
+        rep = volume.get("replication") or {}
+        done = float(rep.get("progress", 0.0)) if rep.get("sending") else 0.0
+        print(f"\rmigrating {name} to {args.to}: {moving['state']}, round "
+              f"{len(moving['rounds']) + 1} [{'#' * int(30 * done):<30}] {done * 100:3.0f}%",
+              end="", file=sys.stderr, flush=True)
+        time.sleep(0.3)
+        volume = api.request("GET", f"/v1/volumes/{name}")
+    if args.wait:
+        print(file=sys.stderr)
+    if as_json:
+        print(json.dumps(volume, indent=2))
+    else:
+        print(migration_text(volume["migration"]))
+    return 1 if args.wait and volume["migration"]["state"] == "failed" else 0
 
 
 def promote(api: ApiClient, name: str, as_json: bool) -> int:

@@ -124,6 +124,26 @@ class Replication(Record):
     progress: float = 0.0  # the fraction of its chunks sent
 
 
+class MigrationState(StrEnum):
+    COPYING = "copying"  # rounds of changed chunks while the volume is in use
+    HANDOVER = "handover"  # writes held, the last changes going over
+    DONE = "done"  # the remote volume is the primary; this one is fenced
+    FAILED = "failed"
+
+
+class Migration(Record):
+    """A volume's live move to another cluster (on the source's record)."""
+
+    remote: str
+    node: str  # the node that runs it
+    state: MigrationState = MigrationState.COPYING
+    started: float = Field(default_factory=time.time)
+    finished: float = 0.0
+    rounds: list[dict[str, float]] = []  # per round: bytes sent, seconds
+    held: float = 0.0  # seconds writers waited at the handover (the pause they saw)
+    error: str = ""
+
+
 class ReplicaOf(Record):
     """A standby fed by another cluster's replication (on the standby's record)."""
 
@@ -177,6 +197,7 @@ class Volume(Record):
     replication: Replication | None = None  # copied to another cluster
     replica_of: ReplicaOf | None = None  # a standby of another cluster's volume
     promoted_from: PromotedFrom | None = None  # was such a standby, promoted
+    migration: Migration | None = None  # the last live move to another cluster
     fenced_by: str = ""  # its copy elsewhere was promoted: no attach, no writes (why)
 
     def in_sync(self) -> list[Replica]:
@@ -209,6 +230,8 @@ class Snapshot(Record):
     epoch: int = 0  # at the attachment of this epoch
     held: float = 0.0  # seconds writes waited for the cut
     error: str = ""  # why the cut failed
+    handover: bool = False  # a migration's last point: the engine keeps writes held after the
+    # cut (phase "handover") until the volume is fenced (handed over) or phase "release"
     for_clone: str = ""  # taken to clone a volume's contents into this one: goes once filled
 
     @property

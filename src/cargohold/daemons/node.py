@@ -44,6 +44,7 @@ from cargohold.services.clones import CloneService
 from cargohold.services.controller.controller import Controller
 from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
+from cargohold.services.migrations import MigrationService
 from cargohold.services.nodes import NodeRemoval
 from cargohold.services.remotes import RemoteService
 from cargohold.services.replication import ReplicationService
@@ -165,6 +166,7 @@ class NodeDaemon:
         remotes = RemoteService(catalog, self.access)
         self.replication = ReplicationService(snapshots, remotes, self.access)
         self.standbys = StandbyService(volumes, snapshots, clones, self.access)
+        self.migrations = MigrationService(self.replication, config.name)
         self.controller = Controller(store, catalog, volumes, config.name,
                                      config.rebuild_after, config.scrub_every,
                                      config.scrub_rate, config.auto_rebalance,
@@ -189,7 +191,7 @@ class NodeDaemon:
                                 restores=self.restores,
                                 schedules=self.schedules,
                                 remotes=remotes, replication=self.replication,
-                                standbys=self.standbys,
+                                standbys=self.standbys, migrations=self.migrations,
                                 metrics=self._metrics(catalog, volumes, snapshots, agent,
                                                       store, stale_after))
             audit = AuditLog(config.state_dir / "audit.log")
@@ -224,6 +226,7 @@ class NodeDaemon:
                     await controlling
             await self.controller.fill.stop()
             await self.backups.stop()
+            await self.migrations.stop()
             await self.replication.stop_rounds()
             await self.standbys.close()
             if csi_server is not None:

@@ -34,7 +34,13 @@ from cargohold.clients.remote import CONNECTIONS, RemoteCluster
 from cargohold.core.capability import SNAPSHOT_READS
 from cargohold.core.cipher import unwrap_key
 from cargohold.core.layout import CHUNK_SIZE
-from cargohold.core.models import Replication, Snapshot, SnapshotState, Volume
+from cargohold.core.models import (
+    MigrationState,
+    Replication,
+    Snapshot,
+    SnapshotState,
+    Volume,
+)
 from cargohold.core.names import check_name
 from cargohold.errors import (
     CargoholdError,
@@ -145,6 +151,9 @@ class ReplicationService:
             rep = volume.replication
             if rep is None or volume.fenced_by or volume.name in self._rounds:
                 continue
+            if volume.migration is not None and volume.migration.state in (
+                    MigrationState.COPYING, MigrationState.HANDOVER):
+                continue  # its migration makes the rounds
             if now - rep.last_started < rep.every:
                 continue
             due = rep.last_started

@@ -53,10 +53,11 @@ class SnapshotService:
         self.access = access
 
     async def create(self, volume: str, name: str, freeze: bool = True,
-                     for_clone: str = "") -> Snapshot:
+                     for_clone: str = "", handover: bool = False) -> Snapshot:
         """Take snapshot ``volume@name``. The same name again returns the snapshot taken
         before (idempotent, as CSI asks); it blocks until the snapshot is cut.
-        ``for_clone``: the clone it is taken for (removed once that is filled)."""
+        ``for_clone``: the clone it is taken for (removed once that is filled).
+        ``handover``: a migration's last point (the engine keeps the writes held after)."""
         check_name(volume)
         check_name(name)
         source = await self.catalog.volume(volume)
@@ -71,7 +72,7 @@ class SnapshotService:
         att = source.attachment
         snapshot = Snapshot(id=uuid.uuid4().hex, name=name, volume=volume,
                             volume_id=source.id, size=source.size, freeze=freeze,
-                            for_clone=for_clone)
+                            for_clone=for_clone, handover=handover)
         if att is not None and source.state is VolumeState.ATTACHED:
             snapshot.node, snapshot.epoch = att.node, att.epoch
             await self.catalog.add_snapshot(snapshot)

@@ -40,6 +40,7 @@ from cargohold.services.clones import CloneService
 from cargohold.services.controller.controller import Controller
 from cargohold.services.controller.scrub import Scrub
 from cargohold.services.events import EventFeed
+from cargohold.services.migrations import MigrationService
 from cargohold.services.nodes import NodeRemoval
 from cargohold.services.remotes import RemoteService
 from cargohold.services.replication import ReplicationService
@@ -244,6 +245,7 @@ class Services:
     remotes: RemoteService | None = None
     replication: ReplicationService | None = None
     standbys: StandbyService | None = None
+    migrations: MigrationService | None = None
     metrics: Callable[[], Awaitable[bytes]] | None = None  # GET /metrics (adapters/metrics)
     ready: bool = False
 
@@ -347,12 +349,14 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
     async def servers() -> dict[str, DataServer]:
         return {s.id: s for s in await services.catalog.servers()}
 
-    if services.remotes and services.replication and services.standbys:
+    if services.remotes and services.replication and services.standbys and \
+            services.migrations:
         async def view(volume: Volume) -> dict[str, Any]:
             return volume_view(volume, await servers())
 
         app.include_router(replication_router(services.catalog, services.remotes,
-                                              services.replication, services.standbys, view))
+                                              services.replication, services.standbys,
+                                              services.migrations, view))
 
     @app.get("/v1/volumes")
     async def list_volumes(usage: bool = False) -> list[dict[str, Any]]:

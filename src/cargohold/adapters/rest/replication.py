@@ -14,6 +14,7 @@ from cargohold import __version__
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.models import Volume
 from cargohold.errors import InvalidArgument
+from cargohold.services.migrations import MigrationService
 from cargohold.services.remotes import RemoteService
 from cargohold.services.replication import ReplicationService
 from cargohold.services.standbys import StandbyService
@@ -43,6 +44,13 @@ class Replicate(BaseModel):
                        "10 s)"})
 
 
+class Migrate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: str = Field(json_schema_extra={"description": "the remote cluster's name here"})
+    wait: bool = Field(default=False, json_schema_extra={
+        "description": "answer once it is done or failed"})
+
+
 class SourceVolume(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cluster: str
@@ -63,7 +71,7 @@ class BeginCopy(BaseModel):
 
 
 def router(catalog: Catalog, remotes: RemoteService, replication: ReplicationService,
-           standbys: StandbyService,
+           standbys: StandbyService, migrations: MigrationService,
            view: Callable[[Volume], Awaitable[dict[str, Any]]]) -> APIRouter:
     """The routes, over the services; ``view`` shows a volume as the rest of the API does."""
     api = APIRouter()
@@ -100,6 +108,13 @@ def router(catalog: Catalog, remotes: RemoteService, replication: ReplicationSer
     @api.delete("/v1/volumes/{name}/replication")
     async def stop_replicating(name: str) -> dict[str, Any]:
         return await view(await replication.stop(name))
+
+    @api.post("/v1/volumes/{name}/migrate")
+    async def migrate(name: str, body: Migrate) -> dict[str, Any]:
+        """Move the volume to another cluster while in use: copies of what changed, then
+        a short hold of its writes, and the remote copy is the primary (this one fenced).
+        Follow it in the volume's ``migration``."""
+        return await view(await migrations.migrate(name, body.to, body.wait))
 
     @api.post("/v1/volumes/{name}/promote")
     async def promote(name: str) -> dict[str, Any]:

@@ -33,6 +33,10 @@ RECHECK = 2.0
 GROUP_HOLD = 10.0
 #: The longest a freeze may take (the file system writes what it holds first).
 FREEZE_TIMEOUT = 30.0
+#: The longest an engine holds writes after a migration's last cut, waiting to be handed
+#: over (fenced) or let go; past it the writes go on here (the migration then fails).
+HANDOVER_HOLD = 60.0
+_HANDOVER_POLL = 0.01
 
 
 class Cutter:
@@ -112,6 +116,8 @@ class Cutter:
             steps["barrier"] = time.monotonic() - started
             servers = await self.replicas.cut(snapshot.id, snapshot.created)
             steps["cut"] = time.monotonic() - started
+            if snapshot.handover:
+                await self._hand_over(snapshot, servers, started)
         except CargoholdError as e:
             error = str(e)
         finally:
@@ -130,6 +136,10 @@ class Cutter:
                      snapshot.name, servers, held * 1000,
                      ", ".join(f"{k} at {v * 1000:.1f}" for k, v in steps.items()))
 
+        if snapshot.handover and not error:
+            await self._record_hold(snapshot, held)
+            return 1
+
         def outcome(s: Snapshot) -> Snapshot | None:
             if not self._mine(s) or s.id != snapshot.id:
                 return None
@@ -145,6 +155,46 @@ class Cutter:
             await self._forget(snapshot.id)
             return 0
         return 0 if error else 1
+
+    async def _hand_over(self, snapshot: Snapshot, servers: list[str], started: float) -> None:
+        """A migration's last point is cut: say so (phase *handover*), then keep the writes
+        held until the migration lets them go (phase *release*, once it has fenced the
+        volume on its data servers, which then refuse them; or the record gone: it failed),
+        or ``HANDOVER_HOLD`` has passed. (Not on the record's epoch alone: a data server not
+        fenced yet would take what is let go.)"""
+        def cut(s: Snapshot) -> Snapshot | None:
+            if not self._mine(s) or s.id != snapshot.id:
+                raise SnapshotFailed(name=snapshot.ref, detail="given up before the cut")
+            s.state, s.servers, s.phase = SnapshotState.READY, servers, "handover"
+            s.held = time.monotonic() - started
+            return s
+
+        await self.catalog.update_snapshot(self.name, snapshot.name, cut)
+        log.info("%s: last point %s of a migration cut; writes held until it is handed over",
+                 self.name, snapshot.name)
+        deadline = time.monotonic() + HANDOVER_HOLD
+        while time.monotonic() < deadline:
+            now = await self.catalog.find_snapshot(self.name, snapshot.name)
+            if now is None or now.id != snapshot.id or now.phase == "release" or \
+                    now.state is not SnapshotState.READY:
+                log.warning("%s: the migration let the writes go", self.name)
+                return
+            await asyncio.sleep(_HANDOVER_POLL)
+        log.error("%s: not handed over within %g s: the writes go on here", self.name,
+                  HANDOVER_HOLD)
+
+    async def _record_hold(self, snapshot: Snapshot, held: float) -> None:
+        """How long the writers of a migration's last point waited, on its record."""
+        def hold(s: Snapshot) -> Snapshot | None:
+            if s.id != snapshot.id:
+                return None
+            s.held, s.phase = held, "released"
+            return s
+
+        with contextlib.suppress(CargoholdError):
+            await self.catalog.update_snapshot(self.name, snapshot.name, hold)
+        log.info("%s: writes of the migration's last point held %.1f ms", self.name,
+                 held * 1000)
 
     async def _freeze(self, mountpoint: str) -> None:
         """FIFREEZE, given up after ``FREEZE_TIMEOUT`` (a file system that cannot write
