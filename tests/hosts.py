@@ -15,6 +15,10 @@ not collide):
 * on every host: an etcd member (one three-member cluster across the hosts), a
   ``cargohold node`` (one data dir, ``--metadata etcds://`` of all members, the Docker plugin
   socket in the host's plugin directory, a short ``--lease-ttl``) and, if asked, a dockerd.
+* ``Hosts(n, clusters=k)`` splits the hosts into ``k`` cargohold clusters instead (hosts
+  1..n/k the first, and so on): each with its own etcd cluster, CA and cluster key, and
+  every node also serves its API on ``https://ADDRESS:7480`` taking the token
+  ``REMOTE_TOKEN`` (what another cluster's ``remote add`` uses, with ``Host.ca``).
 
 ``Host.kill()`` kills the host as a power cut would: it freezes everything of the host (its
 cgroup, which holds the containers' cgroups, and every process in its network namespace,
@@ -63,6 +67,9 @@ CGROUP = Path("/sys/fs/cgroup")
 CGROUP_V2 = (CGROUP / "cgroup.controllers").exists()
 #: The nodes' --lease-ttl (seconds) unless a test asks for another.
 LEASE_TTL_DEFAULT = 3.0
+#: With several clusters: each node's HTTPS API port and its admin token.
+API_PORT = 7480
+REMOTE_TOKEN = "remote-admin-0123456789abcdef"
 
 
 def missing_binaries(docker: bool = False) -> list[str]:
@@ -246,6 +253,7 @@ class Host:
     def __init__(self, hosts: Hosts, index: int) -> None:
         self.hosts = hosts
         self.index = index
+        self.cluster = (index - 1) * hosts.clusters // hosts.n  # which cargohold cluster
         self.name = f"h{index}"
         self.ip = f"{SUBNET}.{index}"
         self.base = hosts.base / self.name
@@ -322,7 +330,17 @@ class Host:
     def tls(self) -> Path:
         """This host's credentials from the hosts' cluster CA (its node's and its etcd
         member's: the certificate names the host and its address)."""
-        return Path(credentials(self.hosts.base, self.name, (self.ip,))[1])
+        return Path(credentials(self.hosts.trust(self), self.name, (self.ip,))[1])
+
+    @property
+    def ca(self) -> Path:
+        """The CA certificate of this host's cluster (its API's certificate is under it)."""
+        return self.tls / "ca.crt"
+
+    @property
+    def api_url(self) -> str:
+        """This node's HTTPS API (with several clusters)."""
+        return f"https://{self.ip}:{API_PORT}"
 
     def start_etcd(self, initial_cluster: str, state: str = "new") -> None:
         ca, cert, key = (str(self.tls / f) for f in ("ca.crt", "node.crt", "node.key"))
@@ -333,7 +351,7 @@ class Host:
             "--listen-peer-urls", f"https://{self.ip}:2380",
             "--initial-advertise-peer-urls", f"https://{self.ip}:2380",
             "--initial-cluster", initial_cluster, "--initial-cluster-state", state,
-            "--initial-cluster-token", self.hosts.prefix,
+            "--initial-cluster-token", f"{self.hosts.prefix}-c{self.cluster}",
             "--logger", "zap", "--log-outputs", "stderr", "--enable-v2=false",
             # TLS with certificates of the cluster CA, both for clients and between members
             "--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca,
@@ -374,7 +392,12 @@ class Host:
                 "--api", f"unix://{self.api_socket}", "--data-host", self.ip,
                 "--docker-socket", str(self.plugins / "cargohold.sock"),
                 "--lease-ttl", str(self.hosts.lease_ttl),
-                *credentials(self.hosts.base, self.name, (self.ip,))]
+                *credentials(self.hosts.trust(self), self.name, (self.ip,))]
+        if self.hosts.clusters > 1:
+            tokens = self.base / "tokens"
+            tokens.write_text(f"remote admin {REMOTE_TOKEN}\n")
+            tokens.chmod(0o600)
+            argv += ["--api", f"tcp://{self.ip}:{API_PORT}", "--tokens-file", str(tokens)]
         for d in self.data_dirs:
             argv += ["--data-dir", str(d)]
         self.node = self.popen(argv, self.base / "node.log")
@@ -569,17 +592,18 @@ class Host:
 
 
 def hosts_for(request: pytest.FixtureRequest, docker: bool,
-              configure: Callable[[Hosts], None] | None = None) -> Iterator[Hosts]:
-    """Three started hosts for one test (a fixture's body): skipped when a binary is
-    missing, failed instead under CI; the logs shown when the test fails; everything removed
-    after, and checked to be gone. ``configure``: changes before the start (e.g. a host
-    without data servers)."""
+              configure: Callable[[Hosts], None] | None = None, n: int = 3,
+              clusters: int = 1) -> Iterator[Hosts]:
+    """``n`` started hosts (in ``clusters`` cargohold clusters) for one test (a fixture's
+    body): skipped when a binary is missing, failed instead under CI; the logs shown when
+    the test fails; everything removed after, and checked to be gone. ``configure``: changes
+    before the start (e.g. a host without data servers)."""
     reason = skip_reason(docker)
     if reason and os.environ.get("CI"):
         pytest.fail(f"CI must run this: {reason}")  # .ci/run installs everything it needs
     if reason:
         pytest.skip(reason)
-    hosts = Hosts(3, docker=docker, lease_ttl=LEASE_TTL_DEFAULT)
+    hosts = Hosts(n, docker=docker, lease_ttl=LEASE_TTL_DEFAULT, clusters=clusters)
     if configure is not None:
         configure(hosts)
     failed_before = request.session.testsfailed
@@ -601,13 +625,14 @@ class Hosts:
 
     def __init__(self, n: int = 3, *, docker: bool = False,
                  lease_ttl: float = LEASE_TTL_DEFAULT,
-                 base: Path | None = None) -> None:
+                 base: Path | None = None, clusters: int = 1) -> None:
         self.run_id = secrets.token_hex(3)
         self.prefix = f"ch-{self.run_id}"
         self.base = base or Path(tempfile.mkdtemp(prefix=f"{self.prefix}-", dir="/tmp"))
         self.switch = f"{self.prefix}-sw"
         self.docker = docker
         self.lease_ttl = lease_ttl
+        self.n, self.clusters = n, clusters
         self.hosts = [Host(self, i) for i in range(1, n + 1)]
         self.swarm_manager: Host | None = None
         #: MAJ:MIN of the FUSE files the hosts' loop devices were over (to find leftovers)
@@ -630,10 +655,21 @@ class Hosts:
     def metadata_url(self) -> str:
         return "etcds://" + ",".join(f"{h.ip}:2379" for h in self.hosts)
 
+    def cluster_of(self, host: Host) -> list[Host]:
+        """The hosts of ``host``'s cargohold cluster."""
+        return [h for h in self.hosts if h.cluster == host.cluster]
+
+    def initial_cluster_of(self, host: Host) -> str:
+        return ",".join(f"{h.name}=https://{h.ip}:2380" for h in self.cluster_of(host))
+
+    def trust(self, host: Host) -> Path:
+        """Where ``host``'s cluster keeps its CA (one per cluster)."""
+        return self.base if self.clusters == 1 else self.base / f"cluster{host.cluster}"
+
     def metadata_url_from(self, host: Host) -> str:
         """The etcd endpoints with ``host``'s own member first: a node talks to its local
         member, as deployed, so one host cut off does not stall every node's requests."""
-        others = [h for h in self.hosts if h is not host]
+        others = [h for h in self.cluster_of(host) if h is not host]
         return "etcds://" + ",".join(f"{h.ip}:2379" for h in [host, *others])
 
     def start(self, timeout: float = 60) -> None:
@@ -647,7 +683,7 @@ class Hosts:
         for h in self.hosts:
             h.create()
         for h in self.hosts:
-            h.start_etcd(self.initial_cluster)
+            h.start_etcd(self.initial_cluster_of(h))
         wait_for(lambda: all(h.etcd_healthy() for h in self.hosts), timeout, "etcd healthy")
         for h in self.hosts:
             h.start_node()

@@ -516,6 +516,13 @@ class VolumeDemoted(CargoholdError):
     kind = Kind.FENCED
 
 
+class DockerUnavailable(CargoholdError):
+    """Cannot use dockerd at {url}: {detail}"""
+
+    code = "docker_unavailable"
+    kind = Kind.UNAVAILABLE
+
+
 _BY_CODE: dict[str, type[CargoholdError]] = {}
 
 

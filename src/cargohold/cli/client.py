@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from cargohold.cli.backups import backup_command
+from cargohold.cli.containers import container_command
 from cargohold.cli.exits import salvage_status, scrub_status
 from cargohold.cli.output import (
     emit,
@@ -61,6 +62,8 @@ def run_client(args: argparse.Namespace) -> int:
             return backup_command(api, args, as_json)
         if args.command == "remote":
             return remote_command(api, args, as_json)
+        if args.command == "container":
+            return container_command(api, args, as_json)
         name: str = getattr(args, "name", "")
         if args.action == "create" and args.source:
             volume = clone(api, args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from cargohold import __version__
@@ -125,6 +126,24 @@ def build() -> argparse.ArgumentParser:
     migrate.add_argument("--wait", action="store_true",
                          help="show progress until it is done or failed")
     output(migrate)
+
+    container = commands.add_parser(
+        "container", help="Docker containers with cargohold volumes").add_subparsers(
+        dest="action", required=True)
+    moving = container.add_parser("migrate", help="move a running container and its volumes "
+                                  "to a host of another cluster (paused during the handover, "
+                                  "then started there)")
+    moving.add_argument("container")
+    moving.add_argument("--to", required=True, metavar="REMOTE", help="the cluster")
+    moving.add_argument("--target-docker", required=True, metavar="URL",
+                        help="the dockerd of the host there: unix:///PATH or tcp://HOST:PORT")
+    moving.add_argument("--docker", default=os.environ.get("DOCKER_HOST",
+                                                           "unix:///var/run/docker.sock"),
+                        metavar="URL", help="the dockerd running the container (default "
+                        "$DOCKER_HOST, else the local one)")
+    moving.add_argument("--driver", default="cargohold",
+                        help="the volume driver's name in Docker (default cargohold)")
+    output(moving)
 
     remote = commands.add_parser(
         "remote", help="other clusters to copy volumes to").add_subparsers(

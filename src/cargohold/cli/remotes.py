@@ -104,7 +104,7 @@ def _follow(api: ApiClient, name: str, before: str) -> dict[str, Any]:
 def migrate(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:
     name = args.name
     volume = api.request("POST", f"/v1/volumes/{name}/migrate", {"to": args.to})
-    while args.wait and volume["migration"]["state"] in ("copying", "handover"):
+    while args.wait and volume["migration"]["state"] in ("copying", "ready", "handover"):
         moving = volume["migration"]
         rep = volume.get("replication") or {}
         done = float(rep.get("progress", 0.0)) if rep.get("sending") else 0.0

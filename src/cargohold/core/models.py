@@ -126,6 +126,7 @@ class Replication(Record):
 
 class MigrationState(StrEnum):
     COPYING = "copying"  # rounds of changed chunks while the volume is in use
+    READY = "ready"  # copies go on; the handover waits to be told to go (``hold``)
     HANDOVER = "handover"  # writes held, the last changes going over
     DONE = "done"  # the remote volume is the primary; this one is fenced
     FAILED = "failed"
@@ -142,6 +143,8 @@ class Migration(Record):
     rounds: list[dict[str, float]] = []  # per round: bytes sent, seconds
     held: float = 0.0  # seconds writers waited at the handover (the pause they saw)
     error: str = ""
+    hold: bool = False  # wait in READY until ``go`` (a companion first pauses the consumer)
+    go: bool = False
 
 
 class ReplicaOf(Record):

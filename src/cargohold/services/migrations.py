@@ -51,6 +51,12 @@ RETRY_AFTER = 2.0
 PROMOTE_TRIES = 15
 #: Periods between copies of a volume replicated only for a migration (none: a year).
 NO_ROUNDS = 366 * 86400.0
+#: A migration told to hold waits this long in READY for its ``go`` (copying meanwhile).
+READY_WAIT = 600.0
+#: Seconds between the copies made while waiting (the remainder stays small).
+READY_ROUNDS = 1.0
+_GO_POLL = 0.02
+ACTIVE = (MigrationState.COPYING, MigrationState.READY, MigrationState.HANDOVER)
 
 
 class MigrationService:
@@ -61,15 +67,16 @@ class MigrationService:
         self.node = node
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    async def migrate(self, name: str, remote: str, wait: bool = False) -> Volume:
+    async def migrate(self, name: str, remote: str, wait: bool = False,
+                      hold: bool = False) -> Volume:
         """Move volume ``name`` to cluster ``remote`` while in use; returns its record (the
-        migration done or failed, with ``wait``)."""
+        migration done or failed, with ``wait``). ``hold``: once the copies in use are done,
+        keep copying and wait for ``go`` before the handover."""
         check_name(name)
         await self.catalog.remote(remote)
         volume = await self.catalog.volume(name)
         running = volume.migration
-        if running is not None and running.state in (MigrationState.COPYING,
-                                                     MigrationState.HANDOVER):
+        if running is not None and running.state in ACTIVE:
             if running.node == self.node and name in self._tasks or \
                     await self.catalog.node_alive(running.node):
                 raise VolumeBusy(name=name, state=f"migrating to {running.remote} (run by "
@@ -80,7 +87,7 @@ class MigrationService:
         def begun(v: Volume) -> Volume:
             if v.fenced_by:
                 raise VolumeDemoted(name=name, why=v.fenced_by)
-            v.migration = Migration(remote=remote, node=self.node)
+            v.migration = Migration(remote=remote, node=self.node, hold=hold)
             return v
 
         volume = await self.catalog.update_volume(name, begun)
@@ -102,6 +109,7 @@ class MigrationService:
     async def _run(self, name: str, remote: str) -> None:
         try:
             await self._copy_in_use(name)
+            await self._wait_for_go(name)
             await self._record(name, state=MigrationState.HANDOVER)
             await self._hand_over(name, remote)
         except asyncio.CancelledError:
@@ -122,6 +130,34 @@ class MigrationService:
                 log.info("migration of %s: round %d sent %d bytes: handing over", name,
                          number, sent)
                 return
+
+    async def go(self, name: str) -> Volume:
+        """Let a migration that holds (``hold``) go on to its handover."""
+        def going(v: Volume) -> Volume:
+            if v.migration is None or v.migration.state not in ACTIVE:
+                raise InvalidArgument(what="volume", detail=f"{name!r} is not migrating")
+            v.migration.go = True
+            return v
+
+        return await self.catalog.update_volume(name, going)
+
+    async def _wait_for_go(self, name: str) -> None:
+        volume = await self.catalog.volume(name)
+        if volume.migration is None or not volume.migration.hold:
+            return
+        await self._record(name, state=MigrationState.READY)
+        deadline = time.monotonic() + READY_WAIT
+        while True:
+            next_round = time.monotonic() + READY_ROUNDS
+            while time.monotonic() < next_round:  # asked often: the handover starts at once
+                volume = await self.catalog.volume(name)
+                if volume.migration is not None and volume.migration.go:
+                    return
+                await asyncio.sleep(_GO_POLL)
+            if time.monotonic() > deadline:
+                raise VolumeBusy(name=name, state=f"ready to hand over and not told to go "
+                                 f"within {READY_WAIT:g} s; the source keeps serving")
+            await self._round(name, None)
 
     async def _round(self, name: str, cut: _Cut | None) -> int:
         """One round (tried again when the remote could not be reached); bytes sent."""

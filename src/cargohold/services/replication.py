@@ -152,7 +152,7 @@ class ReplicationService:
             if rep is None or volume.fenced_by or volume.name in self._rounds:
                 continue
             if volume.migration is not None and volume.migration.state in (
-                    MigrationState.COPYING, MigrationState.HANDOVER):
+                    MigrationState.COPYING, MigrationState.READY, MigrationState.HANDOVER):
                 continue  # its migration makes the rounds
             if now - rep.last_started < rep.every:
                 continue

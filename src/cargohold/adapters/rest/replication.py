@@ -49,6 +49,10 @@ class Migrate(BaseModel):
     to: str = Field(json_schema_extra={"description": "the remote cluster's name here"})
     wait: bool = Field(default=False, json_schema_extra={
         "description": "answer once it is done or failed"})
+    hold: bool = Field(default=False, json_schema_extra={
+        "description": "once the copies in use are done, keep copying (state ready) until "
+                       "POST .../migrate/go, then hand over (a companion pauses the consumer "
+                       "first)"})
 
 
 class SourceVolume(BaseModel):
@@ -114,7 +118,12 @@ def router(catalog: Catalog, remotes: RemoteService, replication: ReplicationSer
         """Move the volume to another cluster while in use: copies of what changed, then
         a short hold of its writes, and the remote copy is the primary (this one fenced).
         Follow it in the volume's ``migration``."""
-        return await view(await migrations.migrate(name, body.to, body.wait))
+        return await view(await migrations.migrate(name, body.to, body.wait, body.hold))
+
+    @api.post("/v1/volumes/{name}/migrate/go")
+    async def migrate_go(name: str) -> dict[str, Any]:
+        """Let a migration started with ``hold`` (state ``ready``) go on to its handover."""
+        return await view(await migrations.go(name))
 
     @api.post("/v1/volumes/{name}/promote")
     async def promote(name: str) -> dict[str, Any]:
