@@ -4,91 +4,31 @@ chunks only, fencing of a source whose copy was promoted, and the copy back."""
 
 from __future__ import annotations
 
-import ssl
 import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import (
-    LiveWriter,
-    Node,
-    _env,
-    leftovers,
-    needs_root,
-    sha256_of,
-    tcp_node,
-    write_random,
+from tests.clusters import (
+    ADMIN,
+    MIB,
+    Cluster,
+    attach,
+    metrics,
+    two_clusters,
+    until,
+    write_fails,
 )
+from tests.conftest import LiveWriter, needs_root, sha256_of, write_random
 
 pytestmark = [needs_root(), pytest.mark.system]
-
-MIB = 1 << 20
-ADMIN = "admin-secret-0123456789abcdef"
-
-
-@dataclass
-class Cluster:
-    name: str
-    node: Node
-    port: int
-    ca: Path
-    token: Path
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.node.cli(*args, check=check)
-
-    def json(self, *args: str) -> Any:
-        return self.node.json(*args)
-
-    def volume(self, name: str) -> dict[str, Any]:
-        return dict(self.json("volume", "inspect", name))
-
-    def add_remote(self, other: Cluster) -> None:
-        self.cli("remote", "add", other.name, "--endpoint", f"https://127.0.0.1:{other.port}",
-                 "--token-file", str(other.token), "--ca", str(other.ca))
-
-
-def _cluster(base: Path, name: str) -> Cluster:
-    node, port = tcp_node(base, f"ops admin {ADMIN}\n")
-    node.start()
-    token = base / "admin-token"
-    token.write_text(ADMIN + "\n")
-    token.chmod(0o600)
-    return Cluster(name, node, port, node.state / "tls" / "ca.crt", token)
 
 
 @pytest.fixture(scope="module")
 def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Cluster]]:
-    base = tmp_path_factory.mktemp("clusters")
-    made: list[Cluster] = []
-    try:
-        made.append(_cluster(base / "prod", "prod"))
-        made.append(_cluster(base / "dr", "dr"))
-        made[0].add_remote(made[1])
-        yield made[0], made[1]
-    finally:
-        for cluster in made:
-            cluster.node.cleanup()
-        assert leftovers(base) == {"mounts": [], "loops": [], "processes": []}
-
-
-def _until(check: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.3)
-
-
-def _attach(cluster: Cluster, name: str) -> Path:
-    return Path(cluster.json("volume", "attach", name)["attachment"]["mountpoint"])
+    with two_clusters(tmp_path_factory.mktemp("clusters")) as made:
+        yield made
 
 
 def test_a_remote_is_checked_before_it_is_kept(clusters: tuple[Cluster, Cluster],
@@ -117,7 +57,7 @@ def test_a_remote_is_checked_before_it_is_kept(clusters: tuple[Cluster, Cluster]
 def test_copies_promotion_fencing_and_the_way_back(clusters: tuple[Cluster, Cluster]) -> None:
     prod, dr = clusters
     prod.cli("volume", "create", "pgdata", "--size", "256M")
-    mount = _attach(prod, "pgdata")
+    mount = attach(prod, "pgdata")
     first = write_random(mount / "first.bin", 24 * MIB)
     subprocess.run(["sync", "-f", str(mount / "first.bin")], check=True)
 
@@ -140,13 +80,13 @@ def test_copies_promotion_fencing_and_the_way_back(clusters: tuple[Cluster, Clus
     assert 3 * MIB <= rep["last_bytes"] <= 12 * MIB, rep
     assert rep["lag"] is not None and rep["lag"] < 60
     assert "lag" in prod.cli("volume", "inspect", "pgdata").stdout
-    scraped = _metrics(prod)
+    scraped = metrics(prod)
     assert 'cargohold_volume_replication_lag_seconds{remote="dr",volume="pgdata"}' in scraped
 
     # the disaster: the standby is promoted while the source is still attached and in use
     promoted = dr.json("volume", "promote", "pgdata")
     assert promoted["replica_of"] is None and promoted["promoted_from"]["volume"] == "pgdata"
-    there = _attach(dr, "pgdata")
+    there = attach(dr, "pgdata")
     assert sha256_of(there / "first.bin") == first
     assert sha256_of(there / "second.bin") == second
     third = write_random(there / "third.bin", 2 * MIB)
@@ -154,11 +94,11 @@ def test_copies_promotion_fencing_and_the_way_back(clusters: tuple[Cluster, Clus
 
     # the source learns it at its next copy: fenced, its writes refused
     prod.cli("volume", "replicate", "pgdata", "--now")
-    _until(lambda: bool(prod.volume("pgdata")["fenced_by"]), "the source to be fenced")
+    until(lambda: bool(prod.volume("pgdata")["fenced_by"]), "the source to be fenced")
     assert "promoted" in prod.volume("pgdata")["fenced_by"]
-    assert _write_fails(mount / "late.bin")
+    assert write_fails(mount / "late.bin")
     prod.cli("volume", "detach", "pgdata", check=False)
-    _until(lambda: prod.volume("pgdata")["attachment"] is None, "the source to detach")
+    until(lambda: prod.volume("pgdata")["attachment"] is None, "the source to detach")
     done = prod.cli("volume", "attach", "pgdata", check=False)
     assert done.returncode == 7 and "volume_demoted" in done.stderr, done.stderr
 
@@ -172,7 +112,7 @@ def test_copies_promotion_fencing_and_the_way_back(clusters: tuple[Cluster, Clus
     old = prod.volume("pgdata")
     assert old["fenced_by"] == "" and old["replica_of"]["point"] == back["point"]
     prod.cli("volume", "promote", "pgdata")
-    home = _attach(prod, "pgdata")
+    home = attach(prod, "pgdata")
     try:
         assert sha256_of(home / "first.bin") == first
         assert sha256_of(home / "third.bin") == third
@@ -181,36 +121,14 @@ def test_copies_promotion_fencing_and_the_way_back(clusters: tuple[Cluster, Clus
         prod.cli("volume", "detach", "pgdata")
 
 
-def _write_fails(path: Path) -> bool:
-    """Whether writing and fsyncing a file on a fenced volume fails (EIO)."""
-    code = ("import os,sys\n"
-            "try:\n"
-            f"    fd = os.open({str(path)!r}, os.O_WRONLY | os.O_CREAT, 0o644)\n"
-            "    os.write(fd, os.urandom(1 << 20)); os.fsync(fd); os.close(fd)\n"
-            "except OSError as e:\n"
-            "    sys.exit(3)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,
-                          env=_env())
-    return done.returncode == 3
-
-
-def _metrics(cluster: Cluster) -> str:
-    context = ssl.create_default_context(cafile=str(cluster.ca))
-    request = urllib.request.Request(f"https://127.0.0.1:{cluster.port}/metrics",
-                                     headers={"Authorization": f"Bearer {ADMIN}"})
-    with urllib.request.urlopen(request, context=context, timeout=30) as answer:
-        return str(answer.read().decode())
-
-
-
 def test_a_live_migration_keeps_every_acknowledged_write(
         clusters: tuple[Cluster, Cluster]) -> None:
     prod, dr = clusters
     prod.cli("volume", "create", "live", "--size", "256M")
-    mount = _attach(prod, "live")
+    mount = attach(prod, "live")
     bulk = write_random(mount / "bulk.bin", 40 * MIB)
     with LiveWriter(mount / "records") as writer:
-        _until(lambda: writer.writes > 50, "the writer to start")
+        until(lambda: writer.writes > 50, "the writer to start")
         done = prod.cli("volume", "migrate", "live", "--to", "dr", "--wait")
         writer.stop()
     moved = prod.volume("live")["migration"]
@@ -222,11 +140,11 @@ def test_a_live_migration_keeps_every_acknowledged_write(
     assert isinstance(writer.error, OSError), writer.error  # the source refuses writes
     assert "migrated to dr" in prod.volume("live")["fenced_by"]
     prod.cli("volume", "detach", "live", check=False)
-    _until(lambda: prod.volume("live")["attachment"] is None, "the source to detach")
+    until(lambda: prod.volume("live")["attachment"] is None, "the source to detach")
 
     there = dr.volume("live")
     assert there["replica_of"] is None and there["promoted_from"]["volume"] == "live"
-    mounted = _attach(dr, "live")
+    mounted = attach(dr, "live")
     try:
         assert sha256_of(mounted / "bulk.bin") == bulk
         content = (mounted / "records").read_bytes()

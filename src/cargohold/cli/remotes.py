@@ -88,7 +88,7 @@ def _follow(api: ApiClient, name: str, before: str) -> dict[str, Any]:
             break
         if rep["point"] != before:
             break
-        if rep["last_error"] and rep["last_started"] >= started - 1 and not rep["sending"]:
+        if rep["last_failed"] >= started:
             break
         done = float(rep.get("progress", 0.0))
         state = "sending" if rep["sending"] else "waiting for the controller"

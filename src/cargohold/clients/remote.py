@@ -71,7 +71,9 @@ class RemoteCluster:
             body = None
         if response.status_code >= 400:
             if isinstance(body, dict) and isinstance(body.get("error"), dict):
-                raise from_dict(body["error"])
+                error = from_dict(body["error"])
+                error.args = (f"On remote cluster {self.name!r}: {error.message}",)
+                raise error
             raise RemoteUnavailable(name=self.name, endpoint=self.endpoint,
                                     detail=f"HTTP {response.status_code}")
         return body

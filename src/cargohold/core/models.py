@@ -120,6 +120,7 @@ class Replication(Record):
     last_finished: float = 0.0
     last_bytes: int = 0  # sent by the last complete round
     last_error: str = ""  # why the last round failed ("" after a good one)
+    last_failed: float = 0.0  # when a round last failed
     sending: str = ""  # the point a round is sending now
     progress: float = 0.0  # the fraction of its chunks sent
 

@@ -179,6 +179,7 @@ class NodeDaemon:
                 await asyncio.to_thread(process.adopt_or_start)
             await self.check_once(store, catalog)
             await agent.recover()
+            await self.migrations.recover()
             snapshots = SnapshotService(catalog, self.access)
             stale_after = max(config.lease_ttl, 3 * config.server_check_interval)
             services = Services(catalog, volumes, agent, self.controller,

@@ -37,6 +37,7 @@ from cargohold.errors import (
 )
 from cargohold.services.copies import snapshot_reader
 from cargohold.services.replication import ReplicationService
+from cargohold.services.standbys import point_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,25 @@ class MigrationService:
             await asyncio.shield(task)
             volume = await self.catalog.volume(name)
         return volume
+
+    async def recover(self) -> list[str]:
+        """At the node's start: the migrations it ran when it stopped ended there (failed),
+        and the last point a handover left behind goes; return their volumes."""
+        ended = []
+        for volume in await self.catalog.volumes():
+            moving = volume.migration
+            if moving is None or moving.node != self.node or moving.state not in ACTIVE:
+                continue
+            await self._failed(volume.name, f"interrupted: node {self.node} stopped during "
+                               f"it ({moving.state.value}); the source keeps serving (its "
+                               "engine let the held writes go): migrate again")
+            ended.append(volume.name)
+            kept = volume.replication.point if volume.replication is not None else ""
+            for snapshot in await self.catalog.snapshots(volume.name):
+                if snapshot.handover and snapshot.name != point_snapshot(kept):
+                    with contextlib.suppress(CargoholdError):
+                        await self.snapshots.remove(volume.name, snapshot.name)
+        return ended
 
     async def stop(self) -> None:
         """The node stops: migrations end as failed (the source keeps serving)."""

@@ -348,7 +348,7 @@ class ReplicationService:
     async def _failed(self, name: str, reason: str) -> None:
         def record(v: Volume) -> Volume:
             if v.replication is not None:
-                v.replication.last_error = reason
+                v.replication.last_error, v.replication.last_failed = reason, time.time()
                 v.replication.sending, v.replication.progress = "", 0.0
             return v
 

@@ -20,7 +20,7 @@ import logging
 import time
 
 from cargohold.clients import kernel
-from cargohold.core.models import Snapshot, SnapshotState, snapshot_key
+from cargohold.core.models import MigrationState, Snapshot, SnapshotState, snapshot_key
 from cargohold.errors import CargoholdError, Fenced, LeaseLost, SnapshotFailed
 from cargohold.services.engine.replicaset import ReplicaSet
 from cargohold.stores.catalog import Catalog
@@ -37,6 +37,7 @@ FREEZE_TIMEOUT = 30.0
 #: over (fenced) or let go; past it the writes go on here (the migration then fails).
 HANDOVER_HOLD = 60.0
 _HANDOVER_POLL = 0.01
+_MIGRATION_LOOK = 0.5  # seconds between looks at the migration (and its node's lease)
 
 
 class Cutter:
@@ -173,15 +174,28 @@ class Cutter:
         log.info("%s: last point %s of a migration cut; writes held until it is handed over",
                  self.name, snapshot.name)
         deadline = time.monotonic() + HANDOVER_HOLD
+        looked = 0.0
         while time.monotonic() < deadline:
             now = await self.catalog.find_snapshot(self.name, snapshot.name)
             if now is None or now.id != snapshot.id or now.phase == "release" or \
                     now.state is not SnapshotState.READY:
                 log.warning("%s: the migration let the writes go", self.name)
                 return
+            if time.monotonic() - looked > _MIGRATION_LOOK:
+                looked = time.monotonic()
+                if not await self._migration_alive():
+                    log.error("%s: the migration or the node running it is gone: the writes "
+                              "go on here", self.name)
+                    return
             await asyncio.sleep(_HANDOVER_POLL)
         log.error("%s: not handed over within %g s: the writes go on here", self.name,
                   HANDOVER_HOLD)
+
+    async def _migration_alive(self) -> bool:
+        volume = await self.catalog.find_volume(self.name)
+        moving = volume.migration if volume is not None else None
+        return (moving is not None and moving.state is MigrationState.HANDOVER
+                and await self.catalog.node_alive(moving.node))
 
     async def _record_hold(self, snapshot: Snapshot, held: float) -> None:
         """How long the writers of a migration's last point waited, on its record."""
