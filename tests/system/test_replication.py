@@ -73,11 +73,11 @@ def test_copies_promotion_fencing_and_the_way_back(clusters: tuple[Cluster, Clus
     assert done.returncode == 4 and "promote" in done.stderr, done.stderr
 
     # the next copy sends only what changed
-    second = write_random(mount / "second.bin", 3 * MIB)
+    second = write_random(mount / "second.bin", 4 * MIB)
     subprocess.run(["sync", "-f", str(mount / "second.bin")], check=True)
     prod.cli("volume", "replicate", "pgdata", "--now", "--wait")
     rep = prod.volume("pgdata")["replication"]
-    assert 3 * MIB <= rep["last_bytes"] <= 12 * MIB, rep
+    assert 4 * MIB <= rep["last_bytes"] <= 12 * MIB, rep
     assert rep["lag"] is not None and rep["lag"] < 60
     assert "lag" in prod.cli("volume", "inspect", "pgdata").stdout
     scraped = metrics(prod)
@@ -89,7 +89,7 @@ def test_copies_promotion_fencing_and_the_way_back(clusters: tuple[Cluster, Clus
     there = attach(dr, "pgdata")
     assert sha256_of(there / "first.bin") == first
     assert sha256_of(there / "second.bin") == second
-    third = write_random(there / "third.bin", 2 * MIB)
+    third = write_random(there / "third.bin", 4 * MIB)
     subprocess.run(["sync", "-f", str(there / "third.bin")], check=True)
 
     # the source learns it at its next copy: fenced, its writes refused

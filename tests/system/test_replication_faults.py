@@ -88,6 +88,7 @@ def test_the_remote_gone_at_the_handover(clusters: tuple[Cluster, Cluster]) -> N
     with _api(prod) as api, LiveWriter(mount / "records") as writer:
         until(lambda: writer.writes > 50, "the writer to start")
         _migrate_held(api, "db")
+        write_random(mount / "bulk.bin", 160 * MIB)  # the last copy has this much to send
         api.post("/v1/volumes/db/migrate/go")
         dr.node.kill()  # during the handover: its cut, copy or promotion
         until(lambda: _migration(api, "db")["state"] in ("failed", "done"), "the handover "
@@ -130,6 +131,7 @@ def test_the_node_running_a_migration_killed_at_its_handover(
     with _api(prod) as api, LiveWriter(mount / "records") as writer:
         until(lambda: writer.writes > 50, "the writer to start")
         _migrate_held(api, "app")
+        write_random(mount / "bulk.bin", 160 * MIB)  # the last copy has this much to send
         api.post("/v1/volumes/app/migrate/go")
         until(lambda: _migration(api, "app")["state"] == "handover", "the handover",
               timeout=30)

@@ -519,7 +519,10 @@ class _Connection(asyncio.BufferedProtocol):
             raise InvalidArgument(what="payload", detail='SNAPSHOT_DIFF needs {"since", '
                                   '"until"}: snapshot ids or ""')
         replica = self._store.replica(header.volume_id)
-        return encode_json(replica.changed_chunks(body.get("since", ""), body.get("until", "")))
+        since, until = body.get("since", ""), body.get("until", "")
+        if body.get("blocks") is True:  # 4 KiB blocks rather than chunks
+            return encode_json(replica.changed_blocks(since, until))
+        return encode_json(replica.changed_chunks(since, until))
 
     def _revert(self, header: RequestHeader, payload: memoryview) -> object:
         """Put the replica back to a snapshot (reads and writes it all: in a worker

@@ -477,12 +477,14 @@ class DataClient:
         return int(body["changed"])
 
     async def snapshot_diff(self, volume_id: str, since: str = "", until: str = "", *,
-                            timeout: float | None = None) -> list[int]:
-        """The chunks that may differ between snapshot ``since`` ("": nothing) and
-        ``until`` ("": the replica now)."""
+                            blocks: bool = False, timeout: float | None = None) -> list[int]:
+        """The chunks (``blocks``: the 4 KiB blocks, ``since`` given) that may differ
+        between snapshot ``since`` ("": nothing) and ``until`` ("": the replica now)."""
+        ask: dict[str, object] = {"since": since, "until": until}
+        if blocks:
+            ask["blocks"] = True
         found: list[int] = decode_json(await self._call(
-            Op.SNAPSHOT_DIFF, volume_id, timeout=timeout,
-            payload=encode_json({"since": since, "until": until})))
+            Op.SNAPSHOT_DIFF, volume_id, timeout=timeout, payload=encode_json(ask)))
         return found
 
     async def scrub_snapshots(self, volume_id: str, epoch: int, *,

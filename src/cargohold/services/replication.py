@@ -30,10 +30,12 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from cargohold.clients.access import Access
+from cargohold.clients.dataclient import DataClient
 from cargohold.clients.remote import CONNECTIONS, RemoteCluster
+from cargohold.core import chunkdelta
 from cargohold.core.capability import SNAPSHOT_READS
 from cargohold.core.cipher import unwrap_key
-from cargohold.core.layout import CHUNK_SIZE
+from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, runs
 from cargohold.core.models import (
     MigrationState,
     Replication,
@@ -261,30 +263,22 @@ class ReplicationService:
                 log.warning("replication of %s: %s", volume.name, e.message)
                 base = ""
                 session = await self._begin(volume, snapshot, point, base, remote)
-            chunks = sorted(await reader.snapshot_diff(
-                snapshot.volume_id, kept.id if base and kept is not None else "", snapshot.id))
-            chunks = [c for c in chunks if c * CHUNK_SIZE < snapshot.size]
+            work = await self._work(reader, snapshot, kept if base else None)
             path = f"/v1/standbys/{volume.name}/sessions/{session}"
-            pending = iter(chunks)
+            pending = iter(sorted(work.items()))
             sent = done = 0
             reported = time.monotonic()
 
             async def sender() -> None:
                 nonlocal sent, done, reported
-                for chunk in pending:
-                    offset = chunk * CHUNK_SIZE
-                    data = await reader.read_snapshot(
-                        snapshot.volume_id, SNAPSHOT_READS, snapshot.id, offset,
-                        min(CHUNK_SIZE, snapshot.size - offset))
-                    if any(data):
-                        await remote.put(f"{path}/chunks/{chunk}", bytes(data))
-                        sent += len(data)
-                    else:
-                        await remote.request("DELETE", f"{path}/chunks/{chunk}")
+                for chunk, blocks in pending:
+                    count = await self._send_chunk(reader, snapshot, remote, path, chunk,
+                                                   blocks)
+                    sent += count  # after the await: the other senders add meanwhile
                     done += 1
                     if time.monotonic() - reported >= PROGRESS_EVERY:
                         reported = time.monotonic()
-                        await self._progress(volume.name, point, done / len(chunks))
+                        await self._progress(volume.name, point, done / len(work))
 
             try:
                 await together([sender() for _ in range(CONNECTIONS)])
@@ -294,6 +288,43 @@ class ReplicationService:
                     await asyncio.shield(remote.request("DELETE", path))
                 raise
         return sent
+
+    async def _work(self, reader: DataClient, snapshot: Snapshot,
+                    base: Snapshot | None) -> dict[int, list[int]]:
+        """What to send: per chunk, its changed 4 KiB blocks since ``base`` ([]: the whole
+        chunk, as for every chunk holding data when there is no base)."""
+        if base is None:
+            chunks = await reader.snapshot_diff(snapshot.volume_id, "", snapshot.id)
+            return {c: [] for c in chunks if c * CHUNK_SIZE < snapshot.size}
+        work: dict[int, list[int]] = {}
+        for block in await reader.snapshot_diff(snapshot.volume_id, base.id, snapshot.id,
+                                                blocks=True):
+            if block * BLOCK_SIZE < snapshot.size:
+                work.setdefault(block // chunkdelta.BLOCKS, []).append(
+                    block % chunkdelta.BLOCKS)
+        return work
+
+    async def _send_chunk(self, reader: DataClient, snapshot: Snapshot,
+                          remote: RemoteCluster, path: str, chunk: int,
+                          blocks: list[int]) -> int:
+        """Send one chunk: its changed blocks alone when they are fewer than half of it,
+        else all of it (a hole if it holds nothing). Returns the bytes sent."""
+        offset = chunk * CHUNK_SIZE
+        if blocks and len(blocks) * 2 < chunkdelta.BLOCKS:
+            parts = [await reader.read_snapshot(snapshot.volume_id, SNAPSHOT_READS,
+                                                snapshot.id, offset + first * BLOCK_SIZE,
+                                                count * BLOCK_SIZE)
+                     for first, count in runs(blocks)]
+            await remote.put(f"{path}/chunks/{chunk}/blocks",
+                             chunkdelta.encode(blocks, b"".join(parts)))
+            return len(blocks) * BLOCK_SIZE
+        data = await reader.read_snapshot(snapshot.volume_id, SNAPSHOT_READS, snapshot.id,
+                                          offset, min(CHUNK_SIZE, snapshot.size - offset))
+        if not any(data):
+            await remote.request("DELETE", f"{path}/chunks/{chunk}")
+            return 0
+        await remote.put(f"{path}/chunks/{chunk}", bytes(data))
+        return len(data)
 
     async def _begin(self, volume: Volume, snapshot: Snapshot, point: str, base: str,
                      remote: RemoteCluster) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 
 from cargohold.clients.access import Access
 from cargohold.clients.dataclient import DataClient
+from cargohold.core import chunkdelta
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.models import PromotedFrom, ReplicaOf, Volume
 from cargohold.core.names import check_name
@@ -208,6 +209,23 @@ class StandbyService:
                                        generation) for w in session.writers))
         session.chunks += 1
         session.bytes += len(data)
+
+    async def write_blocks(self, name: str, session_id: str, index: int, body: bytes) -> None:
+        """Put the changed 4 KiB blocks of chunk ``index`` (``core/chunkdelta.py``) on
+        every replica of standby ``name``."""
+        session = self._session(name, session_id)
+        offset = index * CHUNK_SIZE
+        if not 0 <= offset < session.size:
+            raise InvalidArgument(what="chunk", detail=f"{index} is beyond the volume")
+        generation = (session.epoch << 32) + 1
+        session.touched = time.monotonic()
+        for at, data in chunkdelta.decode(body):
+            if offset + at + len(data) > session.size:
+                raise InvalidArgument(what="blocks", detail="beyond the volume")
+            await asyncio.gather(*(w.write(session.volume_id, session.epoch, offset + at,
+                                           data, generation) for w in session.writers))
+            session.bytes += len(data)
+        session.chunks += 1
 
     async def commit(self, name: str, session_id: str) -> dict[str, Any]:
         """Make the point received the one standby ``name`` holds."""

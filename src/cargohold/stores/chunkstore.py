@@ -248,15 +248,30 @@ class StoredReplica(ABC):
         """The chunks whose contents may differ between snapshot ``since`` ("": an empty
         volume) and snapshot ``until`` ("": the replica as it is now), in order. What a
         copy must move to bring a replica holding ``since`` to ``until``."""
-        for snapshot_id in (since, until):
+        self._known(since, until)
+        return self._changed_chunks(since, until)
+
+    def _known(self, *snapshot_ids: str) -> None:
+        for snapshot_id in snapshot_ids:
             if snapshot_id:
                 check_volume_id(snapshot_id, what="snapshot id")
                 if snapshot_id not in self.snapshot_ids():
                     raise SnapshotNotFound(name=snapshot_id)
-        return self._changed_chunks(since, until)
+
+    def changed_blocks(self, since: str, until: str = "") -> list[int]:
+        """The 4 KiB blocks that may differ between snapshot ``since`` and snapshot
+        ``until`` ("": the replica now), in order: what a copy that holds ``since`` lacks,
+        finer than ``changed_chunks``."""
+        if not since:
+            raise InvalidArgument(what="since", detail="blocks are told against a snapshot")
+        self._known(since, until)
+        return sorted(self._changed_blocks(since, until))
 
     @abstractmethod
     def _changed_chunks(self, since: str, until: str) -> list[int]: ...
+
+    @abstractmethod
+    def _changed_blocks(self, since: str, until: str) -> set[int]: ...
 
     def revert(self, snapshot_id: str, generation: int) -> int:
         """Make the replica read as snapshot ``snapshot_id`` again, durably; return the
@@ -574,10 +589,12 @@ class MemoryReplica(StoredReplica):
         return self._read_from(blocks, sums, offset, length)
 
     def _changed_chunks(self, since: str, until: str) -> list[int]:
+        return sorted({i * BLOCK_SIZE // CHUNK_SIZE for i in self._changed_blocks(since, until)})
+
+    def _changed_blocks(self, since: str, until: str) -> set[int]:
         old = self._snapshots[since][2] if since else {}
         new = self._snapshots[until][2] if until else self._blocks
-        blocks = {i for i in old.keys() | new.keys() if old.get(i) is not new.get(i)}
-        return sorted({i * BLOCK_SIZE // CHUNK_SIZE for i in blocks})
+        return {i for i in old.keys() | new.keys() if old.get(i) is not new.get(i)}
 
     def _grow(self, size: int) -> None:
         self._gens.extend([0] * (chunk_count(size) - len(self._gens)))

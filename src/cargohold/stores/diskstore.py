@@ -528,18 +528,19 @@ class DiskReplica(StoredReplica):
     def _changed_chunks(self, since: str, until: str) -> list[int]:
         per_chunk = CHUNK_SIZE // BLOCK_SIZE
         if self._snaps is None or not since and not until:  # the chunks holding data now
-            sums = self._sums_map
-            step = per_chunk * 4
+            sums, step = self._sums_map, per_chunk * 4
             zeros = bytes(step)
             return [k for k in range(chunk_count(self.size))
                     if sums[k * step : (k + 1) * step] != zeros[: len(sums) - k * step]]
+        return sorted({b // per_chunk for b in self._changed_blocks(since, until)})
+
+    def _changed_blocks(self, since: str, until: str) -> set[int]:
         snaps = self._snaps
+        assert snaps is not None  # changed_blocks knows both snapshots: some were taken
         until_number = snaps.find(until).number if until else 0
         if since:
-            blocks = snaps.written_between(snaps.find(since).number, until_number)
-        else:
-            blocks = snaps.held_by(until_number, self._sums)
-        return sorted({b // per_chunk for b in blocks})
+            return snaps.written_between(snaps.find(since).number, until_number)
+        return snaps.held_by(until_number, self._sums)
 
     def _read_snapshot(self, snapshot_id: str, offset: int, length: int) -> bytes:
         assert self._snaps is not None

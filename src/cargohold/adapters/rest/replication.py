@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from cargohold import __version__
+from cargohold.core import chunkdelta
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.models import Volume
 from cargohold.errors import InvalidArgument
@@ -23,6 +24,11 @@ from cargohold.stores.catalog import Catalog
 CHUNK_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary",
                "description": f"the chunk's bytes (at most {CHUNK_SIZE})"}}}}}
+
+BLOCKS_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
+    "schema": {"type": "string", "format": "binary",
+               "description": f"a bitmap of the chunk's {chunkdelta.BLOCKS} blocks "
+                              f"({chunkdelta.BITMAP} bytes), then the bytes of those set"}}}}}
 
 
 class AddRemote(BaseModel):
@@ -148,6 +154,15 @@ def router(catalog: Catalog, remotes: RemoteService, replication: ReplicationSer
         if not data or len(data) > CHUNK_SIZE:
             raise InvalidArgument(what="chunk", detail=f"{len(data)} bytes: 1 to {CHUNK_SIZE}")
         await standbys.write(name, session, index, data)
+        return Response(status_code=204)
+
+    @api.put("/v1/standbys/{name}/sessions/{session}/chunks/{index}/blocks",
+             status_code=204, openapi_extra=BLOCKS_BODY)
+    async def put_blocks(name: str, session: str, index: int, request: Request) -> Response:
+        """The changed 4 KiB blocks of one chunk: a bitmap, then their bytes."""
+        if int(request.headers.get("content-length") or 0) > CHUNK_SIZE + chunkdelta.BITMAP:
+            raise InvalidArgument(what="blocks", detail="more than a chunk")
+        await standbys.write_blocks(name, session, index, await request.body())
         return Response(status_code=204)
 
     @api.delete("/v1/standbys/{name}/sessions/{session}/chunks/{index}", status_code=204)

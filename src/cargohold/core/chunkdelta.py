@@ -1,0 +1,40 @@
+"""A chunk's changed 4 KiB blocks as one body (what a copy between clusters sends when few
+blocks of a chunk changed): a bitmap of the chunk's blocks (``BITMAP`` bytes, bit ``i`` of
+byte ``i // 8`` for block ``i``), then the bytes of the blocks set, in order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, runs
+from cargohold.errors import InvalidArgument
+
+BLOCKS = CHUNK_SIZE // BLOCK_SIZE
+BITMAP = BLOCKS // 8
+
+
+def encode(blocks: list[int], data: bytes) -> bytes:
+    """The body of the chunk's blocks ``blocks`` (sorted, 0 to BLOCKS - 1), ``data`` their
+    bytes in that order."""
+    if len(data) != len(blocks) * BLOCK_SIZE:
+        raise ValueError("the data is not the blocks'")
+    bitmap = bytearray(BITMAP)
+    for block in blocks:
+        bitmap[block // 8] |= 1 << (block % 8)
+    return bytes(bitmap) + data
+
+
+def decode(body: bytes | memoryview) -> Iterator[tuple[int, memoryview]]:
+    """(offset in the chunk, bytes) of each run of blocks in ``body``."""
+    view = memoryview(body)
+    if len(view) < BITMAP:
+        raise InvalidArgument(what="blocks", detail="no bitmap")
+    bitmap = view[:BITMAP]
+    blocks = [i for i in range(BLOCKS) if bitmap[i // 8] >> (i % 8) & 1]
+    if not blocks or len(view) != BITMAP + len(blocks) * BLOCK_SIZE:
+        raise InvalidArgument(what="blocks", detail=f"{len(view) - BITMAP} bytes for "
+                              f"{len(blocks)} blocks")
+    at = BITMAP
+    for first, count in runs(blocks):
+        yield first * BLOCK_SIZE, view[at:at + count * BLOCK_SIZE]
+        at += count * BLOCK_SIZE
