@@ -24,7 +24,7 @@ LEVELS = {
 NODE_SIDE = {"services.agent", "services.volumes", "services.nodes", "services.events",
              "services.snapshots", "services.clones", "services.backups", "services.restores",
              "services.schedules", "services.remotes", "services.replication",
-             "services.standbys"}
+             "services.standbys", "services.migrations"}
 MAX_LINES = 820  # "about 800": the engine's ReplicaSet is the largest
 
 

@@ -45,6 +45,8 @@ MIB = 1 << 20
 #: A round that sent at most this much ends the copies in use: the handover follows.
 SMALL = 32 * MIB
 MAX_ROUNDS = 8
+#: From the third round on, one that sent more than this share of the one before ends them.
+SHRINKS = 0.8
 #: Tries of a round that could not reach the remote, ``RETRY_AFTER`` seconds apart.
 ROUND_TRIES = 3
 RETRY_AFTER = 2.0
@@ -144,12 +146,17 @@ class MigrationService:
             await asyncio.shield(self._failed(name, f"{type(e).__name__}: {e}"))
 
     async def _copy_in_use(self, name: str) -> None:
+        """Rounds until one sent little, or no less than the one before (the volume is
+        written faster than more rounds can catch up: the handover copies what one round
+        leaves), or ``MAX_ROUNDS``."""
+        before = 0
         for number in range(1, MAX_ROUNDS + 1):
             sent = await self._round(name, None)
-            if sent <= SMALL:
+            if sent <= SMALL or number > 2 and sent > SHRINKS * before:
                 log.info("migration of %s: round %d sent %d bytes: handing over", name,
                          number, sent)
                 return
+            before = sent
 
     async def go(self, name: str) -> Volume:
         """Let a migration that holds (``hold``) go on to its handover."""

@@ -44,6 +44,7 @@ from cargohold.core.models import (
     Volume,
 )
 from cargohold.core.names import check_name
+from cargohold.core.wire import BytesLike
 from cargohold.errors import (
     CargoholdError,
     InvalidArgument,
@@ -65,6 +66,9 @@ log = logging.getLogger(__name__)
 MIN_EVERY = 10.0
 #: Seconds between progress records of a round.
 PROGRESS_EVERY = 1.0
+#: A chunk whose changed blocks lie in at most this many runs is read run by run; one more
+#: scattered is read whole once (one request instead of many).
+FEW_RUNS = 4
 
 
 class ReplicationService:
@@ -311,10 +315,18 @@ class ReplicationService:
         else all of it (a hole if it holds nothing). Returns the bytes sent."""
         offset = chunk * CHUNK_SIZE
         if blocks and len(blocks) * 2 < chunkdelta.BLOCKS:
-            parts = [await reader.read_snapshot(snapshot.volume_id, SNAPSHOT_READS,
-                                                snapshot.id, offset + first * BLOCK_SIZE,
-                                                count * BLOCK_SIZE)
-                     for first, count in runs(blocks)]
+            spans = list(runs(blocks))
+            parts: list[BytesLike]
+            if len(spans) <= FEW_RUNS:  # a read each
+                parts = [await reader.read_snapshot(
+                    snapshot.volume_id, SNAPSHOT_READS, snapshot.id,
+                    offset + first * BLOCK_SIZE, count * BLOCK_SIZE) for first, count in spans]
+            else:  # scattered: one read of the chunk, the blocks taken from it
+                whole = memoryview(await reader.read_snapshot(
+                    snapshot.volume_id, SNAPSHOT_READS, snapshot.id, offset,
+                    min(CHUNK_SIZE, snapshot.size - offset)))
+                parts = [whole[first * BLOCK_SIZE:(first + count) * BLOCK_SIZE]
+                         for first, count in spans]
             await remote.put(f"{path}/chunks/{chunk}/blocks",
                              chunkdelta.encode(blocks, b"".join(parts)))
             return len(blocks) * BLOCK_SIZE

@@ -219,12 +219,13 @@ class StandbyService:
             raise InvalidArgument(what="chunk", detail=f"{index} is beyond the volume")
         generation = (session.epoch << 32) + 1
         session.touched = time.monotonic()
-        for at, data in chunkdelta.decode(body):
-            if offset + at + len(data) > session.size:
-                raise InvalidArgument(what="blocks", detail="beyond the volume")
-            await asyncio.gather(*(w.write(session.volume_id, session.epoch, offset + at,
-                                           data, generation) for w in session.writers))
-            session.bytes += len(data)
+        spans = list(chunkdelta.decode(body))
+        if spans and offset + spans[-1][0] + len(spans[-1][1]) > session.size:
+            raise InvalidArgument(what="blocks", detail="beyond the volume")
+        await asyncio.gather(*(w.write(session.volume_id, session.epoch, offset + at, data,
+                                       generation)
+                               for at, data in spans for w in session.writers))
+        session.bytes += sum(len(data) for _, data in spans)
         session.chunks += 1
 
     async def commit(self, name: str, session_id: str) -> dict[str, Any]:
