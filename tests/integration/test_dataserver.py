@@ -25,7 +25,7 @@ from cargohold.clients import dataclient
 from cargohold.clients.dataclient import DataClient
 from cargohold.clients.sharedmemory import SharedMemory
 from cargohold.clients.sockets import SEND_BUFFER
-from cargohold.core import wire
+from cargohold.core import chunkdelta, wire
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
 from cargohold.errors import (
     CargoholdError,
@@ -694,3 +694,35 @@ def test_reads_a_client_never_collects_are_refused_past_the_bound(server: Server
     ok = statuses.count(wire.Status.OK)
     assert 1 <= ok <= 10 and len(statuses) == asks  # 128 MiB of answers, and a socket's worth
     assert server.proc is not None and server.proc.poll() is None
+
+
+def test_a_chunks_scattered_blocks_in_one_write_and_the_blocks_a_snapshot_differs_by(
+        server: ServerProcess) -> None:
+    async def body(c: DataClient) -> None:
+        v = vid()
+        await c.create(v, 8 * MIB)
+        base = os.urandom(MIB)
+        await c.write(v, 1, 2 * MIB, base, 1)
+        first = uuid.uuid4().hex
+        await c.snapshot(v, 1, first, 1.0)
+        blocks = [0, 1, 2, 9, 200, 255]
+        data = os.urandom(len(blocks) * BLOCK_SIZE)
+        await c.write_blocks(v, 1, 2 * MIB, chunkdelta.encode(blocks, data), 2)
+        want = bytearray(base)
+        for k, block in enumerate(blocks):
+            want[block * BLOCK_SIZE:(block + 1) * BLOCK_SIZE] = \
+                data[k * BLOCK_SIZE:(k + 1) * BLOCK_SIZE]
+        assert await c.read(v, 1, 2 * MIB, MIB) == bytes(want)
+        # exactly those blocks differ from the snapshot; in chunks, just the one
+        per_chunk = MIB // BLOCK_SIZE
+        assert await c.snapshot_diff(v, first, "", blocks=True) == \
+            [2 * per_chunk + b for b in blocks]
+        assert await c.snapshot_diff(v, first, "") == [2]
+        with pytest.raises(InvalidArgument, match="blocks"):  # the bitmap says 6, 5 come
+            await c.write_blocks(v, 1, 2 * MIB, chunkdelta.encode(blocks, data)[:-BLOCK_SIZE],
+                                 3)
+        with pytest.raises(InvalidArgument, match="chunk"):  # not at a chunk's start
+            await c.write_blocks(v, 1, 2 * MIB + BLOCK_SIZE, chunkdelta.encode(blocks, data), 3)
+        assert await c.read(v, 1, 2 * MIB, MIB) == bytes(want)  # refused: nothing written
+
+    with_client(server, body)

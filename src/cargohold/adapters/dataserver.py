@@ -29,6 +29,7 @@ from typing import Any, cast
 
 from cargohold.clients.sockets import unix_listener, widen_send_buffer
 from cargohold.config import FRAME_TIMEOUT, MAX_CONNECTIONS
+from cargohold.core import chunkdelta
 from cargohold.core.capability import SNAPSHOT_READS, Capability
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
 from cargohold.core.periodic import Periodic
@@ -337,6 +338,14 @@ class _Connection(asyncio.BufferedProtocol):
         replica.write(header.offset, payload, header.generation)
         return b""
 
+    def _write_blocks(self, header: RequestHeader, payload: memoryview) -> bytes:
+        replica = self._io_replica(header)
+        if header.offset % CHUNK_SIZE or header.length != len(payload):
+            raise InvalidArgument(what="WRITE_BLOCKS", detail="a chunk's offset and payload")
+        for at, data in chunkdelta.decode(payload):
+            replica.write(header.offset + at, data, header.generation)
+        return b""
+
     def _fill(self, header: RequestHeader, payload: memoryview) -> bytes:
         """A clone's first contents for one chunk, written only if it never was."""
         replica = self._io_replica(header)
@@ -564,6 +573,7 @@ _HANDLERS: dict[int, Handler] = {
     Op.STAT: _Connection._stat,
     Op.READ: _Connection._read,
     Op.WRITE: _Connection._write,
+    Op.WRITE_BLOCKS: _Connection._write_blocks,
     Op.FLUSH: _Connection._flush,
     Op.TRIM: _Connection._trim,
     Op.GENS: _Connection._generations,

@@ -355,6 +355,14 @@ class DataClient:
             timeout=timeout,
         )
 
+    async def write_blocks(self, volume_id: str, epoch: int, offset: int, body: bytes,
+                           generation: int, *, timeout: float | None = None) -> None:
+        """Write some 4 KiB blocks of the chunk at ``offset`` (``body``: core/chunkdelta.py)
+        in one request."""
+        await self._call(Op.WRITE_BLOCKS, volume_id, epoch=epoch, offset=offset,
+                         length=len(body), generation=generation, payload=body,
+                         timeout=timeout)
+
     def start_read(self, volume_id: str, epoch: int, offset: int, length: int) -> Reply:
         """Send a READ now; the future gives the data (a ``memoryview`` if large) or raises.
 

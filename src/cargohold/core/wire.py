@@ -88,6 +88,8 @@ class Op(IntEnum):
     SNAPSHOT_SCRUB = 21  # read what snapshots hold apart -> JSON [{"snapshot", "offset"}] bad
     SNAPSHOT_REPAIR = 22  # offset, length 4096; payload: snapshot id (32 hex) + the block
     FILL = 23  # offset (chunk aligned), generation, payload = data: WRITE if never written
+    WRITE_BLOCKS = 24  # offset (chunk aligned), generation, payload = some of the chunk's
+    # 4 KiB blocks (core/chunkdelta.py): one request for a chunk's scattered changes
 
 
 class Status(IntEnum):

@@ -219,12 +219,11 @@ class StandbyService:
             raise InvalidArgument(what="chunk", detail=f"{index} is beyond the volume")
         generation = (session.epoch << 32) + 1
         session.touched = time.monotonic()
-        spans = list(chunkdelta.decode(body))
-        if spans and offset + spans[-1][0] + len(spans[-1][1]) > session.size:
+        spans = list(chunkdelta.decode(body))  # checked here: a bad body reaches no replica
+        if offset + spans[-1][0] + len(spans[-1][1]) > session.size:
             raise InvalidArgument(what="blocks", detail="beyond the volume")
-        await asyncio.gather(*(w.write(session.volume_id, session.epoch, offset + at, data,
-                                       generation)
-                               for at, data in spans for w in session.writers))
+        await asyncio.gather(*(w.write_blocks(session.volume_id, session.epoch, offset, body,
+                                              generation) for w in session.writers))
         session.bytes += sum(len(data) for _, data in spans)
         session.chunks += 1
 

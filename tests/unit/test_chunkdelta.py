@@ -1,0 +1,44 @@
+"""The body of a chunk's changed blocks: what is encoded decodes to the same runs, and a
+body that does not match its bitmap is refused before anything is written."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cargohold.core import chunkdelta
+from cargohold.core.layout import BLOCK_SIZE
+from cargohold.errors import InvalidArgument
+
+
+@given(st.sets(st.integers(0, chunkdelta.BLOCKS - 1), min_size=1, max_size=40))
+def test_encoded_blocks_decode_as_their_runs(chosen: set[int]) -> None:
+    blocks = sorted(chosen)
+    data = os.urandom(len(blocks) * BLOCK_SIZE)
+    decoded = list(chunkdelta.decode(chunkdelta.encode(blocks, data)))
+    found = []
+    for at, piece in decoded:
+        assert at % BLOCK_SIZE == 0 and len(piece) % BLOCK_SIZE == 0
+        found += [(at // BLOCK_SIZE + k, bytes(piece[k * BLOCK_SIZE:(k + 1) * BLOCK_SIZE]))
+                  for k in range(len(piece) // BLOCK_SIZE)]
+    assert found == [(b, data[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE])
+                     for i, b in enumerate(blocks)]
+    assert len(decoded) == sum(1 for i, b in enumerate(blocks)
+                               if i == 0 or blocks[i - 1] != b - 1)
+
+
+def test_bodies_that_do_not_match_their_bitmap_are_refused() -> None:
+    body = chunkdelta.encode([3, 4], bytes(2 * BLOCK_SIZE))
+    with pytest.raises(InvalidArgument, match="blocks"):
+        list(chunkdelta.decode(body[:-1]))
+    with pytest.raises(InvalidArgument, match="blocks"):
+        list(chunkdelta.decode(body + bytes(BLOCK_SIZE)))
+    with pytest.raises(InvalidArgument, match="blocks"):
+        list(chunkdelta.decode(bytes(chunkdelta.BITMAP)))  # no block at all
+    with pytest.raises(InvalidArgument, match="bitmap"):
+        list(chunkdelta.decode(b"\x01"))
+    with pytest.raises(ValueError):
+        chunkdelta.encode([1], b"short")
