@@ -718,6 +718,13 @@ def test_a_chunks_scattered_blocks_in_one_write_and_the_blocks_a_snapshot_differ
         assert await c.snapshot_diff(v, first, "", blocks=True) == \
             [2 * per_chunk + b for b in blocks]
         assert await c.snapshot_diff(v, first, "") == [2]
+        # the same blocks read back from a snapshot in one request, as a delta body
+        second = uuid.uuid4().hex
+        await c.snapshot(v, 1, second, 2.0)
+        assert await c.read_snapshot_blocks(v, 1, second, 2 * MIB, blocks[::-1]) == \
+            chunkdelta.encode(blocks, data)
+        with pytest.raises(InvalidArgument, match="blocks"):
+            await c.read_snapshot_blocks(v, 1, second, 2 * MIB, [256])
         with pytest.raises(InvalidArgument, match="blocks"):  # the bitmap says 6, 5 come
             await c.write_blocks(v, 1, 2 * MIB, chunkdelta.encode(blocks, data)[:-BLOCK_SIZE],
                                  3)

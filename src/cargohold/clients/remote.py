@@ -47,10 +47,11 @@ class RemoteCluster:
     async def request(self, method: str, path: str, body: Any = None) -> Any:
         return self._answer(await self._send(method, path, json=body))
 
-    async def put(self, path: str, data: bytes) -> Any:
+    async def put(self, path: str, data: bytes | memoryview) -> Any:
         """Send raw bytes (a chunk)."""
         return self._answer(await self._send(
-            "PUT", path, content=data, headers={"Content-Type": "application/octet-stream"}))
+            "PUT", path, content=bytes(data),
+            headers={"Content-Type": "application/octet-stream"}))
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:

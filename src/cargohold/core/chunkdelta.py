@@ -4,7 +4,7 @@ byte ``i // 8`` for block ``i``), then the bytes of the blocks set, in order."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, runs
 from cargohold.errors import InvalidArgument
@@ -38,3 +38,14 @@ def decode(body: bytes | memoryview) -> Iterator[tuple[int, memoryview]]:
     for first, count in runs(blocks):
         yield first * BLOCK_SIZE, view[at:at + count * BLOCK_SIZE]
         at += count * BLOCK_SIZE
+
+
+def collect(blocks: list[int], read: Callable[[int, int], bytes]) -> bytes:
+    """The body of the chunk's blocks ``blocks`` (any order, repeats), each run of them read
+    with ``read(offset in the chunk, length)``."""
+    chosen = sorted(set(blocks))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= BLOCKS:
+        raise InvalidArgument(what="blocks", detail=f"1 to {BLOCKS} of 0 to {BLOCKS - 1}")
+    data = b"".join(read(first * BLOCK_SIZE, count * BLOCK_SIZE)
+                    for first, count in runs(chosen))
+    return encode(chosen, data)

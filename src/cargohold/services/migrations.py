@@ -42,8 +42,10 @@ from cargohold.services.standbys import point_snapshot
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
-#: A round that sent at most this much ends the copies in use: the handover follows.
-SMALL = 32 * MIB
+#: A round that sent at most this much, or took at most ``QUICK`` seconds, ends the copies
+#: in use: the handover, whose writers wait, then copies about as much.
+SMALL = 8 * MIB
+QUICK = 0.5
 MAX_ROUNDS = 8
 #: From the third round on, one that sent more than this share of the one before ends them.
 SHRINKS = 0.8
@@ -151,8 +153,10 @@ class MigrationService:
         leaves), or ``MAX_ROUNDS``."""
         before = 0
         for number in range(1, MAX_ROUNDS + 1):
+            started = time.monotonic()
             sent = await self._round(name, None)
-            if sent <= SMALL or number > 2 and sent > SHRINKS * before:
+            quick = time.monotonic() - started <= QUICK
+            if sent <= SMALL or quick or number > 2 and sent > SHRINKS * before:
                 log.info("migration of %s: round %d sent %d bytes: handing over", name,
                          number, sent)
                 return
@@ -211,7 +215,9 @@ class MigrationService:
 
     async def _hand_over(self, name: str, remote: str) -> None:
         cut = _Cut(self)
+        started = time.monotonic()
         await self._round(name, cut)
+        sent = time.monotonic()
         point = cut.snapshot
         assert point is not None
         moved = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -219,6 +225,9 @@ class MigrationService:
             await self.replication.fence(name, f"migrated to {remote} at {moved}")
         finally:  # the writes held go now: refused by the data servers once fenced
             await self._let_go(point)
+        log.info("migration of %s: last point cut and sent in %.0f ms (of which cut %.0f), "
+                 "fenced and let go in %.0f more", name, (sent - started) * 1000,
+                 (cut.took or 0) * 1000, (time.monotonic() - sent) * 1000)
         late = await self._written_since(point)
         if late:
             raise VolumeBusy(name=name, state=(
@@ -314,9 +323,12 @@ class _Cut:
     def __init__(self, migrations: MigrationService) -> None:
         self.migrations = migrations
         self.snapshot: Snapshot | None = None
+        self.took: float | None = None
 
     async def __call__(self, name: str, snapshot: str) -> Snapshot:
+        started = time.monotonic()
         self.snapshot = await self.migrations.snapshots.create(name, snapshot, handover=True)
+        self.took = time.monotonic() - started
         if self.snapshot.state is not SnapshotState.READY:
             raise InvalidArgument(what="snapshot", detail=f"{snapshot} is {self.snapshot.state}")
         return self.snapshot

@@ -35,7 +35,7 @@ from cargohold.clients.remote import CONNECTIONS, RemoteCluster
 from cargohold.core import chunkdelta
 from cargohold.core.capability import SNAPSHOT_READS
 from cargohold.core.cipher import unwrap_key
-from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, runs
+from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
 from cargohold.core.models import (
     MigrationState,
     Replication,
@@ -44,7 +44,6 @@ from cargohold.core.models import (
     Volume,
 )
 from cargohold.core.names import check_name
-from cargohold.core.wire import BytesLike
 from cargohold.errors import (
     CargoholdError,
     InvalidArgument,
@@ -66,9 +65,6 @@ log = logging.getLogger(__name__)
 MIN_EVERY = 10.0
 #: Seconds between progress records of a round.
 PROGRESS_EVERY = 1.0
-#: A chunk whose changed blocks lie in at most this many runs is read run by run; one more
-#: scattered is read whole once (one request instead of many).
-FEW_RUNS = 4
 
 
 class ReplicationService:
@@ -80,6 +76,7 @@ class ReplicationService:
         self.access = access
         self.least = least
         self._rounds: dict[str, asyncio.Task[None]] = {}
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     async def start(self, name: str, remote: str, every: str | float) -> Volume:
         """Copy volume ``name`` to cluster ``remote`` every ``every``; the first round
@@ -188,6 +185,7 @@ class ReplicationService:
 
     async def stop_rounds(self) -> None:
         """The node stops (or leads no more): rounds end, the next controller retries."""
+        await asyncio.gather(*self._cleanups, return_exceptions=True)
         tasks = list(self._rounds.values())
         for task in tasks:
             task.cancel()
@@ -235,14 +233,22 @@ class ReplicationService:
             return v
 
         await self.catalog.update_volume(name, done)
-        if old and old != point:
-            with contextlib.suppress(CargoholdError):
-                await self.snapshots.remove(name, point_snapshot(old))
+        if old and old != point:  # not in the way of what follows (a handover's writers)
+            self._later(self._drop_point(name, old))
         seconds = time.monotonic() - started
         log.info("replication of %s to %s: point %s sent (%d bytes in %.1f s)", name,
                  rep.remote, point, sent, seconds)
         return {"volume": name, "remote": rep.remote, "point": point, "bytes": sent,
                 "seconds": round(seconds, 3), "held": snapshot.held}
+
+    def _later(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _drop_point(self, name: str, point: str) -> None:
+        with contextlib.suppress(CargoholdError):
+            await self.snapshots.remove(name, point_snapshot(point))
 
     async def _cut(self, name: str, snapshot: str) -> Snapshot:
         return await self.snapshots.create(name, snapshot)
@@ -314,21 +320,10 @@ class ReplicationService:
         """Send one chunk: its changed blocks alone when they are fewer than half of it,
         else all of it (a hole if it holds nothing). Returns the bytes sent."""
         offset = chunk * CHUNK_SIZE
-        if blocks and len(blocks) * 2 < chunkdelta.BLOCKS:
-            spans = list(runs(blocks))
-            parts: list[BytesLike]
-            if len(spans) <= FEW_RUNS:  # a read each
-                parts = [await reader.read_snapshot(
-                    snapshot.volume_id, SNAPSHOT_READS, snapshot.id,
-                    offset + first * BLOCK_SIZE, count * BLOCK_SIZE) for first, count in spans]
-            else:  # scattered: one read of the chunk, the blocks taken from it
-                whole = memoryview(await reader.read_snapshot(
-                    snapshot.volume_id, SNAPSHOT_READS, snapshot.id, offset,
-                    min(CHUNK_SIZE, snapshot.size - offset)))
-                parts = [whole[first * BLOCK_SIZE:(first + count) * BLOCK_SIZE]
-                         for first, count in spans]
-            await remote.put(f"{path}/chunks/{chunk}/blocks",
-                             chunkdelta.encode(blocks, b"".join(parts)))
+        if blocks and len(blocks) * 2 < chunkdelta.BLOCKS:  # one read, one send of them
+            body = await reader.read_snapshot_blocks(snapshot.volume_id, SNAPSHOT_READS,
+                                                     snapshot.id, offset, blocks)
+            await remote.put(f"{path}/chunks/{chunk}/blocks", body)
             return len(blocks) * BLOCK_SIZE
         data = await reader.read_snapshot(snapshot.volume_id, SNAPSHOT_READS, snapshot.id,
                                           offset, min(CHUNK_SIZE, snapshot.size - offset))

@@ -87,6 +87,7 @@ class StandbyService:
         self.clones = clones
         self.access = access
         self._sessions: dict[str, Session] = {}
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     async def begin(self, name: str, source: dict[str, str], point: str, base: str,
                     size: int, fs: str, replicas: int, created: float,
@@ -245,13 +246,18 @@ class StandbyService:
             return v
 
         volume = await self.catalog.update_volume(name, held)
-        if old and old != session.point:
-            with contextlib.suppress(CargoholdError):
-                await self.snapshots.remove(name, point_snapshot(old))
+        if old and old != session.point:  # after the answer: the source may hold writes
+            task = asyncio.ensure_future(self._drop_point(name, old))
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
         log.info("standby %s holds point %s: %d chunks, %d bytes", name, session.point,
                  session.chunks, session.bytes)
         return {"volume": name, "point": session.point, "snapshot": taken.ref,
                 "chunks": session.chunks, "bytes": session.bytes}
+
+    async def _drop_point(self, name: str, point: str) -> None:
+        with contextlib.suppress(CargoholdError):
+            await self.snapshots.remove(name, point_snapshot(point))
 
     async def abort(self, name: str, session_id: str) -> None:
         session = self._sessions.get(session_id)
@@ -327,6 +333,7 @@ class StandbyService:
         await self.volumes.remove(volume.name)
 
     async def close(self) -> None:
+        await asyncio.gather(*self._cleanups, return_exceptions=True)
         for session in list(self._sessions.values()):
             await self._close(session)
 
