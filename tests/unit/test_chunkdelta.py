@@ -42,3 +42,18 @@ def test_bodies_that_do_not_match_their_bitmap_are_refused() -> None:
         list(chunkdelta.decode(b"\x01"))
     with pytest.raises(ValueError):
         chunkdelta.encode([1], b"short")
+
+
+def test_a_batch_keeps_its_records_and_refuses_a_bad_one_whole() -> None:
+    records = [(7, chunkdelta.HOLE, b""), (8, chunkdelta.WHOLE, b"w" * 100),
+               (9, chunkdelta.DELTA, chunkdelta.encode([1], bytes(BLOCK_SIZE)))]
+    body = chunkdelta.encode_batch(records)
+    assert [(c, k, bytes(p)) for c, k, p in chunkdelta.decode_batch(body)] == records
+    with pytest.raises(InvalidArgument, match="cut short"):
+        chunkdelta.decode_batch(body + b"\x01")
+    with pytest.raises(InvalidArgument, match="chunk 9"):
+        chunkdelta.decode_batch(body[:-1])  # the last record's payload is short
+    with pytest.raises(InvalidArgument, match="chunk 3"):
+        chunkdelta.decode_batch(chunkdelta.encode_batch([(3, chunkdelta.HOLE, b"x")]))
+    with pytest.raises(InvalidArgument, match="no record"):
+        chunkdelta.decode_batch(b"")

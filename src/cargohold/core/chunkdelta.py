@@ -1,9 +1,15 @@
 """A chunk's changed 4 KiB blocks as one body (what a copy between clusters sends when few
 blocks of a chunk changed): a bitmap of the chunk's blocks (``BITMAP`` bytes, bit ``i`` of
-byte ``i // 8`` for block ``i``), then the bytes of the blocks set, in order."""
+byte ``i // 8`` for block ``i``), then the bytes of the blocks set, in order.
+
+A *batch* carries the changes of several chunks in one body (one request between clusters
+for many chunks): records of a chunk index (u32), a kind (u8: ``HOLE``, ``WHOLE`` or
+``DELTA``), a length (u32) and that many bytes (nothing, the chunk's bytes, or its
+blocks' body), little-endian, one after the other."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterator
 
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, runs
@@ -11,6 +17,8 @@ from cargohold.errors import InvalidArgument
 
 BLOCKS = CHUNK_SIZE // BLOCK_SIZE
 BITMAP = BLOCKS // 8
+HOLE, WHOLE, DELTA = 0, 1, 2
+_RECORD = struct.Struct("<IBI")
 
 
 def encode(blocks: list[int], data: bytes) -> bytes:
@@ -49,3 +57,29 @@ def collect(blocks: list[int], read: Callable[[int, int], bytes]) -> bytes:
     data = b"".join(read(first * BLOCK_SIZE, count * BLOCK_SIZE)
                     for first, count in runs(chosen))
     return encode(chosen, data)
+
+
+def encode_batch(records: list[tuple[int, int, bytes]]) -> bytes:
+    """A batch of (chunk, kind, payload) records."""
+    return b"".join(_RECORD.pack(chunk, kind, len(payload)) + payload
+                    for chunk, kind, payload in records)
+
+
+def decode_batch(body: bytes | memoryview) -> list[tuple[int, int, memoryview]]:
+    """The (chunk, kind, payload) records of a batch, checked whole before any is used."""
+    view = memoryview(body)
+    records = []
+    at = 0
+    while at < len(view):
+        if at + _RECORD.size > len(view):
+            raise InvalidArgument(what="batch", detail="a record cut short")
+        chunk, kind, length = _RECORD.unpack_from(view, at)
+        at += _RECORD.size
+        if kind not in (HOLE, WHOLE, DELTA) or at + length > len(view) or \
+                kind == HOLE and length or length > CHUNK_SIZE + BITMAP:
+            raise InvalidArgument(what="batch", detail=f"a bad record for chunk {chunk}")
+        records.append((chunk, kind, view[at:at + length]))
+        at += length
+    if not records:
+        raise InvalidArgument(what="batch", detail="no record")
+    return records

@@ -65,6 +65,9 @@ log = logging.getLogger(__name__)
 MIN_EVERY = 10.0
 #: Seconds between progress records of a round.
 PROGRESS_EVERY = 1.0
+#: A sender sends its chunks in batches of at most this many, or about this many bytes.
+BATCH_RECORDS = 64
+BATCH_BYTES = 4 << 20
 
 
 class ReplicationService:
@@ -281,14 +284,21 @@ class ReplicationService:
 
             async def sender() -> None:
                 nonlocal sent, done, reported
+                batch: list[tuple[int, int, bytes]] = []
                 for chunk, blocks in pending:
-                    count = await self._send_chunk(reader, snapshot, remote, path, chunk,
-                                                   blocks)
-                    sent += count  # after the await: the other senders add meanwhile
+                    record = await self._record(reader, snapshot, chunk, blocks)
+                    batch.append(record)
+                    if len(batch) >= BATCH_RECORDS or \
+                            sum(len(r[2]) for r in batch) >= BATCH_BYTES:
+                        await remote.put(f"{path}/batch", chunkdelta.encode_batch(batch))
+                        batch = []
+                    sent += _data_bytes(record)
                     done += 1
                     if time.monotonic() - reported >= PROGRESS_EVERY:
                         reported = time.monotonic()
                         await self._progress(volume.name, point, done / len(work))
+                if batch:
+                    await remote.put(f"{path}/batch", chunkdelta.encode_batch(batch))
 
             try:
                 await together([sender() for _ in range(CONNECTIONS)])
@@ -314,24 +324,20 @@ class ReplicationService:
                     block % chunkdelta.BLOCKS)
         return work
 
-    async def _send_chunk(self, reader: DataClient, snapshot: Snapshot,
-                          remote: RemoteCluster, path: str, chunk: int,
-                          blocks: list[int]) -> int:
-        """Send one chunk: its changed blocks alone when they are fewer than half of it,
-        else all of it (a hole if it holds nothing). Returns the bytes sent."""
+    async def _record(self, reader: DataClient, snapshot: Snapshot, chunk: int,
+                      blocks: list[int]) -> tuple[int, int, bytes]:
+        """What to send of one chunk: its changed blocks alone when they are fewer than
+        half of it (read in one request), else all of it, or a hole if it holds nothing."""
         offset = chunk * CHUNK_SIZE
-        if blocks and len(blocks) * 2 < chunkdelta.BLOCKS:  # one read, one send of them
+        if blocks and len(blocks) * 2 < chunkdelta.BLOCKS:
             body = await reader.read_snapshot_blocks(snapshot.volume_id, SNAPSHOT_READS,
                                                      snapshot.id, offset, blocks)
-            await remote.put(f"{path}/chunks/{chunk}/blocks", body)
-            return len(blocks) * BLOCK_SIZE
+            return chunk, chunkdelta.DELTA, bytes(body)
         data = await reader.read_snapshot(snapshot.volume_id, SNAPSHOT_READS, snapshot.id,
                                           offset, min(CHUNK_SIZE, snapshot.size - offset))
         if not any(data):
-            await remote.request("DELETE", f"{path}/chunks/{chunk}")
-            return 0
-        await remote.put(f"{path}/chunks/{chunk}", bytes(data))
-        return len(data)
+            return chunk, chunkdelta.HOLE, b""
+        return chunk, chunkdelta.WHOLE, bytes(data)
 
     async def _begin(self, volume: Volume, snapshot: Snapshot, point: str, base: str,
                      remote: RemoteCluster) -> str:
@@ -396,6 +402,14 @@ class ReplicationService:
 
 class _Skip(Exception):
     """The record moved: this turn is another controller's."""
+
+
+def _data_bytes(record: tuple[int, int, bytes]) -> int:
+    """The volume's bytes a record carries (a delta's blocks without their bitmap)."""
+    _, kind, payload = record
+    if kind == chunkdelta.DELTA:
+        return len(payload) - chunkdelta.BITMAP
+    return len(payload)
 
 
 def lag(volume: Volume, now: float | None = None) -> float | None:

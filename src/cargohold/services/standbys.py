@@ -5,9 +5,10 @@ one write barrier of its engine), shipped as the chunks that changed since the p
 standby holds (its *base*). A copy is a session on one node of this cluster: ``begin``
 makes the standby (the first time: placed like any volume, with the source's size, file
 system and key) or checks that it holds the base, and takes a new epoch on it, so that any
-older writer is fenced; ``write`` puts one chunk (or a hole) on every replica, one request
-for all of them; ``commit`` flushes every replica and cuts the standby's own snapshot
-``repl-POINT``, which is the point held from then on (the previous one goes). A standby
+older writer is fenced; ``write_batch`` puts chunks (whole, holes, or their changed
+blocks) on every replica, many in one request; ``commit`` flushes every replica and cuts
+the standby's own snapshot ``repl-POINT``, which is the point held from then on (the
+previous one goes). A standby
 between points (a copy that stopped midway) is put back to the point it holds when it is
 promoted, so a promoted volume is always a point the source had whole.
 
@@ -188,45 +189,35 @@ class StandbyService:
                                   f"{name}: volumes only grow")
         return volume
 
-    async def write(self, name: str, session_id: str, index: int,
-                    data: bytes | None) -> None:
-        """Put chunk ``index`` (``data``; None: a hole) on every replica of standby
-        ``name``."""
+    async def write_batch(self, name: str, session_id: str, body: bytes) -> int:
+        """Apply a batch of chunk changes (``core/chunkdelta.py``) to every replica of
+        standby ``name``, all checked before any is written; returns how many."""
         session = self._session(name, session_id)
-        offset = index * CHUNK_SIZE
-        if not 0 <= offset < session.size:
-            raise InvalidArgument(what="chunk", detail=f"{index} is beyond the volume")
-        length = min(CHUNK_SIZE, session.size - offset)
         generation = (session.epoch << 32) + 1
         session.touched = time.monotonic()
-        if data is None:
-            await asyncio.gather(*(w.trim(session.volume_id, session.epoch, offset, length,
-                                          generation) for w in session.writers))
-            return
-        if len(data) != length:
-            raise InvalidArgument(what="chunk", detail=f"{len(data)} bytes where chunk "
-                                  f"{index} has {length}")
-        await asyncio.gather(*(w.write(session.volume_id, session.epoch, offset, data,
-                                       generation) for w in session.writers))
-        session.chunks += 1
-        session.bytes += len(data)
-
-    async def write_blocks(self, name: str, session_id: str, index: int, body: bytes) -> None:
-        """Put the changed 4 KiB blocks of chunk ``index`` (``core/chunkdelta.py``) on
-        every replica of standby ``name``."""
-        session = self._session(name, session_id)
-        offset = index * CHUNK_SIZE
-        if not 0 <= offset < session.size:
-            raise InvalidArgument(what="chunk", detail=f"{index} is beyond the volume")
-        generation = (session.epoch << 32) + 1
-        session.touched = time.monotonic()
-        spans = list(chunkdelta.decode(body))  # checked here: a bad body reaches no replica
-        if offset + spans[-1][0] + len(spans[-1][1]) > session.size:
-            raise InvalidArgument(what="blocks", detail="beyond the volume")
-        await asyncio.gather(*(w.write_blocks(session.volume_id, session.epoch, offset, body,
-                                              generation) for w in session.writers))
-        session.bytes += sum(len(data) for _, data in spans)
-        session.chunks += 1
+        writes = []
+        for chunk, kind, payload in chunkdelta.decode_batch(body):
+            offset = chunk * CHUNK_SIZE
+            if not 0 <= offset < session.size:
+                raise InvalidArgument(what="chunk", detail=f"{chunk} is beyond the volume")
+            length = min(CHUNK_SIZE, session.size - offset)
+            if kind == chunkdelta.WHOLE and len(payload) != length:
+                raise InvalidArgument(what="chunk", detail=f"{len(payload)} bytes where "
+                                      f"chunk {chunk} has {length}")
+            if kind == chunkdelta.DELTA:
+                spans = list(chunkdelta.decode(payload))
+                if offset + spans[-1][0] + len(spans[-1][1]) > session.size:
+                    raise InvalidArgument(what="blocks", detail="beyond the volume")
+            writes.append((offset, length, kind, payload))
+        vid, epoch = session.volume_id, session.epoch
+        await asyncio.gather(*(
+            w.trim(vid, epoch, offset, length, generation) if kind == chunkdelta.HOLE else
+            w.write(vid, epoch, offset, payload, generation) if kind == chunkdelta.WHOLE else
+            w.write_blocks(vid, epoch, offset, bytes(payload), generation)
+            for offset, length, kind, payload in writes for w in session.writers))
+        session.chunks += len(writes)
+        session.bytes += sum(len(p) for _, _, kind, p in writes if kind != chunkdelta.HOLE)
+        return len(writes)
 
     async def commit(self, name: str, session_id: str) -> dict[str, Any]:
         """Make the point received the one standby ``name`` holds."""

@@ -11,7 +11,6 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from cargohold import __version__
-from cargohold.core import chunkdelta
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.models import Volume
 from cargohold.errors import InvalidArgument
@@ -21,14 +20,13 @@ from cargohold.services.replication import ReplicationService
 from cargohold.services.standbys import StandbyService
 from cargohold.stores.catalog import Catalog
 
-CHUNK_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
+#: The largest batch taken: a sender makes them of a few MiB.
+BATCH_MAX = 16 * CHUNK_SIZE
+BATCH_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary",
-               "description": f"the chunk's bytes (at most {CHUNK_SIZE})"}}}}}
-
-BLOCKS_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
-    "schema": {"type": "string", "format": "binary",
-               "description": f"a bitmap of the chunk's {chunkdelta.BLOCKS} blocks "
-                              f"({chunkdelta.BITMAP} bytes), then the bytes of those set"}}}}}
+               "description": "records of a chunk index (u32), a kind (u8: 0 a hole, 1 the "
+                              "whole chunk, 2 its changed blocks), a length (u32) and that "
+                              "many bytes, little-endian"}}}}}
 
 
 class AddRemote(BaseModel):
@@ -144,32 +142,12 @@ def router(catalog: Catalog, remotes: RemoteService, replication: ReplicationSer
                                     body.size, body.fs, body.replicas, body.created,
                                     bytes.fromhex(body.key) if body.key else None)
 
-    @api.put("/v1/standbys/{name}/sessions/{session}/chunks/{index}", status_code=204,
-             openapi_extra=CHUNK_BODY)
-    async def put_chunk(name: str, session: str, index: int, request: Request) -> Response:
-        """One chunk of the point, for every replica of the standby."""
-        if int(request.headers.get("content-length") or 0) > CHUNK_SIZE:
-            raise InvalidArgument(what="chunk", detail=f"more than {CHUNK_SIZE} bytes")
-        data = await request.body()
-        if not data or len(data) > CHUNK_SIZE:
-            raise InvalidArgument(what="chunk", detail=f"{len(data)} bytes: 1 to {CHUNK_SIZE}")
-        await standbys.write(name, session, index, data)
-        return Response(status_code=204)
-
-    @api.put("/v1/standbys/{name}/sessions/{session}/chunks/{index}/blocks",
-             status_code=204, openapi_extra=BLOCKS_BODY)
-    async def put_blocks(name: str, session: str, index: int, request: Request) -> Response:
-        """The changed 4 KiB blocks of one chunk: a bitmap, then their bytes."""
-        if int(request.headers.get("content-length") or 0) > CHUNK_SIZE + chunkdelta.BITMAP:
-            raise InvalidArgument(what="blocks", detail="more than a chunk")
-        await standbys.write_blocks(name, session, index, await request.body())
-        return Response(status_code=204)
-
-    @api.delete("/v1/standbys/{name}/sessions/{session}/chunks/{index}", status_code=204)
-    async def put_hole(name: str, session: str, index: int) -> Response:
-        """A chunk of the point that holds nothing."""
-        await standbys.write(name, session, index, None)
-        return Response(status_code=204)
+    @api.put("/v1/standbys/{name}/sessions/{session}/batch", openapi_extra=BATCH_BODY)
+    async def put_batch(name: str, session: str, request: Request) -> dict[str, int]:
+        """Several chunks' changes in one request: holes, whole chunks, changed blocks."""
+        if int(request.headers.get("content-length") or 0) > BATCH_MAX:
+            raise InvalidArgument(what="batch", detail=f"more than {BATCH_MAX} bytes")
+        return {"chunks": await standbys.write_batch(name, session, await request.body())}
 
     @api.post("/v1/standbys/{name}/sessions/{session}/commit")
     async def commit_copy(name: str, session: str) -> dict[str, Any]:
