@@ -98,11 +98,17 @@ def migration(h1: Host, h3: Host, iops: int) -> dict[str, Any]:
                     "--bs=1M", "--size=1G", "--verify=crc32c", "--verify_only",
                     check=False, timeout=600)
     h3.cli("volume", "detach", "mig")
+    steps = [line.split("cargohold.services.", 1)[1] for line in
+             (h1.base / "node.log").read_text(errors="replace").splitlines()
+             if "replication of mig" in line or "migration of mig" in line]
+    for line in steps:
+        log(f"  {line}")
     sent = sum(r["bytes"] for r in moved["rounds"])
     written = 2 * 1024 * MIB
     result = {"rounds": moved["rounds"], "bytes_sent": sent, "bytes_written": written,
               "sent_over_used": round(sent / written, 3), "held_s": moved["held"],
-              "seconds": round(took, 1), "verified": verify.returncode == 0}
+              "seconds": round(took, 1), "verified": verify.returncode == 0,
+              "log": steps}
     rounds = ", ".join(f"{r['bytes'] / MIB:.0f} MiB in {r['seconds']:.1f} s"
                        for r in moved["rounds"])
     log(f"migration: {len(moved['rounds'])} rounds ({rounds}); "

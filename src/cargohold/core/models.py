@@ -158,6 +158,7 @@ class ReplicaOf(Record):
     point_created: float = 0.0  # when the source cut it
     receiving: str = ""  # a point being received: the volume is between points until commit
     received: float = 0.0  # when the last point was committed here
+    cutting: str = ""  # the point whose snapshot is being cut (after the commit's answer)
 
 
 class PromotedFrom(Record):

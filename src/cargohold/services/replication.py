@@ -218,9 +218,10 @@ class ReplicationService:
         point = uuid.uuid4().hex[:16]
         started = time.monotonic()
         snapshot = await (cut or self._cut)(name, point_snapshot(point))
+        steps = {"cut": time.monotonic() - started}
         try:
             async with await self.remotes.open(rep.remote) as remote:
-                sent = await self._send(volume, snapshot, point, remote)
+                sent = await self._send(volume, snapshot, point, remote, steps, started)
         except BaseException:
             with contextlib.suppress(CargoholdError):
                 await asyncio.shield(self.snapshots.remove(name, snapshot.name))
@@ -239,8 +240,9 @@ class ReplicationService:
         if old and old != point:  # not in the way of what follows (a handover's writers)
             self._later(self._drop_point(name, old))
         seconds = time.monotonic() - started
-        log.info("replication of %s to %s: point %s sent (%d bytes in %.1f s)", name,
-                 rep.remote, point, sent, seconds)
+        log.info("replication of %s to %s: point %s sent (%d bytes in %.2f s: %s)", name,
+                 rep.remote, point, sent, seconds,
+                 ", ".join(f"{k} at {v:.2f}" for k, v in steps.items()))
         return {"volume": name, "remote": rep.remote, "point": point, "bytes": sent,
                 "seconds": round(seconds, 3), "held": snapshot.held}
 
@@ -257,7 +259,7 @@ class ReplicationService:
         return await self.snapshots.create(name, snapshot)
 
     async def _send(self, volume: Volume, snapshot: Snapshot, point: str,
-                    remote: RemoteCluster) -> int:
+                    remote: RemoteCluster, steps: dict[str, float], started: float) -> int:
         """Send ``snapshot`` as point ``point``: on the remote's point if it holds it, else
         whole. Returns the bytes sent."""
         rep = volume.replication
@@ -276,7 +278,9 @@ class ReplicationService:
                 log.warning("replication of %s: %s", volume.name, e.message)
                 base = ""
                 session = await self._begin(volume, snapshot, point, base, remote)
+            steps["begun"] = time.monotonic() - started
             work = await self._work(reader, snapshot, kept if base else None)
+            steps["diffed"] = time.monotonic() - started
             path = f"/v1/standbys/{volume.name}/sessions/{session}"
             pending = iter(sorted(work.items()))
             sent = done = 0
@@ -302,7 +306,9 @@ class ReplicationService:
 
             try:
                 await together([sender() for _ in range(CONNECTIONS)])
+                steps["copied"] = time.monotonic() - started
                 await remote.request("POST", f"{path}/commit")
+                steps["committed"] = time.monotonic() - started
             except BaseException:
                 with contextlib.suppress(CargoholdError):
                     await asyncio.shield(remote.request("DELETE", path))

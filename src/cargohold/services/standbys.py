@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: A session nobody wrote to for this long is dropped (its source stopped midway).
 SESSION_IDLE = 300.0
+#: The longest a copy or promotion waits for the snapshot of the point committed before.
+CUT_WAIT = 60.0
 POINT_PREFIX = "repl-"
 
 
@@ -101,7 +103,7 @@ class StandbyService:
         await self._drop_idle()
         volume = await self.catalog.find_volume(name)
         if volume is not None:
-            volume = await self._ready_for(volume, source, base, size)
+            volume = await self._ready_for(await self._cut_done(name), source, base, size)
         made = volume is None
         if volume is None:
             if base:
@@ -225,26 +227,62 @@ class StandbyService:
         await asyncio.gather(*(w.flush(session.volume_id, session.epoch)
                                for w in session.writers))
         await self._close(session)
-        taken = await self.snapshots.create(name, point_snapshot(session.point))
-        volume = await self.catalog.volume(name)
-        old = volume.replica_of.point if volume.replica_of is not None else ""
+        old = ""
 
         def held(v: Volume) -> Volume:
+            nonlocal old
             if v.replica_of is None or v.id != session.volume_id:
                 raise VolumeBusy(name=name, state="no longer a standby (promoted meanwhile)")
+            old = v.replica_of.point
             v.replica_of.point, v.replica_of.point_created = session.point, session.created
             v.replica_of.receiving, v.replica_of.received = "", time.time()
+            v.replica_of.cutting = session.point
             return v
 
-        volume = await self.catalog.update_volume(name, held)
-        if old and old != session.point:  # after the answer: the source may hold writes
-            task = asyncio.ensure_future(self._drop_point(name, old))
-            self._cleanups.add(task)
-            task.add_done_callback(self._cleanups.discard)
+        await self.catalog.update_volume(name, held)
+        # the point is whole and durable on every replica: the answer goes now (a handover's
+        # writers wait for it), its snapshot is cut after; a copy or a promotion that comes
+        # meanwhile waits for that (``_cut_done``)
+        task = asyncio.ensure_future(self._cut_point(name, session.point, old))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
         log.info("standby %s holds point %s: %d chunks, %d bytes", name, session.point,
                  session.chunks, session.bytes)
-        return {"volume": name, "point": session.point, "snapshot": taken.ref,
+        return {"volume": name, "point": session.point,
+                "snapshot": f"{name}@{point_snapshot(session.point)}",
                 "chunks": session.chunks, "bytes": session.bytes}
+
+    async def _cut_point(self, name: str, point: str, old: str) -> None:
+        try:
+            await self.snapshots.create(name, point_snapshot(point))
+        except CargoholdError as e:
+            log.error("standby %s: the snapshot of point %s was not cut (%s); the next copy "
+                      "cuts its own", name, point, e)
+
+        def cut(v: Volume) -> Volume | None:
+            if v.replica_of is None or v.replica_of.cutting != point:
+                return None
+            v.replica_of.cutting = ""
+            return v
+
+        with contextlib.suppress(CargoholdError):
+            await self.catalog.update_volume(name, cut)
+        if old and old != point:
+            await self._drop_point(name, old)
+
+    async def _cut_done(self, name: str) -> Volume:
+        """The standby's record once no point snapshot is being cut (a commit's, on any
+        node: its writes must come before the next copy's, and a promotion's revert needs
+        it)."""
+        deadline = time.monotonic() + CUT_WAIT
+        while True:
+            volume = await self.catalog.volume(name)
+            if volume.replica_of is None or not volume.replica_of.cutting:
+                return volume
+            if time.monotonic() > deadline:
+                raise VolumeBusy(name=name, state=f"cutting the snapshot of point "
+                                 f"{volume.replica_of.cutting} for over {CUT_WAIT:g} s")
+            await asyncio.sleep(0.02)
 
     async def _drop_point(self, name: str, point: str) -> None:
         with contextlib.suppress(CargoholdError):
@@ -260,7 +298,7 @@ class StandbyService:
         stopped midway, and no longer fed by its source (which is refused from now on). A
         fenced former source is made writable again instead (it then differs from the
         copy that was promoted)."""
-        volume = await self.catalog.volume(name)
+        volume = await self._cut_done(name)
         if volume.fenced_by and volume.replica_of is None:
             return await self._unfence(name)
         held = volume.replica_of
