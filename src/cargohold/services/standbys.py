@@ -79,6 +79,22 @@ class Session:
     chunks: int = 0
     bytes: int = 0
     touched: float = field(default_factory=time.monotonic)
+    written: asyncio.Event = field(default_factory=asyncio.Event)  # since the last flush
+    flusher: asyncio.Task[None] | None = None
+
+    async def flush_behind(self) -> None:
+        """Flush the replicas while the copy goes on, so that the commit's flush finds
+        little left to write (its writers may be held meanwhile)."""
+        while True:
+            await self.written.wait()
+            self.written.clear()
+            await asyncio.gather(*(w.flush(self.volume_id, self.epoch) for w in self.writers))
+
+    async def stop_flushing(self) -> None:
+        if self.flusher is not None:
+            self.flusher.cancel()
+            await asyncio.gather(self.flusher, return_exceptions=True)
+            self.flusher = None
 
 
 class StandbyService:
@@ -219,14 +235,21 @@ class StandbyService:
             for offset, length, kind, payload in writes for w in session.writers))
         session.chunks += len(writes)
         session.bytes += sum(len(p) for _, _, kind, p in writes if kind != chunkdelta.HOLE)
+        if session.flusher is None:
+            session.flusher = asyncio.ensure_future(session.flush_behind())
+        session.written.set()
         return len(writes)
 
     async def commit(self, name: str, session_id: str) -> dict[str, Any]:
         """Make the point received the one standby ``name`` holds."""
         session = self._session(name, session_id)
+        started = time.monotonic()
+        await session.stop_flushing()
         await asyncio.gather(*(w.flush(session.volume_id, session.epoch)
                                for w in session.writers))
+        flushed = time.monotonic() - started
         await self._close(session)
+        closed = time.monotonic() - started
         old = ""
 
         def held(v: Volume) -> Volume:
@@ -246,8 +269,10 @@ class StandbyService:
         task = asyncio.ensure_future(self._cut_point(name, session.point, old))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
-        log.info("standby %s holds point %s: %d chunks, %d bytes", name, session.point,
-                 session.chunks, session.bytes)
+        log.info("standby %s holds point %s: %d chunks, %d bytes (flushed in %.0f ms, "
+                 "closed at %.0f, recorded at %.0f)", name, session.point, session.chunks,
+                 session.bytes, flushed * 1000, closed * 1000,
+                 (time.monotonic() - started) * 1000)
         return {"volume": name, "point": session.point,
                 "snapshot": f"{name}@{point_snapshot(session.point)}",
                 "chunks": session.chunks, "bytes": session.bytes}
@@ -346,6 +371,7 @@ class StandbyService:
 
     async def _close(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
+        await session.stop_flushing()
         await session.stack.aclose()
 
     async def _drop_idle(self) -> None:
