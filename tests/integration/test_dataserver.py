@@ -718,13 +718,16 @@ def test_a_chunks_scattered_blocks_in_one_write_and_the_blocks_a_snapshot_differ
         assert await c.snapshot_diff(v, first, "", blocks=True) == \
             [2 * per_chunk + b for b in blocks]
         assert await c.snapshot_diff(v, first, "") == [2]
-        # the same blocks read back from a snapshot in one request, as a delta body
+        # the same blocks (and one of chunk 3) read back from a snapshot in one request, as
+        # a batch of delta records
         second = uuid.uuid4().hex
         await c.snapshot(v, 1, second, 2.0)
-        assert await c.read_snapshot_blocks(v, 1, second, 2 * MIB, blocks[::-1]) == \
-            chunkdelta.encode(blocks, data)
+        batch = await c.read_snapshot_batch(v, 1, second, {2: blocks[::-1], 3: [0]})
+        assert [(k, kind, bytes(body)) for k, kind, body in chunkdelta.decode_batch(batch)] == [
+            (2, chunkdelta.DELTA, chunkdelta.encode(blocks, data)),
+            (3, chunkdelta.DELTA, chunkdelta.encode([0], bytes(BLOCK_SIZE)))]
         with pytest.raises(InvalidArgument, match="blocks"):
-            await c.read_snapshot_blocks(v, 1, second, 2 * MIB, [256])
+            await c.read_snapshot_batch(v, 1, second, {2: [256]})
         with pytest.raises(InvalidArgument, match="blocks"):  # the bitmap says 6, 5 come
             await c.write_blocks(v, 1, 2 * MIB, chunkdelta.encode(blocks, data)[:-BLOCK_SIZE],
                                  3)

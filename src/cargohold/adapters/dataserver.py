@@ -503,9 +503,9 @@ class _Connection(asyncio.BufferedProtocol):
             replica = self._store.replica(header.volume_id)
         else:
             replica = self._io_replica(header)
-        if isinstance(body.get("blocks"), list) and not header.offset % CHUNK_SIZE:
-            return chunkdelta.collect(body["blocks"], lambda at, n: replica.read_snapshot(
-                body["id"], header.offset + at, n))  # some blocks of a chunk: a delta body
+        if isinstance(body.get("blocks"), list):  # [[chunk, [block, ...]], ...]: a batch
+            return chunkdelta.collect_batch(body["blocks"], lambda at, n: replica.read_snapshot(
+                body["id"], at, n))
         if header.length > MAX_PAYLOAD:
             raise InvalidArgument(what="length", detail=f"reads are limited to {MAX_PAYLOAD}")
         return replica.read_snapshot(body["id"], header.offset, header.length)

@@ -466,14 +466,15 @@ class DataClient:
                                 length=length, timeout=timeout,
                                 payload=encode_json({"id": snapshot_id}))
 
-    async def read_snapshot_blocks(self, volume_id: str, epoch: int, snapshot_id: str,
-                                   offset: int, blocks: list[int], *,
-                                   timeout: float | None = None) -> bytes:
-        """Some 4 KiB blocks of the snapshot's chunk at ``offset``, as a delta body
-        (``core/chunkdelta.py``): one request for a chunk's scattered blocks."""
-        return await self._call(Op.READ_SNAPSHOT, volume_id, epoch=epoch, offset=offset,
-                                timeout=timeout,
-                                payload=encode_json({"id": snapshot_id, "blocks": blocks}))
+    async def read_snapshot_batch(self, volume_id: str, epoch: int, snapshot_id: str,
+                                  wanted: dict[int, list[int]], *,
+                                  timeout: float | None = None) -> bytes:
+        """Some 4 KiB blocks of several chunks of the snapshot (``wanted``: chunk -> block
+        numbers in it), as a batch of delta records (``core/chunkdelta.py``), in one
+        request."""
+        return await self._call(Op.READ_SNAPSHOT, volume_id, epoch=epoch, timeout=timeout,
+                                payload=encode_json({"id": snapshot_id, "blocks": [
+                                    [chunk, blocks] for chunk, blocks in wanted.items()]}))
 
     async def fill(self, volume_id: str, epoch: int, offset: int, data: BytesLike,
                    generation: int, *, timeout: float | None = None) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, runs
 from cargohold.errors import InvalidArgument
@@ -18,6 +19,8 @@ from cargohold.errors import InvalidArgument
 BLOCKS = CHUNK_SIZE // BLOCK_SIZE
 BITMAP = BLOCKS // 8
 HOLE, WHOLE, DELTA = 0, 1, 2
+#: The most chunks one batch read asks for.
+MAX_BATCH = 256
 _RECORD = struct.Struct("<IBI")
 
 
@@ -83,3 +86,18 @@ def decode_batch(body: bytes | memoryview) -> list[tuple[int, int, memoryview]]:
     if not records:
         raise InvalidArgument(what="batch", detail="no record")
     return records
+
+
+def collect_batch(wanted: list[Any], read: Callable[[int, int], bytes]) -> bytes:
+    """A batch of ``DELTA`` records of the chunks and blocks ``wanted`` ([[chunk, [block,
+    ...]], ...]), each run read with ``read(offset in the volume, length)``."""
+    if not wanted or len(wanted) > MAX_BATCH or not all(
+            isinstance(w, list) and len(w) == 2 and isinstance(w[0], int) and w[0] >= 0
+            and isinstance(w[1], list) and all(isinstance(b, int) for b in w[1])
+            for w in wanted):
+        raise InvalidArgument(what="blocks", detail=f"1 to {MAX_BATCH} [chunk, [block, ...]]")
+    def chunk_reader(chunk: int) -> Callable[[int, int], bytes]:
+        return lambda at, n: read(chunk * CHUNK_SIZE + at, n)
+
+    return encode_batch([(chunk, DELTA, collect(blocks, chunk_reader(chunk)))
+                         for chunk, blocks in wanted])

@@ -83,7 +83,7 @@ class Op(IntEnum):
     SNAPSHOTS = 16  # the snapshots the replica keeps -> JSON list
     SNAPSHOT_DELETE = 17  # payload JSON {"id"}: forget a snapshot -> JSON {"freed"}
     READ_SNAPSHOT = 18  # offset, length; payload JSON {"id"} -> the snapshot's data; with
-    # "blocks" (block numbers in the chunk at offset) -> those blocks (core/chunkdelta.py)
+    # "blocks" ([[chunk, [block, ...]], ...]) -> a batch of those blocks (core/chunkdelta.py)
     REVERT = 19  # generation; payload JSON {"id"}: read as the snapshot again -> {"changed"}
     SNAPSHOT_DIFF = 20  # payload JSON {"since", "until"} ("": none / now) -> JSON chunk list
     SNAPSHOT_SCRUB = 21  # read what snapshots hold apart -> JSON [{"snapshot", "offset"}] bad

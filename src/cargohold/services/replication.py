@@ -282,25 +282,32 @@ class ReplicationService:
             work = await self._work(reader, snapshot, kept if base else None)
             steps["diffed"] = time.monotonic() - started
             path = f"/v1/standbys/{volume.name}/sessions/{session}"
-            pending = iter(sorted(work.items()))
+            jobs = _jobs(work)
+            pending = iter(jobs)
             sent = done = 0
             reported = time.monotonic()
 
             async def sender() -> None:
                 nonlocal sent, done, reported
                 batch: list[tuple[int, int, bytes]] = []
-                for chunk, blocks in pending:
-                    record = await self._record(reader, snapshot, chunk, blocks)
-                    batch.append(record)
-                    if len(batch) >= BATCH_RECORDS or \
-                            sum(len(r[2]) for r in batch) >= BATCH_BYTES:
-                        await remote.put(f"{path}/batch", chunkdelta.encode_batch(batch))
-                        batch = []
-                    sent += _data_bytes(record)
+                for job in pending:
+                    if isinstance(job, dict):  # scattered blocks of chunks: read, sent as is
+                        body = await reader.read_snapshot_batch(
+                            snapshot.volume_id, SNAPSHOT_READS, snapshot.id, job)
+                        await remote.put(f"{path}/batch", body)
+                        sent += sum(len(b) for b in job.values()) * BLOCK_SIZE
+                    else:
+                        record = await self._record(reader, snapshot, job)
+                        batch.append(record)
+                        if len(batch) >= BATCH_RECORDS or \
+                                sum(len(r[2]) for r in batch) >= BATCH_BYTES:
+                            await remote.put(f"{path}/batch", chunkdelta.encode_batch(batch))
+                            batch = []
+                        sent += len(record[2])
                     done += 1
                     if time.monotonic() - reported >= PROGRESS_EVERY:
                         reported = time.monotonic()
-                        await self._progress(volume.name, point, done / len(work))
+                        await self._progress(volume.name, point, done / len(jobs))
                 if batch:
                     await remote.put(f"{path}/batch", chunkdelta.encode_batch(batch))
 
@@ -330,15 +337,10 @@ class ReplicationService:
                     block % chunkdelta.BLOCKS)
         return work
 
-    async def _record(self, reader: DataClient, snapshot: Snapshot, chunk: int,
-                      blocks: list[int]) -> tuple[int, int, bytes]:
-        """What to send of one chunk: its changed blocks alone when they are fewer than
-        half of it (read in one request), else all of it, or a hole if it holds nothing."""
+    async def _record(self, reader: DataClient, snapshot: Snapshot,
+                      chunk: int) -> tuple[int, int, bytes]:
+        """A whole chunk to send, or a hole if it holds nothing."""
         offset = chunk * CHUNK_SIZE
-        if blocks and len(blocks) * 2 < chunkdelta.BLOCKS:
-            body = await reader.read_snapshot_blocks(snapshot.volume_id, SNAPSHOT_READS,
-                                                     snapshot.id, offset, blocks)
-            return chunk, chunkdelta.DELTA, bytes(body)
         data = await reader.read_snapshot(snapshot.volume_id, SNAPSHOT_READS, snapshot.id,
                                           offset, min(CHUNK_SIZE, snapshot.size - offset))
         if not any(data):
@@ -410,12 +412,20 @@ class _Skip(Exception):
     """The record moved: this turn is another controller's."""
 
 
-def _data_bytes(record: tuple[int, int, bytes]) -> int:
-    """The volume's bytes a record carries (a delta's blocks without their bitmap)."""
-    _, kind, payload = record
-    if kind == chunkdelta.DELTA:
-        return len(payload) - chunkdelta.BITMAP
-    return len(payload)
+def _jobs(work: dict[int, list[int]]) -> list[int | dict[int, list[int]]]:
+    """The work of a copy in pieces for its senders: chunks sent whole (one each), and the
+    chunks of which fewer than half the blocks changed, ``BATCH_RECORDS`` at a time (one
+    read and one send for them all)."""
+    whole: list[int | dict[int, list[int]]] = []
+    scattered: list[tuple[int, list[int]]] = []
+    for chunk, blocks in sorted(work.items()):
+        if blocks and len(blocks) * 2 < chunkdelta.BLOCKS:
+            scattered.append((chunk, blocks))
+        else:
+            whole.append(chunk)
+    groups: list[int | dict[int, list[int]]] = [
+        dict(scattered[i:i + BATCH_RECORDS]) for i in range(0, len(scattered), BATCH_RECORDS)]
+    return groups + whole
 
 
 def lag(volume: Volume, now: float | None = None) -> float | None:
