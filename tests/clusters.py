@@ -98,3 +98,11 @@ def metrics(cluster: Cluster) -> str:
                                      headers={"Authorization": f"Bearer {ADMIN}"})
     with urllib.request.urlopen(request, context=context, timeout=30) as answer:
         return str(answer.read().decode())
+
+
+def acked_read_back(path: Path, acked: dict[int, bytes]) -> None:
+    """Every 4 KiB block a ``LiveWriter`` got acknowledged reads back from ``path`` (the same
+    file on another copy of the volume), even when the writer ended in an error (fenced)."""
+    content = path.read_bytes()
+    for block, data in acked.items():
+        assert content[block * 4096:(block + 1) * 4096] == data, block

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.clusters import MIB, Cluster, attach, two_clusters, until
+from tests.clusters import MIB, Cluster, acked_read_back, attach, two_clusters, until
 from tests.conftest import LiveWriter, needs_root, sha256_of, write_random
 
 pytestmark = [needs_root(), pytest.mark.system]
@@ -69,12 +69,16 @@ def test_a_copy_cut_off_midway_leaves_the_source_serving(
         dr.cli("volume", "detach", "big")
 
 
-def _migrate_held(api: httpx.Client, name: str) -> None:
-    """Start a migration that waits, ready, for its go."""
+def _start_handover(api: httpx.Client, mount: Path, name: str, writer: LiveWriter) -> None:
+    """With ``writer`` writing: a migration made ready (it waits for its go), 160 MiB more
+    written (its last copy has that much to send), then the go: the handover is under way."""
+    until(lambda: writer.writes > 50, "the writer to start")
     answer = api.post(f"/v1/volumes/{name}/migrate", json={"to": "dr", "hold": True})
     assert answer.status_code == 200, answer.text
     until(lambda: api.get(f"/v1/volumes/{name}").json()["migration"]["state"] == "ready",
           "the migration to be ready", timeout=120)
+    write_random(mount / "bulk.bin", 160 * MIB)
+    api.post(f"/v1/volumes/{name}/migrate/go")
 
 
 def _migration(api: httpx.Client, name: str) -> dict[str, Any]:
@@ -86,10 +90,7 @@ def test_the_remote_gone_at_the_handover(clusters: tuple[Cluster, Cluster]) -> N
     prod.cli("volume", "create", "db", "--size", "256M")
     mount = attach(prod, "db")
     with _api(prod) as api, LiveWriter(mount / "records") as writer:
-        until(lambda: writer.writes > 50, "the writer to start")
-        _migrate_held(api, "db")
-        write_random(mount / "bulk.bin", 160 * MIB)  # the last copy has this much to send
-        api.post("/v1/volumes/db/migrate/go")
+        _start_handover(api, mount, "db", writer)
         dr.node.kill()  # during the handover: its cut, copy or promotion
         until(lambda: _migration(api, "db")["state"] in ("failed", "done"), "the handover "
               "to end", timeout=120)
@@ -116,9 +117,7 @@ def test_the_remote_gone_at_the_handover(clusters: tuple[Cluster, Cluster]) -> N
     prod.cli("volume", "detach", "db", check=False)
     there = attach(dr, "db")
     try:
-        content = (there / "records").read_bytes()
-        for block, data in writer.acked.items():
-            assert content[block * 4096:(block + 1) * 4096] == data, block
+        acked_read_back(there / "records", writer.acked)
     finally:
         dr.cli("volume", "detach", "db")
 
@@ -129,10 +128,7 @@ def test_the_node_running_a_migration_killed_at_its_handover(
     prod.cli("volume", "create", "app", "--size", "256M")
     mount = attach(prod, "app")
     with _api(prod) as api, LiveWriter(mount / "records") as writer:
-        until(lambda: writer.writes > 50, "the writer to start")
-        _migrate_held(api, "app")
-        write_random(mount / "bulk.bin", 160 * MIB)  # the last copy has this much to send
-        api.post("/v1/volumes/app/migrate/go")
+        _start_handover(api, mount, "app", writer)
         until(lambda: _migration(api, "app")["state"] == "handover", "the handover",
               timeout=30)
         prod.node.kill()  # the engine outlives it, holding the writes a moment
