@@ -3,9 +3,11 @@
 A replicated volume is copied to a remote cluster (``services/remotes.py``) every so often,
 by the controller, as *points*: a snapshot ``repl-POINT`` cut here (at one write barrier of
 the engine, the file system frozen around it, so the copy is crash-consistent and mounts
-clean), of which only the chunks written since the previous point are sent, found from the
-replicas' own records (SNAPSHOT_DIFF), never by reading the volume. The remote answers in
-sessions (``services/standbys.py``); once it has committed a point, that point's snapshot
+clean), of which only what was written since the previous point is sent, found from the
+replicas' own records (SNAPSHOT_DIFF in 4 KiB blocks), never by reading the volume: a chunk
+of which fewer than half the blocks changed goes as those blocks (read for 64 chunks at a
+time in one data request), the others whole, many chunks per request to the remote
+(``core/chunkdelta.py``). The remote answers in sessions (``services/standbys.py``); once it has committed a point, that point's snapshot
 is the base of the next round here and the previous one goes. A round that fails leaves the
 previous point in place on both sides: the next round sends everything since it again.
 
