@@ -7,9 +7,10 @@ clean), of which only what was written since the previous point is sent, found f
 replicas' own records (SNAPSHOT_DIFF in 4 KiB blocks), never by reading the volume: a chunk
 of which fewer than half the blocks changed goes as those blocks (read for 64 chunks at a
 time in one data request), the others whole, many chunks per request to the remote
-(``core/chunkdelta.py``). The remote answers in sessions (``services/standbys.py``); once it has committed a point, that point's snapshot
-is the base of the next round here and the previous one goes. A round that fails leaves the
-previous point in place on both sides: the next round sends everything since it again.
+(``core/chunkdelta.py``). The remote answers in sessions (``services/standbys.py``); once it
+has committed a point, that point's snapshot is the base of the next round here and the
+previous one goes. A round that fails leaves the previous point in place on both sides: the
+next round sends everything since it again.
 
 The copy's age, ``lag``, is the time since the point the remote holds was cut: what a
 promotion of the remote would lose (the RPO). A remote that answers ``volume_promoted`` has
