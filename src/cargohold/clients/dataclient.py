@@ -355,7 +355,7 @@ class DataClient:
             timeout=timeout,
         )
 
-    async def write_blocks(self, volume_id: str, epoch: int, offset: int, body: bytes,
+    async def write_blocks(self, volume_id: str, epoch: int, offset: int, body: BytesLike,
                            generation: int, *, timeout: float | None = None) -> None:
         """Write some 4 KiB blocks of the chunk at ``offset`` (``body``: core/chunkdelta.py)
         in one request."""

@@ -231,7 +231,7 @@ class StandbyService:
         await asyncio.gather(*(
             w.trim(vid, epoch, offset, length, generation) if kind == chunkdelta.HOLE else
             w.write(vid, epoch, offset, payload, generation) if kind == chunkdelta.WHOLE else
-            w.write_blocks(vid, epoch, offset, bytes(payload), generation)
+            w.write_blocks(vid, epoch, offset, payload, generation)
             for offset, length, kind, payload in writes for w in session.writers))
         session.chunks += len(writes)
         session.bytes += sum(len(p) for _, _, kind, p in writes if kind != chunkdelta.HOLE)
