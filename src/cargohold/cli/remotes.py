@@ -64,11 +64,11 @@ def replicate(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:
     if rep is None:
         raise InvalidArgument(what="volume", detail=f"{name!r} is not replicated (--to "
                               "REMOTE)")
-    before = rep["point"]
+    before, failed_before = rep["point"], rep["last_failed"]
     if args.now or (args.wait and before and not args.to):
         volume = api.request("POST", f"/v1/volumes/{name}/replication/now")
     if args.wait:
-        volume = _follow(api, name, before)
+        volume = _follow(api, name, before, failed_before)
     if as_json:
         print(json.dumps(volume, indent=2))
     else:
@@ -77,10 +77,9 @@ def replicate(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:
     return 1 if failed else 0
 
 
-def _follow(api: ApiClient, name: str, before: str) -> dict[str, Any]:
+def _follow(api: ApiClient, name: str, before: str, failed_before: float) -> dict[str, Any]:
     """Show the copy's progress (on stderr) until the remote holds a newer point, or a round
     failed."""
-    started = time.time()
     while True:
         volume = api.request("GET", f"/v1/volumes/{name}")
         rep = volume["replication"]
@@ -88,7 +87,7 @@ def _follow(api: ApiClient, name: str, before: str) -> dict[str, Any]:
             break
         if rep["point"] != before:
             break
-        if rep["last_failed"] >= started:
+        if rep["last_failed"] > failed_before:  # the node's clock, not this host's
             break
         done = float(rep.get("progress", 0.0))
         state = "sending" if rep["sending"] else "waiting for the controller"
