@@ -26,7 +26,7 @@ import uvloop
 from cargohold.adapters.dataserver import DataProtocolServer, Guard
 from cargohold.config import DataServerConfig
 from cargohold.core.wire import LOCAL_SOCKET
-from cargohold.daemons.heap import keep_large_buffers
+from cargohold.daemons.heap import collect_rarely, keep_large_buffers
 from cargohold.errors import CargoholdError, InvalidArgument
 from cargohold.stores.diskstore import DiskChunkStore
 from cargohold.stores.pki import server_context
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 def run(config: DataServerConfig) -> None:
     """Serve the disk store in ``config.root`` until SIGTERM or SIGINT."""
     keep_large_buffers()
+    collect_rarely()
     uvloop.run(_run(config))  # ~2x less loop overhead per request
 
 

@@ -562,8 +562,8 @@ class DiskReplica(StoredReplica):
                 for first, count in runs(sorted(touched)):
                     start_writing(self._data_fd, first * CHUNK_SIZE, count * CHUNK_SIZE)
                 start_writing(self._sums_fd)
-                if self._snaps is not None:  # blocks moved by snapshots land in extra
-                    start_writing(self._snaps.extra_fd)
+                if self._snaps is not None:
+                    self._snaps.start_writeback()
                 start_writing(self._gens_fd)
             except OSError as exc:  # the next flush reports it (and fails)
                 log.warning("replica %s: starting writeback failed: %s", self.volume_id, exc)
