@@ -5,6 +5,12 @@ at once while the event loop goes on. Credentials are found as every AWS tool fi
 (environment, shared credentials file, profile); they are never passed through cargohold's
 own records. Errors become cargohold's: a missing bucket, refused credentials, a target
 that does not answer (after botocore's own retries), a missing object.
+
+GETs, a restore's whole work, take another way: boto3 signs the request (a presigned URL:
+its endpoint, addressing, region, credentials and signature, as for every other call) and
+urllib3, which botocore itself sends with, fetches it. A ``get_object`` cost 2.6 ms of CPU
+per 1 MiB object (botocore's request and response machinery, under the GIL), which held 16
+threads to ~390 MB/s on loopback; signed and fetched this way, 0.9 ms and ~850 MB/s.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import urlparse
+
+import urllib3
 
 from cargohold.errors import (
     BackupBucketMissing,
@@ -34,6 +42,14 @@ PARALLEL = 16
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden",
            "InvalidToken", "ExpiredToken", "403"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+#: How long a presigned GET's signature holds (it is used at once).
+SIGNED_FOR = 300
+#: A GET is tried again after a refused or lost connection and after a 5xx answer (with
+#: backoff: 0.2, 0.4, 0.8 s), as botocore's standard retry mode does for other calls.
+_GET_RETRIES = urllib3.Retry(total=4, backoff_factor=0.2, allowed_methods={"GET"},
+                             status_forcelist={500, 502, 503, 504}, raise_on_status=False)
+_CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
+_MESSAGE = re.compile(rb"<Message>([^<]{0,300})</Message>")
 
 
 def check_endpoint(endpoint: str) -> None:
@@ -78,6 +94,7 @@ class ObjectStore:
         self.bucket, self.prefix = parse_url(url)
         self._parallel = parallel
         self._client: Any = None  # made in a worker thread (boto3 loads its models: slow)
+        self._http: urllib3.PoolManager | None = None  # GETs (see the module's docstring)
         self._made = threading.Lock()
         self._pool = ThreadPoolExecutor(parallel, thread_name_prefix="s3")
 
@@ -87,14 +104,21 @@ class ObjectStore:
             if self._client is None:
                 import boto3
                 from botocore.config import Config
+                from botocore.httpsession import get_cert_path
 
                 config = Config(retries={"max_attempts": 4, "mode": "standard"},
                                 connect_timeout=5, read_timeout=60,
-                                max_pool_connections=self._parallel,
+                                max_pool_connections=self._parallel, signature_version="s3v4",
                                 s3={"addressing_style": "path"} if self.endpoint else {})
-                self._client = boto3.session.Session().client(
+                session = boto3.session.Session()
+                self._client = session.client(
                     "s3", endpoint_url=self.endpoint or None, region_name=self.region or None,
                     config=config)
+                # the CA bundle botocore would use: AWS_CA_BUNDLE, ca_bundle, or its own
+                bundle = session._session.get_config_variable("ca_bundle") or get_cert_path(True)
+                self._http = urllib3.PoolManager(
+                    maxsize=self._parallel, cert_reqs="CERT_REQUIRED", ca_certs=bundle,
+                    timeout=urllib3.Timeout(connect=5, read=60), retries=_GET_RETRIES)
             return self._client
 
     def close(self) -> None:
@@ -121,16 +145,19 @@ class ObjectStore:
 
     def _error(self, e: Any) -> CargoholdError:
         error = e.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        return self._answer_error(
+            str(error.get("Code", "")),
+            str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")),
+            str(error.get("Message", "")))
+
+    def _answer_error(self, code: str, status: str, message: str) -> CargoholdError:
         if code == "NoSuchBucket":
             return BackupBucketMissing(bucket=self.bucket, endpoint=self.endpoint or "AWS")
         if code in _DENIED or status == "403":
-            return BackupNotAuthorized(target=self.url, detail=error.get("Message") or code)
+            return BackupNotAuthorized(target=self.url, detail=message or code)
         if code in _MISSING or status == "404":
             return BackupCorrupt(what="an object", detail=f"{code or status}: not found")
-        return BackupTargetUnavailable(target=self.url, detail=f"{code or status}: "
-                                       f"{error.get('Message', '')}")
+        return BackupTargetUnavailable(target=self.url, detail=f"{code or status}: {message}")
 
     async def check(self) -> None:
         """The bucket exists and the credentials are good (raises what is wrong)."""
@@ -147,8 +174,20 @@ class ObjectStore:
     async def get(self, key: str) -> bytes:
         """The object's bytes; ``BackupCorrupt`` naming it if it is missing."""
         def fetch() -> bytes:
-            body: bytes = self._s3.get_object(Bucket=self.bucket,
-                                              Key=self.prefix + key)["Body"].read()
+            url = self._s3.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self.prefix + key},
+                ExpiresIn=SIGNED_FOR)
+            assert self._http is not None  # made with the client
+            try:
+                reply = self._http.request("GET", url)
+            except urllib3.exceptions.HTTPError as e:
+                raise BackupTargetUnavailable(target=self.url, detail=str(e)) from None
+            if reply.status != 200:
+                code, message = _CODE.search(reply.data), _MESSAGE.search(reply.data)
+                raise self._answer_error(code[1].decode(errors="replace") if code else "",
+                                         str(reply.status),
+                                         message[1].decode(errors="replace") if message else "")
+            body: bytes = reply.data
             return body
 
         try:

@@ -3,10 +3,11 @@
 A restore makes a new volume (placed like any, with the backup's size and file system; an
 encrypted volume's backup brings its key), marked *restoring* so that nobody attaches it,
 takes a new epoch on it, and fetches the backup's blocks ``FETCHES`` at a time: each is
-fetched once, its hash checked, and written to every replica (one download for N
-replicas). Blocks the backup does not list stay holes. Once every replica has flushed, the
-mark goes and the volume is usable. A restore that fails (a block missing or damaged, the
-target gone, a data server full) removes the half-made volume, and says why.
+fetched once, its hash checked, and written to every chunk that holds it in every replica
+(one download for N replicas, and for N chunks with the same contents). Blocks the
+backup does not list stay holes. Once every replica has flushed, the mark goes and the
+volume is usable. A restore that fails (a block missing or damaged, the target gone, a data
+server full) removes the half-made volume, and says why.
 
 A *standby* restore stays marked: it follows the backups of its source volume. The
 controller looks for a newer complete backup every ``FOLLOW_EVERY`` seconds and applies it
@@ -113,20 +114,27 @@ class RestoreService:
             writers = [await stack.enter_async_context(ServerSession(servers[r.server],
                                                                      self.backups.access))
                        for r in claimed.replicas]
-            pending = iter(sorted(blocks.items()))
+            # each distinct block is fetched once, for every chunk that holds it (a chunk
+            # the same as another, as in volumes dedup finds, costs a write, not a GET)
+            chunks_of: dict[str, list[int]] = {}
+            for index, name in sorted(blocks.items()):
+                chunks_of.setdefault(name, []).append(index)
+            pending = iter(chunks_of.items())
 
             async def restorer() -> None:
                 nonlocal done, reported
-                for index, name in pending:
+                for name, indexes in pending:
                     data = await self.backups.content(name, bases, target)
-                    offset = index * CHUNK_SIZE
-                    if len(data) != min(CHUNK_SIZE, claimed.size - offset):
-                        raise BackupCorrupt(what=f"block {name}", detail=f"{len(data)} bytes "
-                                            f"where the volume has {claimed.size - offset}")
-                    await asyncio.gather(*(w.write(claimed.id, epoch, offset, data, generation)
-                                           for w in writers))
-                    job.bytes += len(data)
-                    done += 1
+                    for index in indexes:
+                        offset = index * CHUNK_SIZE
+                        if len(data) != min(CHUNK_SIZE, claimed.size - offset):
+                            raise BackupCorrupt(what=f"block {name}", detail=f"{len(data)} "
+                                                f"bytes where the volume has "
+                                                f"{claimed.size - offset}")
+                        await asyncio.gather(*(w.write(claimed.id, epoch, offset, data,
+                                                       generation) for w in writers))
+                        job.bytes += len(data)
+                        done += 1
                     if time.monotonic() - reported >= PROGRESS_EVERY:
                         reported = time.monotonic()
                         job.progress = round(min(done / len(blocks), 0.999), 3)
