@@ -112,8 +112,12 @@ def test_incremental_deduplicated_backups_restore_and_collection(seaweed: Seawee
         listed: Any = node.json("backup", "ls")
         assert [b["id"] for b in listed] == [full["id"], incremental["id"], copy["id"]]
         assert all(b["state"] == "complete" for b in listed)
-        checked: Any = node.json("backup", "verify", full["id"])
-        assert checked["ok"] and checked["blocks"] >= 17  # distinct blocks
+        verified = node.cli("backup", "verify", full["id"], "-o", "json")
+        checked = json.loads(verified.stdout)
+        assert checked["ok"] and checked["blocks"] >= 17, checked  # distinct blocks
+        assert checked["kind"] == "verify" and checked["bad"] == {}, checked
+        assert f"verifying backup {full['id']}" in verified.stderr  # its progress
+        assert node.json("backup", "job", checked["id"])["state"] == "complete"  # type: ignore
 
         restored: Any = node.json("backup", "restore", full["id"], "--to", "pg-old", "--wait")
         assert restored["state"] == "complete", restored

@@ -56,11 +56,14 @@ def backup_command(api: ApiClient, args: argparse.Namespace, as_json: bool) -> i
         emit(job, as_json, f"{job['kind']} {job['id']} of {job['volume']}: {job['state']} "
               f"{job['progress']:.0%}" + (f": {job['error']}" if job["error"] else ""))
     elif args.action == "verify":
-        shown = api.request("POST", f"/v1/backups/{args.id}/verify")
-        emit(shown, as_json, f"backup {args.id}: {shown['blocks']} blocks checked, "
-              + ("all good" if shown["ok"] else "bad: " + "; ".join(
-                  f"{name}: {why}" for name, why in shown["bad"].items())))
-        return 0 if shown["ok"] else EXIT_WARNING
+        job = api.request("POST", f"/v1/backups/{args.id}/verify?wait=false")
+        job = follow_job(api, job, f"verifying backup {args.id}")
+        job["ok"] = job["state"] == "complete" and not job["bad"]
+        emit(job, as_json, f"backup {args.id}: " + (
+            f"not verified: {job['error']}" if job["state"] != "complete" else
+            f"{job['blocks']} blocks checked, " + ("all good" if job["ok"] else "bad: " + "; ".join(
+                f"{name}: {why}" for name, why in job["bad"].items()))))
+        return 0 if job["ok"] else EXIT_WARNING
     elif args.action == "rm":
         shown = api.request("DELETE", f"/v1/backups/{args.id}")
         emit(shown, as_json, f"backup {args.id} removed; "

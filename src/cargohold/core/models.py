@@ -255,12 +255,12 @@ class BackupTarget(Record):
 
 
 class BackupJob(Record):
-    """A backup or restore being run (by ``node``), and how it ended."""
+    """A backup, restore or verify being run (by ``node``), and how it ended."""
 
     id: str
-    kind: str  # "backup" or "restore"
-    volume: str  # backed up, or restored into
-    backup: str = ""  # a restore's backup
+    kind: str  # "backup", "restore" or "verify"
+    volume: str  # backed up, or restored into (a verify: the backup's volume)
+    backup: str = ""  # a restore's or a verify's backup
     snapshot: str = ""  # a backup's snapshot
     node: str = ""
     state: BackupState = BackupState.RUNNING
@@ -271,6 +271,8 @@ class BackupJob(Record):
     new_bytes: int = 0
     stored: int = 0  # bytes sent to the target (compressed, sealed)
     error: str = ""
+    blocks: int = 0  # a verify's: distinct blocks checked
+    bad: dict[str, str] = Field(default_factory=dict)  # a verify's: bad blocks, and why
 
 
 class BackupSchedule(Record):

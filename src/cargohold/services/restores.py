@@ -158,26 +158,52 @@ class RestoreService:
         log.info("backup %s restored into %s: %d blocks, %d bytes", job.backup, volume.name,
                  len(blocks), job.bytes)
 
-    async def verify(self, backup_id: str) -> dict[str, Any]:
-        """Fetch every block of a backup and check its hash; name the bad ones."""
-        started = time.monotonic()
-        bad: dict[str, str] = {}
+    async def verify(self, backup_id: str, wait: bool = True) -> BackupJob:
+        """Fetch every block of a backup and check its hash; the job names the bad ones
+        (``bad``) and shows its progress meanwhile. An unknown backup is refused at once."""
         async with self.backups.open_target() as target:
             found = await self.backups.manifest(backup_id, target)
-            blocks = fmt.blocks_of(found, backup_id)
-            bases = fmt.bases_of(found, backup_id)
-            pending = iter(sorted(set(blocks.values())))
+        job = BackupJob(id=f"verify-{uuid.uuid4().hex[:12]}", kind="verify",
+                        volume=str(found["volume"]), backup=backup_id, node=self.backups.node)
+        await self.catalog.start_backup_job(job)
+        return await self.backups.launch(self._verify(job, found), job, wait)
 
-            async def checker() -> None:
-                for name in pending:
-                    try:  # a delta: checked with its bases, as a restore reads it
-                        await self.backups.content(name, bases, target)
-                    except BackupCorrupt as e:
-                        bad[name] = e.message
+    async def _verify(self, job: BackupJob, found: dict[str, Any]) -> None:
+        try:
+            async with self.backups.open_target() as target:
+                await self._check(job, found, target)
+        except BaseException as e:
+            job.state, job.finished = BackupState.FAILED, time.time()
+            job.error = "interrupted" if isinstance(e, asyncio.CancelledError) else str(e)
+            with contextlib.suppress(CargoholdError):
+                await asyncio.shield(self.catalog.put_backup_job(job))
+            if not isinstance(e, CargoholdError | asyncio.CancelledError):
+                raise
 
-            await together([checker() for _ in range(FETCHES)])
-        return {"id": backup_id, "blocks": len(set(blocks.values())), "bad": bad,
-                "ok": not bad, "seconds": round(time.monotonic() - started, 3)}
+    async def _check(self, job: BackupJob, found: dict[str, Any], target: Target) -> None:
+        blocks = fmt.blocks_of(found, job.backup)
+        bases = fmt.bases_of(found, job.backup)
+        names = sorted(set(blocks.values()))
+        pending = iter(names)
+        reported = time.monotonic()
+
+        async def checker() -> None:
+            nonlocal reported
+            for name in pending:
+                try:  # a delta: checked with its bases, as a restore reads it
+                    job.bytes += len(await self.backups.content(name, bases, target))
+                except BackupCorrupt as e:
+                    job.bad[name] = e.message
+                job.blocks += 1
+                if time.monotonic() - reported >= PROGRESS_EVERY:
+                    reported = time.monotonic()
+                    job.progress = round(min(job.blocks / len(names), 0.999), 3)
+                    await self.catalog.put_backup_job(job)
+
+        await together([checker() for _ in range(FETCHES)])
+        job.state, job.progress, job.finished = BackupState.COMPLETE, 1.0, time.time()
+        await self.catalog.put_backup_job(job)
+        log.info("backup %s verified: %d blocks, %d bad", job.backup, job.blocks, len(job.bad))
 
     async def follow(self, name: str) -> str:
         """Bring standby ``name`` to the newest complete backup of the volume it follows:

@@ -543,9 +543,12 @@ def create_app(services: Services, tokens: Sequence[ApiToken] = (),
         return await backups()[0].remove(backup_id)
 
     @app.post("/v1/backups/{backup_id}/verify")
-    async def verify_backup(backup_id: str) -> dict[str, Any]:
-        """Fetch every block of the backup and check its hash; ``bad`` names the others."""
-        return await backups()[1].verify(backup_id)
+    async def verify_backup(backup_id: str, wait: bool = True) -> dict[str, Any]:
+        """Fetch every block of the backup and check its hash: a job (``kind`` verify)
+        whose ``bad`` names the bad blocks, and why; ``wait=false`` answers at once, and
+        ``/v1/backup-jobs/{id}`` shows its progress."""
+        job = await backups()[1].verify(backup_id, wait)
+        return job.model_dump(mode="json")
 
     @app.post("/v1/backups/{backup_id}/restore", status_code=202)
     async def restore_backup(backup_id: str, body: RestoreBackup) -> dict[str, Any]:
