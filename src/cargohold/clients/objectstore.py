@@ -103,6 +103,7 @@ class ObjectStore:
         with self._made:
             if self._client is None:
                 import boto3
+                import botocore.session
                 from botocore.config import Config
                 from botocore.httpsession import get_cert_path
 
@@ -110,12 +111,12 @@ class ObjectStore:
                                 connect_timeout=5, read_timeout=60,
                                 max_pool_connections=self._parallel, signature_version="s3v4",
                                 s3={"addressing_style": "path"} if self.endpoint else {})
-                session = boto3.session.Session()
-                self._client = session.client(
+                core = botocore.session.get_session()
+                self._client = boto3.session.Session(botocore_session=core).client(
                     "s3", endpoint_url=self.endpoint or None, region_name=self.region or None,
                     config=config)
                 # the CA bundle botocore would use: AWS_CA_BUNDLE, ca_bundle, or its own
-                bundle = session._session.get_config_variable("ca_bundle") or get_cert_path(True)
+                bundle = core.get_config_variable("ca_bundle") or get_cert_path(True)
                 self._http = urllib3.PoolManager(
                     maxsize=self._parallel, cert_reqs="CERT_REQUIRED", ca_certs=bundle,
                     timeout=urllib3.Timeout(connect=5, read=60), retries=_GET_RETRIES)

@@ -126,15 +126,17 @@ class RestoreService:
                 for name, indexes in pending:
                     data = await self.backups.content(name, bases, target)
                     for index in indexes:
-                        offset = index * CHUNK_SIZE
-                        if len(data) != min(CHUNK_SIZE, claimed.size - offset):
+                        if len(data) != min(CHUNK_SIZE, claimed.size - index * CHUNK_SIZE):
                             raise BackupCorrupt(what=f"block {name}", detail=f"{len(data)} "
-                                                f"bytes where the volume has "
-                                                f"{claimed.size - offset}")
-                        await asyncio.gather(*(w.write(claimed.id, epoch, offset, data,
-                                                       generation) for w in writers))
-                        job.bytes += len(data)
-                        done += 1
+                                                "bytes where the volume has "
+                                                f"{claimed.size - index * CHUNK_SIZE}")
+                    for at in range(0, len(indexes), FETCHES):  # a shared block: in parallel
+                        await asyncio.gather(*(w.write(claimed.id, epoch, index * CHUNK_SIZE,
+                                                       data, generation)
+                                               for index in indexes[at:at + FETCHES]
+                                               for w in writers))
+                    job.bytes += len(data) * len(indexes)
+                    done += len(indexes)
                     if time.monotonic() - reported >= PROGRESS_EVERY:
                         reported = time.monotonic()
                         job.progress = round(min(done / len(blocks), 0.999), 3)
