@@ -256,16 +256,12 @@ class NodeDaemon:
             await store.close()
 
     async def check_once(self, store: MetadataStore, catalog: Catalog) -> None:
-        """Restart dead data servers, refresh their records and the node's lease."""
-        ids = []
-        for process in self.processes:
-            if not process.alive():
-                log.error("data server at %s is not running; restarting it", process.path)
-                process.restarts += 1
-                await asyncio.to_thread(process.start)
-            record = await self._describe(process)
-            ids.append(record.id)
-            await catalog.put_server(record)
+        """Refresh the node's lease, restart dead data servers and refresh their records.
+
+        The lease first: a record put while this node has no live lease (its first check,
+        or after losing it) is one the controller may mark down at once, for a node that is
+        in fact starting (seen: a volume created right after two nodes started was refused
+        for want of a second data server)."""
         started = time.monotonic()
         ttl = self.config.lease_ttl
         if self.lease:
@@ -280,6 +276,15 @@ class NodeDaemon:
             self.lease = await store.grant_lease(self.config.lease_ttl)
             await store.put(liveness_key(self.config.name), b"", lease=self.lease)
         self.controller.renewed(self.lease, ttl, started)
+        ids = []
+        for process in self.processes:
+            if not process.alive():
+                log.error("data server at %s is not running; restarting it", process.path)
+                process.restarts += 1
+                await asyncio.to_thread(process.start)
+            record = await self._describe(process)
+            ids.append(record.id)
+            await catalog.put_server(record)
         io = self.io_rates.update(self.agent.engine_io()) if self.agent is not None else {}
         await catalog.put_node(Node(name=self.config.name, version=__version__,
                                     api=",".join(e.url for e in self.config.api),
