@@ -40,6 +40,7 @@ import mmap
 import os
 import struct
 import threading
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ _RECORD = struct.Struct("<QIIQI")  # block, birth, death, location, data crc
 _RECORD_SIZE = _RECORD.size + 4  # and the record's own crc
 _PAGE = mmap.PAGESIZE
 _BLOCKS_PER_PAGE = _PAGE // 8
-_COLD_AT_MOST = 1 << 20  # places ``start_writeback`` may have waiting (8 MiB of list)
+_COLD_AT_MOST = 1 << 20  # places ``start_writeback`` may have waiting (8 MiB of arrays)
 
 
 #: A version: (birth, death, location, crc). Plain tuples of ints, which the garbage
@@ -150,8 +151,8 @@ class VersionMap:
         self._punched: list[int] = []
         # places whose data became a version since ``start_writeback`` last ran (see there):
         # blocks of ``data`` and slots of ``extra``; the event loop thread appends
-        self._cold_homes: list[int] = []
-        self._cold_slots: list[int] = []
+        self._cold_homes = array("Q")
+        self._cold_slots = array("Q")
         self._load(sums)
 
     def _map_heads(self) -> None:
@@ -521,8 +522,8 @@ class VersionMap:
         by the writeback thread (``DiskReplica.start_writeback``).
         """
         start_writing(self._extra_fd)
-        homes, self._cold_homes = self._cold_homes, []
-        slots, self._cold_slots = self._cold_slots, []
+        homes, self._cold_homes = self._cold_homes, array("Q")
+        slots, self._cold_slots = self._cold_slots, array("Q")
         for fd, places, base in ((self._data_fd, homes, 0), (self._extra_fd, slots, 1)):
             for start, run in runs(sorted(places)):
                 os.posix_fadvise(fd, (start - base) * BLOCK_SIZE, run * BLOCK_SIZE,
