@@ -37,6 +37,7 @@ from cargohold.errors import (
 )
 from cargohold.stores.chunkstore import MemoryChunkStore
 from cargohold.stores.diskstore import DiskChunkStore
+from tests.pagecache import PAGE, cached
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 MIB = 1 << 20
@@ -219,6 +220,31 @@ def test_large_writes_across_chunks_and_flush(server: ServerProcess) -> None:
         assert struct.unpack("<16Q", await c.generations(v))[1] == 20
 
     with_client(server, body)
+
+
+def test_a_copying_connection_keeps_the_page_cache_small(server: ServerProcess) -> None:
+    """A bulk copy's connection (HELLO "copying") has its writes written back and dropped
+    from the page cache 32 MiB behind it; an engine's writes stay cached."""
+    copy, plain, size = vid(), vid(), 48 * MIB
+    data = os.urandom(MIB)
+
+    async def main() -> None:
+        async with DataClient(server.address, copying=True) as copier, \
+                DataClient(server.address) as writer:
+            for c, v in ((copier, copy), (writer, plain)):
+                await c.create(v, size)
+                for at in range(0, size, 4 * MIB):
+                    await asyncio.gather(*(c.write(v, 1, o, data, 1)
+                                           for o in range(at, at + 4 * MIB, MIB)))
+            for c, v in ((copier, copy), (writer, plain)):  # a read brings data back
+                assert await c.read(v, 1, 7 * MIB, MIB) == data
+
+    asyncio.run(main())
+    pages = size // PAGE
+    copied = cached(server.root / "replicas" / copy / "data", pages)
+    written = cached(server.root / "replicas" / plain / "data", pages)
+    assert not any(copied[: 6 * MIB // PAGE]) and all(copied[7 * MIB // PAGE : 8 * MIB // PAGE])
+    assert all(copied[-MIB // PAGE :]) and all(written)
 
 
 def test_local_unix_socket_and_future_api(server: ServerProcess) -> None:

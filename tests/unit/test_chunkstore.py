@@ -16,9 +16,10 @@ import pytest
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, runs
 from cargohold.errors import ChecksumMismatch, Fenced, InvalidArgument, NoSpace, ReplicaNotFound
 from cargohold.services.engine.localreader import LocalReplicaReader
-from cargohold.stores import diskstore
+from cargohold.stores import diskstore, spacereserve, sparsefile
 from cargohold.stores.chunkstore import ChunkStore, MemoryChunkStore
 from cargohold.stores.diskstore import DiskChunkStore
+from tests.pagecache import PAGE, cached
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -562,6 +563,22 @@ def test_writeback_is_started_for_written_replicas_only(disk: DiskChunkStore) ->
     replica.start_writeback()
 
 
+def test_a_bulk_copy_leaves_the_page_cache_behind_it(
+        disk: DiskChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sparsefile.DropBehind, "BEHIND", 2 * MIB)
+    v, pages = vid(), MIB // PAGE
+    replica = disk.create(v, 8 * MIB)
+    data = [os.urandom(MIB) for _ in range(6)]
+    for k in range(5):  # a copy of 5 MiB: what lies 2 MiB behind its end is written, dropped
+        replica.write(k * MIB, data[k], 1)
+        replica.copied(k * MIB, MIB)
+    replica.write(5 * MIB, data[5], 1)  # an ordinary write stays in the cache
+    now = cached(disk.root / "replicas" / v / "data", 6 * pages)
+    assert not any(now[: 3 * pages])
+    assert all(now[3 * pages :])
+    assert replica.read(0, 6 * MIB) == b"".join(data)
+
+
 def test_runs_of_chunks_for_writeback() -> None:
     assert list(runs([])) == []
     assert list(runs([3])) == [(3, 1)]
@@ -582,8 +599,8 @@ def test_the_reserve_sees_space_freed_before_it_refuses(
                                   free[0] // 4096, *tuple(st)[5:]))
 
     monkeypatch.setattr(diskstore.os, "statvfs", statvfs)
-    monkeypatch.setattr(diskstore.SpaceReserve, "RECHECK_SHORT", 0.0)
-    reserve = diskstore.SpaceReserve(tmp_path, 64 * MIB)
+    monkeypatch.setattr(spacereserve.SpaceReserve, "RECHECK_SHORT", 0.0)
+    reserve = spacereserve.SpaceReserve(tmp_path, 64 * MIB)
     with pytest.raises(NoSpace, match="reserve"):
         reserve.allocate(CHUNK_SIZE, "s")
     free[0] = 1 << 30  # freed

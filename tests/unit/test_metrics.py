@@ -9,8 +9,8 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cargohold.adapters.dataserver import Faults
 from cargohold.adapters.metrics import Cluster, Scrape, robustness
+from cargohold.core.faults import Faults
 from cargohold.core.iostats import LATENCY_BOUNDS, IoRates, OpStats, VolumeIo
 from cargohold.core.models import (
     Attachment,

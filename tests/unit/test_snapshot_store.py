@@ -4,8 +4,6 @@ against the memory reference."""
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import uuid
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ from cargohold.errors import InvalidArgument, SnapshotNotFound, TooManySnapshots
 from cargohold.stores import chunkstore
 from cargohold.stores.chunkstore import ChunkStore, MemoryChunkStore
 from cargohold.stores.diskstore import DiskChunkStore
+from tests.pagecache import cached
 
 MIB = 1 << 20
 B = BLOCK_SIZE
@@ -152,18 +151,6 @@ def test_writes_after_a_snapshot_cost_only_the_blocks_written(tmp_path: Path) ->
         disk.close()
 
 
-def _cached(path: Path, blocks: int) -> list[bool]:
-    """Which of a file's first ``blocks`` pages are in the page cache (mincore)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    with open(path, "r+b") as f, mmap.mmap(f.fileno(), blocks * B) as area:
-        where = ctypes.c_char.from_buffer(area)
-        found = ctypes.create_string_buffer(blocks)
-        assert libc.mincore(ctypes.addressof(where), blocks * B, found) == 0
-        del where
-    return [bool(v & 1) for v in found.raw]
-
-
 def test_data_that_only_snapshots_hold_leaves_the_page_cache(tmp_path: Path) -> None:
     disk = DiskChunkStore(tmp_path)
     try:
@@ -174,12 +161,12 @@ def test_data_that_only_snapshots_hold_leaves_the_page_cache(tmp_path: Path) -> 
         snap = sid()
         replica.take_snapshot(snap, 0.0)  # flushed: the 8 pages are clean, and cached
         home = tmp_path / "replicas" / volume / "data"
-        assert _cached(home, 8) == [True] * 8
+        assert cached(home, 8) == [True] * 8
         replica.write(2 * B, fill(2), 2)  # moved to extra: their old pages go cold
         replica.write(5 * B, fill(3), 3)
         replica.write(5 * B, fill(4), 4)  # in place in extra: nothing more goes cold
         replica.start_writeback()
-        assert _cached(home, 8) == [True, True, False, True, True, False, True, True]
+        assert cached(home, 8) == [True, True, False, True, True, False, True, True]
         assert replica.read(0, 8 * B) == fill(1, 2) + fill(2) + fill(1, 2) + fill(4) \
             + fill(1, 2)
         assert replica.read_snapshot(snap, 0, 8 * B) == fill(1, 8)

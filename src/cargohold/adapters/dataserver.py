@@ -31,7 +31,8 @@ from cargohold.clients.sockets import unix_listener, widen_send_buffer
 from cargohold.config import FRAME_TIMEOUT, MAX_CONNECTIONS
 from cargohold.core import chunkdelta
 from cargohold.core.capability import SNAPSHOT_READS, Capability
-from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
+from cargohold.core.faults import Faults
+from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.periodic import Periodic
 from cargohold.core.sizes import format_size
 from cargohold.core.wire import (
@@ -123,6 +124,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._watch: asyncio.TimerHandle | None = None
         self._guard = server.guard
         self._grants: dict[str, int] = {}  # volume → the epoch a capability allows here
+        self._copying = False  # a bulk copy's connection (HELLO): its writes drop behind
         self.identity: str | None = None  # the node at the other end, when known
         self.peer = "?"
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -280,6 +282,10 @@ class _Connection(asyncio.BufferedProtocol):
         return b""
 
     def _hello(self, header: RequestHeader, payload: memoryview) -> bytes:
+        """Server info; a payload ``{"copying": true}`` says that the connection carries a
+        bulk copy, whose writes leave the page cache behind it (``StoredReplica.copied``)."""
+        if payload:
+            self._copying = bool(decode_json(payload).get("copying"))
         store = self._store
         return encode_json(
             {
@@ -336,20 +342,29 @@ class _Connection(asyncio.BufferedProtocol):
                 what="length", detail=f"header says {header.length}, payload is {len(payload)}"
             )
         replica.write(header.offset, payload, header.generation)
+        if self._copying:
+            replica.copied(header.offset, len(payload))
         return b""
 
     def _write_blocks(self, header: RequestHeader, payload: memoryview) -> bytes:
         replica = self._io_replica(header)
         if header.offset % CHUNK_SIZE or header.length != len(payload):
             raise InvalidArgument(what="WRITE_BLOCKS", detail="a chunk's offset and payload")
+        end = 0
         for at, data in chunkdelta.decode(payload):
             replica.write(header.offset + at, data, header.generation)
+            end = max(end, at + len(data))
+        if self._copying and end:
+            replica.copied(header.offset, end)
         return b""
 
     def _fill(self, header: RequestHeader, payload: memoryview) -> bytes:
         """A clone's first contents for one chunk, written only if it never was."""
         replica = self._io_replica(header)
-        return encode_json({"written": replica.fill(header.offset, payload, header.generation)})
+        written = replica.fill(header.offset, payload, header.generation)
+        if written and self._copying:
+            replica.copied(header.offset, len(payload))
+        return encode_json({"written": written})
 
     def _share(self, header: RequestHeader, payload: memoryview) -> bytes:
         """Map the client's write buffers, a memory file on this host, read-only.
@@ -648,41 +663,6 @@ def _error_response(exc: BaseException, header: RequestHeader,
 
 #: Ops that write blocks anew: they repair a block found bad (``Faults``).
 REWRITES = frozenset({Op.WRITE, Op.WRITE_SHARED, Op.FILL, Op.TRIM})
-
-
-class Faults:
-    """What went wrong on this data server since it started, for the node's metrics:
-    failed requests (``io_errors``), blocks that failed their checksum (``checksum_errors``)
-    and how many of those were written anew since (``repaired``: the engine or a scrub
-    rewrites a bad copy from a good one)."""
-
-    def __init__(self) -> None:
-        self.io_errors = 0
-        self.checksum_errors = 0
-        self.repaired = 0
-        self.bad: dict[str, set[int]] = {}  # volume id → offsets of blocks found bad
-
-    def found(self, volume_id: str, offset: int) -> None:
-        blocks = self.bad.setdefault(volume_id, set())
-        block = offset - offset % BLOCK_SIZE
-        if block not in blocks:  # the same bad block read again is no new error
-            blocks.add(block)
-            self.checksum_errors += 1
-
-    def rewritten(self, volume_id: str, offset: int, length: int) -> None:
-        blocks = self.bad.get(volume_id)
-        if not blocks:
-            return
-        gone = {b for b in blocks if offset <= b and b + BLOCK_SIZE <= offset + length}
-        if gone:
-            blocks -= gone
-            self.repaired += len(gone)
-            if not blocks:
-                del self.bad[volume_id]
-
-    def to_dict(self) -> dict[str, int]:
-        return {"io_errors": self.io_errors, "checksum_errors": self.checksum_errors,
-                "repaired": self.repaired}
 
 
 def _space(store: ChunkStore) -> str:

@@ -152,10 +152,12 @@ class DataClient:
 
     def __init__(self, address: str, server_id: str = "", local_socket: str | None = None,
                  shared: SharedMemory | None = None, call_timeout: float | None = None,
-                 access: Access | None = None, peer: str = "") -> None:
+                 access: Access | None = None, peer: str = "", copying: bool = False) -> None:
         """``call_timeout``: how long a call that names no timeout of its own waits for its
         answer (None: for ever, as the engine's data path wants; control operations set one,
-        so that a data server that stopped answering cannot hang them)."""
+        so that a data server that stopped answering cannot hang them). ``copying``: the
+        connection carries a bulk copy (a restore, a fill, a rebuild), which the server
+        keeps from filling its page cache."""
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
             raise InvalidArgument(what="data server address", detail=f"{address!r}")
@@ -166,6 +168,7 @@ class DataClient:
         self._local_socket = local_socket
         self._access = access
         self._peer = peer
+        self._copying = copying
         self._granted: dict[str, int] = {}  # volume → epoch authorized on this connection
         self._protocol: _Protocol | None = None
         self._pending: dict[int, _Request] = {}
@@ -211,6 +214,7 @@ class DataClient:
             self._granted = {}
             if self._shared is not None:
                 await self._share(self._shared, timeout)
+            await self._announce(timeout)
             return
         tls = self._access.tls if self._access is not None else None
         try:
@@ -231,6 +235,13 @@ class DataClient:
         self._problem = ""
         self._sharing = False
         self._granted = {}
+        await self._announce(timeout)
+
+    async def _announce(self, timeout: float) -> None:
+        """Tell the server what the connection carries (HELLO with a payload)."""
+        if self._copying:
+            await self._call(Op.HELLO, "", payload=encode_json({"copying": True}),
+                             timeout=timeout)
 
     async def _share(self, shared: SharedMemory, timeout: float) -> None:
         """Offer the write buffers to the server; a server that cannot map them gets

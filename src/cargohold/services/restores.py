@@ -112,7 +112,8 @@ class RestoreService:
         done = 0
         async with AsyncExitStack() as stack:
             writers = [await stack.enter_async_context(ServerSession(servers[r.server],
-                                                                     self.backups.access))
+                                                                     self.backups.access,
+                                                                     copying=True))
                        for r in claimed.replicas]
             # each distinct block is fetched once, for every chunk that holds it (a chunk
             # the same as another, as in volumes dedup finds, costs a write, not a GET)

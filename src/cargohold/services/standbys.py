@@ -159,8 +159,8 @@ class StandbyService:
         stack = AsyncExitStack()
         try:
             writers = [await stack.enter_async_context(
-                ServerSession(servers[r.server], self.access)) for r in claimed.in_sync()
-                if r.server in servers]
+                ServerSession(servers[r.server], self.access, copying=True))
+                for r in claimed.in_sync() if r.server in servers]
             if not writers:
                 raise VolumeBusy(name=name, state="without a replica in sync here")
         except BaseException:

@@ -553,12 +553,14 @@ class ServerSession:
     this node, as an engine's (no TLS to pay for: a 2 GiB restore on one node went from
     197 to 224 MB/s), else TCP."""
 
-    def __init__(self, server: DataServer, access: Access | None) -> None:
+    def __init__(self, server: DataServer, access: Access | None, *,
+                 copying: bool = False) -> None:
+        """``copying``: the session writes a bulk copy (``DataClient``'s ``copying``)."""
         local = None
         if access is not None and access.node and server.node == access.node and server.path:
             local = os.path.join(server.path, LOCAL_SOCKET)
         self.client = DataClient(server.address, server.id, local, call_timeout=CONTROL_TIMEOUT,
-                                 access=access, peer=server.node)
+                                 access=access, peer=server.node, copying=copying)
 
     async def __aenter__(self) -> DataClient:
         try:

@@ -181,6 +181,12 @@ class StoredReplica(ABC):
         if length:
             self._trim(offset, length, generation, not every_chunk)
 
+    def copied(self, offset: int, length: int) -> None:
+        """``[offset, offset+length)`` was just written by a bulk copy (a restore, a
+        clone's fill, a rebuild): data no one reads soon, which a store that caches may
+        let go of. The memory store keeps everything."""
+        return None
+
     @abstractmethod
     def flush(self) -> None:
         """Make every write and trim done before this call durable (thread safe)."""

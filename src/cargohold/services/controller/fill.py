@@ -113,7 +113,7 @@ class Fill:
                     continue
                 try:
                     client = await stack.enter_async_context(
-                        ServerSession(servers[replica.server], self.access))
+                        ServerSession(servers[replica.server], self.access, copying=True))
                     # durable first: what this pass counts as filled must stay so
                     await self._flush(client, volume)
                     table = await client.generations(volume.id)

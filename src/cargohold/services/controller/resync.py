@@ -84,7 +84,8 @@ class Resync:
         sources = [r.server for r in volume.in_sync() if server_up(servers.get(r.server))]
         log.info("resync of %s (epoch %d): %s from %s", name, epoch, targets, sources)
         clients = {sid: DataClient(servers[sid].address, sid, call_timeout=CONTROL_TIMEOUT,
-                                      access=self.access, peer=servers[sid].node)
+                                      access=self.access, peer=servers[sid].node,
+                                      copying=sid in targets)
                    for sid in sources + targets}
         copied = total = 0
         try:
