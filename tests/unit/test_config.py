@@ -4,9 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from cargohold.cli import EXIT_OK, EXIT_WARNING, salvage_status, scrub_status
+from cargohold.cli import EXIT_OK, EXIT_WARNING, parser, salvage_status, scrub_status
+from cargohold.cli.node import node_config
 from cargohold.config import (
     DATASERVER_MODULE,
+    DEFAULT_DOCKER_SOCKET,
+    DEFAULT_STATE_DIR,
     ENGINE_MODULE,
     DataServerConfig,
     EngineConfig,
@@ -103,3 +106,56 @@ def test_the_etcd_client_asks_the_member_on_this_host_first() -> None:
 
     store = EtcdStore(["10.250.0.1:2379", "10.250.0.2:2379", "127.0.0.1:2379"])
     assert store.url == "etcd://127.0.0.1:2379,10.250.0.1:2379,10.250.0.2:2379"
+
+
+def node_args(tmp_path: Path, toml: str | None, *flags: str) -> NodeConfig:
+    """The configuration ``cargohold node FLAGS`` runs with (``--config`` a file of ``toml``)."""
+    if toml is not None:
+        (tmp_path / "node.toml").write_text(toml)
+        flags = ("--config", str(tmp_path / "node.toml"), *flags)
+    return node_config(parser.build().parse_args(["node", *flags]))
+
+
+def test_the_node_reads_its_settings_from_a_file_and_flags_win(tmp_path: Path) -> None:
+    config = node_args(tmp_path, """
+state-dir = "/srv/cargohold"
+data-dir = ["/srv/disk1", "/srv/disk2"]
+api = ["unix:///run/ch.sock"]
+rebuild-after = 30
+overprovision = 1.5
+auto-rebalance = true
+no-engine-metrics = true
+rebuild-rate = "200M"
+docker-socket = "none"
+""", "--rebuild-after", "90", "--data-dir", "/mnt/d")
+    assert config.state_dir == Path("/srv/cargohold")
+    assert config.metadata == "sqlite:///srv/cargohold/meta.db"
+    assert config.data_dirs == [Path("/mnt/d")]  # the flag's list replaces the file's
+    assert config.rebuild_after == 90.0 and config.overprovision == 1.5
+    assert config.auto_rebalance and not config.engine_metrics
+    assert config.rebuild_rate == 200 << 20 and config.docker_socket is None
+    assert [e.url for e in config.api] == ["unix:///run/ch.sock"]
+    plain = node_args(tmp_path, None)  # no file: the defaults, as before
+    assert plain.state_dir == DEFAULT_STATE_DIR and plain.data_dirs == []
+    assert plain.engine_metrics and plain.rebuild_after == 600.0
+    assert plain.docker_socket == DEFAULT_DOCKER_SOCKET
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ("data-dirs = ['/srv']", "unknown key 'data-dirs'"),
+    ("rebuild-after = '10'", "rebuild-after = '10': want a number"),
+    ("auto-rebalance = 1", "want true or false"),
+    ("data-dir = '/srv'", "want a list of strings"),
+    ("api = [1]", "want a list of strings"),
+    ("state-dir = ", "not TOML"),
+    ("overprovision = -1", "overprovision"),
+])
+def test_a_bad_settings_file_is_a_clear_error(tmp_path: Path, toml: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        node_args(tmp_path, toml)
+
+
+def test_a_missing_settings_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="nowhere.toml: No such file"):
+        node_config(parser.build().parse_args(["node", "--config", str(tmp_path /
+                                                                      "nowhere.toml")]))

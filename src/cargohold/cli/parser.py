@@ -5,18 +5,96 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from cargohold import __version__
 from cargohold.cli import exits
 from cargohold.config import (
+    DEFAULT_API,
     DEFAULT_DOCKER_SOCKET,
     DEFAULT_KUBELET_DIR,
+    DEFAULT_STATE_DIR,
     LEASE_TTL,
 )
 
 DEFAULT_PKI_DIR = Path("/var/lib/cargohold/pki")
 LOCALITY_HELP = ("best-effort (default: a replica is moved to the node it is attached on), "
                  "strict (also: no attach on a node that cannot hold one) or off")
+
+class NodeSetting(NamedTuple):
+    """A setting of ``cargohold node``: a flag, and the same key in its --config file."""
+
+    name: str  # the flag without its dashes, and the file's key
+    kind: str  # text, path, number, switch (a flag without value), texts/paths (repeatable)
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        kinds: dict[str, dict[str, Any]] = {
+            "text": {}, "path": {"type": Path}, "number": {"type": float},
+            "switch": {"action": "store_true"}, "texts": {"action": "append"},
+            "paths": {"action": "append", "type": Path}}
+        parser.add_argument(f"--{self.name}", help=self.help, **kinds[self.kind])
+
+
+#: Every setting of the node (defaults: ``config.NodeConfig``'s).
+NODE_SETTINGS = (
+    NodeSetting("state-dir", "path", "where the node keeps its state (default "
+                f"{DEFAULT_STATE_DIR})"),
+    NodeSetting("data-dir", "paths", "a directory (disk) to serve as a data server; "
+                "repeatable"),
+    NodeSetting("metadata", "text", "metadata store URL (default sqlite:///STATE_DIR/meta.db)"),
+    NodeSetting("api", "texts", f"unix:///PATH or tcp://HOST:PORT; repeatable (default "
+                f"{DEFAULT_API})"),
+    NodeSetting("name", "text", "node name (default: host name)"),
+    NodeSetting("data-host", "text", "address the data servers listen on (default 127.0.0.1 "
+                "alone, with etcd on other hosts this host's address facing them)"),
+    NodeSetting("docker-socket", "text", "where to serve the Docker volume plugin ('none' to "
+                f"disable; default {DEFAULT_DOCKER_SOCKET})"),
+    NodeSetting("rebuild-after", "number", "seconds a data server may be down before its "
+                "replicas are rebuilt elsewhere (default 600)"),
+    NodeSetting("overprovision", "number", "thin volumes may provision this many times a data "
+                "server's capacity (default 2; 0: no limit)"),
+    NodeSetting("auto-rebalance", "switch", "move replicas onto new data servers without being "
+                "asked"),
+    NodeSetting("no-engine-metrics", "switch", "engines do not count requests and their "
+                "latencies (/metrics then has no per-volume I/O)"),
+    NodeSetting("rebuild-rate", "text", "bytes per second resync and rebuild copies may use, "
+                "e.g. 200M (default 0: no limit)"),
+    NodeSetting("scrub-every", "number", "seconds between background scrubs of a detached "
+                "volume (default a week; 0 turns them off)"),
+    NodeSetting("scrub-rate", "text", "read rate of background scrubs per second, e.g. 50M "
+                "(default)"),
+    NodeSetting("lease-ttl", "number", "seconds without renewal after which this node counts "
+                f"as down and its volumes may be taken over (default {LEASE_TTL:g}; 3 or more "
+                "with etcd)"),
+    NodeSetting("token-file", "path", "the admin bearer token of a TCP API (first line; the "
+                "same as `cargohold --token-file FILE node`)"),
+    NodeSetting("tokens-file", "path", "named bearer tokens of the TCP API, a line each: NAME "
+                "ROLE TOKEN (ROLE admin or read-only); mode 600"),
+    NodeSetting("csi-endpoint", "text", "serve the Kubernetes CSI driver on unix:///PATH "
+                "(default: none)"),
+    NodeSetting("csi-kubelet-dir", "path", "the only directory under which the CSI driver "
+                f"stages and publishes volumes (default {DEFAULT_KUBELET_DIR})"),
+    NodeSetting("tls-dir", "path", "this node's TLS files and cluster key, as `pki issue` "
+                "writes them (ca.crt, node.crt, node.key, cluster.key); default STATE_DIR/tls, "
+                "made with a new cluster CA (STATE_DIR/pki) on first start"),
+    NodeSetting("tls-ca", "path", "the cluster CA certificate (your own CA)"),
+    NodeSetting("tls-cert", "path", "this node's certificate; its common name must be the "
+                "node's name"),
+    NodeSetting("tls-key", "path", "this node's private key (mode 600)"),
+    NodeSetting("cluster-key", "path", "the secret that signs capabilities, the same file on "
+                "every node (hex, 32 bytes or more; mode 600)"),
+    NodeSetting("etcd-password-file", "path", "the password (first line; mode 600) of the etcd "
+                "user named in --metadata etcds://USER@HOST:PORT,..."),
+    NodeSetting("insecure-plaintext", "switch", "no TLS between hosts and no capabilities on "
+                "the data path: anyone who reaches a data server's port can use it. Never in "
+                "production"),
+)
+
 
 def build() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cargohold", description="The cargohold command line.",
@@ -237,68 +315,17 @@ def build() -> argparse.ArgumentParser:
     output(rebalance)
     output(commands.add_parser("events", help="follow the cluster's state changes"))
 
-    node = commands.add_parser("node", help="run this host's node, or list nodes")
-    node.add_argument("--state-dir", type=Path, default=Path("/var/lib/cargohold"))
-    node.add_argument("--data-dir", type=Path, action="append", default=[],
-                      help="a directory (disk) to serve as a data server; repeatable")
-    node.add_argument("--metadata", default="",
-                      help="metadata store URL (default sqlite:///STATE_DIR/meta.db)")
-    node.add_argument("--api", action="append", default=[],
-                      help="unix:///PATH or tcp://HOST:PORT; repeatable")
-    node.add_argument("--name", help="node name (default: host name)")
-    node.add_argument("--data-host", default="",
-                      help="address the data servers listen on (default 127.0.0.1 alone, "
-                           "with etcd on other hosts this host's address facing them)")
-    node.add_argument("--docker-socket", default=str(DEFAULT_DOCKER_SOCKET),
-                      help="where to serve the Docker volume plugin ('none' to disable)")
-    node.add_argument("--rebuild-after", type=float, default=600.0,
-                      help="seconds a data server may be down before its replicas are "
-                           "rebuilt elsewhere (default 600)")
-    node.add_argument("--overprovision", type=float, default=2.0,
-                      help="thin volumes may provision this many times a data server's "
-                           "capacity (default 2; 0: no limit)")
-    node.add_argument("--auto-rebalance", action="store_true",
-                      help="move replicas onto new data servers without being asked")
-    node.add_argument("--no-engine-metrics", dest="engine_metrics", action="store_false",
-                      help="engines do not count requests and their latencies (/metrics "
-                           "then has no per-volume I/O)")
-    node.add_argument("--rebuild-rate", default="0",
-                      help="bytes per second resync and rebuild copies may use, e.g. 200M "
-                           "(default 0: no limit)")
-    node.add_argument("--scrub-every", type=float, default=7 * 86400.0,
-                      help="seconds between background scrubs of a detached volume "
-                           "(default a week; 0 turns them off)")
-    node.add_argument("--scrub-rate", default="50M",
-                      help="read rate of background scrubs per second, e.g. 50M (default)")
-    node.add_argument("--lease-ttl", type=float, default=LEASE_TTL,
-                      help="seconds without renewal after which this node counts as down "
-                           f"and its volumes may be taken over (default {LEASE_TTL:g}; 3 or "
-                           "more with etcd)")
-    node.add_argument("--tokens-file", metavar="FILE",
-                      help="named bearer tokens of the TCP API, a line each: NAME ROLE TOKEN "
-                           "(ROLE admin or read-only); mode 600")
-    node.add_argument("--csi-endpoint", default="none",
-                      help="serve the Kubernetes CSI driver on unix:///PATH (default: none)")
-    node.add_argument("--csi-kubelet-dir", default=str(DEFAULT_KUBELET_DIR),
-                      help="the only directory under which the CSI driver stages and publishes "
-                           f"volumes (default {DEFAULT_KUBELET_DIR})")
-    node.add_argument("--tls-dir", type=Path,
-                      help="this node's TLS files and cluster key, as `pki issue` writes them "
-                           "(ca.crt, node.crt, node.key, cluster.key); default STATE_DIR/tls, "
-                           "made with a new cluster CA (STATE_DIR/pki) on first start")
-    node.add_argument("--tls-ca", type=Path, help="the cluster CA certificate (your own CA)")
-    node.add_argument("--tls-cert", type=Path, help="this node's certificate; its common "
-                      "name must be the node's name")
-    node.add_argument("--tls-key", type=Path, help="this node's private key (mode 600)")
-    node.add_argument("--cluster-key", type=Path,
-                      help="the secret that signs capabilities, the same file on every node "
-                           "(hex, 32 bytes or more; mode 600)")
-    node.add_argument("--etcd-password-file", type=Path, metavar="FILE",
-                      help="the password (first line; mode 600) of the etcd user named in "
-                           "--metadata etcds://USER@HOST:PORT,...")
-    node.add_argument("--insecure-plaintext", action="store_true",
-                      help="no TLS between hosts and no capabilities on the data path: anyone "
-                           "who reaches a data server's port can use it. Never in production")
+    node = commands.add_parser(
+        "node", help="run this host's node, or list nodes", argument_default=argparse.SUPPRESS,
+        description="Run this host's node. Its settings come from the flags below, and from "
+                    "--config FILE (TOML) for those not given as flags: each flag is a key "
+                    "of the file, e.g. data-dir = [\"/srv/disk1\"], rebuild-after = 600, "
+                    "auto-rebalance = true.")
+    node.add_argument("--config", metavar="FILE", type=Path,
+                      help="a TOML file of node settings (the package's: "
+                           "/etc/cargohold/node.toml); unknown keys are refused")
+    for each in NODE_SETTINGS:
+        each.add_to(node)
     node_actions = node.add_subparsers(dest="action")
     output(node_actions.add_parser("ls", help="list nodes and their data servers"))
     remove = node_actions.add_parser(
