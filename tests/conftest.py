@@ -82,16 +82,26 @@ class Node:
     def host(self) -> str:
         return f"unix://{self.socket}"
 
-    def start(self, timeout: float = 30.0) -> None:
-        argv = [sys.executable, "-m", "cargohold.cli", "node", "--name", self.name,
-                "--state-dir", str(self.state), "--api", self.host]
+    #: How to run cargohold: the source tree's (a Debian package's node replaces it)
+    program = [sys.executable, "-m", "cargohold.cli"]
+
+    def command(self) -> list[str]:
+        """The node's command line."""
+        argv = [*self.program, "node", "--name", self.name, "--state-dir", str(self.state),
+                "--api", self.host]
         if "--docker-socket" not in self.extra:
             argv += ["--docker-socket", "none"]
         for d in self.data_dirs:
             argv += ["--data-dir", str(d)]
+        return argv + self.extra
+
+    def environment(self) -> dict[str, str]:
+        return {**_env(), **self.env}
+
+    def start(self, timeout: float = 30.0) -> None:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(argv + self.extra, stdout=out, stderr=subprocess.STDOUT,
-                                         env={**_env(), **self.env}, umask=self.umask)
+            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+                                         env=self.environment(), umask=self.umask)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -132,8 +142,9 @@ class Node:
             self.proc.wait()
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([sys.executable, "-m", "cargohold.cli", "--host", self.host,
-                               *args], capture_output=True, text=True, env=_env(), timeout=300)
+        done = subprocess.run([*self.program, "--host", self.host, *args],
+                              capture_output=True, text=True, env=self.environment(),
+                              timeout=300)
         if check and done.returncode != 0:
             raise AssertionError(f"cargohold {' '.join(args)} failed ({done.returncode}):\n"
                                  f"{done.stdout}{done.stderr}\n--- node log ---\n"

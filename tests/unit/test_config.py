@@ -18,6 +18,7 @@ from cargohold.config import (
     parse_listen,
 )
 from cargohold.errors import InvalidArgument
+from tests.conftest import ROOT
 
 
 def test_an_engine_reads_the_command_line_its_starter_wrote() -> None:
@@ -159,3 +160,10 @@ def test_a_missing_settings_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="nowhere.toml: No such file"):
         node_config(parser.build().parse_args(["node", "--config", str(tmp_path /
                                                                       "nowhere.toml")]))
+
+
+def test_the_packages_settings_file_is_valid() -> None:
+    config = node_args(Path("/nonexistent"), None, "--config",
+                       str(ROOT / "deploy" / "debian" / "node.toml"))
+    assert config.state_dir == DEFAULT_STATE_DIR and len(config.data_dirs) == 3
+    assert [e.url for e in config.api] == ["unix:///run/cargohold/api.sock"]

@@ -3,7 +3,8 @@
 It runs a data server per data directory, registers them and itself in the metadata store,
 keeps a lease alive, recovers the agent's leftovers, serves the REST API (and the Docker
 plugin and the CSI driver when configured), and on SIGTERM detaches what it attached and
-stops its data servers.
+stops its data servers. On SIGUSR2 it only stops itself, leaving the engines and data servers
+running for the next node to adopt: an upgrade, which attached volumes do not notice.
 """
 
 from __future__ import annotations
@@ -147,6 +148,14 @@ class NodeDaemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        handover = False
+
+        def hand_over() -> None:
+            nonlocal handover
+            handover = True
+            stop.set()
+
+        loop.add_signal_handler(signal.SIGUSR2, hand_over)
         servers: list[tuple[_ApiServer, asyncio.Task[None]]] = []
         csi_server = None
         controlling: asyncio.Future[None] | None = None
@@ -246,13 +255,17 @@ class NodeDaemon:
                 if path:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
-            await agent.detach_all()
-            for process in self.processes:
-                await asyncio.to_thread(process.stop)
-            await self._mark_stopped(catalog)
-            if self.lease:
-                with contextlib.suppress(CargoholdError):
-                    await store.revoke_lease(self.lease)
+            if handover:  # the lease runs out by itself unless the next node renews it
+                log.info("node %s hands over: its engines and data servers keep running for "
+                         "the next node", config.name)
+            else:
+                await agent.detach_all()
+                for process in self.processes:
+                    await asyncio.to_thread(process.stop)
+                await self._mark_stopped(catalog)
+                if self.lease:
+                    with contextlib.suppress(CargoholdError):
+                        await store.revoke_lease(self.lease)
             await store.close()
 
     async def check_once(self, store: MetadataStore, catalog: Catalog) -> None:
