@@ -45,16 +45,6 @@ def installed() -> bool:
 
 
 @pytest.fixture(scope="session")
-def debian_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The .deb of this tree, built once per run."""
-    out = tmp_path_factory.mktemp("deb")
-    done = subprocess.run([str(ROOT / "scripts" / "build-deb.sh"), str(out)],
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"build-deb.sh failed:\n{done.stdout}{done.stderr}"
-    return Path(done.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="session")
 def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``cargohold`` of the previous release, pip-installed in a venv of its own."""
     base = tmp_path_factory.mktemp("previous")
