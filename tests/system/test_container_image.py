@@ -96,7 +96,8 @@ def test_the_image_runs_a_node_that_serves_volumes_to_other_containers(
     docker.docker("run", "-d", "--name", NODE, "--cap-add", "SYS_ADMIN", "--security-opt",
                   "apparmor=unconfined", "--device", "/dev/fuse", "--device-cgroup-rule",
                   "b 7:* rmw", "--device-cgroup-rule", "c 10:237 rmw", "--network", "host",
-                  "--pid", "host", "-v", "/dev:/dev", "-v", "/run/docker/plugins:/run/docker/plugins",
+                  "--pid", "host", "-v", "/dev:/dev",
+                  "-v", "/run/docker/plugins:/run/docker/plugins",
                   "-v", f"{host.run}:/run/cargohold", "-v", f"{host.state}:{host.state}:rshared",
                   "cargohold-test/node:1", "node", "--state-dir", str(host.state),
                   "--data-dir", f"{host.state}/disks/1", "--data-dir", f"{host.state}/disks/2")
