@@ -9,8 +9,9 @@ packages=(fuse3 util-linux mount e2fsprogs xfsprogs gcc libssl-dev)
 bare=()
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(fio docker.io etcd-server busybox-static iproute2 curl)
-  # the Debian package's build (scripts/build-deb.sh) and its tests
-  packages+=(python3-venv python3-dev logrotate)
+  # the Debian package, the container image and the managed plugin: their builds
+  # (scripts/build-*.sh) and tests (a registry on loopback for plugin push and upgrade)
+  packages+=(python3-venv python3-dev logrotate debootstrap docker-registry)
   # metrics: a real Prometheus server, promtool and node_exporter; the dashboard: a real
   # browser (all without their recommends: fonts and the like)
   bare=(prometheus prometheus-node-exporter chromium chromium-driver)

@@ -127,6 +127,9 @@ def test_the_package_installs_runs_and_leaves_volumes_attached_when_removed(
         version = subprocess.run(["/usr/bin/cargohold", "--version"], capture_output=True,
                                  text=True, check=True, env=node.environment())
         assert version.stdout.startswith("cargohold ")
+        verified = subprocess.run(["systemd-analyze", "verify", str(UNIT)],
+                                  capture_output=True, text=True)  # works without systemd up
+        assert verified.returncode == 0, verified.stdout + verified.stderr
         conffiles = subprocess.run(["dpkg-query", "-W", "-f=${Conffiles}", "cargohold"],
                                    capture_output=True, text=True, check=True).stdout
         assert str(SETTINGS) in conffiles and "/etc/logrotate.d/cargohold" in conffiles

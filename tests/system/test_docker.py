@@ -159,6 +159,24 @@ def test_plugin_restart_keeps_the_mount(cluster: tuple[Node, DockerHost, str]) -
     docker.docker("volume", "rm", "db")
 
 
+def test_mounts_of_a_node_that_stopped_do_not_block_a_remove(
+        cluster: tuple[Node, DockerHost, str]) -> None:
+    node, docker, image = cluster
+    docker.docker("volume", "create", "-d", "cargohold", "--name", "gone", "-o", "size=64M")
+    cid = docker.docker("run", "-d", "--network", "none", "-v", "gone:/data", image, "sh",
+                        "-c", "echo kept > /data/f && sync && sleep 3600").stdout.strip()
+    _wait(lambda: docker.docker("exec", cid, "cat", "/data/f", check=False).stdout == "kept\n",
+          what="the write")
+    node.stop()  # SIGTERM: the volume is detached under the container
+    docker.docker("rm", "-f", cid)  # its Unmount finds no plugin: Docker forgets it
+    node.start()  # the mount reference of a volume not attached here is dropped
+    out = docker.docker("run", "--rm", "--network", "none", "-v", "gone:/data", image, "cat",
+                        "/data/f").stdout
+    assert out == "kept\n"
+    docker.docker("volume", "rm", "gone")
+    assert node.json("volume", "ls") == []
+
+
 def test_swarm_service_keeps_data_across_a_rolling_update(
         cluster: tuple[Node, DockerHost, str]) -> None:
     node, docker, image = cluster

@@ -52,6 +52,9 @@ class MountRefs:
     def holders(self, name: str) -> list[str]:
         return list(self._refs.get(name, []))
 
+    def names(self) -> list[str]:
+        return list(self._refs)
+
     def set(self, name: str, ids: list[str]) -> None:
         if ids:
             self._refs[name] = ids
@@ -74,6 +77,19 @@ class DockerPlugin:
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
+
+    async def forget_detached(self) -> None:
+        """Drop the mount references of volumes not attached on this node (at start): the
+        node that stopped detached them (SIGTERM; a managed plugin disabled with -f), and
+        Docker sends no Unmount for containers removed meanwhile, so they would block
+        ``docker volume rm`` for ever."""
+        for name in self.refs.names():
+            volume = await self.catalog.find_volume(name)
+            attachment = volume.attachment if volume is not None else None
+            if attachment is None or attachment.node != self.agent.node:
+                log.info("volume %s is not attached here: its %d Docker mount(s) are gone",
+                         name, len(self.refs.holders(name)))
+                self.refs.set(name, [])
 
     async def activate(self, _body: dict[str, Any]) -> dict[str, Any]:
         return {"Implements": ["VolumeDriver"]}

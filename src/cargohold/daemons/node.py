@@ -212,6 +212,7 @@ class NodeDaemon:
             if config.docker_socket is not None:
                 plugin = DockerPlugin(catalog, volumes, agent,
                                       config.state_dir / "docker-mounts.json", services.clones)
+                await plugin.forget_detached()
                 docker = Endpoint(url=f"unix://{config.docker_socket}")
                 servers.append(await _serve(create_plugin_app(plugin, audit), docker))
             if config.csi_endpoint is not None:
