@@ -183,20 +183,9 @@ class Node:
                 pass
         # find the loop devices first: once the FUSE mount under them is gone, their backing
         # file no longer reads as a path under base
-        loops = []
-        for loop in Path("/sys/block").glob("loop*"):
-            try:
-                backing = (loop / "loop" / "backing_file").read_text().strip()
-            except OSError:
-                continue
-            if backing.startswith(str(self.base)):
-                loops.append(f"/dev/{loop.name}")
-        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
-                  if line.split()[1].startswith(str(self.base))]
-        for target in sorted(mounts, key=len, reverse=True):
-            subprocess.run(["umount", "-l", target], capture_output=True, check=False)
-        for device in loops:
-            subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
+        loops = loops_under(self.base)
+        unmount_under(self.base)
+        detach_loops(loops)
 
     def engine_pids(self) -> list[int]:
         pids = []
@@ -206,6 +195,32 @@ class Node:
             except (OSError, ValueError):
                 pass
         return [p for p in pids if Path(f"/proc/{p}").exists()]
+
+
+def loops_under(base: Path) -> list[str]:
+    """The loop devices whose backing file lies under ``base``."""
+    loops = []
+    for loop in Path("/sys/block").glob("loop*"):
+        try:
+            backing = (loop / "loop" / "backing_file").read_text().strip()
+        except OSError:
+            continue
+        if backing.startswith(str(base)):
+            loops.append(f"/dev/{loop.name}")
+    return loops
+
+
+def unmount_under(base: Path) -> None:
+    """Unmount everything mounted under ``base`` (and ``base`` itself), deepest first."""
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+              if line.split()[1].startswith(str(base))]
+    for target in sorted(mounts, key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+
+
+def detach_loops(loops: list[str]) -> None:
+    for device in loops:
+        subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
 
 
 def free_port() -> int:
@@ -336,14 +351,7 @@ def leftovers(base: Path) -> dict[str, list[str]]:
     """Mounts, loop devices and processes under ``base`` that are still there."""
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
               if line.split()[1].startswith(str(base))]
-    loops = []
-    for loop in Path("/sys/block").glob("loop*"):
-        try:
-            backing = (loop / "loop" / "backing_file").read_text().strip()
-        except OSError:
-            continue
-        if backing.startswith(str(base)):
-            loops.append(loop.name)
+    loops = [device.removeprefix("/dev/") for device in loops_under(base)]
     procs = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():

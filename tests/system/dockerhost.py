@@ -10,7 +10,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from tests.conftest import stop_process
+from tests.conftest import stop_process, unmount_under
 
 BUSYBOX = "/bin/busybox"
 IMAGE = "cargohold-test/busybox"
@@ -112,8 +112,5 @@ class DockerHost:
                     os.kill(int(proc.name), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
-                  if line.split()[1].startswith(str(self.base))]
-        for target in sorted(mounts, key=len, reverse=True):
-            subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+        unmount_under(self.base)
         shutil.rmtree(self.base, ignore_errors=True)

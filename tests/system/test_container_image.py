@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, _env, leftovers, needs_root
+from tests.conftest import (
+    ROOT,
+    _env,
+    detach_loops,
+    leftovers,
+    loops_under,
+    needs_root,
+    unmount_under,
+)
 from tests.system.dockerhost import DockerHost
 
 pytestmark = needs_root()
@@ -45,20 +53,9 @@ class Host:
     def __exit__(self, *exc: object) -> None:
         self.docker.docker("rm", "-f", NODE, check=False, timeout=90)
         self.docker.stop()
-        loops = []
-        for loop in Path("/sys/block").glob("loop*"):
-            try:
-                backing = (loop / "loop" / "backing_file").read_text().strip()
-            except OSError:
-                continue
-            if backing.startswith(str(self.base)):
-                loops.append(f"/dev/{loop.name}")
-        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
-                  if line.split()[1].startswith(str(self.base))]
-        for target in sorted(mounts, key=len, reverse=True):
-            subprocess.run(["umount", "-l", target], capture_output=True, check=False)
-        for device in loops:
-            subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
+        loops = loops_under(self.base)
+        unmount_under(self.base)
+        detach_loops(loops)
         PLUGIN_SOCKET.unlink(missing_ok=True)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port, needs_root, stop_process
+from tests.conftest import (
+    ROOT,
+    detach_loops,
+    free_port,
+    loops_under,
+    needs_root,
+    stop_process,
+)
 from tests.system.dockerhost import DockerHost
 
 pytestmark = needs_root()
@@ -65,17 +72,9 @@ def docker(tmp_path: Path) -> Iterator[DockerHost]:
         host.docker("volume", "rm", "-f", "pv", check=False)
         host.docker("plugin", "disable", "-f", ALIAS, check=False, timeout=120)
         host.docker("plugin", "rm", "-f", ALIAS, check=False)
-        loops = []
-        for loop in Path("/sys/block").glob("loop*"):
-            try:
-                backing = (loop / "loop" / "backing_file").read_text().strip()
-            except OSError:
-                continue
-            if backing.startswith(str(host.base)):
-                loops.append(f"/dev/{loop.name}")
+        loops = loops_under(host.base)
         host.stop()  # and unmounts what is left under its directory
-        for device in loops:
-            subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
+        detach_loops(loops)
 
 
 def build_of(docker: DockerHost, plugin: str) -> str:
