@@ -102,7 +102,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
                  "scrub_every", "overprovision", "auto_rebalance", "name", "tls_dir", "tls_ca",
                  "tls_cert", "tls_key", "cluster_key", "insecure_plaintext",
                  "etcd_password_file"):
-        if name in given:
+        if given.get(name) not in (None, ""):  # "": the default, as before
             fields[name] = given[name]
     fields["data_dirs"] = given.get("data_dir", [])
     fields["engine_metrics"] = not given.get("no_engine_metrics", False)
