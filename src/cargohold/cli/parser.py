@@ -21,6 +21,7 @@ DEFAULT_PKI_DIR = Path("/var/lib/cargohold/pki")
 LOCALITY_HELP = ("best-effort (default: a replica is moved to the node it is attached on), "
                  "strict (also: no attach on a node that cannot hold one) or off")
 
+
 class NodeSetting(NamedTuple):
     """A setting of ``cargohold node``: a flag, and the same key in its --config file."""
 
