@@ -285,7 +285,10 @@ class _Connection(asyncio.BufferedProtocol):
         """Server info; a payload ``{"copying": true}`` says that the connection carries a
         bulk copy, whose writes leave the page cache behind it (``StoredReplica.copied``)."""
         if payload:
-            self._copying = bool(decode_json(payload).get("copying"))
+            body = decode_json(payload)
+            if not isinstance(body, dict):
+                raise InvalidArgument(what="HELLO", detail="the payload is a JSON object")
+            self._copying = bool(body.get("copying"))
         store = self._store
         return encode_json(
             {

@@ -65,7 +65,7 @@ TOKEN_SIZE = 16
 
 
 class Op(IntEnum):
-    HELLO = 1  # server info (JSON)
+    HELLO = 1  # server info (JSON); payload JSON {"copying": true}: a bulk copy's connection
     CREATE = 2  # payload JSON {"size": int}
     DELETE = 3
     STAT = 4  # replica info (JSON)
