@@ -30,12 +30,11 @@ root="$stage/root"
 venv="$root/opt/cargohold"
 
 "$python" -m venv "$venv"
-"$venv/bin/pip" install --quiet --no-compile --no-cache-dir --upgrade pip
 # a copy of the tree: pip builds in it (generated CSI modules, the C extension), not in src/
-git_files() { git -C "$src" ls-files --cached --others --exclude-standard; }
 mkdir "$stage/src"
 if git -C "$src" rev-parse --git-dir >/dev/null 2>&1; then
-    (cd "$src" && git_files | tar -cf - -T -) | tar -xf - -C "$stage/src"
+    (cd "$src" && git ls-files --cached --others --exclude-standard | tar -cf - -T -) \
+        | tar -xf - -C "$stage/src"
 else
     cp -a "$src/." "$stage/src/"
 fi
