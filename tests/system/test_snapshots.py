@@ -313,8 +313,9 @@ def test_scrub_repairs_a_damaged_snapshot_block(node: Node) -> None:
     volume: Any = node.json("volume", "inspect", "sc")
     replica = Path(volume["replicas"][0]["path"]) / "replicas" / volume["id"]
     log = (replica / "versions").read_bytes()
-    homes = [struct.unpack_from("<QIIQ", log, at)[0] for at in range(0, len(log), 32)
-             if struct.unpack_from("<QIIQ", log, at)[3] == 0]
+    records = [log[at : at + 32] for at in range(0, len(log), 32)]
+    homes = [struct.unpack_from("<QIIQ", r)[0] for r in records
+             if r != bytes(32) and struct.unpack_from("<QIIQ", r)[3] == 0]  # not the room
     assert homes, "the overwrite moved no block the snapshot holds"
     with open(replica / "data", "r+b") as f:  # a bad disk under a block only snapshots read
         f.seek(homes[0] * 4096)

@@ -20,6 +20,9 @@ Files, made at the first snapshot (``snapshots.json`` last: its presence turns t
 - ``versions``: an append-only log of records (block, birth, death, location, crc32 of the
   data, crc32 of the record): the data at ``location`` was the block's head from the write
   at ``birth`` until the write at ``death``; snapshot n holds it when birth < n <= death.
+  It is written through a shared map, in room allocated ahead (zeros, which end it): a
+  record costs a copy, not a system call, and is in the page cache at once, so it outlives
+  a crash of the process as a write does.
 - ``extra``: the slots, 4 KiB each, reused once free.
 
 Deleting a snapshot drops the versions no other kept snapshot holds, after making the
@@ -42,6 +45,7 @@ import struct
 import threading
 from array import array
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +69,9 @@ _RECORD_SIZE = _RECORD.size + 4  # and the record's own crc
 _PAGE = mmap.PAGESIZE
 _BLOCKS_PER_PAGE = _PAGE // 8
 _COLD_AT_MOST = 1 << 20  # places ``start_writeback`` may have waiting (8 MiB of arrays)
+_LOG_ROOM = 1 << 20  # the log's room is allocated this much at a time
+_NO_RECORD = bytes(_RECORD_SIZE)  # room not written yet (a record's crc is never 0 0 0 0)
+_FIELDS = 5  # block and a version, in the array of versions not indexed yet
 
 
 #: A version: (birth, death, location, crc). Plain tuples of ints, which the garbage
@@ -140,6 +147,13 @@ class VersionMap:
         self._dirty: set[int] = set()  # pages of heads changed since the last flush
         self._versions: dict[int, tuple[Version, ...]] = {}
         self._by_death: dict[int, set[int]] = {}  # seq that superseded them → blocks
+        # versions that writes made, indexed (into the two above) only when something
+        # reads the index: a write appends five numbers instead of updating two tables
+        self._unindexed = array("Q")
+        self._unindexed_lock = threading.Lock()  # the swap in ``_index`` against writes
+        self._index_lock = threading.RLock()  # see ``_indexed`` (scrubs run in a worker)
+        self._log_map: mmap.mmap | None = None
+        self._log_room = 0  # bytes of the log mapped (records, then zeros)
         self._log_size = 0
         self._log_live = 0  # records in the log a kept snapshot still holds
         self._free: list[int] = []
@@ -178,9 +192,13 @@ class VersionMap:
             raw = f.read()
         heads = self._heads
         kept: dict[tuple[int, int], Version] = {}
-        dropped = torn = 0
+        dropped = torn = holes = room = end = 0
         orphans: list[tuple[int, Version]] = []
         for at in range(0, len(raw) - _RECORD_SIZE + 1, _RECORD_SIZE):
+            if raw[at : at + _RECORD_SIZE] == _NO_RECORD:
+                room += 1  # allocated ahead, or a page of records a crash lost
+                continue
+            holes, room, end = holes + room, 0, at + _RECORD_SIZE
             body = raw[at : at + _RECORD.size]
             (check,) = struct.unpack_from("<I", raw, at + _RECORD.size)
             if crc32(body) != check:
@@ -201,13 +219,14 @@ class VersionMap:
             kept[(block, version[BIRTH])] = version
         for (block, _), version in sorted(kept.items()):
             self._add(block, version)
-        if dropped or torn or len(raw) % _RECORD_SIZE:
+        if dropped or torn or holes or len(raw) % _RECORD_SIZE:
             log.info("replica %s: versions log: %d records of writes lost in a crash, %d "
-                     "torn", self.volume_id, dropped, torn)
+                     "torn, %d missing", self.volume_id, dropped, torn, holes)
             self._rewrite_log()
         else:
-            self._log_size = len(raw)
+            self._log_size = end
             self._log_live = len(kept)
+            self._map_log(len(raw))
         used = self._find_free_slots()
         # versions of deleted snapshots: punched already, or not yet (a crash); their
         # places may have been given to new data since: only what nothing uses is punched
@@ -237,8 +256,9 @@ class VersionMap:
 
     def _rewrite_log(self) -> None:
         """Replace the log with the versions kept now (atomically)."""
-        records = b"".join(_record(block, v) for block, vs in sorted(self._versions.items())
-                           for v in vs)
+        with self._indexed():
+            records = b"".join(_record(block, v)
+                               for block, vs in sorted(self._versions.items()) for v in vs)
         tmp = self._path / ".versions.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -250,10 +270,45 @@ class VersionMap:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
+        self._unmap_log()
         os.close(self._log_fd)
         self._log_fd = fd
         self._log_size = len(records)
         self._log_live = len(records) // _RECORD_SIZE
+        self._map_log(len(records))
+
+    def _map_log(self, size: int) -> None:
+        """Map the log's ``size`` bytes (its records and any room after them)."""
+        if size:
+            self._log_map = mmap.mmap(self._log_fd, size, mmap.MAP_SHARED,
+                                      mmap.PROT_READ | mmap.PROT_WRITE)
+        self._log_room = size
+
+    def _unmap_log(self) -> None:
+        if self._log_map is not None:
+            self._log_map.close()
+            self._log_map = None
+        self._log_room = 0
+
+    def _make_room(self, end: int) -> None:
+        """Allocate the log up to past ``end`` (so that writes through the map never meet
+        a full disk: that would be SIGBUS) and map it."""
+        room = (end // _LOG_ROOM + 1) * _LOG_ROOM
+        os.posix_fallocate(self._log_fd, 0, room)  # ENOSPC here: nothing changed
+        self._unmap_log()
+        self._map_log(room)
+
+    @contextmanager
+    def _indexed(self) -> Iterator[None]:
+        """Index the versions writes made since, and keep other threads from changing the
+        index meanwhile (any thread; writes go on: they only add to ``_unindexed``)."""
+        with self._index_lock:
+            if self._unindexed:
+                with self._unindexed_lock:
+                    made, self._unindexed = self._unindexed, array("Q")
+                for k in range(0, len(made), _FIELDS):
+                    self._add(made[k], (made[k + 1], made[k + 2], made[k + 3], made[k + 4]))
+            yield
 
     # --- snapshots ---------------------------------------------------------------------
 
@@ -290,7 +345,15 @@ class VersionMap:
     def delete(self, snapshot_id: str) -> int:
         """Forget a snapshot (the caller flushed the heads); return the bytes freed."""
         gone = self.find(snapshot_id)
-        kept = {k: v for k, v in self._kept.items() if k != snapshot_id}
+        with self._indexed():
+            garbage = self._forget(gone)
+        with self._reclaim_lock:
+            self._to_punch.extend(garbage)
+        return len(garbage) * BLOCK_SIZE
+
+    def _forget(self, gone: Kept) -> list[tuple[int, Version]]:
+        """``delete``'s work on the index: the versions only ``gone`` held."""
+        kept = {k: v for k, v in self._kept.items() if k != gone.id}
         self._save(kept, self.seq)
         self._kept = kept
         self._numbers.remove(gone.number)
@@ -320,9 +383,7 @@ class VersionMap:
         self._log_live -= len(garbage)
         if self._log_size > 4 * max(self._log_live * _RECORD_SIZE, 1 << 20):
             self._rewrite_log()  # mostly records of deleted snapshots: make it small again
-        with self._reclaim_lock:
-            self._to_punch.extend(garbage)
-        return len(garbage) * BLOCK_SIZE
+        return garbage
 
     def reclaim_pending(self) -> bool:
         return bool(self._to_punch)
@@ -371,12 +432,13 @@ class VersionMap:
         """Per kept snapshot, the bytes of data only it holds (freed when it is deleted)."""
         by_number = dict.fromkeys(self._numbers, 0)
         numbers = self._numbers
-        for versions in self._versions.values():
-            for v in versions:
-                lo = bisect.bisect_right(numbers, v[BIRTH])
-                hi = bisect.bisect_right(numbers, v[DEATH])
-                if hi - lo == 1:
-                    by_number[numbers[lo]] += BLOCK_SIZE
+        with self._indexed():
+            for versions in self._versions.values():
+                for v in versions:
+                    lo = bisect.bisect_right(numbers, v[BIRTH])
+                    hi = bisect.bisect_right(numbers, v[DEATH])
+                    if hi - lo == 1:
+                        by_number[numbers[lo]] += BLOCK_SIZE
         return {k.id: by_number[k.number] for k in self._kept.values()}
 
     # --- I/O ---------------------------------------------------------------------------
@@ -429,9 +491,7 @@ class VersionMap:
             self._free.extend(fresh)
             self._free.sort(reverse=True)
             raise
-        for i, version in moved:
-            self._add(i, version)
-            self._went_cold(i, version[LOCATION])
+        self._made(moved)
         for k, place in enumerate(places):
             heads[2 * (first + k)] = place
             heads[2 * (first + k) + 1] = seq
@@ -442,23 +502,24 @@ class VersionMap:
         heads = self._heads
         place, birth = heads[2 * i], heads[2 * i + 1]
         numbers = self._numbers
-        version: Version | None = None
+        old = NOWHERE  # where the version this write makes lies (NOWHERE: none made)
         if numbers and birth < numbers[-1] and sums[i]:
-            version = (birth, self.seq, place, sums[i])
-            place = NOWHERE
+            old, place = place, NOWHERE
         if place == NOWHERE:
             place = self._allocate()
             try:
                 os.pwrite(self._extra_fd, data, (place - 1) * BLOCK_SIZE)
-                if version is not None:
-                    self._append(_record(i, version))
+                if old != NOWHERE:
+                    crc = sums[i]
+                    self._append(_record(i, (birth, self.seq, old, crc)))
+                    with self._unindexed_lock:
+                        self._unindexed.extend((i, birth, self.seq, old, crc))
             except BaseException:
                 self._free.append(place)
                 self._free.sort(reverse=True)
                 raise
-            if version is not None:
-                self._add(i, version)
-                self._went_cold(i, version[LOCATION])
+            if old != NOWHERE:
+                self._went_cold(i, old)
         elif place == HOME:
             os.pwrite(self._data_fd, data, i * BLOCK_SIZE)
         else:
@@ -486,9 +547,8 @@ class VersionMap:
                 slots.append(place)
         if moved:
             self._append(b"".join(_record(i, v) for i, v in moved))
-            for i, version in moved:
-                self._add(i, version)
-                self._went_cold(i, version[LOCATION])
+            self._made(moved)
+            for i, _ in moved:
                 heads[2 * i] = NOWHERE
         for i in range(first, first + count):
             heads[2 * i + 1] = seq
@@ -497,6 +557,14 @@ class VersionMap:
             punch_hole(self._data_fd, start * BLOCK_SIZE, run * BLOCK_SIZE)
         for start, run in runs(sorted(slots)):
             punch_hole(self._extra_fd, (start - 1) * BLOCK_SIZE, run * BLOCK_SIZE)
+
+    def _made(self, moved: list[tuple[int, Version]]) -> None:
+        """Note the versions a write made (appended to the log already)."""
+        with self._unindexed_lock:
+            for i, version in moved:
+                self._unindexed.extend((i, *version))
+        for i, version in moved:
+            self._went_cold(i, version[LOCATION])
 
     def _went_cold(self, block: int, location: int) -> None:
         if len(self._cold_slots) + len(self._cold_homes) >= _COLD_AT_MOST:
@@ -530,12 +598,13 @@ class VersionMap:
                                  os.POSIX_FADV_DONTNEED)
 
     def _append(self, records: bytes) -> None:
-        try:
-            os.pwrite(self._log_fd, records, self._log_size)
-        except BaseException:
-            os.ftruncate(self._log_fd, self._log_size)
-            raise
-        self._log_size += len(records)
+        at = self._log_size
+        end = at + len(records)
+        if end > self._log_room:
+            self._make_room(end)
+        assert self._log_map is not None
+        self._log_map[at:end] = records
+        self._log_size = end
         self._log_live += len(records) // _RECORD_SIZE
 
     def _write_places(self, first: int, places: list[int], data: memoryview) -> None:
@@ -599,17 +668,18 @@ class VersionMap:
         heads = self._heads
         places: list[int] = []
         crcs: list[int] = []
-        for i in range(first, first + count):
-            if heads[2 * i + 1] < number:  # unchanged since the snapshot
-                place, crc = heads[2 * i], sums[i]
-            else:
-                place, crc = NOWHERE, 0
-                for v in self._versions.get(i, ()):
-                    if v[BIRTH] < number <= v[DEATH]:
-                        place, crc = v[LOCATION], v[CRC]
-                        break
-            places.append(place if crc else NOWHERE)
-            crcs.append(crc)
+        with self._indexed():
+            for i in range(first, first + count):
+                if heads[2 * i + 1] < number:  # unchanged since the snapshot
+                    place, crc = heads[2 * i], sums[i]
+                else:
+                    place, crc = NOWHERE, 0
+                    for v in self._versions.get(i, ()):
+                        if v[BIRTH] < number <= v[DEATH]:
+                            place, crc = v[LOCATION], v[CRC]
+                            break
+                places.append(place if crc else NOWHERE)
+                crcs.append(crc)
         return self._read_places(first, places), crcs
 
     def _place(self, block: int, location: int) -> tuple[int, int]:
@@ -621,8 +691,10 @@ class VersionMap:
         """(a snapshot number holding it, block) of every version whose data fails its
         checksum. Runs in a worker thread: it reads a copy of the index, and a version
         dropped meanwhile (its place may be punched already) is not reported."""
+        with self._indexed():
+            index = list(self._versions.items())
         found = []
-        for block, versions in list(self._versions.items()):
+        for block, versions in index:
             for v in versions:
                 fd, at = self._place(block, v[LOCATION])
                 if (crc32(os.pread(fd, BLOCK_SIZE, at)) or 1) == v[CRC]:
@@ -635,7 +707,9 @@ class VersionMap:
     def repair(self, number: int, block: int, data: bytes) -> bool:
         """Write ``data`` back where snapshot ``number``'s version of ``block`` lies; False
         when the snapshot reads the head there (the head's to repair)."""
-        for v in self._versions.get(block, ()):
+        with self._indexed():
+            versions = self._versions.get(block, ())
+        for v in versions:
             if v[BIRTH] < number <= v[DEATH]:
                 if (crc32(data) or 1) != v[CRC]:
                     raise OSError(22, "the data does not match the block's checksum")
@@ -652,18 +726,20 @@ class VersionMap:
         end = until or NOWHERE + 1
         births = self._heads[1::2].tolist()
         found = {i for i, birth in enumerate(births) if since <= birth < end}
-        for block, versions in self._versions.items():
-            if any(since <= v[BIRTH] < end or since <= v[DEATH] < end for v in versions):
-                found.add(block)
+        with self._indexed():
+            for block, versions in self._versions.items():
+                if any(since <= v[BIRTH] < end or since <= v[DEATH] < end for v in versions):
+                    found.add(block)
         return found
 
     def held_by(self, number: int, sums: memoryview) -> set[int]:
         """Blocks holding data in snapshot ``number``."""
         births = self._heads[1::2].tolist()
         found = {i for i, birth in enumerate(births) if birth < number and sums[i]}
-        for block, versions in self._versions.items():
-            if any(v[BIRTH] < number <= v[DEATH] for v in versions):
-                found.add(block)
+        with self._indexed():
+            for block, versions in self._versions.items():
+                if any(v[BIRTH] < number <= v[DEATH] for v in versions):
+                    found.add(block)
         return found
 
     # --- durability and size -----------------------------------------------------------
@@ -702,6 +778,7 @@ class VersionMap:
     def close(self) -> None:
         self._heads.release()
         self._heads_map.close()
+        self._unmap_log()
         for fd in (self._heads_fd, self._log_fd, self._extra_fd):
             os.close(fd)
 
