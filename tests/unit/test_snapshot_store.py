@@ -316,6 +316,48 @@ def test_a_scrub_in_another_thread_while_writes_go_on(tmp_path: Path) -> None:
         disk.close()
 
 
+def test_a_flush_with_nothing_new_to_sync_syncs_nothing(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot's cut follows the flush of its freeze with writes held: its own flush
+    then costs no device flush. Anything written since, or a write that failed, syncs."""
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    disk = DiskChunkStore(tmp_path)
+    try:
+        replica = disk.create(sid(), MIB)
+        replica.flush()
+        assert synced, "the first flush of a replica opened syncs (a crash may have left data)"
+        for change in (lambda: replica.write(0, fill(1), 1), lambda: replica.trim(0, B, 2),
+                       lambda: replica.write(B, fill(1), 3)):
+            change()
+            synced.clear()
+            replica.flush()
+            assert synced, "a flush after a change must sync"
+            synced.clear()
+            replica.flush()
+            assert synced == [], "nothing changed since the last flush"
+        replica.take_snapshot(sid(), 0.0)  # snapshots on: their files sync too
+        replica.write(2 * B, fill(1), 4)
+        synced.clear()
+        replica.take_snapshot(sid(), 1.0)  # flushes what the write left
+        assert len(synced) >= 4, synced  # data, extra, the log, heads
+        synced.clear()
+        replica.flush()
+        assert synced == []
+        monkeypatch.setattr(os, "pwrite", lambda *a: (_ for _ in ()).throw(OSError(5, "EIO")))
+        with pytest.raises(OSError, match="EIO"):
+            replica.write(0, fill(2), 5)
+        monkeypatch.undo()
+        monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+        for _ in range(2):  # a write that failed never ends: every flush syncs from then on
+            synced.clear()
+            replica.flush()
+            assert synced
+    finally:
+        disk.close()
+
+
 def test_a_half_made_first_snapshot_is_cleaned_up(tmp_path: Path) -> None:
     disk = DiskChunkStore(tmp_path)
     v = sid()

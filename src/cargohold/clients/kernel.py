@@ -7,6 +7,7 @@ with the command's own message when it fails.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import subprocess
@@ -191,6 +192,25 @@ def thaw(mountpoint: str) -> None:
     except HostCommandFailed as e:
         if "Invalid argument" not in str(e):  # EINVAL: it was not frozen
             raise
+
+
+def sync_file_system(mountpoint: str) -> None:
+    """Write the dirty data and journal of the file system at ``mountpoint`` (syncfs(2)),
+    writers going on meanwhile: before a freeze, so that the freeze, during which they
+    wait, has only what they wrote since to write. Blocks like ``freeze``."""
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise HostCommandFailed(["syncfs", mountpoint], str(e)) from None
+    try:
+        if _libc().syncfs(fd) != 0:
+            raise HostCommandFailed(["syncfs", mountpoint], os.strerror(ctypes.get_errno()))
+    finally:
+        os.close(fd)
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _file_system_ioctl(mountpoint: str, request: int, what: str) -> None:

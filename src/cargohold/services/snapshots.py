@@ -231,16 +231,18 @@ class SnapshotService:
 
     async def _forget(self, volume_id: str, epoch: int, snapshot_id: str,
                       servers: list[DataServer]) -> list[str]:
-        """Delete a snapshot on ``servers``; return the ids of those that did not answer."""
-        left = []
-        for server in servers:
+        """Delete a snapshot on ``servers`` (all at once: each flushes first); return the
+        ids of those that did not answer."""
+        async def forget(server: DataServer) -> str | None:
             try:
                 async with ServerSession(server, self.access) as client:
                     await client.delete_snapshot(volume_id, epoch, snapshot_id)
             except CargoholdError as e:
                 log.warning("snapshot %s on %s not deleted: %s", snapshot_id, server.id, e)
-                left.append(server.id)
-        return left
+                return server.id
+            return None
+
+        return [sid for sid in await asyncio.gather(*map(forget, servers)) if sid]
 
     async def remove(self, volume: str, name: str, group_ok: bool = False) -> None:
         """Remove snapshot ``volume@name`` and free the space only it held. A member of a

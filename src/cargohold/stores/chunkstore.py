@@ -202,10 +202,13 @@ class StoredReplica(ABC):
         written afterwards go elsewhere (see the store's format).
         """
         check_volume_id(snapshot_id, what="snapshot id")
-        if snapshot_id not in self.snapshot_ids():
-            if len(self.snapshot_ids()) >= MAX_SNAPSHOTS:
+        ids = self.snapshot_ids()
+        if snapshot_id not in ids:
+            if len(ids) >= MAX_SNAPSHOTS:
                 raise TooManySnapshots(name=self.volume_id, count=MAX_SNAPSHOTS)
-            self._take_snapshot(snapshot_id, created)
+            # (not ``snapshots()``: what each holds alone costs a pass over all versions,
+            # and the writer holds its writes; a new one holds nothing alone)
+            return self._take_snapshot(snapshot_id, created)
         return next(s for s in self.snapshots() if s.id == snapshot_id)
 
     @abstractmethod
@@ -313,7 +316,7 @@ class StoredReplica(ABC):
         return changed
 
     @abstractmethod
-    def _take_snapshot(self, snapshot_id: str, created: float) -> None: ...
+    def _take_snapshot(self, snapshot_id: str, created: float) -> SnapshotInfo: ...
 
     @abstractmethod
     def _delete_snapshot(self, snapshot_id: str) -> int: ...
@@ -580,10 +583,11 @@ class MemoryReplica(StoredReplica):
             found.append(SnapshotInfo(snapshot_id, number, created, alone * BLOCK_SIZE))
         return found
 
-    def _take_snapshot(self, snapshot_id: str, created: float) -> None:
+    def _take_snapshot(self, snapshot_id: str, created: float) -> SnapshotInfo:
         self._seq += 1
         self._snapshots[snapshot_id] = (self._seq, created, dict(self._blocks),
                                         dict(self._sums))
+        return SnapshotInfo(snapshot_id, self._seq, created, 0)
 
     def _delete_snapshot(self, snapshot_id: str) -> int:
         freed = next(s.unique for s in self.snapshots() if s.id == snapshot_id)

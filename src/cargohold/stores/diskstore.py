@@ -109,6 +109,11 @@ class DiskReplica(StoredReplica):
         self._space = space
         self._epoch = int(meta.get("epoch", 0))
         self._lock = threading.Lock()  # flush (worker thread) against close
+        # writes, trims and repairs begun and ended, and ``_ended`` when the last flush
+        # began (-1: none yet; what an earlier process left unsynced is synced then): a
+        # flush with nothing to do skips its syncs (``flush``)
+        self._begun = self._ended = 0
+        self._flushed = -1
         self._closed = False
         self._blocks = self.size // BLOCK_SIZE
         self._epoch_fd = self._open_epoch_file()
@@ -293,6 +298,7 @@ class DiskReplica(StoredReplica):
                        ((offset + length - 1) // CHUNK_SIZE + 1) * 8)
 
     def _write(self, offset: int, data: memoryview, generation: int) -> None:
+        self._begun += 1
         length = len(data)
         space = self._space
         if space is not None and space.reserve:
@@ -325,6 +331,7 @@ class DiskReplica(StoredReplica):
         if length < SMALL_WRITE:
             self.small_writes += 1
             self._small_chunks.add(offset // CHUNK_SIZE)
+        self._ended += 1
 
     def _resync_sums(self, offset: int, length: int) -> None:
         """After a failed write, make the range's checksums match what the file holds."""
@@ -343,6 +350,7 @@ class DiskReplica(StoredReplica):
                 self._sums[first + k] = block_checksum(block)
 
     def _trim(self, offset: int, length: int, generation: int, written_only: bool) -> None:
+        self._begun += 1
         if generation and not written_only:  # a written chunk's generation has its space
             self._back(self._gens_fd, self._gens_backed, offset // CHUNK_SIZE * 8,
                        ((offset + length - 1) // CHUNK_SIZE + 1) * 8)
@@ -358,6 +366,7 @@ class DiskReplica(StoredReplica):
         self._clear_sums(offset // BLOCK_SIZE, length // BLOCK_SIZE)
         if generation:
             self._record(offset, length, generation, written_only)
+        self._ended += 1
 
     def _write_zeros(self, offset: int, length: int) -> None:
         zeros = bytes(min(length, CHUNK_SIZE))
@@ -411,14 +420,21 @@ class DiskReplica(StoredReplica):
             self._behind.written(offset, length)
 
     def flush(self) -> None:
+        """Sync, unless no write or trim began since the last flush began (a snapshot's
+        cut, writes held, follows the flush of its freeze: it then costs no device
+        flush). One that failed never ends: flushes sync again from then on."""
         with self._lock:
             if self._closed:
                 raise ReplicaNotFound(server=self.server, volume_id=self.volume_id)
+            ended = self._ended
+            if ended == self._flushed and self._begun == ended:
+                return
             os.fdatasync(self._data_fd)
             self._sums_map.flush()
             self._gens_map.flush()
             if self._snaps is not None:
                 self._snaps.flush()
+            self._flushed = ended
 
     def snapshot_ids(self) -> list[str]:
         return [] if self._snaps is None else [k.id for k in self._snaps.kept()]
@@ -441,13 +457,16 @@ class DiskReplica(StoredReplica):
     def repair_snapshot(self, snapshot_id: str, offset: int, data: BytesLike) -> None:
         if self._snaps is None or len(data) != BLOCK_SIZE or offset % BLOCK_SIZE:
             raise InvalidArgument(what="repair", detail="one block of a kept snapshot")
+        number = self._snaps.find(snapshot_id).number
+        self._begun += 1  # the next flush syncs it (see ``flush``)
         try:
-            self._snaps.repair(self._snaps.find(snapshot_id).number, offset // BLOCK_SIZE,
-                               bytes(data))
+            self._snaps.repair(number, offset // BLOCK_SIZE, bytes(data))
         except OSError as exc:
-            if exc.errno == errno.EINVAL:
+            if exc.errno == errno.EINVAL:  # refused: nothing written
+                self._ended += 1
                 raise InvalidArgument(what="repair", detail=str(exc.strerror)) from exc
             _reraise(exc, self.server)
+        self._ended += 1
 
     def reclaim(self, runs_at_most: int) -> int:
         snaps = self._snaps
@@ -456,17 +475,18 @@ class DiskReplica(StoredReplica):
         with self._lock:  # not while the replica closes
             return 0 if self._closed else snaps.reclaim(runs_at_most)
 
-    def _take_snapshot(self, snapshot_id: str, created: float) -> None:
+    def _take_snapshot(self, snapshot_id: str, created: float) -> SnapshotInfo:
         try:
             if self._snaps is None:
                 versionmap.make(self._path, self._blocks)
                 self._snaps = VersionMap(self._path, self._blocks, self.volume_id,
                                          self._data_fd, self._sums)
             self.flush()
-            self._snaps.take(snapshot_id, created)
+            taken = self._snaps.take(snapshot_id, created)
         except OSError as exc:
             _reraise(exc, self.server)
         log.info("replica %s: snapshot %s taken", self.volume_id, snapshot_id)
+        return SnapshotInfo(taken.id, taken.number, taken.created, 0)
 
     def _delete_snapshot(self, snapshot_id: str) -> int:
         assert self._snaps is not None
