@@ -104,8 +104,14 @@ class LocalReplicaReader:
         count = length // BLOCK_SIZE
         if first + count > self._blocks or not self._still_ours():
             return None
-        if self._heads is not None and any(self._heads[2 * first:2 * (first + count):2]):
-            return self._read_moved(first, count)
+        heads = self._heads
+        if heads is not None:
+            if count == 1:
+                place = heads[2 * first]
+                if place:
+                    return self._read_slot(first, place)
+            elif any(heads[2 * first:2 * (first + count):2]):
+                return self._read_moved(first, count)
         if count == 1:  # the common small read, without lists
             want = self._sums[first]
             if not want:
@@ -144,6 +150,16 @@ class LocalReplicaReader:
         except (OSError, ValueError):
             return False
         return True
+
+    def _read_slot(self, block: int, place: int) -> BytesLike | None:
+        """One block that lies in extra (or nowhere: ask the data server)."""
+        want = self._sums[block]
+        if not want:
+            return ZERO_BLOCK
+        if place == 0xFFFFFFFF:
+            return None
+        data = self._cached((place - 1) * BLOCK_SIZE, BLOCK_SIZE, self._extra_fd)
+        return data if data is not None and (crc32(data) or 1) == want else None
 
     def _read_moved(self, first: int, count: int) -> BytesLike | None:
         """Blocks some of which lie in extra, block by block (checksums decide)."""
