@@ -275,15 +275,23 @@ class ReplicationService:
         servers = {s.id: s for s in await self.catalog.servers()}
         async with AsyncExitStack() as stack:
             reader = await snapshot_reader(snapshot, servers, self.access, stack)
+            # the remote's session and what changed here, at once (each is a round trip
+            # or two, and a handover's writers wait for both)
+            beginning = asyncio.ensure_future(self._begin(volume, snapshot, point, base,
+                                                          remote))
             try:
-                session = await self._begin(volume, snapshot, point, base, remote)
+                work = await self._work(reader, snapshot, kept if base else None)
+            except BaseException:
+                await self._abandon(beginning, remote, volume.name)
+                raise
+            try:
+                session = await beginning
             except ReplicationBaseMissing as e:
                 log.warning("replication of %s: %s", volume.name, e.message)
                 base = ""
                 session = await self._begin(volume, snapshot, point, base, remote)
-            steps["begun"] = time.monotonic() - started
-            work = await self._work(reader, snapshot, kept if base else None)
-            steps["diffed"] = time.monotonic() - started
+                work = await self._work(reader, snapshot, None)
+            steps["begun and diffed"] = time.monotonic() - started
             path = f"/v1/standbys/{volume.name}/sessions/{session}"
             jobs = _jobs(work)
             pending = iter(jobs)
@@ -324,6 +332,16 @@ class ReplicationService:
                     await asyncio.shield(remote.request("DELETE", path))
                 raise
         return sent
+
+    @staticmethod
+    async def _abandon(beginning: asyncio.Future[str], remote: RemoteCluster,
+                       name: str) -> None:
+        """Stop a session's beginning, and end it on the remote if it began."""
+        beginning.cancel()
+        with contextlib.suppress(BaseException):
+            session = await beginning
+            await asyncio.shield(remote.request("DELETE",
+                                                f"/v1/standbys/{name}/sessions/{session}"))
 
     async def _work(self, reader: DataClient, snapshot: Snapshot,
                     base: Snapshot | None) -> dict[int, list[int]]:
