@@ -5,17 +5,20 @@ A migration rides on replication (``services/replication.py``): each round cuts 
 sends the chunks written since the last one the remote holds. Rounds go on back to back
 while the volume is in use until one sent at most ``SMALL`` bytes (or ``MAX_ROUNDS`` were
 made). Then the *handover*: the last point is cut with the engine's writes held
-(``Snapshot.handover``: the engine keeps them held after the cut), its changes are sent and
-committed, the source is fenced (its data servers refuse the engine from then on, so
-nothing acknowledged here can be missing there), a last look at the replicas checks that
-nothing was written since the point, and the remote standby is promoted. The writes held
-then fail: the source refuses writes, and the consumer is started on the other cluster. The
+(``Snapshot.handover``: the engine keeps them held after the cut), its changes are sent,
+the source is fenced (its data servers refuse the engine from then on, so nothing
+acknowledged here can be missing there) and the writes held are let go (they fail) while
+the remote makes the point durable and records it (its flush waits on the disk: not in
+the pause), a last look at the replicas checks that nothing was written since the point,
+and the remote standby is promoted. The consumer is started on the other cluster. The
 pause writers saw is the engine's hold, recorded on the point and in the migration.
 
 What is left after a fault, and how to go on, is said in the migration's ``error``: a round
 or the last copy that fails lets the writes go and leaves the source serving (the remote
 keeps the last point it holds whole; ``volume migrate`` again sends only what changed); a
-remote that cannot be promoted after the source was fenced leaves two ways, both named.
+remote that fails to make the last point durable after the source was fenced leaves one
+way, promoting the source again; one that cannot be promoted after it holds the point
+leaves two, both named.
 """
 
 from __future__ import annotations
@@ -196,7 +199,8 @@ class MigrationService:
         for attempt in range(1, ROUND_TRIES + 1):
             started = time.monotonic()
             try:
-                shipped = await self.replication.ship(name, cut)
+                shipped = await self.replication.ship(name, cut,
+                                                       cut.copied if cut else None)
             except RemoteUnavailable as e:
                 if attempt == ROUND_TRIES or cut is not None:
                     raise
@@ -215,20 +219,28 @@ class MigrationService:
         raise AssertionError("unreachable")
 
     async def _hand_over(self, name: str, remote: str) -> None:
-        cut = _Cut(self)
+        cut = _Cut(self, name, remote)
         started = time.monotonic()
-        await self._round(name, cut)
-        sent = time.monotonic()
-        point = cut.snapshot
-        assert point is not None
-        moved = time.strftime("%Y-%m-%d %H:%M:%S")
         try:
-            await self.replication.fence(name, f"migrated to {remote} at {moved}")
-        finally:  # the writes held go now: refused by the data servers once fenced
-            await self._let_go(point)
+            await self._round(name, cut)
+        except CargoholdError as e:
+            if cut.fenced:
+                raise VolumeBusy(name=name, state=(
+                    f"fenced, but its copy on {remote} could not make the last point durable "
+                    f"({e.message}): it holds the point before. This one holds it all: "
+                    f"'cargohold volume promote {name}' here makes it writable again; then "
+                    "migrate again")) from e
+            raise
+        finally:  # the writes held go, if they have not: taken here again (not fenced)
+            if cut.snapshot is not None and cut.let_go is None:
+                await self._let_go(cut.snapshot)
+        point = cut.snapshot
+        assert point is not None and cut.sent is not None
         log.info("migration of %s: last point cut and sent in %.0f ms (of which cut %.0f), "
-                 "fenced and let go in %.0f more", name, (sent - started) * 1000,
-                 (cut.took or 0) * 1000, (time.monotonic() - sent) * 1000)
+                 "fenced and let go in %.0f more while the remote made it durable, which "
+                 "took %.0f ms more", name, (cut.sent - started) * 1000, (cut.took or 0) * 1000,
+                 ((cut.let_go or cut.sent) - cut.sent) * 1000,
+                 (time.monotonic() - (cut.let_go or cut.sent)) * 1000)
         late = await self._written_since(point)
         if late:
             raise VolumeBusy(name=name, state=(
@@ -319,12 +331,31 @@ class MigrationService:
 
 
 class _Cut:
-    """The handover's cut: a point with the engine's writes held after it."""
+    """The handover's cut: a point with the engine's writes held after it, and what is done
+    once the point is all sent (``copied``): the source is fenced and the writes are let go
+    (refused from then on), while the remote makes the point durable. Nothing acknowledged
+    is then at risk: the source holds the point durably (the cut flushed it), and the remote
+    is promoted only once it holds it durably too."""
 
-    def __init__(self, migrations: MigrationService) -> None:
+    def __init__(self, migrations: MigrationService, name: str, remote: str) -> None:
         self.migrations = migrations
+        self.name = name
+        self.remote = remote
         self.snapshot: Snapshot | None = None
         self.took: float | None = None
+        self.sent: float | None = None
+        self.let_go: float | None = None
+        self.fenced = False
+
+    async def copied(self) -> None:
+        self.sent = time.monotonic()
+        assert self.snapshot is not None
+        moved = time.strftime("%Y-%m-%d %H:%M:%S")
+        await self.migrations.replication.fence(self.name,
+                                                f"migrated to {self.remote} at {moved}")
+        self.fenced = True
+        await self.migrations._let_go(self.snapshot)
+        self.let_go = time.monotonic()
 
     async def __call__(self, name: str, snapshot: str) -> Snapshot:
         started = time.monotonic()

@@ -210,10 +210,12 @@ class ReplicationService:
             await asyncio.shield(self._failed(name, f"{type(e).__name__}: {e}"))
 
     async def ship(self, name: str,
-                   cut: Callable[[str, str], Awaitable[Snapshot]] | None = None
-                   ) -> dict[str, Any]:
+                   cut: Callable[[str, str], Awaitable[Snapshot]] | None = None,
+                   copied: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any]:
         """One round: cut a point, send what changed since the remote's point, commit.
-        ``cut``: how the point is cut (a migration's final round holds the writes)."""
+        ``cut``: how the point is cut (a migration's final round holds the writes);
+        ``copied``: what to do once all is sent, while the remote makes it durable and
+        records it (a handover fences the source then)."""
         volume = await self.catalog.volume(name)
         if volume.replication is None:
             raise InvalidArgument(what="volume", detail=f"{name!r} is not replicated")
@@ -224,7 +226,8 @@ class ReplicationService:
         steps = {"cut": time.monotonic() - started}
         try:
             async with await self.remotes.open(rep.remote) as remote:
-                sent = await self._send(volume, snapshot, point, remote, steps, started)
+                sent = await self._send(volume, snapshot, point, remote, steps, started,
+                                        copied)
         except BaseException:
             with contextlib.suppress(CargoholdError):
                 await asyncio.shield(self.snapshots.remove(name, snapshot.name))
@@ -262,7 +265,8 @@ class ReplicationService:
         return await self.snapshots.create(name, snapshot)
 
     async def _send(self, volume: Volume, snapshot: Snapshot, point: str,
-                    remote: RemoteCluster, steps: dict[str, float], started: float) -> int:
+                    remote: RemoteCluster, steps: dict[str, float], started: float,
+                    copied: Callable[[], Awaitable[None]] | None) -> int:
         """Send ``snapshot`` as point ``point``: on the remote's point if it holds it, else
         whole. Returns the bytes sent."""
         rep = volume.replication
@@ -325,7 +329,14 @@ class ReplicationService:
             try:
                 await together([sender() for _ in range(CONNECTIONS)])
                 steps["copied"] = time.monotonic() - started
-                await remote.request("POST", f"{path}/commit")
+                committing = asyncio.ensure_future(remote.request("POST", f"{path}/commit"))
+                try:
+                    if copied is not None:
+                        await copied()
+                        steps["then"] = time.monotonic() - started
+                finally:
+                    await asyncio.wait([committing])
+                committing.result()
                 steps["committed"] = time.monotonic() - started
             except BaseException:
                 with contextlib.suppress(CargoholdError):
