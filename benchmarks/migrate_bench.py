@@ -104,7 +104,7 @@ def migration(h1: Host, h3: Host, iops: int) -> dict[str, Any]:
     steps += [line.split("cargohold.services.", 1)[1] for line in
               (h3.base / "node.log").read_text(errors="replace").splitlines()
               if "standby mig holds" in line]
-    steps += [line.split("cargohold.services.", 1)[1] for line in  # each cut's hold, in steps
+    steps += [line.split(" INFO ", 1)[-1] for line in  # each cut's hold, in steps
               h1.engine_log("mig").splitlines() if "writes held" in line]
     for line in steps:
         log(f"  {line}")
