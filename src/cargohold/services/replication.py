@@ -333,7 +333,7 @@ class ReplicationService:
                 try:
                     if copied is not None:
                         await copied()
-                        steps["then"] = time.monotonic() - started
+                        steps["handed over"] = time.monotonic() - started
                 finally:
                     await asyncio.wait([committing])
                 committing.result()

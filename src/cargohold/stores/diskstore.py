@@ -298,13 +298,13 @@ class DiskReplica(StoredReplica):
                        ((offset + length - 1) // CHUNK_SIZE + 1) * 8)
 
     def _write(self, offset: int, data: memoryview, generation: int) -> None:
-        self._begun += 1
         length = len(data)
         space = self._space
         if space is not None and space.reserve:
             first, last = offset // CHUNK_SIZE, (offset + length - 1) // CHUNK_SIZE
             if not all(self._gens[first:last + 1]):  # a chunk never written before
-                space.allocate(length, self.server)
+                space.allocate(length, self.server)  # (refused: nothing written)
+        self._begun += 1
         self._back_range(offset, length, generation)
         try:
             if self._snaps is not None:
