@@ -33,6 +33,9 @@ RECHECK = 2.0
 GROUP_HOLD = 10.0
 #: The longest a freeze may take (the file system writes what it holds first).
 FREEZE_TIMEOUT = 30.0
+#: The longest the writes ahead of a cut are waited for (writers going on); past it the cut
+#: goes on, and its freeze writes the rest, within ``FREEZE_TIMEOUT``.
+WRITE_AHEAD_TIMEOUT = 10.0
 #: The longest an engine holds writes after a migration's last cut, waiting to be handed
 #: over (fenced) or let go; past it the writes go on here (the migration then fails).
 HANDOVER_HOLD = 60.0
@@ -105,9 +108,10 @@ class Cutter:
         frozen = holding = False
         steps: dict[str, float] = {}
         try:
-            await self._write_ahead(mountpoint)
-        except CargoholdError as e:  # the cut writes it all again, writes held: it reports
-            log.warning("%s: writing ahead of snapshot %s: %s", self.name, snapshot.name, e)
+            await asyncio.wait_for(self._write_ahead(mountpoint), WRITE_AHEAD_TIMEOUT)
+        except (CargoholdError, TimeoutError) as e:  # the cut writes it all, writes held
+            log.warning("%s: writing ahead of snapshot %s: %s", self.name, snapshot.name,
+                        str(e) or f"not done in {WRITE_AHEAD_TIMEOUT:g} s")
         started = time.monotonic()
         try:
             if mountpoint:
