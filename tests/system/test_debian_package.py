@@ -3,7 +3,8 @@ a node run as its systemd unit runs it, removal leaves attached volumes working 
 node stops, purge says what it leaves, and an upgrade from the previous release (a pip
 install of the last commit before the package) keeps volumes attached throughout.
 
-This machine has no systemd as PID 1: the tests run the unit's ExecStart themselves.
+This machine has no systemd as PID 1: the tests run the unit's ExecStart themselves
+(test_package_under_systemd.py runs the package under systemd, in a container).
 """
 
 from __future__ import annotations
