@@ -235,8 +235,11 @@ def test_apt_install_and_systemctl_start_give_a_node_that_upgrades_and_stops_cle
     assert host.sh(f"cat {mountpoint}/a {mountpoint}/b {mountpoint}/c").stdout == (
         "from the older build\nafter the upgrade\nafter the removal\n")
     host.sh("cargohold volume detach sysvol")
+    host.sh("apt-get remove -y -q cargohold")  # running: the unit is kept in /run
     host.sh("systemctl stop cargohold")
     said = host.sh("apt-get purge -y -q cargohold").stdout
     assert "Left in place" in said and f"{STATE}/disks/1 (replicas" in said
     assert host.sh("test -e /etc/cargohold", check=False).returncode != 0
+    assert host.sh("systemctl show -p LoadState --value cargohold").stdout.strip() == \
+        "not-found"  # no copy of the unit left in /run either
     assert engine_loops() == host.loops  # no loop device left by the node
