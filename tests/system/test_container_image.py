@@ -1,6 +1,8 @@
 """The container image, built here with no registry (scripts/build-image.sh: a debootstrap
 base, `docker import`, the Debian package installed by deploy/docker/Dockerfile), runs a node
-under the real dockerd that serves volumes to other containers through the Docker plugin."""
+under the real dockerd that serves volumes to other containers through the Docker plugin; the
+image of the previous release is replaced by this one on the same host directories, and the
+volumes, their data and their snapshots are all there."""
 
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ pytestmark = needs_root()
 
 PLUGIN_SOCKET = Path("/run/docker/plugins/cargohold.sock")
 NODE = "cargohold-node"
+#: The previous release: what main held when the last session's work landed.
+PREVIOUS_RELEASE = "f7cd078c0d868a4b11e7b5217a3b473aebed295c"
 
 
 class Host:
@@ -76,27 +80,39 @@ def host(tmp_path: Path) -> Iterator[Host]:
     assert leftovers(made.base) == {"mounts": [], "loops": [], "processes": []}
 
 
-def test_the_image_runs_a_node_that_serves_volumes_to_other_containers(
-        debian_package: Path, host: Host) -> None:
-    docker = host.docker
-    built = subprocess.run([str(ROOT / "scripts" / "build-image.sh"), str(debian_package),
-                            "cargohold-test/node:1"], capture_output=True, text=True,
-                           env=docker.env, timeout=900)
-    assert built.returncode == 0, built.stdout + built.stderr
-    assert built.stdout.strip().splitlines()[-1] == "cargohold-test/node:1"
-    history = docker.docker("image", "inspect", "cargohold-test/node:1").stdout
-    assert json.loads(history)[0]["Config"]["Entrypoint"] == ["/usr/bin/cargohold"]
-    busybox = docker.import_busybox()
+@pytest.fixture(scope="session")
+def previous_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Debian package of the previous release, built by its own build-deb.sh."""
+    base = tmp_path_factory.mktemp("previous-deb")
+    source = base / "src"
+    source.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", PREVIOUS_RELEASE],
+                             capture_output=True, check=True, timeout=120)
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+    done = subprocess.run([str(source / "scripts" / "build-deb.sh"), str(base)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"build-deb.sh failed:\n{done.stdout}{done.stderr}"
+    return Path(done.stdout.strip().splitlines()[-1])
 
-    # what the Dockerfile's comment says to run (--privileged would ask for every capability,
-    # and this machine's root has no CAP_SYS_RESOURCE to give)
+
+def build_image(host: Host, deb: Path, tag: str) -> None:
+    built = subprocess.run([str(ROOT / "scripts" / "build-image.sh"), str(deb), tag],
+                           capture_output=True, text=True, env=host.docker.env, timeout=900)
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert built.stdout.strip().splitlines()[-1] == tag
+
+
+def run_node(host: Host, image: str) -> None:
+    """The node's container as the Dockerfile's comment says to run it (--privileged would
+    ask for every capability, and this machine's root has no CAP_SYS_RESOURCE to give)."""
+    docker = host.docker
     docker.docker("run", "-d", "--name", NODE, "--cap-add", "SYS_ADMIN", "--security-opt",
                   "apparmor=unconfined", "--device", "/dev/fuse", "--device-cgroup-rule",
                   "b 7:* rmw", "--device-cgroup-rule", "c 10:237 rmw", "--network", "host",
                   "--pid", "host", "-v", "/dev:/dev",
                   "-v", "/run/docker/plugins:/run/docker/plugins",
                   "-v", f"{host.run}:/run/cargohold", "-v", f"{host.state}:{host.state}:rshared",
-                  "cargohold-test/node:1", "node", "--state-dir", str(host.state),
+                  image, "node", "--state-dir", str(host.state),
                   "--data-dir", f"{host.state}/disks/1", "--data-dir", f"{host.state}/disks/2")
     deadline = time.monotonic() + 60
     while host.cli("node", "ls", check=False).returncode != 0:
@@ -104,6 +120,24 @@ def test_the_image_runs_a_node_that_serves_volumes_to_other_containers(
         assert running == "true" and time.monotonic() < deadline, \
             docker.docker("logs", NODE, check=False).stderr
         time.sleep(0.3)
+
+
+def stop_node(host: Host) -> None:
+    """docker stop: SIGTERM, the node detaches every volume and exits 0."""
+    host.docker.docker("stop", "-t", "60", NODE, timeout=90)
+    code = host.docker.docker("inspect", "-f", "{{.State.ExitCode}}", NODE).stdout.strip()
+    assert code == "0", host.docker.docker("logs", NODE, check=False).stderr
+
+
+def test_the_image_runs_a_node_that_serves_volumes_to_other_containers(
+        debian_package: Path, host: Host) -> None:
+    docker = host.docker
+    build_image(host, debian_package, "cargohold-test/node:1")
+    history = docker.docker("image", "inspect", "cargohold-test/node:1").stdout
+    assert json.loads(history)[0]["Config"]["Entrypoint"] == ["/usr/bin/cargohold"]
+    busybox = docker.import_busybox()
+
+    run_node(host, "cargohold-test/node:1")
 
     docker.docker("volume", "create", "-d", "cargohold", "--name", "imgvol", "-o", "size=64M",
                   "-o", "replicas=2")
@@ -116,5 +150,41 @@ def test_the_image_runs_a_node_that_serves_volumes_to_other_containers(
     docker.docker("volume", "rm", "imgvol")
     assert json.loads(host.cli("volume", "ls", "-o", "json").stdout) == []
 
-    docker.docker("stop", "-t", "60", NODE, timeout=90)  # SIGTERM: the node stops cleanly
-    assert docker.docker("inspect", "-f", "{{.State.ExitCode}}", NODE).stdout.strip() == "0"
+    stop_node(host)
+
+
+def test_the_image_of_the_previous_release_is_replaced_with_volumes_and_snapshots_kept(
+        debian_package: Path, previous_package: Path, host: Host) -> None:
+    docker = host.docker
+    build_image(host, previous_package, "cargohold-test/node:previous")
+    build_image(host, debian_package, "cargohold-test/node:1")
+    busybox = docker.import_busybox()
+
+    run_node(host, "cargohold-test/node:previous")
+    docker.docker("volume", "create", "-d", "cargohold", "--name", "kept", "-o", "size=64M",
+                  "-o", "replicas=2")
+    docker.docker("run", "--rm", "--network", "none", "-v", "kept:/data", busybox, "sh", "-c",
+                  "echo before the snapshot > /data/f && sync")
+    host.cli("snapshot", "create", "kept@before")
+    docker.docker("run", "--rm", "--network", "none", "-v", "kept:/data", busybox, "sh", "-c",
+                  "echo after the snapshot > /data/g && sync")
+    stop_node(host)
+    docker.docker("rm", NODE)
+
+    run_node(host, "cargohold-test/node:1")  # the same host directories
+    package = docker.docker("exec", NODE, "dpkg-query", "-W", "-f=${Version}",
+                            "cargohold").stdout
+    assert package == debian_package.name.split("_")[1]
+    out = docker.docker("run", "--rm", "--network", "none", "-v", "kept:/data", busybox,
+                        "cat", "/data/f", "/data/g").stdout
+    assert out == "before the snapshot\nafter the snapshot\n"
+    snapshots = json.loads(host.cli("snapshot", "ls", "kept", "-o", "json").stdout)
+    assert [s["name"] for s in snapshots] == ["before"]
+    host.cli("volume", "create", "early", "--from", "kept@before", "--wait")
+    out = docker.docker("run", "--rm", "--network", "none", "-v", "early:/data", busybox, "sh",
+                        "-c", "cat /data/f; test -e /data/g || echo no g").stdout
+    assert out == "before the snapshot\nno g\n"
+    docker.docker("volume", "rm", "early")
+    host.cli("snapshot", "rm", "kept@before")
+    docker.docker("volume", "rm", "kept")
+    stop_node(host)
