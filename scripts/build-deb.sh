@@ -6,9 +6,9 @@
 #
 # The package holds a virtual environment in /opt/cargohold on Debian's python3 with cargohold
 # and its Python dependencies (fetched from PyPI by pip at build time, none at install time),
-# /usr/bin/cargohold, the systemd unit, /etc/cargohold/node.toml and a logrotate file. Its
-# version is the project's plus the last commit's time and hash, so that a newer build of the
-# tree upgrades an older one. Needs no root: python3-venv, python3-dev, gcc, libssl-dev and
+# /usr/bin/cargohold, the systemd unit, /etc/cargohold/node.toml, a logrotate file and the
+# manual page cargohold(1). Its version is the project's plus the last commit's time and
+# hash, so that a newer build of the tree upgrades an older one. Needs no root: python3-venv, python3-dev, gcc, libssl-dev and
 # dpkg-deb (`scripts/install-deps.sh --test` installs them on a fresh machine).
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,7 +48,10 @@ rm -rf "$venv/lib/python3"*/site-packages/pip "$venv/lib/python3"*/site-packages
 find "$venv" -name __pycache__ -type d -prune -exec rm -rf {} +  # postinst compiles
 
 install -d "$root/usr/bin" "$root/etc/cargohold" "$root/etc/logrotate.d" \
-           "$root/lib/systemd/system" "$root/usr/share/doc/cargohold" "$root/DEBIAN"
+           "$root/lib/systemd/system" "$root/usr/share/doc/cargohold" \
+           "$root/usr/share/man/man1" "$root/DEBIAN"
+# cargohold(1), from the command line's own parser
+"$venv/bin/python" -m cargohold.cli.manual | gzip -9n > "$root/usr/share/man/man1/cargohold.1.gz"
 ln -s /opt/cargohold/bin/cargohold "$root/usr/bin/cargohold"
 install -m 644 "$src/deploy/debian/node.toml" "$root/etc/cargohold/node.toml"
 install -m 644 "$src/deploy/debian/cargohold.logrotate" "$root/etc/logrotate.d/cargohold"

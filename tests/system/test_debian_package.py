@@ -128,6 +128,10 @@ def test_the_package_installs_runs_and_leaves_volumes_attached_when_removed(
         version = subprocess.run(["/usr/bin/cargohold", "--version"], capture_output=True,
                                  text=True, check=True, env=node.environment())
         assert version.stdout.startswith("cargohold ")
+        manual = subprocess.run(["man", "-P", "cat", "cargohold"], capture_output=True,
+                                text=True, env={**os.environ, "MANWIDTH": "80"})
+        assert manual.returncode == 0, manual.stderr
+        assert "cargohold volume create" in manual.stdout  # /usr/share/man/man1/cargohold.1.gz
         verified = subprocess.run(["systemd-analyze", "verify", str(UNIT)],
                                   capture_output=True, text=True)  # works without systemd up
         assert verified.returncode == 0, verified.stdout + verified.stderr
