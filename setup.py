@@ -1,5 +1,5 @@
 """Build hooks: generate the CSI gRPC modules from ``src/cargohold/adapters/csi/csi.proto``;
-compile the block cipher's C extension (``src/cargohold/core/_xts.c``).
+compile the C extensions (``src/cargohold/core/_xts.c``, ``src/cargohold/stores/_diskreads.c``).
 
 Everything else about the package is in pyproject.toml. ``build_py`` runs ``grpc_tools.protoc``
 (a build requirement, pinned in pyproject.toml) and writes ``csi_pb2.py``, ``csi_pb2.pyi`` and
@@ -44,4 +44,10 @@ class BuildPyWithProtos(build_py):
 XTS = Extension("cargohold.core._xts", ["src/cargohold/core/_xts.c"], libraries=["crypto"],
                 extra_compile_args=["-O2"], optional=True)
 
-setup(cmdclass={"build_py": BuildPyWithProtos}, ext_modules=[XTS])
+# Reads of replica files in threads without the GIL, for the data server
+# (stores/diskreads.py); optional too: without it Python threads do them. Warnings are errors.
+DISK_READS = Extension("cargohold.stores._diskreads", ["src/cargohold/stores/_diskreads.c"],
+                       extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                                           "-Werror"], optional=True)
+
+setup(cmdclass={"build_py": BuildPyWithProtos}, ext_modules=[XTS, DISK_READS])

@@ -442,7 +442,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-#: A data server's defaults for what one client can make it hold (``adapters/dataserver.py``).
+#: A data server's defaults for what one client can make it hold (``adapters/dataserver/``).
 MAX_CONNECTIONS = 256  # connections served at once; more are closed
 FRAME_TIMEOUT = 30.0  # seconds a connection may sit with half a frame received
 

@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -762,3 +763,130 @@ def test_a_chunks_scattered_blocks_in_one_write_and_the_blocks_a_snapshot_differ
         assert await c.read(v, 1, 2 * MIB, MIB) == bytes(want)  # refused: nothing written
 
     with_client(server, body)
+
+
+def test_a_read_waiting_for_the_disk_holds_up_no_other_request() -> None:
+    """A read the page cache cannot answer goes to a thread: the server answers the others
+    meanwhile (on its event loop it would stall every volume it serves)."""
+    async def body() -> None:
+        store = MemoryChunkStore()
+        server = await serve(store, "127.0.0.1", 0)
+        slow_v, fast_v = vid(), vid()
+        disk = threading.Event()
+        try:
+            async with DataClient(server.address) as client:
+                for v in (slow_v, fast_v):
+                    await client.create(v, MIB)
+                    await client.write(v, 1, 0, b"s" * BLOCK_SIZE, 1)
+                slow = store.replica(slow_v)
+                read = slow.read
+
+                def waits_for_the_disk(offset: int, length: int) -> bytes:
+                    assert disk.wait(10)
+                    return read(offset, length)
+
+                slow.read_cached = lambda offset, length: None  # type: ignore[method-assign]
+                slow.read = waits_for_the_disk  # type: ignore[method-assign]
+                pending = asyncio.ensure_future(client.read(slow_v, 1, 0, BLOCK_SIZE))
+                await asyncio.sleep(0.1)
+                assert not pending.done()
+                await asyncio.wait_for(client.write(fast_v, 1, BLOCK_SIZE, b"f" * BLOCK_SIZE, 2),
+                                       2)
+                assert await asyncio.wait_for(client.read(fast_v, 1, BLOCK_SIZE, BLOCK_SIZE),
+                                              2) == b"f" * BLOCK_SIZE
+                assert not pending.done()
+                disk.set()
+                assert await asyncio.wait_for(pending, 5) == b"s" * BLOCK_SIZE
+        finally:
+            disk.set()
+            await server.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_read_in_a_thread_that_fails_is_read_again_on_the_loop(failures: int) -> None:
+    """In a thread, a read that meets a write of the same blocks can see a block without its
+    checksum: it is read again where no write interleaves, and only a second failure is
+    answered."""
+    async def body() -> None:
+        store = MemoryChunkStore()
+        server = await serve(store, "127.0.0.1", 0)
+        v = vid()
+        try:
+            async with DataClient(server.address) as client:
+                await client.create(v, MIB)
+                await client.write(v, 1, 0, b"r" * BLOCK_SIZE, 1)
+                replica = store.replica(v)
+                read = replica.read
+                calls: list[int] = []
+
+                def torn(offset: int, length: int) -> bytes:
+                    calls.append(offset)
+                    if len(calls) <= failures:
+                        raise ChecksumMismatch(volume_id=v, offset=offset, server="s")
+                    return read(offset, length)
+
+                replica.read_cached = lambda offset, length: None  # type: ignore[method-assign]
+                replica.read = torn  # type: ignore[method-assign]
+                if failures == 1:
+                    assert await client.read(v, 1, 0, BLOCK_SIZE) == b"r" * BLOCK_SIZE
+                else:
+                    with pytest.raises(ChecksumMismatch):
+                        await client.read(v, 1, 0, BLOCK_SIZE)
+                assert len(calls) == 2
+        finally:
+            await server.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize("compiled", ["1", "0"])
+def test_reads_from_the_disk_answer_what_was_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compiled: str) -> None:
+    """Reads that miss the page cache (every file of the replica dropped from it first) give
+    what was written: plain blocks by the compiled pool or Python threads
+    (CARGOHOLD_COMPILED), blocks moved by a snapshot by Python threads, never-written ones as
+    zeros, a corrupt block as a checksum error."""
+    monkeypatch.setenv("CARGOHOLD_COMPILED", compiled)
+    process = ServerProcess(tmp_path)
+    process.start()
+    v = vid()
+    written = bytearray(4 * MIB)
+    rng = random.Random(3)
+
+    async def body() -> None:
+        async with DataClient(process.address) as c:
+            await c.create(v, 8 * MIB)
+            written[:] = os.urandom(4 * MIB)
+            await c.write(v, 1, 0, written, 1)
+            await c.snapshot(v, 1, uuid.uuid4().hex, 1.0)
+            for block in rng.sample(range(1024), 40):  # moved: the snapshot keeps the old
+                new = os.urandom(BLOCK_SIZE)
+                await c.write(v, 1, block * BLOCK_SIZE, new, 2)
+                written[block * BLOCK_SIZE:(block + 1) * BLOCK_SIZE] = new
+            await c.flush(v, 1)
+            for _ in range(2):
+                for path in (process.root / "replicas" / v).iterdir():
+                    fd = os.open(path, os.O_RDONLY)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.close(fd)
+                asks = [(rng.randrange(2048 - n) * BLOCK_SIZE, n)
+                        for n in rng.choices([1, 3, 16, 256], k=200)]
+                got = await asyncio.gather(*(c.read(v, 1, o, n * BLOCK_SIZE) for o, n in asks))
+                want = bytes(written) + bytes(4 * MIB)
+                for (o, n), data in zip(asks, got, strict=True):
+                    assert data == want[o:o + n * BLOCK_SIZE], (o, n)
+            with open(process.root / "replicas" / v / "data", "r+b") as f:
+                os.pwrite(f.fileno(), b"bad", 5 * MIB // 2)
+                os.fsync(f.fileno())
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            with pytest.raises(ChecksumMismatch):
+                await c.read(v, 1, 2 * MIB, MIB)
+            with pytest.raises(InvalidArgument):  # beyond the end: refused, not read
+                await c.read(v, 1, 7 * MIB, 2 * MIB)
+
+    try:
+        run(body())
+    finally:
+        process.kill()

@@ -631,3 +631,46 @@ def test_fill_writes_only_chunks_never_written_and_keeps_holes(store: ChunkStore
             replica.fill(offset, data, 1)
     with pytest.raises(InvalidArgument):
         replica.fill(4 * MIB, b"x" * 4096, 1)  # past the end
+
+
+def evict(directory: Path) -> None:
+    """Write back, then drop from the page cache, every file of a replica."""
+    for path in directory.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def test_a_read_that_would_wait_for_the_disk_is_not_done_by_read_cached(
+        disk: DiskChunkStore) -> None:
+    v = vid()
+    replica = disk.create(v, 4 * MIB)
+    data = os.urandom(MIB)
+    replica.write(0, data, 1)
+    replica.take_snapshot(uuid.uuid4().hex, 1.0)
+    replica.write(4 * BLOCK_SIZE, b"n" * 2 * BLOCK_SIZE, 2)  # blocks 4 and 5 move
+    want = data[:4 * BLOCK_SIZE] + b"n" * 2 * BLOCK_SIZE + data[6 * BLOCK_SIZE:]
+    replica.flush()
+    evict(disk.root / "replicas" / v)
+    # cold: one block, several, moved or not: nothing read (the server leaves it to a thread)
+    for offset, length in ((0, BLOCK_SIZE), (8 * BLOCK_SIZE, 3 * BLOCK_SIZE),
+                           (4 * BLOCK_SIZE, BLOCK_SIZE), (2 * BLOCK_SIZE, 6 * BLOCK_SIZE)):
+        assert replica.read_cached(offset, length) is None, (offset, length)
+    assert replica.read_cached(2 * MIB, BLOCK_SIZE) == bytes(BLOCK_SIZE)  # never written
+    assert replica.read(0, 16 * BLOCK_SIZE) == want[:16 * BLOCK_SIZE]  # now in the cache
+    for offset, length in ((0, BLOCK_SIZE), (8 * BLOCK_SIZE, 3 * BLOCK_SIZE),
+                           (4 * BLOCK_SIZE, BLOCK_SIZE), (2 * BLOCK_SIZE, 6 * BLOCK_SIZE)):
+        assert replica.read_cached(offset, length) == want[offset:offset + length]
+    with open(disk.root / "replicas" / v / "data", "r+b") as f:  # a bad block read from
+        os.pwrite(f.fileno(), b"x", 9 * BLOCK_SIZE)  # the cache still raises
+    with pytest.raises(ChecksumMismatch):
+        replica.read_cached(8 * BLOCK_SIZE, 3 * BLOCK_SIZE)
+
+
+def test_a_replica_in_memory_reads_at_once() -> None:
+    replica = MemoryChunkStore().create(vid(), MIB)
+    replica.write(0, b"m" * BLOCK_SIZE, 1)
+    assert replica.read_cached(0, 2 * BLOCK_SIZE) == b"m" * BLOCK_SIZE + bytes(BLOCK_SIZE)

@@ -22,6 +22,7 @@ import os
 import secrets
 
 from cargohold.core.wire import TOKEN_SIZE
+from cargohold.errors import InvalidArgument
 
 #: Slots: as many large writes as the engine keeps in flight at once
 #: (the kernel sends at most ``MAX_BACKGROUND`` asynchronous requests), and a few more.
@@ -95,3 +96,33 @@ class SharedMemory:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def map_sealed(path: str, token: bytes) -> mmap.mmap:
+    """Map another process's write buffers (``path``: its /proc/PID/fd/N) read-only, once
+    checked: a memory file sealed against shrinking (no page of the mapping can go away: a
+    SIGBUS would kill the server), ending with ``token``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InvalidArgument(what="SHARE", detail=f"{path}: {exc.strerror}") from None
+    try:
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:  # not a memory file
+            seals = 0
+        if not seals & fcntl.F_SEAL_SHRINK:
+            raise InvalidArgument(what="SHARE", detail=f"{path} is not sealed against "
+                                  "shrinking (a memfd with F_SEAL_SHRINK)")
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise InvalidArgument(what="SHARE", detail=f"{path} is empty")
+        shared = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    except OSError as exc:
+        raise InvalidArgument(what="SHARE", detail=f"{path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if shared[size - len(token):] != token:
+        shared.close()
+        raise InvalidArgument(what="SHARE", detail=f"{path} is not the client's file")
+    return shared

@@ -130,6 +130,30 @@ class StoredReplica(ABC):
             return b""
         return self._read(offset, length)
 
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """``read``, if the bytes are all in memory already; None if reading them would wait
+        for a disk (the caller reads in a thread meanwhile). Raises as ``read`` does."""
+        self._check_range(offset, length)
+        if not length:
+            return b""
+        try:
+            return self._read(offset, length, nowait=True)
+        except BlockingIOError:
+            return None
+
+    def read_place(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, offset in it) of the raw bytes of ``[offset, offset+length)`` when they lie
+        in one file, for a read done elsewhere that ``read_verified`` then checks; None when
+        they do not (in memory, or blocks moved by snapshots): ``read`` them. Checks the
+        range as ``read`` does."""
+        self._check_range(offset, length)
+        return None
+
+    def read_verified(self, offset: int, length: int, raw: bytes) -> bytes:
+        """``read``'s answer from ``raw``, the bytes read at ``read_place`` (fewer at the
+        file's end): every block checked (ChecksumMismatch), never-written ones as zeros."""
+        raise NotImplementedError(f"{type(self).__name__} has no read_place")
+
     def write(self, offset: int, data: BytesLike, generation: int) -> None:
         """Store ``data`` at ``offset`` and record ``generation`` on every chunk it touches.
 
@@ -383,7 +407,8 @@ class StoredReplica(ABC):
     def _store_epoch(self, epoch: int) -> None: ...
 
     @abstractmethod
-    def _read(self, offset: int, length: int) -> bytes: ...
+    def _read(self, offset: int, length: int, nowait: bool = False) -> bytes:
+        """With ``nowait``, BlockingIOError rather than wait for a disk."""
 
     @abstractmethod
     def _write(self, offset: int, data: memoryview, generation: int) -> None: ...
@@ -514,7 +539,7 @@ class MemoryReplica(StoredReplica):
     def _store_epoch(self, epoch: int) -> None:
         self._epoch = epoch
 
-    def _read(self, offset: int, length: int) -> bytes:
+    def _read(self, offset: int, length: int, nowait: bool = False) -> bytes:
         return self._read_from(self._blocks, self._sums, offset, length)
 
     def _read_from(self, blocks: dict[int, bytes], sums: dict[int, int], offset: int,

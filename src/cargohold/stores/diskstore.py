@@ -90,6 +90,17 @@ def _pages(size: int) -> int:
     return -(-size // mmap.PAGESIZE)
 
 
+def _pread(fd: int, length: int, at: int, nowait: bool) -> bytes:
+    """``os.pread``; with ``nowait``, BlockingIOError unless every byte is in the page cache
+    (a short read, at the end of the file, counts as not: the caller reads again, waiting)."""
+    if not nowait:
+        return os.pread(fd, length, at)
+    out = bytearray(length)
+    if os.preadv(fd, [out], at, os.RWF_NOWAIT) < length:
+        raise BlockingIOError(errno.EAGAIN, "not all in the page cache")
+    return bytes(out)
+
+
 def _reraise(exc: OSError, server: str) -> NoReturn:
     """Raise ``NoSpace`` for a full disk, else ``exc`` itself."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -219,30 +230,41 @@ class DiskReplica(StoredReplica):
             _reraise(exc, self.server)
         self._epoch = epoch
 
-    def _read(self, offset: int, length: int) -> bytes:
+    def read_place(self, offset: int, length: int) -> tuple[int, int] | None:
+        self._check_range(offset, length)
+        snaps = self._snaps
+        if snaps is not None and snaps.moved(offset // BLOCK_SIZE, length // BLOCK_SIZE):
+            return None
+        return self._data_fd, offset
+
+    def read_verified(self, offset: int, length: int, raw: bytes) -> bytes:
+        stored = self._sums[offset // BLOCK_SIZE : (offset + length) // BLOCK_SIZE].tolist()
+        return self._verify(offset, raw, stored) if any(stored) else bytes(length)
+
+    def _read(self, offset: int, length: int, nowait: bool = False) -> bytes:
         first, count = offset // BLOCK_SIZE, length // BLOCK_SIZE
         snaps = self._snaps
         if snaps is not None and count == 1 and snaps.moved(first, 1):  # one block, moved
             want = self._sums[first]
             fd, at = snaps.head_place(first)
-            data = os.pread(fd, length, at) if want and fd >= 0 else ZERO_BLOCK
+            data = _pread(fd, length, at, nowait) if want and fd >= 0 else ZERO_BLOCK
             if not want or (crc32(data) or 1) == want:
                 return ZERO_BLOCK if not want else data
             return self._verify(offset, data, [want])
         if snaps is not None and snaps.moved(first, count):
             stored = self._sums[first : first + count].tolist()
-            return self._verify(offset, snaps.read_heads(first, count), stored)
+            return self._verify(offset, snaps.read_heads(first, count, nowait), stored)
         if length == BLOCK_SIZE:  # the common small read, without lists
             want = self._sums[first]
             if not want:
                 return ZERO_BLOCK
-            data = os.pread(self._data_fd, length, offset)
+            data = _pread(self._data_fd, length, offset, nowait)
             if (crc32(data) or 1) == want:
                 return data
         stored = self._sums[first : first + count].tolist()
         if not any(stored):
             return bytes(length)
-        return self._verify(offset, os.pread(self._data_fd, length, offset), stored)
+        return self._verify(offset, _pread(self._data_fd, length, offset, nowait), stored)
 
     def _verify(self, offset: int, data: bytes, stored: list[int]) -> bytes:
         """``data`` read at ``offset``, checked against the checksums ``stored``."""

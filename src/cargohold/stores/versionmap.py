@@ -37,6 +37,7 @@ place punched unless something uses it now.
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import logging
 import mmap
@@ -635,13 +636,18 @@ class VersionMap:
                 yield k, run, self._extra_fd, (place - 1) * BLOCK_SIZE
             k += run
 
-    def _read_places(self, first: int, places: list[int]) -> bytes:
+    def _read_places(self, first: int, places: list[int], nowait: bool = False) -> bytes:
+        """With ``nowait``, BlockingIOError unless every byte is in the page cache."""
         out = bytearray(len(places) * BLOCK_SIZE)
+        flags = os.RWF_NOWAIT if nowait else 0
         for k, run, fd, at in self._runs_of(first, places):
             if fd < 0:
                 continue
-            got = os.preadv(fd, [memoryview(out)[k * BLOCK_SIZE : (k + run) * BLOCK_SIZE]], at)
-            del got  # a short read leaves zeros: the checksums decide
+            got = os.preadv(fd, [memoryview(out)[k * BLOCK_SIZE : (k + run) * BLOCK_SIZE]], at,
+                            flags)
+            if nowait and got < run * BLOCK_SIZE:
+                raise BlockingIOError(errno.EAGAIN, "not all in the page cache")
+            # otherwise a short read leaves zeros: the checksums decide
         return bytes(out)
 
     def moved(self, first: int, count: int) -> bool:
@@ -657,9 +663,11 @@ class VersionMap:
             return -1, 0
         return self._place(block, place)
 
-    def read_heads(self, first: int, count: int) -> bytes:
-        """The raw bytes of the heads of ``count`` blocks (not verified)."""
-        return self._read_places(first, self._heads[2 * first : 2 * (first + count) : 2].tolist())
+    def read_heads(self, first: int, count: int, nowait: bool = False) -> bytes:
+        """The raw bytes of the heads of ``count`` blocks (not verified); with ``nowait``,
+        BlockingIOError unless they are all in the page cache."""
+        return self._read_places(first, self._heads[2 * first : 2 * (first + count) : 2].tolist(),
+                                 nowait)
 
     def read_snapshot(self, number: int, first: int, count: int,
                       sums: memoryview) -> tuple[bytes, list[int]]:

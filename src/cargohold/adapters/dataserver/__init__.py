@@ -3,7 +3,7 @@
 Requests are answered in the event loop thread as they arrive (a connection may pipeline
 many), except FLUSH, whose fdatasync runs in a worker thread so that it stalls neither the
 other requests of its connection nor other connections. Responses produced by one batch of
-received bytes go out in one write. Store errors map to statuses in ``_error_response``.
+received bytes go out in one write. Store errors map to statuses in ``statuses.py``.
 
 The process around it (one per disk: signals, ready file, heap settings) is
 :mod:`cargohold.daemons.dataserver`; its store is :mod:`cargohold.stores.diskstore`.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import mmap
 import os
@@ -27,6 +26,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
+from cargohold.adapters.dataserver.statuses import error_response
+from cargohold.clients.sharedmemory import map_sealed
 from cargohold.clients.sockets import unix_listener, widen_send_buffer
 from cargohold.config import FRAME_TIMEOUT, MAX_CONNECTIONS
 from cargohold.core import chunkdelta
@@ -34,7 +35,6 @@ from cargohold.core.capability import SNAPSHOT_READS, Capability
 from cargohold.core.faults import Faults
 from cargohold.core.layout import CHUNK_SIZE
 from cargohold.core.periodic import Periodic
-from cargohold.core.sizes import format_size
 from cargohold.core.wire import (
     MAGIC,
     MAX_GENS_CHUNKS,
@@ -51,22 +51,15 @@ from cargohold.core.wire import (
     decode_u64,
     encode_json,
     encode_response_header,
-    encode_text,
-    encode_u64,
     request_reader,
 )
 from cargohold.errors import (
     CargoholdError,
-    ChecksumMismatch,
-    Fenced,
     InvalidArgument,
-    NoSpace,
     NotAuthorized,
-    ReplicaNotFound,
-    SnapshotNotFound,
-    TooManySnapshots,
 )
 from cargohold.stores.chunkstore import ChunkStore, StoredReplica
+from cargohold.stores.diskreads import DiskReads
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +86,7 @@ WRITEBACK_AFTER = 256
 #: collects, opens connections without end, or stops half way through a frame.
 MAX_UNREAD = 128 << 20  # bytes of answers queued on one connection that its peer has not read
 _LATER = object()  # a handler's result: the response is sent when the work completes
+READ_THREADS = 16  # reads from the disk at once: what a disk's queue is worth
 _pack_response = RESPONSE_HEADER.pack  # encode_response_header, inlined for the OK answers
 
 Handler = Callable[["_Connection", RequestHeader, memoryview], object]
@@ -120,6 +114,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._shared: mmap.mmap | None = None  # the client's write buffers (Op.SHARE)
         self._shared_view: memoryview | None = None
         self._unsent = 0  # bytes of read answers queued in ``_out``
+        self._reading = 0  # bytes of reads in threads
         self._received = 0  # bytes received so far (the stall watch compares them)
         self._watch: asyncio.TimerHandle | None = None
         self._guard = server.guard
@@ -213,7 +208,7 @@ class _Connection(asyncio.BufferedProtocol):
                 raise InvalidArgument(what="op", detail=f"unknown op {header.op}")
             result = handler(self, header, payload)
         except Exception as exc:  # every failure becomes a status; the server goes on
-            status, body = _error_response(exc, header, self._store, self._server.faults)
+            status, body = error_response(exc, header, self._store, self._server.faults)
             self._queue(status, header.request_id, body)
             return
         if self._server.faults.bad and header.op in REWRITES:
@@ -325,18 +320,61 @@ class _Connection(asyncio.BufferedProtocol):
     def _stat(self, header: RequestHeader, payload: memoryview) -> bytes:
         return encode_json(self._store.replica(header.volume_id).info().to_dict())
 
-    def _read(self, header: RequestHeader, payload: memoryview) -> bytes:
+    def _read(self, header: RequestHeader, payload: memoryview) -> object:
         replica = self._io_replica(header)
         if header.length > MAX_PAYLOAD:
             raise InvalidArgument(what="length", detail=f"reads are limited to {MAX_PAYLOAD}")
         transport = self._transport
-        unread = self._unsent + (transport.get_write_buffer_size() if transport else 0)
+        unread = self._unsent + self._reading + (
+            transport.get_write_buffer_size() if transport else 0)
         if unread + header.length > MAX_UNREAD:
             raise InvalidArgument(what="READ", detail=f"{unread} bytes of answers are still "
                                   "unread on this connection; read them before asking more")
-        data = replica.read(header.offset, header.length)
-        self._unsent += len(data)
-        return data
+        data = replica.read_cached(header.offset, header.length) \
+            if header.length <= _LARGE else None
+        if data is not None:
+            self._unsent += len(data)
+            return data
+        self._reading += header.length  # from the disk, while the loop serves the others:
+        place = replica.read_place(header.offset, header.length)
+        if place is None:  # blocks moved by snapshots: in a Python thread
+            return self._in_worker(header, _as_is, replica.read, header.offset, header.length,
+                                   then=partial(self._read_done, header, replica))
+        self._server.disk_reads.read(*place, header.length,
+                                     partial(self._read_raw, header, replica))
+        return _LATER
+
+    def _read_raw(self, header: RequestHeader, replica: StoredReplica,
+                  raw: bytes | OSError) -> None:
+        """The bytes of a read done by ``disk_reads``, checked here."""
+        self._reading -= header.length
+        try:
+            if isinstance(raw, OSError):
+                raise raw
+            data = replica.read_verified(header.offset, header.length, raw)
+        except Exception:
+            return self._read_again(header, replica)
+        self._queue(Status.OK, header.request_id, data)
+        self._send()
+
+    def _read_done(self, header: RequestHeader, replica: StoredReplica,
+                   done: asyncio.Future[Any]) -> None:
+        self._reading -= header.length
+        if not done.cancelled() and done.exception() is None:
+            return self._answered(header, _as_is, done)
+        self._server.flushes.discard(done)
+        self._read_again(header, replica)
+
+    def _read_again(self, header: RequestHeader, replica: StoredReplica) -> None:
+        """A read done elsewhere that failed, read again here, where no write lands between
+        a block and its checksum (elsewhere, a read meeting a write of the same blocks can
+        see the one without the other): only this answer's failure is the client's."""
+        try:
+            self._queue(Status.OK, header.request_id, replica.read(header.offset, header.length))
+        except Exception as exc:
+            status, body = error_response(exc, header, self._store, self._server.faults)
+            self._queue(status, header.request_id, body)
+        self._send()
 
     def _write(self, header: RequestHeader, payload: memoryview) -> bytes:
         replica = self._io_replica(header)
@@ -397,29 +435,7 @@ class _Connection(asyncio.BufferedProtocol):
         if re.fullmatch(rf"/proc/{pid}/fd/\d+", path) is None:
             raise InvalidArgument(what="SHARE", detail=f"{path} is not a file of the connecting "
                                   f"process (/proc/{pid}/fd/N)")
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise InvalidArgument(what="SHARE", detail=f"{path}: {exc.strerror}") from None
-        try:
-            try:
-                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-            except OSError:  # not a memory file
-                seals = 0
-            if not seals & fcntl.F_SEAL_SHRINK:
-                raise InvalidArgument(what="SHARE", detail=f"{path} is not sealed against "
-                                      "shrinking (a memfd with F_SEAL_SHRINK)")
-            size = os.fstat(fd).st_size
-            if size == 0:
-                raise InvalidArgument(what="SHARE", detail=f"{path} is empty")
-            shared = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-        except OSError as exc:
-            raise InvalidArgument(what="SHARE", detail=f"{path}: {exc.strerror}") from None
-        finally:
-            os.close(fd)
-        if shared[size - len(expected):] != expected:
-            shared.close()
-            raise InvalidArgument(what="SHARE", detail=f"{path} is not the client's file")
+        shared = map_sealed(path, expected)
         self._unshare()
         self._shared, self._shared_view = shared, memoryview(shared)
         return b""
@@ -506,7 +522,7 @@ class _Connection(asyncio.BufferedProtocol):
                 raise done.exception()  # type: ignore[misc]
             body = encode_json({"freed": replica.delete_snapshot(snapshot_id)})
         except Exception as exc:
-            status, text = _error_response(exc, header, self._store, self._server.faults)
+            status, text = error_response(exc, header, self._store, self._server.faults)
             self._queue(status, header.request_id, text)
         else:
             self._queue(Status.OK, header.request_id, body)
@@ -582,7 +598,7 @@ class _Connection(asyncio.BufferedProtocol):
         if exc is None:
             self._queue(Status.OK, header.request_id, encode(done.result()))
         else:
-            status, body = _error_response(exc, header, self._store, self._server.faults)
+            status, body = error_response(exc, header, self._store, self._server.faults)
             self._queue(status, header.request_id, body)
         self._send()
 
@@ -631,59 +647,8 @@ def _identity(transport: asyncio.BaseTransport, guard: Guard | None) -> str | No
     return None
 
 
-def _error_response(exc: BaseException, header: RequestHeader,
-                    store: ChunkStore, faults: Faults) -> tuple[Status, bytes]:
-    """The one place where errors become wire statuses (and are counted in ``faults``)."""
-    if isinstance(exc, Fenced):
-        return Status.FENCED, encode_u64(int(exc.fields["current"]))
-    if isinstance(exc, ChecksumMismatch):
-        log.warning("%s", exc)
-        faults.found(header.volume_id, int(exc.fields["offset"]))
-        return Status.CHECKSUM, encode_u64(int(exc.fields["offset"]))
-    if isinstance(exc, ReplicaNotFound):
-        return Status.NOT_FOUND, encode_text(str(exc))
-    if isinstance(exc, NoSpace):
-        text = f"{exc.fields.get('detail', exc)} ({_space(store)})"
-        log.warning("%s on volume %s: %s", _op_name(header.op), header.volume_id, text)
-        return Status.NO_SPACE, encode_text(text)
-    if isinstance(exc, SnapshotNotFound | TooManySnapshots):
-        return Status.REFUSED, encode_json(exc.to_dict())
-    if isinstance(exc, NotAuthorized):
-        log.warning("refused %s on volume %s: %s", _op_name(header.op), header.volume_id, exc)
-        return Status.FORBIDDEN, encode_text(f"{exc.fields.get('what')}: "
-                                             f"{exc.fields.get('detail')}")
-    if isinstance(exc, InvalidArgument):
-        what, detail = exc.fields.get("what"), exc.fields.get("detail")
-        text = f"{what}: {detail}" if what is not None and detail is not None else str(exc)
-        return Status.INVALID, encode_text(text)
-    faults.io_errors += 1
-    if isinstance(exc, CargoholdError | OSError):
-        log.error("%s on volume %s failed: %s", _op_name(header.op), header.volume_id, exc)
-    else:
-        log.error("%s on volume %s failed", _op_name(header.op), header.volume_id, exc_info=exc)
-    return Status.IO_ERROR, encode_text(str(exc) or type(exc).__name__)
-
-
 #: Ops that write blocks anew: they repair a block found bad (``Faults``).
 REWRITES = frozenset({Op.WRITE, Op.WRITE_SHARED, Op.FILL, Op.TRIM})
-
-
-def _space(store: ChunkStore) -> str:
-    """How full the store is, for a NO_SPACE answer (the caller shows it to the user)."""
-    try:
-        free, capacity, used = store.free(), store.capacity(), store.used()
-    except OSError as exc:
-        return f"free space unknown: {exc}"
-    return (f"{format_size(free)} free of {format_size(capacity)}; replicas use "
-            f"{format_size(used)} of {format_size(store.provisioned())} provisioned. Free space "
-            f"(delete data in its volumes and run fstrim) or move replicas off it")
-
-
-def _op_name(op: int) -> str:
-    try:
-        return Op(op).name
-    except ValueError:
-        return f"op {op}"
 
 
 class DataProtocolServer:
@@ -701,6 +666,7 @@ class DataProtocolServer:
         self.frame_timeout = frame_timeout
         self.connections: set[_Connection] = set()
         self.flushes: set[asyncio.Future[Any]] = set()
+        self._disk_reads: DiskReads | None = None
         self.faults = Faults()
         self.host = ""
         self.port = 0
@@ -712,6 +678,13 @@ class DataProtocolServer:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def disk_reads(self) -> DiskReads:
+        """Reads that would wait for the disk, done off the event loop."""
+        if self._disk_reads is None:
+            self._disk_reads = DiskReads(asyncio.get_running_loop(), READ_THREADS)
+        return self._disk_reads
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -777,10 +750,16 @@ class DataProtocolServer:
             await self._unix_server.wait_closed()
         if self.flushes:
             await asyncio.gather(*self.flushes, return_exceptions=True)
+        if self._disk_reads is not None:
+            self._disk_reads.close()
 
 
 def _empty(_result: object) -> bytes:
     return b""
+
+
+def _as_is(result: bytes) -> bytes:
+    return result
 
 
 def _start_writebacks(replicas: list[StoredReplica]) -> None:
