@@ -82,6 +82,7 @@ class ReplicationService:
         self.access = access
         self.least = least
         self._rounds: dict[str, asyncio.Task[None]] = {}
+        self._shipping: dict[str, asyncio.Lock] = {}  # one round of a volume at a time
         self._cleanups: set[asyncio.Task[None]] = set()
 
     async def start(self, name: str, remote: str, every: str | float) -> Volume:
@@ -215,7 +216,16 @@ class ReplicationService:
         """One round: cut a point, send what changed since the remote's point, commit.
         ``cut``: how the point is cut (a migration's final round holds the writes);
         ``copied``: what to do once all is sent, while the remote makes it durable and
-        records it (a handover fences the source then)."""
+        records it (a handover fences the source then).
+
+        Rounds of one volume go one after the other: a migration's first round and a
+        scheduled round that started at the same turn would each begin a session on the
+        remote, and the later one would fence the earlier (seen after a restart)."""
+        async with self._shipping.setdefault(name, asyncio.Lock()):
+            return await self._ship(name, cut, copied)
+
+    async def _ship(self, name: str, cut: Callable[[str, str], Awaitable[Snapshot]] | None,
+                    copied: Callable[[], Awaitable[None]] | None) -> dict[str, Any]:
         volume = await self.catalog.volume(name)
         if volume.replication is None:
             raise InvalidArgument(what="volume", detail=f"{name!r} is not replicated")
