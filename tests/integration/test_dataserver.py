@@ -890,3 +890,71 @@ def test_reads_from_the_disk_answer_what_was_written(
         run(body())
     finally:
         process.kill()
+
+
+def test_write_buffers_retired_by_a_failed_connection_come_back_with_the_next(
+        server: ServerProcess) -> None:
+    """A connection that fails with a shared write unanswered retires its slot (the server
+    may still have the request); the client's next connection SHAREs again, the server
+    aborts whatever is left of the old one and says so, and the slot is used again."""
+    sock = server.root / wire.LOCAL_SOCKET
+
+    async def main() -> None:
+        shared = SharedMemory(MIB, slots=2)
+        c = DataClient(server.address, local_socket=str(sock), shared=shared)
+        try:
+            await c.connect()
+            v = vid()
+            await c.create(v, 8 * MIB)
+            await c.fence(v, 1)
+            slot = shared.take()
+            assert slot is not None
+            first = os.urandom(64 * 1024)
+            shared.slot(slot)[:len(first)] = first
+            server.signal(signal.SIGSTOP)  # the request stays in the socket, unanswered
+            try:
+                reply = c.start_write(v, 1, MIB, shared.slot(slot)[:len(first)], 2,
+                                      slot * shared.slot_size)
+                await asyncio.sleep(0.1)
+                assert c._protocol is not None and c._protocol.transport is not None
+                c._protocol.transport.abort()  # the client gives up on the connection
+                with pytest.raises(DataServerUnavailable):
+                    await reply
+                shared.release(slot)  # the caller is done; the client's hold stays
+                assert shared.free == 1
+            finally:
+                server.signal(signal.SIGCONT)
+            await c.connect()  # SHARE again: the server answers that the old one is gone
+            assert shared.free == 2
+            slot = shared.take()
+            assert slot is not None
+            second = os.urandom(64 * 1024)
+            shared.slot(slot)[:len(second)] = second
+            await c.start_write(v, 1, MIB, shared.slot(slot)[:len(second)], 3,
+                                slot * shared.slot_size)
+            shared.release(slot)
+            await asyncio.sleep(0.2)
+            assert bytes(await c.read(v, 1, MIB, len(second))) == second
+
+            # a connection of the same client while the first is up: the first is aborted
+            again = DataClient(server.address, local_socket=str(sock), shared=shared)
+            again._client = c._client
+            await again.connect()
+            try:
+                for _ in range(100):
+                    if not c.connected:
+                        break
+                    await asyncio.sleep(0.02)
+                assert not c.connected
+                other = DataClient(server.address, local_socket=str(sock), shared=shared)
+                await other.connect()  # another client: the first two are left alone
+                await asyncio.sleep(0.1)
+                assert again.connected and other.connected
+                await other.close()
+            finally:
+                await again.close()
+        finally:
+            await c.close()
+            shared.close()
+
+    asyncio.run(main())

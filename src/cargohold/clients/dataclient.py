@@ -17,6 +17,7 @@ import logging
 import os
 import ssl
 import struct
+import uuid
 from types import TracebackType
 from typing import Any, cast
 
@@ -184,6 +185,10 @@ class DataClient:
         self._shared = shared if local_socket is not None else None
         self._sharing = False
         self._held: dict[asyncio.Future[bytes | memoryview], int] = {}  # request → its slot
+        # slots named by requests of a connection that failed: the server may still read
+        # them, until a SHARE on a new connection answers that it dropped the old one
+        self._retired: list[int] = []
+        self._client = uuid.uuid4().hex
 
     # --- connection ---------------------------------------------------------------------
 
@@ -247,12 +252,20 @@ class DataClient:
         """Offer the write buffers to the server; a server that cannot map them gets
         every write's data in the frame, as over TCP."""
         try:
-            await self._call(Op.SHARE, "", payload=encode_json(
-                {"path": shared.path, "token": shared.token.hex()}), timeout=timeout)
+            answer = await self._call(Op.SHARE, "", payload=encode_json(
+                {"path": shared.path, "token": shared.token.hex(), "client": self._client}),
+                timeout=timeout)
         except InvalidArgument as exc:
             log.info("data server %s does not map shared write buffers: %s", self.address, exc)
             return
         self._sharing = True
+        body = decode_json(answer) if answer else None  # a server before 2026-12-07: b""
+        if self._retired and isinstance(body, dict) and body.get("alone") is True:
+            log.info("data server %s: %d retired write buffers back in use", self.address,
+                     len(self._retired))
+            for slot in self._retired:  # the old connection is gone on the server too
+                shared.release(slot)
+            self._retired = []
 
     def _release(self, slot: int) -> None:
         if self._shared is not None:
@@ -718,8 +731,9 @@ class DataClient:
         self._sharing = False
         self._granted = {}
         if self._held:  # unanswered: the server may still read these slots, so keep them
-            log.warning("data server %s: %d shared write buffers retired", self.address,
-                        len(self._held))
+            log.warning("data server %s: %d shared write buffers retired until the next "
+                        "connection", self.address, len(self._held))
+            self._retired += self._held.values()
             self._held.clear()
         self._out, self._out_bytes = [], 0
         for future, _volume_id, _epoch in pending:

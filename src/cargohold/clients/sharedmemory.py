@@ -9,9 +9,10 @@ a large payload names where the payload lies in it instead of carrying it
 
 A slot is in use while anyone may still read it. Its reader (the FUSE session) holds it
 until the write it carries is answered; every data client that named it holds it until that
-data server has answered the request. A connection that fails first never gives its hold
-back: that data server may still have the request queued, so the slot is retired for good
-instead of being reused under it.
+data server has answered the request. A connection that fails first keeps its hold: that
+data server may still have the request queued, so the slot is retired instead of being
+reused under it, until the client's next connection to that server SHAREs again and the
+server answers that it aborted the old one (nothing left in it is read any more).
 """
 
 from __future__ import annotations

@@ -113,6 +113,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._out: list[BytesLike] = []
         self._shared: mmap.mmap | None = None  # the client's write buffers (Op.SHARE)
         self._shared_view: memoryview | None = None
+        self._sharer = ""  # the client this connection maps the buffers of (pid:client id)
         self._unsent = 0  # bytes of read answers queued in ``_out``
         self._reading = 0  # bytes of reads in threads
         self._received = 0  # bytes received so far (the stall watch compares them)
@@ -161,6 +162,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._watch.cancel()
         self._transport = None
         self._unshare()
+        if self._server.sharers.get(self._sharer) is self:
+            del self._server.sharers[self._sharer]
         if not self.lost.done():
             self.lost.set_result(None)
         log.debug("connection from %s closed (%s)", self.peer, exc or "eof")
@@ -414,6 +417,10 @@ class _Connection(asyncio.BufferedProtocol):
         (``/proc/PID/fd/N`` with the peer's PID from the socket's credentials): never a path
         the client merely names. The file must be sealed against shrinking, so that no page
         of the mapping can go away under the server (a SIGBUS would kill it).
+
+        With the client's id (``client``): this is its only connection from now on. One it
+        had before is aborted, so that no request left in it reads the buffers any more, and
+        the answer says so (``alone``): the client may reuse the slots those requests named.
         """
         sock = self._transport.get_extra_info("socket") if self._transport else None
         if sock is None or sock.family != socket.AF_UNIX:
@@ -438,7 +445,15 @@ class _Connection(asyncio.BufferedProtocol):
         shared = map_sealed(path, expected)
         self._unshare()
         self._shared, self._shared_view = shared, memoryview(shared)
-        return b""
+        client = request.get("client")
+        if not isinstance(client, str) or not client:
+            return b""
+        self._sharer = f"{pid}:{client}"
+        before = self._server.sharers.get(self._sharer)
+        if before is not None and before is not self:
+            before.abort()  # what it has not read yet is never read
+        self._server.sharers[self._sharer] = self
+        return encode_json({"alone": True})
 
     def _unshare(self) -> None:
         view, shared = self._shared_view, self._shared
@@ -666,6 +681,7 @@ class DataProtocolServer:
         self.frame_timeout = frame_timeout
         self.connections: set[_Connection] = set()
         self.flushes: set[asyncio.Future[Any]] = set()
+        self.sharers: dict[str, _Connection] = {}  # who maps which client's buffers
         self._disk_reads: DiskReads | None = None
         self.faults = Faults()
         self.host = ""
