@@ -1,5 +1,5 @@
 """Build hooks: generate the CSI gRPC modules from ``src/cargohold/adapters/csi/csi.proto``;
-compile the C extensions (``src/cargohold/core/_xts.c``, ``src/cargohold/stores/_diskreads.c``).
+compile the C extensions (``core/_xts.c``, ``core/_frames.c``, ``stores/_diskreads.c``).
 
 Everything else about the package is in pyproject.toml. ``build_py`` runs ``grpc_tools.protoc``
 (a build requirement, pinned in pyproject.toml) and writes ``csi_pb2.py``, ``csi_pb2.pyi`` and
@@ -46,8 +46,11 @@ XTS = Extension("cargohold.core._xts", ["src/cargohold/core/_xts.c"], libraries=
 
 # Reads of replica files in threads without the GIL, for the data server
 # (stores/diskreads.py); optional too: without it Python threads do them. Warnings are errors.
+STRICT = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror"]
 DISK_READS = Extension("cargohold.stores._diskreads", ["src/cargohold/stores/_diskreads.c"],
-                       extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                                           "-Werror"], optional=True)
+                       extra_compile_args=STRICT, optional=True)
+# The data protocol's frame headers decoded in C (core/wire.py); optional, warnings as errors.
+FRAMES = Extension("cargohold.core._frames", ["src/cargohold/core/_frames.c"],
+                   extra_compile_args=STRICT, optional=True)
 
-setup(cmdclass={"build_py": BuildPyWithProtos}, ext_modules=[XTS, DISK_READS])
+setup(cmdclass={"build_py": BuildPyWithProtos}, ext_modules=[XTS, DISK_READS, FRAMES])

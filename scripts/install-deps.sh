@@ -9,6 +9,8 @@ packages=(fuse3 util-linux mount e2fsprogs xfsprogs gcc libssl-dev)
 bare=()
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(fio docker.io etcd-server busybox-static iproute2 curl)
+  # the C extensions' frame parsers are fuzzed with libFuzzer (tests/unit/test_frames.py)
+  packages+=(clang)
   # the Debian package, the container image and the managed plugin: their builds
   # (scripts/build-*.sh) and tests (a registry on loopback for plugin push and upgrade)
   packages+=(python3-venv python3-dev logrotate debootstrap docker-registry)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from cargohold.core import compiled
 from cargohold.errors import InvalidArgument
 
 MAGIC = b"CH"
@@ -255,6 +256,25 @@ def _check_frame(magic: bytes, version: int, payload_length: int) -> None:
         raise InvalidArgument(what="frame", detail=f"unsupported protocol version {version}")
     if payload_length > MAX_PAYLOAD:
         raise InvalidArgument(what="frame", detail=f"payload of {payload_length} bytes is too big")
+
+
+def _frame_error(detail: str) -> InvalidArgument:
+    return InvalidArgument(what="frame", detail=detail)
+
+
+#: The Python decoders: the reference for the compiled ones (``core/_frames.c``), which
+#: replace them below where they were built, unless ``CARGOHOLD_COMPILED=0``.
+python_decode_request_header = decode_request_header
+python_decode_response_header = decode_response_header
+try:
+    from cargohold.core import _frames  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - built by setup.py where a C compiler is
+    _frames = None
+if _frames is not None:
+    _frames.configure(RequestHeader, ResponseHeader, _frame_error, struct.error)
+    if compiled.wanted():
+        decode_request_header = _frames.decode_request_header  # noqa: F811
+        decode_response_header = _frames.decode_response_header  # noqa: F811
 
 
 # --- payloads --------------------------------------------------------------------------

@@ -6,7 +6,7 @@ and calls back on the loop with its bytes. The compiled pool (``_diskreads.c``) 
 threads that never take the GIL and hands completions over through an eventfd the loop
 watches, a batch at a time; Python threads are the reference and the fallback (each read
 then costs ~70 us of CPU, mostly the GIL passing back and forth with the loop).
-``CARGOHOLD_COMPILED=0`` in the environment chooses the Python path.
+``CARGOHOLD_COMPILED=0`` in the environment chooses the Python path (``core/compiled.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import asyncio
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+
+from cargohold.core import compiled
 
 try:
     from cargohold.stores import _diskreads  # type: ignore[attr-defined]
@@ -26,7 +28,7 @@ Done = Callable[[bytes | OSError], None]
 
 
 def compiled_default() -> bool:
-    return _diskreads is not None and os.environ.get("CARGOHOLD_COMPILED", "1") != "0"
+    return _diskreads is not None and compiled.wanted()
 
 
 def _pread(fd: int, offset: int, length: int) -> bytes:
