@@ -24,6 +24,7 @@ from tests.conftest import (
     needs_root,
     unmount_under,
 )
+from tests.system.conftest import source_of
 from tests.system.dockerhost import DockerHost
 
 pytestmark = needs_root()
@@ -84,11 +85,7 @@ def host(tmp_path: Path) -> Iterator[Host]:
 def previous_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Debian package of the previous release, built by its own build-deb.sh."""
     base = tmp_path_factory.mktemp("previous-deb")
-    source = base / "src"
-    source.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", PREVIOUS_RELEASE],
-                             capture_output=True, check=True, timeout=120)
-    subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+    source = source_of(PREVIOUS_RELEASE, base)
     done = subprocess.run([str(source / "scripts" / "build-deb.sh"), str(base)],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"build-deb.sh failed:\n{done.stdout}{done.stderr}"

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Node, _env, needs_root
+from tests.conftest import Node, _env, needs_root
+from tests.system.conftest import source_of
 
 pytestmark = needs_root()
 
@@ -49,11 +50,7 @@ def installed() -> bool:
 def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``cargohold`` of the previous release, pip-installed in a venv of its own."""
     base = tmp_path_factory.mktemp("previous")
-    source = base / "src"
-    source.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", PREVIOUS_RELEASE],
-                             capture_output=True, check=True, timeout=120)
-    subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+    source = source_of(PREVIOUS_RELEASE, base)
     subprocess.run(["/usr/bin/python3", "-m", "venv", str(base / "venv")], check=True)
     done = subprocess.run([str(base / "venv" / "bin" / "pip"), "install", "-q", str(source)],
                           capture_output=True, text=True, timeout=900)

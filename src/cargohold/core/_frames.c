@@ -156,8 +156,14 @@ done:
     return made;
 }
 
-static int view_at(PyObject *const *args, Py_ssize_t nargs, Py_buffer *view,
-                   Py_ssize_t *offset) {
+/* A call's (buffer, offset=0): the header's bytes there (fewer at the buffer's end). */
+struct call {
+    Py_ssize_t offset, have;
+    size_t left;
+    uint8_t bytes[REQUEST_SIZE];
+};
+
+static int fetch(PyObject *const *args, Py_ssize_t nargs, size_t size, struct call *c) {
     if (nargs < 1 || nargs > 2) {
         PyErr_SetString(PyExc_TypeError, "expected (buffer, offset=0)");
         return -1;
@@ -166,17 +172,26 @@ static int view_at(PyObject *const *args, Py_ssize_t nargs, Py_buffer *view,
         PyErr_SetString(PyExc_RuntimeError, "_frames.configure() was not called");
         return -1;
     }
-    *offset = 0;
+    c->offset = 0;
     if (nargs == 2) {
-        *offset = PyLong_AsSsize_t(args[1]);
-        if (*offset == -1 && PyErr_Occurred())
+        c->offset = PyLong_AsSsize_t(args[1]);
+        if (c->offset == -1 && PyErr_Occurred())
             return -1;
     }
-    if (*offset < 0) {  /* wire.py's callers never ask for one */
+    if (c->offset < 0) {  /* wire.py's callers never ask for one */
         PyErr_SetString(PyExc_ValueError, "a negative offset");
         return -1;
     }
-    return PyObject_GetBuffer(args[0], view, PyBUF_SIMPLE);
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return -1;
+    c->have = view.len;
+    size_t left = c->offset < view.len ? (size_t)(view.len - c->offset) : 0;
+    c->left = left < size ? left : size;
+    if (c->left)
+        memcpy(c->bytes, (const uint8_t *)view.buf + c->offset, c->left);
+    PyBuffer_Release(&view);
+    return 0;
 }
 
 static PyObject *volume_hex(const uint8_t volume[16]) {
@@ -197,25 +212,15 @@ static PyObject *volume_hex(const uint8_t volume[16]) {
     return text;
 }
 
-static const uint8_t *at(const Py_buffer *view, Py_ssize_t offset, size_t *left) {
-    *left = offset < view->len ? (size_t)(view->len - offset) : 0;
-    return (const uint8_t *)view->buf + (offset < view->len ? offset : 0);
-}
-
 static PyObject *decode_request_header(PyObject *self, PyObject *const *args,
                                        Py_ssize_t nargs) {
-    Py_buffer view;
-    Py_ssize_t offset;
-    size_t left;
-    if (view_at(args, nargs, &view, &offset) < 0)
+    struct call c;
+    if (fetch(args, nargs, REQUEST_SIZE, &c) < 0)
         return NULL;
     struct request_header h = {0};
-    const uint8_t *start = at(&view, offset, &left);
-    enum frame_error e = parse_request(start, left, &h);
-    Py_ssize_t have = view.len;
-    PyBuffer_Release(&view);
+    enum frame_error e = parse_request(c.bytes, c.left, &h);
     if (e != FRAME_OK)
-        return raise_frame(e, h.magic, h.version, h.payload_length, have, offset,
+        return raise_frame(e, h.magic, h.version, h.payload_length, c.have, c.offset,
                            REQUEST_SIZE);
     PyObject *items[8] = {
         PyLong_FromUnsignedLong(h.op), PyLong_FromUnsignedLong(h.request_id),
@@ -228,18 +233,13 @@ static PyObject *decode_request_header(PyObject *self, PyObject *const *args,
 
 static PyObject *decode_response_header(PyObject *self, PyObject *const *args,
                                         Py_ssize_t nargs) {
-    Py_buffer view;
-    Py_ssize_t offset;
-    size_t left;
-    if (view_at(args, nargs, &view, &offset) < 0)
+    struct call c;
+    if (fetch(args, nargs, RESPONSE_SIZE, &c) < 0)
         return NULL;
     struct response_header h = {0};
-    const uint8_t *start = at(&view, offset, &left);
-    enum frame_error e = parse_response(start, left, &h);
-    Py_ssize_t have = view.len;
-    PyBuffer_Release(&view);
+    enum frame_error e = parse_response(c.bytes, c.left, &h);
     if (e != FRAME_OK)
-        return raise_frame(e, h.magic, h.version, h.payload_length, have, offset,
+        return raise_frame(e, h.magic, h.version, h.payload_length, c.have, c.offset,
                            RESPONSE_SIZE);
     PyObject *items[3] = {
         PyLong_FromUnsignedLong(h.status), PyLong_FromUnsignedLong(h.request_id),
