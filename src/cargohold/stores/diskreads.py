@@ -12,6 +12,7 @@ then costs ~70 us of CPU, mostly the GIL passing back and forth with the loop).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,8 @@ try:
     from cargohold.stores import _diskreads  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - built by setup.py where a C compiler is
     _diskreads = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 #: What a read gives its callback: the bytes (fewer at the end of the file) or the error.
 Done = Callable[[bytes | OSError], None]
@@ -87,7 +90,10 @@ class DiskReads:
 
     def _collect(self) -> None:
         for done, result in self._pool.completed():
-            done(result)
+            try:
+                done(result)
+            except Exception:  # the batch's other reads are answered all the same
+                log.exception("a read's callback failed")
 
     def close(self) -> None:
         """Stop; reads not answered yet never are."""

@@ -1,7 +1,8 @@
 """The data protocol's server side: a disk's replicas served to engines and nodes.
 
 Requests are answered in the event loop thread as they arrive (a connection may pipeline
-many), except FLUSH, whose fdatasync runs in a worker thread so that it stalls neither the
+many), except FLUSH and the like, whose fdatasync runs in a worker thread, and reads the
+page cache cannot answer, which ``disk_reads`` does (stores/diskreads.py): neither stalls the
 other requests of its connection nor other connections. Responses produced by one batch of
 received bytes go out in one write. Store errors map to statuses in ``statuses.py``.
 
