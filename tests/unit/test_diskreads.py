@@ -178,3 +178,30 @@ def test_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path,
                                "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"})
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
     assert "runtime error" not in done.stderr and "AddressSanitizer" not in done.stderr
+
+
+@pytest.mark.parametrize("compiled", WAYS)
+def test_a_callback_that_fails_loses_no_other_answer(compiled: bool,
+                                                     data: tuple[Path, bytes]) -> None:
+    path, content = data
+
+    async def body() -> None:
+        reads = DiskReads(asyncio.get_running_loop(), 2, compiled=compiled)
+        fd = os.open(path, os.O_RDONLY)
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(20)]
+
+        def fails(result: bytes | OSError) -> None:
+            raise RuntimeError("a callback's bug")
+
+        try:
+            for i, future in enumerate(futures):
+                reads.read(fd, i * 4096, 10, fails if i % 3 == 0 else future.set_result)
+            answered = await asyncio.wait_for(
+                asyncio.gather(*(f for i, f in enumerate(futures) if i % 3)), 10)
+            assert answered == [content[i * 4096:i * 4096 + 10] for i in range(20) if i % 3]
+        finally:
+            reads.close()
+            os.close(fd)
+
+    asyncio.run(body())
