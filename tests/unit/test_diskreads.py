@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cargohold.core import compiled
 from cargohold.stores import diskreads
 from cargohold.stores.diskreads import DiskReads
 
@@ -39,8 +40,9 @@ async def read_all(reads: DiskReads, fd: int,
     return list(await asyncio.wait_for(asyncio.gather(*futures), 10))
 
 
-def test_the_compiled_pool_is_built() -> None:
-    assert diskreads.compiled_default()  # pip install -e . builds stores/_diskreads.c
+def test_the_compiled_pool_is_built_and_used_unless_the_flag_says() -> None:
+    assert diskreads._diskreads is not None  # pip install -e . builds stores/_diskreads.c
+    assert diskreads.compiled_default() == compiled.wanted()  # CARGOHOLD_COMPILED=0: no
 
 
 @pytest.mark.parametrize("compiled", WAYS)
