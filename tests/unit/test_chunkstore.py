@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import struct
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -674,3 +675,24 @@ def test_a_replica_in_memory_reads_at_once() -> None:
     replica = MemoryChunkStore().create(vid(), MIB)
     replica.write(0, b"m" * BLOCK_SIZE, 1)
     assert replica.read_cached(0, 2 * BLOCK_SIZE) == b"m" * BLOCK_SIZE + bytes(BLOCK_SIZE)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+def test_a_file_system_that_cannot_say_what_it_holds_is_read_as_before(tmp_path: Path) -> None:
+    """tmpfs refuses RWF_NOWAIT (EOPNOTSUPP): read_cached reads, as read does."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(tmp_path)],
+                   check=True)
+    store = DiskChunkStore(tmp_path / "disk")
+    try:
+        replica = store.create(vid(), 4 * MIB)
+        data = os.urandom(8 * BLOCK_SIZE)
+        replica.write(0, data, 1)
+        assert replica.read_cached(0, BLOCK_SIZE) == data[:BLOCK_SIZE]
+        assert replica.read_cached(0, 8 * BLOCK_SIZE) == data
+        replica.take_snapshot(uuid.uuid4().hex, 1.0)
+        replica.write(BLOCK_SIZE, b"m" * BLOCK_SIZE, 2)  # moved: read through versionmap
+        assert replica.read_cached(0, 3 * BLOCK_SIZE) == (data[:BLOCK_SIZE] + b"m" * BLOCK_SIZE
+                                                          + data[2 * BLOCK_SIZE:3 * BLOCK_SIZE])
+    finally:
+        store.close()
+        subprocess.run(["umount", str(tmp_path)], check=True)

@@ -93,12 +93,16 @@ def _pages(size: int) -> int:
 def _pread(fd: int, length: int, at: int, nowait: bool) -> bytes:
     """``os.pread``; with ``nowait``, BlockingIOError unless every byte is in the page cache
     (a short read, at the end of the file, counts as not: the caller reads again, waiting)."""
-    if not nowait:
-        return os.pread(fd, length, at)
-    out = bytearray(length)
-    if os.preadv(fd, [out], at, os.RWF_NOWAIT) < length:
-        raise BlockingIOError(errno.EAGAIN, "not all in the page cache")
-    return bytes(out)
+    if nowait:
+        out = bytearray(length)
+        try:
+            if os.preadv(fd, [out], at, os.RWF_NOWAIT) < length:
+                raise BlockingIOError(errno.EAGAIN, "not all in the page cache")
+            return bytes(out)
+        except OSError as exc:  # EAGAIN goes on up; a file system that cannot tell: read
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+    return os.pread(fd, length, at)
 
 
 def _reraise(exc: OSError, server: str) -> NoReturn:
@@ -232,8 +236,7 @@ class DiskReplica(StoredReplica):
 
     def read_place(self, offset: int, length: int) -> tuple[int, int] | None:
         self._check_range(offset, length)
-        snaps = self._snaps
-        if snaps is not None and snaps.moved(offset // BLOCK_SIZE, length // BLOCK_SIZE):
+        if self._snaps and self._snaps.moved(offset // BLOCK_SIZE, length // BLOCK_SIZE):
             return None
         return self._data_fd, offset
 

@@ -643,9 +643,14 @@ class VersionMap:
         for k, run, fd, at in self._runs_of(first, places):
             if fd < 0:
                 continue
-            got = os.preadv(fd, [memoryview(out)[k * BLOCK_SIZE : (k + run) * BLOCK_SIZE]], at,
-                            flags)
-            if nowait and got < run * BLOCK_SIZE:
+            into = [memoryview(out)[k * BLOCK_SIZE : (k + run) * BLOCK_SIZE]]
+            try:
+                got = os.preadv(fd, into, at, flags)
+            except OSError as exc:  # BlockingIOError (EAGAIN) goes on up
+                if exc.errno != errno.EOPNOTSUPP or not flags:
+                    raise
+                flags, got = 0, os.preadv(fd, into, at)  # a file system that cannot tell
+            if flags and got < run * BLOCK_SIZE:
                 raise BlockingIOError(errno.EAGAIN, "not all in the page cache")
             # otherwise a short read leaves zeros: the checksums decide
         return bytes(out)
