@@ -1,5 +1,6 @@
 """Build hooks: generate the CSI gRPC modules from ``src/cargohold/adapters/csi/csi.proto``;
-compile the C extensions (``core/_xts.c``, ``core/_frames.c``, ``stores/_diskreads.c``).
+compile the C extensions (``core/_xts.c``, ``core/_frames.c``, ``stores/_diskreads.c``,
+``services/engine/_fusering.c``).
 
 Everything else about the package is in pyproject.toml. ``build_py`` runs ``grpc_tools.protoc``
 (a build requirement, pinned in pyproject.toml) and writes ``csi_pb2.py``, ``csi_pb2.pyi`` and
@@ -53,4 +54,10 @@ DISK_READS = Extension("cargohold.stores._diskreads", ["src/cargohold/stores/_di
 FRAMES = Extension("cargohold.core._frames", ["src/cargohold/core/_frames.c"],
                    extra_compile_args=STRICT, optional=True)
 
-setup(cmdclass={"build_py": BuildPyWithProtos}, ext_modules=[XTS, DISK_READS, FRAMES])
+# FUSE over io_uring for the engine's FUSE session (services/engine/fuse.py); optional too.
+FUSE_RING = Extension("cargohold.services.engine._fusering",
+                      ["src/cargohold/services/engine/_fusering.c"], extra_compile_args=STRICT,
+                      optional=True)
+
+setup(cmdclass={"build_py": BuildPyWithProtos},
+      ext_modules=[XTS, DISK_READS, FRAMES, FUSE_RING])

@@ -7,6 +7,12 @@ which a synchronous libfuse loop cannot. The mount has a root directory holding 
 file, ``volume``; the agent puts a loop device on that file.
 
 The filesystem calls a :class:`BlockTarget` (the engine's replica set) for the data path.
+
+Where the kernel offers it (Linux 6.14+, module parameter ``fuse.enable_uring``) and
+``_fusering.c`` was built, requests come through FUSE over io_uring once INIT is answered:
+ring entries the kernel fills, each answered with the fetch of its next request, the replies
+of one loop turn submitted together. /dev/fuse then carries only what the ring does not
+(forgets, interrupts); a kernel that refuses the ring leaves everything on /dev/fuse.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import mmap
 import os
 import stat
 import struct
@@ -26,9 +33,15 @@ from time import perf_counter
 from typing import Any, Protocol
 
 from cargohold.clients.sharedmemory import SharedMemory
+from cargohold.core import compiled
 from cargohold.core.iostats import OpStats, VolumeIo
 from cargohold.core.wire import BytesLike
 from cargohold.errors import CargoholdError, NoSpace
+
+try:
+    from cargohold.services.engine import _fusering  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - not built: /dev/fuse only
+    _fusering = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +68,14 @@ FUSE_ASYNC_READ = 1 << 0
 FUSE_BIG_WRITES = 1 << 5
 FUSE_ASYNC_DIO = 1 << 15
 FUSE_MAX_PAGES = 1 << 22
+FUSE_INIT_EXT = 1 << 30  # flags2 is there (and in the reply)
+FUSE_OVER_IO_URING = 1 << 41  # of flags | flags2 << 32
 WANTED_FLAGS = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_MAX_PAGES
+
+#: FUSE over io_uring: the kernel's switch, and ring entries in all (split among its queues,
+#: one per possible CPU; a request waits for an entry of the queue of the CPU it came from)
+URING_PARAMETER = "/sys/module/fuse/parameters/enable_uring"
+RING_ENTRIES = MAX_BACKGROUND
 
 # notifications the file system sends the kernel unasked (linux/fuse.h, fuse_notify_code)
 NOTIFY_INVAL_INODE = 2
@@ -80,7 +100,7 @@ ATTR_OUT_HEAD = struct.Struct("<QII")  # attr_valid attr_valid_nsec dummy
 OPEN_OUT = struct.Struct("<QII")  # fh open_flags padding
 READ_IN = struct.Struct("<QQII")  # fh offset size read_flags
 WRITE_IN = struct.Struct("<QQIIQII")  # fh offset size write_flags lock_owner flags padding
-WRITE_OUT = struct.Struct("<II")
+WRITE_OUT = struct.Struct("<II")  # size padding
 WRITE_REPLY = struct.Struct("<IiQII")  # OUT_HEADER + WRITE_OUT: one buffer, one write()
 SETATTR_IN_VALID = struct.Struct("<IIQQ")  # valid padding fh size
 FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
@@ -127,6 +147,31 @@ def mount(fd: int, mountpoint: str) -> None:
         raise OSError(err, f"mount of FUSE file system on {mountpoint}: {os.strerror(err)}")
 
 
+def ring_wanted() -> bool:
+    """FUSE over io_uring is built, allowed (``CARGOHOLD_COMPILED``) and enabled here."""
+    if _fusering is None or not compiled.wanted():
+        return False
+    try:
+        with open(URING_PARAMETER) as f:
+            return f.read().strip() == "Y"
+    except OSError:
+        return False
+
+
+def possible_cpus() -> int:
+    """The kernel's queues of FUSE over io_uring: one per possible CPU."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            text = f.read().strip()
+        count = 0
+        for part in text.split(","):  # "0-1", "0,2-5"
+            first, _, last = part.partition("-")
+            count += int(last or first) - int(first) + 1
+        return count
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
 def unmount(mountpoint: str, lazy: bool = False) -> None:
     if _libc.umount2(mountpoint.encode(), MNT_DETACH if lazy else 0) != 0:
         err = ctypes.get_errno()
@@ -160,6 +205,12 @@ class FuseSession:
         self._buffer = self._own
         self._iov = [self._buffer]
         self._next_buffer()
+        # FUSE over io_uring (``_start_ring``): requests that came through it carry the tag
+        # ``~entry`` (below 0) instead of their unique, and are answered through the ring
+        self._ring: Any = None
+        self._ring_payloads: mmap.mmap | None = None
+        self._ring_views: list[memoryview] = []
+        self._ring_submit: asyncio.Handle | None = None
         self._tasks: set[asyncio.Future[None]] = set()
         self._io: set[asyncio.Future[Any]] = set()  # reads and writes being served
         self._started = time.time()
@@ -196,6 +247,7 @@ class FuseSession:
 
     def close(self) -> None:
         """Close our end of the FUSE connection (the kernel ended it, or would not)."""
+        self._stop_ring()
         if self.fd >= 0:
             asyncio.get_running_loop().remove_reader(self.fd)
             os.close(self.fd)
@@ -220,6 +272,102 @@ class FuseSession:
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise
+
+    @property
+    def transport(self) -> str:
+        """How requests arrive: "io_uring" or "/dev/fuse"."""
+        return "io_uring" if self._ring is not None else "/dev/fuse"
+
+    # -- FUSE over io_uring --------------------------------------------------------------
+
+    def _start_ring(self) -> None:
+        """Hand ring entries to the kernel (after INIT agreed on FUSE_OVER_IO_URING); from
+        then on requests arrive there. A refusal leaves them on /dev/fuse."""
+        assert _fusering is not None
+        queues = possible_cpus()
+        per_queue = max(2, -(-RING_ENTRIES // queues))
+        # payload buffers: only the pages requests fill are ever touched
+        payloads = mmap.mmap(-1, queues * per_queue * MAX_WRITE)
+        ring = None
+        try:
+            ring = _fusering.Ring(self.fd, queues, per_queue, MAX_WRITE, payloads)
+            ring.register()
+        except (OSError, ValueError) as e:
+            log.warning("FUSE over io_uring refused (%s): requests come through /dev/fuse", e)
+            if ring is not None:
+                ring.close()
+            payloads.close()
+            return
+        self._ring, self._ring_payloads = ring, payloads
+        view = memoryview(payloads)
+        self._ring_views = [view[k * MAX_WRITE:(k + 1) * MAX_WRITE] for k in range(ring.count)]
+        asyncio.get_running_loop().add_reader(ring.fd, self._on_ring)
+        log.debug("FUSE over io_uring: %d entries on %d queues", ring.count, queues)
+
+    def _stop_ring(self) -> None:
+        ring, self._ring = self._ring, None
+        if ring is None:
+            return
+        if self._ring_submit is not None:
+            self._ring_submit.cancel()
+            self._ring_submit = None
+        asyncio.get_running_loop().remove_reader(ring.fd)
+        ring.close()  # its entries' commands are cancelled; the buffers stay until unused
+        self._ring_views = []
+
+    def _on_ring(self) -> None:
+        ring = self._ring
+        if ring is None:
+            return
+        requests = ring.take()
+        for entry, opcode, unique, nodeid, offset, size in requests:
+            tag = ~entry
+            if opcode == WRITE:
+                data = self._ring_views[entry][:size]
+                shared = self._shared
+                slot = shared.take() if shared is not None and size >= SHARED_WRITE else None
+                if slot is None or shared is None:
+                    self._write(tag, offset, bytes(data))
+                    continue
+                # the entry is the kernel's again once answered: the data servers on this
+                # host read the write from a shared slot of its own (held until answered)
+                view = shared.slot(slot)
+                view[:size] = data
+                self._write(tag, offset, view[:size], slot, slot * shared.slot_size)
+            elif opcode == READ:
+                self._read(tag, offset, size)
+            elif opcode == LOOKUP:  # the name is in the payload (the first argument is empty)
+                self._dispatch(opcode, tag, nodeid,
+                               self._ring_views[entry][:ring.request_size(entry)])
+            else:
+                self._dispatch(opcode, tag, nodeid, memoryview(ring.op_in(entry)))
+            _ = unique  # the ring answers by entry: the kernel knows which request it holds
+        if ring.ended:  # unmounted or aborted: /dev/fuse says so too (ENODEV)
+            self._stop_ring()
+
+    def _ring_reply(self, entry: int, error: int, payload: BytesLike) -> None:
+        ring = self._ring
+        if ring is None:
+            return  # the ring was closed: nobody waits for the answer any more
+        try:
+            if error:
+                ring.reply(entry, -error, 0)
+            else:
+                ring.reply_data(entry, payload)
+        except (OSError, ValueError) as e:
+            log.error("replying to FUSE through io_uring failed: %s", e)
+            return
+        if self._ring_submit is None:  # every reply of this loop turn, in one system call
+            self._ring_submit = asyncio.get_running_loop().call_soon(self._submit_ring)
+
+    def _submit_ring(self) -> None:
+        self._ring_submit = None
+        if self._ring is None:
+            return
+        try:
+            self._ring.submit()
+        except OSError as e:
+            log.error("replying to FUSE through io_uring failed: %s", e)
 
     # -- request loop --------------------------------------------------------------------
 
@@ -323,11 +471,17 @@ class FuseSession:
 
     # -- replies -------------------------------------------------------------------------
 
-    def _reply(self, unique: int, payload: bytes | memoryview) -> None:
+    def _reply(self, unique: int, payload: BytesLike) -> None:
+        if unique < 0:
+            self._ring_reply(~unique, 0, payload)
+            return
         header = OUT_HEADER.pack(OUT_HEADER.size + len(payload), 0, unique)
         self._send([header, payload])
 
     def _error(self, unique: int, err: int) -> None:
+        if unique < 0:
+            self._ring_reply(~unique, err, b"")
+            return
         self._send([OUT_HEADER.pack(OUT_HEADER.size, -err, unique)])
 
     def _send(self, parts: list[BytesLike]) -> None:
@@ -350,14 +504,21 @@ class FuseSession:
                          mode, nlink, 0, 0, 0, 4096, 0)
 
     def _init(self, unique: int, body: memoryview) -> None:
-        major, minor, max_readahead, flags = INIT_IN.unpack_from(body)[:4]
+        major, minor, max_readahead, flags, flags2 = INIT_IN.unpack_from(body)
         if major != 7:
             log.error("kernel speaks FUSE %d.%d, this engine needs 7.x", major, minor)
             self._error(unique, errno.EPROTO)
             return
+        offered = flags | (flags2 << 32 if flags & FUSE_INIT_EXT else 0)
+        wanted = WANTED_FLAGS
+        if unique >= 0 and ring_wanted():
+            wanted |= FUSE_INIT_EXT | FUSE_OVER_IO_URING
+        agreed = offered & wanted
         self._reply(unique, INIT_OUT.pack(
-            7, min(minor, 38), max_readahead, flags & WANTED_FLAGS,
-            MAX_BACKGROUND, MAX_BACKGROUND * 3 // 4, MAX_WRITE, 1, MAX_PAGES, 0, 0))
+            7, min(minor, 38), max_readahead, agreed & 0xFFFFFFFF,
+            MAX_BACKGROUND, MAX_BACKGROUND * 3 // 4, MAX_WRITE, 1, MAX_PAGES, 0, agreed >> 32))
+        if agreed & FUSE_OVER_IO_URING:
+            self._start_ring()
 
     def _readdir(self, unique: int, body: memoryview) -> None:
         _fh, offset, size, _flags = READ_IN.unpack_from(body)
@@ -382,7 +543,7 @@ class FuseSession:
         try:
             data = self.target.read_at_once(offset, size)
             if data is not None:
-                self._send([OUT_HEADER.pack(OUT_HEADER.size + len(data), 0, unique), data])
+                self._reply(unique, data)
                 if self.io is not None:
                     self.io.read.done(size, perf_counter() - started)
                 return
@@ -401,7 +562,7 @@ class FuseSession:
             self._fail(unique, error, self.io.read if self.io else None, started)
             return
         data = future.result()
-        self._send([OUT_HEADER.pack(OUT_HEADER.size + len(data), 0, unique), data])
+        self._reply(unique, data)
         if self.io is not None:
             self.io.read.done(len(data), perf_counter() - started)
 
@@ -438,13 +599,14 @@ class FuseSession:
         if error is not None:
             self._fail(unique, error, self.io.write if self.io else None, started)
             return
-        if self.fd < 0:
-            return
-        try:
-            os.write(self.fd, WRITE_REPLY.pack(WRITE_REPLY.size, 0, unique, size, 0))
-        except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ENODEV):
-                log.error("replying to FUSE failed: %s", e)
+        if unique < 0:
+            self._ring_reply(~unique, 0, WRITE_OUT.pack(size, 0))
+        elif self.fd >= 0:
+            try:
+                os.write(self.fd, WRITE_REPLY.pack(WRITE_REPLY.size, 0, unique, size, 0))
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ENODEV):
+                    log.error("replying to FUSE failed: %s", e)
         if self.io is not None:
             self.io.write.done(size, perf_counter() - started)
 

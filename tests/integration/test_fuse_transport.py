@@ -1,0 +1,264 @@
+"""The engine's FUSE session on both of the kernel's transports: /dev/fuse, and FUSE over
+io_uring (services/engine/_fusering.c), with a real mount, loop device and ext4.
+
+The session serves a volume held in memory from an event loop in a thread of this process;
+the test is the kernel's other side: a loop device with direct I/O on the session's file, as
+the agent sets it up. What is written through it must be what the target holds, and what the
+target holds must be what is read; failures must reach the writer as errnos.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import mmap
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from cargohold.clients.sharedmemory import SharedMemory
+from cargohold.errors import CargoholdError, NoSpace
+from cargohold.services.engine import fuse
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+                                reason="needs root and /dev/fuse")
+
+SIZE = 64 << 20
+URING = Path(fuse.URING_PARAMETER)
+
+
+class MemoryVolume:
+    """A BlockTarget in memory; writes at ``failing`` offsets fail."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.data = bytearray(size)
+        self.failing: dict[int, Exception] = {}
+        self.flushes = 0
+        self.trims: list[tuple[int, int]] = []
+        self.shared_writes = 0
+
+    def read_at_once(self, offset: int, length: int) -> bytes | None:
+        if offset % 8192 == 4096:  # every other block the slow way: a future, later
+            return None
+        return bytes(self.data[offset:offset + length])
+
+    def start_read(self, offset: int, length: int) -> asyncio.Future[bytes]:
+        done = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(
+            done.set_result, bytes(self.data[offset:offset + length]))
+        return done
+
+    def start_write(self, offset: int, data: object, shared_at: int = -1
+                    ) -> asyncio.Future[None]:
+        done = asyncio.get_running_loop().create_future()
+        if offset in self.failing:
+            done.set_exception(self.failing[offset])
+            return done
+        view = memoryview(data)  # type: ignore[arg-type]
+        self.data[offset:offset + len(view)] = view
+        self.shared_writes += shared_at >= 0
+        asyncio.get_running_loop().call_soon(done.set_result, None)
+        return done
+
+    async def flush(self) -> None:
+        self.flushes += 1
+
+    async def trim(self, offset: int, length: int) -> None:
+        self.trims.append((offset, length))
+        self.data[offset:offset + length] = bytes(length)
+
+
+class Served:
+    """A FuseSession on ``mountpoint`` in a thread of its own, until ``stop``."""
+
+    def __init__(self, target: MemoryVolume, mountpoint: Path, shared: SharedMemory) -> None:
+        self.loop = uvloop.new_event_loop()  # as the engine runs it
+        self.session = fuse.FuseSession(target, str(mountpoint), shared)  # type: ignore[arg-type]
+        self.mountpoint = mountpoint
+        started = threading.Event()
+        self.error: BaseException | None = None
+
+        async def serve() -> None:
+            self.session.start()
+            started.set()
+            await self.session.wait_closed()
+            await self.session.drain()
+
+        def run() -> None:
+            try:
+                self.loop.run_until_complete(serve())
+            except BaseException as e:  # noqa: BLE001 - reported by the test
+                self.error = e
+                started.set()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        started.wait(10)
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        if os.path.ismount(self.mountpoint):
+            subprocess.run(["umount", str(self.mountpoint)], check=True)
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the FUSE session did not end at unmount"
+        self.loop.close()
+
+
+@pytest.fixture(params=["/dev/fuse", "io_uring"])
+def transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The kernel's FUSE over io_uring switched on (and back) for the io_uring case."""
+    if request.param == "/dev/fuse":
+        before = URING.read_text().strip() if URING.exists() else None
+        if before == "Y":
+            URING.write_text("0")
+        yield request.param
+        if before == "Y":
+            URING.write_text("1")
+        return
+    if not URING.exists():
+        pytest.skip("this kernel has no FUSE over io_uring")
+    assert fuse._fusering is not None, "services/engine/_fusering.c was not built"
+    if os.environ.get("CARGOHOLD_COMPILED") == "0":
+        pytest.skip("CARGOHOLD_COMPILED=0: the session reads /dev/fuse")
+    before = URING.read_text().strip()
+    URING.write_text("1")
+    yield request.param
+    URING.write_text("1" if before == "Y" else "0")
+
+
+@contextlib.contextmanager
+def volume(tmp_path: Path, target: MemoryVolume) -> Iterator[tuple[Served, str]]:
+    """The target served, with a loop device on its file as the agent makes one."""
+    mountpoint = tmp_path / "fuse"
+    mountpoint.mkdir()
+    shared = SharedMemory(fuse.READ_BUFFER)
+    served = Served(target, mountpoint, shared)
+    device = ""
+    try:
+        device = subprocess.run(
+            ["losetup", "--find", "--show", "--direct-io=on", "--sector-size", "4096",
+             str(mountpoint / fuse.FILE_NAME.decode())],
+            capture_output=True, text=True, check=True).stdout.strip()
+        yield served, device
+    finally:
+        if device:
+            subprocess.run(["losetup", "-d", device], check=False)
+        served.stop()
+        shared.close()
+
+
+def direct(device: str, offset: int, data: bytes | None = None, length: int = 0) -> bytes:
+    """Write ``data`` at ``offset`` (or read ``length`` bytes) with O_DIRECT."""
+    fd = os.open(device, (os.O_RDWR if data is not None else os.O_RDONLY) | os.O_DIRECT)
+    try:
+        size = len(data) if data is not None else length
+        buffer = mmap.mmap(-1, size)  # page aligned, as O_DIRECT needs
+        if data is not None:
+            buffer[:] = data
+            assert os.pwritev(fd, [buffer], offset) == size
+            return b""
+        assert os.preadv(fd, [buffer], offset) == size
+        return bytes(buffer)
+    finally:
+        os.close(fd)
+
+
+def test_blocks_written_through_the_loop_device_are_what_the_target_holds(
+        tmp_path: Path, transport: str) -> None:
+    target = MemoryVolume(SIZE)
+    pieces = [(0, os.urandom(4096)), (12288, os.urandom(8192)), (1 << 20, os.urandom(1 << 20)),
+              (5 << 20, os.urandom(256 << 10)), (SIZE - 4096, os.urandom(4096))]
+    with volume(tmp_path, target) as (served, device):
+        assert served.session.transport == transport
+        for offset, data in pieces:
+            direct(device, offset, data)
+        for offset, data in pieces:
+            assert target.data[offset:offset + len(data)] == data
+            assert direct(device, offset, length=len(data)) == data
+        target.data[8 << 20:(8 << 20) + 65536] = pattern = os.urandom(65536)
+        assert direct(device, 8 << 20, length=65536) == pattern  # read what the target holds
+        # writes of 64 KiB and more reach the target from a shared slot (the data servers
+        # on this host read them there), smaller ones as bytes of their own
+        assert target.shared_writes >= 2
+
+
+def test_a_file_system_on_it_keeps_its_files_and_flushes_reach_the_target(
+        tmp_path: Path, transport: str) -> None:
+    target = MemoryVolume(SIZE)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with volume(tmp_path, target) as (served, device):
+        subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True)
+        subprocess.run(["mount", device, str(mnt)], check=True)
+        try:
+            files = {f"f{k}": os.urandom(k * 37_000 + 1) for k in range(12)}
+            for name, data in files.items():
+                (mnt / name).write_bytes(data)
+            flushes = target.flushes
+            subprocess.run(["sync", "-f", str(mnt)], check=True)
+            assert target.flushes > flushes  # fsync reached the target: FSYNC answered
+            subprocess.run(["fstrim", str(mnt)], check=False)
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+        subprocess.run(["mount", device, str(mnt)], check=True)
+        try:
+            for name, data in files.items():
+                got = (mnt / name).read_bytes()
+                assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), name
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+        assert served.session.transport == transport
+
+
+def test_failed_writes_reach_the_writer_as_errnos(tmp_path: Path, transport: str) -> None:
+    target = MemoryVolume(SIZE)
+    target.failing[4096] = CargoholdError(detail="replicas gone")
+    target.failing[1 << 20] = NoSpace(server="s", detail="full")
+    with volume(tmp_path, target) as (_served, device):
+        with pytest.raises(OSError) as failed:
+            direct(device, 4096, os.urandom(4096))
+        assert failed.value.errno == 5  # EIO
+        with pytest.raises(OSError) as full:
+            direct(device, 1 << 20, os.urandom(1 << 20))
+        assert full.value.errno == 28  # ENOSPC
+        direct(device, 8192, b"x" * 4096)  # the volume goes on
+        assert target.data[8192:12288] == b"x" * 4096
+        assert target.data[4096:8192] == bytes(4096)
+
+
+def open_files() -> set[str]:
+    """What this process holds open (fd and what it is: numbers alone are reused)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            found.add(f"{fd} {os.readlink(f'/proc/self/fd/{fd}')}")
+    return found
+
+
+def test_nothing_is_left_after_the_session_ends(tmp_path: Path, transport: str) -> None:
+    target = MemoryVolume(SIZE)
+    rings_before = sum("io_uring" in f for f in open_files())  # (libuv keeps rings too)
+    with volume(tmp_path, target) as (served, device):
+        direct(device, 0, os.urandom(4096))
+        during = open_files()
+        session = served.session
+        ring_fd = session._ring.fd if session._ring is not None else -1
+    assert any("/dev/fuse" in f for f in during)
+    assert (f"{ring_fd} anon_inode:[io_uring]" in during) == (transport == "io_uring")
+    # the session object lives on (the test holds it), its FUSE connection and ring do not
+    assert session.fd < 0 and session.transport == "/dev/fuse"
+    after = open_files()
+    assert not any("/dev/fuse" in f for f in after)
+    assert sum("io_uring" in f for f in after) <= rings_before
+    assert not os.path.ismount(tmp_path / "fuse")
+    loops = subprocess.run(["losetup", "-j", str(tmp_path / "fuse" / "volume")],
+                           capture_output=True, text=True, check=True).stdout
+    assert loops == ""
