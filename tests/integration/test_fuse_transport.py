@@ -14,7 +14,10 @@ import contextlib
 import hashlib
 import mmap
 import os
+import shutil
 import subprocess
+import sys
+import sysconfig
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,3 +265,61 @@ def test_nothing_is_left_after_the_session_ends(tmp_path: Path, transport: str) 
     loops = subprocess.run(["losetup", "-j", str(tmp_path / "fuse" / "volume")],
                            capture_output=True, text=True, check=True).stdout
     assert loops == ""
+
+
+#: Run under the sanitizers, with the ring module built with them: a FUSE session on a ring
+#: served in a thread, writes and reads of several sizes through a loop device, failures,
+#: then an unmount with the ring's entries still registered.
+EXERCISE = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("cargohold.services.engine._fusering", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+sys.modules["cargohold.services.engine._fusering"] = module
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+import test_fuse_transport as t
+assert t.fuse._fusering is module
+tmp = Path(sys.argv[3])
+target = t.MemoryVolume(t.SIZE)
+target.failing[4096] = t.CargoholdError(detail="gone")
+with t.volume(tmp, target) as (served, device):
+    assert served.session.transport == "io_uring"
+    for size in (4096, 8192, 65536, 1 << 20):
+        data = os.urandom(size)
+        t.direct(device, 1 << 20, data)
+        assert t.direct(device, 1 << 20, length=size) == data
+    try:
+        t.direct(device, 4096, os.urandom(4096))
+        raise SystemExit("a failed write succeeded")
+    except OSError:
+        pass
+print("ok")
+"""
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_the_ring_under_address_and_undefined_behaviour_sanitizers(
+        tmp_path: Path, transport: str) -> None:
+    if transport != "io_uring":
+        pytest.skip("the ring's C: io_uring only")
+    source = Path(fuse.__file__).with_name("_fusering.c")
+    built = tmp_path / ("_fusering" + str(sysconfig.get_config_var("EXT_SUFFIX")))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer",
+                    "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                    "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror",
+                    f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(built)],
+                   check=True, capture_output=True, timeout=120)
+    runtime = [subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+               for lib in ("libasan.so", "libubsan.so")]
+    work = tmp_path / "work"
+    work.mkdir()
+    done = subprocess.run([sys.executable, "-c", EXERCISE, str(built),
+                           str(Path(__file__).parent), str(work)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "LD_PRELOAD": " ".join(runtime),
+                               "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",
+                               "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+    assert "runtime error" not in done.stderr and "AddressSanitizer" not in done.stderr
