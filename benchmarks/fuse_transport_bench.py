@@ -22,7 +22,8 @@ For each, and for ``raw`` (the loop device over a sparse file on this disk: the 
 fio (libaio, direct) runs 4 KiB random writes and reads at iodepth 32 and random writes at
 iodepth 1 on the loop device. Reported: IOPS, p50/p99 latency, and the server's CPU time per
 request (user+sys from /proc/PID/stat; for ``raw`` there is no server). Ratios are against
-raw and, for the server CPU, against ``python``. Everything it starts (servers, mounts, loop
+raw and, for the server CPU, against ``python``; JSON goes to
+``benchmarks/results/fuse-transport-<timestamp>.json``. Everything it starts (servers, mounts, loop
 devices, the temporary directory, the module parameter) is undone on the way out.
 """
 
@@ -143,7 +144,8 @@ def serve_python(mountpoint: str) -> None:
         def __init__(self) -> None:
             self.zeros = bytes(1 << 20)
 
-        def read_at_once(self, offset: int, length: int) -> memoryview:
+        def read_at_once(self, offset: int, length: int, into: memoryview | None = None
+                         ) -> memoryview:
             return memoryview(self.zeros)[:length]
 
         def start_read(self, offset: int, length: int) -> asyncio.Future[bytes]:
@@ -225,12 +227,17 @@ def main() -> int:
             if uring_before is not None:
                 URING_PARAMETER.write_text("1" if uring_before == "Y" else "0")
     report(results)
+    out = HERE / "results" / f"fuse-transport-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"seconds": args.seconds, "entries": args.entries,
+                               "kernel": os.uname().release, "results": results}, indent=1))
+    print(f"\nresults written to {out}")
     return 0
 
 
 def report(results: dict[str, dict[str, dict[str, float]]]) -> None:
     raw, python = results.get("raw"), results.get("python")
-    print("\njob            kind      IOPS   /raw   p50 us   p99 us  server us/req  /python")
+    print("\njob            kind            IOPS   /raw   p50 us   p99 us  server us/req  /python")
     for name, _rw, _depth in JOBS:
         for kind, jobs in results.items():
             r = jobs[name]
@@ -238,7 +245,7 @@ def report(results: dict[str, dict[str, dict[str, float]]]) -> None:
             server = f"{r['server_us']:13.1f}" if "server_us" in r else " " * 13
             against = (f"{r['server_us'] / python[name]['server_us']:8.2f}"
                        if python and "server_us" in r else "")
-            print(f"{name:14} {kind:6} {r['iops']:9,.0f} {ratio} {r['p50_us']:8.1f} "
+            print(f"{name:14} {kind:12} {r['iops']:9,.0f} {ratio} {r['p50_us']:8.1f} "
                   f"{r['p99_us']:8.1f}  {server}{against}")
 
 

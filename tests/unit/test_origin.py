@@ -30,7 +30,7 @@ class FakeReplicas:
     async def generations(self, _vid: str) -> bytes:
         return array("Q", self.gens).tobytes()
 
-    def read_at_once(self, offset: int, length: int) -> bytes:
+    def read_at_once(self, offset: int, length: int, into: memoryview | None = None) -> bytes:
         return bytes(self.image[offset:offset + length])
 
     async def read(self, offset: int, length: int) -> bytes:

@@ -48,10 +48,11 @@ class EncryptedTarget:
     def size(self) -> int:
         return self.inner.size
 
-    def read_at_once(self, offset: int, length: int) -> BytesLike | None:
+    def read_at_once(self, offset: int, length: int, into: memoryview | None = None
+                     ) -> BytesLike | None:
         if offset % BLOCK or length % BLOCK or self._large(length):
             return None  # a large one is decrypted in the worker: start_read
-        data = self.inner.read_at_once(offset, length)  # a buffer of our own: in place
+        data = self.inner.read_at_once(offset, length, into)  # a buffer of our own: in place
         return None if data is None else self.cipher.decrypt(offset // BLOCK, data, True)
 
     def start_read(self, offset: int, length: int) -> asyncio.Future[BytesLike]:

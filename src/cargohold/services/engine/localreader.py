@@ -98,8 +98,13 @@ class LocalReplicaReader:
         self._epoch_seen = current
         return True
 
-    def read(self, offset: int, length: int) -> BytesLike | None:
-        """The ``length`` bytes at ``offset`` (block aligned), or None: ask the data server."""
+    def read(self, offset: int, length: int, into: memoryview | None = None
+             ) -> BytesLike | None:
+        """The ``length`` bytes at ``offset`` (block aligned), or None: ask the data server.
+
+        ``into``: a writable buffer of ``length`` bytes that the bytes read from the file go
+        to; it is what is returned then (blocks never written may come as bytes of their own).
+        """
         first = offset // BLOCK_SIZE
         count = length // BLOCK_SIZE
         if first + count > self._blocks or not self._still_ours():
@@ -116,16 +121,16 @@ class LocalReplicaReader:
             want = self._sums[first]
             if not want:
                 return ZERO_BLOCK
-            data = self._cached(offset, length)
+            data = self._cached(offset, length, into=into)
             if data is not None and (crc32(data) or 1) == want:
                 return data
             if self._heads is None and self._map_heads():
-                return self.read(offset, length)
+                return self.read(offset, length, into)
             return None
         stored = self._sums[first : first + count].tolist()
         if not any(stored):
             return bytes(length)
-        data = self._cached(offset, length)
+        data = self._cached(offset, length, into=into)
         if data is None:
             return None
         view = memoryview(data)
@@ -133,7 +138,7 @@ class LocalReplicaReader:
             block = view[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE]
             if (crc32(block) or 1) != want if want else block != ZERO_BLOCK:
                 if self._heads is None and self._map_heads():
-                    return self.read(offset, length)
+                    return self.read(offset, length, into)
                 return None
         return data
 
@@ -181,10 +186,12 @@ class LocalReplicaReader:
             out += data
         return out
 
-    def _cached(self, offset: int, length: int, fd: int = -1) -> bytearray | None:
-        """The bytes if the page cache holds them all; None rather than wait for the disk
-        (the engine's event loop must not block: its data server reads a miss instead)."""
-        data = bytearray(length)
+    def _cached(self, offset: int, length: int, fd: int = -1,
+                into: memoryview | None = None) -> bytearray | memoryview | None:
+        """The bytes if the page cache holds them all (read into ``into`` if given); None
+        rather than wait for the disk (the engine's event loop must not block: its data
+        server reads a miss instead)."""
+        data = bytearray(length) if into is None else into
         try:
             done = os.preadv(self._data_fd if fd < 0 else fd, [data], offset, self._flags)
         except BlockingIOError:
@@ -193,7 +200,7 @@ class LocalReplicaReader:
             if exc.errno != errno.EOPNOTSUPP or not self._flags:
                 return None  # the data server reads it, and says what is wrong
             self._flags = 0  # a file system without RWF_NOWAIT (tmpfs: never waits anyway)
-            return self._cached(offset, length, fd)
+            return self._cached(offset, length, fd, into)
         return data if done == length else None
 
     def close(self) -> None:

@@ -134,10 +134,11 @@ class OriginTarget:
     def _touches_absent(self, offset: int, length: int) -> bool:
         return bool(self.absent) and any(c in self.absent for c in chunks(offset, length))
 
-    def read_at_once(self, offset: int, length: int) -> BytesLike | None:
+    def read_at_once(self, offset: int, length: int, into: memoryview | None = None
+                     ) -> BytesLike | None:
         if self._touches_absent(offset, length):
             return None
-        return self.inner.read_at_once(offset, length)
+        return self.inner.read_at_once(offset, length, into)
 
     def start_read(self, offset: int, length: int) -> asyncio.Future[BytesLike]:
         if not self._touches_absent(offset, length):

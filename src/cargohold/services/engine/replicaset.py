@@ -517,14 +517,14 @@ class ReplicaSet:
     async def read(self, offset: int, length: int) -> BytesLike:
         return await self.start_read(offset, length)
 
-    def read_at_once(self, offset: int, length: int) -> BytesLike | None:
+    def read_at_once(self, offset: int, length: int, into: memoryview | None = None
+                     ) -> BytesLike | None:
         """The bytes at ``offset`` from the local replica's files, if it can vouch for them
-        now (see ``LocalReplicaReader``); None: read with ``start_read``."""
+        now (see ``LocalReplicaReader``; ``into``: read them there); None: ``start_read``."""
         reader = self._reader
-        if (reader is None or self.fenced is not None or offset % BLOCK_SIZE
-                or length % BLOCK_SIZE):
+        if reader is None or self.fenced is not None or (offset | length) % BLOCK_SIZE:
             return None
-        return reader.read(offset, length)
+        return reader.read(offset, length, into)
 
     def start_read(self, offset: int, length: int) -> asyncio.Future[BytesLike]:
         """Read from the first replica that answers (local ones first), as a future.
