@@ -132,6 +132,7 @@ def transport(request: pytest.FixtureRequest) -> Iterator[str]:
         if before == "Y":
             URING.write_text("1")
         return
+    os.close(os.open("/dev/fuse", os.O_RDWR))  # loads the fuse module, if it is one
     if not URING.exists():
         pytest.skip("this kernel has no FUSE over io_uring")
     assert fuse._fusering is not None, "services/engine/_fusering.c was not built"
@@ -322,11 +323,19 @@ def test_the_ring_under_address_and_undefined_behaviour_sanitizers(
                for lib in ("libasan.so", "libubsan.so")]
     work = tmp_path / "work"
     work.mkdir()
-    done = subprocess.run([sys.executable, "-c", EXERCISE, str(built),
-                           str(Path(__file__).parent), str(work)],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "LD_PRELOAD": " ".join(runtime),
-                               "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",
-                               "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"})
+    try:
+        done = subprocess.run([sys.executable, "-c", EXERCISE, str(built),
+                               str(Path(__file__).parent), str(work)],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "LD_PRELOAD": " ".join(runtime),
+                                   "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",
+                                   "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"})
+    finally:  # a process the sanitizers stopped leaves its mount and loop device behind
+        fuse_file = work / "fuse" / fuse.FILE_NAME.decode()
+        for device in subprocess.run(["losetup", "-j", str(fuse_file)], capture_output=True,
+                                     text=True).stdout.splitlines():
+            subprocess.run(["losetup", "-d", device.split(":")[0]], check=False)
+        if str(work / "fuse") in Path("/proc/self/mounts").read_text():  # (a dead one too)
+            subprocess.run(["umount", "-l", str(work / "fuse")], check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
     assert "runtime error" not in done.stderr and "AddressSanitizer" not in done.stderr

@@ -308,7 +308,8 @@ class FuseSession:
         view = memoryview(payloads)
         self._ring_views = [view[k * MAX_WRITE:(k + 1) * MAX_WRITE] for k in range(ring.count)]
         asyncio.get_running_loop().add_reader(ring.fd, self._on_ring)
-        log.debug("FUSE over io_uring: %d entries on %d queues", ring.count, queues)
+        log.info("FUSE requests through io_uring: %d ring entries on %d queues", ring.count,
+                 queues)
 
     def _stop_ring(self) -> None:
         ring, self._ring = self._ring, None
