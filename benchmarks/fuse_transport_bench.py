@@ -136,7 +136,8 @@ def serve_python(mountpoint: str) -> None:
     """Today's FuseSession over a target that answers at once (``--serve-python``)."""
     import uvloop
 
-    from cargohold.services.engine.fuse import FuseSession
+    from cargohold.clients.sharedmemory import SLOTS, SharedMemory
+    from cargohold.services.engine.fuse import READ_BUFFER, FuseSession, ring_slots
 
     class Null:
         size = SIZE
@@ -164,7 +165,8 @@ def serve_python(mountpoint: str) -> None:
             return None
 
     async def main() -> None:
-        session = FuseSession(Null(), mountpoint)  # type: ignore[arg-type]
+        shared = SharedMemory(READ_BUFFER, SLOTS + ring_slots())  # as the engine has them
+        session = FuseSession(Null(), mountpoint, shared)  # type: ignore[arg-type]
         session.start()
         while session.finished is not None and not session.finished.done():
             await asyncio.sleep(0.2)

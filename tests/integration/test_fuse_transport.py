@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from cargohold.clients.sharedmemory import SharedMemory
+from cargohold.clients.sharedmemory import SLOTS, SharedMemory
 from cargohold.errors import CargoholdError, NoSpace
 from cargohold.services.engine import fuse
 
@@ -47,6 +47,8 @@ class MemoryVolume:
         self.trims: list[tuple[int, int]] = []
         self.shared_writes = 0
         self.in_place = 0  # reads answered in the buffer of the reply
+        self.retire: SharedMemory | None = None  # hold the first shared write's slot for good
+        self.retired: tuple[int, bytes] | None = None  # (slot, its bytes then)
 
     def read_at_once(self, offset: int, length: int, into: memoryview | None = None
                      ) -> bytes | None:
@@ -73,6 +75,11 @@ class MemoryVolume:
         view = memoryview(data)  # type: ignore[arg-type]
         self.data[offset:offset + len(view)] = view
         self.shared_writes += shared_at >= 0
+        if shared_at >= 0 and self.retire is not None and self.retired is None:
+            # as a data client whose connection failed with this write unanswered: it keeps
+            # holding the slot (its server may still read it)
+            slot = self.retire.hold(shared_at)
+            self.retired = (slot, bytes(self.retire.slot(slot)))
         asyncio.get_running_loop().call_soon(done.set_result, None)
         return done
 
@@ -145,11 +152,14 @@ def transport(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def volume(tmp_path: Path, target: MemoryVolume) -> Iterator[tuple[Served, str]]:
+def volume(tmp_path: Path, target: MemoryVolume, retire: bool = False
+           ) -> Iterator[tuple[Served, str]]:
     """The target served, with a loop device on its file as the agent makes one."""
     mountpoint = tmp_path / "fuse"
     mountpoint.mkdir()
-    shared = SharedMemory(fuse.READ_BUFFER)
+    shared = SharedMemory(fuse.READ_BUFFER, SLOTS + fuse.ring_slots())  # as the engine
+    if retire:
+        target.retire = shared
     served = Served(target, mountpoint, shared)
     device = ""
     try:
@@ -227,6 +237,35 @@ def test_a_file_system_on_it_keeps_its_files_and_flushes_reach_the_target(
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
         assert served.session.transport == transport
+
+
+def test_a_slot_a_data_client_still_holds_is_never_filled_again(
+        tmp_path: Path, transport: str) -> None:
+    """Through the ring, a large write's data servers read it from the entry's own payload
+    buffer, a shared slot. One whose data client kept holding it (retired with its failed
+    connection) leaves the ring before the entry is answered: later requests never land
+    there, and it is free again once let go."""
+    if transport != "io_uring":
+        pytest.skip("the ring's payload buffers only")
+    target = MemoryVolume(SIZE)
+    with volume(tmp_path, target, retire=True) as (served, device):
+        pieces = [(k * (256 << 10), os.urandom(256 << 10)) for k in range(160)]
+        for offset, data in pieces:  # every entry of the ring several times over
+            direct(device, offset, data)
+        assert target.retired is not None
+        slot, then = target.retired
+        shared = target.retire
+        assert shared is not None
+        window = served.session._window
+        assert window is not None and slot not in window.slots
+        assert bytes(shared.slot(slot)) == then  # nothing wrote there since
+        assert target.data[:len(pieces) * (256 << 10)] == b"".join(d for _, d in pieces)
+        free = shared.free
+        shared.release(slot)  # the data client lets go
+        assert shared.free == free + 1
+        offset, data = 40 << 20, os.urandom(1 << 20)
+        direct(device, offset, data)
+        assert direct(device, offset, length=len(data)) == data
 
 
 def test_failed_writes_reach_the_writer_as_errnos(tmp_path: Path, transport: str) -> None:

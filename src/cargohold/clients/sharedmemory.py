@@ -17,6 +17,8 @@ server answers that it aborted the old one (nothing left in it is read any more)
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fcntl
 import mmap
 import os
@@ -83,6 +85,11 @@ class SharedMemory:
         if holds == 0:
             self._free.append(slot)
 
+    def held_elsewhere(self, slot: int) -> bool:
+        """Someone besides the one who took ``slot`` holds it (a data client, for a request
+        not answered yet, or retired with its connection)."""
+        return self._holds[slot] > 1
+
     @property
     def free(self) -> int:
         return len(self._free)
@@ -97,6 +104,57 @@ class SharedMemory:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class SlotWindow:
+    """Slots of a ``SharedMemory`` side by side at addresses that stay: place ``k`` shows
+    slot ``slots[k]`` until ``show`` puts another slot there (MAP_FIXED over the same
+    addresses). FUSE over io_uring fills buffers at addresses given once; this lets their
+    pages be shared slots, and a slot that must not be written any more (a data server may
+    still read it: ``DataClient`` retired it) leaves the window without the addresses
+    changing. The window holds none of the slots itself: its user takes and releases them."""
+
+    def __init__(self, shared: SharedMemory, slots: list[int]) -> None:
+        self.shared = shared
+        self.slots = list(slots)
+        size = shared.slot_size
+        # reserves the addresses; every page of it is replaced by a slot's below
+        self._region = mmap.mmap(-1, len(slots) * size, flags=mmap.MAP_PRIVATE)
+        self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(self._region)
+        self._base = ctypes.addressof(self._anchor)
+        self.view = memoryview(self._region)
+        for k, slot in enumerate(slots):
+            self.show(k, slot)
+
+    def show(self, place: int, slot: int) -> None:
+        """Map slot ``slot`` at place ``place`` (raises OSError; the place is unchanged)."""
+        size = self.shared.slot_size
+        if not 0 <= place < len(self.slots) or self.shared.fd < 0:
+            raise ValueError(f"no place {place} in a window of {len(self.slots)}")
+        address = _libc.mmap(ctypes.c_void_p(self._base + place * size), size,
+                             mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED,
+                             self.shared.fd, ctypes.c_long(slot * size))
+        if address != self._base + place * size:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mapping a shared slot: {os.strerror(err)}")
+        self.slots[place] = slot
+
+    def close(self) -> None:
+        """Unmap the window (every slot's pages stay in the file); while a view into it is
+        still alive somewhere, it is unmapped when that dies."""
+        self._anchor = None
+        try:
+            self.view.release()
+            self._region.close()
+        except BufferError:
+            pass
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_MAP_FIXED = 0x10
 
 
 def map_sealed(path: str, token: bytes) -> mmap.mmap:

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from cargohold.clients.access import Access
-from cargohold.clients.sharedmemory import SharedMemory
+from cargohold.clients.sharedmemory import SLOTS, SharedMemory
 from cargohold.core.cipher import VolumeCipher
 from cargohold.core.iostats import VolumeIo
 from cargohold.core.models import ReplicaState, Volume
@@ -27,7 +27,13 @@ from cargohold.core.retry import Backoff, retry
 from cargohold.errors import CargoholdError, Fenced, InvalidArgument, LeaseLost
 from cargohold.services.engine.cutter import Cutter
 from cargohold.services.engine.encryption import EncryptedTarget
-from cargohold.services.engine.fuse import READ_BUFFER, BlockTarget, FuseSession, unmount
+from cargohold.services.engine.fuse import (
+    READ_BUFFER,
+    BlockTarget,
+    FuseSession,
+    ring_slots,
+    unmount,
+)
 from cargohold.services.engine.healer import INTERVAL, Healer
 from cargohold.services.engine.leasewatch import INTERVAL as LEASE_INTERVAL
 from cargohold.services.engine.leasewatch import LeaseWatch
@@ -98,7 +104,7 @@ class Engine:
         if volume.attachment is None or volume.attachment.epoch != self.epoch:
             raise Fenced(volume_id=volume.id, epoch=self.epoch, current=volume.epoch)
         servers = {s.id: s for s in await self.catalog.servers()}
-        self._shared = SharedMemory(READ_BUFFER)
+        self._shared = SharedMemory(READ_BUFFER, SLOTS + ring_slots())
         self.replicas = ReplicaSet(volume, servers, self.epoch, self.node,
                                    out_of_sync_marker(self.catalog, self.name, self.epoch),
                                    self._shared, self.access)

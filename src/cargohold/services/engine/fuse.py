@@ -18,12 +18,10 @@ of one loop turn submitted together. /dev/fuse then carries only what the ring d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import ctypes.util
 import errno
 import logging
-import mmap
 import os
 import stat
 import struct
@@ -33,7 +31,7 @@ from functools import partial
 from time import perf_counter
 from typing import Any, Protocol
 
-from cargohold.clients.sharedmemory import SharedMemory
+from cargohold.clients.sharedmemory import SharedMemory, SlotWindow
 from cargohold.core import compiled
 from cargohold.core.iostats import OpStats, VolumeIo
 from cargohold.core.wire import BytesLike
@@ -77,6 +75,7 @@ WANTED_FLAGS = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_MAX_PAG
 #: one per possible CPU; a request waits for an entry of the queue of the CPU it came from)
 URING_PARAMETER = "/sys/module/fuse/parameters/enable_uring"
 RING_ENTRIES = MAX_BACKGROUND
+SPARE_SLOTS = 16  # shared write buffers left for slots moved out of the ring (``_own_slot``)
 
 # notifications the file system sends the kernel unasked (linux/fuse.h, fuse_notify_code)
 NOTIFY_INVAL_INODE = 2
@@ -161,6 +160,20 @@ def ring_wanted() -> bool:
         return False
 
 
+def ring_shape() -> tuple[int, int]:
+    """Queues of FUSE over io_uring (one per possible CPU) and ring entries per queue."""
+    queues = possible_cpus()
+    return queues, max(2, -(-RING_ENTRIES // queues))
+
+
+def ring_slots() -> int:
+    """Shared write buffers the ring takes, spares included, where it is used; else 0."""
+    if not ring_wanted():
+        return 0
+    queues, per_queue = ring_shape()
+    return queues * per_queue + SPARE_SLOTS
+
+
 def possible_cpus() -> int:
     """The kernel's queues of FUSE over io_uring: one per possible CPU."""
     try:
@@ -211,7 +224,7 @@ class FuseSession:
         # FUSE over io_uring (``_start_ring``): requests that came through it carry the tag
         # ``~entry`` (below 0) instead of their unique, and are answered through the ring
         self._ring: Any = None
-        self._ring_payloads: mmap.mmap | None = None
+        self._window: SlotWindow | None = None  # entry k's payload: the window's place k
         self._ring_views: list[memoryview] = []
         self._ring_submit: asyncio.Handle | None = None
         self._tasks: set[asyncio.Future[None]] = set()
@@ -285,42 +298,75 @@ class FuseSession:
 
     def _start_ring(self) -> None:
         """Hand ring entries to the kernel (after INIT agreed on FUSE_OVER_IO_URING); from
-        then on requests arrive there. A refusal leaves them on /dev/fuse."""
+        then on requests arrive there. A refusal leaves them on /dev/fuse.
+
+        Each entry's payload buffer is a slot of the write buffers shared with the data
+        servers (seen through a ``SlotWindow``), held by the ring: a large WRITE goes to
+        them from where the kernel put it. Before an entry is answered (and so filled again)
+        its slot must be the ring's alone; one a data client still holds moves out of the
+        window first (``_own_slot``)."""
         assert _fusering is not None
-        queues = possible_cpus()
-        per_queue = max(2, -(-RING_ENTRIES // queues))
-        # payload buffers, in huge pages where the kernel gives them: a 1 MiB request into
-        # fresh memory then costs a fault or two instead of 256 (~4 us each here)
-        payloads = mmap.mmap(-1, queues * per_queue * MAX_WRITE, flags=mmap.MAP_PRIVATE)
-        with contextlib.suppress(OSError, AttributeError):
-            payloads.madvise(mmap.MADV_HUGEPAGE)
-        ring = None
+        shared = self._shared
+        queues, per_queue = ring_shape()
+        count = queues * per_queue
+        if shared is None or shared.free < count + SPARE_SLOTS:
+            log.warning("FUSE over io_uring needs %d free shared write buffers: requests "
+                        "come through /dev/fuse", count + SPARE_SLOTS)
+            return
+        slots = [shared.take() for _ in range(count)]
+        window = ring = None
         try:
-            ring = _fusering.Ring(self.fd, queues, per_queue, MAX_WRITE, payloads)
+            window = SlotWindow(shared, slots)  # type: ignore[arg-type]
+            ring = _fusering.Ring(self.fd, queues, per_queue, shared.slot_size, window.view)
             ring.register()
         except (OSError, ValueError) as e:
             log.warning("FUSE over io_uring refused (%s): requests come through /dev/fuse", e)
             if ring is not None:
                 ring.close()
-            payloads.close()
+            if window is not None:
+                window.close()
+            for slot in slots:
+                shared.release(slot)  # type: ignore[arg-type]
             return
-        self._ring, self._ring_payloads = ring, payloads
-        view = memoryview(payloads)
-        self._ring_views = [view[k * MAX_WRITE:(k + 1) * MAX_WRITE] for k in range(ring.count)]
+        self._ring, self._window = ring, window
+        size = shared.slot_size
+        self._ring_views = [window.view[k * size:(k + 1) * size] for k in range(count)]
         asyncio.get_running_loop().add_reader(ring.fd, self._on_ring)
-        log.info("FUSE requests through io_uring: %d ring entries on %d queues", ring.count,
-                 queues)
+        log.info("FUSE requests through io_uring: %d ring entries on %d queues", count, queues)
 
     def _stop_ring(self) -> None:
         ring, self._ring = self._ring, None
-        if ring is None:
+        window, self._window = self._window, None
+        if ring is None or window is None:
             return
         if self._ring_submit is not None:
             self._ring_submit.cancel()
             self._ring_submit = None
         asyncio.get_running_loop().remove_reader(ring.fd)
-        ring.close()  # its entries' commands are cancelled; the buffers stay until unused
+        ring.close()  # its entries' commands are cancelled
         self._ring_views = []
+        window.close()
+        for slot in window.slots:
+            window.shared.release(slot)
+
+    def _own_slot(self, entry: int) -> bool:
+        """Make entry ``entry``'s slot the ring's alone, moving in a free one if a data client
+        still holds it (its server may yet read it); False if no slot is free now."""
+        window = self._window
+        assert window is not None
+        shared, slot = window.shared, window.slots[entry]
+        if not shared.held_elsewhere(slot):
+            return True
+        fresh = shared.take()
+        if fresh is None:
+            return False
+        try:
+            window.show(entry, fresh)
+        except OSError:
+            shared.release(fresh)
+            raise
+        shared.release(slot)  # free again once its other holders let go
+        return True
 
     def _on_ring(self) -> None:
         ring = self._ring
@@ -331,16 +377,12 @@ class FuseSession:
             tag = ~entry
             if opcode == WRITE:
                 data = self._ring_views[entry][:size]
-                shared = self._shared
-                slot = shared.take() if shared is not None and size >= SHARED_WRITE else None
-                if slot is None or shared is None:
+                window = self._window
+                if size < SHARED_WRITE or window is None:
                     self._write(tag, offset, bytes(data))
-                    continue
-                # the entry is the kernel's again once answered: the data servers on this
-                # host read the write from a shared slot of its own (held until answered)
-                view = shared.slot(slot)
-                view[:size] = data
-                self._write(tag, offset, view[:size], slot, slot * shared.slot_size)
+                else:  # the data servers on this host read it where the kernel put it
+                    self._write(tag, offset, data, -1,
+                                window.slots[entry] * window.shared.slot_size)
             elif opcode == READ:
                 self._read(tag, offset, size)
             elif opcode == LOOKUP:  # the name is in the payload (the first argument is empty)
@@ -360,6 +402,12 @@ class FuseSession:
         if ring is None:
             return  # the ring was closed: nobody waits for the answer any more
         try:
+            if not self._own_slot(entry):  # answered once a shared slot is free
+                log.warning("no free shared write buffer to answer a FUSE request with; "
+                            "trying again")
+                asyncio.get_running_loop().call_later(
+                    0.01, self._ring_reply, entry, error, payload, in_place)
+                return
             if error or in_place:
                 ring.reply(entry, -error, in_place)
             else:
