@@ -76,7 +76,11 @@ MIB = 1 << 20
 
 CONFIGS = [("raw", "raw", 0), ("r1", "1 replica", 1), ("r2", "2 replicas", 2),
            ("r2enc", "2 encrypted", 2), ("r2tls", "2 remote TLS", 2),
-           ("r2plain", "2 remote plain", 2), ("r2nomet", "2, no metrics", 2)]
+           ("r2plain", "2 remote plain", 2), ("r2nomet", "2, no metrics", 2),
+           ("r2ring", "2, FUSE io_uring", 2)]
+#: ``r2ring``: as ``r2``, the engine taking FUSE requests over io_uring (the kernel's
+#: ``fuse.enable_uring`` is on while it attaches; for every other config it is off).
+URING = Path("/sys/module/fuse/parameters/enable_uring")
 #: ``r2enc``: as ``r2``, the volume encrypted at rest (``--encrypt``).
 #: ``r2nomet``: as ``r2``, on a node whose engines keep no request counts for /metrics
 #: (``--no-engine-metrics``): what measuring costs.
@@ -435,6 +439,7 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="cargohold-bench-", dir=args.tmp_parent))
         self.node: Node | None = None
         self.unmetered: Node | None = None  # for r2nomet
+        self.uring_before = URING.read_text().strip() if URING.exists() else None
         self.pairs: dict[str, tuple[Node, Node]] = {}  # REMOTE config → (storage, client)
         self.raw_mount: Path | None = None
         self.first_touch: float | None = None  # us per page of fresh memory (main)
@@ -618,6 +623,8 @@ class Bench:
         storage.create(name, replicas, encrypt=key == "r2enc")
         try:
             t0 = time.monotonic()
+            if self.uring_before is not None:  # the engine looks once, at its INIT
+                URING.write_text("1" if key == "r2ring" else "0")
             mountpoint = Path(client.attach(name))
             attach_s = time.monotonic() - t0
             engine = client.engine_pid(name)
@@ -790,6 +797,8 @@ class Bench:
         """Undo everything; return what (if anything) is left."""
         base = str(self.tmp)
         steps: list[str] = []
+        if self.uring_before is not None:
+            URING.write_text("1" if self.uring_before == "Y" else "0")
         nodes = [n for pair in self.pairs.values() for n in reversed(pair)]
         nodes += [n for n in (self.node, self.unmetered) if n is not None]
         for node in nodes:
@@ -1067,7 +1076,9 @@ def report(result: dict[str, Any], runs: int) -> str:
             ("r2", "r2enc", "what encryption at rest costs (2 replicas: encrypted / not)",
              ["plain", "encrypted", "enc/plain"], 2),
             ("r2nomet", "r2", "what the engine's request counts for /metrics cost (2 "
-             "replicas: counted / not)", ["no metrics", "metrics", "on/off"], 3)):
+             "replicas: counted / not)", ["no metrics", "metrics", "on/off"], 3),
+            ("r2", "r2ring", "what FUSE over io_uring does (2 replicas: ring / /dev/fuse)",
+             ["/dev/fuse", "io_uring", "ring/dev"], 2)):
         if base in med and other in med:
             lines += ["", what, ""] + comparison(med, base, other, names, digits)
     touch = result.get("meta", {}).get("first_touch_us_per_page")
@@ -1147,10 +1158,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runtime", type=int, default=0,
                    help="seconds per random job (default 20; 5 with --quick)")
     p.add_argument("--configs", default="raw,r1,r2",
-                   help="comma-separated subset of raw,r1,r2,r2enc,r2tls,r2plain,r2nomet, "
+                   help="comma-separated subset of raw,r1,r2,r2enc,r2tls,r2plain,r2nomet,r2ring, "
                         "run in that order (default raw,r1,r2; r2enc: encrypted at rest; "
                         "r2tls,r2plain: the engine on a second node, both replicas over TCP "
-                        "with TLS or in plaintext; r2nomet: engines without request counts)")
+                        "with TLS or in plaintext; r2nomet: engines without request counts; "
+                        "r2ring: FUSE requests over io_uring)")
     p.add_argument("--no-settle", dest="settle", action="store_false",
                    help="do not sync the file system (untimed) after each write job: the "
                         "next job then pays for the previous job's flush")

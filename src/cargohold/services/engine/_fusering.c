@@ -191,7 +191,10 @@ static int ring_init(Ring *r, PyObject *args, PyObject *kwds) {
         size <<= 1;
     struct io_uring_params p;
     memset(&p, 0, sizeof p);
-    p.flags = IORING_SETUP_SQE128;
+    /* COOP_TASKRUN: a request arriving while the loop runs is copied in at its next system
+     * call, not by interrupting it (QD16 1 MiB reads: ~1.3 GB/s with interrupts, ~2.1 without,
+     * /dev/fuse ~2.0 in the same runs) */
+    p.flags = IORING_SETUP_SQE128 | IORING_SETUP_COOP_TASKRUN;
     r->ring_fd = (int)syscall(__NR_io_uring_setup, size, &p);
     if (r->ring_fd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
