@@ -1,7 +1,8 @@
 """Whether the compiled parts of the data path are used (where they were built).
 
 Each C extension has its Python reference and fallback beside it: ``core/_frames.c`` for
-``core/wire.py``'s header decoders, ``stores/_diskreads.c`` for ``stores/diskreads.py``.
+``core/wire.py``'s header decoders, ``stores/_diskreads.c`` for ``stores/diskreads.py``,
+``services/engine/_fusering.c`` (FUSE over io_uring) for reading /dev/fuse.
 ``CARGOHOLD_COMPILED=0`` in the environment runs the Python ones, to compare the two or to
 rule the C out; the test suite runs both.
 """
