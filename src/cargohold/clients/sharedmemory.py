@@ -127,7 +127,7 @@ class SlotWindow:
             self.show(k, slot)
 
     def show(self, place: int, slot: int) -> None:
-        """Map slot ``slot`` at place ``place`` (raises OSError; the place is unchanged)."""
+        """Map slot ``slot`` at place ``place`` (OSError if the kernel refuses)."""
         size = self.shared.slot_size
         if not 0 <= place < len(self.slots) or self.shared.fd < 0:
             raise ValueError(f"no place {place} in a window of {len(self.slots)}")

@@ -351,7 +351,7 @@ class FuseSession:
 
     def _own_slot(self, entry: int) -> bool:
         """Make entry ``entry``'s slot the ring's alone, moving in a free one if a data client
-        still holds it (its server may yet read it); False if no slot is free now."""
+        still holds it (its server may yet read it); False if that cannot be done now."""
         window = self._window
         assert window is not None
         shared, slot = window.shared, window.slots[entry]
@@ -362,9 +362,10 @@ class FuseSession:
             return False
         try:
             window.show(entry, fresh)
-        except OSError:
+        except OSError as e:
+            log.error("moving a shared write buffer out of the FUSE ring failed: %s", e)
             shared.release(fresh)
-            raise
+            return False
         shared.release(slot)  # free again once its other holders let go
         return True
 
@@ -373,7 +374,7 @@ class FuseSession:
         if ring is None:
             return
         requests = ring.take()
-        for entry, opcode, unique, nodeid, offset, size in requests:
+        for entry, opcode, _unique, nodeid, offset, size in requests:  # answered by entry
             tag = ~entry
             if opcode == WRITE:
                 data = self._ring_views[entry][:size]
@@ -390,7 +391,6 @@ class FuseSession:
                                self._ring_views[entry][:ring.request_size(entry)])
             else:
                 self._dispatch(opcode, tag, nodeid, memoryview(ring.op_in(entry)))
-            _ = unique  # the ring answers by entry: the kernel knows which request it holds
         if ring.ended:  # unmounted or aborted: /dev/fuse says so too (ENODEV)
             self._stop_ring()
 
@@ -402,7 +402,7 @@ class FuseSession:
         if ring is None:
             return  # the ring was closed: nobody waits for the answer any more
         try:
-            if not self._own_slot(entry):  # answered once a shared slot is free
+            if not self._own_slot(entry):  # answered once its buffer can be the ring's
                 log.warning("no free shared write buffer to answer a FUSE request with; "
                             "trying again")
                 asyncio.get_running_loop().call_later(
