@@ -128,27 +128,38 @@ class Served:
         self.loop.close()
 
 
+@contextlib.contextmanager
+def kernel_transport(name: str) -> Iterator[str]:
+    """The kernel's FUSE over io_uring switched on for "io_uring", off for "/dev/fuse", and
+    back as it was after."""
+    os.close(os.open("/dev/fuse", os.O_RDWR))  # loads the fuse module, if it is one
+    before = URING.read_text().strip() if URING.exists() else None
+    if name == "io_uring":
+        if before is None:
+            pytest.skip("this kernel has no FUSE over io_uring")
+        assert fuse._fusering is not None, "services/engine/_fusering.c was not built"
+        if os.environ.get("CARGOHOLD_COMPILED") == "0":
+            pytest.skip("CARGOHOLD_COMPILED=0: the session reads /dev/fuse")
+    if before is not None:
+        URING.write_text("1" if name == "io_uring" else "0")
+    try:
+        yield name
+    finally:
+        if before is not None:
+            URING.write_text("1" if before == "Y" else "0")
+
+
 @pytest.fixture(params=["/dev/fuse", "io_uring"])
 def transport(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The kernel's FUSE over io_uring switched on (and back) for the io_uring case."""
-    if request.param == "/dev/fuse":
-        before = URING.read_text().strip() if URING.exists() else None
-        if before == "Y":
-            URING.write_text("0")
-        yield request.param
-        if before == "Y":
-            URING.write_text("1")
-        return
-    os.close(os.open("/dev/fuse", os.O_RDWR))  # loads the fuse module, if it is one
-    if not URING.exists():
-        pytest.skip("this kernel has no FUSE over io_uring")
-    assert fuse._fusering is not None, "services/engine/_fusering.c was not built"
-    if os.environ.get("CARGOHOLD_COMPILED") == "0":
-        pytest.skip("CARGOHOLD_COMPILED=0: the session reads /dev/fuse")
-    before = URING.read_text().strip()
-    URING.write_text("1")
-    yield request.param
-    URING.write_text("1" if before == "Y" else "0")
+    with kernel_transport(request.param) as name:
+        yield name
+
+
+@pytest.fixture
+def ring() -> Iterator[str]:
+    """For what only the ring has."""
+    with kernel_transport("io_uring") as name:
+        yield name
 
 
 @contextlib.contextmanager
@@ -240,13 +251,11 @@ def test_a_file_system_on_it_keeps_its_files_and_flushes_reach_the_target(
 
 
 def test_a_slot_a_data_client_still_holds_is_never_filled_again(
-        tmp_path: Path, transport: str) -> None:
+        tmp_path: Path, ring: str) -> None:
     """Through the ring, a large write's data servers read it from the entry's own payload
     buffer, a shared slot. One whose data client kept holding it (retired with its failed
     connection) leaves the ring before the entry is answered: later requests never land
     there, and it is free again once let go."""
-    if transport != "io_uring":
-        pytest.skip("the ring's payload buffers only")
     target = MemoryVolume(SIZE)
     with volume(tmp_path, target, retire=True) as (served, device):
         pieces = [(k * (256 << 10), os.urandom(256 << 10)) for k in range(160)]
@@ -347,9 +356,7 @@ print("ok")
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 def test_the_ring_under_address_and_undefined_behaviour_sanitizers(
-        tmp_path: Path, transport: str) -> None:
-    if transport != "io_uring":
-        pytest.skip("the ring's C: io_uring only")
+        tmp_path: Path, ring: str) -> None:
     source = Path(fuse.__file__).with_name("_fusering.c")
     built = tmp_path / ("_fusering" + str(sysconfig.get_config_var("EXT_SUFFIX")))
     subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer",

@@ -288,7 +288,10 @@ static PyObject *ring_register(Ring *r, PyObject *unused) {
 }
 
 /* take(): the requests that arrived, as (entry, opcode, unique, nodeid, offset, size): offset
- * and size of a READ or WRITE, 0 for others (``op_in``/``payload`` give their arguments). */
+ * and size of a READ or WRITE, 0 for others (``op_in``/``request_size`` and the payload give
+ * their arguments). An entry whose command the kernel refused comes as (entry, -errno, 0, 0,
+ * 0, 0): it holds no request and is the kernel's no more. The end of the connection comes
+ * as ``ended``. */
 static PyObject *ring_take(Ring *r, PyObject *unused) {
     if (!usable(r))
         return NULL;
@@ -302,13 +305,24 @@ static PyObject *ring_take(Ring *r, PyObject *unused) {
         if (k >= r->count)
             continue;
         Entry *e = &r->entries[k];
-        if (cqe->res < 0) { /* the connection ended (ENOTCONN, ECANCELED, ...) */
-            r->ended = 1;
+        int res = cqe->res;
+        if (res == -ENOTCONN || res == -ECONNABORTED || res == -ECANCELED || res == -ENODEV) {
+            r->ended = 1; /* the connection ended: unmounted, aborted, or the ring closed */
             continue;
+        }
+        unsigned opcode = 0;
+        unsigned long long unique = 0, nodeid = 0, offset = 0, size = 0;
+        PyObject *item;
+        if (res < 0) { /* the kernel refused this entry's command: (entry, -errno, 0, ...) */
+            item = Py_BuildValue("(kiKKKK)", (unsigned long)k, res, unique, nodeid, offset,
+                                 size);
+            goto append;
         }
         e->ours = 1;
         const struct fuse_in_header *in = (const void *)e->header.in_out;
-        unsigned long long offset = 0, size = 0;
+        opcode = in->opcode;
+        unique = in->unique;
+        nodeid = in->nodeid;
         if (in->opcode == FUSE_READ || in->opcode == FUSE_WRITE) {
             /* fuse_read_in and fuse_write_in both begin with fh, offset, size */
             const struct fuse_read_in *io = (const void *)e->header.op_in;
@@ -317,9 +331,9 @@ static PyObject *ring_take(Ring *r, PyObject *unused) {
             if (in->opcode == FUSE_WRITE && size > e->header.ent.payload_sz)
                 size = e->header.ent.payload_sz;
         }
-        PyObject *item = Py_BuildValue("(kIKKKK)", (unsigned long)k, in->opcode,
-                                       (unsigned long long)in->unique,
-                                       (unsigned long long)in->nodeid, offset, size);
+        item = Py_BuildValue("(kIKKKK)", (unsigned long)k, opcode, unique, nodeid, offset,
+                             size);
+    append:
         if (!item || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
             Py_DECREF(out);

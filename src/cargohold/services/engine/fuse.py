@@ -376,7 +376,9 @@ class FuseSession:
         requests = ring.take()
         for entry, opcode, _unique, nodeid, offset, size in requests:  # answered by entry
             tag = ~entry
-            if opcode == WRITE:
+            if opcode < 0:  # a reply the kernel refused (a bug of ours): the entry is gone
+                log.error("FUSE ring entry %d refused: %s", entry, os.strerror(-opcode))
+            elif opcode == WRITE:
                 data = self._ring_views[entry][:size]
                 window = self._window
                 if size < SHARED_WRITE or window is None:
