@@ -129,8 +129,10 @@ class SlotWindow:
     def show(self, place: int, slot: int) -> None:
         """Map slot ``slot`` at place ``place`` (OSError if the kernel refuses)."""
         size = self.shared.slot_size
-        if not 0 <= place < len(self.slots) or self.shared.fd < 0:
+        if not 0 <= place < len(self.slots):
             raise ValueError(f"no place {place} in a window of {len(self.slots)}")
+        if self.shared.fd < 0:
+            raise ValueError("the shared write buffers are closed")
         address = _libc.mmap(ctypes.c_void_p(self._base + place * size), size,
                              mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED,
                              self.shared.fd, ctypes.c_long(slot * size))

@@ -445,7 +445,7 @@ static PyObject *ring_op_in(Ring *r, PyObject *arg) {
     return PyBytes_FromStringAndSize(r->entries[k].header.op_in, 128);
 }
 
-/* payload_size(entry): how many bytes of the payload the request filled */
+/* request_size(entry): how many bytes of the payload the request filled */
 static PyObject *ring_request_size(Ring *r, PyObject *arg) {
     unsigned k;
     if (!usable(r) || entry_index(r, arg, &k) < 0)
