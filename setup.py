@@ -1,5 +1,6 @@
 """Build hooks: generate the CSI gRPC modules from ``src/cargohold/adapters/csi/csi.proto``;
 compile the C extensions (``core/_xts.c``, ``core/_frames.c``, ``stores/_diskreads.c``,
+``stores/_blockwriter.c``, ``adapters/dataserver/_fastwrites.c``,
 ``services/engine/_fusering.c``).
 
 Everything else about the package is in pyproject.toml. ``build_py`` runs ``grpc_tools.protoc``
@@ -59,5 +60,15 @@ FUSE_RING = Extension("cargohold.services.engine._fusering",
                       ["src/cargohold/services/engine/_fusering.c"], extra_compile_args=STRICT,
                       optional=True)
 
+# A replica's plain writes (stores/blockwriter.py), and the data server's requests that are
+# such writes served without Python (adapters/dataserver/fastwrites.py), which calls the
+# former through a capsule (stores/blockwriter.h); optional, warnings as errors.
+BLOCK_WRITER = Extension("cargohold.stores._blockwriter", ["src/cargohold/stores/_blockwriter.c"],
+                         extra_compile_args=STRICT, optional=True)
+FAST_WRITES = Extension("cargohold.adapters.dataserver._fastwrites",
+                        ["src/cargohold/adapters/dataserver/_fastwrites.c"],
+                        include_dirs=["src/cargohold/stores"], extra_compile_args=STRICT,
+                        optional=True)
+
 setup(cmdclass={"build_py": BuildPyWithProtos},
-      ext_modules=[XTS, DISK_READS, FRAMES, FUSE_RING])
+      ext_modules=[XTS, DISK_READS, FRAMES, FUSE_RING, BLOCK_WRITER, FAST_WRITES])

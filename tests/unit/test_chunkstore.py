@@ -17,7 +17,7 @@ import pytest
 from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE, runs
 from cargohold.errors import ChecksumMismatch, Fenced, InvalidArgument, NoSpace, ReplicaNotFound
 from cargohold.services.engine.localreader import LocalReplicaReader
-from cargohold.stores import diskstore, spacereserve, sparsefile
+from cargohold.stores import diskstore, epochfile, spacereserve, sparsefile
 from cargohold.stores.chunkstore import ChunkStore, MemoryChunkStore
 from cargohold.stores.diskstore import DiskChunkStore
 from tests.pagecache import PAGE, cached
@@ -378,7 +378,7 @@ def test_a_torn_epoch_slot_keeps_the_previous_epoch(
     reopened = make_disk().replica(v)
     assert reopened.epoch == 5
     reopened.fence(8)  # overwrites the torn slot, keeps 5
-    assert sorted(e or 0 for e in diskstore.read_epoch_slots(path.read_bytes())) == [5, 8]
+    assert sorted(e or 0 for e in epochfile.read_epoch_slots(path.read_bytes())) == [5, 8]
 
 
 def test_a_replica_without_an_epoch_file_gets_one(

@@ -409,6 +409,43 @@ class FrameReader(Generic[H]):
             self._start = pos
         return frames
 
+    def each(self, nbytes: int, handle: Callable[[H, memoryview], object],
+             fast: Callable[[memoryview, int, int], int] | None = None) -> None:
+        """``feed``, but each frame goes to ``handle`` as soon as it is cut, in order; before
+        each, ``fast`` (if given) may serve a run of whole frames in place: it gets the buffer
+        and the range received and returns where the first frame it left begins."""
+        if self._large is not None:
+            for header, payload in self.feed(nbytes):
+                handle(header, payload)
+            return
+        self._end += nbytes
+        view, pos, end, hsize = self._view, self._start, self._end, self._header_size
+        try:
+            while end - pos >= hsize:
+                if fast is not None:
+                    pos = fast(view, pos, end)
+                    if end - pos < hsize:
+                        break
+                header = self._decode(view, pos)
+                plen = header.payload_length
+                body = pos + hsize
+                if end - body >= plen:
+                    pos = body + plen
+                    handle(header, view[body:pos])
+                    continue
+                if plen > self._large_threshold:
+                    large = self._large_buffer(plen)
+                    have = end - body
+                    large[:have] = view[body:end]
+                    self._large, self._large_filled, self._large_header = large, have, header
+                    pos = end
+                break
+        finally:
+            if pos == end:
+                self._start = self._end = 0
+            else:
+                self._start = pos
+
     def _large_buffer(self, size: int) -> memoryview:
         if not self._reuse_large:
             return memoryview(bytearray(size))

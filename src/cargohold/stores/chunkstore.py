@@ -170,6 +170,12 @@ class StoredReplica(ABC):
         if length:
             self._write(offset, view, generation)
 
+    def fast_writer(self) -> object | None:
+        """The compiled writer (stores/_blockwriter.c) that may take this replica's plain
+        writes without Python, while it is open (adapters/dataserver/fastwrites.py); None
+        if there is none."""
+        return None
+
     def fill(self, offset: int, data: BytesLike, generation: int) -> bool:
         """Write ``data``, at most one chunk from a chunk's start, only if that chunk was
         never written (generation 0); return whether it was. A clone's first contents,

@@ -37,7 +37,7 @@ try:  # the same CRC-32 as zlib's, computed with SIMD instructions: ~3x faster p
 except ImportError:  # pragma: no cover - isal is optional
     from zlib import crc32
 
-from cargohold.stores import versionmap
+from cargohold.stores import blockwriter, versionmap
 from cargohold.stores.chunkstore import (
     ZERO_BLOCK,
     BytesLike,
@@ -50,13 +50,7 @@ from cargohold.stores.chunkstore import (
     check_volume_id,
     le_u64,
 )
-from cargohold.stores.epochfile import (
-    EPOCH_FILE,
-    EPOCH_SLOTS,
-    epoch_record,
-    make_epoch_file,
-    read_epoch_slots,
-)
+from cargohold.stores.epochfile import EPOCH_FILE, make_epoch_file, open_epoch_file, overwrite_epoch
 from cargohold.stores.spacereserve import SpaceReserve
 from cargohold.stores.sparsefile import (
     DropBehind,
@@ -124,10 +118,8 @@ class DiskReplica(StoredReplica):
         self._space = space
         self._epoch = int(meta.get("epoch", 0))
         self._lock = threading.Lock()  # flush (worker thread) against close
-        # writes, trims and repairs begun and ended, and ``_ended`` when the last flush
-        # began (-1: none yet; what an earlier process left unsynced is synced then): a
-        # flush with nothing to do skips its syncs (``flush``)
-        self._begun = self._ended = 0
+        # ``_ended`` (of the writer's counters) when the last flush began (-1: none yet;
+        # what an earlier process left unsynced is synced then): see ``flush``
         self._flushed = -1
         self._closed = False
         self._blocks = self.size // BLOCK_SIZE
@@ -146,10 +138,10 @@ class DiskReplica(StoredReplica):
         # pages of sums and gens known to have space under them (see ``_back``)
         self._sums_backed = bytearray(_pages(self._blocks * 4))
         self._gens_backed = bytearray(_pages(chunk_count(self.size) * 8))
-        self._chunks_written = self._count_written()
-        self._small_chunks: set[int] = set()  # chunks small writes went to (start_writeback)
-        self._behind = DropBehind(self._data_fd)  # bulk copies' writes (``copied``)
         self._snaps: VersionMap | None = None  # set at the first snapshot (versionmap.py)
+        self._w: Any = self._writer(None)  # writes and their counters (blockwriter.py)
+        self._w.chunks_written = self._count_written()
+        self._behind = DropBehind(self._data_fd)  # bulk copies' writes (``copied``)
         if (path / versionmap.SNAPSHOTS_FILE).exists():
             try:
                 self._snaps = VersionMap(path, self._blocks, volume_id, self._data_fd,
@@ -157,8 +149,32 @@ class DiskReplica(StoredReplica):
             except BaseException:
                 self.close()
                 raise
+            self._w.close()  # with snapshots, the version map places every write
         else:
             versionmap.remove_leftovers(path)
+
+    def _writer(self, before: Any) -> Any:
+        """A writer for the current maps, with the counters of the one ``before``."""
+        space = self._space
+        w = blockwriter.make(
+            self._data_fd, self._sums_map, self._gens_map, self._sums_backed,
+            self._gens_backed, size=self.size, epoch=self._epoch, chunk=CHUNK_SIZE,
+            piece=_WRITE_PIECE, small=SMALL_WRITE,
+            reserve=space is not None and bool(space.reserve), crc32=crc32)
+        if before is not None:
+            for name in ("begun", "ended", "small_writes", "chunks_written", "small_chunks"):
+                setattr(w, name, getattr(before, name))
+        if self._snaps is not None:
+            w.close()
+        return w
+
+    def fast_writer(self) -> object | None:
+        w = self._w
+        return w if w.open and not isinstance(w, blockwriter.BlockWriter) else None
+
+    @property
+    def small_writes(self) -> int:  # type: ignore[override]
+        return int(self._w.small_writes)
 
     def _count_written(self) -> int:
         written, step = 0, 1 << 20
@@ -190,24 +206,9 @@ class DiskReplica(StoredReplica):
             raise
 
     def _open_epoch_file(self) -> int:
-        """Open the epoch file (made for replicas older than it), taking the highest epoch
-        of it and meta.json; -1 when it cannot be made (the disk is full): fences then
-        replace meta.json, which needs free space."""
-        path = self._path / EPOCH_FILE
-        if not path.exists():
-            tmp = path.with_name(f".{EPOCH_FILE}.{secrets.token_hex(4)}.tmp")
-            try:
-                make_epoch_file(tmp, self._epoch)
-                os.rename(tmp, path)
-                fsync_dir(self._path)
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                log.warning("replica %s: cannot make its epoch file (%s); fencing needs free "
-                            "space until it exists", self.volume_id, exc)
-                return -1
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        slots = read_epoch_slots(os.pread(fd, BLOCK_SIZE, 0))
-        self._epoch = max([self._epoch, *(e for e in slots if e is not None)])
+        """The epoch file's fd (-1: none; see ``open_epoch_file``), taking the highest epoch
+        of it and meta.json."""
+        fd, self._epoch = open_epoch_file(self._path, self._epoch, self.volume_id)
         return fd
 
     @property
@@ -221,18 +222,13 @@ class DiskReplica(StoredReplica):
                 write_json_atomic(self._path / "meta.json", meta)
             except OSError as exc:
                 _reraise(exc, self.server)
-            self._epoch = epoch
+            self._epoch = self._w.epoch = epoch
             return
         try:
-            slots = read_epoch_slots(os.pread(self._epoch_fd, BLOCK_SIZE, 0))
-            # overwrite a torn slot, else the older one: the newest stays whole
-            ranks = [-1 if e is None else e for e in slots]
-            older = ranks.index(min(ranks))
-            os.pwrite(self._epoch_fd, epoch_record(epoch), EPOCH_SLOTS[older])
-            os.fdatasync(self._epoch_fd)
+            overwrite_epoch(self._epoch_fd, epoch)
         except OSError as exc:
             _reraise(exc, self.server)
-        self._epoch = epoch
+        self._epoch = self._w.epoch = epoch
 
     def read_place(self, offset: int, length: int) -> tuple[int, int] | None:
         self._check_range(offset, length)
@@ -323,40 +319,35 @@ class DiskReplica(StoredReplica):
                        ((offset + length - 1) // CHUNK_SIZE + 1) * 8)
 
     def _write(self, offset: int, data: memoryview, generation: int) -> None:
-        length = len(data)
-        space = self._space
-        if space is not None and space.reserve:
-            first, last = offset // CHUNK_SIZE, (offset + length - 1) // CHUNK_SIZE
-            if not all(self._gens[first:last + 1]):  # a chunk never written before
-                space.allocate(length, self.server)  # (refused: nothing written)
-        self._begun += 1
-        self._back_range(offset, length, generation)
+        w = self._w
         try:
-            if self._snaps is not None:
-                done = length
-                self._snaps.write(offset // BLOCK_SIZE, data, self._sums)
-            elif length <= _WRITE_PIECE:
-                done = os.pwrite(self._data_fd, data, offset)
-            else:
-                done = 0
-            while done < length:
-                done += os.pwrite(self._data_fd, data[done : done + _WRITE_PIECE], offset + done)
+            if w.write(offset, data, generation):  # the common case (see blockwriter.py)
+                return
+            length = len(data)
+            space = self._space
+            if space is not None and space.reserve:
+                first, last = offset // CHUNK_SIZE, (offset + length - 1) // CHUNK_SIZE
+                if not all(self._gens[first:last + 1]):  # a chunk never written before
+                    space.allocate(length, self.server)  # (refused: nothing written)
+            self._back_range(offset, length, generation)
+            if self._snaps is None:
+                if not w.write(offset, data, generation, prepared=True):
+                    raise AssertionError(f"a write of {length} at {offset} was refused")
+                return
+            w.begun += 1
+            self._snaps.write(offset // BLOCK_SIZE, data, self._sums)
         except OSError as exc:
-            self._resync_sums(offset, length)
+            self._resync_sums(offset, len(data))
             _reraise(exc, self.server)
-        first = offset // BLOCK_SIZE
-        if length == BLOCK_SIZE:  # the common small write, without the list
-            self._sums[first] = crc32(data) or 1
-        else:
-            step = BLOCK_SIZE
-            crcs = [crc32(data[i : i + step]) or 1 for i in range(0, length, step)]
-            self._sums[first : first + len(crcs)] = array("I", crcs)
+        first, step = offset // BLOCK_SIZE, BLOCK_SIZE
+        crcs = [crc32(data[i : i + step]) or 1 for i in range(0, length, step)]
+        self._sums[first : first + len(crcs)] = array("I", crcs)
         if generation:
             self._record(offset, length, generation)
         if length < SMALL_WRITE:
-            self.small_writes += 1
-            self._small_chunks.add(offset // CHUNK_SIZE)
-        self._ended += 1
+            w.small_writes += 1
+            w.small_chunks.add(offset // CHUNK_SIZE)
+        w.ended += 1
 
     def _resync_sums(self, offset: int, length: int) -> None:
         """After a failed write, make the range's checksums match what the file holds."""
@@ -375,7 +366,7 @@ class DiskReplica(StoredReplica):
                 self._sums[first + k] = block_checksum(block)
 
     def _trim(self, offset: int, length: int, generation: int, written_only: bool) -> None:
-        self._begun += 1
+        self._w.begun += 1
         if generation and not written_only:  # a written chunk's generation has its space
             self._back(self._gens_fd, self._gens_backed, offset // CHUNK_SIZE * 8,
                        ((offset + length - 1) // CHUNK_SIZE + 1) * 8)
@@ -391,7 +382,7 @@ class DiskReplica(StoredReplica):
         self._clear_sums(offset // BLOCK_SIZE, length // BLOCK_SIZE)
         if generation:
             self._record(offset, length, generation, written_only)
-        self._ended += 1
+        self._w.ended += 1
 
     def _write_zeros(self, offset: int, length: int) -> None:
         zeros = bytes(min(length, CHUNK_SIZE))
@@ -438,7 +429,7 @@ class DiskReplica(StoredReplica):
             if generation > old:
                 gens[chunk] = generation
                 if not old:
-                    self._chunks_written += 1
+                    self._w.chunks_written += 1
 
     def copied(self, offset: int, length: int) -> None:
         if self._snaps is None:  # with snapshots, the version map places data
@@ -451,8 +442,8 @@ class DiskReplica(StoredReplica):
         with self._lock:
             if self._closed:
                 raise ReplicaNotFound(server=self.server, volume_id=self.volume_id)
-            ended = self._ended
-            if ended == self._flushed and self._begun == ended:
+            ended = self._w.ended
+            if ended == self._flushed and self._w.begun == ended:
                 return
             os.fdatasync(self._data_fd)
             self._sums_map.flush()
@@ -483,15 +474,15 @@ class DiskReplica(StoredReplica):
         if self._snaps is None or len(data) != BLOCK_SIZE or offset % BLOCK_SIZE:
             raise InvalidArgument(what="repair", detail="one block of a kept snapshot")
         number = self._snaps.find(snapshot_id).number
-        self._begun += 1  # the next flush syncs it (see ``flush``)
+        self._w.begun += 1  # the next flush syncs it (see ``flush``)
         try:
             self._snaps.repair(number, offset // BLOCK_SIZE, bytes(data))
         except OSError as exc:
             if exc.errno == errno.EINVAL:  # refused: nothing written
-                self._ended += 1
+                self._w.ended += 1
                 raise InvalidArgument(what="repair", detail=str(exc.strerror)) from exc
             _reraise(exc, self.server)
-        self._ended += 1
+        self._w.ended += 1
 
     def reclaim(self, runs_at_most: int) -> int:
         snaps = self._snaps
@@ -506,6 +497,7 @@ class DiskReplica(StoredReplica):
                 versionmap.make(self._path, self._blocks)
                 self._snaps = VersionMap(self._path, self._blocks, self.volume_id,
                                          self._data_fd, self._sums)
+                self._w.close()  # from now on the version map places every write
             self.flush()
             taken = self._snaps.take(snapshot_id, created)
         except OSError as exc:
@@ -553,8 +545,9 @@ class DiskReplica(StoredReplica):
         # First, so that writes landing meanwhile count for next time. The event loop thread
         # adds to the set: a chunk it adds during the swap lands in the old set, which
         # sorted() below copies in one step under the GIL, or in the new one.
-        touched, self._small_chunks = self._small_chunks, set()
-        self.small_writes = 0
+        w = self._w
+        touched, w.small_chunks = w.small_chunks, set()
+        w.small_writes = 0
         with self._lock:
             if self._closed:
                 return
@@ -607,10 +600,13 @@ class DiskReplica(StoredReplica):
                 self._snaps.grow(blocks)
             self._sums_backed.extend(bytes(_pages(blocks * 4) - len(self._sums_backed)))
             self._gens_backed.extend(bytes(_pages(chunk_total * 8) - len(self._gens_backed)))
+            self.size = size  # (grow sets it too, after this)
+            self._w = self._writer(self._w)
         log.info("grew replica %s to %d bytes", self.volume_id, size)
 
     def _unmap(self, when: str) -> None:
         """Drop the checksum and generation maps (their views first)."""
+        self._w.close()
         self._sums.release()
         self._gens.release()
         for mapped in (self._sums_map, self._gens_map):
@@ -631,7 +627,7 @@ class DiskReplica(StoredReplica):
             used=os.fstat(self._data_fd).st_blocks * 512 + (
                 0 if self._snaps is None else self._snaps.used()),
             epoch=self._epoch,
-            chunks_written=self._chunks_written,
+            chunks_written=self._w.chunks_written,
         )
 
     def close(self) -> None:

@@ -17,18 +17,17 @@ import contextlib
 import logging
 import mmap
 import os
-import re
 import socket
 import ssl
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
+from cargohold.adapters.dataserver import fastwrites
+from cargohold.adapters.dataserver.sharing import map_offered
 from cargohold.adapters.dataserver.statuses import error_response
-from cargohold.clients.sharedmemory import map_sealed
 from cargohold.clients.sockets import unix_listener, widen_send_buffer
 from cargohold.config import FRAME_TIMEOUT, MAX_CONNECTIONS
 from cargohold.core import chunkdelta
@@ -41,7 +40,6 @@ from cargohold.core.wire import (
     MAX_GENS_CHUNKS,
     MAX_PAYLOAD,
     RESPONSE_HEADER,
-    TOKEN_SIZE,
     TRIM_COPY,
     VERSION,
     BytesLike,
@@ -53,6 +51,7 @@ from cargohold.core.wire import (
     encode_json,
     encode_response_header,
     request_reader,
+    volume_bytes,
 )
 from cargohold.errors import (
     CargoholdError,
@@ -122,6 +121,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._guard = server.guard
         self._grants: dict[str, int] = {}  # volume → the epoch a capability allows here
         self._copying = False  # a bulk copy's connection (HELLO): its writes drop behind
+        self._fast = fastwrites.make()  # plain writes served in C (None: all in Python)
         self.identity: str | None = None  # the node at the other end, when known
         self.peer = "?"
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -163,6 +163,10 @@ class _Connection(asyncio.BufferedProtocol):
             self._watch.cancel()
         self._transport = None
         self._unshare()
+        if self._fast is not None:
+            self._fast.clear()
+            self._server.compiled_writes_before += self._fast.served
+            self._fast = None
         if self._server.sharers.get(self._sharer) is self:
             del self._server.sharers[self._sharer]
         if not self.lost.done():
@@ -174,15 +178,22 @@ class _Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._received += nbytes
+        fast = self._serve_fast if self._fast is not None and not self._server.faults.bad \
+            else None
         try:
-            frames = self._reader.feed(nbytes)
+            self._reader.each(nbytes, self._handle, fast)
         except InvalidArgument as exc:
             log.warning("closing connection from %s: %s", self.peer, exc)
             self.close()
             return
-        for header, payload in frames:
-            self._handle(header, payload)
         self._send()
+
+    def compiled_writes(self) -> int:
+        return 0 if self._fast is None else int(self._fast.served)
+
+    def _serve_fast(self, view: memoryview, pos: int, end: int) -> int:
+        served: int = self._fast.serve(view, pos, end, self._out)
+        return served
 
     def eof_received(self) -> bool:
         return False
@@ -278,6 +289,8 @@ class _Connection(asyncio.BufferedProtocol):
                                 detail=f"the capability is node {capability.node!r}'s, the "
                                        f"connection node {self.identity!r}'s")
         self._grants[header.volume_id] = header.epoch
+        if self._fast is not None:
+            self._fast.forget(volume_bytes(header.volume_id))
         return b""
 
     def _hello(self, header: RequestHeader, payload: memoryview) -> bytes:
@@ -288,6 +301,8 @@ class _Connection(asyncio.BufferedProtocol):
             if not isinstance(body, dict):
                 raise InvalidArgument(what="HELLO", detail="the payload is a JSON object")
             self._copying = bool(body.get("copying"))
+            if self._copying and self._fast is not None:
+                self._fast.clear()  # its writes drop behind: the Python path does that
         store = self._store
         return encode_json(
             {
@@ -389,7 +404,17 @@ class _Connection(asyncio.BufferedProtocol):
         replica.write(header.offset, payload, header.generation)
         if self._copying:
             replica.copied(header.offset, len(payload))
+        elif self._fast is not None:
+            self._allow_fast(header, replica)
         return b""
+
+    def _allow_fast(self, header: RequestHeader, replica: StoredReplica) -> None:
+        """Let the compiled path serve this volume's plain writes at this epoch from now on
+        (fastwrites.py), if the replica has a compiled writer open."""
+        writer = replica.fast_writer()
+        if writer is not None and not self._server.faults.bad:
+            self._fast.allow(volume_bytes(header.volume_id), writer,
+                             header.epoch if self._guard is not None else 0)
 
     def _write_blocks(self, header: RequestHeader, payload: memoryview) -> bytes:
         replica = self._io_replica(header)
@@ -412,53 +437,33 @@ class _Connection(asyncio.BufferedProtocol):
         return encode_json({"written": written})
 
     def _share(self, header: RequestHeader, payload: memoryview) -> bytes:
-        """Map the client's write buffers, a memory file on this host, read-only.
-
-        Only over the unix socket, and only a file the connecting process holds open itself
-        (``/proc/PID/fd/N`` with the peer's PID from the socket's credentials): never a path
-        the client merely names. The file must be sealed against shrinking, so that no page
-        of the mapping can go away under the server (a SIGBUS would kill it).
+        """Map the client's write buffers, a memory file on this host, read-only (see
+        sharing.py for which).
 
         With the client's id (``client``): this is its only connection from now on. One it
         had before is aborted, so that no request left in it reads the buffers any more, and
         the answer says so (``alone``): the client may reuse the slots those requests named.
         """
-        sock = self._transport.get_extra_info("socket") if self._transport else None
-        if sock is None or sock.family != socket.AF_UNIX:
-            raise InvalidArgument(what="SHARE", detail="only over the data server's unix socket")
-        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                  struct.calcsize("3i")))[0]
-        request = decode_json(payload)
-        path, token = (request.get("path"), request.get("token")) if isinstance(
-            request, dict) else (None, None)
-        if not isinstance(path, str) or not isinstance(token, str):
-            raise InvalidArgument(what="SHARE", detail="needs a path and a token")
-        try:
-            expected = bytes.fromhex(token)
-        except ValueError:
-            expected = b""
-        if len(expected) < TOKEN_SIZE:
-            raise InvalidArgument(what="SHARE",
-                                  detail=f"the token must be {TOKEN_SIZE} bytes or more")
-        if re.fullmatch(rf"/proc/{pid}/fd/\d+", path) is None:
-            raise InvalidArgument(what="SHARE", detail=f"{path} is not a file of the connecting "
-                                  f"process (/proc/{pid}/fd/N)")
-        shared = map_sealed(path, expected)
+        shared, sharer = map_offered(
+            self._transport.get_extra_info("socket") if self._transport else None, payload)
         self._unshare()
         self._shared, self._shared_view = shared, memoryview(shared)
-        client = request.get("client")
-        if not isinstance(client, str) or not client:
+        if self._fast is not None:
+            self._fast.share(self._shared_view)
+        if not sharer:
             return b""
-        self._sharer = f"{pid}:{client}"
-        before = self._server.sharers.get(self._sharer)
+        self._sharer = sharer
+        before = self._server.sharers.get(sharer)
         if before is not None and before is not self:
             before.abort()  # what it has not read yet is never read
-        self._server.sharers[self._sharer] = self
+        self._server.sharers[sharer] = self
         return encode_json({"alone": True})
 
     def _unshare(self) -> None:
         view, shared = self._shared_view, self._shared
         self._shared = self._shared_view = None
+        if self._fast is not None:
+            self._fast.unshare()
         if view is not None:
             view.release()
         if shared is not None:
@@ -477,6 +482,8 @@ class _Connection(asyncio.BufferedProtocol):
                                   detail=f"{header.length} bytes at {at} exceed the "
                                          f"{len(view)} shared")
         replica.write(header.offset, view[at:at + header.length], header.generation)
+        if self._fast is not None and not self._copying:
+            self._allow_fast(header, replica)
         return b""
 
     def _trim(self, header: RequestHeader, payload: memoryview) -> bytes:
@@ -685,6 +692,7 @@ class DataProtocolServer:
         self.sharers: dict[str, _Connection] = {}  # who maps which client's buffers
         self._disk_reads: DiskReads | None = None
         self.faults = Faults()
+        self.compiled_writes_before = 0  # writes the C served on connections now closed
         self.host = ""
         self.port = 0
         self.socket_path: Path | None = None
@@ -695,6 +703,11 @@ class DataProtocolServer:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def compiled_writes(self) -> int:
+        """Writes served by the compiled path (fastwrites.py) since the server started."""
+        return self.compiled_writes_before + sum(c.compiled_writes()
+                                                 for c in self.connections)
 
     @property
     def disk_reads(self) -> DiskReads:

@@ -1,0 +1,37 @@
+"""Plain writes served without Python: the data server's compiled request path.
+
+``_fastwrites.c`` takes a run of WRITE and WRITE_SHARED frames from the front of what a
+connection received and writes each through its replica's compiled ``BlockWriter``
+(stores/_blockwriter.c), as long as the connection's Python path served that volume's writes
+at that epoch before (``allow``) and nothing about the frame needs more than a plain write; the
+first frame that does, and everything after it, goes the Python way. The Python path
+(``_Connection._handle``) is the reference; ``make`` gives None when the C was not built or
+``CARGOHOLD_COMPILED=0``, and the connection then serves every frame in Python.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cargohold.core import compiled
+from cargohold.core.wire import MAGIC, MAX_PAYLOAD, VERSION, Op, Status
+
+try:
+    from cargohold.adapters.dataserver._fastwrites import (  # type: ignore[import-not-found]
+        FastWrites,
+    )
+except ImportError:  # pragma: no cover - the build is optional
+    FastWrites = None
+
+
+def built() -> bool:
+    return FastWrites is not None
+
+
+def make() -> Any:
+    """A connection's ``FastWrites``, or None (see the module)."""
+    if FastWrites is None or not compiled.wanted():
+        return None
+    return FastWrites(magic=MAGIC, version=VERSION, write_op=Op.WRITE,
+                                  shared_op=Op.WRITE_SHARED, ok=Status.OK,
+                                  max_payload=MAX_PAYLOAD)

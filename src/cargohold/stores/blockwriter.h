@@ -1,0 +1,23 @@
+/* What stores/_blockwriter.c offers other C extensions (through the capsule
+ * cargohold.stores._blockwriter.API): the data server's compiled request path
+ * (adapters/dataserver/_fastwrites.c) writes through a replica's BlockWriter without a
+ * Python call. */
+#ifndef CARGOHOLD_BLOCKWRITER_H
+#define CARGOHOLD_BLOCKWRITER_H
+
+#include <Python.h>
+#include <stdint.h>
+
+#define BLOCKWRITER_CAPSULE "cargohold.stores._blockwriter.API"
+
+struct blockwriter_api {
+    PyTypeObject *type;
+    /* BlockWriter.write: 1 written, 0 left to the Python path (nothing done), -1 failed
+     * with a Python exception set (the data may be partly written, its checksums not). */
+    int (*write)(PyObject *writer, uint64_t offset, const char *data, Py_ssize_t length,
+                 uint64_t generation);
+    /* The replica's epoch as the writer knows it; 0 once closed. */
+    uint64_t (*epoch)(PyObject *writer);
+};
+
+#endif

@@ -1,0 +1,237 @@
+"""A replica's plain writes (stores/blockwriter.py): the compiled writer and the Python one
+do the same to the files, maps and counters for the same calls, refuse the same calls, and
+fail the same way; the C is run once more built with AddressSanitizer and
+UndefinedBehaviorSanitizer, together with the data server's compiled request path that
+writes through it (adapters/dataserver/_fastwrites.c)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zlib
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cargohold.adapters.dataserver import fastwrites
+from cargohold.core.layout import BLOCK_SIZE
+from cargohold.stores import blockwriter
+
+try:
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover
+    from zlib import crc32
+
+pytestmark = pytest.mark.skipif(not blockwriter.compiled_built(),
+                                reason="stores/_blockwriter.c was not built")
+
+CHUNK = 64 << 10  # small chunks: many of them in a small file
+SIZE = 4 << 20
+PAGES = SIZE // BLOCK_SIZE * 4 // mmap.PAGESIZE  # pages of sums
+
+
+class Replica:
+    """The files and maps a writer works on, in a directory of their own."""
+
+    def __init__(self, root: Path, compiled: bool, readonly: bool = False,
+                 reserve: bool = False) -> None:
+        root.mkdir()
+        for name, size in (("data", SIZE), ("sums", SIZE // BLOCK_SIZE * 4),
+                           ("gens", SIZE // CHUNK * 8)):
+            with open(root / name, "wb") as f:
+                f.truncate(size)
+        self.root = root
+        self.fd = os.open(root / "data", os.O_RDONLY if readonly else os.O_RDWR)
+        self.maps = [mmap.mmap(os.open(root / name, os.O_RDWR), 0) for name in ("sums", "gens")]
+        self.sums_backed = bytearray(PAGES)
+        self.gens_backed = bytearray(max(1, SIZE // CHUNK * 8 // mmap.PAGESIZE))
+        kind = blockwriter._blockwriter.BlockWriter if compiled else blockwriter.BlockWriter
+        self.w = kind(self.fd, self.maps[0], self.maps[1], self.sums_backed, self.gens_backed,
+                      size=SIZE, epoch=3, chunk=CHUNK, piece=16 << 10, small=32 << 10,
+                      reserve=reserve, crc32=crc32)
+
+    def state(self) -> tuple[Any, ...]:
+        w = self.w
+        return (os.pread(self.fd, SIZE, 0), bytes(self.maps[0]), bytes(self.maps[1]),
+                w.begun, w.ended, w.small_writes, w.chunks_written, sorted(w.small_chunks))
+
+    def close(self) -> None:
+        self.w.close()
+        for m in self.maps:
+            m.close()
+        os.close(self.fd)
+
+
+def outcome(call: Any) -> Any:
+    try:
+        return call()
+    except Exception as exc:  # compared by type and errno
+        return type(exc), getattr(exc, "errno", None)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_compiled_writer_does_what_the_python_one_does(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    reserve = seed % 2 == 1  # under a space reserve, a never-written chunk is refused
+    pair = [Replica(tmp_path / "c", True, reserve=reserve),
+            Replica(tmp_path / "py", False, reserve=reserve)]
+    try:
+        for step in range(400):
+            kind = rng.random()
+            if kind < 0.1:  # a page of sums or gens gets space
+                which, page = rng.choice(["sums", "gens"]), rng.randrange(PAGES)
+                for r in pair:
+                    flags = r.sums_backed if which == "sums" else r.gens_backed
+                    flags[page % len(flags)] = 1
+                continue
+            blocks = rng.choice([1, 1, 1, 2, 5, 16, 33, 70])
+            offset = rng.randrange(SIZE // BLOCK_SIZE + 2) * BLOCK_SIZE
+            if rng.random() < 0.05:
+                offset += rng.randrange(1, BLOCK_SIZE)  # not a block's start: refused
+            length = blocks * BLOCK_SIZE - (rng.random() < 0.05)
+            data = rng.randbytes(length) if rng.random() < 0.9 else bytes(length)
+            generation = rng.choice([0, step, step + 1, 2**64 - 1])
+            prepared = rng.random() < 0.3
+            results = [outcome(partial(r.w.write, offset, data, generation, prepared))
+                       for r in pair]
+            assert results[0] == results[1], (step, offset, length, generation, prepared)
+            assert pair[0].state() == pair[1].state(), step
+        assert pair[0].w.ended > 50  # most of the writes were taken, not refused
+        for r in pair:
+            r.w.close()
+            assert not r.w.open
+            assert r.w.write(0, bytes(BLOCK_SIZE), 1, True) is False
+        assert pair[0].state() == pair[1].state()
+    finally:
+        for r in pair:
+            r.close()
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_a_failed_pwrite_raises_and_leaves_the_checksums(tmp_path: Path, compiled: bool) -> None:
+    r = Replica(tmp_path / "r", compiled, readonly=True)
+    try:
+        with pytest.raises(OSError) as failed:
+            r.w.write(0, b"x" * BLOCK_SIZE, 5, True)
+        assert failed.value.errno == 9  # EBADF: the data file is open read-only
+        assert (r.w.begun, r.w.ended, r.w.chunks_written) == (1, 0, 0)
+        assert bytes(r.maps[0]) == bytes(len(r.maps[0]))
+        assert bytes(r.maps[1]) == bytes(len(r.maps[1]))
+    finally:
+        r.close()
+
+
+def test_the_counters_and_the_small_chunks_are_the_replicas_to_set(tmp_path: Path) -> None:
+    r = Replica(tmp_path / "r", True)
+    try:
+        r.sums_backed[:] = b"\1" * len(r.sums_backed)
+        r.gens_backed[:] = b"\1" * len(r.gens_backed)
+        assert r.w.write(CHUNK * 3, b"a" * BLOCK_SIZE, 9)
+        assert r.w.small_chunks == {3} and r.w.small_writes == 1
+        taken, r.w.small_chunks = r.w.small_chunks, set()
+        r.w.small_writes = 0
+        assert taken == {3} and r.w.small_chunks == set()
+        with pytest.raises(TypeError):
+            r.w.small_chunks = [1]
+        assert r.maps[0][CHUNK * 3 // BLOCK_SIZE * 4:][:4] == \
+            (zlib.crc32(b"a" * BLOCK_SIZE) or 1).to_bytes(4, sys.byteorder)
+        r.w.epoch = 12
+        assert r.w.epoch == 12
+    finally:
+        r.close()
+
+
+EXERCISE = r"""
+import glob, importlib.util, mmap, os, struct, sys
+here = sys.argv[1]
+def load(name, place):
+    [path] = glob.glob(f"{here}/{place}/_*.so")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+import cargohold.stores
+_blockwriter = load("cargohold.stores._blockwriter", "stores")
+cargohold.stores._blockwriter = _blockwriter  # where the capsule is looked up
+_fastwrites = load("cargohold.adapters.dataserver._fastwrites", "dataserver")
+from cargohold.core.wire import MAGIC, VERSION, MAX_PAYLOAD, Op, Status, REQUEST_HEADER
+from zlib import crc32
+SIZE = 1 << 20
+files = {}
+for name, size in (("data", SIZE), ("sums", SIZE // 1024), ("gens", 16 * 8)):
+    with open(f"{here}/{name}", "wb") as f:
+        f.truncate(size)
+    files[name] = os.open(f"{here}/{name}", os.O_RDWR)
+sums, gens = mmap.mmap(files["sums"], 0), mmap.mmap(files["gens"], 0)
+w = _blockwriter.BlockWriter(files["data"], sums, gens, bytearray(b"\1"), bytearray(b"\1"),
+                             size=SIZE, epoch=4, chunk=65536, piece=16384, small=65536,
+                             reserve=False, crc32=crc32)
+for offset, n in ((0, 4096), (4096 * 3, 4096 * 70), (SIZE - 4096, 4096), (SIZE, 4096),
+                  (1, 4096), (0, 5)):
+    w.write(offset, os.urandom(n), 7)
+fast = _fastwrites.FastWrites(magic=MAGIC, version=VERSION, write_op=Op.WRITE,
+                              shared_op=Op.WRITE_SHARED, ok=Status.OK, max_payload=MAX_PAYLOAD)
+volume = bytes(range(16))
+fast.allow(volume, w, 0)
+shared = bytearray(1 << 18)
+fast.share(memoryview(shared))
+def frame(op, rid, epoch, offset, length, payload, vol=volume):
+    return REQUEST_HEADER.pack(MAGIC, VERSION, op, rid, vol, epoch, offset, length, 9,
+                               len(payload)) + payload
+stream = b"".join([frame(Op.WRITE, 1, 4, 0, 4096, os.urandom(4096)),
+                   frame(Op.WRITE_SHARED, 2, 4, 8192, 65536, struct.pack("!Q", 4096)),
+                   frame(Op.WRITE_SHARED, 3, 4, 0, 4096, struct.pack("!Q", (1 << 18) - 10)),
+                   frame(Op.WRITE, 4, 4, 0, 4096, os.urandom(4096))])
+buf = bytearray(stream) + bytearray(100)
+out = []
+pos = fast.serve(memoryview(buf), 0, len(stream), out)
+assert out and len(out[0]) == 24 and pos == 2 * 56 + 4096 + 8, (pos, out)
+assert fast.served == 2
+for cut in range(0, len(stream), 97):  # every truncation: no read past the end
+    assert fast.serve(memoryview(buf), 0, cut, []) <= cut
+out = []
+assert fast.serve(memoryview(buf), 0, len(stream), out) >= 0
+fast.forget(volume)
+assert fast.serve(memoryview(buf), 0, len(stream), []) == 0
+for i in range(40):  # more volumes than entries
+    fast.allow(bytes([i]) * 16, w, 0)
+fast.unshare()
+fast.clear()
+w.close()
+assert fast.served > 2
+print("ok")
+"""
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None or not fastwrites.built(),
+                    reason="needs gcc and the compiled request path")
+def test_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path) -> None:
+    sources = {"stores": Path(blockwriter.__file__).with_name("_blockwriter.c"),
+               "dataserver": Path(fastwrites.__file__).with_name("_fastwrites.c")}
+    for place, source in sources.items():
+        (tmp_path / place).mkdir()
+        built = tmp_path / place / (source.stem + str(sysconfig.get_config_var("EXT_SUFFIX")))
+        subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer",
+                        "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                        "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror",
+                        f"-I{sysconfig.get_paths()['include']}",
+                        f"-I{sources['stores'].parent}", str(source), "-o", str(built)],
+                       check=True, capture_output=True, timeout=120)
+    runtime = [subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+               for lib in ("libasan.so", "libubsan.so")]
+    done = subprocess.run([sys.executable, "-c", EXERCISE, str(tmp_path)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "LD_PRELOAD": " ".join(runtime),
+                               "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",
+                               "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+    assert "runtime error" not in done.stderr and "AddressSanitizer" not in done.stderr
