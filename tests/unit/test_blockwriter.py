@@ -199,6 +199,20 @@ for cut in range(0, len(stream), 97):  # every truncation: no read past the end
     assert fast.serve(memoryview(buf), 0, cut, []) <= cut
 out = []
 assert fast.serve(memoryview(buf), 0, len(stream), out) >= 0
+import random
+rng = random.Random(7)
+for _ in range(3000):  # mangled streams: a byte, a length, an offset or an op changed
+    mangled = bytearray(stream)
+    for _ in range(rng.randrange(1, 4)):
+        mangled[rng.randrange(len(mangled))] = rng.randrange(256)
+    if rng.random() < 0.3:
+        at = rng.choice([40, 52, 56 + 4096 + 40, 56 + 4096 + 52])
+        mangled[at:at + 4] = rng.choice([b"\xff\xff\xff\xff", b"\x00\x00\x10\x00",
+                                         b"\x00\x01\x00\x00"])
+    end = rng.randrange(len(mangled) + 1)
+    exact = bytearray(mangled[:end])  # a read past the end is a heap overflow ASan reports
+    pos = fast.serve(memoryview(exact), 0, end, [])
+    assert 0 <= pos <= end
 fast.forget(volume)
 assert fast.serve(memoryview(buf), 0, len(stream), []) == 0
 for i in range(40):  # more volumes than entries
