@@ -26,7 +26,6 @@
 #include "blockwriter.h"
 
 #define BLOCK 4096
-#define MAX_BLOCKS 4096 /* 16 MiB in one write: more goes the Python way */
 
 typedef struct {
     PyObject_HEAD
@@ -151,15 +150,14 @@ static int checksums(BlockWriter *w, const char *data, Py_ssize_t count, uint32_
 static int do_write(BlockWriter *w, uint64_t offset, const char *data, Py_ssize_t length,
                     uint64_t generation, int prepared) {
     if (!w->open || length <= 0 || offset % BLOCK || length % BLOCK || offset > w->size ||
-        (uint64_t)length > w->size - offset || length / BLOCK > MAX_BLOCKS)
+        (uint64_t)length > w->size - offset)
         return 0;
     uint64_t first = offset / BLOCK, count = (uint64_t)length / BLOCK;
     uint64_t c0 = offset / w->chunk, c1 = (offset + (uint64_t)length - 1) / w->chunk;
     if ((first + count) * 4 > (uint64_t)w->sums.len || (c1 + 1) * 8 > (uint64_t)w->gens.len)
         return 0;
-    uint32_t *sums = w->sums.buf;
-    uint64_t *gens = w->gens.buf;
     if (!prepared) {
+        const uint64_t *gens = w->gens.buf;
         if (w->reserve)
             for (uint64_t c = c0; c <= c1; c++)
                 if (!gens[c])
@@ -177,6 +175,14 @@ static int do_write(BlockWriter *w, uint64_t offset, const char *data, Py_ssize_
     int result = -1;
     if (checksums(w, data, (Py_ssize_t)count, crc) < 0)
         goto out;
+    /* The checksums are Python calls: a garbage collection in them may have run code that
+     * closed this writer (and unmapped its maps). Nothing below calls Python. */
+    result = 0;
+    if (!w->open)
+        goto out;
+    result = -1;
+    uint32_t *sums = w->sums.buf;
+    uint64_t *gens = w->gens.buf;
     w->begun++;
     for (Py_ssize_t done = 0; done < length;) {
         size_t n = (size_t)(length - done) < w->piece ? (size_t)(length - done) : w->piece;

@@ -29,9 +29,6 @@ try:
 except ImportError:  # pragma: no cover - the build is optional
     _blockwriter = None
 
-_MAX_BLOCKS = 4096  # as the C: larger writes are refused (the replica writes them itself)
-
-
 class BlockWriter:
     """See the module. ``sums`` and ``gens`` are the replica's maps (u32 per block, u64 per
     chunk, host order); ``sums_backed`` and ``gens_backed`` a byte per page of them, 1 when
@@ -68,8 +65,7 @@ class BlockWriter:
         length = len(view)
         sums, gens, chunk = self._sums, self._gens, self._chunk
         if (sums is None or gens is None or not length or offset % BLOCK_SIZE
-                or length % BLOCK_SIZE or offset > self.size or length > self.size - offset
-                or length // BLOCK_SIZE > _MAX_BLOCKS):
+                or length % BLOCK_SIZE or offset > self.size or length > self.size - offset):
             return False
         first, count = offset // BLOCK_SIZE, length // BLOCK_SIZE
         c0, c1 = offset // chunk, (offset + length - 1) // chunk
