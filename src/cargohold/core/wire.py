@@ -396,17 +396,9 @@ class FrameReader(Generic[H]):
                 frames.append((header, view[body : body + plen]))
                 pos = body + plen
                 continue
-            if plen > self._large_threshold:
-                large = self._large_buffer(plen)
-                have = end - body
-                large[:have] = view[body:end]
-                self._large, self._large_filled, self._large_header = large, have, header
-                pos = end
+            pos = self._wait(header, pos, body, end)
             break
-        if pos == end:
-            self._start = self._end = 0
-        else:
-            self._start = pos
+        self._consumed(pos, end)
         return frames
 
     def each(self, nbytes: int, handle: Callable[[H, memoryview], object],
@@ -433,18 +425,28 @@ class FrameReader(Generic[H]):
                     pos = body + plen
                     handle(header, view[body:pos])
                     continue
-                if plen > self._large_threshold:
-                    large = self._large_buffer(plen)
-                    have = end - body
-                    large[:have] = view[body:end]
-                    self._large, self._large_filled, self._large_header = large, have, header
-                    pos = end
+                pos = self._wait(header, pos, body, end)
                 break
         finally:
-            if pos == end:
-                self._start = self._end = 0
-            else:
-                self._start = pos
+            self._consumed(pos, end)
+
+    def _wait(self, header: H, pos: int, body: int, end: int) -> int:
+        """A frame at ``pos`` whose payload is not all here: a large one goes on into a
+        buffer of its own (returns ``end``), a small one waits in this one (returns ``pos``)."""
+        plen = header.payload_length
+        if plen <= self._large_threshold:
+            return pos
+        large = self._large_buffer(plen)
+        have = end - body
+        large[:have] = self._view[body:end]
+        self._large, self._large_filled, self._large_header = large, have, header
+        return end
+
+    def _consumed(self, pos: int, end: int) -> None:
+        if pos == end:
+            self._start = self._end = 0
+        else:
+            self._start = pos
 
     def _large_buffer(self, size: int) -> memoryview:
         if not self._reuse_large:
