@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ import uvloop
 from cargohold.clients.sharedmemory import SLOTS, SharedMemory
 from cargohold.errors import CargoholdError, NoSpace
 from cargohold.services.engine import fuse
+from tests import sanitizers
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
                                 reason="needs root and /dev/fuse")
@@ -358,24 +358,14 @@ print("ok")
 def test_the_ring_under_address_and_undefined_behaviour_sanitizers(
         tmp_path: Path, ring: str) -> None:
     source = Path(fuse.__file__).with_name("_fusering.c")
-    built = tmp_path / ("_fusering" + str(sysconfig.get_config_var("EXT_SUFFIX")))
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer",
-                    "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-                    "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror",
-                    f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(built)],
-                   check=True, capture_output=True, timeout=120)
-    runtime = [subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-               for lib in ("libasan.so", "libubsan.so")]
+    built = sanitizers.build(source, tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     try:
         done = subprocess.run([sys.executable, "-c", EXERCISE, str(built),
                                str(Path(__file__).parent), str(work)],
                               capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "LD_PRELOAD": " ".join(runtime),
-                                   "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",
-                                   "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"})
+                              env=sanitizers.environment())
     finally:  # a process the sanitizers stopped leaves its mount and loop device behind
         fuse_file = work / "fuse" / fuse.FILE_NAME.decode()
         for device in subprocess.run(["losetup", "-j", str(fuse_file)], capture_output=True,

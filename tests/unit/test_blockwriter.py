@@ -12,7 +12,6 @@ import random
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zlib
 from functools import partial
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 from cargohold.adapters.dataserver import fastwrites
 from cargohold.core.layout import BLOCK_SIZE
 from cargohold.stores import blockwriter
+from tests import sanitizers
 
 try:
     from isal.isal_zlib import crc32
@@ -232,20 +232,9 @@ def test_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path) -> Non
                "dataserver": Path(fastwrites.__file__).with_name("_fastwrites.c")}
     for place, source in sources.items():
         (tmp_path / place).mkdir()
-        built = tmp_path / place / (source.stem + str(sysconfig.get_config_var("EXT_SUFFIX")))
-        subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer",
-                        "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-                        "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror",
-                        f"-I{sysconfig.get_paths()['include']}",
-                        f"-I{sources['stores'].parent}", str(source), "-o", str(built)],
-                       check=True, capture_output=True, timeout=120)
-    runtime = [subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-               for lib in ("libasan.so", "libubsan.so")]
+        sanitizers.build(source, tmp_path / place, f"-I{sources['stores'].parent}")
     done = subprocess.run([sys.executable, "-c", EXERCISE, str(tmp_path)],
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "LD_PRELOAD": " ".join(runtime),
-                               "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",
-                               "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"})
+                          env=sanitizers.environment())
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
     assert "runtime error" not in done.stderr and "AddressSanitizer" not in done.stderr

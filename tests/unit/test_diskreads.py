@@ -10,7 +10,6 @@ import random
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from cargohold.core import compiled
 from cargohold.stores import diskreads
 from cargohold.stores.diskreads import DiskReads
+from tests import sanitizers
 
 SOURCE = Path(diskreads.__file__).with_name("_diskreads.c")
 WAYS = [pytest.param(True, id="compiled"), pytest.param(False, id="python")]
@@ -164,20 +164,10 @@ print("ok")
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 def test_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path,
                                                           data: tuple[Path, bytes]) -> None:
-    built = tmp_path / ("_diskreads" + str(sysconfig.get_config_var("EXT_SUFFIX")))
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer",
-                    "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-                    "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror",
-                    f"-I{sysconfig.get_paths()['include']}", str(SOURCE), "-o", str(built),
-                    "-lpthread"], check=True, capture_output=True, timeout=120)
-    runtime = [subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-               for lib in ("libasan.so", "libubsan.so")]
+    sanitizers.build(SOURCE, tmp_path, "-lpthread")
     done = subprocess.run([sys.executable, "-c", EXERCISE, str(tmp_path), str(data[0])],
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "LD_PRELOAD": " ".join(runtime),
-                               "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",
-                               "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"})
+                          env=sanitizers.environment())
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
     assert "runtime error" not in done.stderr and "AddressSanitizer" not in done.stderr
 
