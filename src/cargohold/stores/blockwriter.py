@@ -29,6 +29,7 @@ try:
 except ImportError:  # pragma: no cover - the build is optional
     _blockwriter = None
 
+
 class BlockWriter:
     """See the module. ``sums`` and ``gens`` are the replica's maps (u32 per block, u64 per
     chunk, host order); ``sums_backed`` and ``gens_backed`` a byte per page of them, 1 when

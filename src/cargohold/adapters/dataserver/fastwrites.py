@@ -33,5 +33,4 @@ def make() -> Any:
     if FastWrites is None or not compiled.wanted():
         return None
     return FastWrites(magic=MAGIC, version=VERSION, write_op=Op.WRITE,
-                                  shared_op=Op.WRITE_SHARED, ok=Status.OK,
-                                  max_payload=MAX_PAYLOAD)
+                      shared_op=Op.WRITE_SHARED, ok=Status.OK, max_payload=MAX_PAYLOAD)
