@@ -13,8 +13,12 @@ repository) it measures, with fio (direct=1, ioengine=libaio):
 
 Jobs, in this order on one test file: sequential write (lays the file out) and read
 (bs=1M, iodepth=16), 4 KiB random write and read (iodepth=32, time based), 4 KiB random
-write at iodepth=1 (latency). For cargohold it also measures the engine's and the data
-servers' CPU time (user+sys from /proc/PID/stat, delta over each job) and peak RSS (VmHWM).
+write at iodepth=1 (latency). After the first, ``seqwrite_recycled`` writes as much new
+data to a second file (removed after it) right after memory was faulted in and freed
+(``recycle_memory``): this VM's host makes fresh page-cache pages cost a fault each, which
+the first write pays and a machine with its memory backed would not. For cargohold it also
+measures the engine's and the data servers' CPU time (user+sys from /proc/PID/stat, delta
+over each job) and peak RSS (VmHWM).
 
 After each write job the file system is synced outside the timed window (``sync -f``: ext4
 journal commit, loop flush, FUSE fsync, the replicas' fdatasync) so that the next job does not
@@ -102,10 +106,18 @@ class Job:
     direction: str  # the fio result section: "read" or "write"
     timed: bool  # time_based (random jobs) or passes over the file (sequential jobs)
     loops: int = 1  # passes over the file (sequential jobs)
+    #: a file of its own, removed after the job (else fio.dat, which the later jobs use)
+    scratch: str = ""
+    #: just before the job, fault in and free memory for the page cache to take: see
+    #: ``recycle_memory``
+    recycled: bool = False
 
 
 JOBS = [
     Job("seqwrite", "write", "1M", 16, "write", False),
+    # the same write of new data, on memory this VM's host still backs (``recycle_memory``)
+    Job("seqwrite_recycled", "write", "1M", 16, "write", False,
+        scratch="fio-recycled.dat", recycled=True),
     # 8 passes: one pass of the 256 MiB --quick file took ~0.1 s at 2 GB/s, too short to
     # compare two configurations (all passes read what seqwrite left in the page cache)
     Job("seqread", "read", "1M", 16, "read", False, loops=8),
@@ -117,6 +129,7 @@ METRICS = [("mbps", "MB/s"), ("iops", "IOPS"), ("p50_us", "p50 us"), ("p99_us", 
 # issue 6: ratios to raw with 2 replicas
 TARGETS = [
     ("seq write MB/s", "seqwrite", "mbps", 0.70),
+    ("seq write, recycled memory", "seqwrite_recycled", "mbps", 0.70),
     ("seq read MB/s", "seqread", "mbps", 0.80),
     ("4K rand write IOPS", "randwrite", "iops", 0.30),
     ("4K rand read IOPS", "randread", "iops", 0.50),
@@ -503,6 +516,11 @@ class Bench:
             os.sync()
             Path("/proc/sys/vm/drop_caches").write_text("3\n")
         output = str(self.tmp / f"fio-{job.name}.json")
+        if job.scratch:
+            filename = str(Path(filename).with_name(job.scratch))
+        if job.recycled:
+            # a page cache copy per replica (raw: none, but the same work before it)
+            recycle_memory(size_bytes(self.size) * 2 + (256 << 20))
         before_engine = cpu_times(engine) if engine else None
         before_servers = {k: cpu_times(p) for k, p in servers.items()}
         before_foreign = foreign_cpu(str(self.tmp))
@@ -522,6 +540,8 @@ class Bench:
             t0 = time.monotonic()
             run(["sync", "--file-system", filename], timeout=600)
             result["settle_sync_s"] = time.monotonic() - t0
+        if job.scratch:
+            Path(filename).unlink()
         result["foreign_cpu_s"] = foreign_s
         result["foreign_cores"] = foreign_s / wall
         result["foreign_top"] = foreign_top
@@ -883,6 +903,33 @@ def first_touch_us(size: int = 256 << 20) -> float:
     finally:
         area.close()
     return took * 1e6 / (size // mmap.PAGESIZE)
+
+
+def recycle_memory(size: int) -> None:
+    """Fault in ``size`` bytes of anonymous memory and free them at once.
+
+    In this VM (see ``first_touch_us``) a page the host reclaimed costs a fault again, and a
+    freed page is reported to the host only a couple of seconds after it is freed. The page
+    cache a job grows right after this takes the freed pages, which the host still backs: the
+    job then costs what it would on a machine whose memory is simply there. The jobs without
+    it pay for fresh pages as the first write of a new VM does.
+    """
+    area = mmap.mmap(-1, size)
+    try:
+        target = ctypes.c_char.from_buffer(area)
+        ctypes.memset(ctypes.addressof(target), 1, size)
+        del target
+    finally:
+        area.close()
+
+
+def size_bytes(text: str) -> int:
+    """fio's size ("256M", "1G", "4096") in bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper()
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
 
 
 def describe_fs(path: Path) -> str:
