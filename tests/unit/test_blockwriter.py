@@ -1,8 +1,8 @@
-"""A replica's plain writes (stores/blockwriter.py): the compiled writer and the Python one
-do the same to the files, maps and counters for the same calls, refuse the same calls, and
-fail the same way; the C is run once more built with AddressSanitizer and
-UndefinedBehaviorSanitizer, together with the data server's compiled request path that
-writes through it (adapters/dataserver/_fastwrites.c)."""
+"""A replica's plain writes and cached reads (stores/blockwriter.py): the compiled writer
+and the Python one do the same to the files, maps and counters for the same calls, read the
+same, refuse the same calls, and fail the same way; the C is run once more built with
+AddressSanitizer and UndefinedBehaviorSanitizer, together with the data server's compiled
+request path that serves through it (adapters/dataserver/_fastwrites.c)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ def test_the_compiled_writer_does_what_the_python_one_does(tmp_path: Path, seed:
     reserve = seed % 2 == 1  # under a space reserve, a never-written chunk is refused
     pair = [Replica(tmp_path / "c", True, reserve=reserve),
             Replica(tmp_path / "py", False, reserve=reserve)]
+    reads = {True: 0, False: 0}
     try:
         for step in range(400):
             kind = rng.random()
@@ -99,11 +100,28 @@ def test_the_compiled_writer_does_what_the_python_one_does(tmp_path: Path, seed:
             data = rng.randbytes(length) if rng.random() < 0.9 else bytes(length)
             generation = rng.choice([0, step, step + 1, 2**64 - 1])
             prepared = rng.random() < 0.3
+            if rng.random() < 0.3:  # a read back, of what is there or of nothing
+                if rng.random() < 0.1:  # a block whose checksum does not match: refused
+                    bad = rng.randrange(SIZE // BLOCK_SIZE) * BLOCK_SIZE
+                    for r in pair:
+                        os.pwrite(r.fd, b"?", bad)
+                answers = [r.w.read_cached(offset, length) for r in pair]
+                assert answers[0] == answers[1], (step, offset, length)
+                reads[answers[0] is not None] += 1
+                if answers[0] is not None:  # the file's blocks, zeros where never written
+                    stored = memoryview(pair[1].maps[0]).cast("I")
+                    for k in range(0, length, BLOCK_SIZE):
+                        want = bytes(BLOCK_SIZE) if not stored[(offset + k) // BLOCK_SIZE] \
+                            else os.pread(pair[1].fd, BLOCK_SIZE, offset + k)
+                        assert answers[0][k:k + BLOCK_SIZE] == want
+                    stored.release()
+                continue
             results = [outcome(partial(r.w.write, offset, data, generation, prepared))
                        for r in pair]
             assert results[0] == results[1], (step, offset, length, generation, prepared)
             assert pair[0].state() == pair[1].state(), step
         assert pair[0].w.ended > 50  # most of the writes were taken, not refused
+        assert reads[True] > 10 and reads[False] > 2  # reads answered, and refused
         for r in pair:
             r.w.close()
             assert not r.w.open
@@ -177,26 +195,42 @@ w = _blockwriter.BlockWriter(files["data"], sums, gens, bytearray(b"\1"), bytear
 for offset, n in ((0, 4096), (4096 * 3, 4096 * 70), (SIZE - 4096, 4096), (SIZE, 4096),
                   (1, 4096), (0, 5)):
     w.write(offset, os.urandom(n), 7)
+for offset, n in ((0, 4096), (4096 * 3, 4096 * 70), (SIZE - 4096, 4096), (SIZE, 4096),
+                  (1, 4096), (0, 5), (0, 0), (8192, 1 << 16), (SIZE - 4096, 8192)):
+    got = w.read_cached(offset, n)
+    assert got is None or len(got) == n
+assert w.read_cached(SIZE - 8192, 4096) == bytes(4096)  # never written: zeros
 fast = _fastwrites.FastWrites(magic=MAGIC, version=VERSION, write_op=Op.WRITE,
-                              shared_op=Op.WRITE_SHARED, ok=Status.OK, max_payload=MAX_PAYLOAD)
+                              shared_op=Op.WRITE_SHARED, read_op=Op.READ, ok=Status.OK,
+                              max_payload=MAX_PAYLOAD, read_max=1 << 16)
 volume = bytes(range(16))
 fast.allow(volume, w, 0)
 shared = bytearray(1 << 18)
+shared[4096:4096 + 65536] = os.urandom(65536)
 fast.share(memoryview(shared))
 def frame(op, rid, epoch, offset, length, payload, vol=volume):
     return REQUEST_HEADER.pack(MAGIC, VERSION, op, rid, vol, epoch, offset, length, 9,
                                len(payload)) + payload
-stream = b"".join([frame(Op.WRITE, 1, 4, 0, 4096, os.urandom(4096)),
+first = os.urandom(4096)
+stream = b"".join([frame(Op.WRITE, 1, 4, 0, 4096, first),
                    frame(Op.WRITE_SHARED, 2, 4, 8192, 65536, struct.pack("!Q", 4096)),
+                   frame(Op.READ, 5, 4, 0, 4096, b""),
+                   frame(Op.READ, 6, 4, 8192, 8192, b""),
                    frame(Op.WRITE_SHARED, 3, 4, 0, 4096, struct.pack("!Q", (1 << 18) - 10)),
-                   frame(Op.WRITE, 4, 4, 0, 4096, os.urandom(4096))])
+                   frame(Op.WRITE, 4, 4, 0, 4096, os.urandom(4096)),
+                   frame(Op.READ, 7, 4, 0, 1 << 17, b"")])
 buf = bytearray(stream) + bytearray(100)
 out = []
-pos = fast.serve(memoryview(buf), 0, len(stream), out)
-assert out and len(out[0]) == 24 and pos == 2 * 56 + 4096 + 8, (pos, out)
-assert fast.served == 2
+pos = fast.serve(memoryview(buf), 0, len(stream), out, 1 << 20)
+answers = 12 + 12 + 12 + 4096 + 12 + 8192
+assert out and len(out[0]) == answers and pos == 4 * 56 + 4096 + 8, (pos, out)
+assert out[0][24 + 12:24 + 12 + 4096] == first
+assert out[0][-8192:] == bytes(shared[4096:4096 + 8192])
+assert fast.served == 2 and fast.reads_served == 2 and fast.queued == 4096 + 8192
+three = 3 * 56 + 4096 + 8  # the second read alone does not fit in this budget
+assert fast.serve(memoryview(buf), 0, len(stream), [], 4096 + 4096) == three
 for cut in range(0, len(stream), 97):  # every truncation: no read past the end
-    assert fast.serve(memoryview(buf), 0, cut, []) <= cut
+    assert fast.serve(memoryview(buf), 0, cut, [], 1 << 20) <= cut
 out = []
 assert fast.serve(memoryview(buf), 0, len(stream), out) >= 0
 import random
@@ -206,12 +240,13 @@ for _ in range(3000):  # mangled streams: a byte, a length, an offset or an op c
     for _ in range(rng.randrange(1, 4)):
         mangled[rng.randrange(len(mangled))] = rng.randrange(256)
     if rng.random() < 0.3:
-        at = rng.choice([40, 52, 56 + 4096 + 40, 56 + 4096 + 52])
+        at = rng.choice([40, 52, 56 + 4096 + 40, 56 + 4096 + 52, 2 * 56 + 4096 + 8 + 40,
+                         3 * 56 + 4096 + 8 + 32])
         mangled[at:at + 4] = rng.choice([b"\xff\xff\xff\xff", b"\x00\x00\x10\x00",
                                          b"\x00\x01\x00\x00"])
     end = rng.randrange(len(mangled) + 1)
     exact = bytearray(mangled[:end])  # a read past the end is a heap overflow ASan reports
-    pos = fast.serve(memoryview(exact), 0, end, [])
+    pos = fast.serve(memoryview(exact), 0, end, [], rng.choice([0, 4096, 1 << 20]))
     assert 0 <= pos <= end
 fast.forget(volume)
 assert fast.serve(memoryview(buf), 0, len(stream), []) == 0

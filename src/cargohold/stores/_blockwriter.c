@@ -6,7 +6,8 @@
  * one, and the data server's compiled request path (adapters/dataserver/_fastwrites.c) calls
  * it without Python in between. Anything else (a range out of bounds, a page that needs space
  * first, a chunk that needs room under a space reserve) is refused (0) with nothing done, and
- * the Python path does it.
+ * the Python path does it. read_cached() reads back whole blocks the page cache holds whose
+ * checksums match, and leaves everything else to the replica's own read.
  *
  * The CRC-32 is the caller's function (isal's, ~10x zlib's on 4 KiB here), called once per
  * block before anything is written. The GIL is held throughout: close() cannot run meanwhile.
@@ -21,6 +22,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <structmember.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "blockwriter.h"
@@ -225,6 +227,78 @@ out:
     return result;
 }
 
+/* Reads the whole blocks [offset, offset + length) into `into` if every byte is in the page
+ * cache and every block's checksum matches (never-written blocks: zeros): 1. 0: left to the
+ * replica's own read (out of range, unaligned, not all cached, a checksum that does not
+ * match, closed), `into` in any state; -1: a Python exception (a failed checksum call). */
+static int do_read(BlockWriter *w, uint64_t offset, char *into, Py_ssize_t length) {
+    if (!w->open || length <= 0 || offset % BLOCK || length % BLOCK || offset > w->size ||
+        (uint64_t)length > w->size - offset)
+        return 0;
+    uint64_t first = offset / BLOCK, count = (uint64_t)length / BLOCK;
+    if ((first + count) * 4 > (uint64_t)w->sums.len)
+        return 0;
+    uint32_t small[2 * 16];
+    uint32_t *want = count <= 16 ? small : PyMem_Malloc(2 * count * sizeof(uint32_t));
+    if (want == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    uint32_t *got = want + count;
+    /* copied first: the checksums below are Python calls, and a garbage collection in them
+     * may close this writer and unmap its sums */
+    memcpy(want, (const uint32_t *)w->sums.buf + first, count * sizeof(uint32_t));
+    int result = 0, any = 0;
+    for (uint64_t k = 0; k < count; k++)
+        any |= want[k] != 0;
+    if (!any) {
+        memset(into, 0, (size_t)length);
+        result = 1;
+        goto out;
+    }
+    struct iovec iov = {into, (size_t)length};
+    ssize_t n;
+    do
+        n = preadv2(w->fd, &iov, 1, (off_t)offset, RWF_NOWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n != length)
+        goto out; /* not all cached (EAGAIN, or short at the end of the file), or an error */
+    result = -1;
+    if (checksums(w, into, (Py_ssize_t)count, got) < 0)
+        goto out;
+    result = 0;
+    for (uint64_t k = 0; k < count; k++) {
+        if (!want[k])
+            memset(into + k * BLOCK, 0, BLOCK);
+        else if (got[k] != want[k])
+            goto out;
+    }
+    result = 1;
+out:
+    if (want != small)
+        PyMem_Free(want);
+    return result;
+}
+
+static PyObject *read_cached(BlockWriter *w, PyObject *args) {
+    unsigned long long offset;
+    Py_ssize_t length;
+    if (!PyArg_ParseTuple(args, "Kn", &offset, &length))
+        return NULL;
+    if (length <= 0)
+        Py_RETURN_NONE;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, length);
+    if (out == NULL)
+        return NULL;
+    int done = do_read(w, offset, PyBytes_AS_STRING(out), length);
+    if (done > 0)
+        return out;
+    Py_DECREF(out);
+    if (done < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *write_method(BlockWriter *w, PyObject *args, PyObject *kwds) {
     static char *names[] = {"offset", "data", "generation", "prepared", NULL};
     unsigned long long offset, generation;
@@ -269,6 +343,10 @@ static int api_write(PyObject *writer, uint64_t offset, const char *data, Py_ssi
     return do_write((BlockWriter *)writer, offset, data, length, generation, 0);
 }
 
+static int api_read(PyObject *writer, uint64_t offset, char *into, Py_ssize_t length) {
+    return do_read((BlockWriter *)writer, offset, into, length);
+}
+
 static uint64_t api_epoch(PyObject *writer) {
     BlockWriter *w = (BlockWriter *)writer;
     return w->open ? w->epoch : 0;
@@ -277,6 +355,8 @@ static uint64_t api_epoch(PyObject *writer) {
 static PyMethodDef methods[] = {
     {"write", (PyCFunction)(void (*)(void))write_method, METH_VARARGS | METH_KEYWORDS,
      "write(offset, data, generation, prepared=False) -> bool: False if left to the caller"},
+    {"read_cached", (PyCFunction)read_cached, METH_VARARGS,
+     "read_cached(offset, length) -> bytes, or None if left to the replica's read"},
     {"close", (PyCFunction)close_method, METH_NOARGS, "Let go of the maps; writes refused."},
     {NULL, NULL, 0, NULL},
 };
@@ -313,7 +393,7 @@ static PyTypeObject BlockWriterType = {
     .tp_getset = getset,
 };
 
-static struct blockwriter_api api = {&BlockWriterType, api_write, api_epoch};
+static struct blockwriter_api api = {&BlockWriterType, api_write, api_read, api_epoch};
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_blockwriter", "A replica's plain writes in C.", -1,

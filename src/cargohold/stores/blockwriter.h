@@ -16,6 +16,9 @@ struct blockwriter_api {
      * with a Python exception set (the data may be partly written, its checksums not). */
     int (*write)(PyObject *writer, uint64_t offset, const char *data, Py_ssize_t length,
                  uint64_t generation);
+    /* BlockWriter.read_cached into `into`: 1 read, 0 left to the Python path, -1 failed
+     * with a Python exception set. */
+    int (*read)(PyObject *writer, uint64_t offset, char *into, Py_ssize_t length);
     /* The replica's epoch as the writer knows it; 0 once closed. */
     uint64_t (*epoch)(PyObject *writer);
 };

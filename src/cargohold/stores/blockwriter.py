@@ -1,4 +1,5 @@
-"""A replica's plain writes: a ``pwrite``, a checksum per block, the chunks' generations.
+"""A replica's plain writes: a ``pwrite``, a checksum per block, the chunks' generations;
+and its plain reads of what the page cache holds.
 
 ``DiskReplica`` (diskstore.py) writes through a ``BlockWriter`` whenever it has no snapshots:
 ``write`` does the whole write, or refuses (False, nothing done) when the range is not whole
@@ -6,6 +7,8 @@ blocks inside the replica, when a page of checksums or generations needs space f
 never-written chunk needs room under a space reserve; the replica then does that and writes
 again with ``prepared=True``. The writer also keeps the counters the replica's flush and
 writeback read (``begun``, ``ended``, ``small_writes``, ``small_chunks``, ``chunks_written``).
+``read_cached`` reads back whole blocks that are all in the page cache and match their
+checksums, and leaves everything else (None) to the replica's own read.
 
 This class is the reference; ``stores/_blockwriter.c`` is its compiled twin (the data
 server's compiled request path writes through it without Python: see
@@ -102,6 +105,37 @@ class BlockWriter:
             self.small_chunks.add(c0)
         self.ended += 1
         return True
+
+
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """The whole blocks at ``offset`` if every byte the replica holds of them is in the
+        page cache and every block's checksum matches (never-written blocks read as zeros);
+        None for anything else (out of range, unaligned, empty, not all cached, a checksum
+        that does not match, closed): the replica's own read then answers or raises."""
+        sums = self._sums
+        if (sums is None or length <= 0 or offset % BLOCK_SIZE or length % BLOCK_SIZE
+                or offset > self.size or length > self.size - offset):
+            return None
+        first, count = offset // BLOCK_SIZE, length // BLOCK_SIZE
+        if first + count > len(sums):
+            return None
+        wanted = sums[first:first + count].tolist()
+        if not any(wanted):
+            return bytes(length)
+        data = bytearray(length)
+        try:
+            if os.preadv(self._fd, [data], offset, os.RWF_NOWAIT) != length:
+                return None
+        except OSError:
+            return None
+        view = memoryview(data)
+        for k, want in enumerate(wanted):
+            block = view[k * BLOCK_SIZE:(k + 1) * BLOCK_SIZE]
+            if not want:
+                block[:] = bytes(BLOCK_SIZE)
+            elif (self._crc32(block) or 1) != want:
+                return None
+        return bytes(data)
 
 
 def _backed(flags: bytearray, start: int, end: int) -> bool:

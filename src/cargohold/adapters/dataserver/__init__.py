@@ -121,7 +121,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._guard = server.guard
         self._grants: dict[str, int] = {}  # volume → the epoch a capability allows here
         self._copying = False  # a bulk copy's connection (HELLO): its writes drop behind
-        self._fast = fastwrites.make()  # plain writes served in C (None: all in Python)
+        self._fast = fastwrites.make(_LARGE)  # plain I/O served in C (None: all in Python)
         self.identity: str | None = None  # the node at the other end, when known
         self.peer = "?"
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -165,7 +165,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._unshare()
         if self._fast is not None:
             self._fast.clear()
-            self._server.compiled_writes_before += self._fast.served
+            writes, reads = self._server.compiled_before
+            self._server.compiled_before = (writes + self._fast.served,
+                                            reads + self._fast.reads_served)
             self._fast = None
         if self._server.sharers.get(self._sharer) is self:
             del self._server.sharers[self._sharer]
@@ -188,11 +190,17 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self._send()
 
-    def compiled_writes(self) -> int:
-        return 0 if self._fast is None else int(self._fast.served)
+    def compiled(self) -> tuple[int, int]:
+        fast = self._fast
+        return (0, 0) if fast is None else (int(fast.served), int(fast.reads_served))
 
     def _serve_fast(self, view: memoryview, pos: int, end: int) -> int:
-        served: int = self._fast.serve(view, pos, end, self._out)
+        transport = self._transport
+        budget = MAX_UNREAD - self._unsent - self._reading - (
+            transport.get_write_buffer_size() if transport else 0)
+        fast = self._fast
+        served: int = fast.serve(view, pos, end, self._out, budget)
+        self._unsent += fast.queued
         return served
 
     def eof_received(self) -> bool:
@@ -353,6 +361,8 @@ class _Connection(asyncio.BufferedProtocol):
             if header.length <= _LARGE else None
         if data is not None:
             self._unsent += len(data)
+            if self._fast is not None and not self._copying:
+                self._allow_fast(header, replica)
             return data
         self._reading += header.length  # from the disk, while the loop serves the others:
         place = replica.read_place(header.offset, header.length)
@@ -409,7 +419,7 @@ class _Connection(asyncio.BufferedProtocol):
         return b""
 
     def _allow_fast(self, header: RequestHeader, replica: StoredReplica) -> None:
-        """Let the compiled path serve this volume's plain writes at this epoch from now on
+        """Let the compiled path serve this volume's plain I/O at this epoch from now on
         (fastwrites.py), if the replica has a compiled writer open."""
         writer = replica.fast_writer()
         if writer is not None and not self._server.faults.bad:
@@ -692,7 +702,7 @@ class DataProtocolServer:
         self.sharers: dict[str, _Connection] = {}  # who maps which client's buffers
         self._disk_reads: DiskReads | None = None
         self.faults = Faults()
-        self.compiled_writes_before = 0  # writes the C served on connections now closed
+        self.compiled_before = (0, 0)  # writes and reads the C served on closed connections
         self.host = ""
         self.port = 0
         self.socket_path: Path | None = None
@@ -704,10 +714,10 @@ class DataProtocolServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def compiled_writes(self) -> int:
-        """Writes served by the compiled path (fastwrites.py) since the server started."""
-        return self.compiled_writes_before + sum(c.compiled_writes()
-                                                 for c in self.connections)
+    def compiled(self) -> tuple[int, int]:
+        """Writes and reads served by the compiled path (fastwrites.py) since it started."""
+        counts = [self.compiled_before, *(c.compiled() for c in self.connections)]
+        return sum(w for w, _ in counts), sum(r for _, r in counts)
 
     @property
     def disk_reads(self) -> DiskReads:

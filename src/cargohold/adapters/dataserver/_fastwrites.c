@@ -1,20 +1,23 @@
-/* The data server's plain writes served without Python (adapters/dataserver/fastwrites.py).
+/* The data server's plain writes and cached reads served without Python
+ * (adapters/dataserver/fastwrites.py).
  *
  * A connection's received bytes hold a run of request frames. serve() takes them from the
- * front while each is a WRITE or WRITE_SHARED of a volume this connection was allowed
- * (allow(): the Python path served that volume's writes at that epoch before), at the epoch
- * its replica holds, that the replica's BlockWriter (stores/_blockwriter.c) takes whole; it
+ * front while each is a WRITE or WRITE_SHARED, or a READ of at most read_max bytes, of a
+ * volume this connection was allowed (allow(): the Python path served that volume's I/O at
+ * that epoch before), at the epoch its replica holds, that the replica's BlockWriter
+ * (stores/_blockwriter.c) takes whole: a write it can make, a read of blocks all in the page
+ * cache whose checksums match, within the budget of unread answers the connection allows. It
  * stops at the first frame that is anything else and returns its position, and the Python
- * path serves that one (so requests still run in the order they came). The OK answers of the
+ * path serves that one (so requests still run in the order they came). The answers of the
  * run go out as one bytes object appended to the connection's list of answers.
  *
  * A refusal, a failure or a half-received frame is never answered here: nothing was done
  * (or, for a failed pwrite, what was done is done again by the Python path, which then
- * answers with the error and puts the checksums right).
+ * answers with the error and puts the checksums right; a read left here is read again).
  *
- * Built by setup.py (optional, warnings as errors); tests/unit/test_fastwrites.py feeds it
- * frames beside the Python path and once under AddressSanitizer and
- * UndefinedBehaviorSanitizer.
+ * Built by setup.py (optional, warnings as errors); tests/unit/test_blockwriter.py feeds it
+ * frames once under AddressSanitizer and UndefinedBehaviorSanitizer, and
+ * tests/integration/test_fastwrites.py runs a server with and without it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -37,13 +40,14 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    uint8_t magic[2], version, write_op, shared_op, ok;
-    uint32_t max_payload;
+    uint8_t magic[2], version, write_op, shared_op, read_op, ok;
+    uint32_t max_payload, read_max;
     Entry entries[MAX_VOLUMES];
     int next;                /* the entry allow() replaces when all are taken */
     Py_buffer shared;        /* the client's write buffers (SHARE), when has_shared */
     int has_shared;
-    unsigned long long served;
+    unsigned long long served, reads_served;
+    Py_ssize_t queued;       /* bytes of read answers the last serve() queued */
 } FastWrites;
 
 static uint32_t be32(const uint8_t *p) {
@@ -62,13 +66,14 @@ static void put32(uint8_t *p, uint32_t v) {
 }
 
 static int init(FastWrites *f, PyObject *args, PyObject *kwds) {
-    static char *names[] = {"magic", "version", "write_op", "shared_op", "ok", "max_payload",
-                            NULL};
+    static char *names[] = {"magic", "version", "write_op", "shared_op", "read_op", "ok",
+                            "max_payload", "read_max", NULL};
     Py_buffer magic;
-    unsigned char version, write_op, shared_op, ok;
-    unsigned int max_payload;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "$y*bbbbI", names, &magic, &version,
-                                     &write_op, &shared_op, &ok, &max_payload))
+    unsigned char version, write_op, shared_op, read_op, ok;
+    unsigned int max_payload, read_max;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "$y*bbbbbII", names, &magic, &version,
+                                     &write_op, &shared_op, &read_op, &ok, &max_payload,
+                                     &read_max))
         return -1;
     if (magic.len != 2) {
         PyBuffer_Release(&magic);
@@ -80,8 +85,10 @@ static int init(FastWrites *f, PyObject *args, PyObject *kwds) {
     f->version = version;
     f->write_op = write_op;
     f->shared_op = shared_op;
+    f->read_op = read_op;
     f->ok = ok;
     f->max_payload = max_payload;
+    f->read_max = read_max;
     return 0;
 }
 
@@ -176,17 +183,52 @@ static PyObject *unshare_method(FastWrites *f, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-/* serve(buffer, pos, end, out) -> the position of the first frame left to Python. */
+/* The answers of one serve() call: on the stack while they fit, then on the heap. */
+typedef struct {
+    uint8_t *p, *heap;
+    size_t len, cap;
+} Out;
+
+/* Room for n more bytes at the end of o (NULL: out of memory, o unchanged). */
+static uint8_t *room(Out *o, size_t n) {
+    if (o->len + n > o->cap) {
+        size_t cap = 2 * o->cap > o->len + n ? 2 * o->cap : o->len + n;
+        uint8_t *p = PyMem_Malloc(cap);
+        if (p == NULL)
+            return NULL;
+        memcpy(p, o->p, o->len);
+        PyMem_Free(o->heap);
+        o->p = o->heap = p;
+        o->cap = cap;
+    }
+    uint8_t *at = o->p + o->len;
+    o->len += n;
+    return at;
+}
+
+static void answer(const FastWrites *f, uint8_t *a, const uint8_t *request, uint32_t length) {
+    a[0] = f->magic[0];
+    a[1] = f->magic[1];
+    a[2] = f->version;
+    a[3] = f->ok;
+    memcpy(a + 4, request + 4, 4); /* the request id, as it came */
+    put32(a + 8, length);
+}
+
+/* serve(buffer, pos, end, out, budget=0) -> the position of the first frame left to Python.
+ * budget: bytes of read answers it may queue (the connection's limit on unread answers). */
 static PyObject *serve(FastWrites *f, PyObject *const *args, Py_ssize_t nargs) {
     Py_buffer buf;
-    Py_ssize_t pos, end;
-    if (nargs != 4 || !PyList_Check(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "serve(buffer, pos, end, out: list)");
+    Py_ssize_t pos, end, budget = 0;
+    if ((nargs != 4 && nargs != 5) || !PyList_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "serve(buffer, pos, end, out: list, budget=0)");
         return NULL;
     }
     pos = PyLong_AsSsize_t(args[1]);
     end = PyLong_AsSsize_t(args[2]);
-    if ((pos == -1 || end == -1) && PyErr_Occurred())
+    if (nargs == 5)
+        budget = PyLong_AsSsize_t(args[4]);
+    if ((pos == -1 || end == -1 || budget == -1) && PyErr_Occurred())
         return NULL;
     if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -196,13 +238,9 @@ static PyObject *serve(FastWrites *f, PyObject *const *args, Py_ssize_t nargs) {
         return NULL;
     }
     const uint8_t *b = buf.buf;
-    Py_ssize_t most = (end - pos) / REQUEST_SIZE, count = 0;
     uint8_t small[64 * RESPONSE_SIZE];
-    uint8_t *answers = most <= 64 ? small : PyMem_Malloc((size_t)most * RESPONSE_SIZE);
-    if (answers == NULL) {
-        PyBuffer_Release(&buf);
-        return PyErr_NoMemory();
-    }
+    Out o = {small, NULL, 0, sizeof small};
+    Py_ssize_t writes = 0, reads = 0, queued = 0;
     while (end - pos >= REQUEST_SIZE) {
         const uint8_t *h = b + pos;
         uint8_t op = h[3];
@@ -211,7 +249,7 @@ static PyObject *serve(FastWrites *f, PyObject *const *args, Py_ssize_t nargs) {
         if (h[0] != f->magic[0] || h[1] != f->magic[1] || h[2] != f->version ||
             plen > f->max_payload || (uint64_t)(end - pos - REQUEST_SIZE) < plen)
             break;
-        const char *data;
+        const char *data = NULL;
         if (op == f->write_op) {
             if (plen != length)
                 break;
@@ -223,6 +261,10 @@ static PyObject *serve(FastWrites *f, PyObject *const *args, Py_ssize_t nargs) {
             if (at > (uint64_t)f->shared.len || length > (uint64_t)f->shared.len - at)
                 break;
             data = (const char *)f->shared.buf + at;
+        } else if (op == f->read_op) {
+            if (plen != 0 || length == 0 || length > f->read_max ||
+                (Py_ssize_t)length > budget - queued)
+                break;
         } else {
             break;
         }
@@ -230,36 +272,65 @@ static PyObject *serve(FastWrites *f, PyObject *const *args, Py_ssize_t nargs) {
         if (e == NULL || epoch == 0 || (e->epoch && e->epoch != epoch) ||
             api->epoch(e->writer) != epoch)
             break;
-        int done = api->write(e->writer, offset, data, (Py_ssize_t)length, generation);
+        /* held across the call: its checksums are Python calls, which may run any code */
+        PyObject *writer = e->writer;
+        Py_INCREF(writer);
+        int done;
+        uint8_t *a = room(&o, RESPONSE_SIZE + (data == NULL ? length : 0));
+        if (a == NULL) {
+            done = 0;
+        } else if (data != NULL) {
+            done = api->write(writer, offset, data, (Py_ssize_t)length, generation);
+            if (done > 0)
+                answer(f, a, h, 0);
+        } else {
+            done = api->read(writer, offset, (char *)a + RESPONSE_SIZE, (Py_ssize_t)length);
+            if (done > 0)
+                answer(f, a, h, length);
+        }
+        Py_DECREF(writer);
         if (done < 0)
             PyErr_Clear(); /* done again by the Python path, which answers the error */
-        if (done <= 0)
+        if (done <= 0) {
+            if (a != NULL)
+                o.len -= RESPONSE_SIZE + (data == NULL ? length : 0);
             break;
-        uint8_t *a = answers + count * RESPONSE_SIZE;
-        a[0] = f->magic[0];
-        a[1] = f->magic[1];
-        a[2] = f->version;
-        a[3] = f->ok;
-        memcpy(a + 4, h + 4, 4); /* the request id, as it came */
-        put32(a + 8, 0);
-        count++;
+        }
+        if (data == NULL) {
+            reads++;
+            queued += length;
+        } else {
+            writes++;
+        }
         pos += REQUEST_SIZE + (Py_ssize_t)plen;
     }
     PyBuffer_Release(&buf);
     int failed = 0;
-    if (count) {
-        PyObject *out = PyBytes_FromStringAndSize((const char *)answers, count * RESPONSE_SIZE);
+    f->queued = 0;
+    if (o.len) {
+        PyObject *out = PyBytes_FromStringAndSize((const char *)o.p, (Py_ssize_t)o.len);
         failed = out == NULL || PyList_Append(args[3], out) < 0;
         Py_XDECREF(out);
-        f->served += (unsigned long long)count;
+        if (!failed) {
+            f->served += (unsigned long long)writes;
+            f->reads_served += (unsigned long long)reads;
+            f->queued = queued;
+        }
     }
-    if (answers != small)
-        PyMem_Free(answers);
+    PyMem_Free(o.heap);
     return failed ? NULL : PyLong_FromSsize_t(pos);
 }
 
 static PyObject *get_served(FastWrites *f, void *closure) {
     return PyLong_FromUnsignedLongLong(f->served);
+}
+
+static PyObject *get_reads_served(FastWrites *f, void *closure) {
+    return PyLong_FromUnsignedLongLong(f->reads_served);
+}
+
+static PyObject *get_queued(FastWrites *f, void *closure) {
+    return PyLong_FromSsize_t(f->queued);
 }
 
 static PyMethodDef methods[] = {
@@ -270,12 +341,15 @@ static PyMethodDef methods[] = {
     {"share", (PyCFunction)share, METH_O, "share(buffer): the client's write buffers"},
     {"unshare", (PyCFunction)unshare_method, METH_NOARGS, "Let go of the write buffers."},
     {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL,
-     "serve(buffer, pos, end, out) -> pos of the first frame left to Python"},
+     "serve(buffer, pos, end, out, budget=0) -> pos of the first frame left to Python"},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef getset[] = {
     {"served", (getter)get_served, NULL, "writes served here so far", NULL},
+    {"reads_served", (getter)get_reads_served, NULL, "reads served here so far", NULL},
+    {"queued", (getter)get_queued, NULL, "bytes of read answers the last serve() queued",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
