@@ -1,6 +1,6 @@
 """Build hooks: generate the CSI gRPC modules from ``src/cargohold/adapters/csi/csi.proto``;
 compile the C extensions (``core/_xts.c``, ``core/_frames.c``, ``stores/_diskreads.c``,
-``stores/_blockwriter.c``, ``adapters/dataserver/_fastwrites.c``,
+``stores/_blockio.c``, ``adapters/dataserver/_fastio.c``,
 ``services/engine/_fusering.c``).
 
 Everything else about the package is in pyproject.toml. ``build_py`` runs ``grpc_tools.protoc``
@@ -60,15 +60,15 @@ FUSE_RING = Extension("cargohold.services.engine._fusering",
                       ["src/cargohold/services/engine/_fusering.c"], extra_compile_args=STRICT,
                       optional=True)
 
-# A replica's plain writes (stores/blockwriter.py), and the data server's requests that are
-# such writes served without Python (adapters/dataserver/fastwrites.py), which calls the
-# former through a capsule (stores/blockwriter.h); optional, warnings as errors.
-BLOCK_WRITER = Extension("cargohold.stores._blockwriter", ["src/cargohold/stores/_blockwriter.c"],
-                         extra_compile_args=STRICT, optional=True)
-FAST_WRITES = Extension("cargohold.adapters.dataserver._fastwrites",
-                        ["src/cargohold/adapters/dataserver/_fastwrites.c"],
-                        include_dirs=["src/cargohold/stores"], extra_compile_args=STRICT,
-                        optional=True)
+# A replica's plain writes and cached reads (stores/blockio.py), and the data server's
+# requests that are such I/O served without Python (adapters/dataserver/fastio.py), which
+# calls the former through a capsule (stores/blockio.h); optional, warnings as errors.
+BLOCK_IO = Extension("cargohold.stores._blockio", ["src/cargohold/stores/_blockio.c"],
+                     extra_compile_args=STRICT, optional=True)
+FAST_IO = Extension("cargohold.adapters.dataserver._fastio",
+                    ["src/cargohold/adapters/dataserver/_fastio.c"],
+                    include_dirs=["src/cargohold/stores"], extra_compile_args=STRICT,
+                    optional=True)
 
 setup(cmdclass={"build_py": BuildPyWithProtos},
-      ext_modules=[XTS, DISK_READS, FRAMES, FUSE_RING, BLOCK_WRITER, FAST_WRITES])
+      ext_modules=[XTS, DISK_READS, FRAMES, FUSE_RING, BLOCK_IO, FAST_IO])

@@ -39,7 +39,7 @@ else
     cp -a "$src/." "$stage/src/"
 fi
 "$venv/bin/pip" install --quiet --no-compile --no-cache-dir "$stage/src"
-"$venv/bin/python" -c 'import cargohold.core._xts, cargohold.stores._diskreads, cargohold.stores._blockwriter, cargohold.adapters.dataserver._fastwrites, cargohold.adapters.csi.csi_pb2'  # built?
+"$venv/bin/python" -c 'import cargohold.core._xts, cargohold.stores._diskreads, cargohold.stores._blockio, cargohold.adapters.dataserver._fastio, cargohold.adapters.csi.csi_pb2'  # built?
 
 # The venv was made in the stage: its scripts and config name the stage's path.
 grep -rlI --null "$venv" "$venv/bin" "$venv/pyvenv.cfg" | xargs -0 sed -i "s|$venv|/opt/cargohold|g"

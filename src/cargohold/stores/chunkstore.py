@@ -170,10 +170,10 @@ class StoredReplica(ABC):
         if length:
             self._write(offset, view, generation)
 
-    def fast_writer(self) -> object | None:
-        """The compiled writer (stores/_blockwriter.c) that may take this replica's plain
-        writes without Python, while it is open (adapters/dataserver/fastwrites.py); None
-        if there is none."""
+    def fast_io(self) -> object | None:
+        """The compiled ``BlockIO`` (stores/_blockio.c) that may serve this replica's plain
+        writes and cached reads without Python, while it is open
+        (adapters/dataserver/fastio.py); None if there is none."""
         return None
 
     def fill(self, offset: int, data: BytesLike, generation: int) -> bool:

@@ -37,7 +37,7 @@ try:  # the same CRC-32 as zlib's, computed with SIMD instructions: ~3x faster p
 except ImportError:  # pragma: no cover - isal is optional
     from zlib import crc32
 
-from cargohold.stores import blockwriter, versionmap
+from cargohold.stores import blockio, versionmap
 from cargohold.stores.chunkstore import (
     ZERO_BLOCK,
     BytesLike,
@@ -139,7 +139,7 @@ class DiskReplica(StoredReplica):
         self._sums_backed = bytearray(_pages(self._blocks * 4))
         self._gens_backed = bytearray(_pages(chunk_count(self.size) * 8))
         self._snaps: VersionMap | None = None  # set at the first snapshot (versionmap.py)
-        self._w: Any = self._writer(None)  # writes and their counters (blockwriter.py)
+        self._w: Any = self._writer(None)  # writes and their counters (blockio.py)
         self._w.chunks_written = self._count_written()
         self._behind = DropBehind(self._data_fd)  # bulk copies' writes (``copied``)
         if (path / versionmap.SNAPSHOTS_FILE).exists():
@@ -156,7 +156,7 @@ class DiskReplica(StoredReplica):
     def _writer(self, before: Any) -> Any:
         """A writer for the current maps, with the counters of the one ``before``."""
         space = self._space
-        w = blockwriter.make(
+        w = blockio.make(
             self._data_fd, self._sums_map, self._gens_map, self._sums_backed,
             self._gens_backed, size=self.size, epoch=self._epoch, chunk=CHUNK_SIZE,
             piece=_WRITE_PIECE, small=SMALL_WRITE,
@@ -168,9 +168,9 @@ class DiskReplica(StoredReplica):
             w.close()
         return w
 
-    def fast_writer(self) -> object | None:
+    def fast_io(self) -> object | None:
         w = self._w
-        return w if w.open and not isinstance(w, blockwriter.BlockWriter) else None
+        return w if w.open and not isinstance(w, blockio.BlockIO) else None
 
     @property
     def small_writes(self) -> int:  # type: ignore[override]
@@ -321,7 +321,7 @@ class DiskReplica(StoredReplica):
     def _write(self, offset: int, data: memoryview, generation: int) -> None:
         w = self._w
         try:
-            if w.write(offset, data, generation):  # the common case (see blockwriter.py)
+            if w.write(offset, data, generation):  # the common case (see blockio.py)
                 return
             length = len(data)
             space = self._space

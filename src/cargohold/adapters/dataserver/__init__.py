@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
-from cargohold.adapters.dataserver import fastwrites
+from cargohold.adapters.dataserver import fastio
 from cargohold.adapters.dataserver.sharing import map_offered
 from cargohold.adapters.dataserver.statuses import error_response
 from cargohold.clients.sockets import unix_listener, widen_send_buffer
@@ -121,7 +121,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._guard = server.guard
         self._grants: dict[str, int] = {}  # volume → the epoch a capability allows here
         self._copying = False  # a bulk copy's connection (HELLO): its writes drop behind
-        self._fast = fastwrites.make(_LARGE)  # plain I/O served in C (None: all in Python)
+        self._fast = fastio.make(_LARGE)  # plain I/O served in C (None: all in Python)
         self.identity: str | None = None  # the node at the other end, when known
         self.peer = "?"
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -420,8 +420,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _allow_fast(self, header: RequestHeader, replica: StoredReplica) -> None:
         """Let the compiled path serve this volume's plain I/O at this epoch from now on
-        (fastwrites.py), if the replica has a compiled writer open."""
-        writer = replica.fast_writer()
+        (fastio.py), if the replica has a compiled writer open."""
+        writer = replica.fast_io()
         if writer is not None and not self._server.faults.bad:
             self._fast.allow(volume_bytes(header.volume_id), writer,
                              header.epoch if self._guard is not None else 0)
@@ -715,7 +715,7 @@ class DataProtocolServer:
         return f"{self.host}:{self.port}"
 
     def compiled(self) -> tuple[int, int]:
-        """Writes and reads served by the compiled path (fastwrites.py) since it started."""
+        """Writes and reads served by the compiled path (fastio.py) since it started."""
         counts = [self.compiled_before, *(c.compiled() for c in self.connections)]
         return sum(w for w, _ in counts), sum(r for _, r in counts)
 

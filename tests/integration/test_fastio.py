@@ -1,4 +1,4 @@
-"""The data server's plain writes served in C (adapters/dataserver/fastwrites.py), in a real
+"""The data server's plain writes served in C (adapters/dataserver/fastio.py), in a real
 server on a disk store, through DataClient over TCP and the unix socket with shared write
 buffers: the compiled path takes the writes, and everything the Python path guarantees
 holds (fencing, snapshots, grow, delete, order within a connection); the same requests give
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cargohold.adapters.dataserver import DataProtocolServer, fastwrites, serve
+from cargohold.adapters.dataserver import DataProtocolServer, fastio, serve
 from cargohold.clients.dataclient import DataClient
 from cargohold.clients.sharedmemory import SharedMemory
 from cargohold.core import compiled, wire
@@ -25,7 +25,7 @@ from cargohold.core.layout import BLOCK_SIZE, CHUNK_SIZE
 from cargohold.errors import CargoholdError, ChecksumMismatch, Fenced, ReplicaNotFound
 from cargohold.stores.diskstore import DiskChunkStore
 
-pytestmark = pytest.mark.skipif(not fastwrites.built(), reason="the C was not built")
+pytestmark = pytest.mark.skipif(not fastio.built(), reason="the C was not built")
 in_c = pytest.mark.skipif(not compiled.wanted(), reason=f"{compiled.VARIABLE}=0")
 MIB = 1 << 20
 

@@ -1,7 +1,7 @@
 """A replica's plain writes: a ``pwrite``, a checksum per block, the chunks' generations;
 and its plain reads of what the page cache holds.
 
-``DiskReplica`` (diskstore.py) writes through a ``BlockWriter`` whenever it has no snapshots:
+``DiskReplica`` (diskstore.py) writes through a ``BlockIO`` whenever it has no snapshots:
 ``write`` does the whole write, or refuses (False, nothing done) when the range is not whole
 blocks inside the replica, when a page of checksums or generations needs space first, or when a
 never-written chunk needs room under a space reserve; the replica then does that and writes
@@ -10,9 +10,9 @@ writeback read (``begun``, ``ended``, ``small_writes``, ``small_chunks``, ``chun
 ``read_cached`` reads back whole blocks that are all in the page cache and match their
 checksums, and leaves everything else (None) to the replica's own read.
 
-This class is the reference; ``stores/_blockwriter.c`` is its compiled twin (the data
+This class is the reference; ``stores/_blockio.c`` is its compiled twin (the data
 server's compiled request path writes through it without Python: see
-``adapters/dataserver/_fastwrites.c``). ``make`` gives the compiled one unless
+``adapters/dataserver/_fastio.c``). ``make`` gives the compiled one unless
 ``CARGOHOLD_COMPILED=0`` or it was not built.
 """
 
@@ -28,12 +28,12 @@ from cargohold.core import compiled
 from cargohold.core.layout import BLOCK_SIZE
 
 try:
-    from cargohold.stores import _blockwriter  # type: ignore[attr-defined]
+    from cargohold.stores import _blockio  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - the build is optional
-    _blockwriter = None
+    _blockio = None
 
 
-class BlockWriter:
+class BlockIO:
     """See the module. ``sums`` and ``gens`` are the replica's maps (u32 per block, u64 per
     chunk, host order); ``sums_backed`` and ``gens_backed`` a byte per page of them, 1 when
     the page has space under it."""
@@ -145,11 +145,11 @@ def _backed(flags: bytearray, start: int, end: int) -> bool:
 
 
 def make(*args: Any, **kwargs: Any) -> Any:
-    """The compiled ``BlockWriter`` if built and wanted (``core/compiled.py``), else this."""
-    if _blockwriter is not None and compiled.wanted():
-        return _blockwriter.BlockWriter(*args, **kwargs)
-    return BlockWriter(*args, **kwargs)
+    """The compiled ``BlockIO`` if built and wanted (``core/compiled.py``), else this."""
+    if _blockio is not None and compiled.wanted():
+        return _blockio.BlockIO(*args, **kwargs)
+    return BlockIO(*args, **kwargs)
 
 
 def compiled_built() -> bool:
-    return _blockwriter is not None
+    return _blockio is not None

@@ -1,11 +1,11 @@
 /* The data server's plain writes and cached reads served without Python
- * (adapters/dataserver/fastwrites.py).
+ * (adapters/dataserver/fastio.py).
  *
  * A connection's received bytes hold a run of request frames. serve() takes them from the
  * front while each is a WRITE or WRITE_SHARED, or a READ of at most read_max bytes, of a
  * volume this connection was allowed (allow(): the Python path served that volume's I/O at
- * that epoch before), at the epoch its replica holds, that the replica's BlockWriter
- * (stores/_blockwriter.c) takes whole: a write it can make, a read of blocks all in the page
+ * that epoch before), at the epoch its replica holds, that the replica's BlockIO
+ * (stores/_blockio.c) takes whole: a write it can make, a read of blocks all in the page
  * cache whose checksums match, within the budget of unread answers the connection allows. It
  * stops at the first frame that is anything else and returns its position, and the Python
  * path serves that one (so requests still run in the order they came). The answers of the
@@ -15,22 +15,22 @@
  * (or, for a failed pwrite, what was done is done again by the Python path, which then
  * answers with the error and puts the checksums right; a read left here is read again).
  *
- * Built by setup.py (optional, warnings as errors); tests/unit/test_blockwriter.py feeds it
+ * Built by setup.py (optional, warnings as errors); tests/unit/test_blockio.py feeds it
  * frames once under AddressSanitizer and UndefinedBehaviorSanitizer, and
- * tests/integration/test_fastwrites.py runs a server with and without it.
+ * tests/integration/test_fastio.py runs a server with and without it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
 
-#include "blockwriter.h"
+#include "blockio.h"
 
 #define REQUEST_SIZE 56
 #define RESPONSE_SIZE 12
 #define MAX_VOLUMES 32
 
-static struct blockwriter_api *api;
+static struct blockio_api *api;
 
 typedef struct {
     uint8_t volume[16];
@@ -48,7 +48,7 @@ typedef struct {
     int has_shared;
     unsigned long long served, reads_served;
     Py_ssize_t queued;       /* bytes of read answers the last serve() queued */
-} FastWrites;
+} FastIO;
 
 static uint32_t be32(const uint8_t *p) {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
@@ -65,7 +65,7 @@ static void put32(uint8_t *p, uint32_t v) {
     p[3] = (uint8_t)v;
 }
 
-static int init(FastWrites *f, PyObject *args, PyObject *kwds) {
+static int init(FastIO *f, PyObject *args, PyObject *kwds) {
     static char *names[] = {"magic", "version", "write_op", "shared_op", "read_op", "ok",
                             "max_payload", "read_max", NULL};
     Py_buffer magic;
@@ -92,19 +92,19 @@ static int init(FastWrites *f, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
-static void clear_entries(FastWrites *f) {
+static void clear_entries(FastIO *f) {
     for (int i = 0; i < MAX_VOLUMES; i++)
         Py_CLEAR(f->entries[i].writer);
 }
 
-static void let_go(FastWrites *f) {
+static void let_go(FastIO *f) {
     if (f->has_shared) {
         f->has_shared = 0;
         PyBuffer_Release(&f->shared);
     }
 }
 
-static void dealloc(FastWrites *f) {
+static void dealloc(FastIO *f) {
     clear_entries(f);
     let_go(f);
     Py_TYPE(f)->tp_free((PyObject *)f);
@@ -119,21 +119,21 @@ static int volume_arg(PyObject *volume, uint8_t out[16]) {
     return 0;
 }
 
-static Entry *find(FastWrites *f, const uint8_t volume[16]) {
+static Entry *find(FastIO *f, const uint8_t volume[16]) {
     for (int i = 0; i < MAX_VOLUMES; i++)
         if (f->entries[i].writer != NULL && !memcmp(f->entries[i].volume, volume, 16))
             return &f->entries[i];
     return NULL;
 }
 
-static PyObject *allow(FastWrites *f, PyObject *args) {
+static PyObject *allow(FastIO *f, PyObject *args) {
     PyObject *volume, *writer;
     unsigned long long epoch;
     uint8_t raw[16];
     if (!PyArg_ParseTuple(args, "SOK", &volume, &writer, &epoch) || volume_arg(volume, raw) < 0)
         return NULL;
     if (!PyObject_TypeCheck(writer, api->type)) {
-        PyErr_SetString(PyExc_TypeError, "the writer is a compiled BlockWriter");
+        PyErr_SetString(PyExc_TypeError, "the writer is a compiled BlockIO");
         return NULL;
     }
     Entry *e = find(f, raw);
@@ -153,7 +153,7 @@ static PyObject *allow(FastWrites *f, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *forget(FastWrites *f, PyObject *volume) {
+static PyObject *forget(FastIO *f, PyObject *volume) {
     uint8_t raw[16];
     if (volume_arg(volume, raw) < 0)
         return NULL;
@@ -163,12 +163,12 @@ static PyObject *forget(FastWrites *f, PyObject *volume) {
     Py_RETURN_NONE;
 }
 
-static PyObject *clear(FastWrites *f, PyObject *unused) {
+static PyObject *clear(FastIO *f, PyObject *unused) {
     clear_entries(f);
     Py_RETURN_NONE;
 }
 
-static PyObject *share(FastWrites *f, PyObject *buffer) {
+static PyObject *share(FastIO *f, PyObject *buffer) {
     Py_buffer view;
     if (PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -178,7 +178,7 @@ static PyObject *share(FastWrites *f, PyObject *buffer) {
     Py_RETURN_NONE;
 }
 
-static PyObject *unshare_method(FastWrites *f, PyObject *unused) {
+static PyObject *unshare_method(FastIO *f, PyObject *unused) {
     let_go(f);
     Py_RETURN_NONE;
 }
@@ -206,7 +206,7 @@ static uint8_t *room(Out *o, size_t n) {
     return at;
 }
 
-static void answer(const FastWrites *f, uint8_t *a, const uint8_t *request, uint32_t length) {
+static void answer(const FastIO *f, uint8_t *a, const uint8_t *request, uint32_t length) {
     a[0] = f->magic[0];
     a[1] = f->magic[1];
     a[2] = f->version;
@@ -217,7 +217,7 @@ static void answer(const FastWrites *f, uint8_t *a, const uint8_t *request, uint
 
 /* serve(buffer, pos, end, out, budget=0) -> the position of the first frame left to Python.
  * budget: bytes of read answers it may queue (the connection's limit on unread answers). */
-static PyObject *serve(FastWrites *f, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *serve(FastIO *f, PyObject *const *args, Py_ssize_t nargs) {
     Py_buffer buf;
     Py_ssize_t pos, end, budget = 0;
     if ((nargs != 4 && nargs != 5) || !PyList_Check(args[3])) {
@@ -321,15 +321,15 @@ static PyObject *serve(FastWrites *f, PyObject *const *args, Py_ssize_t nargs) {
     return failed ? NULL : PyLong_FromSsize_t(pos);
 }
 
-static PyObject *get_served(FastWrites *f, void *closure) {
+static PyObject *get_served(FastIO *f, void *closure) {
     return PyLong_FromUnsignedLongLong(f->served);
 }
 
-static PyObject *get_reads_served(FastWrites *f, void *closure) {
+static PyObject *get_reads_served(FastIO *f, void *closure) {
     return PyLong_FromUnsignedLongLong(f->reads_served);
 }
 
-static PyObject *get_queued(FastWrites *f, void *closure) {
+static PyObject *get_queued(FastIO *f, void *closure) {
     return PyLong_FromSsize_t(f->queued);
 }
 
@@ -353,11 +353,11 @@ static PyGetSetDef getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyTypeObject FastWritesType = {
+static PyTypeObject FastIOType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "cargohold.adapters.dataserver._fastwrites.FastWrites",
-    .tp_doc = "A connection's plain writes served in C (see fastwrites.py).",
-    .tp_basicsize = sizeof(FastWrites),
+    .tp_name = "cargohold.adapters.dataserver._fastio.FastIO",
+    .tp_doc = "A connection's plain writes and cached reads served in C (see fastio.py).",
+    .tp_basicsize = sizeof(FastIO),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)init,
@@ -367,26 +367,26 @@ static PyTypeObject FastWritesType = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_fastwrites", "A data server's plain writes served in C.", -1,
+    PyModuleDef_HEAD_INIT, "_fastio", "A data server's plain I/O served in C.", -1,
     NULL, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__fastwrites(void) {
-    PyObject *writers = PyImport_ImportModule("cargohold.stores._blockwriter");
+PyMODINIT_FUNC PyInit__fastio(void) {
+    PyObject *writers = PyImport_ImportModule("cargohold.stores._blockio");
     if (writers == NULL)
         return NULL;
     Py_DECREF(writers);
-    api = PyCapsule_Import(BLOCKWRITER_CAPSULE, 0);
+    api = PyCapsule_Import(BLOCKIO_CAPSULE, 0);
     if (api == NULL)
         return NULL;
-    if (PyType_Ready(&FastWritesType) < 0)
+    if (PyType_Ready(&FastIOType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&FastWritesType);
-    if (PyModule_AddObject(m, "FastWrites", (PyObject *)&FastWritesType) < 0) {
-        Py_DECREF(&FastWritesType);
+    Py_INCREF(&FastIOType);
+    if (PyModule_AddObject(m, "FastIO", (PyObject *)&FastIOType) < 0) {
+        Py_DECREF(&FastIOType);
         Py_DECREF(m);
         return NULL;
     }

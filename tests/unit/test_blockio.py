@@ -1,8 +1,8 @@
-"""A replica's plain writes and cached reads (stores/blockwriter.py): the compiled writer
+"""A replica's plain writes and cached reads (stores/blockio.py): the compiled writer
 and the Python one do the same to the files, maps and counters for the same calls, read the
 same, refuse the same calls, and fail the same way; the C is run once more built with
 AddressSanitizer and UndefinedBehaviorSanitizer, together with the data server's compiled
-request path that serves through it (adapters/dataserver/_fastwrites.c)."""
+request path that serves through it (adapters/dataserver/_fastio.c)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from cargohold.adapters.dataserver import fastwrites
+from cargohold.adapters.dataserver import fastio
 from cargohold.core.layout import BLOCK_SIZE
-from cargohold.stores import blockwriter
+from cargohold.stores import blockio
 from tests import sanitizers
 
 try:
@@ -29,8 +29,8 @@ try:
 except ImportError:  # pragma: no cover
     from zlib import crc32
 
-pytestmark = pytest.mark.skipif(not blockwriter.compiled_built(),
-                                reason="stores/_blockwriter.c was not built")
+pytestmark = pytest.mark.skipif(not blockio.compiled_built(),
+                                reason="stores/_blockio.c was not built")
 
 CHUNK = 64 << 10  # small chunks: many of them in a small file
 SIZE = 4 << 20
@@ -52,7 +52,7 @@ class Replica:
         self.maps = [mmap.mmap(os.open(root / name, os.O_RDWR), 0) for name in ("sums", "gens")]
         self.sums_backed = bytearray(PAGES)
         self.gens_backed = bytearray(max(1, SIZE // CHUNK * 8 // mmap.PAGESIZE))
-        kind = blockwriter._blockwriter.BlockWriter if compiled else blockwriter.BlockWriter
+        kind = blockio._blockio.BlockIO if compiled else blockio.BlockIO
         self.w = kind(self.fd, self.maps[0], self.maps[1], self.sums_backed, self.gens_backed,
                       size=SIZE, epoch=3, chunk=CHUNK, piece=16 << 10, small=32 << 10,
                       reserve=reserve, crc32=crc32)
@@ -177,9 +177,9 @@ def load(name, place):
     spec.loader.exec_module(module)
     return module
 import cargohold.stores
-_blockwriter = load("cargohold.stores._blockwriter", "stores")
-cargohold.stores._blockwriter = _blockwriter  # where the capsule is looked up
-_fastwrites = load("cargohold.adapters.dataserver._fastwrites", "dataserver")
+_blockio = load("cargohold.stores._blockio", "stores")
+cargohold.stores._blockio = _blockio  # where the capsule is looked up
+_fastio = load("cargohold.adapters.dataserver._fastio", "dataserver")
 from cargohold.core.wire import MAGIC, VERSION, MAX_PAYLOAD, Op, Status, REQUEST_HEADER
 from zlib import crc32
 SIZE = 1 << 20
@@ -189,7 +189,7 @@ for name, size in (("data", SIZE), ("sums", SIZE // 1024), ("gens", 16 * 8)):
         f.truncate(size)
     files[name] = os.open(f"{here}/{name}", os.O_RDWR)
 sums, gens = mmap.mmap(files["sums"], 0), mmap.mmap(files["gens"], 0)
-w = _blockwriter.BlockWriter(files["data"], sums, gens, bytearray(b"\1"), bytearray(b"\1"),
+w = _blockio.BlockIO(files["data"], sums, gens, bytearray(b"\1"), bytearray(b"\1"),
                              size=SIZE, epoch=4, chunk=65536, piece=16384, small=65536,
                              reserve=False, crc32=crc32)
 for offset, n in ((0, 4096), (4096 * 3, 4096 * 70), (SIZE - 4096, 4096), (SIZE, 4096),
@@ -200,7 +200,7 @@ for offset, n in ((0, 4096), (4096 * 3, 4096 * 70), (SIZE - 4096, 4096), (SIZE, 
     got = w.read_cached(offset, n)
     assert got is None or len(got) == n
 assert w.read_cached(SIZE - 8192, 4096) == bytes(4096)  # never written: zeros
-fast = _fastwrites.FastWrites(magic=MAGIC, version=VERSION, write_op=Op.WRITE,
+fast = _fastio.FastIO(magic=MAGIC, version=VERSION, write_op=Op.WRITE,
                               shared_op=Op.WRITE_SHARED, read_op=Op.READ, ok=Status.OK,
                               max_payload=MAX_PAYLOAD, read_max=1 << 16)
 volume = bytes(range(16))
@@ -260,11 +260,11 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None or not fastwrites.built(),
+@pytest.mark.skipif(shutil.which("gcc") is None or not fastio.built(),
                     reason="needs gcc and the compiled request path")
 def test_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path) -> None:
-    sources = {"stores": Path(blockwriter.__file__).with_name("_blockwriter.c"),
-               "dataserver": Path(fastwrites.__file__).with_name("_fastwrites.c")}
+    sources = {"stores": Path(blockio.__file__).with_name("_blockio.c"),
+               "dataserver": Path(fastio.__file__).with_name("_fastio.c")}
     for place, source in sources.items():
         (tmp_path / place).mkdir()
         sanitizers.build(source, tmp_path / place, f"-I{sources['stores'].parent}")

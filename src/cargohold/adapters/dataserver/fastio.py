@@ -1,8 +1,8 @@
 """Plain writes and cached reads served without Python: the data server's compiled path.
 
-``_fastwrites.c`` takes a run of WRITE, WRITE_SHARED and small READ frames from the front of
-what a connection received and serves each through its replica's compiled ``BlockWriter``
-(stores/_blockwriter.c), as long as the connection's Python path served that volume's I/O at
+``_fastio.c`` takes a run of WRITE, WRITE_SHARED and small READ frames from the front of
+what a connection received and serves each through its replica's compiled ``BlockIO``
+(stores/_blockio.c), as long as the connection's Python path served that volume's I/O at
 that epoch before (``allow``) and nothing about the frame needs more than a plain write or a
 read of blocks the page cache holds with matching checksums; the first frame that does, and
 everything after it, goes the Python way. The Python path (``_Connection._handle``) is the
@@ -18,22 +18,22 @@ from cargohold.core import compiled
 from cargohold.core.wire import MAGIC, MAX_PAYLOAD, VERSION, Op, Status
 
 try:
-    from cargohold.adapters.dataserver._fastwrites import (  # type: ignore[import-not-found]
-        FastWrites,
+    from cargohold.adapters.dataserver._fastio import (  # type: ignore[import-not-found]
+        FastIO,
     )
 except ImportError:  # pragma: no cover - the build is optional
-    FastWrites = None
+    FastIO = None
 
 
 def built() -> bool:
-    return FastWrites is not None
+    return FastIO is not None
 
 
 def make(read_max: int) -> Any:
-    """A connection's ``FastWrites``, or None (see the module); it serves reads of at most
+    """A connection's ``FastIO``, or None (see the module); it serves reads of at most
     ``read_max`` bytes (larger ones go to the disk reader's threads in Python)."""
-    if FastWrites is None or not compiled.wanted():
+    if FastIO is None or not compiled.wanted():
         return None
-    return FastWrites(magic=MAGIC, version=VERSION, write_op=Op.WRITE,
+    return FastIO(magic=MAGIC, version=VERSION, write_op=Op.WRITE,
                       shared_op=Op.WRITE_SHARED, read_op=Op.READ, ok=Status.OK,
                       max_payload=MAX_PAYLOAD, read_max=read_max)

@@ -1,9 +1,9 @@
-/* A replica's plain writes in C: the compiled twin of stores/blockwriter.py.
+/* A replica's plain writes and cached reads in C: the compiled twin of stores/blockio.py.
  *
  * A write of whole blocks to a replica without snapshots, whose checksum and generation pages
  * already have space, is a pwrite, a CRC-32 per block into the sums map, the chunks'
  * generations and four counters. DiskReplica (stores/diskstore.py) does every write through
- * one, and the data server's compiled request path (adapters/dataserver/_fastwrites.c) calls
+ * one, and the data server's compiled request path (adapters/dataserver/_fastio.c) calls
  * it without Python in between. Anything else (a range out of bounds, a page that needs space
  * first, a chunk that needs room under a space reserve) is refused (0) with nothing done, and
  * the Python path does it. read_cached() reads back whole blocks the page cache holds whose
@@ -12,7 +12,7 @@
  * The CRC-32 is the caller's function (isal's, ~10x zlib's on 4 KiB here), called once per
  * block before anything is written. The GIL is held throughout: close() cannot run meanwhile.
  *
- * Built by setup.py (optional, warnings as errors). tests/unit/test_blockwriter.py gives the
+ * Built by setup.py (optional, warnings as errors). tests/unit/test_blockio.py gives the
  * same writes to both and compares files, maps and counters, and runs once against a build
  * with AddressSanitizer and UndefinedBehaviorSanitizer.
  */
@@ -25,7 +25,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include "blockwriter.h"
+#include "blockio.h"
 
 #define BLOCK 4096
 
@@ -40,9 +40,9 @@ typedef struct {
     long long begun, ended, small_writes, chunks_written;
     PyObject *crc32;
     PyObject *small_chunks;  /* a set of chunk numbers */
-} BlockWriter;
+} BlockIO;
 
-static void release(BlockWriter *w) {
+static void release(BlockIO *w) {
     if (!w->open)
         return;
     w->open = 0;
@@ -52,14 +52,14 @@ static void release(BlockWriter *w) {
     PyBuffer_Release(&w->gens_backed);
 }
 
-static int init(BlockWriter *w, PyObject *args, PyObject *kwds) {
+static int init(BlockIO *w, PyObject *args, PyObject *kwds) {
     static char *names[] = {"fd", "sums", "gens", "sums_backed", "gens_backed", "size", "epoch",
                             "chunk", "piece", "small", "reserve", "crc32", NULL};
     int fd, reserve;
     PyObject *sums, *gens, *sb, *gb, *crc;
     unsigned long long size, epoch, chunk, piece, small;
     if (w->open) {
-        PyErr_SetString(PyExc_RuntimeError, "a BlockWriter is made once");
+        PyErr_SetString(PyExc_RuntimeError, "a BlockIO is made once");
         return -1;
     }
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOOO$KKKKKpO", names, &fd, &sums, &gens,
@@ -109,7 +109,7 @@ no_gens:
     return -1;
 }
 
-static void dealloc(BlockWriter *w) {
+static void dealloc(BlockIO *w) {
     release(w);
     Py_XDECREF(w->crc32);
     Py_XDECREF(w->small_chunks);
@@ -117,7 +117,7 @@ static void dealloc(BlockWriter *w) {
 }
 
 /* Whether every page of bytes [start, end) of a map has space (its backed byte is 1). */
-static int backed(const BlockWriter *w, const Py_buffer *map, const Py_buffer *flags,
+static int backed(const BlockIO *w, const Py_buffer *map, const Py_buffer *flags,
                   unsigned long long start, unsigned long long end) {
     if (end > (unsigned long long)map->len)
         return 0;
@@ -131,7 +131,7 @@ static int backed(const BlockWriter *w, const Py_buffer *map, const Py_buffer *f
     return 1;
 }
 
-static int checksums(BlockWriter *w, const char *data, Py_ssize_t count, uint32_t *out) {
+static int checksums(BlockIO *w, const char *data, Py_ssize_t count, uint32_t *out) {
     for (Py_ssize_t k = 0; k < count; k++) {
         PyObject *view = PyMemoryView_FromMemory((char *)data + k * BLOCK, BLOCK, PyBUF_READ);
         if (view == NULL)
@@ -149,7 +149,7 @@ static int checksums(BlockWriter *w, const char *data, Py_ssize_t count, uint32_
     return 0;
 }
 
-static int do_write(BlockWriter *w, uint64_t offset, const char *data, Py_ssize_t length,
+static int do_write(BlockIO *w, uint64_t offset, const char *data, Py_ssize_t length,
                     uint64_t generation, int prepared) {
     if (!w->open || length <= 0 || offset % BLOCK || length % BLOCK || offset > w->size ||
         (uint64_t)length > w->size - offset)
@@ -231,7 +231,7 @@ out:
  * cache and every block's checksum matches (never-written blocks: zeros): 1. 0: left to the
  * replica's own read (out of range, unaligned, not all cached, a checksum that does not
  * match, closed), `into` in any state; -1: a Python exception (a failed checksum call). */
-static int do_read(BlockWriter *w, uint64_t offset, char *into, Py_ssize_t length) {
+static int do_read(BlockIO *w, uint64_t offset, char *into, Py_ssize_t length) {
     if (!w->open || length <= 0 || offset % BLOCK || length % BLOCK || offset > w->size ||
         (uint64_t)length > w->size - offset)
         return 0;
@@ -280,7 +280,7 @@ out:
     return result;
 }
 
-static PyObject *read_cached(BlockWriter *w, PyObject *args) {
+static PyObject *read_cached(BlockIO *w, PyObject *args) {
     unsigned long long offset;
     Py_ssize_t length;
     if (!PyArg_ParseTuple(args, "Kn", &offset, &length))
@@ -299,7 +299,7 @@ static PyObject *read_cached(BlockWriter *w, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *write_method(BlockWriter *w, PyObject *args, PyObject *kwds) {
+static PyObject *write_method(BlockIO *w, PyObject *args, PyObject *kwds) {
     static char *names[] = {"offset", "data", "generation", "prepared", NULL};
     unsigned long long offset, generation;
     Py_buffer data;
@@ -314,17 +314,17 @@ static PyObject *write_method(BlockWriter *w, PyObject *args, PyObject *kwds) {
     return PyBool_FromLong(done);
 }
 
-static PyObject *close_method(BlockWriter *w, PyObject *unused) {
+static PyObject *close_method(BlockIO *w, PyObject *unused) {
     release(w);
     Py_RETURN_NONE;
 }
 
-static PyObject *get_small_chunks(BlockWriter *w, void *closure) {
+static PyObject *get_small_chunks(BlockIO *w, void *closure) {
     Py_INCREF(w->small_chunks);
     return w->small_chunks;
 }
 
-static int set_small_chunks(BlockWriter *w, PyObject *value, void *closure) {
+static int set_small_chunks(BlockIO *w, PyObject *value, void *closure) {
     if (value == NULL || !PySet_CheckExact(value)) {
         PyErr_SetString(PyExc_TypeError, "small_chunks is a set");
         return -1;
@@ -334,21 +334,21 @@ static int set_small_chunks(BlockWriter *w, PyObject *value, void *closure) {
     return 0;
 }
 
-static PyObject *get_open(BlockWriter *w, void *closure) {
+static PyObject *get_open(BlockIO *w, void *closure) {
     return PyBool_FromLong(w->open);
 }
 
 static int api_write(PyObject *writer, uint64_t offset, const char *data, Py_ssize_t length,
                      uint64_t generation) {
-    return do_write((BlockWriter *)writer, offset, data, length, generation, 0);
+    return do_write((BlockIO *)writer, offset, data, length, generation, 0);
 }
 
 static int api_read(PyObject *writer, uint64_t offset, char *into, Py_ssize_t length) {
-    return do_read((BlockWriter *)writer, offset, into, length);
+    return do_read((BlockIO *)writer, offset, into, length);
 }
 
 static uint64_t api_epoch(PyObject *writer) {
-    BlockWriter *w = (BlockWriter *)writer;
+    BlockIO *w = (BlockIO *)writer;
     return w->open ? w->epoch : 0;
 }
 
@@ -362,12 +362,12 @@ static PyMethodDef methods[] = {
 };
 
 static PyMemberDef members[] = {
-    {"epoch", T_ULONGLONG, offsetof(BlockWriter, epoch), 0, "the replica's epoch"},
-    {"size", T_ULONGLONG, offsetof(BlockWriter, size), READONLY, "the replica's size"},
-    {"begun", T_LONGLONG, offsetof(BlockWriter, begun), 0, "writes begun"},
-    {"ended", T_LONGLONG, offsetof(BlockWriter, ended), 0, "writes ended"},
-    {"small_writes", T_LONGLONG, offsetof(BlockWriter, small_writes), 0, "since writeback"},
-    {"chunks_written", T_LONGLONG, offsetof(BlockWriter, chunks_written), 0,
+    {"epoch", T_ULONGLONG, offsetof(BlockIO, epoch), 0, "the replica's epoch"},
+    {"size", T_ULONGLONG, offsetof(BlockIO, size), READONLY, "the replica's size"},
+    {"begun", T_LONGLONG, offsetof(BlockIO, begun), 0, "writes begun"},
+    {"ended", T_LONGLONG, offsetof(BlockIO, ended), 0, "writes ended"},
+    {"small_writes", T_LONGLONG, offsetof(BlockIO, small_writes), 0, "since writeback"},
+    {"chunks_written", T_LONGLONG, offsetof(BlockIO, chunks_written), 0,
      "chunks with a generation"},
     {NULL, 0, 0, 0, NULL},
 };
@@ -379,11 +379,11 @@ static PyGetSetDef getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyTypeObject BlockWriterType = {
+static PyTypeObject BlockIOType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "cargohold.stores._blockwriter.BlockWriter",
-    .tp_doc = "A replica's plain writes (stores/blockwriter.py is the reference).",
-    .tp_basicsize = sizeof(BlockWriter),
+    .tp_name = "cargohold.stores._blockio.BlockIO",
+    .tp_doc = "A replica's plain writes and cached reads (stores/blockio.py: the reference).",
+    .tp_basicsize = sizeof(BlockIO),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)init,
@@ -393,28 +393,29 @@ static PyTypeObject BlockWriterType = {
     .tp_getset = getset,
 };
 
-static struct blockwriter_api api = {&BlockWriterType, api_write, api_read, api_epoch};
+static struct blockio_api api = {&BlockIOType, api_write, api_read, api_epoch};
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_blockwriter", "A replica's plain writes in C.", -1,
+    PyModuleDef_HEAD_INIT, "_blockio", "A replica's plain writes and cached reads in C.",
+    -1,
     NULL, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__blockwriter(void) {
-    if (PyType_Ready(&BlockWriterType) < 0)
+PyMODINIT_FUNC PyInit__blockio(void) {
+    if (PyType_Ready(&BlockIOType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    PyObject *capsule = PyCapsule_New(&api, BLOCKWRITER_CAPSULE, NULL);
+    PyObject *capsule = PyCapsule_New(&api, BLOCKIO_CAPSULE, NULL);
     if (capsule == NULL || PyModule_AddObject(m, "API", capsule) < 0) {
         Py_XDECREF(capsule);
         Py_DECREF(m);
         return NULL;
     }
-    Py_INCREF(&BlockWriterType);
-    if (PyModule_AddObject(m, "BlockWriter", (PyObject *)&BlockWriterType) < 0) {
-        Py_DECREF(&BlockWriterType);
+    Py_INCREF(&BlockIOType);
+    if (PyModule_AddObject(m, "BlockIO", (PyObject *)&BlockIOType) < 0) {
+        Py_DECREF(&BlockIOType);
         Py_DECREF(m);
         return NULL;
     }
