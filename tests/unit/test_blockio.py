@@ -190,8 +190,8 @@ for name, size in (("data", SIZE), ("sums", SIZE // 1024), ("gens", 16 * 8)):
     files[name] = os.open(f"{here}/{name}", os.O_RDWR)
 sums, gens = mmap.mmap(files["sums"], 0), mmap.mmap(files["gens"], 0)
 w = _blockio.BlockIO(files["data"], sums, gens, bytearray(b"\1"), bytearray(b"\1"),
-                             size=SIZE, epoch=4, chunk=65536, piece=16384, small=65536,
-                             reserve=False, crc32=crc32)
+                     size=SIZE, epoch=4, chunk=65536, piece=16384, small=65536,
+                     reserve=False, crc32=crc32)
 for offset, n in ((0, 4096), (4096 * 3, 4096 * 70), (SIZE - 4096, 4096), (SIZE, 4096),
                   (1, 4096), (0, 5)):
     w.write(offset, os.urandom(n), 7)
@@ -201,8 +201,8 @@ for offset, n in ((0, 4096), (4096 * 3, 4096 * 70), (SIZE - 4096, 4096), (SIZE, 
     assert got is None or len(got) == n
 assert w.read_cached(SIZE - 8192, 4096) == bytes(4096)  # never written: zeros
 fast = _fastio.FastIO(magic=MAGIC, version=VERSION, write_op=Op.WRITE,
-                              shared_op=Op.WRITE_SHARED, read_op=Op.READ, ok=Status.OK,
-                              max_payload=MAX_PAYLOAD, read_max=1 << 16)
+                      shared_op=Op.WRITE_SHARED, read_op=Op.READ, ok=Status.OK,
+                      max_payload=MAX_PAYLOAD, read_max=1 << 16)
 volume = bytes(range(16))
 fast.allow(volume, w, 0)
 shared = bytearray(1 << 18)

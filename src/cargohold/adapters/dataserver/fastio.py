@@ -34,6 +34,5 @@ def make(read_max: int) -> Any:
     ``read_max`` bytes (larger ones go to the disk reader's threads in Python)."""
     if FastIO is None or not compiled.wanted():
         return None
-    return FastIO(magic=MAGIC, version=VERSION, write_op=Op.WRITE,
-                      shared_op=Op.WRITE_SHARED, read_op=Op.READ, ok=Status.OK,
-                      max_payload=MAX_PAYLOAD, read_max=read_max)
+    return FastIO(magic=MAGIC, version=VERSION, write_op=Op.WRITE, shared_op=Op.WRITE_SHARED,
+                  read_op=Op.READ, ok=Status.OK, max_payload=MAX_PAYLOAD, read_max=read_max)
