@@ -893,20 +893,12 @@ def first_touch_us(size: int = 256 << 20) -> float:
     measured on the development machine at ~15 us per page (~4 ms per MiB, i.e. a 1 GiB
     write to 2 replicas spends ~8 s of CPU in faults) against ~1 us for memory the host kept.
     """
-    area = mmap.mmap(-1, size)
-    try:
-        target = ctypes.c_char.from_buffer(area)
-        start = time.perf_counter()
-        ctypes.memset(ctypes.addressof(target), 1, size)
-        took = time.perf_counter() - start
-        del target
-    finally:
-        area.close()
-    return took * 1e6 / (size // mmap.PAGESIZE)
+    return recycle_memory(size) * 1e6 / (size // mmap.PAGESIZE)
 
 
-def recycle_memory(size: int) -> None:
-    """Fault in ``size`` bytes of anonymous memory and free them at once.
+def recycle_memory(size: int) -> float:
+    """Fault in ``size`` bytes of anonymous memory and free them at once; the seconds the
+    faults took.
 
     In this VM (see ``first_touch_us``) a page the host reclaimed costs a fault again, and a
     freed page is reported to the host only a couple of seconds after it is freed. The page
@@ -917,10 +909,13 @@ def recycle_memory(size: int) -> None:
     area = mmap.mmap(-1, size)
     try:
         target = ctypes.c_char.from_buffer(area)
+        start = time.perf_counter()
         ctypes.memset(ctypes.addressof(target), 1, size)
+        took = time.perf_counter() - start
         del target
     finally:
         area.close()
+    return took
 
 
 def size_bytes(text: str) -> int:
